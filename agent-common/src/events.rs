@@ -1,0 +1,28 @@
+//! Rare events the kernel sends to user space through the ring buffer.
+//! Hot paths never use these: they aggregate in per-CPU maps instead.
+
+/// Longest executable path carried in an exec event; longer paths are cut
+/// and user space falls back to /proc/<pid>/exe.
+pub const EXEC_FILENAME_LEN: usize = 256;
+pub const COMM_LEN: usize = 16;
+
+/// A process called execve(): sent from `sched:sched_process_exec`.
+#[repr(C)]
+#[derive(Clone, Copy, Debug)]
+pub struct ExecEvent {
+    /// Kernel time (CLOCK_MONOTONIC, ns): the one clock every event uses.
+    pub ktime_ns: u64,
+    pub tgid: u32,
+    /// The pid before exec (differs from tgid when a non-leader thread execs).
+    pub old_pid: u32,
+    pub comm: [u8; COMM_LEN],
+    /// NUL-terminated (or cut) path the kernel executed.
+    pub filename: [u8; EXEC_FILENAME_LEN],
+}
+
+#[cfg(feature = "user")]
+mod pod {
+    // SAFETY: plain-old-data, repr(C), no padding holes that matter for reads.
+    unsafe impl aya::Pod for super::ExecEvent {}
+    unsafe impl aya::Pod for crate::hist::Histogram {}
+}

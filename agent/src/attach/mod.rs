@@ -1,0 +1,130 @@
+//! The "attach" stage: load the embedded kernel object, fill in the values
+//! only known at run time, and attach programs. Every attachment is owned by
+//! [`Probes`]; dropping it (on shutdown, or when the process dies) closes the
+//! link file descriptors, which detaches everything: nothing is left behind
+//! in the kernel, not even after SIGKILL.
+
+use aya::{Ebpf, EbpfLoader, programs::TracePoint};
+use thiserror::Error;
+use tracing::{debug, info};
+
+use crate::host::{
+    HostRoot,
+    tracefs::{Tracefs, TracefsError},
+};
+
+/// The kernel object built from `agent-ebpf`, embedded at build time.
+static OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/watchscope"));
+
+/// A tracepoint a kernel program attaches to.
+#[derive(Clone, Copy, Debug)]
+pub struct TracepointSpec {
+    /// Program name in the object (the function name in agent-ebpf).
+    pub program: &'static str,
+    pub category: &'static str,
+    pub name: &'static str,
+}
+
+/// Every tracepoint the agent attaches; `watchscope check` verifies each.
+pub const TRACEPOINTS: &[TracepointSpec] = &[TracepointSpec {
+    program: "sched_process_exec",
+    category: "sched",
+    name: "sched_process_exec",
+}];
+
+#[derive(Debug, Error)]
+pub enum AttachError {
+    #[error("this binary was built without its eBPF object (AYA_BUILD_SKIP); rebuild it normally")]
+    NoObject,
+    #[error(transparent)]
+    Tracefs(#[from] TracefsError),
+    #[error("loading the eBPF object failed: {0}")]
+    Load(#[from] aya::EbpfError),
+    #[error("program `{0}` is missing from the eBPF object")]
+    MissingProgram(&'static str),
+    #[error("program `{program}` ({category}:{name}): {source}")]
+    Program {
+        program: &'static str,
+        category: &'static str,
+        name: &'static str,
+        source: aya::programs::ProgramError,
+    },
+}
+
+/// One attached probe, as `/debug/probes` and the metrics report it.
+#[derive(Clone, Debug, serde::Serialize)]
+pub struct AttachedProbe {
+    pub kind: &'static str,
+    pub program: &'static str,
+    pub target: String,
+}
+
+/// The loaded object and everything attached from it.
+pub struct Probes {
+    pub ebpf: Ebpf,
+    pub attached: Vec<AttachedProbe>,
+}
+
+impl Probes {
+    /// Loads the object and attaches every tracepoint in [`TRACEPOINTS`].
+    pub fn load_and_attach(root: &HostRoot) -> Result<Self, AttachError> {
+        if OBJECT.is_empty() {
+            return Err(AttachError::NoObject);
+        }
+        raise_memlock_rlimit();
+        let tracefs = Tracefs::find(root)?;
+        // Record layouts come from tracefs, not from constants in the program.
+        let filename_off = tracefs.field_offset("sched", "sched_process_exec", "filename")?;
+        let old_pid_off = tracefs.field_offset("sched", "sched_process_exec", "old_pid")?;
+        let mut ebpf = EbpfLoader::new()
+            .override_global("EXEC_FILENAME_LOC_OFFSET", &filename_off, true)
+            .override_global("EXEC_OLD_PID_OFFSET", &old_pid_off, true)
+            .load(OBJECT)?;
+        if let Err(e) = aya_log::EbpfLogger::init(&mut ebpf) {
+            // The object only logs when built with logging; absence is normal.
+            debug!("no eBPF logger: {e}");
+        }
+        let mut attached = Vec::new();
+        for spec in TRACEPOINTS {
+            attach_tracepoint(&mut ebpf, spec)?;
+            attached.push(AttachedProbe {
+                kind: "tracepoint",
+                program: spec.program,
+                target: format!("{}:{}", spec.category, spec.name),
+            });
+        }
+        info!(probes = attached.len(), "eBPF programs attached");
+        Ok(Self { ebpf, attached })
+    }
+}
+
+fn attach_tracepoint(ebpf: &mut Ebpf, spec: &TracepointSpec) -> Result<(), AttachError> {
+    let err = |source| AttachError::Program {
+        program: spec.program,
+        category: spec.category,
+        name: spec.name,
+        source,
+    };
+    let prog: &mut TracePoint = ebpf
+        .program_mut(spec.program)
+        .ok_or(AttachError::MissingProgram(spec.program))?
+        .try_into()
+        .map_err(err)?;
+    prog.load().map_err(err)?;
+    prog.attach(spec.category, spec.name).map_err(err)?;
+    Ok(())
+}
+
+/// Kernels before 5.11 charge BPF maps to RLIMIT_MEMLOCK; newer ones use the
+/// memory cgroup and ignore it. Raising it is harmless either way.
+fn raise_memlock_rlimit() {
+    let rlim = libc::rlimit {
+        rlim_cur: libc::RLIM_INFINITY,
+        rlim_max: libc::RLIM_INFINITY,
+    };
+    // SAFETY: plain syscall with a valid pointer to a stack value.
+    let ret = unsafe { libc::setrlimit(libc::RLIMIT_MEMLOCK, &rlim) };
+    if ret != 0 {
+        debug!("could not raise RLIMIT_MEMLOCK: {}", std::io::Error::last_os_error());
+    }
+}

@@ -1,0 +1,159 @@
+//! The "collect" stage: read what the kernel aggregated, plus what user space
+//! counted, into one [`Snapshot`] per scrape. Nothing here is on a hot path:
+//! the kernel already aggregated per CPU; we only sum the CPUs.
+
+use std::{
+    collections::HashMap,
+    sync::{
+        Mutex,
+        atomic::{AtomicU64, Ordering},
+    },
+};
+
+use agent_common::Counter;
+use aya::{
+    Ebpf,
+    maps::{MapData, PerCpuArray},
+};
+use thiserror::Error;
+
+#[derive(Debug, Error)]
+pub enum CollectError {
+    #[error("map `{0}` is missing from the eBPF object")]
+    MissingMap(&'static str),
+    #[error("map `{name}`: {source}")]
+    Map { name: &'static str, source: aya::maps::MapError },
+}
+
+/// Handles on the kernel maps read at scrape time.
+pub struct KernelMaps {
+    counters: PerCpuArray<MapData, u64>,
+}
+
+impl KernelMaps {
+    pub fn take(ebpf: &mut Ebpf) -> Result<Self, CollectError> {
+        const NAME: &str = "WS_COUNTERS";
+        let map = ebpf.take_map(NAME).ok_or(CollectError::MissingMap(NAME))?;
+        let counters = PerCpuArray::try_from(map).map_err(|source| CollectError::Map { name: NAME, source })?;
+        Ok(Self { counters })
+    }
+
+    /// Kernel self-counters summed over CPUs, indexed by `Counter as usize`.
+    pub fn counters(&self) -> [u64; Counter::COUNT as usize] {
+        let mut out = [0u64; Counter::COUNT as usize];
+        for c in Counter::ALL {
+            if let Ok(per_cpu) = self.counters.get(&(c as u32), 0) {
+                out[c as usize] = per_cpu.iter().copied().fold(0u64, u64::wrapping_add);
+            }
+        }
+        out
+    }
+}
+
+/// Per-label counts with a cap on the number of series: past the cap a new
+/// label value is not created and the overflow is counted instead, so a node
+/// with 10,000 short-lived process names cannot blow up the scrape.
+#[derive(Debug)]
+pub struct CappedCounts {
+    max_series: usize,
+    counts: HashMap<String, u64>,
+    overflow: u64,
+}
+
+impl CappedCounts {
+    pub fn new(max_series: usize) -> Self {
+        Self {
+            max_series,
+            counts: HashMap::new(),
+            overflow: 0,
+        }
+    }
+
+    pub fn add(&mut self, label: &str, n: u64) {
+        if let Some(v) = self.counts.get_mut(label) {
+            *v += n;
+        } else if self.counts.len() < self.max_series {
+            self.counts.insert(label.to_string(), n);
+        } else {
+            self.overflow += n;
+        }
+    }
+
+    /// Sorted by label, so scrapes are stable.
+    pub fn series(&self) -> Vec<(String, u64)> {
+        let mut v: Vec<_> = self.counts.iter().map(|(k, v)| (k.clone(), *v)).collect();
+        v.sort();
+        v
+    }
+
+    pub fn overflow(&self) -> u64 {
+        self.overflow
+    }
+}
+
+/// What user space counts itself.
+#[derive(Debug)]
+pub struct UserCounters {
+    /// Execs of processes the filter watches, by comm.
+    pub watched_execs: Mutex<CappedCounts>,
+    /// Ring buffer records that did not decode.
+    pub decode_errors: AtomicU64,
+}
+
+impl UserCounters {
+    pub fn new(max_series: usize) -> Self {
+        Self {
+            watched_execs: Mutex::new(CappedCounts::new(max_series)),
+            decode_errors: AtomicU64::new(0),
+        }
+    }
+}
+
+/// Everything one scrape exports.
+#[derive(Clone, Debug, Default)]
+pub struct Snapshot {
+    pub kernel: [u64; Counter::COUNT as usize],
+    pub watched_execs: Vec<(String, u64)>,
+    pub series_dropped: Vec<(&'static str, u64)>,
+    pub decode_errors: u64,
+    pub probes_attached: u64,
+}
+
+impl Snapshot {
+    pub fn take(maps: &KernelMaps, user: &UserCounters, probes_attached: usize) -> Self {
+        let (watched_execs, overflow) = match user.watched_execs.lock() {
+            Ok(c) => (c.series(), c.overflow()),
+            Err(poisoned) => {
+                let c = poisoned.into_inner();
+                (c.series(), c.overflow())
+            }
+        };
+        Self {
+            kernel: maps.counters(),
+            watched_execs,
+            series_dropped: vec![("process_execs", overflow)],
+            decode_errors: user.decode_errors.load(Ordering::Relaxed),
+            probes_attached: probes_attached as u64,
+        }
+    }
+
+    pub fn kernel(&self, c: Counter) -> u64 {
+        self.kernel[c as usize]
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn cap_holds_and_counts_overflow() {
+        let mut c = CappedCounts::new(2);
+        c.add("a", 1);
+        c.add("b", 1);
+        c.add("c", 5);
+        c.add("a", 2);
+        assert_eq!(c.series(), vec![("a".into(), 3), ("b".into(), 1)]);
+        assert_eq!(c.overflow(), 5);
+    }
+}

@@ -1,0 +1,194 @@
+//! Every metric family watchscope exports, declared once: name, type, help.
+//! The dashboard and documentation tests check their metric names against
+//! [`FAMILIES`], and [`render`] is the only place a snapshot becomes text.
+
+use std::fmt::Write as _;
+
+use agent_common::Counter;
+use prometheus_client::{
+    collector::Collector,
+    encoding::{DescriptorEncoder, EncodeMetric, MetricEncoder},
+    metrics::{MetricType, counter::ConstCounter, gauge::ConstGauge},
+    registry::Registry,
+};
+
+use crate::collect::Snapshot;
+
+/// A metric family's declaration. `name` is without the `watchscope_` prefix
+/// and, for counters, without the `_total` suffix the encoder adds.
+#[derive(Clone, Copy, Debug)]
+pub struct Family {
+    pub name: &'static str,
+    pub kind: MetricType,
+    pub help: &'static str,
+}
+
+pub const PREFIX: &str = "watchscope";
+
+pub const EXECS: Family = Family {
+    name: "execs",
+    kind: MetricType::Counter,
+    help: "Processes that called exec on this node (all of them, counted in the kernel).",
+};
+pub const PROCESS_EXECS: Family = Family {
+    name: "process_execs",
+    kind: MetricType::Counter,
+    help: "Execs of processes the agent watches (after --pid/--comm/--exclude-comm), by comm.",
+};
+pub const DROPPED: Family = Family {
+    name: "dropped",
+    kind: MetricType::Counter,
+    help: "Events the agent could not record, by reason; nothing is lost without being counted here.",
+};
+pub const SERIES_DROPPED: Family = Family {
+    name: "series_dropped",
+    kind: MetricType::Counter,
+    help: "Observations not given their own series because the family reached --max-series.",
+};
+pub const PROBES_ATTACHED: Family = Family {
+    name: "probes_attached",
+    kind: MetricType::Gauge,
+    help: "eBPF programs currently attached (tracepoints and uprobes).",
+};
+pub const BUILD_INFO: Family = Family {
+    name: "build_info",
+    kind: MetricType::Gauge,
+    help: "Always 1; labels give the agent's version.",
+};
+
+pub const FAMILIES: &[Family] = &[EXECS, PROCESS_EXECS, DROPPED, SERIES_DROPPED, PROBES_ATTACHED, BUILD_INFO];
+
+impl Family {
+    /// The sample names this family produces in the exposition.
+    pub fn sample_names(&self) -> Vec<String> {
+        let base = format!("{PREFIX}_{}", self.name);
+        match self.kind {
+            MetricType::Counter => vec![format!("{base}_total")],
+            MetricType::Histogram => ["_bucket", "_sum", "_count"].iter().map(|s| format!("{base}{s}")).collect(),
+            _ => vec![base],
+        }
+    }
+}
+
+type Labels<'a> = [(&'static str, &'a str)];
+
+/// Renders a snapshot as OpenMetrics text.
+pub fn render(snapshot: Snapshot) -> Result<String, std::fmt::Error> {
+    let mut registry = Registry::with_prefix(PREFIX);
+    registry.register_collector(Box::new(SnapshotCollector(snapshot)));
+    let mut out = String::new();
+    prometheus_client::encoding::text::encode(&mut out, &registry)?;
+    Ok(out)
+}
+
+#[derive(Debug)]
+struct SnapshotCollector(Snapshot);
+
+impl Collector for SnapshotCollector {
+    fn encode(&self, mut enc: DescriptorEncoder) -> Result<(), std::fmt::Error> {
+        let s = &self.0;
+        counter(&mut enc, &EXECS, &[(&[], s.kernel(Counter::ExecSeen))])?;
+        let execs: Vec<_> = s.watched_execs.iter().map(|(comm, n)| ([("comm", comm.as_str())], *n)).collect();
+        counter(&mut enc, &PROCESS_EXECS, &execs.iter().map(|(l, n)| (&l[..], *n)).collect::<Vec<_>>())?;
+        counter(
+            &mut enc,
+            &DROPPED,
+            &[
+                (&[("reason", "ringbuf_full")], s.kernel(Counter::EventsRingbufFull)),
+                (&[("reason", "decode_error")], s.decode_errors),
+            ],
+        )?;
+        let dropped: Vec<_> = s.series_dropped.iter().map(|(f, n)| ([("family", *f)], *n)).collect();
+        counter(&mut enc, &SERIES_DROPPED, &dropped.iter().map(|(l, n)| (&l[..], *n)).collect::<Vec<_>>())?;
+        gauge(&mut enc, &PROBES_ATTACHED, &[(&[], s.probes_attached as i64)])?;
+        gauge(&mut enc, &BUILD_INFO, &[(&[("version", env!("CARGO_PKG_VERSION"))], 1)])?;
+        Ok(())
+    }
+}
+
+fn counter(enc: &mut DescriptorEncoder, fam: &Family, series: &[(&Labels<'_>, u64)]) -> Result<(), std::fmt::Error> {
+    encode_series(enc, fam, series, |v, m| ConstCounter::new(*v).encode(m))
+}
+
+fn gauge(enc: &mut DescriptorEncoder, fam: &Family, series: &[(&Labels<'_>, i64)]) -> Result<(), std::fmt::Error> {
+    encode_series(enc, fam, series, |v, m| ConstGauge::new(*v).encode(m))
+}
+
+/// Writes one family's descriptor and its series. A single series without
+/// labels is written bare (`name 1`, not `name{} 1`).
+fn encode_series<V>(
+    enc: &mut DescriptorEncoder,
+    fam: &Family,
+    series: &[(&Labels<'_>, V)],
+    mut value: impl FnMut(&V, MetricEncoder<'_>) -> Result<(), std::fmt::Error>,
+) -> Result<(), std::fmt::Error> {
+    let mut m = enc.encode_descriptor(fam.name, fam.help, None, fam.kind)?;
+    if let [(labels, v)] = series
+        && labels.is_empty()
+    {
+        return value(v, m);
+    }
+    for (labels, v) in series {
+        value(v, m.encode_family(labels)?)?;
+    }
+    Ok(())
+}
+
+/// Finds a sample's value in exposition text: `name{labels}` exactly as
+/// rendered (labels in declaration order). For tests and the CLI.
+pub fn sample_value(text: &str, sample: &str) -> Option<f64> {
+    text.lines().find_map(|line| {
+        let rest = line.strip_prefix(sample)?;
+        let rest = rest.strip_prefix(' ')?;
+        rest.split_whitespace().next()?.parse().ok()
+    })
+}
+
+/// Writes the family table as Markdown (the README's metric reference).
+pub fn reference_table() -> String {
+    let mut out = String::from("| metric | type | meaning |\n|---|---|---|\n");
+    for f in FAMILIES {
+        let kind = format!("{:?}", f.kind).to_lowercase();
+        let _ = writeln!(out, "| `{}` | {kind} | {} |", f.sample_names().join("`, `"), f.help);
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn snapshot() -> Snapshot {
+        let mut s = Snapshot::default();
+        s.kernel[Counter::ExecSeen as usize] = 12;
+        s.kernel[Counter::EventsRingbufFull as usize] = 3;
+        s.watched_execs = vec![("etcd".into(), 2), ("we\"ird".into(), 1)];
+        s.series_dropped = vec![("process_execs", 4)];
+        s.probes_attached = 1;
+        s
+    }
+
+    #[test]
+    fn renders_every_family_with_help_and_values() {
+        let text = render(snapshot()).unwrap();
+        for f in FAMILIES {
+            assert!(text.contains(&format!("# HELP {PREFIX}_{} ", f.name)), "{}", f.name);
+        }
+        assert_eq!(sample_value(&text, "watchscope_execs_total"), Some(12.0));
+        assert_eq!(sample_value(&text, "watchscope_process_execs_total{comm=\"etcd\"}"), Some(2.0));
+        assert_eq!(sample_value(&text, "watchscope_dropped_total{reason=\"ringbuf_full\"}"), Some(3.0));
+        assert_eq!(sample_value(&text, "watchscope_series_dropped_total{family=\"process_execs\"}"), Some(4.0));
+        assert_eq!(sample_value(&text, "watchscope_probes_attached"), Some(1.0));
+        assert!(text.ends_with("# EOF\n"));
+    }
+
+    #[test]
+    fn family_names_are_unique_and_snake_case() {
+        let mut names: Vec<_> = FAMILIES.iter().map(|f| f.name).collect();
+        names.sort();
+        names.dedup();
+        assert_eq!(names.len(), FAMILIES.len());
+        assert!(names.iter().all(|n| n.chars().all(|c| c.is_ascii_lowercase() || c == '_')));
+        assert!(reference_table().contains("watchscope_execs_total"));
+    }
+}

@@ -1,0 +1,119 @@
+//! The `watchscope` command: a thin CLI over the library.
+
+use std::{net::SocketAddr, path::PathBuf, process::ExitCode};
+
+use anyhow::Result;
+use clap::{Args, Parser, Subcommand};
+use watchscope::{check, daemon, discover::ProcessFilter, host::HostRoot};
+
+mod inspect_cmd;
+
+#[derive(Debug, Parser)]
+#[command(name = "watchscope", version, about = "Explains why Kubernetes/etcd watches are late, from the kernel")]
+struct Cli {
+    /// Log filter (tracing syntax, e.g. `info`, `watchscope=debug`).
+    #[arg(long, env = "WATCHSCOPE_LOG", default_value = "info", global = true)]
+    log: String,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Report whether this node can run the agent (exit 0 only if it can).
+    Check(CheckArgs),
+    /// Run the agent: attach probes and serve /metrics until SIGINT/SIGTERM.
+    Run(RunArgs),
+    /// Inspect a Go binary: version, ABI, functions, and the probe plan.
+    Inspect(inspect_cmd::InspectArgs),
+}
+
+#[derive(Debug, Args)]
+struct CheckArgs {
+    /// Read /proc and /sys under this directory instead of / (for tests and
+    /// for checking a node's files from a container that mounts them elsewhere).
+    #[arg(long, env = "WATCHSCOPE_ROOT", default_value = "/")]
+    root: PathBuf,
+    /// Print the report as JSON.
+    #[arg(long)]
+    json: bool,
+}
+
+#[derive(Debug, Args)]
+struct RunArgs {
+    /// Address for /metrics, /healthz and /debug/probes.
+    #[arg(long, env = "WATCHSCOPE_LISTEN", default_value = "0.0.0.0:9478")]
+    listen: SocketAddr,
+    /// Watch only these processes (repeatable, or comma-separated).
+    #[arg(long = "pid", env = "WATCHSCOPE_PID", value_delimiter = ',')]
+    pids: Vec<u32>,
+    /// Watch only processes with this command name (repeatable, or comma-separated).
+    #[arg(long = "comm", env = "WATCHSCOPE_COMM", value_delimiter = ',')]
+    comms: Vec<String>,
+    /// Never watch processes with this command name (wins over --comm).
+    #[arg(long = "exclude-comm", env = "WATCHSCOPE_EXCLUDE_COMM", value_delimiter = ',')]
+    exclude_comms: Vec<String>,
+    /// Most series one labelled family may have; past it, observations are
+    /// counted in watchscope_series_dropped_total instead.
+    #[arg(long, env = "WATCHSCOPE_MAX_SERIES", default_value_t = 2000, value_parser = clap::value_parser!(u32).range(1..))]
+    max_series: u32,
+}
+
+fn main() -> ExitCode {
+    // clap exits with code 2 and a usage message on bad flags.
+    let cli = Cli::parse();
+    init_logging(&cli.log);
+    match dispatch(cli.command) {
+        Ok(code) => code,
+        Err(e) => {
+            eprintln!("watchscope: error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn dispatch(command: Command) -> Result<ExitCode> {
+    match command {
+        Command::Check(args) => {
+            let report = check::run(&HostRoot::new(args.root));
+            if args.json {
+                println!("{}", serde_json::to_string_pretty(&report)?);
+            } else {
+                print!("{report}");
+            }
+            Ok(if report.ready() { ExitCode::SUCCESS } else { ExitCode::FAILURE })
+        }
+        Command::Inspect(args) => inspect_cmd::run(args),
+        Command::Run(args) => {
+            let cfg = daemon::RunConfig {
+                listen: args.listen,
+                filter: ProcessFilter {
+                    pids: args.pids,
+                    comms: args.comms,
+                    exclude_comms: args.exclude_comms,
+                },
+                max_series: args.max_series as usize,
+                root: HostRoot::default(),
+            };
+            let rt = tokio::runtime::Builder::new_multi_thread()
+                .worker_threads(2)
+                .enable_all()
+                .build()?;
+            rt.block_on(daemon::run(cfg))?;
+            Ok(ExitCode::SUCCESS)
+        }
+    }
+}
+
+fn init_logging(filter: &str) {
+    let filter = tracing_subscriber::EnvFilter::try_new(filter).unwrap_or_else(|e| {
+        eprintln!("watchscope: bad --log filter `{filter}` ({e}); using `info`");
+        tracing_subscriber::EnvFilter::new("info")
+    });
+    use std::io::IsTerminal as _;
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_ansi(std::io::stderr().is_terminal())
+        .with_writer(std::io::stderr)
+        .init();
+}
