@@ -15,5 +15,6 @@ impl Counter {
     /// Number of slots the counter array must have (keep in sync with the enum).
     pub const COUNT: u32 = 2;
 
-    pub const ALL: [Counter; Self::COUNT as usize] = [Counter::ExecSeen, Counter::EventsRingbufFull];
+    pub const ALL: [Counter; Self::COUNT as usize] =
+        [Counter::ExecSeen, Counter::EventsRingbufFull];
 }

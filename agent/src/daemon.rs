@@ -41,9 +41,17 @@ impl MetricsSource for Agent {
 }
 
 pub async fn run(cfg: RunConfig) -> Result<()> {
+    // Bind first: a port in use fails before anything is loaded into the kernel.
+    let listener = server::bind(cfg.listen)
+        .await
+        .with_context(|| format!("cannot listen on {}", cfg.listen))?;
+    let bound = listener.local_addr().context("reading the bound address")?;
     let mut probes = Probes::load_and_attach(&cfg.root).context("attaching the kernel programs")?;
     let maps = KernelMaps::take(&mut probes.ebpf).context("opening the kernel maps")?;
-    let events = probes.ebpf.take_map("WS_EVENTS").context("the eBPF object has no WS_EVENTS map")?;
+    let events = probes
+        .ebpf
+        .take_map("WS_EVENTS")
+        .context("the eBPF object has no WS_EVENTS map")?;
     let events = RingBuf::try_from(events).context("opening the event ring buffer")?;
     let user = Arc::new(UserCounters::new(cfg.max_series));
     let agent = Arc::new(Agent {
@@ -52,12 +60,7 @@ pub async fn run(cfg: RunConfig) -> Result<()> {
         probes: probes.attached.clone(),
     });
 
-    let listener = server::bind(cfg.listen)
-        .await
-        .with_context(|| format!("cannot listen on {}", cfg.listen))?;
-    let bound = listener.local_addr().context("reading the bound address")?;
     info!("serving metrics on http://{bound}/metrics");
-
     let events_task = tokio::spawn(read_exec_events(events, cfg.filter.clone(), user));
     let shutdown = shutdown_signal();
     let app = server::router(agent);
@@ -91,14 +94,22 @@ async fn shutdown_signal() {
 
 /// Drains exec events as they arrive: the ring buffer's fd becomes readable
 /// when the kernel submits a record.
-async fn read_exec_events(ring: RingBuf<aya::maps::MapData>, filter: ProcessFilter, user: Arc<UserCounters>) {
+async fn read_exec_events(
+    ring: RingBuf<aya::maps::MapData>,
+    filter: ProcessFilter,
+    user: Arc<UserCounters>,
+) {
     // SAFETY: the ring buffer owns its fd and keeps it open for as long as
     // the AsyncFd (which owns the ring buffer) lives.
-    let registered = unsafe { AsyncFd::register_with_interest(ring, tokio::io::Interest::READABLE) };
+    let registered =
+        unsafe { AsyncFd::register_with_interest(ring, tokio::io::Interest::READABLE) };
     let mut fd = match registered {
         Ok(fd) => fd,
         Err(e) => {
-            warn!("cannot poll the event ring buffer: {}; exec discovery is off", e);
+            warn!(
+                "cannot poll the event ring buffer: {}; exec discovery is off",
+                e
+            );
             return;
         }
     };
@@ -120,7 +131,8 @@ async fn read_exec_events(ring: RingBuf<aya::maps::MapData>, filter: ProcessFilt
                 }
                 Some(_) => {}
                 None => {
-                    user.decode_errors.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                    user.decode_errors
+                        .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
                 }
             }
         }

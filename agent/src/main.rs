@@ -9,7 +9,11 @@ use watchscope::{check, daemon, discover::ProcessFilter, host::HostRoot};
 mod inspect_cmd;
 
 #[derive(Debug, Parser)]
-#[command(name = "watchscope", version, about = "Explains why Kubernetes/etcd watches are late, from the kernel")]
+#[command(
+    name = "watchscope",
+    version,
+    about = "Explains why Kubernetes/etcd watches are late, from the kernel"
+)]
 struct Cli {
     /// Log filter (tracing syntax, e.g. `info`, `watchscope=debug`).
     #[arg(long, env = "WATCHSCOPE_LOG", default_value = "info", global = true)]
@@ -51,7 +55,11 @@ struct RunArgs {
     #[arg(long = "comm", env = "WATCHSCOPE_COMM", value_delimiter = ',')]
     comms: Vec<String>,
     /// Never watch processes with this command name (wins over --comm).
-    #[arg(long = "exclude-comm", env = "WATCHSCOPE_EXCLUDE_COMM", value_delimiter = ',')]
+    #[arg(
+        long = "exclude-comm",
+        env = "WATCHSCOPE_EXCLUDE_COMM",
+        value_delimiter = ','
+    )]
     exclude_comms: Vec<String>,
     /// Most series one labelled family may have; past it, observations are
     /// counted in watchscope_series_dropped_total instead.
@@ -81,7 +89,11 @@ fn dispatch(command: Command) -> Result<ExitCode> {
             } else {
                 print!("{report}");
             }
-            Ok(if report.ready() { ExitCode::SUCCESS } else { ExitCode::FAILURE })
+            Ok(if report.ready() {
+                ExitCode::SUCCESS
+            } else {
+                ExitCode::FAILURE
+            })
         }
         Command::Inspect(args) => inspect_cmd::run(args),
         Command::Run(args) => {

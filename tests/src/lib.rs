@@ -1,1 +1,196 @@
+//! Shared harness for the integration tests: find the agent binary, start it
+//! on a free port, scrape it, stop it. The tests run real programs and load
+//! real eBPF programs, so they need root (`cargo xtask test` checks).
 
+use std::{
+    net::TcpListener,
+    path::PathBuf,
+    process::{Child, Command, ExitStatus, Stdio},
+    time::{Duration, Instant},
+};
+
+/// The `watchscope` binary: `$WATCHSCOPE_BIN`, or the one cargo built next to
+/// this test executable (target/<profile>/watchscope).
+pub fn watchscope_bin() -> PathBuf {
+    if let Some(p) = std::env::var_os("WATCHSCOPE_BIN") {
+        return PathBuf::from(p);
+    }
+    let exe = std::env::current_exe().expect("test executable path");
+    // target/<profile>/deps/<test> → target/<profile>/watchscope
+    let bin = exe
+        .parent()
+        .and_then(|deps| deps.parent())
+        .map(|profile| profile.join("watchscope"))
+        .expect("test executable lives in target/<profile>/deps");
+    assert!(
+        bin.is_file(),
+        "{} not found: build it first (`cargo build -p watchscope`; `cargo xtask test` does)",
+        bin.display()
+    );
+    bin
+}
+
+/// Fails the test early with a clear message when not root.
+pub fn require_root() {
+    // SAFETY: geteuid has no preconditions.
+    let euid = unsafe { libc::geteuid() };
+    assert_eq!(
+        euid, 0,
+        "this test loads eBPF programs and needs root (run `sudo -E cargo xtask test`)"
+    );
+}
+
+/// A port that was free a moment ago on 127.0.0.1.
+pub fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .expect("bind an ephemeral port")
+}
+
+/// GET a URL; returns (status, body).
+pub fn http_get(url: &str) -> Result<(u16, String), String> {
+    let mut resp = ureq::get(url)
+        .config()
+        .http_status_as_error(false)
+        .timeout_global(Some(Duration::from_secs(5)))
+        .build()
+        .call()
+        .map_err(|e| e.to_string())?;
+    let status = resp.status().as_u16();
+    let body = resp
+        .body_mut()
+        .read_to_string()
+        .map_err(|e| e.to_string())?;
+    Ok((status, body))
+}
+
+/// A running `watchscope run`, stopped (SIGTERM, then SIGKILL) on drop.
+pub struct Agent {
+    child: Option<Child>,
+    pub port: u16,
+    pub log: tempfile::NamedTempFile,
+}
+
+impl Agent {
+    /// Starts `watchscope run --listen 127.0.0.1:<free port> <args>` and waits
+    /// until /healthz answers.
+    pub fn start(args: &[&str]) -> Agent {
+        require_root();
+        let port = free_port();
+        let log = tempfile::NamedTempFile::new().expect("log file");
+        let out = log.reopen().expect("reopen log");
+        let err = log.reopen().expect("reopen log");
+        let child = Command::new(watchscope_bin())
+            .args([
+                "run",
+                "--listen",
+                &format!("127.0.0.1:{port}"),
+                "--log",
+                "info",
+            ])
+            .args(args)
+            .stdin(Stdio::null())
+            .stdout(out)
+            .stderr(err)
+            .spawn()
+            .expect("start watchscope");
+        let mut agent = Agent {
+            child: Some(child),
+            port,
+            log,
+        };
+        agent.wait_ready(Duration::from_secs(20));
+        agent
+    }
+
+    fn wait_ready(&mut self, timeout: Duration) {
+        let deadline = Instant::now() + timeout;
+        while Instant::now() < deadline {
+            if let Some(Ok(Some(status))) = self.child.as_mut().map(|c| c.try_wait()) {
+                panic!("watchscope exited early ({status}):\n{}", self.log_text());
+            }
+            if matches!(http_get(&self.url("/healthz")), Ok((200, _))) {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        panic!(
+            "watchscope not ready after {timeout:?}:\n{}",
+            self.log_text()
+        );
+    }
+
+    pub fn url(&self, path: &str) -> String {
+        format!("http://127.0.0.1:{}{path}", self.port)
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.as_ref().map(Child::id).unwrap_or(0)
+    }
+
+    pub fn metrics(&self) -> String {
+        match http_get(&self.url("/metrics")) {
+            Ok((200, body)) => body,
+            other => panic!("GET /metrics failed: {other:?}\n{}", self.log_text()),
+        }
+    }
+
+    /// One sample's value (0 when absent), e.g. `watchscope_execs_total` or
+    /// `watchscope_process_execs_total{comm="x"}`.
+    pub fn sample(&self, sample: &str) -> f64 {
+        sample_value(&self.metrics(), sample).unwrap_or(0.0)
+    }
+
+    /// Polls until `sample` reaches at least `want` or the timeout passes;
+    /// returns the last value seen.
+    pub fn wait_for_sample(&self, sample: &str, want: f64, timeout: Duration) -> f64 {
+        let deadline = Instant::now() + timeout;
+        loop {
+            let v = self.sample(sample);
+            if v >= want || Instant::now() >= deadline {
+                return v;
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+
+    pub fn log_text(&self) -> String {
+        std::fs::read_to_string(self.log.path()).unwrap_or_default()
+    }
+
+    /// Sends `signal` and waits for the exit status.
+    pub fn stop_with(&mut self, signal: i32, timeout: Duration) -> ExitStatus {
+        let mut child = self.child.take().expect("agent running");
+        // SAFETY: kill(2) on our own child.
+        unsafe { libc::kill(child.id() as i32, signal) };
+        let deadline = Instant::now() + timeout;
+        loop {
+            if let Ok(Some(status)) = child.try_wait() {
+                return status;
+            }
+            if Instant::now() >= deadline {
+                let _ = child.kill();
+                let _ = child.wait();
+                panic!("watchscope did not exit within {timeout:?} of signal {signal}");
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+}
+
+impl Drop for Agent {
+    fn drop(&mut self) {
+        if self.child.is_some() {
+            self.stop_with(libc::SIGTERM, Duration::from_secs(10));
+        }
+    }
+}
+
+/// Finds `sample` (name plus labels exactly as rendered) in exposition text.
+pub fn sample_value(text: &str, sample: &str) -> Option<f64> {
+    text.lines().find_map(|line| {
+        let rest = line.strip_prefix(sample)?.strip_prefix(' ')?;
+        rest.split_whitespace().next()?.parse().ok()
+    })
+}

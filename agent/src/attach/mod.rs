@@ -39,7 +39,7 @@ pub enum AttachError {
     #[error(transparent)]
     Tracefs(#[from] TracefsError),
     #[error("loading the eBPF object failed: {0}")]
-    Load(#[from] aya::EbpfError),
+    Load(#[from] Box<aya::EbpfError>),
     #[error("program `{0}` is missing from the eBPF object")]
     MissingProgram(&'static str),
     #[error("program `{program}` ({category}:{name}): {source}")]
@@ -47,7 +47,7 @@ pub enum AttachError {
         program: &'static str,
         category: &'static str,
         name: &'static str,
-        source: aya::programs::ProgramError,
+        source: Box<aya::programs::ProgramError>,
     },
 }
 
@@ -79,7 +79,8 @@ impl Probes {
         let mut ebpf = EbpfLoader::new()
             .override_global("EXEC_FILENAME_LOC_OFFSET", &filename_off, true)
             .override_global("EXEC_OLD_PID_OFFSET", &old_pid_off, true)
-            .load(OBJECT)?;
+            .load(OBJECT)
+            .map_err(Box::new)?;
         if let Err(e) = aya_log::EbpfLogger::init(&mut ebpf) {
             // The object only logs when built with logging; absence is normal.
             debug!("no eBPF logger: {e}");
@@ -103,7 +104,7 @@ fn attach_tracepoint(ebpf: &mut Ebpf, spec: &TracepointSpec) -> Result<(), Attac
         program: spec.program,
         category: spec.category,
         name: spec.name,
-        source,
+        source: Box::new(source),
     };
     let prog: &mut TracePoint = ebpf
         .program_mut(spec.program)
@@ -125,6 +126,9 @@ fn raise_memlock_rlimit() {
     // SAFETY: plain syscall with a valid pointer to a stack value.
     let ret = unsafe { libc::setrlimit(libc::RLIMIT_MEMLOCK, &rlim) };
     if ret != 0 {
-        debug!("could not raise RLIMIT_MEMLOCK: {}", std::io::Error::last_os_error());
+        debug!(
+            "could not raise RLIMIT_MEMLOCK: {}",
+            std::io::Error::last_os_error()
+        );
     }
 }

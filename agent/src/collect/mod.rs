@@ -22,7 +22,10 @@ pub enum CollectError {
     #[error("map `{0}` is missing from the eBPF object")]
     MissingMap(&'static str),
     #[error("map `{name}`: {source}")]
-    Map { name: &'static str, source: aya::maps::MapError },
+    Map {
+        name: &'static str,
+        source: aya::maps::MapError,
+    },
 }
 
 /// Handles on the kernel maps read at scrape time.
@@ -34,7 +37,8 @@ impl KernelMaps {
     pub fn take(ebpf: &mut Ebpf) -> Result<Self, CollectError> {
         const NAME: &str = "WS_COUNTERS";
         let map = ebpf.take_map(NAME).ok_or(CollectError::MissingMap(NAME))?;
-        let counters = PerCpuArray::try_from(map).map_err(|source| CollectError::Map { name: NAME, source })?;
+        let counters = PerCpuArray::try_from(map)
+            .map_err(|source| CollectError::Map { name: NAME, source })?;
         Ok(Self { counters })
     }
 

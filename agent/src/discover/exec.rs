@@ -51,7 +51,12 @@ mod tests {
         ev.comm[..4].copy_from_slice(b"etcd");
         ev.filename[..13].copy_from_slice(b"/usr/bin/etcd");
         // SAFETY: reading a repr(C) value's bytes.
-        let bytes = unsafe { std::slice::from_raw_parts((&ev as *const ExecEvent).cast::<u8>(), size_of::<ExecEvent>()) };
+        let bytes = unsafe {
+            std::slice::from_raw_parts(
+                (&ev as *const ExecEvent).cast::<u8>(),
+                size_of::<ExecEvent>(),
+            )
+        };
         let info = decode(bytes).unwrap();
         assert_eq!(info.tgid, 77);
         assert_eq!(info.comm, "etcd");

@@ -2,8 +2,6 @@
 //! The dashboard and documentation tests check their metric names against
 //! [`FAMILIES`], and [`render`] is the only place a snapshot becomes text.
 
-use std::fmt::Write as _;
-
 use agent_common::Counter;
 use prometheus_client::{
     collector::Collector,
@@ -56,7 +54,14 @@ pub const BUILD_INFO: Family = Family {
     help: "Always 1; labels give the agent's version.",
 };
 
-pub const FAMILIES: &[Family] = &[EXECS, PROCESS_EXECS, DROPPED, SERIES_DROPPED, PROBES_ATTACHED, BUILD_INFO];
+pub const FAMILIES: &[Family] = &[
+    EXECS,
+    PROCESS_EXECS,
+    DROPPED,
+    SERIES_DROPPED,
+    PROBES_ATTACHED,
+    BUILD_INFO,
+];
 
 impl Family {
     /// The sample names this family produces in the exposition.
@@ -64,7 +69,10 @@ impl Family {
         let base = format!("{PREFIX}_{}", self.name);
         match self.kind {
             MetricType::Counter => vec![format!("{base}_total")],
-            MetricType::Histogram => ["_bucket", "_sum", "_count"].iter().map(|s| format!("{base}{s}")).collect(),
+            MetricType::Histogram => ["_bucket", "_sum", "_count"]
+                .iter()
+                .map(|s| format!("{base}{s}"))
+                .collect(),
             _ => vec![base],
         }
     }
@@ -88,29 +96,67 @@ impl Collector for SnapshotCollector {
     fn encode(&self, mut enc: DescriptorEncoder) -> Result<(), std::fmt::Error> {
         let s = &self.0;
         counter(&mut enc, &EXECS, &[(&[], s.kernel(Counter::ExecSeen))])?;
-        let execs: Vec<_> = s.watched_execs.iter().map(|(comm, n)| ([("comm", comm.as_str())], *n)).collect();
-        counter(&mut enc, &PROCESS_EXECS, &execs.iter().map(|(l, n)| (&l[..], *n)).collect::<Vec<_>>())?;
+        let execs: Vec<_> = s
+            .watched_execs
+            .iter()
+            .map(|(comm, n)| ([("comm", comm.as_str())], *n))
+            .collect();
+        counter(
+            &mut enc,
+            &PROCESS_EXECS,
+            &execs.iter().map(|(l, n)| (&l[..], *n)).collect::<Vec<_>>(),
+        )?;
         counter(
             &mut enc,
             &DROPPED,
             &[
-                (&[("reason", "ringbuf_full")], s.kernel(Counter::EventsRingbufFull)),
+                (
+                    &[("reason", "ringbuf_full")],
+                    s.kernel(Counter::EventsRingbufFull),
+                ),
                 (&[("reason", "decode_error")], s.decode_errors),
             ],
         )?;
-        let dropped: Vec<_> = s.series_dropped.iter().map(|(f, n)| ([("family", *f)], *n)).collect();
-        counter(&mut enc, &SERIES_DROPPED, &dropped.iter().map(|(l, n)| (&l[..], *n)).collect::<Vec<_>>())?;
-        gauge(&mut enc, &PROBES_ATTACHED, &[(&[], s.probes_attached as i64)])?;
-        gauge(&mut enc, &BUILD_INFO, &[(&[("version", env!("CARGO_PKG_VERSION"))], 1)])?;
+        let dropped: Vec<_> = s
+            .series_dropped
+            .iter()
+            .map(|(f, n)| ([("family", *f)], *n))
+            .collect();
+        counter(
+            &mut enc,
+            &SERIES_DROPPED,
+            &dropped
+                .iter()
+                .map(|(l, n)| (&l[..], *n))
+                .collect::<Vec<_>>(),
+        )?;
+        gauge(
+            &mut enc,
+            &PROBES_ATTACHED,
+            &[(&[], s.probes_attached as i64)],
+        )?;
+        gauge(
+            &mut enc,
+            &BUILD_INFO,
+            &[(&[("version", env!("CARGO_PKG_VERSION"))], 1)],
+        )?;
         Ok(())
     }
 }
 
-fn counter(enc: &mut DescriptorEncoder, fam: &Family, series: &[(&Labels<'_>, u64)]) -> Result<(), std::fmt::Error> {
+fn counter(
+    enc: &mut DescriptorEncoder,
+    fam: &Family,
+    series: &[(&Labels<'_>, u64)],
+) -> Result<(), std::fmt::Error> {
     encode_series(enc, fam, series, |v, m| ConstCounter::new(*v).encode(m))
 }
 
-fn gauge(enc: &mut DescriptorEncoder, fam: &Family, series: &[(&Labels<'_>, i64)]) -> Result<(), std::fmt::Error> {
+fn gauge(
+    enc: &mut DescriptorEncoder,
+    fam: &Family,
+    series: &[(&Labels<'_>, i64)],
+) -> Result<(), std::fmt::Error> {
     encode_series(enc, fam, series, |v, m| ConstGauge::new(*v).encode(m))
 }
 
@@ -144,16 +190,6 @@ pub fn sample_value(text: &str, sample: &str) -> Option<f64> {
     })
 }
 
-/// Writes the family table as Markdown (the README's metric reference).
-pub fn reference_table() -> String {
-    let mut out = String::from("| metric | type | meaning |\n|---|---|---|\n");
-    for f in FAMILIES {
-        let kind = format!("{:?}", f.kind).to_lowercase();
-        let _ = writeln!(out, "| `{}` | {kind} | {} |", f.sample_names().join("`, `"), f.help);
-    }
-    out
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -172,12 +208,28 @@ mod tests {
     fn renders_every_family_with_help_and_values() {
         let text = render(snapshot()).unwrap();
         for f in FAMILIES {
-            assert!(text.contains(&format!("# HELP {PREFIX}_{} ", f.name)), "{}", f.name);
+            assert!(
+                text.contains(&format!("# HELP {PREFIX}_{} ", f.name)),
+                "{}",
+                f.name
+            );
         }
         assert_eq!(sample_value(&text, "watchscope_execs_total"), Some(12.0));
-        assert_eq!(sample_value(&text, "watchscope_process_execs_total{comm=\"etcd\"}"), Some(2.0));
-        assert_eq!(sample_value(&text, "watchscope_dropped_total{reason=\"ringbuf_full\"}"), Some(3.0));
-        assert_eq!(sample_value(&text, "watchscope_series_dropped_total{family=\"process_execs\"}"), Some(4.0));
+        assert_eq!(
+            sample_value(&text, "watchscope_process_execs_total{comm=\"etcd\"}"),
+            Some(2.0)
+        );
+        assert_eq!(
+            sample_value(&text, "watchscope_dropped_total{reason=\"ringbuf_full\"}"),
+            Some(3.0)
+        );
+        assert_eq!(
+            sample_value(
+                &text,
+                "watchscope_series_dropped_total{family=\"process_execs\"}"
+            ),
+            Some(4.0)
+        );
         assert_eq!(sample_value(&text, "watchscope_probes_attached"), Some(1.0));
         assert!(text.ends_with("# EOF\n"));
     }
@@ -188,7 +240,25 @@ mod tests {
         names.sort();
         names.dedup();
         assert_eq!(names.len(), FAMILIES.len());
-        assert!(names.iter().all(|n| n.chars().all(|c| c.is_ascii_lowercase() || c == '_')));
-        assert!(reference_table().contains("watchscope_execs_total"));
+        assert!(
+            names
+                .iter()
+                .all(|n| n.chars().all(|c| c.is_ascii_lowercase() || c == '_'))
+        );
+    }
+}
+
+#[cfg(test)]
+mod readme {
+    use super::*;
+
+    /// The README's metric reference must name every family we export.
+    #[test]
+    fn readme_lists_every_family() {
+        let readme = include_str!("../../../README.md");
+        for f in FAMILIES {
+            let base = format!("{PREFIX}_{}", f.name);
+            assert!(readme.contains(&base), "README.md does not document {base}");
+        }
     }
 }

@@ -16,9 +16,16 @@ pub enum TracefsError {
     )]
     NotMounted,
     #[error("tracepoint {category}:{name} does not exist on this kernel ({path})")]
-    NoTracepoint { category: String, name: String, path: PathBuf },
+    NoTracepoint {
+        category: String,
+        name: String,
+        path: PathBuf,
+    },
     #[error("cannot read {path}: {source}")]
-    Read { path: PathBuf, source: std::io::Error },
+    Read {
+        path: PathBuf,
+        source: std::io::Error,
+    },
     #[error("field `{field}` not found in {path}")]
     NoField { field: String, path: PathBuf },
 }
@@ -59,10 +66,21 @@ impl Tracefs {
     }
 
     /// Byte offset of `field` in the `category:name` record.
-    pub fn field_offset(&self, category: &str, name: &str, field: &str) -> Result<u32, TracefsError> {
+    pub fn field_offset(
+        &self,
+        category: &str,
+        name: &str,
+        field: &str,
+    ) -> Result<u32, TracefsError> {
         let path = self.event_dir(category, name).join("format");
-        let text = std::fs::read_to_string(&path).map_err(|source| TracefsError::Read { path: path.clone(), source })?;
-        parse_field_offset(&text, field).ok_or(TracefsError::NoField { field: field.into(), path })
+        let text = std::fs::read_to_string(&path).map_err(|source| TracefsError::Read {
+            path: path.clone(),
+            source,
+        })?;
+        parse_field_offset(&text, field).ok_or(TracefsError::NoField {
+            field: field.into(),
+            path,
+        })
     }
 
     pub fn uprobe_events(&self) -> PathBuf {
@@ -71,7 +89,8 @@ impl Tracefs {
 }
 
 /// Finds `offset:N;` on the line declaring `field` in a tracefs format file,
-/// e.g. `field:__data_loc char[] filename;	offset:8;	size:4;	signed:0;`.
+/// e.g. `field:__data_loc char[] filename; offset:8; size:4; signed:0;`
+/// (tab-separated in the real file).
 pub fn parse_field_offset(format: &str, field: &str) -> Option<u32> {
     format.lines().find_map(|line| {
         let decl = line.trim().strip_prefix("field:")?;
@@ -82,7 +101,9 @@ pub fn parse_field_offset(format: &str, field: &str) -> Option<u32> {
         if ident != field {
             return None;
         }
-        let off = rest.split(';').find_map(|kv| kv.trim().strip_prefix("offset:"))?;
+        let off = rest
+            .split(';')
+            .find_map(|kv| kv.trim().strip_prefix("offset:"))?;
         off.trim().parse().ok()
     })
 }
@@ -111,6 +132,9 @@ format:
         assert_eq!(parse_field_offset(EXEC_FORMAT, "old_pid"), Some(16));
         assert_eq!(parse_field_offset(EXEC_FORMAT, "common_pid"), Some(4));
         assert_eq!(parse_field_offset(EXEC_FORMAT, "nope"), None);
-        assert_eq!(parse_field_offset("field:char comm[16];\toffset:8;\tsize:16;", "comm"), Some(8));
+        assert_eq!(
+            parse_field_offset("field:char comm[16];\toffset:8;\tsize:16;", "comm"),
+            Some(8)
+        );
     }
 }

@@ -1,0 +1,152 @@
+//! `watchscope check`: the live node passes; a fabricated /proc+/sys tree
+//! with an item removed makes it fail, naming the item.
+
+use std::{path::Path, process::Command};
+
+use watchscope_integration_tests::watchscope_bin;
+
+fn check(root: Option<&Path>) -> (i32, String) {
+    let mut cmd = Command::new(watchscope_bin());
+    cmd.arg("check");
+    if let Some(r) = root {
+        cmd.arg("--root").arg(r);
+    }
+    let out = cmd.output().expect("run watchscope check");
+    (
+        out.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+    )
+}
+
+/// A node tree where everything the agent needs is present.
+fn fake_node(dir: &Path, cap_eff: u64) {
+    let files: &[(&str, String)] = &[
+        ("proc/sys/kernel/osrelease", "6.1.0-13-amd64\n".into()),
+        (
+            "proc/self/status",
+            format!("Name:\twatchscope\nCapEff:\t{cap_eff:016x}\n"),
+        ),
+        (
+            "proc/self/limits",
+            "Max locked memory         8388608              8388608              bytes\n".into(),
+        ),
+        ("proc/sys/net/core/bpf_jit_enable", "1\n".into()),
+        ("sys/kernel/btf/vmlinux", "BTF".into()),
+        ("sys/bus/event_source/devices/uprobe/type", "9\n".into()),
+        ("sys/kernel/tracing/uprobe_events", String::new()),
+        (
+            "sys/kernel/tracing/events/sched/sched_process_exec/id",
+            "311\n".into(),
+        ),
+    ];
+    for (p, content) in files {
+        let path = dir.join(p);
+        std::fs::create_dir_all(path.parent().expect("parent")).expect("mkdir");
+        std::fs::write(&path, content).expect("write");
+    }
+}
+
+const ALL_CAPS: u64 = 0x1ff_ffff_ffff;
+
+fn line<'a>(out: &'a str, name: &str) -> &'a str {
+    out.lines()
+        .find(|l| {
+            l.split_whitespace()
+                .skip(1)
+                .collect::<Vec<_>>()
+                .join(" ")
+                .starts_with(name)
+        })
+        .unwrap_or_else(|| panic!("no line for {name} in:\n{out}"))
+}
+
+#[test]
+fn this_node_is_ready() {
+    let (code, out) = check(None);
+    assert_eq!(code, 0, "{out}");
+    assert!(out.contains("ready: this node can run watchscope"), "{out}");
+    assert!(line(&out, "tracepoint sched:sched_process_exec").starts_with("ok"));
+}
+
+#[test]
+fn fabricated_complete_node_is_ready_and_read_from_the_override() {
+    let dir = tempfile::tempdir().expect("tmp");
+    fake_node(dir.path(), ALL_CAPS);
+    let (code, out) = check(Some(dir.path()));
+    assert_eq!(code, 0, "{out}");
+    // The kernel line shows the fabricated release, proving the override is read.
+    assert!(line(&out, "kernel").contains("6.1.0-13-amd64"), "{out}");
+}
+
+#[test]
+fn missing_btf_fails_and_says_what_to_do() {
+    let dir = tempfile::tempdir().expect("tmp");
+    fake_node(dir.path(), ALL_CAPS);
+    std::fs::remove_file(dir.path().join("sys/kernel/btf/vmlinux")).expect("rm");
+    let (code, out) = check(Some(dir.path()));
+    assert_eq!(code, 1, "{out}");
+    let btf = line(&out, "btf");
+    assert!(btf.starts_with("missing"), "{btf}");
+    assert!(btf.contains("CONFIG_DEBUG_INFO_BTF"), "{btf}");
+    assert!(out.contains("not ready"), "{out}");
+}
+
+#[test]
+fn each_missing_item_is_named() {
+    // (what to break, the line that must say missing)
+    let cases: &[(&str, &str)] = &[
+        (
+            "sys/kernel/tracing/events/sched/sched_process_exec/id",
+            "tracepoint sched:sched_process_exec",
+        ),
+        ("sys/bus/event_source/devices/uprobe/type", "uprobe pmu"),
+        ("sys/kernel/tracing/uprobe_events", "uprobes"),
+        ("proc/sys/kernel/osrelease", "kernel"),
+    ];
+    for (remove, name) in cases {
+        let dir = tempfile::tempdir().expect("tmp");
+        fake_node(dir.path(), ALL_CAPS);
+        std::fs::remove_file(dir.path().join(remove)).expect("rm");
+        let (code, out) = check(Some(dir.path()));
+        assert_eq!(code, 1, "removing {remove}:\n{out}");
+        assert!(
+            line(&out, name).starts_with("missing"),
+            "removing {remove}:\n{out}"
+        );
+    }
+}
+
+#[test]
+fn old_kernel_and_missing_capabilities_fail() {
+    let dir = tempfile::tempdir().expect("tmp");
+    // Only CAP_SYS_PTRACE: no CAP_BPF, CAP_PERFMON or CAP_SYS_ADMIN.
+    fake_node(dir.path(), 1 << 19);
+    std::fs::write(
+        dir.path().join("proc/sys/kernel/osrelease"),
+        "5.4.0-150-generic\n",
+    )
+    .expect("write");
+    let (code, out) = check(Some(dir.path()));
+    assert_eq!(code, 1, "{out}");
+    assert!(line(&out, "kernel").starts_with("missing"), "{out}");
+    assert!(line(&out, "CAP_BPF").starts_with("missing"), "{out}");
+    assert!(line(&out, "CAP_PERFMON").starts_with("missing"), "{out}");
+    assert!(line(&out, "CAP_SYS_PTRACE").starts_with("ok"), "{out}");
+    // Below 5.11 a small memlock limit matters.
+    assert!(line(&out, "memlock").starts_with("missing"), "{out}");
+}
+
+#[test]
+fn json_report_parses() {
+    let out = Command::new(watchscope_bin())
+        .args(["check", "--json"])
+        .output()
+        .expect("run");
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).expect("JSON");
+    let items = v["items"].as_array().expect("items");
+    assert!(
+        items
+            .iter()
+            .any(|i| i["name"] == "btf" && i["status"] == "ok")
+    );
+}

