@@ -9,12 +9,68 @@ pub enum Counter {
     ExecSeen = 0,
     /// Exec events that could not be queued because the ring buffer was full.
     EventsRingbufFull = 1,
+    /// A map insert failed (the map was full).
+    MapFull = 2,
+    /// Per-watcher enqueue of an event whose commit (notify) was not seen.
+    EnqueueCommitMiss = 3,
+    /// gRPC send of an event whose commit was not seen.
+    SendCommitMiss = 4,
+    /// gRPC send of an event whose per-watcher enqueue was not seen.
+    SendEnqueueMiss = 5,
+    /// Client dispatch of an event whose commit was not seen on this node
+    /// (expected when etcd runs on another node).
+    DispatchCommitMiss = 6,
+    /// Events past MAX_EVENTS_PER_RESPONSE in one response: counted, not timed.
+    EventsOverCap = 7,
+    /// Reading the watched process's memory failed (bad offset or paged out).
+    ReadError = 8,
+    /// Process-exit events lost because the ring buffer was full.
+    ExitRingbufFull = 9,
 }
 
 impl Counter {
     /// Number of slots the counter array must have (keep in sync with the enum).
-    pub const COUNT: u32 = 2;
+    pub const COUNT: u32 = 10;
 
-    pub const ALL: [Counter; Self::COUNT as usize] =
-        [Counter::ExecSeen, Counter::EventsRingbufFull];
+    pub const ALL: [Counter; Self::COUNT as usize] = [
+        Counter::ExecSeen,
+        Counter::EventsRingbufFull,
+        Counter::MapFull,
+        Counter::EnqueueCommitMiss,
+        Counter::SendCommitMiss,
+        Counter::SendEnqueueMiss,
+        Counter::DispatchCommitMiss,
+        Counter::EventsOverCap,
+        Counter::ReadError,
+        Counter::ExitRingbufFull,
+    ];
+
+    /// The `reason` label this counter is exported under in
+    /// `watchscope_dropped_total`, or None for counters exported elsewhere.
+    pub fn drop_reason(self) -> Option<&'static str> {
+        Some(match self {
+            Counter::ExecSeen => return None,
+            Counter::EventsRingbufFull => "ringbuf_full",
+            Counter::MapFull => "map_full",
+            Counter::EnqueueCommitMiss => "enqueue_commit_miss",
+            Counter::SendCommitMiss => "send_commit_miss",
+            Counter::SendEnqueueMiss => "send_enqueue_miss",
+            Counter::DispatchCommitMiss => "dispatch_commit_miss",
+            Counter::EventsOverCap => "events_over_cap",
+            Counter::ReadError => "read_error",
+            Counter::ExitRingbufFull => "exit_ringbuf_full",
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn all_lists_every_counter_in_index_order() {
+        for (i, c) in Counter::ALL.iter().enumerate() {
+            assert_eq!(*c as usize, i);
+        }
+    }
 }

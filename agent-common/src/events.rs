@@ -6,10 +6,17 @@
 pub const EXEC_FILENAME_LEN: usize = 256;
 pub const COMM_LEN: usize = 16;
 
+/// First field of every ring buffer record, so one buffer carries all kinds.
+pub const EVENT_EXEC: u32 = 1;
+pub const EVENT_EXIT: u32 = 2;
+
 /// A process called execve(): sent from `sched:sched_process_exec`.
 #[repr(C)]
 #[derive(Clone, Copy, Debug)]
 pub struct ExecEvent {
+    /// `EVENT_EXEC`.
+    pub kind: u32,
+    pub _pad: u32,
     /// Kernel time (CLOCK_MONOTONIC, ns): the one clock every event uses.
     pub ktime_ns: u64,
     pub tgid: u32,
@@ -20,9 +27,21 @@ pub struct ExecEvent {
     pub filename: [u8; EXEC_FILENAME_LEN],
 }
 
+/// A watched process exited (its thread-group leader did): user space drops
+/// its per-process state and, with the last user of a binary, its probes.
+#[repr(C)]
+#[derive(Clone, Copy, Debug)]
+pub struct ExitEvent {
+    /// `EVENT_EXIT`.
+    pub kind: u32,
+    pub tgid: u32,
+    pub ktime_ns: u64,
+}
+
 #[cfg(feature = "user")]
 mod pod {
     // SAFETY: plain-old-data, repr(C), no padding holes that matter for reads.
     unsafe impl aya::Pod for super::ExecEvent {}
+    unsafe impl aya::Pod for super::ExitEvent {}
     unsafe impl aya::Pod for crate::hist::Histogram {}
 }

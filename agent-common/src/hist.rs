@@ -33,10 +33,7 @@ pub struct Histogram {
 }
 
 impl Histogram {
-    pub const ZERO: Histogram = Histogram {
-        buckets: [0; NBUCKETS],
-        sum_ns: 0,
-    };
+    pub const ZERO: Histogram = Histogram { buckets: [0; NBUCKETS], sum_ns: 0 };
 
     /// Adds one observation. Used in unit tests and by user-space aggregation;
     /// the kernel does the same with atomic adds on its per-CPU copy.
@@ -135,11 +132,7 @@ pub fn bucket_upper_bound_seconds(i: usize) -> f64 {
 
 /// Lower bound of bucket `i` in seconds (0 for the first bucket).
 pub fn bucket_lower_bound_seconds(i: usize) -> f64 {
-    if i == 0 {
-        0.0
-    } else {
-        bucket_upper_bound_seconds(i - 1)
-    }
+    if i == 0 { 0.0 } else { bucket_upper_bound_seconds(i - 1) }
 }
 
 #[cfg(test)]
@@ -149,11 +142,7 @@ mod tests {
     #[test]
     fn log2_matches_leading_zeros() {
         for shift in 0..64 {
-            for v in [
-                1u64 << shift,
-                (1u64 << shift) | 1,
-                (1u64 << shift).wrapping_mul(3),
-            ] {
+            for v in [1u64 << shift, (1u64 << shift) | 1, (1u64 << shift).wrapping_mul(3)] {
                 if v == 0 {
                     continue;
                 }

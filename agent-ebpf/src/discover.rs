@@ -4,19 +4,16 @@
 
 use agent_common::{
     Counter, ExecEvent,
-    events::{COMM_LEN, EXEC_FILENAME_LEN},
+    events::{COMM_LEN, EVENT_EXEC, EVENT_EXIT, EXEC_FILENAME_LEN, ExitEvent},
 };
 use aya_ebpf::{
     EbpfContext,
-    helpers::{
-        bpf_get_current_comm, bpf_get_current_pid_tgid, bpf_ktime_get_ns,
-        bpf_probe_read_kernel_str_bytes,
-    },
+    helpers::{bpf_get_current_comm, bpf_get_current_pid_tgid, bpf_ktime_get_ns, bpf_probe_read_kernel_str_bytes},
     macros::tracepoint,
     programs::TracePointContext,
 };
 
-use crate::maps::{EVENTS, count};
+use crate::maps::{EVENTS, PROC_SLOT, count};
 
 /// Offsets into the sched_process_exec record, read from tracefs' `format`
 /// file by user space at load time (they have been stable for years, but the
@@ -44,6 +41,8 @@ fn try_sched_process_exec(ctx: &TracePointContext) -> Result<(), i64> {
     // SAFETY: `ev` points into a reserved ring buffer slot of the right size;
     // every field is written before submit.
     unsafe {
+        (*ev).kind = EVENT_EXEC;
+        (*ev)._pad = 0;
         (*ev).ktime_ns = bpf_ktime_get_ns();
         (*ev).tgid = (bpf_get_current_pid_tgid() >> 32) as u32;
         let loc_off = core::ptr::read_volatile(&EXEC_FILENAME_LOC_OFFSET) as usize;
@@ -63,4 +62,30 @@ fn try_sched_process_exec(ctx: &TracePointContext) -> Result<(), i64> {
     }
     entry.submit(0);
     Ok(())
+}
+
+/// A thread exits. Only the exit of a watched thread-group leader matters:
+/// its per-process slot is cleared here, in the kernel, so a reused pid never
+/// inherits it, and user space is told so it can release probes.
+#[tracepoint(category = "sched", name = "sched_process_exit")]
+pub fn sched_process_exit(_ctx: TracePointContext) -> u32 {
+    let pid_tgid = bpf_get_current_pid_tgid();
+    let tgid = (pid_tgid >> 32) as u32;
+    // Cheapest test first: most exits are of unwatched processes' threads.
+    if pid_tgid as u32 != tgid {
+        return 0;
+    }
+    // SAFETY: map lookup of a plain key.
+    if unsafe { PROC_SLOT.get(&tgid) }.is_none() {
+        return 0;
+    }
+    let _ = PROC_SLOT.remove(&tgid);
+    match EVENTS.reserve::<ExitEvent>(0) {
+        Some(mut entry) => {
+            entry.write(ExitEvent { kind: EVENT_EXIT, tgid, ktime_ns: unsafe { bpf_ktime_get_ns() } });
+            entry.submit(0);
+        }
+        None => count(Counter::ExitRingbufFull),
+    }
+    0
 }

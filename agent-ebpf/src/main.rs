@@ -7,6 +7,7 @@
 #![no_main]
 
 mod discover;
+mod etcd;
 mod maps;
 
 #[cfg(not(test))]

@@ -9,11 +9,7 @@ use watchscope::{check, daemon, discover::ProcessFilter, host::HostRoot};
 mod inspect_cmd;
 
 #[derive(Debug, Parser)]
-#[command(
-    name = "watchscope",
-    version,
-    about = "Explains why Kubernetes/etcd watches are late, from the kernel"
-)]
+#[command(name = "watchscope", version, about = "Explains why Kubernetes/etcd watches are late, from the kernel")]
 struct Cli {
     /// Log filter (tracing syntax, e.g. `info`, `watchscope=debug`).
     #[arg(long, env = "WATCHSCOPE_LOG", default_value = "info", global = true)]
@@ -55,11 +51,7 @@ struct RunArgs {
     #[arg(long = "comm", env = "WATCHSCOPE_COMM", value_delimiter = ',')]
     comms: Vec<String>,
     /// Never watch processes with this command name (wins over --comm).
-    #[arg(
-        long = "exclude-comm",
-        env = "WATCHSCOPE_EXCLUDE_COMM",
-        value_delimiter = ','
-    )]
+    #[arg(long = "exclude-comm", env = "WATCHSCOPE_EXCLUDE_COMM", value_delimiter = ',')]
     exclude_comms: Vec<String>,
     /// Most series one labelled family may have; past it, observations are
     /// counted in watchscope_series_dropped_total instead.
@@ -89,28 +81,17 @@ fn dispatch(command: Command) -> Result<ExitCode> {
             } else {
                 print!("{report}");
             }
-            Ok(if report.ready() {
-                ExitCode::SUCCESS
-            } else {
-                ExitCode::FAILURE
-            })
+            Ok(if report.ready() { ExitCode::SUCCESS } else { ExitCode::FAILURE })
         }
         Command::Inspect(args) => inspect_cmd::run(args),
         Command::Run(args) => {
             let cfg = daemon::RunConfig {
                 listen: args.listen,
-                filter: ProcessFilter {
-                    pids: args.pids,
-                    comms: args.comms,
-                    exclude_comms: args.exclude_comms,
-                },
+                filter: ProcessFilter { pids: args.pids, comms: args.comms, exclude_comms: args.exclude_comms },
                 max_series: args.max_series as usize,
                 root: HostRoot::default(),
             };
-            let rt = tokio::runtime::Builder::new_multi_thread()
-                .worker_threads(2)
-                .enable_all()
-                .build()?;
+            let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build()?;
             rt.block_on(daemon::run(cfg))?;
             Ok(ExitCode::SUCCESS)
         }

@@ -2,6 +2,8 @@
 //! on a free port, scrape it, stop it. The tests run real programs and load
 //! real eBPF programs, so they need root (`cargo xtask test` checks).
 
+pub mod etcd;
+
 use std::{
     net::TcpListener,
     path::PathBuf,
@@ -34,18 +36,12 @@ pub fn watchscope_bin() -> PathBuf {
 pub fn require_root() {
     // SAFETY: geteuid has no preconditions.
     let euid = unsafe { libc::geteuid() };
-    assert_eq!(
-        euid, 0,
-        "this test loads eBPF programs and needs root (run `sudo -E cargo xtask test`)"
-    );
+    assert_eq!(euid, 0, "this test loads eBPF programs and needs root (run `sudo -E cargo xtask test`)");
 }
 
 /// A port that was free a moment ago on 127.0.0.1.
 pub fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .map(|a| a.port())
-        .expect("bind an ephemeral port")
+    TcpListener::bind("127.0.0.1:0").and_then(|l| l.local_addr()).map(|a| a.port()).expect("bind an ephemeral port")
 }
 
 /// GET a URL; returns (status, body).
@@ -58,10 +54,7 @@ pub fn http_get(url: &str) -> Result<(u16, String), String> {
         .call()
         .map_err(|e| e.to_string())?;
     let status = resp.status().as_u16();
-    let body = resp
-        .body_mut()
-        .read_to_string()
-        .map_err(|e| e.to_string())?;
+    let body = resp.body_mut().read_to_string().map_err(|e| e.to_string())?;
     Ok((status, body))
 }
 
@@ -82,24 +75,14 @@ impl Agent {
         let out = log.reopen().expect("reopen log");
         let err = log.reopen().expect("reopen log");
         let child = Command::new(watchscope_bin())
-            .args([
-                "run",
-                "--listen",
-                &format!("127.0.0.1:{port}"),
-                "--log",
-                "info",
-            ])
+            .args(["run", "--listen", &format!("127.0.0.1:{port}"), "--log", "info"])
             .args(args)
             .stdin(Stdio::null())
             .stdout(out)
             .stderr(err)
             .spawn()
             .expect("start watchscope");
-        let mut agent = Agent {
-            child: Some(child),
-            port,
-            log,
-        };
+        let mut agent = Agent { child: Some(child), port, log };
         agent.wait_ready(Duration::from_secs(20));
         agent
     }
@@ -115,10 +98,7 @@ impl Agent {
             }
             std::thread::sleep(Duration::from_millis(50));
         }
-        panic!(
-            "watchscope not ready after {timeout:?}:\n{}",
-            self.log_text()
-        );
+        panic!("watchscope not ready after {timeout:?}:\n{}", self.log_text());
     }
 
     pub fn url(&self, path: &str) -> String {

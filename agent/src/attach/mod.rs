@@ -4,7 +4,14 @@
 //! link file descriptors, which detaches everything: nothing is left behind
 //! in the kernel, not even after SIGKILL.
 
-use aya::{Ebpf, EbpfLoader, programs::TracePoint};
+pub mod slots;
+pub mod uprobes;
+pub mod watch;
+
+use aya::{
+    Ebpf, EbpfLoader,
+    programs::{TracePoint, UProbe},
+};
 use thiserror::Error;
 use tracing::{debug, info};
 
@@ -26,14 +33,19 @@ pub struct TracepointSpec {
 }
 
 /// Every tracepoint the agent attaches; `watchscope check` verifies each.
-pub const TRACEPOINTS: &[TracepointSpec] = &[TracepointSpec {
-    program: "sched_process_exec",
-    category: "sched",
-    name: "sched_process_exec",
-}];
+pub const TRACEPOINTS: &[TracepointSpec] = &[
+    TracepointSpec { program: "sched_process_exec", category: "sched", name: "sched_process_exec" },
+    TracepointSpec { program: "sched_process_exit", category: "sched", name: "sched_process_exit" },
+];
+
+/// Uprobe programs: loaded at start (so a verifier problem shows at once),
+/// attached per binary later by the discover → inspect → attach lifecycle.
+pub const UPROBE_PROGRAMS: &[&str] = &["etcd_notify", "etcd_enqueue", "etcd_send", "etcd_dispatch"];
 
 #[derive(Debug, Error)]
 pub enum AttachError {
+    #[error("loading uprobe program `{program}`: {source}")]
+    Uprobe { program: &'static str, source: Box<aya::programs::ProgramError> },
     #[error("this binary was built without its eBPF object (AYA_BUILD_SKIP); rebuild it normally")]
     NoObject,
     #[error(transparent)]
@@ -94,6 +106,14 @@ impl Probes {
                 target: format!("{}:{}", spec.category, spec.name),
             });
         }
+        for name in UPROBE_PROGRAMS {
+            let prog: &mut UProbe = ebpf
+                .program_mut(name)
+                .ok_or(AttachError::MissingProgram(name))?
+                .try_into()
+                .map_err(|e| AttachError::Uprobe { program: name, source: Box::new(e) })?;
+            prog.load().map_err(|e| AttachError::Uprobe { program: name, source: Box::new(e) })?;
+        }
         info!(probes = attached.len(), "eBPF programs attached");
         Ok(Self { ebpf, attached })
     }
@@ -106,11 +126,8 @@ fn attach_tracepoint(ebpf: &mut Ebpf, spec: &TracepointSpec) -> Result<(), Attac
         name: spec.name,
         source: Box::new(source),
     };
-    let prog: &mut TracePoint = ebpf
-        .program_mut(spec.program)
-        .ok_or(AttachError::MissingProgram(spec.program))?
-        .try_into()
-        .map_err(err)?;
+    let prog: &mut TracePoint =
+        ebpf.program_mut(spec.program).ok_or(AttachError::MissingProgram(spec.program))?.try_into().map_err(err)?;
     prog.load().map_err(err)?;
     prog.attach(spec.category, spec.name).map_err(err)?;
     Ok(())
@@ -119,16 +136,10 @@ fn attach_tracepoint(ebpf: &mut Ebpf, spec: &TracepointSpec) -> Result<(), Attac
 /// Kernels before 5.11 charge BPF maps to RLIMIT_MEMLOCK; newer ones use the
 /// memory cgroup and ignore it. Raising it is harmless either way.
 fn raise_memlock_rlimit() {
-    let rlim = libc::rlimit {
-        rlim_cur: libc::RLIM_INFINITY,
-        rlim_max: libc::RLIM_INFINITY,
-    };
+    let rlim = libc::rlimit { rlim_cur: libc::RLIM_INFINITY, rlim_max: libc::RLIM_INFINITY };
     // SAFETY: plain syscall with a valid pointer to a stack value.
     let ret = unsafe { libc::setrlimit(libc::RLIMIT_MEMLOCK, &rlim) };
     if ret != 0 {
-        debug!(
-            "could not raise RLIMIT_MEMLOCK: {}",
-            std::io::Error::last_os_error()
-        );
+        debug!("could not raise RLIMIT_MEMLOCK: {}", std::io::Error::last_os_error());
     }
 }

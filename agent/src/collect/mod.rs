@@ -10,7 +10,10 @@ use std::{
     },
 };
 
-use agent_common::Counter;
+use agent_common::{
+    Counter, Histogram,
+    watch::{Side, Stage, events_index, hist_index},
+};
 use aya::{
     Ebpf,
     maps::{MapData, PerCpuArray},
@@ -22,24 +25,46 @@ pub enum CollectError {
     #[error("map `{0}` is missing from the eBPF object")]
     MissingMap(&'static str),
     #[error("map `{name}`: {source}")]
-    Map {
-        name: &'static str,
-        source: aya::maps::MapError,
-    },
+    Map { name: &'static str, source: aya::maps::MapError },
 }
 
 /// Handles on the kernel maps read at scrape time.
 pub struct KernelMaps {
     counters: PerCpuArray<MapData, u64>,
+    watch_hist: PerCpuArray<MapData, Histogram>,
+    watch_events: PerCpuArray<MapData, u64>,
+}
+
+fn take_per_cpu<V: aya::Pod>(ebpf: &mut Ebpf, name: &'static str) -> Result<PerCpuArray<MapData, V>, CollectError> {
+    let map = ebpf.take_map(name).ok_or(CollectError::MissingMap(name))?;
+    PerCpuArray::try_from(map).map_err(|source| CollectError::Map { name, source })
 }
 
 impl KernelMaps {
     pub fn take(ebpf: &mut Ebpf) -> Result<Self, CollectError> {
-        const NAME: &str = "WS_COUNTERS";
-        let map = ebpf.take_map(NAME).ok_or(CollectError::MissingMap(NAME))?;
-        let counters = PerCpuArray::try_from(map)
-            .map_err(|source| CollectError::Map { name: NAME, source })?;
-        Ok(Self { counters })
+        Ok(Self {
+            counters: take_per_cpu(ebpf, "WS_COUNTERS")?,
+            watch_hist: take_per_cpu(ebpf, "WS_WATCH_HIST")?,
+            watch_events: take_per_cpu(ebpf, "WS_WATCH_EVENTS")?,
+        })
+    }
+
+    /// One histogram, its per-CPU copies merged.
+    pub fn watch_histogram(&self, slot: u32, stage: Stage) -> Histogram {
+        let mut h = Histogram::ZERO;
+        if let Ok(per_cpu) = self.watch_hist.get(&hist_index(slot, stage), 0) {
+            for cpu in per_cpu.iter() {
+                h.merge(cpu);
+            }
+        }
+        h
+    }
+
+    pub fn watch_events(&self, slot: u32, side: Side) -> u64 {
+        self.watch_events
+            .get(&events_index(slot, side), 0)
+            .map(|v| v.iter().copied().fold(0u64, u64::wrapping_add))
+            .unwrap_or(0)
     }
 
     /// Kernel self-counters summed over CPUs, indexed by `Counter as usize`.
@@ -66,11 +91,7 @@ pub struct CappedCounts {
 
 impl CappedCounts {
     pub fn new(max_series: usize) -> Self {
-        Self {
-            max_series,
-            counts: HashMap::new(),
-            overflow: 0,
-        }
+        Self { max_series, counts: HashMap::new(), overflow: 0 }
     }
 
     pub fn add(&mut self, label: &str, n: u64) {
@@ -106,17 +127,25 @@ pub struct UserCounters {
 
 impl UserCounters {
     pub fn new(max_series: usize) -> Self {
-        Self {
-            watched_execs: Mutex::new(CappedCounts::new(max_series)),
-            decode_errors: AtomicU64::new(0),
-        }
+        Self { watched_execs: Mutex::new(CappedCounts::new(max_series)), decode_errors: AtomicU64::new(0) }
     }
+}
+
+/// One labelled histogram as exported.
+#[derive(Clone, Debug)]
+pub struct LabelledHistogram {
+    pub labels: Vec<(&'static str, String)>,
+    pub hist: Histogram,
 }
 
 /// Everything one scrape exports.
 #[derive(Clone, Debug, Default)]
 pub struct Snapshot {
     pub kernel: [u64; Counter::COUNT as usize],
+    /// watch stage histograms with at least one observation.
+    pub watch_stages: Vec<LabelledHistogram>,
+    /// (side, comm, events).
+    pub watch_events: Vec<(&'static str, String, u64)>,
     pub watched_execs: Vec<(String, u64)>,
     pub series_dropped: Vec<(&'static str, u64)>,
     pub decode_errors: u64,
@@ -124,7 +153,29 @@ pub struct Snapshot {
 }
 
 impl Snapshot {
-    pub fn take(maps: &KernelMaps, user: &UserCounters, probes_attached: usize) -> Self {
+    /// Reads everything; `slots` lists (slot, comm) of the label slots in use.
+    pub fn take(maps: &KernelMaps, user: &UserCounters, slots: &[(u32, String)], probes_attached: usize) -> Self {
+        let mut watch_stages = Vec::new();
+        let mut watch_events = Vec::new();
+        for (slot, comm) in slots {
+            for stage in Stage::ALL {
+                let hist = maps.watch_histogram(*slot, stage);
+                // A series appears with its first observation and, since
+                // slots are never reused, keeps its meaning from then on.
+                if hist.count() > 0 {
+                    watch_stages.push(LabelledHistogram {
+                        labels: vec![("stage", stage.name().to_string()), ("comm", comm.clone())],
+                        hist,
+                    });
+                }
+            }
+            for (side, name) in [(Side::Server, "server"), (Side::Client, "client")] {
+                let n = maps.watch_events(*slot, side);
+                if n > 0 {
+                    watch_events.push((name, comm.clone(), n));
+                }
+            }
+        }
         let (watched_execs, overflow) = match user.watched_execs.lock() {
             Ok(c) => (c.series(), c.overflow()),
             Err(poisoned) => {
@@ -134,6 +185,8 @@ impl Snapshot {
         };
         Self {
             kernel: maps.counters(),
+            watch_stages,
+            watch_events,
             watched_execs,
             series_dropped: vec![("process_execs", overflow)],
             decode_errors: user.decode_errors.load(Ordering::Relaxed),

@@ -4,6 +4,7 @@
 //! `--exclude-comm`.
 
 pub mod exec;
+pub mod procfs;
 
 pub use exec::ExecInfo;
 
@@ -38,19 +39,12 @@ mod tests {
     fn filter_semantics() {
         let all = ProcessFilter::default();
         assert!(all.matches(1, "etcd"));
-        let f = ProcessFilter {
-            pids: vec![42],
-            comms: vec!["etcd".into()],
-            exclude_comms: vec!["etcdctl".into()],
-        };
+        let f = ProcessFilter { pids: vec![42], comms: vec!["etcd".into()], exclude_comms: vec!["etcdctl".into()] };
         assert!(f.matches(42, "bash"));
         assert!(f.matches(7, "etcd"));
         assert!(!f.matches(7, "bash"));
         assert!(!f.matches(42, "etcdctl"));
-        let ex = ProcessFilter {
-            exclude_comms: vec!["sh".into()],
-            ..Default::default()
-        };
+        let ex = ProcessFilter { exclude_comms: vec!["sh".into()], ..Default::default() };
         assert!(ex.matches(1, "etcd") && !ex.matches(1, "sh"));
     }
 }

@@ -2,15 +2,15 @@
 //! The dashboard and documentation tests check their metric names against
 //! [`FAMILIES`], and [`render`] is the only place a snapshot becomes text.
 
-use agent_common::Counter;
+use agent_common::{Counter, hist};
 use prometheus_client::{
     collector::Collector,
-    encoding::{DescriptorEncoder, EncodeMetric, MetricEncoder},
+    encoding::{DescriptorEncoder, EncodeMetric, MetricEncoder, NoLabelSet},
     metrics::{MetricType, counter::ConstCounter, gauge::ConstGauge},
     registry::Registry,
 };
 
-use crate::collect::Snapshot;
+use crate::collect::{LabelledHistogram, Snapshot};
 
 /// A metric family's declaration. `name` is without the `watchscope_` prefix
 /// and, for counters, without the `_total` suffix the encoder adds.
@@ -48,20 +48,23 @@ pub const PROBES_ATTACHED: Family = Family {
     kind: MetricType::Gauge,
     help: "eBPF programs currently attached (tracepoints and uprobes).",
 };
-pub const BUILD_INFO: Family = Family {
-    name: "build_info",
-    kind: MetricType::Gauge,
-    help: "Always 1; labels give the agent's version.",
+pub const BUILD_INFO: Family =
+    Family { name: "build_info", kind: MetricType::Gauge, help: "Always 1; labels give the agent's version." };
+
+pub const WATCH_STAGE_SECONDS: Family = Family {
+    name: "watch_stage_seconds",
+    kind: MetricType::Histogram,
+    help: "Time each etcd watch event spent per stage, from commit (notify) to per-watcher enqueue, gRPC send, \
+           and dispatch in a client on this node; by stage and process.",
+};
+pub const WATCH_EVENTS: Family = Family {
+    name: "watch_events",
+    kind: MetricType::Counter,
+    help: "etcd watch events (not responses): sent by a server to each watcher, or dispatched by a client.",
 };
 
-pub const FAMILIES: &[Family] = &[
-    EXECS,
-    PROCESS_EXECS,
-    DROPPED,
-    SERIES_DROPPED,
-    PROBES_ATTACHED,
-    BUILD_INFO,
-];
+pub const FAMILIES: &[Family] =
+    &[EXECS, PROCESS_EXECS, WATCH_STAGE_SECONDS, WATCH_EVENTS, DROPPED, SERIES_DROPPED, PROBES_ATTACHED, BUILD_INFO];
 
 impl Family {
     /// The sample names this family produces in the exposition.
@@ -69,10 +72,7 @@ impl Family {
         let base = format!("{PREFIX}_{}", self.name);
         match self.kind {
             MetricType::Counter => vec![format!("{base}_total")],
-            MetricType::Histogram => ["_bucket", "_sum", "_count"]
-                .iter()
-                .map(|s| format!("{base}{s}"))
-                .collect(),
+            MetricType::Histogram => ["_bucket", "_sum", "_count"].iter().map(|s| format!("{base}{s}")).collect(),
             _ => vec![base],
         }
     }
@@ -96,67 +96,47 @@ impl Collector for SnapshotCollector {
     fn encode(&self, mut enc: DescriptorEncoder) -> Result<(), std::fmt::Error> {
         let s = &self.0;
         counter(&mut enc, &EXECS, &[(&[], s.kernel(Counter::ExecSeen))])?;
-        let execs: Vec<_> = s
-            .watched_execs
-            .iter()
-            .map(|(comm, n)| ([("comm", comm.as_str())], *n))
-            .collect();
-        counter(
-            &mut enc,
-            &PROCESS_EXECS,
-            &execs.iter().map(|(l, n)| (&l[..], *n)).collect::<Vec<_>>(),
-        )?;
-        counter(
-            &mut enc,
-            &DROPPED,
-            &[
-                (
-                    &[("reason", "ringbuf_full")],
-                    s.kernel(Counter::EventsRingbufFull),
-                ),
-                (&[("reason", "decode_error")], s.decode_errors),
-            ],
-        )?;
-        let dropped: Vec<_> = s
-            .series_dropped
-            .iter()
-            .map(|(f, n)| ([("family", *f)], *n))
-            .collect();
-        counter(
-            &mut enc,
-            &SERIES_DROPPED,
-            &dropped
-                .iter()
-                .map(|(l, n)| (&l[..], *n))
-                .collect::<Vec<_>>(),
-        )?;
-        gauge(
-            &mut enc,
-            &PROBES_ATTACHED,
-            &[(&[], s.probes_attached as i64)],
-        )?;
-        gauge(
-            &mut enc,
-            &BUILD_INFO,
-            &[(&[("version", env!("CARGO_PKG_VERSION"))], 1)],
-        )?;
+        let execs: Vec<_> = s.watched_execs.iter().map(|(comm, n)| ([("comm", comm.as_str())], *n)).collect();
+        counter(&mut enc, &PROCESS_EXECS, &execs.iter().map(|(l, n)| (&l[..], *n)).collect::<Vec<_>>())?;
+        histograms(&mut enc, &WATCH_STAGE_SECONDS, &s.watch_stages)?;
+        let events: Vec<_> =
+            s.watch_events.iter().map(|(side, comm, n)| ([("side", *side), ("comm", comm.as_str())], *n)).collect();
+        counter(&mut enc, &WATCH_EVENTS, &events.iter().map(|(l, n)| (&l[..], *n)).collect::<Vec<_>>())?;
+        let mut dropped: Vec<([(&str, &str); 1], u64)> =
+            Counter::ALL.iter().filter_map(|c| Some(([("reason", c.drop_reason()?)], s.kernel(*c)))).collect();
+        dropped.push(([("reason", "decode_error")], s.decode_errors));
+        counter(&mut enc, &DROPPED, &dropped.iter().map(|(l, n)| (&l[..], *n)).collect::<Vec<_>>())?;
+        let dropped: Vec<_> = s.series_dropped.iter().map(|(f, n)| ([("family", *f)], *n)).collect();
+        counter(&mut enc, &SERIES_DROPPED, &dropped.iter().map(|(l, n)| (&l[..], *n)).collect::<Vec<_>>())?;
+        gauge(&mut enc, &PROBES_ATTACHED, &[(&[], s.probes_attached as i64)])?;
+        gauge(&mut enc, &BUILD_INFO, &[(&[("version", env!("CARGO_PKG_VERSION"))], 1)])?;
         Ok(())
     }
 }
 
-fn counter(
-    enc: &mut DescriptorEncoder,
-    fam: &Family,
-    series: &[(&Labels<'_>, u64)],
-) -> Result<(), std::fmt::Error> {
+/// Histograms in the one bucket layout (agent_common::hist): `le` bounds in
+/// seconds, `_sum` in seconds, `_count` = the sum of the buckets.
+fn histograms(enc: &mut DescriptorEncoder, fam: &Family, series: &[LabelledHistogram]) -> Result<(), std::fmt::Error> {
+    let mut m = enc.encode_descriptor(fam.name, fam.help, None, fam.kind)?;
+    for h in series {
+        let labels: Vec<(&str, &str)> = h.labels.iter().map(|(k, v)| (*k, v.as_str())).collect();
+        let buckets: Vec<(f64, u64)> =
+            h.hist.buckets.iter().enumerate().map(|(i, n)| (hist::bucket_upper_bound_seconds(i), *n)).collect();
+        m.encode_family(&labels)?.encode_histogram::<NoLabelSet>(
+            h.hist.sum_ns as f64 * 1e-9,
+            h.hist.count(),
+            &buckets,
+            None,
+        )?;
+    }
+    Ok(())
+}
+
+fn counter(enc: &mut DescriptorEncoder, fam: &Family, series: &[(&Labels<'_>, u64)]) -> Result<(), std::fmt::Error> {
     encode_series(enc, fam, series, |v, m| ConstCounter::new(*v).encode(m))
 }
 
-fn gauge(
-    enc: &mut DescriptorEncoder,
-    fam: &Family,
-    series: &[(&Labels<'_>, i64)],
-) -> Result<(), std::fmt::Error> {
+fn gauge(enc: &mut DescriptorEncoder, fam: &Family, series: &[(&Labels<'_>, i64)]) -> Result<(), std::fmt::Error> {
     encode_series(enc, fam, series, |v, m| ConstGauge::new(*v).encode(m))
 }
 
@@ -201,6 +181,14 @@ mod tests {
         s.watched_execs = vec![("etcd".into(), 2), ("we\"ird".into(), 1)];
         s.series_dropped = vec![("process_execs", 4)];
         s.probes_attached = 1;
+        let mut h = agent_common::Histogram::ZERO;
+        h.observe(1_500); // 1.5 µs: bucket (1.5, 1.75] µs
+        h.observe(3_000_000_000);
+        s.watch_stages = vec![LabelledHistogram {
+            labels: vec![("stage", "commit_to_send".into()), ("comm", "etcd".into())],
+            hist: h,
+        }];
+        s.watch_events = vec![("server", "etcd".into(), 2)];
         s
     }
 
@@ -208,30 +196,25 @@ mod tests {
     fn renders_every_family_with_help_and_values() {
         let text = render(snapshot()).unwrap();
         for f in FAMILIES {
-            assert!(
-                text.contains(&format!("# HELP {PREFIX}_{} ", f.name)),
-                "{}",
-                f.name
-            );
+            assert!(text.contains(&format!("# HELP {PREFIX}_{} ", f.name)), "{}", f.name);
         }
         assert_eq!(sample_value(&text, "watchscope_execs_total"), Some(12.0));
-        assert_eq!(
-            sample_value(&text, "watchscope_process_execs_total{comm=\"etcd\"}"),
-            Some(2.0)
-        );
-        assert_eq!(
-            sample_value(&text, "watchscope_dropped_total{reason=\"ringbuf_full\"}"),
-            Some(3.0)
-        );
-        assert_eq!(
-            sample_value(
-                &text,
-                "watchscope_series_dropped_total{family=\"process_execs\"}"
-            ),
-            Some(4.0)
-        );
+        assert_eq!(sample_value(&text, "watchscope_process_execs_total{comm=\"etcd\"}"), Some(2.0));
+        assert_eq!(sample_value(&text, "watchscope_dropped_total{reason=\"ringbuf_full\"}"), Some(3.0));
+        assert_eq!(sample_value(&text, "watchscope_series_dropped_total{family=\"process_execs\"}"), Some(4.0));
         assert_eq!(sample_value(&text, "watchscope_probes_attached"), Some(1.0));
         assert!(text.ends_with("# EOF\n"));
+        let h = "watchscope_watch_stage_seconds";
+        let l = "stage=\"commit_to_send\",comm=\"etcd\"";
+        assert_eq!(sample_value(&text, &format!("{h}_count{{{l}}}")), Some(2.0));
+        assert_eq!(sample_value(&text, &format!("{h}_sum{{{l}}}")), Some(3.0000015));
+        // Cumulative buckets; 1.5 µs lands in [1.5, 1.75) µs.
+        assert_eq!(sample_value(&text, &format!("{h}_bucket{{le=\"0.00000125\",{l}}}")), Some(0.0));
+        assert_eq!(sample_value(&text, &format!("{h}_bucket{{le=\"0.0000015\",{l}}}")), Some(0.0));
+        assert_eq!(sample_value(&text, &format!("{h}_bucket{{le=\"0.00000175\",{l}}}")), Some(1.0));
+        assert_eq!(sample_value(&text, &format!("{h}_bucket{{le=\"+Inf\",{l}}}")), Some(2.0));
+        assert_eq!(text.matches(&format!("{h}_bucket{{le=")).count(), agent_common::NBUCKETS);
+        assert_eq!(sample_value(&text, "watchscope_watch_events_total{side=\"server\",comm=\"etcd\"}"), Some(2.0));
     }
 
     #[test]
@@ -240,11 +223,7 @@ mod tests {
         names.sort();
         names.dedup();
         assert_eq!(names.len(), FAMILIES.len());
-        assert!(
-            names
-                .iter()
-                .all(|n| n.chars().all(|c| c.is_ascii_lowercase() || c == '_'))
-        );
+        assert!(names.iter().all(|n| n.chars().all(|c| c.is_ascii_lowercase() || c == '_')));
     }
 }
 

@@ -13,8 +13,7 @@ use tokio::net::TcpListener;
 
 use crate::collect::Snapshot;
 
-pub const OPENMETRICS_CONTENT_TYPE: &str =
-    "application/openmetrics-text; version=1.0.0; charset=utf-8";
+pub const OPENMETRICS_CONTENT_TYPE: &str = "application/openmetrics-text; version=1.0.0; charset=utf-8";
 
 /// What the endpoints read from; implemented by the daemon.
 pub trait MetricsSource: Send + Sync + 'static {
@@ -33,11 +32,7 @@ pub fn router(source: Arc<dyn MetricsSource>) -> Router {
 async fn metrics(State(src): State<Arc<dyn MetricsSource>>) -> Response {
     match super::render(src.snapshot()) {
         Ok(body) => ([(header::CONTENT_TYPE, OPENMETRICS_CONTENT_TYPE)], body).into_response(),
-        Err(_) => (
-            StatusCode::INTERNAL_SERVER_ERROR,
-            "encoding metrics failed\n",
-        )
-            .into_response(),
+        Err(_) => (StatusCode::INTERNAL_SERVER_ERROR, "encoding metrics failed\n").into_response(),
     }
 }
 

@@ -1,0 +1,450 @@
+//! etcd's watch path, timed per event in the kernel.
+//!
+//! Four uprobes, placed by user space at the first instruction after each
+//! function's stack-check prologue (so a `morestack` re-entry cannot fire
+//! them twice) and configured through `WS_WATCH_CONFIG[cookie]`:
+//!
+//! - `etcd_notify`   `(*watchableStore).notify(rev, evs)`: commit time per (tgid, rev);
+//! - `etcd_enqueue`  `(*watcher).send(wr)`: per-watcher queue time per event copy;
+//! - `etcd_send`     `(*watchWatchServer).Send(m)`: gRPC send, per event;
+//! - `etcd_dispatch` clientv3 `(*watchGrpcStream).dispatchEvent(pbresp)`: client side.
+//!
+//! Each event is timed by its own `kv.ModRevision`, not the response header's
+//! revision, so catch-up responses that batch several revisions still join.
+//! Latencies go straight into per-CPU histograms; nothing per event crosses
+//! to user space unless a recorder switched the record stream on.
+
+use core::{ffi::c_void, ptr::read_volatile};
+
+use agent_common::{
+    Counter, Histogram,
+    watch::{
+        ARG_REG, ARG_STACK, ArgLoc, MAX_EVENTS_PER_RESPONSE, MAX_SLOTS, RevKey, Side, Stage, WatchProbeConfig,
+        WatchRecord, WatchRevKey, events_index, hist_index,
+    },
+};
+use aya_ebpf::{
+    EbpfContext,
+    bindings::BPF_NOEXIST,
+    helpers::{bpf_get_attach_cookie, bpf_get_current_pid_tgid, bpf_ktime_get_ns, bpf_loop, bpf_probe_read_user},
+    macros::{map, uprobe},
+    maps::{Array, LruHashMap, PerCpuArray, RingBuf},
+    programs::ProbeContext,
+};
+
+use crate::maps::{add, count, current_slot, observe};
+
+/// Per-attach configuration, indexed by the attach cookie.
+#[map(name = "WS_WATCH_CONFIG")]
+static CONFIG: Array<WatchProbeConfig> = Array::with_max_entries(256, 0);
+
+/// Commit (notify) time per (tgid, revision). 64 Ki revisions: at 10,000
+/// commits/s a watcher may lag 6 s before its events count as misses.
+#[map(name = "WS_NOTIFY_TS")]
+static NOTIFY_TS: LruHashMap<RevKey, u64> = LruHashMap::with_max_entries(65536, 0);
+
+/// Commit time per (member id, revision), for clients on this node: the
+/// server publishes it at gRPC send, when it knows its member id.
+#[map(name = "WS_COMMIT_TS")]
+static COMMIT_TS: LruHashMap<RevKey, u64> = LruHashMap::with_max_entries(65536, 0);
+
+/// Enqueue time of each watcher's copy of each event, until it is sent.
+#[map(name = "WS_ENQ_TS")]
+static ENQ_TS: LruHashMap<WatchRevKey, u64> = LruHashMap::with_max_entries(131072, 0);
+
+/// Stage histograms, indexed by `hist_index(slot, stage)`.
+#[map(name = "WS_WATCH_HIST")]
+static WATCH_HIST: PerCpuArray<Histogram> = PerCpuArray::with_max_entries(MAX_SLOTS * Stage::COUNT, 0);
+
+/// Watch events counted per (slot, side).
+#[map(name = "WS_WATCH_EVENTS")]
+static WATCH_EVENTS: PerCpuArray<u64> = PerCpuArray::with_max_entries(MAX_SLOTS * Side::COUNT, 0);
+
+/// Whether a recorder wants per-event records (index 0: 0 = off).
+#[map(name = "WS_RECORD_ON")]
+static RECORD_ON: Array<u32> = Array::with_max_entries(1, 0);
+
+/// Per-event records for `watchscope record`; histograms never depend on it.
+#[map(name = "WS_WATCH_RECORDS")]
+static RECORDS: RingBuf = RingBuf::with_byte_size(1 << 20, 0);
+
+/// What every watch probe starts from: who is running, and how to read.
+struct Call {
+    tgid: u32,
+    slot: u32,
+    now: u64,
+    cfg: WatchProbeConfig,
+}
+
+#[inline(always)]
+fn begin(ctx: &ProbeContext) -> Option<Call> {
+    let tgid = (bpf_get_current_pid_tgid() >> 32) as u32;
+    // First: is this process watched at all? Unwatched processes that run a
+    // probed binary pay only this lookup.
+    let slot = current_slot(tgid)?;
+    // SAFETY: the helper reads the cookie of the current attachment.
+    let cookie = unsafe { bpf_get_attach_cookie(ctx.as_ptr()) } as u32;
+    let cfg = *CONFIG.get(cookie)?;
+    // SAFETY: no preconditions.
+    let now = unsafe { bpf_ktime_get_ns() };
+    Some(Call { tgid, slot, now, cfg })
+}
+
+#[inline(always)]
+fn read_u64(addr: u64) -> Option<u64> {
+    // SAFETY: bpf_probe_read_user faults safely on bad addresses.
+    match unsafe { bpf_probe_read_user(addr as *const u64) } {
+        Ok(v) => Some(v),
+        Err(_) => {
+            count(Counter::ReadError);
+            None
+        }
+    }
+}
+
+/// Reads a Go argument where the inspector said it is.
+#[inline(always)]
+fn arg(ctx: &ProbeContext, loc: &ArgLoc) -> Option<u64> {
+    // SAFETY: uprobe context is the user registers at the probed instruction.
+    let regs = unsafe { &*ctx.regs };
+    match loc.kind {
+        ARG_REG => reg(regs, loc.off),
+        // SAFETY: as above.
+        ARG_STACK => read_u64(stack_pointer(regs).wrapping_add(loc.off as u64)),
+        _ => None,
+    }
+}
+
+#[cfg(bpf_target_arch = "x86_64")]
+#[inline(always)]
+fn reg(regs: &aya_ebpf::bindings::pt_regs, slot: u32) -> Option<u64> {
+    // Go's amd64 register ABI: RAX, RBX, RCX, RDI, RSI, R8, R9, R10, R11; g in R14.
+    // Every candidate is loaded at its fixed offset first: a `match` compiles
+    // to one load at a computed context offset, which the verifier forbids.
+    // SAFETY: fields of the probe's own register context.
+    let vals = unsafe {
+        [
+            read_volatile(&regs.rax),
+            read_volatile(&regs.rbx),
+            read_volatile(&regs.rcx),
+            read_volatile(&regs.rdi),
+            read_volatile(&regs.rsi),
+            read_volatile(&regs.r8),
+            read_volatile(&regs.r9),
+            read_volatile(&regs.r10),
+            read_volatile(&regs.r11),
+            read_volatile(&regs.r14),
+        ]
+    };
+    vals.get(slot as usize).copied()
+}
+
+#[cfg(bpf_target_arch = "x86_64")]
+#[inline(always)]
+fn stack_pointer(regs: &aya_ebpf::bindings::pt_regs) -> u64 {
+    // SAFETY: a field of the probe's own register context.
+    unsafe { read_volatile(&regs.rsp) }
+}
+
+#[cfg(bpf_target_arch = "aarch64")]
+#[inline(always)]
+fn reg(regs: &aya_ebpf::bindings::user_pt_regs, slot: u32) -> Option<u64> {
+    // Go's arm64 register ABI: R0–R8 in order (the same slots as amd64); g in R28.
+    // Copied out at fixed offsets first (see the x86_64 variant).
+    // SAFETY: fields of the probe's own register context.
+    let vals = unsafe {
+        [
+            read_volatile(&regs.regs[0]),
+            read_volatile(&regs.regs[1]),
+            read_volatile(&regs.regs[2]),
+            read_volatile(&regs.regs[3]),
+            read_volatile(&regs.regs[4]),
+            read_volatile(&regs.regs[5]),
+            read_volatile(&regs.regs[6]),
+            read_volatile(&regs.regs[7]),
+            read_volatile(&regs.regs[8]),
+            read_volatile(&regs.regs[28]),
+        ]
+    };
+    vals.get(slot as usize).copied()
+}
+
+#[cfg(bpf_target_arch = "aarch64")]
+#[inline(always)]
+fn stack_pointer(regs: &aya_ebpf::bindings::user_pt_regs) -> u64 {
+    regs.sp
+}
+
+#[inline(always)]
+fn insert_first(map: &LruHashMap<RevKey, u64>, key: &RevKey, ts: u64) {
+    // NOEXIST keeps the first-seen time; EEXIST is the normal "already seen".
+    if let Err(e) = map.insert(key, ts, BPF_NOEXIST as u64)
+        && e != -17
+    {
+        count(Counter::MapFull);
+    }
+}
+
+#[inline(always)]
+fn record_on() -> bool {
+    RECORD_ON.get(0).is_some_and(|v| *v != 0)
+}
+
+#[inline(always)]
+fn emit(rec: WatchRecord) {
+    if let Some(mut e) = RECORDS.reserve::<WatchRecord>(0) {
+        e.write(rec);
+        e.submit(0);
+    } else {
+        count(Counter::EventsRingbufFull);
+    }
+}
+
+/// Address of event `i` of a slice, and the event's `kv.ModRevision`.
+#[inline(always)]
+fn event_at(cfg: &WatchProbeConfig, base: u64, i: u32) -> Option<(u64, i64)> {
+    let mut ev = base.wrapping_add(i as u64 * cfg.event_stride as u64);
+    if cfg.events_indirect != 0 {
+        ev = read_u64(ev)?;
+    }
+    let kv = read_u64(ev.wrapping_add(cfg.event_kv_off as u64))?;
+    let rev = read_u64(kv.wrapping_add(cfg.kv_mod_rev_off as u64))? as i64;
+    Some((ev, rev))
+}
+
+#[uprobe]
+pub fn etcd_notify(ctx: ProbeContext) -> u32 {
+    let _ = try_notify(&ctx);
+    0
+}
+
+#[inline(always)]
+fn try_notify(ctx: &ProbeContext) -> Option<()> {
+    let c = begin(ctx)?;
+    let rev = arg(ctx, &c.cfg.args[0])? as i64;
+    insert_first(&NOTIFY_TS, &RevKey { id: c.tgid as u64, rev }, c.now);
+    Some(())
+}
+
+/// State shared by a probe and its per-event `bpf_loop` callback. The
+/// callback is verified once, whatever the number of events; an unrolled or
+/// bounded loop of map updates and histogram math exceeds the verifier's
+/// budget after a few dozen events.
+#[repr(C)]
+struct EventLoop {
+    tgid: u32,
+    slot: u32,
+    now: u64,
+    cfg: WatchProbeConfig,
+    /// Start of the events slice.
+    events: u64,
+    member: u64,
+    watch_id: i64,
+    recording: u32,
+    /// Events processed.
+    n: u64,
+}
+
+type Callback = unsafe extern "C" fn(u64, *mut c_void) -> i64;
+
+/// Runs `cb` over `len` events (at most MAX_EVENTS_PER_RESPONSE; the rest
+/// are counted) and adds the processed count to `side`'s event counter.
+#[inline(always)]
+fn for_each_event(state: &mut EventLoop, len: u64, cb: Callback, side: Option<Side>) {
+    let cap = MAX_EVENTS_PER_RESPONSE as u64;
+    let n = if len > cap { cap } else { len };
+    // SAFETY: the callback only touches `state` through the pointer the
+    // kernel passes back, during this call.
+    unsafe { bpf_loop(n as u32, cb as *mut c_void, (state as *mut EventLoop).cast(), 0) };
+    let over = len.saturating_sub(cap);
+    if over > 0 {
+        add_counter(Counter::EventsOverCap, over);
+    }
+    if let Some(side) = side {
+        // Events over the cap are still events: counted, just not timed.
+        add(&WATCH_EVENTS, events_index(state.slot, side), state.n + over);
+    }
+}
+
+#[uprobe]
+pub fn etcd_enqueue(ctx: ProbeContext) -> u32 {
+    let _ = try_enqueue(&ctx);
+    0
+}
+
+#[inline(always)]
+fn try_enqueue(ctx: &ProbeContext) -> Option<()> {
+    let c = begin(ctx)?;
+    let watch_id = arg(ctx, &c.cfg.args[0])? as i64;
+    let events = arg(ctx, &c.cfg.args[1])?;
+    let len = arg(ctx, &c.cfg.args[2])?;
+    let mut st = EventLoop {
+        tgid: c.tgid,
+        slot: c.slot,
+        now: c.now,
+        cfg: c.cfg,
+        events,
+        member: 0,
+        watch_id,
+        recording: 0,
+        n: 0,
+    };
+    for_each_event(&mut st, len, enqueue_event, None);
+    Some(())
+}
+
+#[inline(never)]
+unsafe extern "C" fn enqueue_event(i: u64, ctx: *mut c_void) -> i64 {
+    // SAFETY: `ctx` is the caller's EventLoop (see for_each_event).
+    let st = unsafe { &mut *(ctx as *mut EventLoop) };
+    let Some((addr, rev)) = event_at(&st.cfg, st.events, i as u32) else { return 0 };
+    st.n += 1;
+    let key = WatchRevKey { tgid: st.tgid as u64, watch_id: st.watch_id, rev, event_addr: addr };
+    match ENQ_TS.insert(&key, st.now, BPF_NOEXIST as u64) {
+        Ok(()) => {}
+        // A retry of a queue-full watcher (a "victim"): same copy, keep the
+        // first time, time it once.
+        Err(-17) => return 0,
+        Err(_) => {
+            count(Counter::MapFull);
+            return 0;
+        }
+    }
+    // SAFETY: lookup of a plain key; the value is copied at once.
+    match unsafe { NOTIFY_TS.get(&RevKey { id: st.tgid as u64, rev }) }.copied() {
+        Some(t) => observe(&WATCH_HIST, hist_index(st.slot, Stage::CommitToEnqueue), st.now.saturating_sub(t)),
+        None => count(Counter::EnqueueCommitMiss),
+    }
+    0
+}
+
+#[inline(always)]
+fn add_counter(c: Counter, n: u64) {
+    add(&crate::maps::COUNTERS, c as u32, n);
+}
+
+/// The parts of an etcdserverpb.WatchResponse both send and dispatch read.
+struct Response {
+    member: u64,
+    watch_id: i64,
+    events: u64,
+    len: u64,
+}
+
+#[inline(always)]
+fn response(cfg: &WatchProbeConfig, m: u64) -> Option<Response> {
+    let header = read_u64(m.wrapping_add(cfg.resp_header_off as u64))?;
+    let member = if header == 0 { 0 } else { read_u64(header.wrapping_add(cfg.hdr_member_off as u64))? };
+    Some(Response {
+        member,
+        watch_id: read_u64(m.wrapping_add(cfg.resp_watch_id_off as u64))? as i64,
+        events: read_u64(m.wrapping_add(cfg.resp_events_off as u64))?,
+        len: read_u64(m.wrapping_add(cfg.resp_events_off as u64 + 8))?,
+    })
+}
+
+#[inline(always)]
+fn response_loop(ctx: &ProbeContext) -> Option<(EventLoop, u64)> {
+    let c = begin(ctx)?;
+    let m = arg(ctx, &c.cfg.args[0])?;
+    let r = response(&c.cfg, m)?;
+    let st = EventLoop {
+        tgid: c.tgid,
+        slot: c.slot,
+        now: c.now,
+        cfg: c.cfg,
+        events: r.events,
+        member: r.member,
+        watch_id: r.watch_id,
+        recording: record_on() as u32,
+        n: 0,
+    };
+    Some((st, r.len))
+}
+
+#[uprobe]
+pub fn etcd_send(ctx: ProbeContext) -> u32 {
+    if let Some((mut st, len)) = response_loop(&ctx) {
+        for_each_event(&mut st, len, send_event, Some(Side::Server));
+    }
+    0
+}
+
+#[inline(never)]
+unsafe extern "C" fn send_event(i: u64, ctx: *mut c_void) -> i64 {
+    // SAFETY: `ctx` is the caller's EventLoop (see for_each_event).
+    let st = unsafe { &mut *(ctx as *mut EventLoop) };
+    let Some((addr, rev)) = event_at(&st.cfg, st.events, i as u32) else { return 0 };
+    st.n += 1;
+    let mut rec = WatchRecord {
+        side: Side::Server as u32,
+        tgid: st.tgid,
+        member: st.member,
+        rev,
+        watch_id: st.watch_id,
+        at_ns: st.now,
+        ..WatchRecord::default()
+    };
+    // SAFETY: lookup of a plain key; the value is copied at once.
+    match unsafe { NOTIFY_TS.get(&RevKey { id: st.tgid as u64, rev }) }.copied() {
+        Some(t) => {
+            observe(&WATCH_HIST, hist_index(st.slot, Stage::CommitToSend), st.now.saturating_sub(t));
+            // Publish the commit time for clients on this node.
+            insert_first(&COMMIT_TS, &RevKey { id: st.member, rev }, t);
+            rec.commit_ns = t;
+        }
+        None => count(Counter::SendCommitMiss),
+    }
+    let key = WatchRevKey { tgid: st.tgid as u64, watch_id: st.watch_id, rev, event_addr: addr };
+    // SAFETY: as above.
+    match unsafe { ENQ_TS.get(&key) }.copied() {
+        Some(t) => {
+            observe(&WATCH_HIST, hist_index(st.slot, Stage::EnqueueToSend), st.now.saturating_sub(t));
+            // Each watcher's copy is sent once: free the entry now.
+            let _ = ENQ_TS.remove(&key);
+            rec.enqueue_ns = t;
+        }
+        None => count(Counter::SendEnqueueMiss),
+    }
+    if st.recording != 0 {
+        emit(rec);
+    }
+    0
+}
+
+#[uprobe]
+pub fn etcd_dispatch(ctx: ProbeContext) -> u32 {
+    if let Some((mut st, len)) = response_loop(&ctx) {
+        for_each_event(&mut st, len, dispatch_event, Some(Side::Client));
+    }
+    0
+}
+
+#[inline(never)]
+unsafe extern "C" fn dispatch_event(i: u64, ctx: *mut c_void) -> i64 {
+    // SAFETY: `ctx` is the caller's EventLoop (see for_each_event).
+    let st = unsafe { &mut *(ctx as *mut EventLoop) };
+    let Some((_, rev)) = event_at(&st.cfg, st.events, i as u32) else { return 0 };
+    st.n += 1;
+    let mut rec = WatchRecord {
+        side: Side::Client as u32,
+        tgid: st.tgid,
+        member: st.member,
+        rev,
+        watch_id: st.watch_id,
+        at_ns: st.now,
+        ..WatchRecord::default()
+    };
+    // SAFETY: lookup of a plain key; the value is copied at once.
+    match unsafe { COMMIT_TS.get(&RevKey { id: st.member, rev }) }.copied() {
+        Some(t) => {
+            observe(&WATCH_HIST, hist_index(st.slot, Stage::CommitToDispatch), st.now.saturating_sub(t));
+            rec.commit_ns = t;
+        }
+        None => count(Counter::DispatchCommitMiss),
+    }
+    if st.recording != 0 {
+        emit(rec);
+    }
+    0
+}

@@ -1,0 +1,179 @@
+//! Uprobe attachments, one set per executable file: a uprobe lives on the
+//! file's inode, so one attachment serves every process running that binary
+//! (50 pods of one image: one attachment). Per-process filtering happens in
+//! the kernel (the `WS_PROC_SLOT` lookup every program does first). When the
+//! last process of a binary exits, its probes are detached.
+
+use std::{
+    collections::{BTreeSet, HashMap},
+    path::Path,
+};
+
+use agent_common::watch::WatchProbeConfig;
+use aya::{
+    Ebpf,
+    maps::{Array, MapData},
+    programs::{
+        UProbe,
+        uprobe::{UProbeAttachLocation, UProbeAttachPoint, UProbeLinkId, UProbeScope},
+    },
+};
+use thiserror::Error;
+
+use crate::discover::procfs::FileIdent;
+
+/// Cookies index the per-attach config array; its size in the kernel object.
+pub const MAX_COOKIES: u32 = 256;
+
+#[derive(Debug, Error)]
+pub enum UprobeError {
+    #[error("program `{0}` is missing from the eBPF object")]
+    MissingProgram(&'static str),
+    #[error("no free probe configuration slot (at most {MAX_COOKIES} probe sites at once)")]
+    NoCookie,
+    #[error("writing the probe configuration: {0}")]
+    Config(#[source] aya::maps::MapError),
+    #[error("attaching `{program}` at file offset {offset:#x} of {path}: {source}")]
+    Attach {
+        program: &'static str,
+        offset: u64,
+        path: String,
+        #[source]
+        source: Box<aya::programs::ProgramError>,
+    },
+}
+
+/// One probe to place: which program, where in the file, what it reads.
+#[derive(Clone, Debug, serde::Serialize)]
+pub struct Site {
+    /// The role it serves (e.g. "etcd.server.notify"), for reports.
+    pub role: String,
+    pub symbol: String,
+    pub program: &'static str,
+    pub file_offset: u64,
+    #[serde(skip)]
+    pub config: WatchProbeConfig,
+}
+
+struct Attached {
+    links: Vec<(&'static str, UProbeLinkId)>,
+    cookies: Vec<u32>,
+    users: BTreeSet<u32>,
+}
+
+/// All uprobe attachments of the agent.
+pub struct Uprobes {
+    config: Array<MapData, WatchProbeConfig>,
+    free_cookies: Vec<u32>,
+    by_file: HashMap<FileIdent, Attached>,
+}
+
+impl Uprobes {
+    pub fn new(config: Array<MapData, WatchProbeConfig>) -> Self {
+        Self { config, free_cookies: (0..MAX_COOKIES).rev().collect(), by_file: HashMap::new() }
+    }
+
+    /// Whether `file` already has its probes.
+    pub fn is_attached(&self, file: &FileIdent) -> bool {
+        self.by_file.contains_key(file)
+    }
+
+    /// Attaches every site to the file reached through `open_path`. All or
+    /// nothing: if one site fails, the ones already placed are removed.
+    pub fn attach(
+        &mut self,
+        ebpf: &mut Ebpf,
+        file: FileIdent,
+        open_path: &Path,
+        sites: &[Site],
+    ) -> Result<(), UprobeError> {
+        if self.by_file.contains_key(&file) {
+            return Ok(());
+        }
+        let mut done = Attached { links: Vec::new(), cookies: Vec::new(), users: BTreeSet::new() };
+        for site in sites {
+            if let Err(e) = self.attach_site(ebpf, open_path, site, &mut done) {
+                self.release(ebpf, done);
+                return Err(e);
+            }
+        }
+        self.by_file.insert(file, done);
+        Ok(())
+    }
+
+    fn attach_site(
+        &mut self,
+        ebpf: &mut Ebpf,
+        open_path: &Path,
+        site: &Site,
+        done: &mut Attached,
+    ) -> Result<(), UprobeError> {
+        let cookie = self.free_cookies.pop().ok_or(UprobeError::NoCookie)?;
+        done.cookies.push(cookie);
+        self.config.set(cookie, site.config, 0).map_err(UprobeError::Config)?;
+        let prog = program(ebpf, site.program)?;
+        let point = UProbeAttachPoint {
+            location: UProbeAttachLocation::AbsoluteOffset(site.file_offset),
+            cookie: Some(u64::from(cookie)),
+        };
+        let link = prog.attach(point, open_path, UProbeScope::AllProcesses).map_err(|e| UprobeError::Attach {
+            program: site.program,
+            offset: site.file_offset,
+            path: open_path.display().to_string(),
+            source: Box::new(e),
+        })?;
+        done.links.push((site.program, link));
+        Ok(())
+    }
+
+    /// Records that process `tgid` runs `file` (which must be attached).
+    pub fn add_user(&mut self, file: &FileIdent, tgid: u32) {
+        if let Some(a) = self.by_file.get_mut(file) {
+            a.users.insert(tgid);
+        }
+    }
+
+    /// Forgets process `tgid`; detaches a file's probes with its last user.
+    /// Returns the number of probes detached.
+    pub fn remove_user(&mut self, ebpf: &mut Ebpf, tgid: u32) -> usize {
+        let mut emptied = Vec::new();
+        for (file, a) in &mut self.by_file {
+            if a.users.remove(&tgid) && a.users.is_empty() {
+                emptied.push(*file);
+            }
+        }
+        let mut n = 0;
+        for file in emptied {
+            if let Some(a) = self.by_file.remove(&file) {
+                n += a.links.len();
+                self.release(ebpf, a);
+            }
+        }
+        n
+    }
+
+    fn release(&mut self, ebpf: &mut Ebpf, a: Attached) {
+        for (name, link) in a.links {
+            if let Ok(p) = program(ebpf, name)
+                && let Err(e) = p.detach(link)
+            {
+                tracing::warn!("detaching {name}: {e}");
+            }
+        }
+        self.free_cookies.extend(a.cookies);
+    }
+
+    /// Number of uprobes attached now.
+    pub fn count(&self) -> usize {
+        self.by_file.values().map(|a| a.links.len()).sum()
+    }
+
+    /// Processes known to run an attached file.
+    pub fn users(&self) -> impl Iterator<Item = u32> + '_ {
+        self.by_file.values().flat_map(|a| a.users.iter().copied())
+    }
+}
+
+fn program<'a>(ebpf: &'a mut Ebpf, name: &'static str) -> Result<&'a mut UProbe, UprobeError> {
+    ebpf.program_mut(name).and_then(|p| <&mut UProbe>::try_from(p).ok()).ok_or(UprobeError::MissingProgram(name))
+}

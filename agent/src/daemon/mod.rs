@@ -1,0 +1,196 @@
+//! `watchscope run`: the pipeline wired together — discover, inspect,
+//! attach, collect, export — until SIGINT or SIGTERM, then every probe
+//! detached.
+
+pub mod tracker;
+
+use std::{
+    net::SocketAddr,
+    sync::{Arc, Mutex, atomic::Ordering},
+    time::Duration,
+};
+
+use agent_common::events::{EVENT_EXEC, EVENT_EXIT};
+use anyhow::{Context, Result};
+use aya::maps::{MapData, RingBuf};
+use tokio::{io::unix::AsyncFd, signal::unix::SignalKind};
+use tracing::{debug, info, warn};
+
+use crate::{
+    attach::{AttachedProbe, Probes, slots::Slots},
+    collect::{KernelMaps, Snapshot, UserCounters},
+    discover::{ProcessFilter, exec},
+    export::server::{self, MetricsSource},
+    host::HostRoot,
+};
+use tracker::{Status, Tracker};
+
+/// How often /proc is reconciled with what the agent tracks: a backstop for
+/// exec/exit events lost to a full ring buffer (those are counted).
+const RECONCILE_EVERY: Duration = Duration::from_secs(10);
+
+#[derive(Clone, Debug)]
+pub struct RunConfig {
+    pub listen: SocketAddr,
+    pub filter: ProcessFilter,
+    pub max_series: usize,
+    pub root: HostRoot,
+}
+
+struct Agent {
+    maps: KernelMaps,
+    user: Arc<UserCounters>,
+    slots: Arc<Mutex<Slots>>,
+    tracepoints: Vec<AttachedProbe>,
+    status: Arc<Status>,
+}
+
+impl MetricsSource for Agent {
+    fn snapshot(&self) -> Snapshot {
+        let slots: Vec<(u32, String)> = match self.slots.lock() {
+            Ok(s) => s.all().map(|(i, l)| (i, l.to_string())).collect(),
+            Err(p) => p.into_inner().all().map(|(i, l)| (i, l.to_string())).collect(),
+        };
+        let probes = self.tracepoints.len() + self.status.uprobes_attached.load(Ordering::Relaxed);
+        Snapshot::take(&self.maps, &self.user, &slots, probes)
+    }
+
+    fn probes_json(&self) -> serde_json::Value {
+        let binaries: Vec<_> = match self.status.binaries.lock() {
+            Ok(b) => b.values().cloned().collect(),
+            Err(p) => p.into_inner().values().cloned().collect(),
+        };
+        serde_json::json!({
+            "probes": self.tracepoints,
+            "uprobes_attached": self.status.uprobes_attached.load(Ordering::Relaxed),
+            "binaries": binaries,
+        })
+    }
+}
+
+pub async fn run(cfg: RunConfig) -> Result<()> {
+    // Bind first: a port in use fails before anything is loaded into the kernel.
+    let listener = server::bind(cfg.listen).await.with_context(|| format!("cannot listen on {}", cfg.listen))?;
+    let bound = listener.local_addr().context("reading the bound address")?;
+
+    let mut probes = Probes::load_and_attach(&cfg.root).context("attaching the kernel programs")?;
+    let maps = KernelMaps::take(&mut probes.ebpf).context("opening the kernel maps")?;
+    let events = probes.ebpf.take_map("WS_EVENTS").context("the eBPF object has no WS_EVENTS map")?;
+    let events = RingBuf::try_from(events).context("opening the event ring buffer")?;
+    let user = Arc::new(UserCounters::new(cfg.max_series));
+    let slots = Arc::new(Mutex::new(Slots::default()));
+    let status = Arc::new(Status::default());
+    let tracepoints = probes.attached.clone();
+    let n_tracepoints = tracepoints.len();
+    let agent = Arc::new(Agent { maps, user: user.clone(), slots: slots.clone(), tracepoints, status: status.clone() });
+
+    let mut tracker = Tracker::new(cfg.root.clone(), cfg.filter.clone(), probes.ebpf, slots, status)?;
+    // The initial scan: processes that were running before the agent.
+    tracker.reconcile();
+
+    info!("serving metrics on http://{bound}/metrics");
+    let (stop_tx, stop_rx) = tokio::sync::oneshot::channel();
+    let events_task = tokio::spawn(event_loop(events, cfg.filter.clone(), user, tracker, stop_rx));
+    let app = server::router(agent);
+    axum::serve(listener, app).with_graceful_shutdown(shutdown_signal()).await.context("HTTP server failed")?;
+
+    let _ = stop_tx.send(());
+    let detached = match events_task.await {
+        Ok(n) => n,
+        Err(e) => {
+            warn!("event loop ended abnormally: {e}");
+            0
+        }
+    };
+    // The tracker dropped the object: tracepoints and uprobes are detached.
+    info!(probes = n_tracepoints + detached, "detached every probe; exiting");
+    Ok(())
+}
+
+async fn shutdown_signal() {
+    let mut term = match tokio::signal::unix::signal(SignalKind::terminate()) {
+        Ok(s) => s,
+        Err(e) => {
+            warn!("cannot listen for SIGTERM ({e}); stop the agent with SIGINT");
+            let _ = tokio::signal::ctrl_c().await;
+            return;
+        }
+    };
+    tokio::select! {
+        _ = tokio::signal::ctrl_c() => info!("SIGINT received"),
+        _ = term.recv() => info!("SIGTERM received"),
+    }
+}
+
+/// Drains exec and exit events as they arrive (the ring buffer's fd becomes
+/// readable when the kernel submits a record), reconciles with /proc now and
+/// then, and on stop detaches everything. Returns the uprobes detached.
+async fn event_loop(
+    ring: RingBuf<MapData>,
+    filter: ProcessFilter,
+    user: Arc<UserCounters>,
+    mut tracker: Tracker,
+    mut stop: tokio::sync::oneshot::Receiver<()>,
+) -> usize {
+    // SAFETY: the ring buffer owns its fd and keeps it open for as long as
+    // the AsyncFd (which owns the ring buffer) lives.
+    let registered = unsafe { AsyncFd::register_with_interest(ring, tokio::io::Interest::READABLE) };
+    let mut fd = match registered {
+        Ok(fd) => Some(fd),
+        Err(e) => {
+            warn!("cannot poll the event ring buffer: {e}; discovery falls back to /proc scans");
+            None
+        }
+    };
+    let mut tick = tokio::time::interval(RECONCILE_EVERY);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            _ = &mut stop => break,
+            _ = tick.tick() => tracker.reconcile(),
+            ready = async { fd.as_mut().expect("guarded by the if").readable_mut().await }, if fd.is_some() => {
+                let mut guard = match ready {
+                    Ok(g) => g,
+                    Err(e) => {
+                        warn!("event ring buffer poll failed: {e}; discovery falls back to /proc scans");
+                        fd = None;
+                        continue;
+                    }
+                };
+                let ring = guard.get_inner_mut();
+                while let Some(item) = ring.next() {
+                    handle_record(&item, &filter, &user, &mut tracker);
+                }
+                guard.clear_ready();
+            }
+        }
+    }
+    tracker.shutdown()
+}
+
+fn handle_record(bytes: &[u8], filter: &ProcessFilter, user: &UserCounters, tracker: &mut Tracker) {
+    match exec::record_kind(bytes) {
+        Some(EVENT_EXEC) => match exec::decode(bytes) {
+            Some(ev) => {
+                if filter.matches(ev.tgid, &ev.comm) {
+                    debug!(pid = ev.tgid, comm = %ev.comm, file = %ev.filename, "exec");
+                    let mut counts = user.watched_execs.lock().unwrap_or_else(|p| p.into_inner());
+                    counts.add(&ev.comm, 1);
+                }
+                tracker.on_exec(ev.tgid);
+            }
+            None => {
+                user.decode_errors.fetch_add(1, Ordering::Relaxed);
+            }
+        },
+        Some(EVENT_EXIT) => match exec::decode_exit(bytes) {
+            Some(tgid) => tracker.on_exit(tgid),
+            None => {
+                user.decode_errors.fetch_add(1, Ordering::Relaxed);
+            }
+        },
+        _ => {
+            user.decode_errors.fetch_add(1, Ordering::Relaxed);
+        }
+    }
+}

@@ -1,0 +1,224 @@
+//! The process lifecycle: discover → inspect → attach, per process.
+//!
+//! Processes come from a /proc scan at start, from exec and exit events, and
+//! from a periodic reconcile (a backstop for events lost to a full ring
+//! buffer, which are counted). Each executable is inspected once per file
+//! identity (the inspector's cache); a binary whose roles resolve gets one
+//! set of uprobes serving every process that runs it; each watched process
+//! gets a label slot in the kernel's `WS_PROC_SLOT` map, which the kernel
+//! clears again when the process exits.
+
+use std::{
+    collections::{BTreeMap, HashMap, HashSet},
+    sync::{
+        Arc, Mutex,
+        atomic::{AtomicUsize, Ordering},
+    },
+};
+
+use aya::{
+    Ebpf,
+    maps::{HashMap as BpfHashMap, MapData},
+};
+use serde::Serialize;
+use tracing::{info, warn};
+
+use crate::{
+    attach::{slots::Slots, uprobes::Uprobes, watch},
+    discover::{
+        ProcessFilter,
+        procfs::{self, FileIdent, ProcInfo},
+    },
+    host::HostRoot,
+    inspect,
+};
+
+/// What `/debug/probes` shows about one executable.
+#[derive(Clone, Debug, Serialize)]
+pub struct BinaryStatus {
+    pub path: String,
+    pub file: FileIdent,
+    pub go_version: Option<String>,
+    /// Probes attached to this file (one set shared by all its processes).
+    pub attached: bool,
+    pub sites: Vec<watch::SiteStatus>,
+    /// Why nothing was attached, when nothing was.
+    pub reason: Option<String>,
+    pub processes: Vec<u32>,
+}
+
+/// Shared with the HTTP side.
+#[derive(Debug, Default)]
+pub struct Status {
+    pub binaries: Mutex<BTreeMap<FileIdent, BinaryStatus>>,
+    pub uprobes_attached: AtomicUsize,
+}
+
+struct Tracked {
+    file: FileIdent,
+}
+
+pub struct Tracker {
+    root: HostRoot,
+    filter: ProcessFilter,
+    ebpf: Ebpf,
+    uprobes: Uprobes,
+    proc_slot: BpfHashMap<MapData, u32, u32>,
+    slots: Arc<Mutex<Slots>>,
+    cache: inspect::Cache,
+    procs: HashMap<u32, Tracked>,
+    status: Arc<Status>,
+    /// Files already reported as unusable (logged once, not per process).
+    reported: HashSet<FileIdent>,
+}
+
+impl Tracker {
+    pub fn new(
+        root: HostRoot,
+        filter: ProcessFilter,
+        mut ebpf: Ebpf,
+        slots: Arc<Mutex<Slots>>,
+        status: Arc<Status>,
+    ) -> anyhow::Result<Self> {
+        use anyhow::Context as _;
+        let config = ebpf.take_map("WS_WATCH_CONFIG").context("the eBPF object has no WS_WATCH_CONFIG map")?;
+        let proc_slot = ebpf.take_map("WS_PROC_SLOT").context("the eBPF object has no WS_PROC_SLOT map")?;
+        Ok(Self {
+            root,
+            filter,
+            ebpf,
+            uprobes: Uprobes::new(aya::maps::Array::try_from(config).context("WS_WATCH_CONFIG")?),
+            proc_slot: BpfHashMap::try_from(proc_slot).context("WS_PROC_SLOT")?,
+            slots,
+            cache: inspect::Cache::default(),
+            procs: HashMap::new(),
+            status,
+            reported: HashSet::new(),
+        })
+    }
+
+    /// Considers every running process; forgets tracked ones that are gone.
+    pub fn reconcile(&mut self) {
+        let running = procfs::scan(&self.root);
+        let alive: HashSet<u32> = running.iter().map(|p| p.tgid).collect();
+        let gone: Vec<u32> = self.procs.keys().copied().filter(|t| !alive.contains(t)).collect();
+        for tgid in gone {
+            self.on_exit(tgid);
+        }
+        for p in running {
+            let known = self.procs.get(&p.tgid).is_some_and(|t| t.file == p.exe);
+            if !known {
+                self.consider(p);
+            }
+        }
+    }
+
+    /// A process called exec: it may now run a different binary.
+    pub fn on_exec(&mut self, tgid: u32) {
+        if self.procs.contains_key(&tgid) {
+            self.forget(tgid);
+        }
+        if let Some(p) = procfs::read_proc(&self.root, tgid) {
+            self.consider(p);
+        }
+    }
+
+    /// A watched process exited (the kernel already cleared its slot).
+    pub fn on_exit(&mut self, tgid: u32) {
+        self.forget(tgid);
+    }
+
+    fn forget(&mut self, tgid: u32) {
+        let Some(t) = self.procs.remove(&tgid) else { return };
+        let _ = self.proc_slot.remove(&tgid);
+        let detached = self.uprobes.remove_user(&mut self.ebpf, tgid);
+        if detached > 0 {
+            info!(pid = tgid, probes = detached, "last process of a binary exited; its probes are detached");
+        }
+        if let Ok(mut bins) = self.status.binaries.lock()
+            && let Some(b) = bins.get_mut(&t.file)
+        {
+            b.processes.retain(|p| *p != tgid);
+            if detached > 0 {
+                b.attached = false;
+            }
+            if b.processes.is_empty() {
+                bins.remove(&t.file);
+            }
+        }
+        self.publish_count();
+    }
+
+    fn consider(&mut self, p: ProcInfo) {
+        if !self.filter.matches(p.tgid, &p.comm) {
+            return;
+        }
+        let inspection = match self.cache.inspect(&p.exe_open) {
+            Ok(i) => i,
+            // Not a Go binary, or unreadable: common and uninteresting.
+            Err(_) => return,
+        };
+        let plan = watch::plan(&inspection, &p.exe_open);
+        if plan.sites.is_empty() && plan.is_unrelated() {
+            // A Go program without any watch-path role: nothing to do.
+            return;
+        }
+        let mut reason = plan.refusal.clone();
+        if reason.is_none() && !self.uprobes.is_attached(&p.exe) {
+            match self.uprobes.attach(&mut self.ebpf, p.exe, &p.exe_open, &plan.sites) {
+                Ok(()) => info!(
+                    pid = p.tgid,
+                    comm = %p.comm,
+                    exe = %p.exe_path.display(),
+                    probes = plan.sites.len(),
+                    "attached watch-path probes"
+                ),
+                Err(e) => reason = Some(e.to_string()),
+            }
+        }
+        if let Some(why) = &reason {
+            if self.reported.insert(p.exe) {
+                warn!(exe = %p.exe_path.display(), "not attaching: {why}");
+            }
+        } else {
+            self.uprobes.add_user(&p.exe, p.tgid);
+            let slot = self.slots.lock().map(|mut s| s.slot(&p.comm)).unwrap_or(0);
+            if let Err(e) = self.proc_slot.insert(p.tgid, slot, 0) {
+                warn!(pid = p.tgid, "cannot register the process with the kernel programs: {e}");
+            }
+            self.procs.insert(p.tgid, Tracked { file: p.exe });
+        }
+        if let Ok(mut bins) = self.status.binaries.lock() {
+            let b = bins.entry(p.exe).or_insert_with(|| BinaryStatus {
+                path: p.exe_path.display().to_string(),
+                file: p.exe,
+                go_version: inspection.go_version.clone(),
+                attached: false,
+                sites: plan.statuses.clone(),
+                reason: None,
+                processes: Vec::new(),
+            });
+            b.attached = self.uprobes.is_attached(&p.exe);
+            b.reason = reason;
+            if !b.processes.contains(&p.tgid) {
+                b.processes.push(p.tgid);
+            }
+        }
+        self.publish_count();
+    }
+
+    fn publish_count(&self) {
+        self.status.uprobes_attached.store(self.uprobes.count(), Ordering::Relaxed);
+    }
+
+    /// Detaches everything (shutdown). Dropping the object would too; this
+    /// makes the order explicit and countable.
+    pub fn shutdown(mut self) -> usize {
+        let tgids: Vec<u32> = self.uprobes.users().collect();
+        let mut n = 0;
+        for t in tgids {
+            n += self.uprobes.remove_user(&mut self.ebpf, t);
+        }
+        n
+    }
+}

@@ -1,0 +1,262 @@
+//! Real etcd for the tests: Debian's etcd 3.4 on loopback ports with a
+//! temporary data directory, a real `etcdctl watch`, and the slow gateway
+//! watcher fixture. Each test runs copies of the binaries under names of its
+//! own, so the agent's per-comm series count only that test's processes.
+
+use std::{
+    io::{BufRead, BufReader, Write},
+    path::{Path, PathBuf},
+    process::{Child, ChildStdin, Command, Stdio},
+    sync::{Arc, Mutex},
+    time::{Duration, Instant},
+};
+
+use crate::free_port;
+
+/// Copies `src` to `dir/name` (a fresh inode, a comm of our choosing).
+pub fn copy_binary(src: &str, dir: &Path, name: &str) -> PathBuf {
+    assert!(name.len() <= 15, "comm names are at most 15 bytes: {name}");
+    let dst = dir.join(name);
+    std::fs::copy(src, &dst).unwrap_or_else(|e| panic!("copy {src}: {e} (is etcd-server/etcd-client installed?)"));
+    dst
+}
+
+fn kill_wait(child: &mut Child) {
+    // SAFETY: kill(2) on our own child.
+    unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while Instant::now() < deadline {
+        if let Ok(Some(_)) = child.try_wait() {
+            return;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let _ = child.kill();
+    let _ = child.wait();
+}
+
+pub struct Etcd {
+    child: Option<Child>,
+    pub bin: PathBuf,
+    pub ctl: PathBuf,
+    pub dir: tempfile::TempDir,
+    pub client_port: u16,
+    pub peer_port: u16,
+}
+
+impl Etcd {
+    /// Starts etcd as `server_comm`, with `etcdctl` copied as `client_comm`.
+    pub fn start(server_comm: &str, client_comm: &str) -> Etcd {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let bin = copy_binary("/usr/bin/etcd", dir.path(), server_comm);
+        let ctl = copy_binary("/usr/bin/etcdctl", dir.path(), client_comm);
+        let mut etcd = Etcd { child: None, bin, ctl, dir, client_port: free_port(), peer_port: free_port() };
+        etcd.spawn();
+        etcd
+    }
+
+    fn spawn(&mut self) {
+        let client = self.endpoint();
+        let peer = format!("http://127.0.0.1:{}", self.peer_port);
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(self.dir.path().join("etcd.log"))
+            .expect("etcd log");
+        let child = Command::new(&self.bin)
+            .args([
+                "--name=t",
+                &format!("--data-dir={}", self.dir.path().join("data").display()),
+                &format!("--listen-client-urls={client}"),
+                &format!("--advertise-client-urls={client}"),
+                &format!("--listen-peer-urls={peer}"),
+                &format!("--initial-advertise-peer-urls={peer}"),
+                &format!("--initial-cluster=t={peer}"),
+            ])
+            .stdin(Stdio::null())
+            .stdout(log.try_clone().expect("log"))
+            .stderr(log)
+            .spawn()
+            .expect("start etcd");
+        self.child = Some(child);
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while Instant::now() < deadline {
+            if self.ctl_ok(&["endpoint", "health"]) {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        panic!("etcd not healthy: {}", std::fs::read_to_string(self.dir.path().join("etcd.log")).unwrap_or_default());
+    }
+
+    pub fn endpoint(&self) -> String {
+        format!("http://127.0.0.1:{}", self.client_port)
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.as_ref().map(Child::id).unwrap_or(0)
+    }
+
+    fn ctl(&self) -> Command {
+        let mut c = Command::new(&self.ctl);
+        c.arg(format!("--endpoints={}", self.endpoint()));
+        c
+    }
+
+    fn ctl_ok(&self, args: &[&str]) -> bool {
+        self.ctl().args(args).stdout(Stdio::null()).stderr(Stdio::null()).status().is_ok_and(|s| s.success())
+    }
+
+    pub fn put(&self, key: &str, value: &str) {
+        let out = self.ctl().args(["put", key, value]).output().expect("etcdctl put");
+        assert!(out.status.success(), "put {key}: {}", String::from_utf8_lossy(&out.stderr));
+    }
+
+    /// One transaction of several puts (one revision, several events).
+    pub fn txn_puts(&self, kvs: &[(&str, &str)]) {
+        // etcdctl txn reads: compares, blank line, success ops, blank line,
+        // failure ops, blank line.
+        let mut script = String::from("\n");
+        for (k, v) in kvs {
+            script.push_str(&format!("put {k} {v}\n"));
+        }
+        script.push_str("\n\n");
+        let mut child = self
+            .ctl()
+            .arg("txn")
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("etcdctl txn");
+        child.stdin.take().expect("stdin").write_all(script.as_bytes()).expect("write txn");
+        let out = child.wait_with_output().expect("txn");
+        let text = String::from_utf8_lossy(&out.stdout);
+        assert!(
+            out.status.success() && text.contains("SUCCESS"),
+            "txn failed: {text} {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+
+    /// Stops etcd (SIGTERM) and starts it again on the same data and ports.
+    pub fn restart(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            kill_wait(&mut c);
+        }
+        self.spawn();
+    }
+
+    /// Starts `etcdctl watch --prefix <prefix>` (a real clientv3 client).
+    pub fn watch(&self, prefix: &str) -> LineReader {
+        let child = self
+            .ctl()
+            .args(["watch", "--prefix", prefix])
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("etcdctl watch");
+        LineReader::new(child)
+    }
+
+    /// Starts the slow gateway watcher fixture on `prefix`.
+    pub fn slow_watcher(&self, prefix: &str) -> LineReader {
+        let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("fixtures/etcd/slow_watcher.py");
+        let child = Command::new("python3")
+            .arg(script)
+            .args(["--port", &self.client_port.to_string(), "--prefix", prefix])
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("slow watcher");
+        let r = LineReader::new(child);
+        assert!(
+            r.wait_for(|l| l == "watching", Duration::from_secs(10)),
+            "slow watcher did not start: {:?}",
+            r.lines()
+        );
+        r
+    }
+}
+
+impl Drop for Etcd {
+    fn drop(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            kill_wait(&mut c);
+        }
+    }
+}
+
+/// A child whose stdout lines are collected in the background.
+pub struct LineReader {
+    child: Child,
+    stdin: Option<ChildStdin>,
+    lines: Arc<Mutex<Vec<String>>>,
+}
+
+impl LineReader {
+    fn new(mut child: Child) -> Self {
+        let lines = Arc::new(Mutex::new(Vec::new()));
+        let stdout = child.stdout.take().expect("piped stdout");
+        let sink = lines.clone();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stdout).lines().map_while(Result::ok) {
+                sink.lock().expect("lines").push(line);
+            }
+        });
+        let stdin = child.stdin.take();
+        Self { child, stdin, lines }
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    pub fn lines(&self) -> Vec<String> {
+        self.lines.lock().expect("lines").clone()
+    }
+
+    pub fn count(&self, pred: impl Fn(&str) -> bool) -> usize {
+        self.lines().iter().filter(|l| pred(l)).count()
+    }
+
+    /// Waits until a line satisfies `pred`.
+    pub fn wait_for(&self, pred: impl Fn(&str) -> bool, timeout: Duration) -> bool {
+        let deadline = Instant::now() + timeout;
+        while Instant::now() < deadline {
+            if self.lines().iter().any(|l| pred(l)) {
+                return true;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        false
+    }
+
+    /// Waits until at least `n` lines satisfy `pred`.
+    pub fn wait_count(&self, pred: impl Fn(&str) -> bool, n: usize, timeout: Duration) -> usize {
+        let deadline = Instant::now() + timeout;
+        loop {
+            let c = self.count(&pred);
+            if c >= n || Instant::now() >= deadline {
+                return c;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// Sends a command line to the child's stdin.
+    pub fn send(&mut self, line: &str) {
+        if let Some(s) = self.stdin.as_mut() {
+            let _ = writeln!(s, "{line}");
+            let _ = s.flush();
+        }
+    }
+}
+
+impl Drop for LineReader {
+    fn drop(&mut self) {
+        kill_wait(&mut self.child);
+    }
+}
