@@ -3,6 +3,7 @@
 //! real eBPF programs, so they need root (`cargo xtask test` checks).
 
 pub mod etcd;
+pub mod go;
 
 use std::{
     net::TcpListener,
@@ -173,4 +174,58 @@ pub fn sample_value(text: &str, sample: &str) -> Option<f64> {
         let rest = line.strip_prefix(sample)?.strip_prefix(' ')?;
         rest.split_whitespace().next()?.parse().ok()
     })
+}
+
+/// A histogram read back from exposition text: cumulative counts per `le`.
+#[derive(Clone, Debug, Default)]
+pub struct Buckets {
+    /// (upper bound in seconds, cumulative count), ascending; +Inf last.
+    pub cumulative: Vec<(f64, f64)>,
+}
+
+impl Buckets {
+    /// Parses `<family>_bucket{le="..",<labels>}` lines; `labels` is the rest
+    /// of the label set exactly as rendered (e.g. `stage="x",comm="y"`).
+    pub fn parse(text: &str, family: &str, labels: &str) -> Buckets {
+        let prefix = format!("{family}_bucket{{le=\"");
+        let suffix = format!("\",{labels}}}");
+        let mut cumulative = Vec::new();
+        for line in text.lines() {
+            let Some(rest) = line.strip_prefix(&prefix) else { continue };
+            let Some((le, tail)) = rest.split_once(&suffix) else { continue };
+            let le = if le == "+Inf" { f64::INFINITY } else { le.parse().unwrap_or(f64::NAN) };
+            let v: f64 = tail.trim().parse().unwrap_or(f64::NAN);
+            cumulative.push((le, v));
+        }
+        Buckets { cumulative }
+    }
+
+    pub fn count(&self) -> f64 {
+        self.cumulative.last().map(|(_, c)| *c).unwrap_or(0.0)
+    }
+
+    /// Observations certainly >= `secs`: those above the first bound >= secs.
+    pub fn at_least(&self, secs: f64) -> f64 {
+        let below = self.cumulative.iter().find(|(le, _)| *le >= secs).map(|(_, c)| *c).unwrap_or(0.0);
+        self.count() - below
+    }
+
+    /// Observations certainly < `secs`: those under the last bound <= secs.
+    pub fn below(&self, secs: f64) -> f64 {
+        self.cumulative.iter().rev().find(|(le, _)| *le <= secs).map(|(_, c)| *c).unwrap_or(0.0)
+    }
+}
+
+/// Waits until `f` returns true or the timeout passes; returns the last result.
+pub fn wait_until(timeout: Duration, mut f: impl FnMut() -> bool) -> bool {
+    let deadline = Instant::now() + timeout;
+    loop {
+        if f() {
+            return true;
+        }
+        if Instant::now() >= deadline {
+            return false;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
 }

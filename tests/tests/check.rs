@@ -12,34 +12,38 @@ fn check(root: Option<&Path>) -> (i32, String) {
         cmd.arg("--root").arg(r);
     }
     let out = cmd.output().expect("run watchscope check");
-    (
-        out.status.code().unwrap_or(-1),
-        String::from_utf8_lossy(&out.stdout).into_owned(),
-    )
+    (out.status.code().unwrap_or(-1), String::from_utf8_lossy(&out.stdout).into_owned())
 }
 
 /// A node tree where everything the agent needs is present.
 fn fake_node(dir: &Path, cap_eff: u64) {
     let files: &[(&str, String)] = &[
         ("proc/sys/kernel/osrelease", "6.1.0-13-amd64\n".into()),
-        (
-            "proc/self/status",
-            format!("Name:\twatchscope\nCapEff:\t{cap_eff:016x}\n"),
-        ),
-        (
-            "proc/self/limits",
-            "Max locked memory         8388608              8388608              bytes\n".into(),
-        ),
+        ("proc/self/status", format!("Name:\twatchscope\nCapEff:\t{cap_eff:016x}\n")),
+        ("proc/self/limits", "Max locked memory         8388608              8388608              bytes\n".into()),
         ("proc/sys/net/core/bpf_jit_enable", "1\n".into()),
         ("sys/kernel/btf/vmlinux", "BTF".into()),
         ("sys/bus/event_source/devices/uprobe/type", "9\n".into()),
         ("sys/kernel/tracing/uprobe_events", String::new()),
-        (
-            "sys/kernel/tracing/events/sched/sched_process_exec/id",
-            "311\n".into(),
-        ),
     ];
-    for (p, content) in files {
+    // Every tracepoint the agent uses, as the live check lists them.
+    let live = Command::new(watchscope_bin()).args(["check", "--json"]).output().expect("run");
+    let live: serde_json::Value = serde_json::from_slice(&live.stdout).expect("JSON");
+    let tracepoints: Vec<(String, String)> = live["items"]
+        .as_array()
+        .expect("items")
+        .iter()
+        .filter_map(|i| {
+            i["name"].as_str()?.strip_prefix("tracepoint ")?.split_once(':').map(|(c, n)| (c.into(), n.into()))
+        })
+        .collect();
+    assert!(!tracepoints.is_empty());
+    let files: Vec<(String, String)> = files
+        .iter()
+        .map(|(p, c)| (p.to_string(), c.clone()))
+        .chain(tracepoints.iter().map(|(c, n)| (format!("sys/kernel/tracing/events/{c}/{n}/id"), "1\n".to_string())))
+        .collect();
+    for (p, content) in &files {
         let path = dir.join(p);
         std::fs::create_dir_all(path.parent().expect("parent")).expect("mkdir");
         std::fs::write(&path, content).expect("write");
@@ -50,13 +54,7 @@ const ALL_CAPS: u64 = 0x1ff_ffff_ffff;
 
 fn line<'a>(out: &'a str, name: &str) -> &'a str {
     out.lines()
-        .find(|l| {
-            l.split_whitespace()
-                .skip(1)
-                .collect::<Vec<_>>()
-                .join(" ")
-                .starts_with(name)
-        })
+        .find(|l| l.split_whitespace().skip(1).collect::<Vec<_>>().join(" ").starts_with(name))
         .unwrap_or_else(|| panic!("no line for {name} in:\n{out}"))
 }
 
@@ -95,10 +93,7 @@ fn missing_btf_fails_and_says_what_to_do() {
 fn each_missing_item_is_named() {
     // (what to break, the line that must say missing)
     let cases: &[(&str, &str)] = &[
-        (
-            "sys/kernel/tracing/events/sched/sched_process_exec/id",
-            "tracepoint sched:sched_process_exec",
-        ),
+        ("sys/kernel/tracing/events/sched/sched_process_exec/id", "tracepoint sched:sched_process_exec"),
         ("sys/bus/event_source/devices/uprobe/type", "uprobe pmu"),
         ("sys/kernel/tracing/uprobe_events", "uprobes"),
         ("proc/sys/kernel/osrelease", "kernel"),
@@ -109,10 +104,7 @@ fn each_missing_item_is_named() {
         std::fs::remove_file(dir.path().join(remove)).expect("rm");
         let (code, out) = check(Some(dir.path()));
         assert_eq!(code, 1, "removing {remove}:\n{out}");
-        assert!(
-            line(&out, name).starts_with("missing"),
-            "removing {remove}:\n{out}"
-        );
+        assert!(line(&out, name).starts_with("missing"), "removing {remove}:\n{out}");
     }
 }
 
@@ -121,11 +113,7 @@ fn old_kernel_and_missing_capabilities_fail() {
     let dir = tempfile::tempdir().expect("tmp");
     // Only CAP_SYS_PTRACE: no CAP_BPF, CAP_PERFMON or CAP_SYS_ADMIN.
     fake_node(dir.path(), 1 << 19);
-    std::fs::write(
-        dir.path().join("proc/sys/kernel/osrelease"),
-        "5.4.0-150-generic\n",
-    )
-    .expect("write");
+    std::fs::write(dir.path().join("proc/sys/kernel/osrelease"), "5.4.0-150-generic\n").expect("write");
     let (code, out) = check(Some(dir.path()));
     assert_eq!(code, 1, "{out}");
     assert!(line(&out, "kernel").starts_with("missing"), "{out}");
@@ -138,15 +126,8 @@ fn old_kernel_and_missing_capabilities_fail() {
 
 #[test]
 fn json_report_parses() {
-    let out = Command::new(watchscope_bin())
-        .args(["check", "--json"])
-        .output()
-        .expect("run");
+    let out = Command::new(watchscope_bin()).args(["check", "--json"]).output().expect("run");
     let v: serde_json::Value = serde_json::from_slice(&out.stdout).expect("JSON");
     let items = v["items"].as_array().expect("items");
-    assert!(
-        items
-            .iter()
-            .any(|i| i["name"] == "btf" && i["status"] == "ok")
-    );
+    assert!(items.iter().any(|i| i["name"] == "btf" && i["status"] == "ok"));
 }

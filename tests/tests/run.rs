@@ -38,19 +38,9 @@ fn exec_counter_counts_each_exec_of_our_children() {
     std::thread::sleep(Duration::from_millis(300));
     assert_eq!(agent.sample(&watched), f64::from(N), "first poll saw {got}");
     let all_after = agent.sample("watchscope_execs_total");
-    assert!(
-        all_after - all_before >= f64::from(N),
-        "kernel exec counter grew by {} < {N}",
-        all_after - all_before
-    );
-    assert_eq!(
-        agent.sample("watchscope_dropped_total{reason=\"ringbuf_full\"}"),
-        0.0
-    );
-    assert_eq!(
-        agent.sample("watchscope_dropped_total{reason=\"decode_error\"}"),
-        0.0
-    );
+    assert!(all_after - all_before >= f64::from(N), "kernel exec counter grew by {} < {N}", all_after - all_before);
+    assert_eq!(agent.sample("watchscope_dropped_total{reason=\"ringbuf_full\"}"), 0.0);
+    assert_eq!(agent.sample("watchscope_dropped_total{reason=\"decode_error\"}"), 0.0);
 }
 
 #[test]
@@ -61,11 +51,14 @@ fn serves_health_metrics_and_probe_list() {
     let text = agent.metrics();
     assert!(text.contains("# HELP watchscope_execs "), "{text}");
     assert!(text.ends_with("# EOF\n"));
-    assert_eq!(agent.sample("watchscope_probes_attached"), 1.0);
+    // sched_process_exec and sched_process_exit; no Go program is watched.
+    assert_eq!(agent.sample("watchscope_probes_attached"), 2.0);
     let (status, json) = http_get(&agent.url("/debug/probes")).expect("probes");
     assert_eq!(status, 200);
     let v: serde_json::Value = serde_json::from_str(&json).expect("probes JSON");
-    assert_eq!(v["probes"][0]["target"], "sched:sched_process_exec");
+    let targets: Vec<&str> =
+        v["probes"].as_array().expect("probes").iter().filter_map(|p| p["target"].as_str()).collect();
+    assert_eq!(targets, ["sched:sched_process_exec", "sched:sched_process_exit"]);
     let (status, _) = http_get(&agent.url("/nope")).expect("404");
     assert_eq!(status, 404);
 }
@@ -79,10 +72,7 @@ fn sigterm_and_sigint_detach_and_exit_zero() {
         assert!(links_before > 0, "a running agent holds bpf fds");
         let started = Instant::now();
         let status = agent.stop_with(signal, Duration::from_secs(10));
-        assert!(
-            status.success(),
-            "exit status {status} after signal {signal}"
-        );
+        assert!(status.success(), "exit status {status} after signal {signal}");
         assert!(started.elapsed() < Duration::from_secs(5));
         let log = agent.log_text();
         assert!(log.contains("detached every probe"), "{log}");
@@ -94,11 +84,7 @@ fn bpf_fds(pid: u32) -> usize {
     std::fs::read_dir(format!("/proc/{pid}/fd"))
         .map(|d| {
             d.filter_map(Result::ok)
-                .filter(|e| {
-                    std::fs::read_link(e.path())
-                        .map(|t| t.to_string_lossy().contains("bpf"))
-                        .unwrap_or(false)
-                })
+                .filter(|e| std::fs::read_link(e.path()).map(|t| t.to_string_lossy().contains("bpf")).unwrap_or(false))
                 .count()
         })
         .unwrap_or(0)
@@ -117,10 +103,7 @@ fn flags_come_from_the_environment_too() {
     let deadline = Instant::now() + Duration::from_secs(20);
     let mut ok = false;
     while Instant::now() < deadline {
-        if matches!(
-            http_get(&format!("http://127.0.0.1:{port}/healthz")),
-            Ok((200, _))
-        ) {
+        if matches!(http_get(&format!("http://127.0.0.1:{port}/healthz")), Ok((200, _))) {
             ok = true;
             break;
         }
@@ -145,17 +128,10 @@ fn bad_flags_exit_2_with_a_clear_message() {
         (&["frobnicate"], &[], "frobnicate"),
     ];
     for (args, env, mention) in cases {
-        let out = Command::new(watchscope_bin())
-            .args(*args)
-            .envs(env.iter().copied())
-            .output()
-            .expect("run");
+        let out = Command::new(watchscope_bin()).args(*args).envs(env.iter().copied()).output().expect("run");
         let stderr = String::from_utf8_lossy(&out.stderr);
         assert_eq!(out.status.code(), Some(2), "{args:?}: {stderr}");
-        assert!(
-            stderr.contains(mention),
-            "{args:?}: stderr does not mention {mention}: {stderr}"
-        );
+        assert!(stderr.contains(mention), "{args:?}: stderr does not mention {mention}: {stderr}");
     }
 }
 
@@ -163,15 +139,9 @@ fn bad_flags_exit_2_with_a_clear_message() {
 fn port_in_use_is_a_clear_error_not_a_panic() {
     let holder = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
     let addr = holder.local_addr().expect("addr");
-    let out = Command::new(watchscope_bin())
-        .args(["run", "--listen", &addr.to_string()])
-        .output()
-        .expect("run");
+    let out = Command::new(watchscope_bin()).args(["run", "--listen", &addr.to_string()]).output().expect("run");
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert_eq!(out.status.code(), Some(1), "{stderr}");
-    assert!(
-        stderr.contains(&format!("cannot listen on {addr}")),
-        "{stderr}"
-    );
+    assert!(stderr.contains(&format!("cannot listen on {addr}")), "{stderr}");
     assert!(!stderr.contains("panicked"), "{stderr}");
 }

@@ -75,6 +75,12 @@ pub fn plan(insp: &Inspection, open_path: &Path) -> WatchPlan {
     let mut plan = WatchPlan::default();
     let found: Vec<Option<&Probe>> = ROLES.iter().map(|(role, _, _)| insp.probes_for(role).next()).collect();
     if found.iter().all(Option::is_none) {
+        // Nothing known resolved. A binary that nonetheless looks like etcd
+        // is a build the catalog does not cover yet: say so (once, in the
+        // log and in /debug/probes) rather than ignore it silently.
+        plan.refusal = looks_like_etcd(insp).map(|why| {
+            format!("{why}, but none of the watch-path functions in the catalog resolve: an etcd build watchscope does not know; nothing attached")
+        });
         plan.statuses = ROLES
             .iter()
             .map(|(role, _, _)| SiteStatus {
@@ -131,6 +137,17 @@ pub fn plan(insp: &Inspection, open_path: &Path) -> WatchPlan {
         plan.sites.clear();
     }
     plan
+}
+
+/// Evidence that a binary is some etcd server build, if there is any.
+fn looks_like_etcd(insp: &Inspection) -> Option<String> {
+    let module =
+        insp.build_info.as_ref().and_then(|b| b.main.as_ref().map(|m| m.path.clone()).or_else(|| b.path.clone()));
+    if let Some(m) = module.filter(|m| m.starts_with("go.etcd.io/etcd") || m.starts_with("github.com/coreos/etcd")) {
+        return Some(format!("main module {m} looks like etcd"));
+    }
+    let re = regex::Regex::new(r"\(\*watchableStore\)\.notify$").ok()?;
+    insp.functions_matching(&re).first().map(|f| format!("it has {}", f.name))
 }
 
 /// Reasons that rule out the whole binary.

@@ -70,7 +70,15 @@ pub struct Tracker {
     status: Arc<Status>,
     /// Files already reported as unusable (logged once, not per process).
     reported: HashSet<FileIdent>,
+    /// Verdicts per executable file (see `plan_for`).
+    plans: HashMap<FileIdent, Verdict>,
 }
+
+/// What one executable means to the watch path: None when nothing.
+type Verdict = Option<(Arc<inspect::Inspection>, Arc<watch::WatchPlan>)>;
+
+/// Most executables whose verdict is remembered.
+const MAX_KNOWN_FILES: usize = 16384;
 
 impl Tracker {
     pub fn new(
@@ -94,6 +102,7 @@ impl Tracker {
             procs: HashMap::new(),
             status,
             reported: HashSet::new(),
+            plans: HashMap::new(),
         })
     }
 
@@ -153,16 +162,7 @@ impl Tracker {
         if !self.filter.matches(p.tgid, &p.comm) {
             return;
         }
-        let inspection = match self.cache.inspect(&p.exe_open) {
-            Ok(i) => i,
-            // Not a Go binary, or unreadable: common and uninteresting.
-            Err(_) => return,
-        };
-        let plan = watch::plan(&inspection, &p.exe_open);
-        if plan.sites.is_empty() && plan.is_unrelated() {
-            // A Go program without any watch-path role: nothing to do.
-            return;
-        }
+        let Some((inspection, plan)) = self.plan_for(&p) else { return };
         let mut reason = plan.refusal.clone();
         if reason.is_none() && !self.uprobes.is_attached(&p.exe) {
             match self.uprobes.attach(&mut self.ebpf, p.exe, &p.exe_open, &plan.sites) {
@@ -205,6 +205,34 @@ impl Tracker {
             }
         }
         self.publish_count();
+    }
+
+    /// The inspection and watch plan of a process's executable, computed
+    /// once per file identity (negative answers too: a node execs the same
+    /// shell and `true` thousands of times). None: nothing to do for it.
+    fn plan_for(&mut self, p: &ProcInfo) -> Verdict {
+        if let Some(known) = self.plans.get(&p.exe) {
+            return known.clone();
+        }
+        if self.plans.len() >= MAX_KNOWN_FILES {
+            // Bounded memory on nodes that exec endless distinct files.
+            self.plans.clear();
+        }
+        let verdict = match self.cache.inspect(&p.exe_open) {
+            // Not a Go binary, or unreadable: common and uninteresting.
+            Err(_) => None,
+            Ok(insp) => {
+                let plan = watch::plan(&insp, &p.exe_open);
+                if plan.is_unrelated() && plan.refusal.is_none() {
+                    // A Go program without any watch-path role.
+                    None
+                } else {
+                    Some((insp, Arc::new(plan)))
+                }
+            }
+        };
+        self.plans.insert(p.exe, verdict.clone());
+        verdict
     }
 
     fn publish_count(&self) {
