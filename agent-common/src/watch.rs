@@ -115,6 +115,38 @@ pub struct WatchProbeConfig {
     /// mvccpb.Event.Kv and mvccpb.KeyValue.ModRevision.
     pub event_kv_off: u32,
     pub kv_mod_rev_off: u32,
+    /// How to tell, at the probed stack-check jump, that this hit is the
+    /// one that calls morestack (and re-enters): one of the `GUARD_*`.
+    pub guard: u32,
+}
+
+/// Entry probes sit on the conditional jump of the function's stack check:
+/// the kernel emulates a jump with one trap, where the instruction after it
+/// would be single-stepped (two traps, ~10x the cost on some VMs). When the
+/// flags say the jump to morestack will be taken, the function re-enters
+/// afterwards, so that hit is skipped and every call is counted once.
+pub const GUARD_NONE: u32 = 0;
+/// amd64 `jbe`: taken when CF or ZF.
+pub const GUARD_X86_JBE: u32 = 1;
+/// amd64 `jb`: taken when CF.
+pub const GUARD_X86_JB: u32 = 2;
+/// arm64 `b.ls`: taken when C is clear or Z is set.
+pub const GUARD_ARM64_LS: u32 = 3;
+
+/// Whether the guarded jump is taken, given the flags register (x86 EFLAGS
+/// or arm64 PSTATE).
+#[inline(always)]
+pub fn guard_taken(guard: u32, flags: u64) -> bool {
+    const CF: u64 = 1 << 0;
+    const ZF: u64 = 1 << 6;
+    const PSTATE_Z: u64 = 1 << 30;
+    const PSTATE_C: u64 = 1 << 29;
+    match guard {
+        GUARD_X86_JBE => flags & (CF | ZF) != 0,
+        GUARD_X86_JB => flags & CF != 0,
+        GUARD_ARM64_LS => flags & PSTATE_C == 0 || flags & PSTATE_Z != 0,
+        _ => false,
+    }
 }
 
 /// (process or member, revision).
@@ -170,6 +202,21 @@ pub fn hist_index(slot: u32, stage: Stage) -> u32 {
 #[inline(always)]
 pub fn events_index(slot: u32, side: Side) -> u32 {
     slot * Side::COUNT + side as u32
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn guards_follow_the_condition_codes() {
+        assert!(guard_taken(GUARD_X86_JBE, 1) && guard_taken(GUARD_X86_JBE, 1 << 6));
+        assert!(!guard_taken(GUARD_X86_JBE, 0x202));
+        assert!(guard_taken(GUARD_X86_JB, 0x203) && !guard_taken(GUARD_X86_JB, 0x242));
+        assert!(guard_taken(GUARD_ARM64_LS, 0) && guard_taken(GUARD_ARM64_LS, (1 << 29) | (1 << 30)));
+        assert!(!guard_taken(GUARD_ARM64_LS, 1 << 29));
+        assert!(!guard_taken(GUARD_NONE, u64::MAX));
+    }
 }
 
 #[cfg(feature = "user")]

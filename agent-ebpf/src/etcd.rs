@@ -20,7 +20,7 @@ use agent_common::{
     Counter, Histogram,
     watch::{
         ARG_REG, ARG_STACK, ArgLoc, MAX_EVENTS_PER_RESPONSE, MAX_SLOTS, RevKey, Side, Stage, WatchProbeConfig,
-        WatchRecord, WatchRevKey, events_index, hist_index,
+        WatchRecord, WatchRevKey, events_index, guard_taken, hist_index,
     },
 };
 use aya_ebpf::{
@@ -34,6 +34,10 @@ use aya_ebpf::{
 
 use crate::maps::{add, count, current_slot, observe};
 
+/// Per-CPU LRU lists: inserts never take the map-wide LRU lock, at the
+/// price of each CPU evicting from its own share of the entries.
+const NO_COMMON_LRU: u32 = aya_ebpf::bindings::BPF_F_NO_COMMON_LRU;
+
 /// Per-attach configuration, indexed by the attach cookie.
 #[map(name = "WS_WATCH_CONFIG")]
 static CONFIG: Array<WatchProbeConfig> = Array::with_max_entries(256, 0);
@@ -41,16 +45,16 @@ static CONFIG: Array<WatchProbeConfig> = Array::with_max_entries(256, 0);
 /// Commit (notify) time per (tgid, revision). 64 Ki revisions: at 10,000
 /// commits/s a watcher may lag 6 s before its events count as misses.
 #[map(name = "WS_NOTIFY_TS")]
-static NOTIFY_TS: LruHashMap<RevKey, u64> = LruHashMap::with_max_entries(65536, 0);
+static NOTIFY_TS: LruHashMap<RevKey, u64> = LruHashMap::with_max_entries(65536, NO_COMMON_LRU);
 
 /// Commit time per (member id, revision), for clients on this node: the
 /// server publishes it at gRPC send, when it knows its member id.
 #[map(name = "WS_COMMIT_TS")]
-static COMMIT_TS: LruHashMap<RevKey, u64> = LruHashMap::with_max_entries(65536, 0);
+static COMMIT_TS: LruHashMap<RevKey, u64> = LruHashMap::with_max_entries(65536, NO_COMMON_LRU);
 
 /// Enqueue time of each watcher's copy of each event, until it is sent.
 #[map(name = "WS_ENQ_TS")]
-static ENQ_TS: LruHashMap<WatchRevKey, u64> = LruHashMap::with_max_entries(131072, 0);
+static ENQ_TS: LruHashMap<WatchRevKey, u64> = LruHashMap::with_max_entries(131072, NO_COMMON_LRU);
 
 /// Stage histograms, indexed by `hist_index(slot, stage)`.
 #[map(name = "WS_WATCH_HIST")]
@@ -85,6 +89,12 @@ fn begin(ctx: &ProbeContext) -> Option<Call> {
     // SAFETY: the helper reads the cookie of the current attachment.
     let cookie = unsafe { bpf_get_attach_cookie(ctx.as_ptr()) } as u32;
     let cfg = *CONFIG.get(cookie)?;
+    // On a stack-check jump: skip the pass that goes to morestack (the
+    // function re-enters and this probe fires again).
+    // SAFETY: the probe's own register context.
+    if guard_taken(cfg.guard, flags(unsafe { &*ctx.regs })) {
+        return None;
+    }
     // SAFETY: no preconditions.
     let now = unsafe { bpf_ktime_get_ns() };
     Some(Call { tgid, slot, now, cfg })
@@ -137,6 +147,20 @@ fn reg(regs: &aya_ebpf::bindings::pt_regs, slot: u32) -> Option<u64> {
         ]
     };
     vals.get(slot as usize).copied()
+}
+
+#[cfg(bpf_target_arch = "x86_64")]
+#[inline(always)]
+fn flags(regs: &aya_ebpf::bindings::pt_regs) -> u64 {
+    // SAFETY: a field of the probe's own register context.
+    unsafe { read_volatile(&regs.eflags) }
+}
+
+#[cfg(bpf_target_arch = "aarch64")]
+#[inline(always)]
+fn flags(regs: &aya_ebpf::bindings::user_pt_regs) -> u64 {
+    // SAFETY: a field of the probe's own register context.
+    unsafe { read_volatile(&regs.pstate) }
 }
 
 #[cfg(bpf_target_arch = "x86_64")]

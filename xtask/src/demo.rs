@@ -42,12 +42,8 @@ impl Processes {
         let out = File::create(log).with_context(|| format!("create {}", log.display()))?;
         let err = out.try_clone()?;
         println!("    $ {}   (log: {})", util::show(cmd), log.display());
-        let child = cmd
-            .stdin(Stdio::null())
-            .stdout(out)
-            .stderr(err)
-            .spawn()
-            .with_context(|| format!("cannot start {name}"))?;
+        let child =
+            cmd.stdin(Stdio::null()).stdout(out).stderr(err).spawn().with_context(|| format!("cannot start {name}"))?;
         self.0.push((name.to_string(), child));
         Ok(())
     }
@@ -80,9 +76,7 @@ impl Drop for Processes {
 }
 
 pub fn run(args: &DemoArgs) -> Result<()> {
-    setup::run(&SetupArgs {
-        purpose: Some(Purpose::Demo),
-    })?;
+    setup::run(&SetupArgs { purpose: Some(Purpose::Demo) })?;
     if !util::is_root() {
         bail!("the agent loads eBPF programs and needs root: run `sudo -E cargo xtask demo`");
     }
@@ -92,12 +86,9 @@ pub fn run(args: &DemoArgs) -> Result<()> {
 
     let stop = Arc::new(AtomicBool::new(false));
     let s = stop.clone();
-    ctrlc::set_handler(move || s.store(true, Ordering::SeqCst))
-        .context("installing the Ctrl-C handler")?;
+    ctrlc::set_handler(move || s.store(true, Ordering::SeqCst)).context("installing the Ctrl-C handler")?;
 
-    let dir = tempfile::Builder::new()
-        .prefix("watchscope-demo-")
-        .tempdir()?;
+    let dir = tempfile::Builder::new().prefix("watchscope-demo-").tempdir()?;
     let d = dir.path();
     let client = format!("http://127.0.0.1:{}", args.etcd_port);
     let peer = format!("http://127.0.0.1:{}", args.etcd_port + 10);
@@ -129,27 +120,17 @@ pub fn run(args: &DemoArgs) -> Result<()> {
     step("start a watcher (etcdctl watch --prefix /demo/)");
     procs.spawn(
         "etcdctl watch",
-        Command::new("etcdctl").args([
-            &format!("--endpoints={client}"),
-            "watch",
-            "--prefix",
-            "/demo/",
-        ]),
+        Command::new("etcdctl").args([&format!("--endpoints={client}"), "watch", "--prefix", "/demo/"]),
         &d.join("watch.log"),
     )?;
 
     let url = format!("http://127.0.0.1:{}/metrics", args.port);
-    step(&format!(
-        "metrics: {url}   (curl -s {url} | grep watchscope_)"
-    ));
+    step(&format!("metrics: {url}   (curl -s {url} | grep watchscope_)"));
     println!("    putting a key every 500 ms; Ctrl-C stops everything");
     let start = Instant::now();
     let mut n = 0u64;
     while !stop.load(Ordering::SeqCst) {
-        if args
-            .duration
-            .is_some_and(|secs| start.elapsed() >= Duration::from_secs(secs))
-        {
+        if args.duration.is_some_and(|secs| start.elapsed() >= Duration::from_secs(secs)) {
             break;
         }
         procs.check_alive()?;
@@ -174,11 +155,7 @@ fn wait_for_etcd(client: &str, procs: &mut Processes) -> Result<()> {
     let deadline = Instant::now() + Duration::from_secs(20);
     while Instant::now() < deadline {
         procs.check_alive()?;
-        if util::succeeds(Command::new("etcdctl").args([
-            &format!("--endpoints={client}"),
-            "endpoint",
-            "health",
-        ])) {
+        if util::succeeds(Command::new("etcdctl").args([&format!("--endpoints={client}"), "endpoint", "health"])) {
             println!("    etcd is healthy at {client}");
             return Ok(());
         }

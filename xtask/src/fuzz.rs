@@ -24,10 +24,7 @@ pub fn run(args: &FuzzArgs) -> Result<()> {
     }
     let targets = if args.targets.is_empty() {
         let list = util::output(fuzz_cmd().arg("list"));
-        list.lines()
-            .map(str::to_string)
-            .filter(|l| !l.is_empty())
-            .collect()
+        list.lines().map(str::to_string).filter(|l| !l.is_empty()).collect()
     } else {
         args.targets.clone()
     };
@@ -38,11 +35,7 @@ pub fn run(args: &FuzzArgs) -> Result<()> {
         step(&format!("fuzz {t} for {} s", args.seconds));
         util::run(fuzz_cmd().args(["run", t, "--", &format!("-max_total_time={}", args.seconds)]))?;
     }
-    step(&format!(
-        "fuzzed {} targets, {} s each, no crash",
-        targets.len(),
-        args.seconds
-    ));
+    step(&format!("fuzzed {} targets, {} s each, no crash", targets.len(), args.seconds));
     Ok(())
 }
 
@@ -50,8 +43,6 @@ pub fn run(args: &FuzzArgs) -> Result<()> {
 /// RUSTC_BOOTSTRAP=1, as the eBPF build does.
 fn fuzz_cmd() -> Command {
     let mut c = util::cargo();
-    c.arg("fuzz")
-        .current_dir("fuzz")
-        .env("RUSTC_BOOTSTRAP", "1");
+    c.arg("fuzz").current_dir("fuzz").env("RUSTC_BOOTSTRAP", "1");
     c
 }

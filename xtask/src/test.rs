@@ -21,11 +21,7 @@ pub struct TestArgs {
 }
 
 pub fn run(args: &TestArgs) -> Result<()> {
-    let purpose = if args.unit_only {
-        None
-    } else {
-        Some(Purpose::Test)
-    };
+    let purpose = if args.unit_only { None } else { Some(Purpose::Test) };
     setup::run(&SetupArgs { purpose })?;
 
     if !args.no_lint {
@@ -39,15 +35,7 @@ pub fn run(args: &TestArgs) -> Result<()> {
     util::run(util::cargo().args(["build", "--all-targets"]))?;
 
     step("unit tests");
-    util::run(util::cargo().args([
-        "test",
-        "-p",
-        "agent-common",
-        "-p",
-        "watchscope",
-        "-p",
-        "xtask",
-    ]))?;
+    util::run(util::cargo().args(["test", "-p", "agent-common", "-p", "watchscope", "-p", "xtask"]))?;
 
     if args.unit_only {
         return Ok(());

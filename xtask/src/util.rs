@@ -14,10 +14,7 @@ pub fn cd_workspace_root() -> Result<()> {
 }
 
 pub fn workspace_root() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR"))
-        .parent()
-        .map(Path::to_path_buf)
-        .unwrap_or_else(|| PathBuf::from("."))
+    Path::new(env!("CARGO_MANIFEST_DIR")).parent().map(Path::to_path_buf).unwrap_or_else(|| PathBuf::from("."))
 }
 
 /// Prints a step header: `==> what`.
@@ -28,9 +25,7 @@ pub fn step(what: &str) {
 /// Runs a command to completion, failing with the command line if it fails.
 pub fn run(cmd: &mut Command) -> Result<()> {
     println!("    $ {}", show(cmd));
-    let status = cmd
-        .status()
-        .with_context(|| format!("cannot start `{}`", show(cmd)))?;
+    let status = cmd.status().with_context(|| format!("cannot start `{}`", show(cmd)))?;
     if !status.success() {
         bail!("`{}` failed ({status})", show(cmd));
     }
@@ -39,17 +34,12 @@ pub fn run(cmd: &mut Command) -> Result<()> {
 
 /// Whether a command runs and exits 0 (its output is discarded).
 pub fn succeeds(cmd: &mut Command) -> bool {
-    cmd.stdout(std::process::Stdio::null())
-        .stderr(std::process::Stdio::null())
-        .status()
-        .is_ok_and(|s| s.success())
+    cmd.stdout(std::process::Stdio::null()).stderr(std::process::Stdio::null()).status().is_ok_and(|s| s.success())
 }
 
 /// Captures a command's stdout (empty when it cannot run).
 pub fn output(cmd: &mut Command) -> String {
-    cmd.output()
-        .map(|o| String::from_utf8_lossy(&o.stdout).into_owned())
-        .unwrap_or_default()
+    cmd.output().map(|o| String::from_utf8_lossy(&o.stdout).into_owned()).unwrap_or_default()
 }
 
 pub fn show(cmd: &Command) -> String {

@@ -219,12 +219,13 @@ fn site(
             cfg.events_indirect = 1;
         }
     }
-    let body = body_offset(insp, open_path, p)?;
+    let at = probe_site(insp, open_path, p)?;
+    cfg.guard = at.guard;
     Ok(Site {
         role: role.to_string(),
         symbol: p.symbol.clone(),
         program,
-        file_offset: p.file_offset + body,
+        file_offset: p.file_offset + at.offset,
         config: cfg,
     })
 }
@@ -275,8 +276,8 @@ fn reg_slot(r: Reg) -> Option<u32> {
     })
 }
 
-/// Bytes past the entry where the body starts (after the stack check).
-fn body_offset(insp: &Inspection, open_path: &Path, p: &Probe) -> Result<u64, String> {
+/// Where in the function the entry probe goes (see `inspect::prologue`).
+fn probe_site(insp: &Inspection, open_path: &Path, p: &Probe) -> Result<prologue::ProbeSite, String> {
     let len = p.size.clamp(1, 64) as usize;
     let mut code = vec![0u8; len];
     let f = std::fs::File::open(open_path).map_err(|e| format!("cannot read {}: {e}", open_path.display()))?;
@@ -284,8 +285,8 @@ fn body_offset(insp: &Inspection, open_path: &Path, p: &Probe) -> Result<u64, St
         .map_err(|e| format!("cannot read {} at {:#x}: {e}", p.symbol, p.file_offset))?;
     let register_abi = insp.abi == Some(Abi::Register);
     let off = match insp.arch {
-        Arch::X86_64 => prologue::amd64_body_offset(&code, p.address, register_abi),
-        Arch::Aarch64 => prologue::arm64_body_offset(&code),
+        Arch::X86_64 => prologue::amd64_probe_site(&code, p.address, register_abi),
+        Arch::Aarch64 => prologue::arm64_probe_site(&code),
     };
     off.map_err(|e| format!("{}: {e}; refusing to place an entry probe", p.symbol))
 }

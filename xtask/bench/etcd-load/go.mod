@@ -1,0 +1,3 @@
+module watchscope.dev/bench/etcdload
+
+go 1.19
