@@ -44,18 +44,13 @@ fn main() {
 
 /// Checks for bpf-linker on PATH and rust-src in the active sysroot.
 fn toolchain_present() -> Result<(), String> {
-    let linker_ok = Command::new("bpf-linker")
-        .arg("--version")
-        .output()
-        .is_ok_and(|o| o.status.success());
+    let linker_ok = Command::new("bpf-linker").arg("--version").output().is_ok_and(|o| o.status.success());
     if !linker_ok {
         return Err("bpf-linker is not on PATH".into());
     }
     let rustc = env::var("RUSTC").unwrap_or_else(|_| "rustc".into());
-    let sysroot = Command::new(rustc)
-        .args(["--print", "sysroot"])
-        .output()
-        .map_err(|e| format!("cannot run rustc: {e}"))?;
+    let sysroot =
+        Command::new(rustc).args(["--print", "sysroot"]).output().map_err(|e| format!("cannot run rustc: {e}"))?;
     let sysroot = String::from_utf8_lossy(&sysroot.stdout).trim().to_string();
     let core_src = PathBuf::from(&sysroot).join("lib/rustlib/src/rust/library/core");
     if !core_src.exists() {

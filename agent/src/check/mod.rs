@@ -55,21 +55,12 @@ fn ser_status<S: serde::Serializer>(s: &Status, ser: S) -> Result<S::Ok, S::Erro
 }
 
 impl Item {
-    fn new(
-        name: impl Into<String>,
-        status: Status,
-        detail: impl Into<String>,
-        fix: impl Into<String>,
-    ) -> Self {
+    fn new(name: impl Into<String>, status: Status, detail: impl Into<String>, fix: impl Into<String>) -> Self {
         Self {
             name: name.into(),
             status,
             detail: detail.into(),
-            fix: if status == Status::Ok {
-                String::new()
-            } else {
-                fix.into()
-            },
+            fix: if status == Status::Ok { String::new() } else { fix.into() },
         }
     }
 }
@@ -90,23 +81,14 @@ impl fmt::Display for Report {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         let width = self.items.iter().map(|i| i.name.len()).max().unwrap_or(0);
         for i in &self.items {
-            write!(
-                f,
-                "{:<7} {:<width$}  {}",
-                i.status.to_string(),
-                i.name,
-                i.detail
-            )?;
+            write!(f, "{:<7} {:<width$}  {}", i.status.to_string(), i.name, i.detail)?;
             if !i.fix.is_empty() {
                 write!(f, " — fix: {}", i.fix)?;
             }
             writeln!(f)?;
         }
-        let verdict = if self.ready() {
-            "ready: this node can run watchscope"
-        } else {
-            "not ready: fix the missing items above"
-        };
+        let verdict =
+            if self.ready() { "ready: this node can run watchscope" } else { "not ready: fix the missing items above" };
         writeln!(f, "{verdict}")
     }
 }
@@ -131,24 +113,11 @@ fn kernel_item(root: &HostRoot, items: &mut Vec<Item>) -> Option<KernelVersion> 
     let version = KernelVersion::parse(&release);
     let fix = format!("run a kernel >= {MIN_KERNEL}");
     items.push(match version {
-        Some(v) if v >= MIN_KERNEL => Item::new(
-            "kernel",
-            Status::Ok,
-            format!("{} (>= {MIN_KERNEL} needed)", release.trim()),
-            "",
-        ),
-        Some(_) => Item::new(
-            "kernel",
-            Status::Missing,
-            format!("{} is older than {MIN_KERNEL}", release.trim()),
-            fix,
-        ),
-        None => Item::new(
-            "kernel",
-            Status::Missing,
-            format!("cannot read the release from {}", path.display()),
-            fix,
-        ),
+        Some(v) if v >= MIN_KERNEL => {
+            Item::new("kernel", Status::Ok, format!("{} (>= {MIN_KERNEL} needed)", release.trim()), "")
+        }
+        Some(_) => Item::new("kernel", Status::Missing, format!("{} is older than {MIN_KERNEL}", release.trim()), fix),
+        None => Item::new("kernel", Status::Missing, format!("cannot read the release from {}", path.display()), fix),
     });
     version
 }
@@ -174,24 +143,13 @@ fn bpf_items(items: &mut Vec<Item>) {
             "bpf() tracepoint programs",
             aya::sys::is_program_supported(ProgramType::TracePoint).map_err(|e| e.to_string()),
         ),
-        (
-            "bpf() uprobe programs",
-            aya::sys::is_program_supported(ProgramType::KProbe).map_err(|e| e.to_string()),
-        ),
-        (
-            "bpf() ring buffer maps",
-            aya::sys::is_map_supported(MapType::RingBuf).map_err(|e| e.to_string()),
-        ),
+        ("bpf() uprobe programs", aya::sys::is_program_supported(ProgramType::KProbe).map_err(|e| e.to_string())),
+        ("bpf() ring buffer maps", aya::sys::is_map_supported(MapType::RingBuf).map_err(|e| e.to_string())),
     ];
     for (name, res) in probes {
         items.push(match res {
             Ok(true) => Item::new(name, Status::Ok, "loaded a test object", ""),
-            Ok(false) => Item::new(
-                name,
-                Status::Missing,
-                "the kernel refused a test object",
-                fix,
-            ),
+            Ok(false) => Item::new(name, Status::Missing, "the kernel refused a test object", fix),
             Err(e) => Item::new(name, Status::Missing, format!("bpf() failed: {e}"), fix),
         });
     }
@@ -209,12 +167,7 @@ fn jit_item(root: &HostRoot, items: &mut Vec<Item>) {
             "sysctl net.core.bpf_jit_enable=1",
         ),
         // Kernels with CONFIG_BPF_JIT_ALWAYS_ON may hide the knob.
-        _ => Item::new(
-            "bpf jit",
-            Status::Warn,
-            format!("{} not readable", path.display()),
-            "check CONFIG_BPF_JIT",
-        ),
+        _ => Item::new("bpf jit", Status::Warn, format!("{} not readable", path.display()), "check CONFIG_BPF_JIT"),
     });
 }
 
@@ -232,12 +185,7 @@ fn tracefs_items(root: &HostRoot, items: &mut Vec<Item>) {
     });
     let tracefs = match Tracefs::find(root) {
         Ok(t) => {
-            items.push(Item::new(
-                "tracefs",
-                Status::Ok,
-                format!("{}", t.dir.display()),
-                "",
-            ));
+            items.push(Item::new("tracefs", Status::Ok, format!("{}", t.dir.display()), ""));
             t
         }
         Err(_) => {
@@ -265,12 +213,9 @@ fn tracefs_items(root: &HostRoot, items: &mut Vec<Item>) {
         let name = format!("tracepoint {}:{}", tp.category, tp.name);
         items.push(match tracefs.tracepoint_exists(tp.category, tp.name) {
             Ok(()) => Item::new(name, Status::Ok, "present", ""),
-            Err(e) => Item::new(
-                name,
-                Status::Missing,
-                e.to_string(),
-                "use a kernel with this tracepoint (CONFIG_FTRACE)",
-            ),
+            Err(e) => {
+                Item::new(name, Status::Missing, e.to_string(), "use a kernel with this tracepoint (CONFIG_FTRACE)")
+            }
         });
     }
 }
@@ -293,16 +238,10 @@ fn cap_items(root: &HostRoot, items: &mut Vec<Item>) {
     for cap in Cap::ALL {
         let (status, detail, fix) = match cap {
             _ if set.has(cap) => (Status::Ok, "held".to_string(), String::new()),
-            Cap::Bpf | Cap::Perfmon if admin => (
-                Status::Ok,
-                "not held; CAP_SYS_ADMIN covers it".into(),
-                String::new(),
-            ),
-            Cap::Bpf | Cap::Perfmon => (
-                Status::Missing,
-                "not held: needed to load and attach programs".into(),
-                format!("grant {cap}"),
-            ),
+            Cap::Bpf | Cap::Perfmon if admin => (Status::Ok, "not held; CAP_SYS_ADMIN covers it".into(), String::new()),
+            Cap::Bpf | Cap::Perfmon => {
+                (Status::Missing, "not held: needed to load and attach programs".into(), format!("grant {cap}"))
+            }
             Cap::SysPtrace => (
                 Status::Missing,
                 "not held: needed to read other processes' executables and memory maps".into(),
@@ -344,11 +283,8 @@ fn memlock_item(root: &HostRoot, kernel: Option<KernelVersion>, items: &mut Vec<
                 "ulimit -l unlimited, or run with CAP_SYS_RESOURCE so the agent can raise it",
             ),
         },
-        None => Item::new(
-            "memlock",
-            Status::Warn,
-            format!("cannot read {}", path.display()),
-            "check that /proc is mounted",
-        ),
+        None => {
+            Item::new("memlock", Status::Warn, format!("cannot read {}", path.display()), "check that /proc is mounted")
+        }
     });
 }

@@ -11,11 +11,7 @@ pub struct KernelVersion {
 
 impl KernelVersion {
     pub const fn new(major: u32, minor: u32, patch: u32) -> Self {
-        Self {
-            major,
-            minor,
-            patch,
-        }
+        Self { major, minor, patch }
     }
 
     /// Parses the leading "X.Y[.Z]" of a release string; the rest (distro
@@ -25,11 +21,7 @@ impl KernelVersion {
         let major = parts.next()?.parse().ok()?;
         let minor = parts.next()?.parse().ok()?;
         let patch = parts.next().and_then(|p| p.parse().ok()).unwrap_or(0);
-        Some(Self {
-            major,
-            minor,
-            patch,
-        })
+        Some(Self { major, minor, patch })
     }
 }
 
@@ -45,18 +37,9 @@ mod tests {
 
     #[test]
     fn parses_distro_releases() {
-        assert_eq!(
-            KernelVersion::parse("6.18.44-fc-v669"),
-            Some(KernelVersion::new(6, 18, 44))
-        );
-        assert_eq!(
-            KernelVersion::parse("5.15.0-91-generic\n"),
-            Some(KernelVersion::new(5, 15, 0))
-        );
-        assert_eq!(
-            KernelVersion::parse("6.1"),
-            Some(KernelVersion::new(6, 1, 0))
-        );
+        assert_eq!(KernelVersion::parse("6.18.44-fc-v669"), Some(KernelVersion::new(6, 18, 44)));
+        assert_eq!(KernelVersion::parse("5.15.0-91-generic\n"), Some(KernelVersion::new(5, 15, 0)));
+        assert_eq!(KernelVersion::parse("6.1"), Some(KernelVersion::new(6, 1, 0)));
         assert_eq!(KernelVersion::parse("linux"), None);
         assert!(KernelVersion::new(5, 8, 0) < KernelVersion::new(5, 15, 0));
     }

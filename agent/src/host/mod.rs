@@ -17,9 +17,7 @@ pub struct HostRoot {
 
 impl Default for HostRoot {
     fn default() -> Self {
-        Self {
-            root: PathBuf::from("/"),
-        }
+        Self { root: PathBuf::from("/") }
     }
 }
 

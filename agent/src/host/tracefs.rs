@@ -16,16 +16,9 @@ pub enum TracefsError {
     )]
     NotMounted,
     #[error("tracepoint {category}:{name} does not exist on this kernel ({path})")]
-    NoTracepoint {
-        category: String,
-        name: String,
-        path: PathBuf,
-    },
+    NoTracepoint { category: String, name: String, path: PathBuf },
     #[error("cannot read {path}: {source}")]
-    Read {
-        path: PathBuf,
-        source: std::io::Error,
-    },
+    Read { path: PathBuf, source: std::io::Error },
     #[error("field `{field}` not found in {path}")]
     NoField { field: String, path: PathBuf },
 }
@@ -57,30 +50,16 @@ impl Tracefs {
         if path.is_file() {
             Ok(())
         } else {
-            Err(TracefsError::NoTracepoint {
-                category: category.into(),
-                name: name.into(),
-                path,
-            })
+            Err(TracefsError::NoTracepoint { category: category.into(), name: name.into(), path })
         }
     }
 
     /// Byte offset of `field` in the `category:name` record.
-    pub fn field_offset(
-        &self,
-        category: &str,
-        name: &str,
-        field: &str,
-    ) -> Result<u32, TracefsError> {
+    pub fn field_offset(&self, category: &str, name: &str, field: &str) -> Result<u32, TracefsError> {
         let path = self.event_dir(category, name).join("format");
-        let text = std::fs::read_to_string(&path).map_err(|source| TracefsError::Read {
-            path: path.clone(),
-            source,
-        })?;
-        parse_field_offset(&text, field).ok_or(TracefsError::NoField {
-            field: field.into(),
-            path,
-        })
+        let text =
+            std::fs::read_to_string(&path).map_err(|source| TracefsError::Read { path: path.clone(), source })?;
+        parse_field_offset(&text, field).ok_or(TracefsError::NoField { field: field.into(), path })
     }
 
     pub fn uprobe_events(&self) -> PathBuf {
@@ -101,9 +80,7 @@ pub fn parse_field_offset(format: &str, field: &str) -> Option<u32> {
         if ident != field {
             return None;
         }
-        let off = rest
-            .split(';')
-            .find_map(|kv| kv.trim().strip_prefix("offset:"))?;
+        let off = rest.split(';').find_map(|kv| kv.trim().strip_prefix("offset:"))?;
         off.trim().parse().ok()
     })
 }
@@ -132,9 +109,6 @@ format:
         assert_eq!(parse_field_offset(EXEC_FORMAT, "old_pid"), Some(16));
         assert_eq!(parse_field_offset(EXEC_FORMAT, "common_pid"), Some(4));
         assert_eq!(parse_field_offset(EXEC_FORMAT, "nope"), None);
-        assert_eq!(
-            parse_field_offset("field:char comm[16];\toffset:8;\tsize:16;", "comm"),
-            Some(8)
-        );
+        assert_eq!(parse_field_offset("field:char comm[16];\toffset:8;\tsize:16;", "comm"), Some(8));
     }
 }
