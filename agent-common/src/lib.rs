@@ -6,6 +6,7 @@
 pub mod counters;
 pub mod events;
 pub mod hist;
+pub mod sidecar;
 pub mod watch;
 
 pub use counters::Counter;

@@ -9,6 +9,7 @@
 mod discover;
 mod etcd;
 mod maps;
+mod sidecar;
 
 #[cfg(not(test))]
 #[panic_handler]

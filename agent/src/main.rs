@@ -53,6 +53,14 @@ struct RunArgs {
     /// Never watch processes with this command name (wins over --comm).
     #[arg(long = "exclude-comm", env = "WATCHSCOPE_EXCLUDE_COMM", value_delimiter = ',')]
     exclude_comms: Vec<String>,
+    /// Proxies whose added latency to measure, by command name (repeatable,
+    /// or comma-separated).
+    #[arg(long = "sidecar-comm", env = "WATCHSCOPE_SIDECAR_COMM", value_delimiter = ',',
+          default_values_t = watchscope::attach::sidecar::DEFAULT_SIDECAR_COMMS.iter().map(|s| s.to_string()).collect::<Vec<_>>())]
+    sidecar_comms: Vec<String>,
+    /// Proxies to measure, by pid (repeatable, or comma-separated).
+    #[arg(long = "sidecar-pid", env = "WATCHSCOPE_SIDECAR_PID", value_delimiter = ',')]
+    sidecar_pids: Vec<u32>,
     /// Most series one labelled family may have; past it, observations are
     /// counted in watchscope_series_dropped_total instead.
     #[arg(long, env = "WATCHSCOPE_MAX_SERIES", default_value_t = 2000, value_parser = clap::value_parser!(u32).range(1..))]
@@ -88,6 +96,7 @@ fn dispatch(command: Command) -> Result<ExitCode> {
             let cfg = daemon::RunConfig {
                 listen: args.listen,
                 filter: ProcessFilter { pids: args.pids, comms: args.comms, exclude_comms: args.exclude_comms },
+                sidecar: daemon::SidecarFilter { comms: args.sidecar_comms, pids: args.sidecar_pids },
                 max_series: args.max_series as usize,
                 root: HostRoot::default(),
             };

@@ -4,6 +4,7 @@
 
 pub mod etcd;
 pub mod go;
+pub mod proxy;
 
 use std::{
     net::TcpListener,

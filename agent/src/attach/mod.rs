@@ -4,6 +4,7 @@
 //! link file descriptors, which detaches everything: nothing is left behind
 //! in the kernel, not even after SIGKILL.
 
+pub mod sidecar;
 pub mod slots;
 pub mod uprobes;
 pub mod watch;

@@ -14,23 +14,29 @@ pub const OVERFLOW_LABEL: &str = "_other";
 pub struct Slots {
     by_label: HashMap<String, u32>,
     labels: Vec<String>,
+    max: u32,
     /// Label sets that did not get a slot of their own.
     pub overflowed: u64,
 }
 
 impl Default for Slots {
     fn default() -> Self {
-        Self { by_label: HashMap::new(), labels: vec![OVERFLOW_LABEL.to_string()], overflowed: 0 }
+        Self::with_capacity(MAX_SLOTS)
     }
 }
 
 impl Slots {
+    /// A table of `max` slots (the size of the kernel arrays it indexes).
+    pub fn with_capacity(max: u32) -> Self {
+        Self { by_label: HashMap::new(), labels: vec![OVERFLOW_LABEL.to_string()], max, overflowed: 0 }
+    }
+
     /// The slot for `label`, allocating one if there is room.
     pub fn slot(&mut self, label: &str) -> u32 {
         if let Some(s) = self.by_label.get(label) {
             return *s;
         }
-        if self.labels.len() as u32 >= MAX_SLOTS {
+        if self.labels.len() as u32 >= self.max {
             self.overflowed += 1;
             return OVERFLOW_SLOT;
         }

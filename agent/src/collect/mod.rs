@@ -12,6 +12,7 @@ use std::{
 
 use agent_common::{
     Counter, Histogram,
+    sidecar::{Direction, SidecarCount},
     watch::{Side, Stage, events_index, hist_index},
 };
 use aya::{
@@ -33,6 +34,8 @@ pub struct KernelMaps {
     counters: PerCpuArray<MapData, u64>,
     watch_hist: PerCpuArray<MapData, Histogram>,
     watch_events: PerCpuArray<MapData, u64>,
+    sidecar_hist: PerCpuArray<MapData, Histogram>,
+    sidecar_counts: PerCpuArray<MapData, u64>,
 }
 
 fn take_per_cpu<V: aya::Pod>(ebpf: &mut Ebpf, name: &'static str) -> Result<PerCpuArray<MapData, V>, CollectError> {
@@ -46,25 +49,25 @@ impl KernelMaps {
             counters: take_per_cpu(ebpf, "WS_COUNTERS")?,
             watch_hist: take_per_cpu(ebpf, "WS_WATCH_HIST")?,
             watch_events: take_per_cpu(ebpf, "WS_WATCH_EVENTS")?,
+            sidecar_hist: take_per_cpu(ebpf, "WS_SIDECAR_HIST")?,
+            sidecar_counts: take_per_cpu(ebpf, "WS_SIDECAR_COUNTS")?,
         })
     }
 
-    /// One histogram, its per-CPU copies merged.
     pub fn watch_histogram(&self, slot: u32, stage: Stage) -> Histogram {
-        let mut h = Histogram::ZERO;
-        if let Ok(per_cpu) = self.watch_hist.get(&hist_index(slot, stage), 0) {
-            for cpu in per_cpu.iter() {
-                h.merge(cpu);
-            }
-        }
-        h
+        merged(&self.watch_hist, hist_index(slot, stage))
     }
 
     pub fn watch_events(&self, slot: u32, side: Side) -> u64 {
-        self.watch_events
-            .get(&events_index(slot, side), 0)
-            .map(|v| v.iter().copied().fold(0u64, u64::wrapping_add))
-            .unwrap_or(0)
+        summed(&self.watch_events, events_index(slot, side))
+    }
+
+    pub fn sidecar_histogram(&self, slot: u32, dir: Direction) -> Histogram {
+        merged(&self.sidecar_hist, agent_common::sidecar::hist_index(slot, dir))
+    }
+
+    pub fn sidecar_count(&self, slot: u32, c: SidecarCount) -> u64 {
+        summed(&self.sidecar_counts, agent_common::sidecar::count_index(slot, c))
     }
 
     /// Kernel self-counters summed over CPUs, indexed by `Counter as usize`.
@@ -77,6 +80,22 @@ impl KernelMaps {
         }
         out
     }
+}
+
+/// One histogram of a per-CPU array, its CPUs merged.
+fn merged(map: &PerCpuArray<MapData, Histogram>, idx: u32) -> Histogram {
+    let mut h = Histogram::ZERO;
+    if let Ok(per_cpu) = map.get(&idx, 0) {
+        for cpu in per_cpu.iter() {
+            h.merge(cpu);
+        }
+    }
+    h
+}
+
+/// One counter of a per-CPU array, its CPUs summed.
+fn summed(map: &PerCpuArray<MapData, u64>, idx: u32) -> u64 {
+    map.get(&idx, 0).map(|v| v.iter().copied().fold(0u64, u64::wrapping_add)).unwrap_or(0)
 }
 
 /// Per-label counts with a cap on the number of series: past the cap a new
@@ -146,6 +165,12 @@ pub struct Snapshot {
     pub watch_stages: Vec<LabelledHistogram>,
     /// (side, comm, events).
     pub watch_events: Vec<(&'static str, String, u64)>,
+    /// Proxy crossing histograms (direction, comm) with observations.
+    pub sidecar: Vec<LabelledHistogram>,
+    /// (direction, comm, crossings).
+    pub sidecar_crossings: Vec<(&'static str, String, u64)>,
+    /// (comm, unmatched, retransmits).
+    pub sidecar_other: Vec<(String, u64, u64)>,
     pub watched_execs: Vec<(String, u64)>,
     pub series_dropped: Vec<(&'static str, u64)>,
     pub decode_errors: u64,
@@ -154,7 +179,41 @@ pub struct Snapshot {
 
 impl Snapshot {
     /// Reads everything; `slots` lists (slot, comm) of the label slots in use.
-    pub fn take(maps: &KernelMaps, user: &UserCounters, slots: &[(u32, String)], probes_attached: usize) -> Self {
+    pub fn take(
+        maps: &KernelMaps,
+        user: &UserCounters,
+        slots: &[(u32, String)],
+        sidecar_slots: &[(u32, String)],
+        probes_attached: usize,
+    ) -> Self {
+        let mut sidecar = Vec::new();
+        let mut sidecar_crossings = Vec::new();
+        let mut sidecar_other = Vec::new();
+        for (slot, comm) in sidecar_slots {
+            let mut seen = false;
+            for (dir, count) in [
+                (Direction::Request, SidecarCount::RequestCrossings),
+                (Direction::Response, SidecarCount::ResponseCrossings),
+            ] {
+                let hist = maps.sidecar_histogram(*slot, dir);
+                let n = maps.sidecar_count(*slot, count);
+                if hist.count() > 0 {
+                    sidecar.push(LabelledHistogram {
+                        labels: vec![("direction", dir.name().to_string()), ("comm", comm.clone())],
+                        hist,
+                    });
+                }
+                if n > 0 {
+                    sidecar_crossings.push((dir.name(), comm.clone(), n));
+                    seen = true;
+                }
+            }
+            let unmatched = maps.sidecar_count(*slot, SidecarCount::Unmatched);
+            let retrans = maps.sidecar_count(*slot, SidecarCount::Retransmits);
+            if seen || unmatched > 0 || retrans > 0 {
+                sidecar_other.push((comm.clone(), unmatched, retrans));
+            }
+        }
         let mut watch_stages = Vec::new();
         let mut watch_events = Vec::new();
         for (slot, comm) in slots {
@@ -187,6 +246,9 @@ impl Snapshot {
             kernel: maps.counters(),
             watch_stages,
             watch_events,
+            sidecar,
+            sidecar_crossings,
+            sidecar_other,
             watched_execs,
             series_dropped: vec![("process_execs", overflow)],
             decode_errors: user.decode_errors.load(Ordering::Relaxed),

@@ -23,6 +23,7 @@ use crate::{
     export::server::{self, MetricsSource},
     host::HostRoot,
 };
+pub use tracker::SidecarFilter;
 use tracker::{Status, Tracker};
 
 /// How often /proc is reconciled with what the agent tracks: a backstop for
@@ -33,6 +34,7 @@ const RECONCILE_EVERY: Duration = Duration::from_secs(10);
 pub struct RunConfig {
     pub listen: SocketAddr,
     pub filter: ProcessFilter,
+    pub sidecar: SidecarFilter,
     pub max_series: usize,
     pub root: HostRoot,
 }
@@ -41,18 +43,23 @@ struct Agent {
     maps: KernelMaps,
     user: Arc<UserCounters>,
     slots: Arc<Mutex<Slots>>,
+    sidecar_slots: Arc<Mutex<Slots>>,
     tracepoints: Vec<AttachedProbe>,
     status: Arc<Status>,
 }
 
 impl MetricsSource for Agent {
     fn snapshot(&self) -> Snapshot {
-        let slots: Vec<(u32, String)> = match self.slots.lock() {
-            Ok(s) => s.all().map(|(i, l)| (i, l.to_string())).collect(),
-            Err(p) => p.into_inner().all().map(|(i, l)| (i, l.to_string())).collect(),
+        let list = |m: &Mutex<Slots>| -> Vec<(u32, String)> {
+            match m.lock() {
+                Ok(s) => s.all().map(|(i, l)| (i, l.to_string())).collect(),
+                Err(p) => p.into_inner().all().map(|(i, l)| (i, l.to_string())).collect(),
+            }
         };
-        let probes = self.tracepoints.len() + self.status.uprobes_attached.load(Ordering::Relaxed);
-        Snapshot::take(&self.maps, &self.user, &slots, probes)
+        let probes = self.tracepoints.len()
+            + self.status.uprobes_attached.load(Ordering::Relaxed)
+            + self.status.sidecar_tracepoints.load(Ordering::Relaxed);
+        Snapshot::take(&self.maps, &self.user, &list(&self.slots), &list(&self.sidecar_slots), probes)
     }
 
     fn probes_json(&self) -> serde_json::Value {
@@ -60,10 +67,16 @@ impl MetricsSource for Agent {
             Ok(b) => b.values().cloned().collect(),
             Err(p) => p.into_inner().values().cloned().collect(),
         };
+        let sidecars: Vec<_> = match self.status.sidecars.lock() {
+            Ok(s) => s.iter().map(|(pid, comm)| serde_json::json!({"pid": pid, "comm": comm})).collect(),
+            Err(_) => Vec::new(),
+        };
         serde_json::json!({
             "probes": self.tracepoints,
             "uprobes_attached": self.status.uprobes_attached.load(Ordering::Relaxed),
+            "sidecar_tracepoints_attached": self.status.sidecar_tracepoints.load(Ordering::Relaxed),
             "binaries": binaries,
+            "sidecars": sidecars,
         })
     }
 }
@@ -79,12 +92,28 @@ pub async fn run(cfg: RunConfig) -> Result<()> {
     let events = RingBuf::try_from(events).context("opening the event ring buffer")?;
     let user = Arc::new(UserCounters::new(cfg.max_series));
     let slots = Arc::new(Mutex::new(Slots::default()));
+    let sidecar_slots = Arc::new(Mutex::new(Slots::with_capacity(agent_common::sidecar::MAX_SIDECAR_SLOTS)));
     let status = Arc::new(Status::default());
     let tracepoints = probes.attached.clone();
     let n_tracepoints = tracepoints.len();
-    let agent = Arc::new(Agent { maps, user: user.clone(), slots: slots.clone(), tracepoints, status: status.clone() });
+    let agent = Arc::new(Agent {
+        maps,
+        user: user.clone(),
+        slots: slots.clone(),
+        sidecar_slots: sidecar_slots.clone(),
+        tracepoints,
+        status: status.clone(),
+    });
 
-    let mut tracker = Tracker::new(cfg.root.clone(), cfg.filter.clone(), probes.ebpf, slots, status)?;
+    let mut tracker = Tracker::new(
+        cfg.root.clone(),
+        cfg.filter.clone(),
+        cfg.sidecar.clone(),
+        probes.ebpf,
+        slots,
+        sidecar_slots,
+        status,
+    )?;
     // The initial scan: processes that were running before the agent.
     tracker.reconcile();
 

@@ -24,7 +24,7 @@ use serde::Serialize;
 use tracing::{info, warn};
 
 use crate::{
-    attach::{slots::Slots, uprobes::Uprobes, watch},
+    attach::{sidecar::SidecarProbes, slots::Slots, uprobes::Uprobes, watch},
     discover::{
         ProcessFilter,
         procfs::{self, FileIdent, ProcInfo},
@@ -52,6 +52,22 @@ pub struct BinaryStatus {
 pub struct Status {
     pub binaries: Mutex<BTreeMap<FileIdent, BinaryStatus>>,
     pub uprobes_attached: AtomicUsize,
+    pub sidecar_tracepoints: AtomicUsize,
+    /// Proxy processes watched (pid → comm).
+    pub sidecars: Mutex<BTreeMap<u32, String>>,
+}
+
+/// Which processes are proxies whose latency to measure.
+#[derive(Clone, Debug, Default)]
+pub struct SidecarFilter {
+    pub comms: Vec<String>,
+    pub pids: Vec<u32>,
+}
+
+impl SidecarFilter {
+    pub fn matches(&self, tgid: u32, comm: &str) -> bool {
+        self.pids.contains(&tgid) || self.comms.iter().any(|c| c == comm)
+    }
 }
 
 struct Tracked {
@@ -61,6 +77,9 @@ struct Tracked {
 pub struct Tracker {
     root: HostRoot,
     filter: ProcessFilter,
+    sidecar_filter: SidecarFilter,
+    sidecar: SidecarProbes,
+    sidecar_slots: Arc<Mutex<Slots>>,
     ebpf: Ebpf,
     uprobes: Uprobes,
     proc_slot: BpfHashMap<MapData, u32, u32>,
@@ -81,19 +100,28 @@ type Verdict = Option<(Arc<inspect::Inspection>, Arc<watch::WatchPlan>)>;
 const MAX_KNOWN_FILES: usize = 16384;
 
 impl Tracker {
+    #[allow(clippy::too_many_arguments)]
     pub fn new(
         root: HostRoot,
         filter: ProcessFilter,
+        sidecar_filter: SidecarFilter,
         mut ebpf: Ebpf,
         slots: Arc<Mutex<Slots>>,
+        sidecar_slots: Arc<Mutex<Slots>>,
         status: Arc<Status>,
     ) -> anyhow::Result<Self> {
         use anyhow::Context as _;
+        let sc_map = ebpf.take_map("WS_SIDECAR_SLOT").context("the eBPF object has no WS_SIDECAR_SLOT map")?;
+        let sidecar = SidecarProbes::load(&mut ebpf, BpfHashMap::try_from(sc_map).context("WS_SIDECAR_SLOT")?)
+            .context("loading the sidecar programs")?;
         let config = ebpf.take_map("WS_WATCH_CONFIG").context("the eBPF object has no WS_WATCH_CONFIG map")?;
         let proc_slot = ebpf.take_map("WS_PROC_SLOT").context("the eBPF object has no WS_PROC_SLOT map")?;
         Ok(Self {
             root,
             filter,
+            sidecar_filter,
+            sidecar,
+            sidecar_slots,
             ebpf,
             uprobes: Uprobes::new(aya::maps::Array::try_from(config).context("WS_WATCH_CONFIG")?),
             proc_slot: BpfHashMap::try_from(proc_slot).context("WS_PROC_SLOT")?,
@@ -110,6 +138,7 @@ impl Tracker {
     pub fn reconcile(&mut self) {
         let running = procfs::scan(&self.root);
         let alive: HashSet<u32> = running.iter().map(|p| p.tgid).collect();
+        self.reconcile_sidecars(&alive);
         let gone: Vec<u32> = self.procs.keys().copied().filter(|t| !alive.contains(t)).collect();
         for tgid in gone {
             self.on_exit(tgid);
@@ -135,6 +164,9 @@ impl Tracker {
     /// A watched process exited (the kernel already cleared its slot).
     pub fn on_exit(&mut self, tgid: u32) {
         self.forget(tgid);
+        if let Ok(mut s) = self.status.sidecars.lock() {
+            s.remove(&tgid);
+        }
     }
 
     fn forget(&mut self, tgid: u32) {
@@ -159,6 +191,10 @@ impl Tracker {
     }
 
     fn consider(&mut self, p: ProcInfo) {
+        if self.filter.exclude_comms.iter().any(|c| *c == p.comm) {
+            return;
+        }
+        self.consider_sidecar(&p);
         if !self.filter.matches(p.tgid, &p.comm) {
             return;
         }
@@ -235,15 +271,60 @@ impl Tracker {
         verdict
     }
 
+    /// A proxy to measure: register it with the sidecar programs.
+    fn consider_sidecar(&mut self, p: &ProcInfo) {
+        if !self.sidecar_filter.matches(p.tgid, &p.comm) {
+            return;
+        }
+        let known = self.status.sidecars.lock().map(|s| s.contains_key(&p.tgid)).unwrap_or(false);
+        if known {
+            return;
+        }
+        let slot = self.sidecar_slots.lock().map(|mut s| s.slot(&p.comm)).unwrap_or(0);
+        match self.sidecar.watch(&mut self.ebpf, p.tgid, slot) {
+            Ok(()) => {
+                info!(pid = p.tgid, comm = %p.comm, "measuring proxy latency");
+                if let Ok(mut s) = self.status.sidecars.lock() {
+                    s.insert(p.tgid, p.comm.clone());
+                }
+            }
+            Err(e) => warn!(pid = p.tgid, comm = %p.comm, "cannot measure this proxy: {e}"),
+        }
+        self.publish_count();
+    }
+
+    /// Forgets proxies that exited; detaches the syscall programs when no
+    /// proxy is left (forked workers the kernel added count too).
+    fn reconcile_sidecars(&mut self, alive: &HashSet<u32>) {
+        let mut known = match self.status.sidecars.lock() {
+            Ok(s) => s,
+            Err(_) => return,
+        };
+        known.retain(|pid, _| alive.contains(pid));
+        for pid in self.sidecar.watched() {
+            if !alive.contains(&pid) {
+                self.sidecar.unwatch(pid);
+            }
+        }
+        if known.is_empty() && self.sidecar.watched().is_empty() && self.sidecar.attached() > 0 {
+            self.sidecar.detach_all(&mut self.ebpf);
+            info!("no proxy left to measure; syscall programs detached");
+        }
+        drop(known);
+        self.publish_count();
+    }
+
     fn publish_count(&self) {
         self.status.uprobes_attached.store(self.uprobes.count(), Ordering::Relaxed);
+        self.status.sidecar_tracepoints.store(self.sidecar.attached(), Ordering::Relaxed);
     }
 
     /// Detaches everything (shutdown). Dropping the object would too; this
     /// makes the order explicit and countable.
     pub fn shutdown(mut self) -> usize {
         let tgids: Vec<u32> = self.uprobes.users().collect();
-        let mut n = 0;
+        let mut n = self.sidecar.attached();
+        self.sidecar.detach_all(&mut self.ebpf);
         for t in tgids {
             n += self.uprobes.remove_user(&mut self.ebpf, t);
         }

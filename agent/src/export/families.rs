@@ -63,8 +63,43 @@ pub const WATCH_EVENTS: Family = Family {
     help: "etcd watch events (not responses): sent by a server to each watcher, or dispatched by a client.",
 };
 
-pub const FAMILIES: &[Family] =
-    &[EXECS, PROCESS_EXECS, WATCH_STAGE_SECONDS, WATCH_EVENTS, DROPPED, SERIES_DROPPED, PROBES_ATTACHED, BUILD_INFO];
+pub const SIDECAR_SECONDS: Family = Family {
+    name: "sidecar_seconds",
+    kind: MetricType::Histogram,
+    help: "Time a request (downstream read to upstream write) or a response (upstream read to downstream write) \
+           spent inside a proxy, by direction and proxy process.",
+};
+pub const SIDECAR_CROSSINGS: Family = Family {
+    name: "sidecar_crossings",
+    kind: MetricType::Counter,
+    help: "Requests and responses seen crossing a proxy, by direction.",
+};
+pub const SIDECAR_UNMATCHED: Family = Family {
+    name: "sidecar_unmatched",
+    kind: MetricType::Counter,
+    help: "Messages a proxy read but that could not be paired with their write (answered by the proxy itself, \
+           handed to another thread, or cut short).",
+};
+pub const SIDECAR_RETRANSMITS: Family = Family {
+    name: "sidecar_retransmits",
+    kind: MetricType::Counter,
+    help: "TCP retransmissions on a proxy's sockets.",
+};
+
+pub const FAMILIES: &[Family] = &[
+    EXECS,
+    PROCESS_EXECS,
+    WATCH_STAGE_SECONDS,
+    WATCH_EVENTS,
+    SIDECAR_SECONDS,
+    SIDECAR_CROSSINGS,
+    SIDECAR_UNMATCHED,
+    SIDECAR_RETRANSMITS,
+    DROPPED,
+    SERIES_DROPPED,
+    PROBES_ATTACHED,
+    BUILD_INFO,
+];
 
 impl Family {
     /// The sample names this family produces in the exposition.
@@ -102,6 +137,14 @@ impl Collector for SnapshotCollector {
         let events: Vec<_> =
             s.watch_events.iter().map(|(side, comm, n)| ([("side", *side), ("comm", comm.as_str())], *n)).collect();
         counter(&mut enc, &WATCH_EVENTS, &events.iter().map(|(l, n)| (&l[..], *n)).collect::<Vec<_>>())?;
+        histograms(&mut enc, &SIDECAR_SECONDS, &s.sidecar)?;
+        let crossings: Vec<_> =
+            s.sidecar_crossings.iter().map(|(d, comm, n)| ([("direction", *d), ("comm", comm.as_str())], *n)).collect();
+        counter(&mut enc, &SIDECAR_CROSSINGS, &crossings.iter().map(|(l, n)| (&l[..], *n)).collect::<Vec<_>>())?;
+        let unmatched: Vec<_> = s.sidecar_other.iter().map(|(comm, u, _)| ([("comm", comm.as_str())], *u)).collect();
+        counter(&mut enc, &SIDECAR_UNMATCHED, &unmatched.iter().map(|(l, n)| (&l[..], *n)).collect::<Vec<_>>())?;
+        let retrans: Vec<_> = s.sidecar_other.iter().map(|(comm, _, r)| ([("comm", comm.as_str())], *r)).collect();
+        counter(&mut enc, &SIDECAR_RETRANSMITS, &retrans.iter().map(|(l, n)| (&l[..], *n)).collect::<Vec<_>>())?;
         let mut dropped: Vec<([(&str, &str); 1], u64)> =
             Counter::ALL.iter().filter_map(|c| Some(([("reason", c.drop_reason()?)], s.kernel(*c)))).collect();
         dropped.push(([("reason", "decode_error")], s.decode_errors));

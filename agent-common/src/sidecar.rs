@@ -1,0 +1,126 @@
+//! Shared definitions for sidecar (proxy) latency: the time a request or a
+//! response spends inside a proxy, between reading it on one socket and
+//! writing it on the other.
+
+/// The two directions a message crosses a proxy.
+#[repr(u32)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Direction {
+    /// Read from a downstream (accepted) socket → written to an upstream (dialed) one.
+    Request = 0,
+    /// Read from upstream → written downstream.
+    Response = 1,
+}
+
+impl Direction {
+    pub const COUNT: u32 = 2;
+    pub const ALL: [Direction; 2] = [Direction::Request, Direction::Response];
+
+    pub fn name(self) -> &'static str {
+        match self {
+            Direction::Request => "request",
+            Direction::Response => "response",
+        }
+    }
+}
+
+/// Per-slot counters of the sidecar programs.
+#[repr(u32)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum SidecarCount {
+    RequestCrossings = 0,
+    ResponseCrossings = 1,
+    /// A message read but never seen leaving (answered by the proxy itself,
+    /// handed to another thread, or overwritten by the next one).
+    Unmatched = 2,
+    /// TCP retransmissions on the proxy's sockets.
+    Retransmits = 3,
+}
+
+impl SidecarCount {
+    pub const COUNT: u32 = 4;
+}
+
+/// Label slots for proxies (like the watch path's, a fixed array).
+pub const MAX_SIDECAR_SLOTS: u32 = 32;
+
+/// A proxy's socket, as the syscall programs key it.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct FdKey {
+    pub tgid: u32,
+    pub fd: u32,
+}
+
+/// Role and message phase of one proxy socket.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct FdState {
+    /// `ROLE_DOWNSTREAM` or `ROLE_UPSTREAM`.
+    pub role: u32,
+    /// `PHASE_*`: where the socket's current message is.
+    pub phase: u32,
+}
+
+pub const ROLE_DOWNSTREAM: u32 = 1;
+pub const ROLE_UPSTREAM: u32 = 2;
+
+/// No message in flight: the next read starts one.
+pub const PHASE_IDLE: u32 = 0;
+/// Downstream: a request is being read, not yet forwarded.
+pub const PHASE_READING: u32 = 1;
+/// Downstream: the request was forwarded; reads are its body until the
+/// response has been written back.
+pub const PHASE_FORWARDED: u32 = 2;
+/// Upstream: a request was written; the next read starts its response.
+pub const PHASE_AWAITING: u32 = 3;
+/// Upstream: the response is being read; further reads are its body.
+pub const PHASE_RESPONDING: u32 = 4;
+
+/// Per-thread crossings in progress (the join key of an event-loop proxy).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct ThreadState {
+    pub req_start: u64,
+    pub req_fd: u32,
+    pub resp_fd: u32,
+    pub resp_start: u64,
+}
+
+/// A syscall between its enter and exit tracepoints.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct PendingIo {
+    /// `IO_*`.
+    pub kind: u32,
+    /// The fd read from (or connected, or written for IO_WRITE).
+    pub fd: i32,
+    /// For splice: the fd written to.
+    pub fd_out: i32,
+    pub _pad: u32,
+}
+
+pub const IO_READ: u32 = 1;
+pub const IO_WRITE: u32 = 2;
+pub const IO_CONNECT: u32 = 3;
+/// splice(fd_in → fd_out): a read and a write.
+pub const IO_SPLICE: u32 = 4;
+
+#[inline(always)]
+pub fn hist_index(slot: u32, dir: Direction) -> u32 {
+    slot * Direction::COUNT + dir as u32
+}
+
+#[inline(always)]
+pub fn count_index(slot: u32, c: SidecarCount) -> u32 {
+    slot * SidecarCount::COUNT + c as u32
+}
+
+#[cfg(feature = "user")]
+mod pod {
+    // SAFETY: repr(C) plain data.
+    unsafe impl aya::Pod for super::FdKey {}
+    unsafe impl aya::Pod for super::FdState {}
+    unsafe impl aya::Pod for super::ThreadState {}
+    unsafe impl aya::Pod for super::PendingIo {}
+}

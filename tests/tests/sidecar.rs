@@ -1,0 +1,138 @@
+//! Sidecar latency on real proxies: haproxy (threads) and nginx (worker
+//! processes) in front of a backend, and a proxy fixture that holds each
+//! request a known time.
+
+use std::{process::Command, time::Duration};
+
+use watchscope_integration_tests::{
+    Agent, Buckets,
+    proxy::{Backend, Proxy, requests},
+    wait_until,
+};
+
+const FAMILY: &str = "watchscope_sidecar_seconds";
+
+fn crossings(agent: &Agent, dir: &str, comm: &str) -> f64 {
+    agent.sample(&format!("watchscope_sidecar_crossings_total{{direction=\"{dir}\",comm=\"{comm}\"}}"))
+}
+
+fn unmatched(agent: &Agent, comm: &str) -> f64 {
+    agent.sample(&format!("watchscope_sidecar_unmatched_total{{comm=\"{comm}\"}}"))
+}
+
+/// Keep-alive GETs, new-connection GETs, and POSTs with bodies larger than
+/// one read, through `proxy`: `3 * n` requests in all.
+fn mixed_traffic(proxy: &Proxy, n: usize) {
+    requests(proxy.port, n, true, 0);
+    requests(proxy.port, n, false, 0);
+    requests(proxy.port, n, false, 300_000);
+}
+
+fn wait_watched(agent: &Agent, pid: u32) {
+    let ok = wait_until(Duration::from_secs(10), || {
+        watchscope_integration_tests::http_get(&agent.url("/debug/probes"))
+            .ok()
+            .and_then(|(_, b)| serde_json::from_str::<serde_json::Value>(&b).ok())
+            .is_some_and(|v| v["sidecars"].as_array().is_some_and(|s| s.iter().any(|p| p["pid"] == pid)))
+    });
+    assert!(ok, "proxy {pid} not watched:\n{}", agent.log_text());
+}
+
+fn assert_exact(agent: &Agent, comm: &str, want: f64) {
+    wait_until(Duration::from_secs(5), || crossings(agent, "response", comm) >= want);
+    let text = agent.metrics();
+    assert_eq!(crossings(agent, "request", comm), want, "{text}");
+    assert_eq!(crossings(agent, "response", comm), want, "{text}");
+    assert_eq!(unmatched(agent, comm), 0.0, "{text}");
+    for dir in ["request", "response"] {
+        let b = Buckets::parse(&text, FAMILY, &format!("direction=\"{dir}\",comm=\"{comm}\""));
+        assert_eq!(b.count(), want, "{dir}: {text}");
+    }
+}
+
+#[test]
+fn haproxy_crossings_are_exact_and_survive_a_restart() {
+    const N: usize = 20;
+    let comm = "ws-haproxy";
+    let backend = Backend::start(2.0, 100_000);
+    let agent = Agent::start(&["--sidecar-comm", comm]);
+    let mut proxy = Proxy::haproxy(comm, backend.port, 2);
+    wait_watched(&agent, proxy.pid());
+    mixed_traffic(&proxy, N);
+    assert_exact(&agent, comm, (3 * N) as f64);
+
+    // A restarted proxy is a new process: found again, counting goes on,
+    // and the new process's reused fd numbers start from a clean state.
+    proxy.restart();
+    wait_watched(&agent, proxy.pid());
+    mixed_traffic(&proxy, N);
+    assert_exact(&agent, comm, (6 * N) as f64);
+}
+
+#[test]
+fn nginx_worker_processes_are_measured_exactly() {
+    const N: usize = 20;
+    let comm = "ws-nginx";
+    let backend = Backend::start(2.0, 100_000);
+    // nginx starts after the agent: the master through its exec event, its
+    // forked workers through task_newtask in the kernel.
+    let agent = Agent::start(&["--sidecar-comm", comm]);
+    let proxy = Proxy::nginx(comm, backend.port, 2);
+    wait_watched(&agent, proxy.pid());
+    mixed_traffic(&proxy, N);
+    assert_exact(&agent, comm, (3 * N) as f64);
+}
+
+#[test]
+fn an_injected_request_delay_lands_in_its_buckets() {
+    const N: usize = 40;
+    const D: f64 = 0.020;
+    let backend = Backend::start(0.0, 64);
+    let proxy = Proxy::delay(backend.port, D * 1000.0);
+    let agent = Agent::start(&["--sidecar-comm", "none", "--sidecar-pid", &proxy.pid().to_string()]);
+    wait_watched(&agent, proxy.pid());
+    requests(proxy.port, N, true, 0);
+    let comm = "python3";
+    assert_exact(&agent, comm, N as f64);
+    let text = agent.metrics();
+    let req = Buckets::parse(&text, FAMILY, &format!("direction=\"request\",comm=\"{comm}\""));
+    // The buckets that hold D ± 10 %: everything from the bucket containing
+    // 0.9·D up to the one containing 1.1·D.
+    let lo = req.cumulative.iter().rev().find(|(le, _)| *le <= D * 0.9).map(|(_, c)| *c).unwrap_or(0.0);
+    let hi = req.cumulative.iter().find(|(le, _)| *le > D * 1.1).map(|(_, c)| *c).unwrap_or(req.count());
+    let around = hi - lo;
+    assert!(around >= 0.95 * N as f64, "{around} of {N} requests in the buckets around {D}s:\n{:?}", req.cumulative);
+    let resp = Buckets::parse(&text, FAMILY, &format!("direction=\"response\",comm=\"{comm}\""));
+    assert_eq!(resp.below(0.001), N as f64, "responses not all under 1 ms: {:?}", resp.cumulative);
+}
+
+/// The check that keeps every other process's cost down must come first:
+/// in each sidecar program, the first two calls are bpf_get_current_pid_tgid
+/// and the lookup in WS_SIDECAR_SLOT.
+#[test]
+fn the_pid_filter_is_the_first_thing_every_syscall_program_does() {
+    let backend = Backend::start(0.0, 64);
+    let comm = "ws-haproxy-f";
+    let agent = Agent::start(&["--sidecar-comm", comm]);
+    let proxy = Proxy::haproxy(comm, backend.port, 1);
+    wait_watched(&agent, proxy.pid());
+    for prog in ["sc_enter_read", "sc_exit_read", "sc_enter_sendto", "sc_exit_accept4", "sc_enter_close"] {
+        let out = Command::new("bpftool").args(["prog", "dump", "xlated", "name", prog]).output().expect("bpftool");
+        let text = String::from_utf8_lossy(&out.stdout);
+        // Instruction lines only (the dump interleaves `;` source lines).
+        let insns: Vec<&str> = text
+            .lines()
+            .filter(|l| l.trim_start().split(':').next().is_some_and(|n| n.parse::<u32>().is_ok()))
+            .collect();
+        let calls: Vec<&&str> = insns.iter().filter(|l| l.contains("call ")).take(2).collect();
+        assert!(calls.len() == 2, "{prog}: {text}");
+        assert!(calls[0].contains("bpf_get_current_pid_tgid"), "{prog}: first call is {}", calls[0]);
+        // The kernel may inline the hash lookup as __htab_map_lookup_elem.
+        assert!(calls[1].contains("lookup_elem"), "{prog}: second call is {}", calls[1]);
+        // Nothing but moving the pid into the key and loading the proxy
+        // table's address happens before the lookup.
+        let before: Vec<&&str> = insns.iter().take_while(|l| !l.contains("lookup_elem")).collect();
+        assert!(before.iter().any(|l| l.contains("map[id:")), "{prog}: {text}");
+        assert!(before.len() <= 10, "{prog}: {} instructions before the filter:\n{text}", before.len());
+    }
+}
