@@ -191,7 +191,7 @@ impl Tracker {
     }
 
     fn consider(&mut self, p: ProcInfo) {
-        if self.filter.exclude_comms.iter().any(|c| *c == p.comm) {
+        if self.filter.exclude_comms.contains(&p.comm) {
             return;
         }
         self.consider_sidecar(&p);
