@@ -87,25 +87,6 @@ pub struct ThreadState {
     pub resp_start: u64,
 }
 
-/// A syscall between its enter and exit tracepoints.
-#[repr(C)]
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
-pub struct PendingIo {
-    /// `IO_*`.
-    pub kind: u32,
-    /// The fd read from (or connected, or written for IO_WRITE).
-    pub fd: i32,
-    /// For splice: the fd written to.
-    pub fd_out: i32,
-    pub _pad: u32,
-}
-
-pub const IO_READ: u32 = 1;
-pub const IO_WRITE: u32 = 2;
-pub const IO_CONNECT: u32 = 3;
-/// splice(fd_in → fd_out): a read and a write.
-pub const IO_SPLICE: u32 = 4;
-
 #[inline(always)]
 pub fn hist_index(slot: u32, dir: Direction) -> u32 {
     slot * Direction::COUNT + dir as u32
@@ -122,5 +103,4 @@ mod pod {
     unsafe impl aya::Pod for super::FdKey {}
     unsafe impl aya::Pod for super::FdState {}
     unsafe impl aya::Pod for super::ThreadState {}
-    unsafe impl aya::Pod for super::PendingIo {}
 }

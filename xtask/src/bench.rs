@@ -35,6 +35,9 @@ pub enum Bench {
     /// Put throughput and latency of a real etcd with and without the agent,
     /// the agent's CPU and memory, and the in-kernel cost per probe hit.
     Etcd,
+    /// wrk through haproxy with and without the agent, and the cost every
+    /// other process pays per syscall while the sidecar programs are on.
+    Sidecar,
 }
 
 pub fn run(args: &BenchArgs) -> Result<()> {
@@ -44,6 +47,7 @@ pub fn run(args: &BenchArgs) -> Result<()> {
             util::run(util::cargo().args(["bench", "-p", "watchscope", "--bench", "inspect"]))
         }
         Bench::Etcd => etcd(args),
+        Bench::Sidecar => sidecar(args),
     }
 }
 
@@ -322,6 +326,7 @@ fn etcd(args: &BenchArgs) -> Result<()> {
     );
     println!("    agent CPU: {cpu_pct:.2}% of one core, scraped every second (target < 2%) {}", verdict(cpu_pct < 2.0));
     println!("    agent peak RSS: {rss:.1} MB (target < 64 MB) {}", verdict(rss < 64.0));
+    let _ = std::fs::write("/proc/sys/kernel/bpf_stats_enabled", "0");
     for (name, ns, cnt) in costs {
         if cnt > 0 {
             println!(
@@ -330,5 +335,162 @@ fn etcd(args: &BenchArgs) -> Result<()> {
             );
         }
     }
+    Ok(())
+}
+
+/// Requests/s and p99 (ms) from wrk's output.
+fn wrk(url: &str, seconds: u64) -> Result<(f64, f64)> {
+    let out = Command::new("wrk")
+        .args(["-t2", "-c16", &format!("-d{seconds}s"), "--latency", url])
+        .output()
+        .context("running wrk (apt-get install wrk)")?;
+    let text = String::from_utf8_lossy(&out.stdout);
+    let rps = text
+        .lines()
+        .find_map(|l| l.strip_prefix("Requests/sec:"))
+        .and_then(|v| v.trim().parse().ok())
+        .with_context(|| format!("wrk said: {text}"))?;
+    let p99 = text
+        .lines()
+        .find_map(|l| l.trim().strip_prefix("99%"))
+        .map(str::trim)
+        .and_then(|v| {
+            let (num, unit) = v.split_at(v.find(|c: char| c.is_ascii_alphabetic()).unwrap_or(v.len()));
+            let n: f64 = num.parse().ok()?;
+            Some(match unit {
+                "us" => n / 1000.0,
+                "ms" => n,
+                "s" => n * 1000.0,
+                _ => return None,
+            })
+        })
+        .unwrap_or(f64::NAN);
+    Ok((rps, p99))
+}
+
+/// Wall time of 1M read + 1M write syscalls by a process that is no proxy.
+fn syscall_loop_seconds() -> Result<f64> {
+    let t = Instant::now();
+    let ok = Command::new("dd")
+        .args(["if=/dev/zero", "of=/dev/null", "bs=1", "count=1000000"])
+        .stderr(Stdio::null())
+        .status()
+        .context("dd")?
+        .success();
+    if !ok {
+        bail!("dd failed");
+    }
+    Ok(t.elapsed().as_secs_f64())
+}
+
+fn sidecar(args: &BenchArgs) -> Result<()> {
+    setup::run(&SetupArgs { purpose: Some(Purpose::Test) })?;
+    util::run(
+        Command::new("apt-get")
+            .args(["install", "-y", "-qq", "haproxy", "nginx-light", "wrk"])
+            .env("DEBIAN_FRONTEND", "noninteractive"),
+    )?;
+    if !util::is_root() {
+        bail!("the benchmark loads eBPF programs and needs root");
+    }
+    step("build the agent (release)");
+    util::run(util::cargo().args(["build", "--release", "-p", "watchscope"]))?;
+    let agent = util::workspace_root().join("target/release/watchscope");
+    let dir = tempfile::tempdir()?;
+    let d = dir.path().display().to_string();
+    let (backend, front, aport) = (24110u16, 24111u16, 24112u16);
+
+    step("nginx as a static backend, haproxy (2 threads) in front of it");
+    let ngx_conf = dir.path().join("nginx.conf");
+    std::fs::write(
+        &ngx_conf,
+        format!(
+            "worker_processes 1;\ndaemon off;\npid {d}/nginx.pid;\nerror_log {d}/error.log;\nevents {{ worker_connections 1024; }}\n\
+             http {{ access_log off; client_body_temp_path {d}/b; proxy_temp_path {d}/p;\n\
+             server {{ listen 127.0.0.1:{backend}; location / {{ return 200 \"ok\\n\"; }} }} }}\n"
+        ),
+    )?;
+    let _nginx = spawn_quiet(Command::new("nginx").args(["-c", &ngx_conf.display().to_string(), "-p", &d]))?;
+    let hap_bin = dir.path().join("ws-bench-hap");
+    std::fs::copy("/usr/sbin/haproxy", &hap_bin)?;
+    let hap_conf = dir.path().join("haproxy.cfg");
+    std::fs::write(
+        &hap_conf,
+        format!(
+            "global\n  nbthread 2\ndefaults\n  mode http\n  timeout connect 2s\n  timeout client 10s\n  timeout server 10s\n\
+             frontend f\n  bind 127.0.0.1:{front}\n  default_backend b\nbackend b\n  server s1 127.0.0.1:{backend}\n"
+        ),
+    )?;
+    let _hap = spawn_quiet(Command::new(&hap_bin).args(["-f", &hap_conf.display().to_string(), "-db"]))?;
+    std::thread::sleep(Duration::from_secs(1));
+    let url = format!("http://127.0.0.1:{front}/");
+    // BPF run-time statistics cost two clock reads per program run; with a
+    // program on every syscall that would be the largest cost measured.
+    let _ = std::fs::write("/proc/sys/kernel/bpf_stats_enabled", "0");
+    wrk(&url, 2)?;
+
+    let (mut with, mut without) = (Vec::new(), Vec::new());
+    let (mut sys_with, mut sys_without) = (Vec::new(), Vec::new());
+    for r in 0..args.rounds {
+        let order = if r % 2 == 0 { [false, true] } else { [true, false] };
+        for with_agent in order {
+            let a = if with_agent {
+                let a = spawn_quiet(Command::new(&agent).args([
+                    "run",
+                    "--listen",
+                    &format!("127.0.0.1:{aport}"),
+                    "--sidecar-comm",
+                    "ws-bench-hap",
+                ]))?;
+                let probes = format!("http://127.0.0.1:{aport}/debug/probes");
+                let deadline = Instant::now() + Duration::from_secs(20);
+                while !util::output(Command::new("curl").args(["-s", &probes])).contains("ws-bench-hap") {
+                    if Instant::now() > deadline {
+                        bail!("agent did not start measuring haproxy");
+                    }
+                    std::thread::sleep(Duration::from_millis(100));
+                }
+                Some(a)
+            } else {
+                None
+            };
+            let (rps, p99) = wrk(&url, args.seconds)?;
+            let sys = syscall_loop_seconds()?;
+            println!(
+                "    round {r} {}: {rps:.0} req/s, p99 {p99:.3} ms; 2M syscalls of a non-proxy in {sys:.3} s",
+                if with_agent { "with agent   " } else { "without agent" }
+            );
+            if with_agent {
+                with.push((rps, p99));
+                sys_with.push(sys);
+            } else {
+                without.push((rps, p99));
+                sys_without.push(sys);
+            }
+            drop(a);
+        }
+    }
+    let rw = median(with.iter().map(|x| x.0).collect());
+    let ro = median(without.iter().map(|x| x.0).collect());
+    let pw = median(with.iter().map(|x| x.1).collect());
+    let po = median(without.iter().map(|x| x.1).collect());
+    let per_syscall_ns = (median(sys_with.clone()) - median(sys_without.clone())) * 1e9 / 2e6;
+    step("results (medians)");
+    let verdict = |ok: bool| if ok { "PASS" } else { "FAIL" };
+    println!(
+        "    req/s per round: with {}, without {}",
+        spread(&with.iter().map(|x| x.0).collect::<Vec<_>>()),
+        spread(&without.iter().map(|x| x.0).collect::<Vec<_>>())
+    );
+    println!(
+        "    throughput: {rw:.0} req/s with, {ro:.0} without: ratio {:.3} (target >= 0.95) {}",
+        rw / ro,
+        verdict(rw / ro >= 0.95)
+    );
+    println!("    p99 latency through haproxy: {pw:.3} ms with, {po:.3} without: added {:.3} ms", pw - po);
+    println!(
+        "    cost per syscall of a process that is not a proxy: {per_syscall_ns:.0} ns (target < 100 ns) {}",
+        verdict(per_syscall_ns < 100.0)
+    );
     Ok(())
 }

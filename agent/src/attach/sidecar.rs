@@ -6,7 +6,7 @@
 use aya::{
     Ebpf,
     maps::{HashMap as BpfHashMap, MapData},
-    programs::{TracePoint, trace_point::TracePointLinkId},
+    programs::{RawTracePoint, TracePoint, raw_trace_point::RawTracePointLinkId, trace_point::TracePointLinkId},
 };
 use thiserror::Error;
 
@@ -15,41 +15,22 @@ use super::TracepointSpec;
 /// The proxy comms watched unless `--sidecar-comm` says otherwise.
 pub const DEFAULT_SIDECAR_COMMS: &[&str] = &["envoy", "haproxy", "nginx", "linkerd2-proxy"];
 
-macro_rules! syscall_pairs {
-    ($($name:literal => $enter:literal, $exit:literal;)*) => {
-        &[$(
-            TracepointSpec { program: $enter, category: "syscalls", name: concat!("sys_enter_", $name) },
-            TracepointSpec { program: $exit, category: "syscalls", name: concat!("sys_exit_", $name) },
-        )*]
-    };
-}
+/// Raw syscall tracepoints (program, tracepoint): one exit program serves
+/// every syscall the state machine follows.
+pub const SIDECAR_RAW_TRACEPOINTS: &[(&str, &str)] = &[("sc_sys_exit", "sys_exit")];
 
-/// Every tracepoint of the sidecar programs.
+/// Regular tracepoints of the sidecar programs (rare events: forks, exits).
 pub const SIDECAR_TRACEPOINTS: &[TracepointSpec] = &[
-    TracepointSpec { program: "sc_exit_accept4", category: "syscalls", name: "sys_exit_accept4" },
-    TracepointSpec { program: "sc_exit_accept", category: "syscalls", name: "sys_exit_accept" },
-    TracepointSpec { program: "sc_enter_close", category: "syscalls", name: "sys_enter_close" },
     TracepointSpec { program: "sc_task_newtask", category: "task", name: "task_newtask" },
     TracepointSpec { program: "sc_process_exit", category: "sched", name: "sched_process_exit" },
 ];
 
-pub const SIDECAR_IO_TRACEPOINTS: &[TracepointSpec] = syscall_pairs! {
-    "read" => "sc_enter_read", "sc_exit_read";
-    "readv" => "sc_enter_readv", "sc_exit_readv";
-    "recvfrom" => "sc_enter_recvfrom", "sc_exit_recvfrom";
-    "recvmsg" => "sc_enter_recvmsg", "sc_exit_recvmsg";
-    "write" => "sc_enter_write", "sc_exit_write";
-    "writev" => "sc_enter_writev", "sc_exit_writev";
-    "sendto" => "sc_enter_sendto", "sc_exit_sendto";
-    "sendmsg" => "sc_enter_sendmsg", "sc_exit_sendmsg";
-    "sendfile64" => "sc_enter_sendfile", "sc_exit_sendfile";
-    "splice" => "sc_enter_splice", "sc_exit_splice";
-    "connect" => "sc_enter_connect", "sc_exit_connect";
-};
-
-/// All sidecar tracepoints, for `watchscope check`.
-pub fn all_tracepoints() -> impl Iterator<Item = &'static TracepointSpec> {
-    SIDECAR_TRACEPOINTS.iter().chain(SIDECAR_IO_TRACEPOINTS)
+/// Every tracepoint the sidecar programs use, for `watchscope check`.
+pub fn all_tracepoints() -> impl Iterator<Item = TracepointSpec> {
+    SIDECAR_RAW_TRACEPOINTS
+        .iter()
+        .map(|(program, name)| TracepointSpec { program, category: "raw_syscalls", name })
+        .chain(SIDECAR_TRACEPOINTS.iter().copied())
 }
 
 #[derive(Debug, Error)]
@@ -66,19 +47,38 @@ pub enum SidecarError {
     },
 }
 
+enum Link {
+    Tp(&'static str, TracePointLinkId),
+    Raw(&'static str, RawTracePointLinkId),
+}
+
 pub struct SidecarProbes {
     slots: BpfHashMap<MapData, u32, u32>,
-    links: Vec<(&'static str, TracePointLinkId)>,
+    links: Vec<Link>,
 }
 
 impl SidecarProbes {
     /// Loads (but does not attach) the sidecar programs.
     pub fn load(ebpf: &mut Ebpf, slots: BpfHashMap<MapData, u32, u32>) -> Result<Self, SidecarError> {
-        for spec in all_tracepoints() {
-            let p = program(ebpf, spec)?;
-            p.load().map_err(|e| attach_err(spec, e))?;
+        for spec in SIDECAR_TRACEPOINTS {
+            program(ebpf, spec)?.load().map_err(|e| attach_err(spec, e))?;
+        }
+        for (prog, name) in SIDECAR_RAW_TRACEPOINTS {
+            raw_program(ebpf, prog)?.load().map_err(|e| raw_err(prog, name, e))?;
         }
         Ok(Self { slots, links: Vec::new() })
+    }
+
+    fn attach_all(&mut self, ebpf: &mut Ebpf) -> Result<(), SidecarError> {
+        for spec in SIDECAR_TRACEPOINTS {
+            let link = program(ebpf, spec)?.attach(spec.category, spec.name).map_err(|e| attach_err(spec, e))?;
+            self.links.push(Link::Tp(spec.program, link));
+        }
+        for (prog, name) in SIDECAR_RAW_TRACEPOINTS {
+            let link = raw_program(ebpf, prog)?.attach(name).map_err(|e| raw_err(prog, name, e))?;
+            self.links.push(Link::Raw(prog, link));
+        }
+        Ok(())
     }
 
     pub fn attached(&self) -> usize {
@@ -87,18 +87,11 @@ impl SidecarProbes {
 
     /// Registers a proxy process (attaching the programs if it is the first).
     pub fn watch(&mut self, ebpf: &mut Ebpf, tgid: u32, slot: u32) -> Result<(), SidecarError> {
-        if self.links.is_empty() {
-            for spec in all_tracepoints() {
-                match program(ebpf, spec)
-                    .and_then(|p| p.attach(spec.category, spec.name).map_err(|e| attach_err(spec, e)))
-                {
-                    Ok(link) => self.links.push((spec.program, link)),
-                    Err(e) => {
-                        self.detach_all(ebpf);
-                        return Err(e);
-                    }
-                }
-            }
+        if self.links.is_empty()
+            && let Err(e) = self.attach_all(ebpf)
+        {
+            self.detach_all(ebpf);
+            return Err(e);
         }
         if let Err(e) = self.slots.insert(tgid, slot, 0) {
             tracing::warn!(pid = tgid, "cannot register the proxy with the kernel programs: {e}");
@@ -118,10 +111,12 @@ impl SidecarProbes {
     }
 
     pub fn detach_all(&mut self, ebpf: &mut Ebpf) {
-        for (name, link) in self.links.drain(..) {
-            if let Some(p) = ebpf.program_mut(name).and_then(|p| <&mut TracePoint>::try_from(p).ok())
-                && let Err(e) = p.detach(link)
-            {
+        for link in self.links.drain(..) {
+            let (name, res) = match link {
+                Link::Tp(name, id) => (name, program_named(ebpf, name).map(|p| p.detach(id))),
+                Link::Raw(name, id) => (name, raw_program(ebpf, name).ok().map(|p| p.detach(id))),
+            };
+            if let Some(Err(e)) = res {
                 tracing::warn!("detaching {name}: {e}");
             }
         }
@@ -129,9 +124,21 @@ impl SidecarProbes {
 }
 
 fn program<'a>(ebpf: &'a mut Ebpf, spec: &TracepointSpec) -> Result<&'a mut TracePoint, SidecarError> {
-    ebpf.program_mut(spec.program)
-        .and_then(|p| <&mut TracePoint>::try_from(p).ok())
-        .ok_or(SidecarError::MissingProgram(spec.program))
+    program_named(ebpf, spec.program).ok_or(SidecarError::MissingProgram(spec.program))
+}
+
+fn program_named<'a>(ebpf: &'a mut Ebpf, name: &str) -> Option<&'a mut TracePoint> {
+    ebpf.program_mut(name).and_then(|p| <&mut TracePoint>::try_from(p).ok())
+}
+
+fn raw_program<'a>(ebpf: &'a mut Ebpf, name: &'static str) -> Result<&'a mut RawTracePoint, SidecarError> {
+    ebpf.program_mut(name)
+        .and_then(|p| <&mut RawTracePoint>::try_from(p).ok())
+        .ok_or(SidecarError::MissingProgram(name))
+}
+
+fn raw_err(program: &'static str, name: &'static str, e: aya::programs::ProgramError) -> SidecarError {
+    SidecarError::Attach { program, category: "raw_syscalls", name, source: Box::new(e) }
 }
 
 fn attach_err(spec: &TracepointSpec, e: aya::programs::ProgramError) -> SidecarError {
