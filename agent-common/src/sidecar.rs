@@ -87,6 +87,21 @@ pub struct ThreadState {
     pub resp_start: u64,
 }
 
+/// A proxy's upstream peer, as connect() named it: how retransmissions,
+/// which the kernel reports from softirq context with no process, are
+/// attributed to the proxy's upstream sockets.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct PeerKey {
+    /// IPv4 in the first 4 bytes (rest zero), or IPv6.
+    pub addr: [u8; 16],
+    /// Host byte order.
+    pub port: u16,
+    /// AF_INET (2) or AF_INET6 (10).
+    pub family: u16,
+    pub _pad: u32,
+}
+
 #[inline(always)]
 pub fn hist_index(slot: u32, dir: Direction) -> u32 {
     slot * Direction::COUNT + dir as u32
@@ -103,4 +118,5 @@ mod pod {
     unsafe impl aya::Pod for super::FdKey {}
     unsafe impl aya::Pod for super::FdState {}
     unsafe impl aya::Pod for super::ThreadState {}
+    unsafe impl aya::Pod for super::PeerKey {}
 }

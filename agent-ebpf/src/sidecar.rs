@@ -32,11 +32,11 @@ use agent_common::{
     Histogram,
     sidecar::{
         Direction, FdKey, FdState, MAX_SIDECAR_SLOTS, PHASE_AWAITING, PHASE_FORWARDED, PHASE_IDLE, PHASE_READING,
-        PHASE_RESPONDING, ROLE_DOWNSTREAM, ROLE_UPSTREAM, SidecarCount, ThreadState, count_index, hist_index,
+        PHASE_RESPONDING, PeerKey, ROLE_DOWNSTREAM, ROLE_UPSTREAM, SidecarCount, ThreadState, count_index, hist_index,
     },
 };
 use aya_ebpf::{
-    helpers::{bpf_get_current_pid_tgid, bpf_ktime_get_ns, bpf_probe_read_kernel},
+    helpers::{bpf_get_current_pid_tgid, bpf_ktime_get_ns, bpf_probe_read_kernel, bpf_probe_read_user},
     macros::{map, raw_tracepoint, tracepoint},
     maps::{HashMap, LruHashMap, PerCpuArray},
     programs::{RawTracePointContext, TracePointContext},
@@ -56,6 +56,15 @@ static FDS: LruHashMap<FdKey, FdState> = LruHashMap::with_max_entries(65536, 0);
 /// Crossings in progress, per thread.
 #[map(name = "WS_SIDECAR_THREAD")]
 static THREADS: LruHashMap<u64, ThreadState> = LruHashMap::with_max_entries(16384, 0);
+
+/// Upstream peers of watched proxies (from their connect calls).
+#[map(name = "WS_SIDECAR_PEERS")]
+static PEERS: LruHashMap<PeerKey, u32> = LruHashMap::with_max_entries(8192, 0);
+
+/// Listening ports of watched proxies (their downstream side), written by
+/// user space from /proc.
+#[map(name = "WS_SIDECAR_LISTEN")]
+static LISTEN: HashMap<u16, u32> = HashMap::with_max_entries(1024, 0);
 
 #[map(name = "WS_SIDECAR_HIST")]
 static HIST: PerCpuArray<Histogram> = PerCpuArray::with_max_entries(MAX_SIDECAR_SLOTS * Direction::COUNT, 0);
@@ -169,7 +178,10 @@ pub fn sc_sys_exit(ctx: RawTracePointContext) -> u32 {
     match syscall_nr(regs) {
         nr::ACCEPT | nr::ACCEPT4 if r >= 0 => set_role(tgid, r as i32, ROLE_DOWNSTREAM),
         // A non-blocking connect returns -EINPROGRESS and completes later.
-        nr::CONNECT if r == 0 || r == -115 => set_role(tgid, fd, ROLE_UPSTREAM),
+        nr::CONNECT if r == 0 || r == -115 => {
+            set_role(tgid, fd, ROLE_UPSTREAM);
+            remember_peer(sys_arg(regs, 1) as u64, slot);
+        }
         nr::READ | nr::READV | nr::RECVFROM | nr::RECVMSG if r > 0 => on_read(pid_tgid, slot, tgid, fd),
         // sendfile(out_fd, in_fd, ...) writes to its first argument.
         nr::WRITE | nr::WRITEV | nr::SENDTO | nr::SENDMSG | nr::SENDFILE if r > 0 => on_write(pid_tgid, slot, tgid, fd),
@@ -286,6 +298,56 @@ fn on_write(pid_tgid: u64, slot: u32, tgid: u32, fd: i32) {
             _ => {}
         }
     }
+}
+
+/// Records the address a proxy connected to (a user-space sockaddr).
+#[inline(always)]
+fn remember_peer(sockaddr: u64, slot: u32) {
+    // SAFETY: bpf_probe_read_user faults safely.
+    let Ok(head) = (unsafe { bpf_probe_read_user(sockaddr as *const [u8; 8]) }) else { return };
+    let family = u16::from_ne_bytes([head[0], head[1]]);
+    let port = u16::from_be_bytes([head[2], head[3]]);
+    let mut key = PeerKey { addr: [0; 16], port, family, _pad: 0 };
+    match family {
+        AF_INET => key.addr[..4].copy_from_slice(&head[4..8]),
+        AF_INET6 => match unsafe { bpf_probe_read_user((sockaddr + 8) as *const [u8; 16]) } {
+            Ok(a) => key.addr = a,
+            Err(_) => return,
+        },
+        _ => return,
+    }
+    let _ = PEERS.insert(&key, &slot, 0);
+}
+
+const AF_INET: u16 = 2;
+const AF_INET6: u16 = 10;
+
+/// tcp:tcp_retransmit_skb, from softirq or timer context (no process): a
+/// retransmission counts for a proxy when its socket's local port is one the
+/// proxy listens on, or its peer is one the proxy connected to. Ports and
+/// addresses are compared without the network namespace, so two proxies
+/// listening on the same port in different namespaces share their counts.
+#[tracepoint(category = "tcp", name = "tcp_retransmit_skb")]
+pub fn sc_tcp_retransmit(ctx: TracePointContext) -> u32 {
+    // SAFETY: reading the record at the offsets of its format file.
+    let (sport, dport, family) = unsafe {
+        (ctx.read_at::<u16>(28).unwrap_or(0), ctx.read_at::<u16>(30).unwrap_or(0), ctx.read_at::<u16>(32).unwrap_or(0))
+    };
+    // SAFETY: lookups of plain keys; values copied at once.
+    if let Some(slot) = unsafe { LISTEN.get(&sport) }.copied() {
+        bump(slot.min(MAX_SIDECAR_SLOTS - 1), SidecarCount::Retransmits);
+        return 0;
+    }
+    let mut key = PeerKey { addr: [0; 16], port: dport, family, _pad: 0 };
+    let ok = match family {
+        AF_INET => unsafe { ctx.read_at::<[u8; 4]>(38) }.map(|a| key.addr[..4].copy_from_slice(&a)).is_ok(),
+        AF_INET6 => unsafe { ctx.read_at::<[u8; 16]>(58) }.map(|a| key.addr = a).is_ok(),
+        _ => false,
+    };
+    if ok && let Some(slot) = unsafe { PEERS.get(&key) }.copied() {
+        bump(slot.min(MAX_SIDECAR_SLOTS - 1), SidecarCount::Retransmits);
+    }
+    0
 }
 
 /// close() forgets the socket; a request still being read is unmatched.

@@ -201,3 +201,59 @@ pub fn requests(port: u16, n: usize, keep_alive: bool, body: usize) {
         resp.body_mut().read_to_vec().expect("read body");
     }
 }
+
+/// A network namespace of the test's own, with its loopback up; deleted on
+/// drop. Traffic in it never leaves it.
+pub struct Netns {
+    pub name: String,
+}
+
+impl Netns {
+    pub fn new(name: &str) -> Netns {
+        let _ = Command::new("ip").args(["netns", "del", name]).status();
+        let ok = Command::new("ip").args(["netns", "add", name]).status().is_ok_and(|s| s.success());
+        assert!(ok, "ip netns add {name} (iproute2 needed)");
+        let ns = Netns { name: name.to_string() };
+        assert!(ns.cmd("ip").args(["link", "set", "lo", "up"]).status().is_ok_and(|s| s.success()));
+        ns
+    }
+
+    /// `program` run inside the namespace (`ip netns exec` execs it: the
+    /// child's pid is the program's).
+    pub fn cmd(&self, program: impl AsRef<std::ffi::OsStr>) -> Command {
+        let mut c = Command::new("ip");
+        c.args(["netns", "exec", &self.name]).arg(program);
+        c
+    }
+
+    /// Starts a fixture inside the namespace; returns it and the port it printed.
+    pub fn start_listening(&self, program: impl AsRef<std::ffi::OsStr>, args: &[&str]) -> (Child, u16) {
+        start_listening(self.cmd(program).args(args))
+    }
+
+    /// Runs `nft` inside the namespace.
+    pub fn nft(&self, args: &[&str]) {
+        let out = self.cmd("nft").args(args).output().expect("nft (apt-get install nftables)");
+        assert!(out.status.success(), "nft {args:?}: {}", String::from_utf8_lossy(&out.stderr));
+    }
+}
+
+impl Drop for Netns {
+    fn drop(&mut self) {
+        let _ = Command::new("ip").args(["netns", "del", &self.name]).status();
+    }
+}
+
+/// A child process killed on drop.
+pub struct Running(pub Child);
+
+impl Drop for Running {
+    fn drop(&mut self) {
+        stop(&mut self.0);
+    }
+}
+
+/// Where the fixtures live, for tests that start them their own way.
+pub fn fixture_path(name: &str) -> PathBuf {
+    fixture(name)
+}

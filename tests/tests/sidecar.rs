@@ -137,3 +137,105 @@ fn the_pid_filter_is_the_first_thing_every_syscall_program_does() {
         assert!(before.len() <= 10, "{prog}: {} instructions before the filter:\n{text}", before.len());
     }
 }
+
+/// Retransmissions on haproxy's sockets, upstream and downstream, provoked
+/// by dropping a tenth of its outgoing packets inside a private network
+/// namespace; ground truth is a tracefs instance counting the kernel's own
+/// tcp_retransmit_skb events for those ports.
+#[test]
+fn retransmits_on_the_proxys_sockets_are_counted() {
+    use watchscope_integration_tests::proxy::{Netns, Running, fixture_path};
+    let ns = Netns::new(&format!("wsrt{}", std::process::id()));
+    let (backend, bport) =
+        ns.start_listening("python3", &[fixture_path("backend.py").to_str().expect("path"), "--body-bytes", "200000"]);
+    let _backend = Running(backend);
+    let dir = tempfile::tempdir().expect("tmp");
+    let comm = "ws-hap-rt";
+    let bin = watchscope_integration_tests::etcd::copy_binary("/usr/sbin/haproxy", dir.path(), comm);
+    let port = watchscope_integration_tests::free_port();
+    let cfg = dir.path().join("h.cfg");
+    std::fs::write(
+        &cfg,
+        format!(
+            "global\n  nbthread 1\ndefaults\n  mode http\n  timeout connect 5s\n  timeout client 30s\n  timeout server 30s\n\
+             frontend f\n  bind 127.0.0.1:{port}\n  default_backend b\nbackend b\n  server s1 127.0.0.1:{bport}\n"
+        ),
+    )
+    .expect("cfg");
+    let agent = Agent::start(&["--sidecar-comm", comm]);
+    let hap = Running(
+        ns.cmd(&bin)
+            .args(["-f", cfg.to_str().expect("path"), "-db"])
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .expect("haproxy"),
+    );
+    wait_watched(&agent, hap.0.id());
+
+    // Ground truth: the kernel's own event, counted in a tracefs instance.
+    let inst = std::path::PathBuf::from(format!("/sys/kernel/tracing/instances/wsrt{}", std::process::id()));
+    let _ = std::fs::remove_dir(&inst);
+    std::fs::create_dir(&inst).expect("tracefs instance");
+    let ev = inst.join("events/tcp/tcp_retransmit_skb");
+    std::fs::write(ev.join("filter"), format!("dport == {bport} || sport == {port}")).expect("filter");
+    std::fs::write(ev.join("enable"), "1").expect("enable");
+
+    // Drop a tenth of what haproxy sends, to the backend and to the client.
+    ns.nft(&["add", "table", "inet", "wsrt"]);
+    ns.nft(&["add", "chain", "inet", "wsrt", "out", "{ type filter hook output priority 0; }"]);
+    ns.nft(&[
+        "add",
+        "rule",
+        "inet",
+        "wsrt",
+        "out",
+        "tcp",
+        "dport",
+        &bport.to_string(),
+        "numgen",
+        "random",
+        "mod",
+        "10",
+        "<",
+        "1",
+        "drop",
+    ]);
+    ns.nft(&[
+        "add",
+        "rule",
+        "inet",
+        "wsrt",
+        "out",
+        "tcp",
+        "sport",
+        &port.to_string(),
+        "numgen",
+        "random",
+        "mod",
+        "10",
+        "<",
+        "1",
+        "drop",
+    ]);
+    // Wait until the agent knows haproxy's listening port.
+    std::thread::sleep(Duration::from_millis(1500));
+    let client = ns
+        .cmd("python3")
+        .arg("-c")
+        .arg(format!(
+            "import http.client\nfor i in range(20):\n    c = http.client.HTTPConnection('127.0.0.1', {port}, timeout=30)\n    \
+             c.request('POST', '/', body=b'x' * 300000, headers={{'Connection': 'close'}})\n    c.getresponse().read()\n    c.close()\n"
+        ))
+        .status()
+        .expect("client");
+    assert!(client.success());
+    std::thread::sleep(Duration::from_millis(500));
+    std::fs::write(ev.join("enable"), "0").expect("disable");
+    let trace = std::fs::read_to_string(inst.join("trace")).unwrap_or_default();
+    let _ = std::fs::remove_dir(&inst);
+    let truth = trace.lines().filter(|l| l.contains("tcp_retransmit_skb")).count() as f64;
+    let seen = agent.sample(&format!("watchscope_sidecar_retransmits_total{{comm=\"{comm}\"}}"));
+    assert!(truth > 0.0, "no retransmission happened; the drop rules did not bite:\n{trace}");
+    assert_eq!(seen, truth, "watchscope counted {seen}, the kernel reported {truth}");
+}

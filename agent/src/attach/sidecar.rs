@@ -23,6 +23,7 @@ pub const SIDECAR_RAW_TRACEPOINTS: &[(&str, &str)] = &[("sc_sys_exit", "sys_exit
 pub const SIDECAR_TRACEPOINTS: &[TracepointSpec] = &[
     TracepointSpec { program: "sc_task_newtask", category: "task", name: "task_newtask" },
     TracepointSpec { program: "sc_process_exit", category: "sched", name: "sched_process_exit" },
+    TracepointSpec { program: "sc_tcp_retransmit", category: "tcp", name: "tcp_retransmit_skb" },
 ];
 
 /// Every tracepoint the sidecar programs use, for `watchscope check`.
@@ -54,19 +55,24 @@ enum Link {
 
 pub struct SidecarProbes {
     slots: BpfHashMap<MapData, u32, u32>,
+    listen: BpfHashMap<MapData, u16, u32>,
     links: Vec<Link>,
 }
 
 impl SidecarProbes {
     /// Loads (but does not attach) the sidecar programs.
-    pub fn load(ebpf: &mut Ebpf, slots: BpfHashMap<MapData, u32, u32>) -> Result<Self, SidecarError> {
+    pub fn load(
+        ebpf: &mut Ebpf,
+        slots: BpfHashMap<MapData, u32, u32>,
+        listen: BpfHashMap<MapData, u16, u32>,
+    ) -> Result<Self, SidecarError> {
         for spec in SIDECAR_TRACEPOINTS {
             program(ebpf, spec)?.load().map_err(|e| attach_err(spec, e))?;
         }
         for (prog, name) in SIDECAR_RAW_TRACEPOINTS {
             raw_program(ebpf, prog)?.load().map_err(|e| raw_err(prog, name, e))?;
         }
-        Ok(Self { slots, links: Vec::new() })
+        Ok(Self { slots, listen, links: Vec::new() })
     }
 
     fn attach_all(&mut self, ebpf: &mut Ebpf) -> Result<(), SidecarError> {
@@ -97,6 +103,16 @@ impl SidecarProbes {
             tracing::warn!(pid = tgid, "cannot register the proxy with the kernel programs: {e}");
         }
         Ok(())
+    }
+
+    /// Registers the ports a proxy listens on (its downstream side), so
+    /// retransmissions on its accepted sockets are attributed to it.
+    pub fn listen_ports(&mut self, ports: impl IntoIterator<Item = u16>, slot: u32) {
+        for port in ports {
+            if let Err(e) = self.listen.insert(port, slot, 0) {
+                tracing::debug!(port, "cannot register a proxy's listening port: {e}");
+            }
+        }
     }
 
     /// Forgets a proxy process.

@@ -173,10 +173,14 @@ async fn event_loop(
     };
     let mut tick = tokio::time::interval(RECONCILE_EVERY);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    // Proxies bind their listening sockets after exec: look for them often.
+    let mut ports_tick = tokio::time::interval(Duration::from_secs(1));
+    ports_tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         tokio::select! {
             _ = &mut stop => break,
             _ = tick.tick() => tracker.reconcile(),
+            _ = ports_tick.tick() => tracker.refresh_sidecar_ports(),
             ready = async { fd.as_mut().expect("guarded by the if").readable_mut().await }, if fd.is_some() => {
                 let mut guard = match ready {
                     Ok(g) => g,

@@ -112,8 +112,13 @@ impl Tracker {
     ) -> anyhow::Result<Self> {
         use anyhow::Context as _;
         let sc_map = ebpf.take_map("WS_SIDECAR_SLOT").context("the eBPF object has no WS_SIDECAR_SLOT map")?;
-        let sidecar = SidecarProbes::load(&mut ebpf, BpfHashMap::try_from(sc_map).context("WS_SIDECAR_SLOT")?)
-            .context("loading the sidecar programs")?;
+        let listen = ebpf.take_map("WS_SIDECAR_LISTEN").context("the eBPF object has no WS_SIDECAR_LISTEN map")?;
+        let sidecar = SidecarProbes::load(
+            &mut ebpf,
+            BpfHashMap::try_from(sc_map).context("WS_SIDECAR_SLOT")?,
+            BpfHashMap::try_from(listen).context("WS_SIDECAR_LISTEN")?,
+        )
+        .context("loading the sidecar programs")?;
         let config = ebpf.take_map("WS_WATCH_CONFIG").context("the eBPF object has no WS_WATCH_CONFIG map")?;
         let proc_slot = ebpf.take_map("WS_PROC_SLOT").context("the eBPF object has no WS_PROC_SLOT map")?;
         Ok(Self {
@@ -291,6 +296,36 @@ impl Tracker {
             Err(e) => warn!(pid = p.tgid, comm = %p.comm, "cannot measure this proxy: {e}"),
         }
         self.publish_count();
+    }
+
+    /// Registers the listening ports of every watched proxy (forked workers
+    /// included): a proxy binds after its exec, so this runs now and then.
+    pub fn refresh_sidecar_ports(&mut self) {
+        let pids = self.sidecar.watched();
+        if pids.is_empty() {
+            return;
+        }
+        let slots: Vec<(u32, u32)> = {
+            let names = match self.status.sidecars.lock() {
+                Ok(s) => s.clone(),
+                Err(_) => return,
+            };
+            let mut table = match self.sidecar_slots.lock() {
+                Ok(t) => t,
+                Err(_) => return,
+            };
+            pids.iter()
+                .map(|pid| {
+                    // Forked workers are not in `names`; their comm is the parent's.
+                    let comm = names.get(pid).cloned().or_else(|| procfs::read_proc(&self.root, *pid).map(|p| p.comm));
+                    (*pid, comm.map(|c| table.slot(&c)).unwrap_or(0))
+                })
+                .collect()
+        };
+        for (pid, slot) in slots {
+            let ports = crate::discover::sockets::listening_ports(&self.root, pid);
+            self.sidecar.listen_ports(ports, slot);
+        }
     }
 
     /// Forgets proxies that exited; detaches the syscall programs when no

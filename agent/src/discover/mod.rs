@@ -5,6 +5,7 @@
 
 pub mod exec;
 pub mod procfs;
+pub mod sockets;
 
 pub use exec::ExecInfo;
 
