@@ -5,6 +5,7 @@
 
 pub mod counters;
 pub mod events;
+pub mod goruntime;
 pub mod hist;
 pub mod sidecar;
 pub mod watch;

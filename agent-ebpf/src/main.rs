@@ -8,7 +8,9 @@
 
 mod discover;
 mod etcd;
+mod goruntime;
 mod maps;
+mod regs;
 mod sidecar;
 
 #[cfg(not(test))]

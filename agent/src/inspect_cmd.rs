@@ -1,9 +1,10 @@
 //! `watchscope inspect`: the CLI side of the inspector (printing, exit codes).
 
-use std::{path::PathBuf, process::ExitCode};
+use std::{fmt::Write as _, path::PathBuf, process::ExitCode};
 
 use anyhow::Result;
 use clap::Args;
+use watchscope::inspect::{self, ArgRead, ArgSource, Inspection};
 
 #[derive(Debug, Args)]
 pub struct InspectArgs {
@@ -21,6 +22,133 @@ pub struct InspectArgs {
     pub functions: Option<String>,
 }
 
-pub fn run(_args: InspectArgs) -> Result<ExitCode> {
-    anyhow::bail!("inspect is not implemented yet")
+pub fn run(args: InspectArgs) -> Result<ExitCode> {
+    let path = match (&args.path, args.pid) {
+        (Some(p), _) => p.clone(),
+        (None, Some(pid)) => PathBuf::from(format!("/proc/{pid}/exe")),
+        (None, None) => anyhow::bail!("give a PATH or --pid"),
+    };
+    let functions = args
+        .functions
+        .as_deref()
+        .map(|re| {
+            // regex errors span lines (a caret under the pattern): keep one.
+            regex::Regex::new(re).map_err(|e| {
+                let why = e.to_string().lines().last().unwrap_or_default().trim().to_string();
+                anyhow::anyhow!("--functions {re:?}: invalid regular expression ({why})")
+            })
+        })
+        .transpose()?;
+    // The error already names the file; main prints it on one line.
+    let insp = inspect::inspect_path(&path)?;
+    if args.json {
+        println!("{}", serde_json::to_string_pretty(&insp.report(functions.as_ref()))?);
+    } else {
+        print!("{}", human(&insp, functions.as_ref()));
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+fn human(insp: &Inspection, functions: Option<&regex::Regex>) -> String {
+    let mut o = String::new();
+    let yn = |b: bool, yes: &'static str, no: &'static str| if b { yes } else { no };
+    let _ = writeln!(
+        o,
+        "{}: {}, {}, {} ABI, {}, {}, {}{}",
+        insp.path.display(),
+        insp.go_version.as_deref().unwrap_or("Go version unknown"),
+        insp.arch,
+        insp.abi.map_or("unknown", |a| a.as_str()),
+        yn(insp.stripped, "stripped", "not stripped"),
+        yn(insp.pie, "PIE", "not PIE"),
+        yn(insp.cgo, "cgo", "no cgo"),
+        yn(insp.external_link, ", external link", ""),
+    );
+    if let Some(b) = &insp.build_info {
+        let main = b.main.as_ref();
+        let path = main.map(|m| m.path.as_str()).or(b.path.as_deref()).unwrap_or("?");
+        let version = main.and_then(|m| m.version.as_deref()).unwrap_or("no version");
+        let _ = writeln!(o, "  main module: {path} {version} ({} deps)", b.deps.len());
+        if !b.settings.is_empty() {
+            let s: Vec<String> = b.settings.iter().map(|(k, v)| format!("{k}={v}")).collect();
+            let _ = writeln!(o, "  build: {}", s.join(" "));
+        }
+    }
+    let t = &insp.pclntab;
+    let _ = writeln!(
+        o,
+        "  pclntab: {} format (magic {:#010x}) at {:#x} (file {:#x}), {} functions, found by {}",
+        t.format.describe(),
+        t.magic,
+        t.address,
+        t.file_offset,
+        t.functions,
+        t.found_by
+    );
+    let _ = writeln!(o, "  text start: {:#x} (from {})", insp.text_start, insp.text_start_source);
+    match insp.goid {
+        Some(g) => {
+            let _ = writeln!(
+                o,
+                "  goid: offset {} in runtime.g ({}){}",
+                g.offset,
+                if g.verified { "verified" } else { "reported, unverified" },
+                insp.g_register.map(|r| format!(", g in {r}")).unwrap_or_default()
+            );
+        }
+        None => {
+            let _ = writeln!(o, "  goid: offset unknown");
+        }
+    }
+    let _ = writeln!(o, "\nresolved roles ({}):", insp.probes.len());
+    for p in &insp.probes {
+        let _ = writeln!(o, "  {:<26} {}", p.role, p.symbol);
+        let rets: Vec<String> = p.return_offsets.iter().map(|r| format!("{r:#x}")).collect();
+        let _ = writeln!(
+            o,
+            "  {:<26} address {:#x}, file offset {:#x}, size {}, returns at [{}]",
+            "",
+            p.address,
+            p.file_offset,
+            p.size,
+            rets.join(", ")
+        );
+        if !p.args.is_empty() {
+            let a: Vec<String> = p.args.iter().map(arg).collect();
+            let _ = writeln!(o, "  {:<26} args: {}", "", a.join(", "));
+        }
+        if let Some(n) = &p.args_note {
+            let _ = writeln!(o, "  {:<26} ({n})", "");
+        }
+    }
+    let _ = writeln!(o, "\nunresolved roles ({}):", insp.unresolved.len());
+    for u in &insp.unresolved {
+        let _ = writeln!(o, "  {:<26} {}", u.role, u.reason);
+    }
+    if !insp.notes.is_empty() {
+        let _ = writeln!(o, "\nnotes:");
+        for n in &insp.notes {
+            let _ = writeln!(o, "  {n}");
+        }
+    }
+    if let Some(re) = functions {
+        let fs = insp.functions_matching(re);
+        let _ = writeln!(o, "\nfunctions matching {:?} ({}):", re.as_str(), fs.len());
+        for f in fs {
+            let off = f.file_offset.map_or_else(|| "-".to_string(), |x| format!("{x:#x}"));
+            let _ = writeln!(o, "  {:#x} {off:>10} {:>7} {}", f.address, f.size, f.name);
+        }
+    }
+    o
+}
+
+fn arg(a: &ArgRead) -> String {
+    let mut s = match a.source {
+        ArgSource::Register(r) => r.to_string(),
+        ArgSource::Stack(off) => format!("sp+{off}"),
+    };
+    for d in &a.derefs {
+        s = format!("*({s}+{d})");
+    }
+    format!("{}={s}{}", a.name, if a.verified { "" } else { " (unverified)" })
 }

@@ -15,3 +15,4 @@ pub mod discover;
 pub mod export;
 pub mod host;
 pub mod inspect;
+pub mod k8s;

@@ -61,6 +61,20 @@ struct RunArgs {
     /// Proxies to measure, by pid (repeatable, or comma-separated).
     #[arg(long = "sidecar-pid", env = "WATCHSCOPE_SIDECAR_PID", value_delimiter = ',')]
     sidecar_pids: Vec<u32>,
+    /// Which Go map operations to time: `growth` (map growth and GC assist,
+    /// cheap) or `all` (every assign, access and delete too; costly).
+    #[arg(long, env = "WATCHSCOPE_GO_MAPS", value_enum, default_value = "growth")]
+    go_maps: watchscope::attach::goruntime::GoMaps,
+    /// Also time the Go runtime in these programs (by command name).
+    #[arg(long = "go-comm", env = "WATCHSCOPE_GO_COMM", value_delimiter = ',')]
+    go_comms: Vec<String>,
+    /// Also time the Go runtime in these processes.
+    #[arg(long = "go-pid", env = "WATCHSCOPE_GO_PID", value_delimiter = ',')]
+    go_pids: Vec<u32>,
+    /// A window to time, with what happens inside it: NAME=SYMBOL, the Go
+    /// function (as `go tool nm` names it) whose calls are the window.
+    #[arg(long = "window", env = "WATCHSCOPE_WINDOW", value_delimiter = ';')]
+    windows: Vec<watchscope::attach::goruntime::WindowSpec>,
     /// Most series one labelled family may have; past it, observations are
     /// counted in watchscope_series_dropped_total instead.
     #[arg(long, env = "WATCHSCOPE_MAX_SERIES", default_value_t = 2000, value_parser = clap::value_parser!(u32).range(1..))]
@@ -97,6 +111,13 @@ fn dispatch(command: Command) -> Result<ExitCode> {
                 listen: args.listen,
                 filter: ProcessFilter { pids: args.pids, comms: args.comms, exclude_comms: args.exclude_comms },
                 sidecar: daemon::SidecarFilter { comms: args.sidecar_comms, pids: args.sidecar_pids },
+                go: daemon::GoSettings {
+                    maps: args.go_maps,
+                    windows: watchscope::attach::goruntime::WindowTable::new(&args.windows)
+                        .map_err(|e| anyhow::anyhow!("--window: {e}"))?,
+                    comms: args.go_comms,
+                    pids: args.go_pids,
+                },
                 max_series: args.max_series as usize,
                 root: HostRoot::default(),
             };

@@ -48,6 +48,8 @@ fn serves_health_metrics_and_probe_list() {
     let agent = Agent::start(&[]);
     let (status, body) = http_get(&agent.url("/healthz")).expect("healthz");
     assert_eq!((status, body.as_str()), (200, "ok\n"));
+    let (status, body) = http_get(&agent.url("/readyz")).expect("readyz");
+    assert_eq!((status, body.as_str()), (200, "ready\n"));
     let text = agent.metrics();
     assert!(text.contains("# HELP watchscope_execs "), "{text}");
     assert!(text.ends_with("# EOF\n"));

@@ -33,7 +33,17 @@ pub fn run(args: &FuzzArgs) -> Result<()> {
     }
     for t in &targets {
         step(&format!("fuzz {t} for {} s", args.seconds));
-        util::run(fuzz_cmd().args(["run", t, "--", &format!("-max_total_time={}", args.seconds)]))?;
+        // The working corpus grows in corpus/<t> (not committed); the seeds
+        // in seeds/<t> (committed) are read as a second corpus directory.
+        let corpus = format!("corpus/{t}");
+        std::fs::create_dir_all(std::path::Path::new("fuzz").join(&corpus))?;
+        let seeds = format!("seeds/{t}");
+        let mut cmd = fuzz_cmd();
+        cmd.args(["run", t, &corpus]);
+        if std::path::Path::new("fuzz").join(&seeds).is_dir() {
+            cmd.arg(&seeds);
+        }
+        util::run(cmd.args(["--", &format!("-max_total_time={}", args.seconds)]))?;
     }
     step(&format!("fuzzed {} targets, {} s each, no crash", targets.len(), args.seconds));
     Ok(())

@@ -4,6 +4,7 @@
 //! link file descriptors, which detaches everything: nothing is left behind
 //! in the kernel, not even after SIGKILL.
 
+pub mod goruntime;
 pub mod sidecar;
 pub mod slots;
 pub mod uprobes;
@@ -41,7 +42,8 @@ pub const TRACEPOINTS: &[TracepointSpec] = &[
 
 /// Uprobe programs: loaded at start (so a verifier problem shows at once),
 /// attached per binary later by the discover → inspect → attach lifecycle.
-pub const UPROBE_PROGRAMS: &[&str] = &["etcd_notify", "etcd_enqueue", "etcd_send", "etcd_dispatch"];
+pub const UPROBE_PROGRAMS: &[&str] =
+    &["etcd_notify", "etcd_enqueue", "etcd_send", "etcd_dispatch", "go_entry", "go_ret"];
 
 #[derive(Debug, Error)]
 pub enum AttachError {

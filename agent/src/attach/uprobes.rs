@@ -9,7 +9,7 @@ use std::{
     path::Path,
 };
 
-use agent_common::watch::WatchProbeConfig;
+use agent_common::{goruntime::GoProbeConfig, watch::WatchProbeConfig};
 use aya::{
     Ebpf,
     maps::{Array, MapData},
@@ -22,14 +22,17 @@ use thiserror::Error;
 
 use crate::discover::procfs::FileIdent;
 
-/// Cookies index the per-attach config array; its size in the kernel object.
-pub const MAX_COOKIES: u32 = 256;
+/// Cookies index the per-attach config arrays; their sizes in the kernel object.
+pub const MAX_WATCH_COOKIES: u32 = 256;
+pub const MAX_GO_COOKIES: u32 = 1024;
 
 #[derive(Debug, Error)]
 pub enum UprobeError {
     #[error("program `{0}` is missing from the eBPF object")]
     MissingProgram(&'static str),
-    #[error("no free probe configuration slot (at most {MAX_COOKIES} probe sites at once)")]
+    #[error(
+        "no free probe configuration slot (at most {MAX_WATCH_COOKIES} watch-path and {MAX_GO_COOKIES} Go runtime probe sites at once)"
+    )]
     NoCookie,
     #[error("writing the probe configuration: {0}")]
     Config(#[source] aya::maps::MapError),
@@ -52,25 +55,46 @@ pub struct Site {
     pub program: &'static str,
     pub file_offset: u64,
     #[serde(skip)]
-    pub config: WatchProbeConfig,
+    pub config: SiteConfig,
+}
+
+/// What the kernel program at a site reads: its config array entry.
+#[derive(Clone, Copy, Debug)]
+pub enum SiteConfig {
+    Watch(WatchProbeConfig),
+    Go(GoProbeConfig),
 }
 
 struct Attached {
     links: Vec<(&'static str, UProbeLinkId)>,
-    cookies: Vec<u32>,
+    cookies: Vec<Cookie>,
     users: BTreeSet<u32>,
+}
+
+#[derive(Clone, Copy)]
+enum Cookie {
+    Watch(u32),
+    Go(u32),
 }
 
 /// All uprobe attachments of the agent.
 pub struct Uprobes {
-    config: Array<MapData, WatchProbeConfig>,
-    free_cookies: Vec<u32>,
+    watch_config: Array<MapData, WatchProbeConfig>,
+    go_config: Array<MapData, GoProbeConfig>,
+    free_watch: Vec<u32>,
+    free_go: Vec<u32>,
     by_file: HashMap<FileIdent, Attached>,
 }
 
 impl Uprobes {
-    pub fn new(config: Array<MapData, WatchProbeConfig>) -> Self {
-        Self { config, free_cookies: (0..MAX_COOKIES).rev().collect(), by_file: HashMap::new() }
+    pub fn new(watch_config: Array<MapData, WatchProbeConfig>, go_config: Array<MapData, GoProbeConfig>) -> Self {
+        Self {
+            watch_config,
+            go_config,
+            free_watch: (0..MAX_WATCH_COOKIES).rev().collect(),
+            free_go: (0..MAX_GO_COOKIES).rev().collect(),
+            by_file: HashMap::new(),
+        }
     }
 
     /// Whether `file` already has its probes.
@@ -108,9 +132,20 @@ impl Uprobes {
         site: &Site,
         done: &mut Attached,
     ) -> Result<(), UprobeError> {
-        let cookie = self.free_cookies.pop().ok_or(UprobeError::NoCookie)?;
-        done.cookies.push(cookie);
-        self.config.set(cookie, site.config, 0).map_err(UprobeError::Config)?;
+        let cookie = match site.config {
+            SiteConfig::Watch(cfg) => {
+                let c = self.free_watch.pop().ok_or(UprobeError::NoCookie)?;
+                done.cookies.push(Cookie::Watch(c));
+                self.watch_config.set(c, cfg, 0).map_err(UprobeError::Config)?;
+                c
+            }
+            SiteConfig::Go(cfg) => {
+                let c = self.free_go.pop().ok_or(UprobeError::NoCookie)?;
+                done.cookies.push(Cookie::Go(c));
+                self.go_config.set(c, cfg, 0).map_err(UprobeError::Config)?;
+                c
+            }
+        };
         let prog = program(ebpf, site.program)?;
         let point = UProbeAttachPoint {
             location: UProbeAttachLocation::AbsoluteOffset(site.file_offset),
@@ -160,7 +195,12 @@ impl Uprobes {
                 tracing::warn!("detaching {name}: {e}");
             }
         }
-        self.free_cookies.extend(a.cookies);
+        for c in a.cookies {
+            match c {
+                Cookie::Watch(c) => self.free_watch.push(c),
+                Cookie::Go(c) => self.free_go.push(c),
+            }
+        }
     }
 
     /// Number of uprobes attached now.

@@ -16,7 +16,7 @@ use std::{os::unix::fs::FileExt as _, path::Path};
 use agent_common::watch::{ARG_REG, ARG_STACK, ArgLoc, WatchProbeConfig};
 use serde::Serialize;
 
-use super::uprobes::Site;
+use super::uprobes::{Site, SiteConfig};
 use crate::inspect::{
     Inspection, Probe,
     catalog::{Abi, ArgRead, ArgSource, Reg},
@@ -151,7 +151,7 @@ fn looks_like_etcd(insp: &Inspection) -> Option<String> {
 }
 
 /// Reasons that rule out the whole binary.
-fn binary_refusal(insp: &Inspection) -> Option<String> {
+pub fn binary_refusal(insp: &Inspection) -> Option<String> {
     let host = if cfg!(target_arch = "x86_64") { Arch::X86_64 } else { Arch::Aarch64 };
     if insp.arch != host {
         return Some(format!("binary is {} but the agent runs on {}", insp.arch.as_str(), host.as_str()));
@@ -219,14 +219,14 @@ fn site(
             cfg.events_indirect = 1;
         }
     }
-    let at = probe_site(insp, open_path, p)?;
+    let at = entry_site(insp, open_path, &p.symbol, p.address, p.file_offset, p.size)?;
     cfg.guard = at.guard;
     Ok(Site {
         role: role.to_string(),
         symbol: p.symbol.clone(),
         program,
         file_offset: p.file_offset + at.offset,
-        config: cfg,
+        config: SiteConfig::Watch(cfg),
     })
 }
 
@@ -276,17 +276,25 @@ fn reg_slot(r: Reg) -> Option<u32> {
     })
 }
 
-/// Where in the function the entry probe goes (see `inspect::prologue`).
-fn probe_site(insp: &Inspection, open_path: &Path, p: &Probe) -> Result<prologue::ProbeSite, String> {
-    let len = p.size.clamp(1, 64) as usize;
+/// Where in a function its entry probe goes (see `inspect::prologue`):
+/// reads the function's first bytes from `open_path`, the very file the
+/// inspection describes.
+pub fn entry_site(
+    insp: &Inspection,
+    open_path: &Path,
+    symbol: &str,
+    address: u64,
+    file_offset: u64,
+    size: u64,
+) -> Result<prologue::ProbeSite, String> {
+    let len = size.clamp(1, 64) as usize;
     let mut code = vec![0u8; len];
     let f = std::fs::File::open(open_path).map_err(|e| format!("cannot read {}: {e}", open_path.display()))?;
-    f.read_exact_at(&mut code, p.file_offset)
-        .map_err(|e| format!("cannot read {} at {:#x}: {e}", p.symbol, p.file_offset))?;
+    f.read_exact_at(&mut code, file_offset).map_err(|e| format!("cannot read {symbol} at {file_offset:#x}: {e}"))?;
     let register_abi = insp.abi == Some(Abi::Register);
-    let off = match insp.arch {
-        Arch::X86_64 => prologue::amd64_probe_site(&code, p.address, register_abi),
+    let site = match insp.arch {
+        Arch::X86_64 => prologue::amd64_probe_site(&code, address, register_abi),
         Arch::Aarch64 => prologue::arm64_probe_site(&code),
     };
-    off.map_err(|e| format!("{}: {e}; refusing to place an entry probe", p.symbol))
+    site.map_err(|e| format!("{symbol}: {e}; refusing to place an entry probe"))
 }

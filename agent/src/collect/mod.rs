@@ -36,6 +36,10 @@ pub struct KernelMaps {
     watch_events: PerCpuArray<MapData, u64>,
     sidecar_hist: PerCpuArray<MapData, Histogram>,
     sidecar_counts: PerCpuArray<MapData, u64>,
+    go_hist: PerCpuArray<MapData, Histogram>,
+    window_hist: PerCpuArray<MapData, Histogram>,
+    inner_hist: PerCpuArray<MapData, Histogram>,
+    grow_events: PerCpuArray<MapData, u64>,
 }
 
 fn take_per_cpu<V: aya::Pod>(ebpf: &mut Ebpf, name: &'static str) -> Result<PerCpuArray<MapData, V>, CollectError> {
@@ -51,6 +55,10 @@ impl KernelMaps {
             watch_events: take_per_cpu(ebpf, "WS_WATCH_EVENTS")?,
             sidecar_hist: take_per_cpu(ebpf, "WS_SIDECAR_HIST")?,
             sidecar_counts: take_per_cpu(ebpf, "WS_SIDECAR_COUNTS")?,
+            go_hist: take_per_cpu(ebpf, "WS_GO_HIST")?,
+            window_hist: take_per_cpu(ebpf, "WS_WINDOW_HIST")?,
+            inner_hist: take_per_cpu(ebpf, "WS_WINDOW_INNER_HIST")?,
+            grow_events: take_per_cpu(ebpf, "WS_GO_GROW_EVENTS")?,
         })
     }
 
@@ -76,6 +84,58 @@ impl KernelMaps {
         for c in Counter::ALL {
             if let Ok(per_cpu) = self.counters.get(&(c as u32), 0) {
                 out[c as usize] = per_cpu.iter().copied().fold(0u64, u64::wrapping_add);
+            }
+        }
+        out
+    }
+}
+
+/// The Go runtime part of a snapshot.
+#[derive(Default)]
+struct GoSnapshot {
+    maps: Vec<LabelledHistogram>,
+    gc_assist: Vec<LabelledHistogram>,
+    grow_events: Vec<(String, u64)>,
+    windows: Vec<LabelledHistogram>,
+    window_inner: Vec<LabelledHistogram>,
+}
+
+impl KernelMaps {
+    fn go_snapshot(&self, slots: &[(u32, String)], window_names: &[String]) -> GoSnapshot {
+        use agent_common::goruntime::{GoClass, Inner, MAX_GO_SLOTS, class_index, inner_index, window_index};
+        let mut out = GoSnapshot::default();
+        // The kernel folds watch-path slots past its Go cap into slot 0.
+        for (slot, comm) in slots.iter().filter(|(s, _)| *s < MAX_GO_SLOTS) {
+            for class in GoClass::ALL {
+                let hist = merged(&self.go_hist, class_index(*slot, class as u32));
+                if hist.count() == 0 {
+                    continue;
+                }
+                match class.map_op() {
+                    Some(op) => out
+                        .maps
+                        .push(LabelledHistogram { labels: vec![("op", op.into()), ("comm", comm.clone())], hist }),
+                    None => out.gc_assist.push(LabelledHistogram { labels: vec![("comm", comm.clone())], hist }),
+                }
+            }
+            let grows = summed(&self.grow_events, *slot);
+            if grows > 0 {
+                out.grow_events.push((comm.clone(), grows));
+            }
+            for (w, name) in window_names.iter().enumerate() {
+                let w = w as u32;
+                let hist = merged(&self.window_hist, window_index(*slot, w));
+                if hist.count() == 0 {
+                    continue;
+                }
+                out.windows
+                    .push(LabelledHistogram { labels: vec![("window", name.clone()), ("comm", comm.clone())], hist });
+                for inner in Inner::ALL {
+                    out.window_inner.push(LabelledHistogram {
+                        labels: vec![("window", name.clone()), ("inner", inner.name().into()), ("comm", comm.clone())],
+                        hist: merged(&self.inner_hist, inner_index(*slot, w, inner as u32)),
+                    });
+                }
             }
         }
         out
@@ -171,6 +231,15 @@ pub struct Snapshot {
     pub sidecar_crossings: Vec<(&'static str, String, u64)>,
     /// (comm, unmatched, retransmits).
     pub sidecar_other: Vec<(String, u64, u64)>,
+    /// Go map operation histograms (op, comm).
+    pub go_maps: Vec<LabelledHistogram>,
+    /// GC assist histograms (comm).
+    pub gc_assist: Vec<LabelledHistogram>,
+    /// (comm, growth function entries).
+    pub grow_events: Vec<(String, u64)>,
+    /// Window durations (window, comm) and their inner breakdown (window, inner, comm).
+    pub windows: Vec<LabelledHistogram>,
+    pub window_inner: Vec<LabelledHistogram>,
     pub watched_execs: Vec<(String, u64)>,
     pub series_dropped: Vec<(&'static str, u64)>,
     pub decode_errors: u64,
@@ -184,8 +253,10 @@ impl Snapshot {
         user: &UserCounters,
         slots: &[(u32, String)],
         sidecar_slots: &[(u32, String)],
+        window_names: &[String],
         probes_attached: usize,
     ) -> Self {
+        let go = maps.go_snapshot(slots, window_names);
         let mut sidecar = Vec::new();
         let mut sidecar_crossings = Vec::new();
         let mut sidecar_other = Vec::new();
@@ -249,6 +320,11 @@ impl Snapshot {
             sidecar,
             sidecar_crossings,
             sidecar_other,
+            go_maps: go.maps,
+            gc_assist: go.gc_assist,
+            grow_events: go.grow_events,
+            windows: go.windows,
+            window_inner: go.window_inner,
             watched_execs,
             series_dropped: vec![("process_execs", overflow)],
             decode_errors: user.decode_errors.load(Ordering::Relaxed),

@@ -23,7 +23,7 @@ use crate::{
     export::server::{self, MetricsSource},
     host::HostRoot,
 };
-pub use tracker::SidecarFilter;
+pub use tracker::{GoSettings, SidecarFilter};
 use tracker::{Status, Tracker};
 
 /// How often /proc is reconciled with what the agent tracks: a backstop for
@@ -35,6 +35,7 @@ pub struct RunConfig {
     pub listen: SocketAddr,
     pub filter: ProcessFilter,
     pub sidecar: SidecarFilter,
+    pub go: GoSettings,
     pub max_series: usize,
     pub root: HostRoot,
 }
@@ -44,6 +45,7 @@ struct Agent {
     user: Arc<UserCounters>,
     slots: Arc<Mutex<Slots>>,
     sidecar_slots: Arc<Mutex<Slots>>,
+    windows: Vec<String>,
     tracepoints: Vec<AttachedProbe>,
     status: Arc<Status>,
 }
@@ -59,7 +61,11 @@ impl MetricsSource for Agent {
         let probes = self.tracepoints.len()
             + self.status.uprobes_attached.load(Ordering::Relaxed)
             + self.status.sidecar_tracepoints.load(Ordering::Relaxed);
-        Snapshot::take(&self.maps, &self.user, &list(&self.slots), &list(&self.sidecar_slots), probes)
+        Snapshot::take(&self.maps, &self.user, &list(&self.slots), &list(&self.sidecar_slots), &self.windows, probes)
+    }
+
+    fn ready(&self) -> bool {
+        self.status.scanned.load(Ordering::Relaxed)
     }
 
     fn probes_json(&self) -> serde_json::Value {
@@ -101,6 +107,7 @@ pub async fn run(cfg: RunConfig) -> Result<()> {
         user: user.clone(),
         slots: slots.clone(),
         sidecar_slots: sidecar_slots.clone(),
+        windows: cfg.go.windows.names().to_vec(),
         tracepoints,
         status: status.clone(),
     });
@@ -109,6 +116,7 @@ pub async fn run(cfg: RunConfig) -> Result<()> {
         cfg.root.clone(),
         cfg.filter.clone(),
         cfg.sidecar.clone(),
+        cfg.go.clone(),
         probes.ebpf,
         slots,
         sidecar_slots,
@@ -116,6 +124,7 @@ pub async fn run(cfg: RunConfig) -> Result<()> {
     )?;
     // The initial scan: processes that were running before the agent.
     tracker.reconcile();
+    agent.status.scanned.store(true, Ordering::Relaxed);
 
     info!("serving metrics on http://{bound}/metrics");
     let (stop_tx, stop_rx) = tokio::sync::oneshot::channel();

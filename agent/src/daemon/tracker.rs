@@ -24,7 +24,7 @@ use serde::Serialize;
 use tracing::{info, warn};
 
 use crate::{
-    attach::{sidecar::SidecarProbes, slots::Slots, uprobes::Uprobes, watch},
+    attach::{goruntime, sidecar::SidecarProbes, slots::Slots, uprobes::Uprobes, watch},
     discover::{
         ProcessFilter,
         procfs::{self, FileIdent, ProcInfo},
@@ -42,6 +42,7 @@ pub struct BinaryStatus {
     /// Probes attached to this file (one set shared by all its processes).
     pub attached: bool,
     pub sites: Vec<watch::SiteStatus>,
+    pub go_runtime: Vec<goruntime::GoSiteStatus>,
     /// Why nothing was attached, when nothing was.
     pub reason: Option<String>,
     pub processes: Vec<u32>,
@@ -55,6 +56,8 @@ pub struct Status {
     pub sidecar_tracepoints: AtomicUsize,
     /// Proxy processes watched (pid → comm).
     pub sidecars: Mutex<BTreeMap<u32, String>>,
+    /// The first /proc scan is done (what /readyz waits for).
+    pub scanned: std::sync::atomic::AtomicBool,
 }
 
 /// Which processes are proxies whose latency to measure.
@@ -90,11 +93,55 @@ pub struct Tracker {
     /// Files already reported as unusable (logged once, not per process).
     reported: HashSet<FileIdent>,
     /// Verdicts per executable file (see `plan_for`).
-    plans: HashMap<FileIdent, Verdict>,
+    plans: HashMap<(FileIdent, bool), Verdict>,
+    go: GoSettings,
 }
 
-/// What one executable means to the watch path: None when nothing.
-type Verdict = Option<(Arc<inspect::Inspection>, Arc<watch::WatchPlan>)>;
+/// What one executable means to the agent: None when nothing.
+type Verdict = Option<(Arc<inspect::Inspection>, Arc<BinaryPlan>)>;
+
+/// Everything planned for one binary.
+pub struct BinaryPlan {
+    pub watch: watch::WatchPlan,
+    pub go: goruntime::GoPlan,
+}
+
+impl BinaryPlan {
+    /// Sites to attach: each part's, unless that part was refused.
+    fn sites(&self) -> Vec<crate::attach::uprobes::Site> {
+        let mut v = Vec::new();
+        if self.watch.refusal.is_none() {
+            v.extend(self.watch.sites.iter().cloned());
+        }
+        if self.go.refusal.is_none() {
+            v.extend(self.go.sites.iter().cloned());
+        }
+        v
+    }
+
+    /// Why nothing at all can be attached, if so.
+    fn refusal(&self) -> Option<String> {
+        if !self.sites().is_empty() {
+            return None;
+        }
+        self.watch.refusal.clone().or_else(|| self.go.refusal.clone()).or_else(|| Some("nothing to probe".into()))
+    }
+}
+
+/// Go runtime timing settings (`--go-maps`, `--go-comm`, `--go-pid`, `--window`).
+#[derive(Clone, Debug)]
+pub struct GoSettings {
+    pub maps: goruntime::GoMaps,
+    pub windows: goruntime::WindowTable,
+    pub comms: Vec<String>,
+    pub pids: Vec<u32>,
+}
+
+impl GoSettings {
+    fn named(&self, tgid: u32, comm: &str) -> bool {
+        self.pids.contains(&tgid) || self.comms.iter().any(|c| c == comm)
+    }
+}
 
 /// Most executables whose verdict is remembered.
 const MAX_KNOWN_FILES: usize = 16384;
@@ -105,6 +152,7 @@ impl Tracker {
         root: HostRoot,
         filter: ProcessFilter,
         sidecar_filter: SidecarFilter,
+        go: GoSettings,
         mut ebpf: Ebpf,
         slots: Arc<Mutex<Slots>>,
         sidecar_slots: Arc<Mutex<Slots>>,
@@ -119,6 +167,7 @@ impl Tracker {
             BpfHashMap::try_from(listen).context("WS_SIDECAR_LISTEN")?,
         )
         .context("loading the sidecar programs")?;
+        let go_config = ebpf.take_map("WS_GO_CONFIG").context("the eBPF object has no WS_GO_CONFIG map")?;
         let config = ebpf.take_map("WS_WATCH_CONFIG").context("the eBPF object has no WS_WATCH_CONFIG map")?;
         let proc_slot = ebpf.take_map("WS_PROC_SLOT").context("the eBPF object has no WS_PROC_SLOT map")?;
         Ok(Self {
@@ -128,7 +177,10 @@ impl Tracker {
             sidecar,
             sidecar_slots,
             ebpf,
-            uprobes: Uprobes::new(aya::maps::Array::try_from(config).context("WS_WATCH_CONFIG")?),
+            uprobes: Uprobes::new(
+                aya::maps::Array::try_from(config).context("WS_WATCH_CONFIG")?,
+                aya::maps::Array::try_from(go_config).context("WS_GO_CONFIG")?,
+            ),
             proc_slot: BpfHashMap::try_from(proc_slot).context("WS_PROC_SLOT")?,
             slots,
             cache: inspect::Cache::default(),
@@ -136,6 +188,7 @@ impl Tracker {
             status,
             reported: HashSet::new(),
             plans: HashMap::new(),
+            go,
         })
     }
 
@@ -200,19 +253,22 @@ impl Tracker {
             return;
         }
         self.consider_sidecar(&p);
-        if !self.filter.matches(p.tgid, &p.comm) {
+        let go_named = self.go.named(p.tgid, &p.comm);
+        if !self.filter.matches(p.tgid, &p.comm) && !go_named {
             return;
         }
-        let Some((inspection, plan)) = self.plan_for(&p) else { return };
-        let mut reason = plan.refusal.clone();
+        let Some((inspection, plan)) = self.plan_for(&p, go_named) else { return };
+        let mut reason = plan.refusal();
+        let sites = plan.sites();
         if reason.is_none() && !self.uprobes.is_attached(&p.exe) {
-            match self.uprobes.attach(&mut self.ebpf, p.exe, &p.exe_open, &plan.sites) {
+            match self.uprobes.attach(&mut self.ebpf, p.exe, &p.exe_open, &sites) {
                 Ok(()) => info!(
                     pid = p.tgid,
                     comm = %p.comm,
                     exe = %p.exe_path.display(),
-                    probes = plan.sites.len(),
-                    "attached watch-path probes"
+                    watch_path = plan.watch.sites.len(),
+                    go_runtime = plan.go.sites.len(),
+                    "attached probes"
                 ),
                 Err(e) => reason = Some(e.to_string()),
             }
@@ -235,7 +291,8 @@ impl Tracker {
                 file: p.exe,
                 go_version: inspection.go_version.clone(),
                 attached: false,
-                sites: plan.statuses.clone(),
+                sites: plan.watch.statuses.clone(),
+                go_runtime: plan.go.statuses.clone(),
                 reason: None,
                 processes: Vec::new(),
             });
@@ -251,8 +308,9 @@ impl Tracker {
     /// The inspection and watch plan of a process's executable, computed
     /// once per file identity (negative answers too: a node execs the same
     /// shell and `true` thousands of times). None: nothing to do for it.
-    fn plan_for(&mut self, p: &ProcInfo) -> Verdict {
-        if let Some(known) = self.plans.get(&p.exe) {
+    fn plan_for(&mut self, p: &ProcInfo, go_named: bool) -> Verdict {
+        let key = (p.exe, go_named);
+        if let Some(known) = self.plans.get(&key) {
             return known.clone();
         }
         if self.plans.len() >= MAX_KNOWN_FILES {
@@ -263,16 +321,20 @@ impl Tracker {
             // Not a Go binary, or unreadable: common and uninteresting.
             Err(_) => None,
             Ok(insp) => {
-                let plan = watch::plan(&insp, &p.exe_open);
-                if plan.is_unrelated() && plan.refusal.is_none() {
-                    // A Go program without any watch-path role.
+                let watch = watch::plan(&insp, &p.exe_open);
+                let related = !watch.is_unrelated() || watch.refusal.is_some();
+                if !related && !go_named {
+                    // A Go program without any watch-path role, not named by --go-*.
                     None
                 } else {
-                    Some((insp, Arc::new(plan)))
+                    // Go runtime timing for the watch path's programs and the
+                    // ones the user named.
+                    let go = goruntime::plan(&insp, &p.exe_open, self.go.maps, &self.go.windows);
+                    Some((insp, Arc::new(BinaryPlan { watch, go })))
                 }
             }
         };
-        self.plans.insert(p.exe, verdict.clone());
+        self.plans.insert(key, verdict.clone());
         verdict
     }
 

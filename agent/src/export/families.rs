@@ -86,7 +86,42 @@ pub const SIDECAR_RETRANSMITS: Family = Family {
     help: "TCP retransmissions on a proxy's sockets.",
 };
 
+pub const GO_MAP_SECONDS: Family = Family {
+    name: "go_map_seconds",
+    kind: MetricType::Histogram,
+    help: "Time in Go runtime map operations (assign, access, delete: with --go-maps=all) and in map growth, \
+           per goroutine call, by operation and process.",
+};
+pub const GO_GC_ASSIST_SECONDS: Family = Family {
+    name: "go_gc_assist_seconds",
+    kind: MetricType::Histogram,
+    help: "Time user goroutines spent assisting the garbage collector (runtime.gcAssistAlloc), by process.",
+};
+pub const GO_MAP_GROW_EVENTS: Family = Family {
+    name: "go_map_grow_events",
+    kind: MetricType::Counter,
+    help: "Calls of Go map growth functions (hashGrow, growWork, evacuate; Swiss: growToSmall, growToTable, \
+           rehash, grow, split), nested ones included.",
+};
+pub const WINDOW_SECONDS: Family = Family {
+    name: "window_seconds",
+    kind: MetricType::Histogram,
+    help: "Duration of windows: a stretch of work on one goroutine (the etcd client's dispatchEvent, \
+           client-go's delta handler, or --window NAME=SYMBOL), by window and process.",
+};
+pub const WINDOW_INNER_SECONDS: Family = Family {
+    name: "window_inner_seconds",
+    kind: MetricType::Histogram,
+    help: "What each window spent inside it, by kind (map, map_grow, gc_assist, off_cpu, runqueue): one \
+           observation per window, so its count matches watchscope_window_seconds bucket for bucket.",
+};
+
 pub const FAMILIES: &[Family] = &[
+    GO_MAP_SECONDS,
+    GO_GC_ASSIST_SECONDS,
+    GO_MAP_GROW_EVENTS,
+    WINDOW_SECONDS,
+    WINDOW_INNER_SECONDS,
     EXECS,
     PROCESS_EXECS,
     WATCH_STAGE_SECONDS,
@@ -137,6 +172,12 @@ impl Collector for SnapshotCollector {
         let events: Vec<_> =
             s.watch_events.iter().map(|(side, comm, n)| ([("side", *side), ("comm", comm.as_str())], *n)).collect();
         counter(&mut enc, &WATCH_EVENTS, &events.iter().map(|(l, n)| (&l[..], *n)).collect::<Vec<_>>())?;
+        histograms(&mut enc, &GO_MAP_SECONDS, &s.go_maps)?;
+        histograms(&mut enc, &GO_GC_ASSIST_SECONDS, &s.gc_assist)?;
+        let grows: Vec<_> = s.grow_events.iter().map(|(comm, n)| ([("comm", comm.as_str())], *n)).collect();
+        counter(&mut enc, &GO_MAP_GROW_EVENTS, &grows.iter().map(|(l, n)| (&l[..], *n)).collect::<Vec<_>>())?;
+        histograms(&mut enc, &WINDOW_SECONDS, &s.windows)?;
+        histograms(&mut enc, &WINDOW_INNER_SECONDS, &s.window_inner)?;
         histograms(&mut enc, &SIDECAR_SECONDS, &s.sidecar)?;
         let crossings: Vec<_> =
             s.sidecar_crossings.iter().map(|(d, comm, n)| ([("direction", *d), ("comm", comm.as_str())], *n)).collect();

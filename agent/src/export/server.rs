@@ -1,4 +1,4 @@
-//! HTTP endpoints: `/metrics` (OpenMetrics text), `/healthz`, `/debug/probes`.
+//! HTTP endpoints: `/metrics` (OpenMetrics text), `/healthz`, `/readyz`, `/debug/probes`.
 
 use std::{net::SocketAddr, sync::Arc};
 
@@ -19,12 +19,16 @@ pub const OPENMETRICS_CONTENT_TYPE: &str = "application/openmetrics-text; versio
 pub trait MetricsSource: Send + Sync + 'static {
     fn snapshot(&self) -> Snapshot;
     fn probes_json(&self) -> serde_json::Value;
+    /// Ready once the kernel programs are loaded and the node's processes
+    /// have been scanned once (the DaemonSet's readiness probe).
+    fn ready(&self) -> bool;
 }
 
 pub fn router(source: Arc<dyn MetricsSource>) -> Router {
     Router::new()
         .route("/metrics", get(metrics))
         .route("/healthz", get(|| async { "ok\n" }))
+        .route("/readyz", get(readyz))
         .route("/debug/probes", get(probes))
         .with_state(source)
 }
@@ -33,6 +37,14 @@ async fn metrics(State(src): State<Arc<dyn MetricsSource>>) -> Response {
     match super::render(src.snapshot()) {
         Ok(body) => ([(header::CONTENT_TYPE, OPENMETRICS_CONTENT_TYPE)], body).into_response(),
         Err(_) => (StatusCode::INTERNAL_SERVER_ERROR, "encoding metrics failed\n").into_response(),
+    }
+}
+
+async fn readyz(State(src): State<Arc<dyn MetricsSource>>) -> Response {
+    if src.ready() {
+        (StatusCode::OK, "ready\n").into_response()
+    } else {
+        (StatusCode::SERVICE_UNAVAILABLE, "starting\n").into_response()
     }
 }
 

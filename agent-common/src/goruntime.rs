@@ -1,0 +1,171 @@
+//! Shared definitions for Go runtime timing: map operations, map growth, GC
+//! assist, and windows (stretches of work on one goroutine, e.g. the etcd
+//! client's dispatchEvent) with what happened inside them.
+
+/// What a probed Go function is, for timing.
+#[repr(u32)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum GoClass {
+    MapAssign = 0,
+    MapAccess = 1,
+    MapDelete = 2,
+    MapGrow = 3,
+    GcAssist = 4,
+    /// A window function (its id is in the probe config).
+    Window = 5,
+}
+
+impl GoClass {
+    /// Classes with a histogram of their own (all but Window).
+    pub const TIMED: u32 = 5;
+    pub const ALL: [GoClass; 5] =
+        [GoClass::MapAssign, GoClass::MapAccess, GoClass::MapDelete, GoClass::MapGrow, GoClass::GcAssist];
+
+    pub fn from_u32(v: u32) -> Option<GoClass> {
+        Some(match v {
+            0 => GoClass::MapAssign,
+            1 => GoClass::MapAccess,
+            2 => GoClass::MapDelete,
+            3 => GoClass::MapGrow,
+            4 => GoClass::GcAssist,
+            5 => GoClass::Window,
+            _ => return None,
+        })
+    }
+
+    /// The `op` label of watchscope_go_map_seconds, or None (GC assist, windows).
+    pub fn map_op(self) -> Option<&'static str> {
+        Some(match self {
+            GoClass::MapAssign => "assign",
+            GoClass::MapAccess => "access",
+            GoClass::MapDelete => "delete",
+            GoClass::MapGrow => "grow",
+            _ => return None,
+        })
+    }
+
+    /// The window accumulator this class adds to.
+    pub fn inner(self) -> Option<Inner> {
+        match self {
+            GoClass::MapAssign | GoClass::MapAccess | GoClass::MapDelete => Some(Inner::Map),
+            GoClass::MapGrow => Some(Inner::MapGrow),
+            GoClass::GcAssist => Some(Inner::GcAssist),
+            GoClass::Window => None,
+        }
+    }
+}
+
+/// What a window's time is broken down into.
+#[repr(u32)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Inner {
+    Map = 0,
+    MapGrow = 1,
+    GcAssist = 2,
+    OffCpu = 3,
+    Runqueue = 4,
+}
+
+impl Inner {
+    pub const COUNT: u32 = 5;
+    pub const ALL: [Inner; 5] = [Inner::Map, Inner::MapGrow, Inner::GcAssist, Inner::OffCpu, Inner::Runqueue];
+
+    pub fn name(self) -> &'static str {
+        match self {
+            Inner::Map => "map",
+            Inner::MapGrow => "map_grow",
+            Inner::GcAssist => "gc_assist",
+            Inner::OffCpu => "off_cpu",
+            Inner::Runqueue => "runqueue",
+        }
+    }
+}
+
+/// Most distinct windows (built-in and `--window`).
+pub const MAX_WINDOWS: u32 = 8;
+/// Label slots for Go timing histograms (shared with the watch path's slots,
+/// capped lower because each slot holds windows × inner histograms).
+pub const MAX_GO_SLOTS: u32 = 32;
+
+/// One probed site of a Go function: its entry (on the stack-check jump,
+/// see `watch::GUARD_*`) or one of its RET instructions.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct GoProbeConfig {
+    /// `GoClass as u32`.
+    pub class: u32,
+    /// 1 on a RET site, 0 on the entry.
+    pub is_ret: u32,
+    /// For `GoClass::Window`: which window.
+    pub window: u32,
+    /// Entry only: `watch::GUARD_*`.
+    pub guard: u32,
+}
+
+/// A call in progress on one goroutine: (process, g, class) → start and
+/// depth, so nested calls of one class (growWork → evacuate) time the
+/// outermost span. The process is part of the key because `g` addresses
+/// repeat across processes of one binary (Go's heap layout is
+/// deterministic): 50 pods of one image share them.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct GoCallKey {
+    pub g: u64,
+    pub tgid: u32,
+    pub class: u32,
+}
+
+/// A goroutine of a process: the key of open windows.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct GoroutineKey {
+    pub g: u64,
+    pub tgid: u32,
+    pub _pad: u32,
+}
+
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct GoCall {
+    pub start: u64,
+    pub depth: u32,
+    pub _pad: u32,
+}
+
+/// An open window on one goroutine.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Window {
+    pub start: u64,
+    pub window: u32,
+    pub slot: u32,
+    pub depth: u32,
+    pub _pad: u32,
+    /// Nanoseconds per `Inner`.
+    pub inner: [u64; 5],
+}
+
+#[inline(always)]
+pub fn class_index(slot: u32, class: u32) -> u32 {
+    slot * GoClass::TIMED + class
+}
+
+#[inline(always)]
+pub fn window_index(slot: u32, window: u32) -> u32 {
+    slot * MAX_WINDOWS + window
+}
+
+#[inline(always)]
+pub fn inner_index(slot: u32, window: u32, inner: u32) -> u32 {
+    (slot * MAX_WINDOWS + window) * Inner::COUNT + inner
+}
+
+#[cfg(feature = "user")]
+mod pod {
+    // SAFETY: repr(C) plain data.
+    unsafe impl aya::Pod for super::GoProbeConfig {}
+    unsafe impl aya::Pod for super::GoCallKey {}
+    unsafe impl aya::Pod for super::GoroutineKey {}
+    unsafe impl aya::Pod for super::GoCall {}
+    unsafe impl aya::Pod for super::Window {}
+}

@@ -1,0 +1,174 @@
+//! Go runtime timing inside the programs we watch: map operations, map
+//! growth, GC assist, and windows — a stretch of work on one goroutine
+//! between a window function's entry and its return — with what happened
+//! inside them.
+//!
+//! Everything is keyed by the goroutine (`g`, in R14 on amd64 / R28 on
+//! arm64, the same pointer for a goroutine's whole life, whichever thread
+//! runs it and however often its stack moves): a goroutine that migrates to
+//! another thread mid-window keeps its attribution, and another goroutine
+//! on the same thread never gets it. Returns are probed on every RET
+//! instruction the inspector decoded (uretprobes would break on Go's moving
+//! stacks); entries on the stack-check jump, skipping the pass that calls
+//! morestack (see `watch::GUARD_*`).
+
+use agent_common::{
+    Histogram,
+    goruntime::{
+        GoCall, GoCallKey, GoClass, GoProbeConfig, GoroutineKey, Inner, MAX_GO_SLOTS, MAX_WINDOWS, Window, class_index,
+        inner_index, window_index,
+    },
+    watch::guard_taken,
+};
+use aya_ebpf::{
+    EbpfContext,
+    helpers::{bpf_get_attach_cookie, bpf_get_current_pid_tgid, bpf_ktime_get_ns},
+    macros::{map, uprobe},
+    maps::{Array, LruHashMap, PerCpuArray},
+    programs::ProbeContext,
+};
+
+use crate::{
+    maps::{add, current_slot, observe},
+    regs::{G_SLOT, flags, reg},
+};
+
+#[map(name = "WS_GO_CONFIG")]
+static CONFIG: Array<GoProbeConfig> = Array::with_max_entries(1024, 0);
+
+/// Calls in progress, per (goroutine, class).
+#[map(name = "WS_GO_CALLS")]
+static CALLS: LruHashMap<GoCallKey, GoCall> = LruHashMap::with_max_entries(16384, 0);
+
+/// Open windows, per goroutine.
+#[map(name = "WS_GO_WINDOWS")]
+static WINDOWS: LruHashMap<GoroutineKey, Window> = LruHashMap::with_max_entries(8192, 0);
+
+/// Map operation and GC assist durations, by `class_index(slot, class)`.
+#[map(name = "WS_GO_HIST")]
+static GO_HIST: PerCpuArray<Histogram> = PerCpuArray::with_max_entries(MAX_GO_SLOTS * GoClass::TIMED, 0);
+
+/// Window durations, by `window_index(slot, window)`.
+#[map(name = "WS_WINDOW_HIST")]
+static WINDOW_HIST: PerCpuArray<Histogram> = PerCpuArray::with_max_entries(MAX_GO_SLOTS * MAX_WINDOWS, 0);
+
+/// What each window spent inside, by `inner_index(slot, window, inner)`:
+/// one observation per window per inner kind (zeros included), so every
+/// inner histogram has the window histogram's count, bucket for bucket.
+#[map(name = "WS_WINDOW_INNER_HIST")]
+static INNER_HIST: PerCpuArray<Histogram> = PerCpuArray::with_max_entries(MAX_GO_SLOTS * MAX_WINDOWS * Inner::COUNT, 0);
+
+/// Entries of map growth functions (every call, nested ones too): the
+/// count a tracer counting the same offsets sees.
+#[map(name = "WS_GO_GROW_EVENTS")]
+static GROW_EVENTS: PerCpuArray<u64> = PerCpuArray::with_max_entries(MAX_GO_SLOTS, 0);
+
+struct Hit {
+    slot: u32,
+    tgid: u32,
+    g: u64,
+    cfg: GoProbeConfig,
+    now: u64,
+}
+
+#[inline(always)]
+fn begin(ctx: &ProbeContext) -> Option<Hit> {
+    // First: is this process watched at all?
+    let tgid = (bpf_get_current_pid_tgid() >> 32) as u32;
+    let slot = current_slot(tgid)?;
+    let slot = if slot < MAX_GO_SLOTS { slot } else { 0 };
+    // SAFETY: the helper reads the cookie of the current attachment.
+    let cookie = unsafe { bpf_get_attach_cookie(ctx.as_ptr()) } as u32;
+    let cfg = *CONFIG.get(cookie)?;
+    // SAFETY: the probe's own register context.
+    let regs = unsafe { &*ctx.regs };
+    if cfg.is_ret == 0 && guard_taken(cfg.guard, flags(regs)) {
+        return None;
+    }
+    let g = reg(regs, G_SLOT)?;
+    // SAFETY: no preconditions.
+    let now = unsafe { bpf_ktime_get_ns() };
+    Some(Hit { slot, tgid, g, cfg, now })
+}
+
+#[uprobe]
+pub fn go_entry(ctx: ProbeContext) -> u32 {
+    let Some(h) = begin(&ctx) else { return 0 };
+    if h.cfg.class == GoClass::MapGrow as u32 {
+        add(&GROW_EVENTS, h.slot, 1);
+    }
+    let key = GoCallKey { g: h.g, tgid: h.tgid, class: h.cfg.class };
+    if let Some(call) = CALLS.get_ptr_mut(&key) {
+        // Nested call of the same class: the outermost span is timed.
+        // SAFETY: map value valid during this run.
+        unsafe { (*call).depth += 1 };
+        return 0;
+    }
+    let _ = CALLS.insert(&key, &GoCall { start: h.now, depth: 1, _pad: 0 }, 0);
+    if h.cfg.class == GoClass::Window as u32 && h.cfg.window < MAX_WINDOWS {
+        // SAFETY: lookup of a plain key.
+        let gk = GoroutineKey { g: h.g, tgid: h.tgid, _pad: 0 };
+        if unsafe { WINDOWS.get(&gk) }.is_none() {
+            let w = Window { start: h.now, window: h.cfg.window, slot: h.slot, depth: 1, _pad: 0, inner: [0; 5] };
+            let _ = WINDOWS.insert(&gk, &w, 0);
+        }
+    }
+    0
+}
+
+#[uprobe]
+pub fn go_ret(ctx: ProbeContext) -> u32 {
+    let Some(h) = begin(&ctx) else { return 0 };
+    let key = GoCallKey { g: h.g, tgid: h.tgid, class: h.cfg.class };
+    let Some(call) = CALLS.get_ptr_mut(&key) else {
+        // The call began before the probes were attached.
+        return 0;
+    };
+    // SAFETY: map value valid during this run.
+    let (start, depth) = unsafe {
+        (*call).depth = (*call).depth.saturating_sub(1);
+        ((*call).start, (*call).depth)
+    };
+    if depth > 0 {
+        return 0;
+    }
+    let _ = CALLS.remove(&key);
+    let d = h.now.saturating_sub(start);
+    let gk = GoroutineKey { g: h.g, tgid: h.tgid, _pad: 0 };
+    if h.cfg.class == GoClass::Window as u32 {
+        close_window(&gk, d);
+        return 0;
+    }
+    observe(&GO_HIST, class_index(h.slot, h.cfg.class), d);
+    if let Some(w) = WINDOWS.get_ptr_mut(&gk) {
+        let inner = match h.cfg.class {
+            c if c == GoClass::MapGrow as u32 => Inner::MapGrow,
+            c if c == GoClass::GcAssist as u32 => Inner::GcAssist,
+            _ => Inner::Map,
+        } as usize;
+        // SAFETY: map value valid during this run; index bounded by the enum.
+        unsafe {
+            if let Some(acc) = (*w).inner.get_mut(inner) {
+                *acc += d;
+            }
+        }
+    }
+    0
+}
+
+#[inline(always)]
+fn close_window(gk: &GoroutineKey, d: u64) {
+    // SAFETY: lookup of a plain key; the value is copied at once.
+    let Some(w) = (unsafe { WINDOWS.get(gk) }).copied() else { return };
+    let _ = WINDOWS.remove(gk);
+    if w.window >= MAX_WINDOWS || w.slot >= MAX_GO_SLOTS {
+        return;
+    }
+    observe(&WINDOW_HIST, window_index(w.slot, w.window), d);
+    let mut i = 0;
+    while i < Inner::COUNT {
+        let v = w.inner.get(i as usize).copied().unwrap_or(0);
+        observe(&INNER_HIST, inner_index(w.slot, w.window, i), v);
+        i += 1;
+    }
+}

@@ -1,0 +1,746 @@
+//! The probe catalog: which functions to probe for each role, under which
+//! names across versions, and how to read their arguments.
+//!
+//! Everything is data. To support a new version, add a `Candidate` with the
+//! symbol name and (if the signature changed) a `Signature`; the register or
+//! stack slot of every argument is derived from the signature and the
+//! binary's calling convention by [`assign`], so no register is written down
+//! by hand. Struct field offsets are the only hand-written facts: each
+//! `ReadSpec` says whether it was measured (and how) or only taken from
+//! source (`verified: None`).
+//!
+//! How the verified facts were measured (etcd 3.4.23, go1.19.8, amd64,
+//! Debian's `/usr/bin/etcd` and `/usr/bin/etcdctl`): tracefs uprobes at the
+//! file offsets `watchscope inspect` printed, with fetchargs built from the
+//! reads below, while `etcdctl watch` ran and `etcdctl put` committed known
+//! revisions; the values seen matched the revisions/watch ids etcdctl
+//! reported (see `tests/tests/inspect.rs::etcd_arg_reads_match_tracefs`).
+
+use serde::Serialize;
+
+use super::elf::Arch;
+
+/// Whose code a role probes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Component {
+    EtcdServer,
+    EtcdClient,
+    ClientGo,
+    GoRuntime,
+}
+
+/// Whether one symbol is enough, or every candidate present is probed (the
+/// runtime's map functions: each variant is a separate entry point).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Select {
+    First,
+    All,
+}
+
+/// How a candidate names its function.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SymbolMatch {
+    /// The exact symbol, or the same under a `.../vendor/` prefix (GOPATH-era
+    /// vendoring put the vendoring package's path in front).
+    Exact(&'static str),
+    /// Generic instantiations, whose names spell out type arguments.
+    Pattern {
+        prefix: &'static str,
+        contains: &'static [&'static str],
+        excludes: &'static [&'static str],
+        suffix: &'static str,
+    },
+}
+
+impl SymbolMatch {
+    pub fn describe(&self) -> String {
+        match self {
+            SymbolMatch::Exact(s) => (*s).to_string(),
+            SymbolMatch::Pattern { prefix, contains, suffix, .. } => {
+                format!("{prefix}…{}…{suffix}", contains.join("…"))
+            }
+        }
+    }
+    pub fn matches_pattern(&self, name: &str) -> bool {
+        match self {
+            SymbolMatch::Exact(_) => false,
+            SymbolMatch::Pattern { prefix, contains, excludes, suffix } => {
+                name.starts_with(prefix)
+                    && name.ends_with(suffix)
+                    && contains.iter().all(|c| name.contains(c))
+                    && !excludes.iter().any(|e| name.contains(e))
+            }
+        }
+    }
+}
+
+/// One integer-class scalar of a flattened argument (Go's register ABI
+/// assigns struct fields one by one, so a signature is a list of these).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Field {
+    /// Empty for a scalar parameter; `len`, `Revision`, ... for parts.
+    pub name: &'static str,
+    /// Bytes (also the alignment: every field here is a scalar).
+    pub size: u8,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Param {
+    pub name: &'static str,
+    pub fields: &'static [Field],
+}
+
+/// What to read at entry, given as a field of the signature and a pointer
+/// chase: the value starts as the field, then for each offset `o` in
+/// `derefs` becomes the 8-byte word at `value + o`; the last read is `size`
+/// bytes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ReadSpec {
+    pub name: &'static str,
+    /// `param` or `param.field`.
+    pub field: &'static str,
+    pub derefs: &'static [u64],
+    pub size: u8,
+    /// How this read was checked against a running program, or `None` if it
+    /// only comes from reading the source.
+    pub verified: Option<&'static str>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Signature {
+    pub params: &'static [Param],
+    pub reads: &'static [ReadSpec],
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Candidate {
+    pub symbol: SymbolMatch,
+    /// Which versions use this name (for humans).
+    pub versions: &'static str,
+    pub sig: &'static Signature,
+    /// The symbol name itself was seen in a real binary of that version.
+    pub name_verified: bool,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct RoleSpec {
+    pub role: &'static str,
+    pub component: Component,
+    pub what: &'static str,
+    pub select: Select,
+    pub candidates: &'static [Candidate],
+}
+
+// ---- building blocks ----------------------------------------------------
+
+const fn f(name: &'static str, size: u8) -> Field {
+    Field { name, size }
+}
+const WORD: &[Field] = &[f("", 8)];
+const U32: &[Field] = &[f("", 4)];
+const SLICE: &[Field] = &[f("ptr", 8), f("len", 8), f("cap", 8)];
+const STRING: &[Field] = &[f("ptr", 8), f("len", 8)];
+const IFACE: &[Field] = &[f("type", 8), f("data", 8)];
+const fn p(name: &'static str, fields: &'static [Field]) -> Param {
+    Param { name, fields }
+}
+const fn read(name: &'static str, field: &'static str, derefs: &'static [u64]) -> ReadSpec {
+    ReadSpec { name, field, derefs, size: 8, verified: None }
+}
+const fn read_v(name: &'static str, field: &'static str, derefs: &'static [u64], how: &'static str) -> ReadSpec {
+    ReadSpec { name, field, derefs, size: 8, verified: Some(how) }
+}
+const fn exact(name: &'static str, versions: &'static str, sig: &'static Signature, name_verified: bool) -> Candidate {
+    Candidate { symbol: SymbolMatch::Exact(name), versions, sig, name_verified }
+}
+
+const TRACEFS_344: &str = "etcd 3.4.23/go1.19.8 amd64: tracefs uprobe during etcdctl put/watch";
+
+// ---- etcd server ----------------------------------------------------------
+
+/// `func (s *watchableStore) notify(rev int64, evs []mvccpb.Event)`
+static NOTIFY: Signature = Signature {
+    params: &[p("s", WORD), p("rev", WORD), p("evs", SLICE)],
+    reads: &[read_v("rev", "rev", &[], TRACEFS_344), read_v("events", "evs.len", &[], TRACEFS_344)],
+};
+
+/// `func (w *watcher) send(wr WatchResponse) bool`, with
+/// `WatchResponse{WatchID int64; Events []mvccpb.Event; Revision, CompactRevision int64}`
+/// passed by value (flattened into registers after the receiver).
+static WATCHER_SEND: Signature = Signature {
+    params: &[
+        p("w", WORD),
+        p(
+            "wr",
+            &[
+                f("WatchID", 8),
+                f("Events.ptr", 8),
+                f("Events.len", 8),
+                f("Events.cap", 8),
+                f("Revision", 8),
+                f("CompactRevision", 8),
+            ],
+        ),
+    ],
+    reads: &[
+        read_v("watch_id", "wr.WatchID", &[], TRACEFS_344),
+        read_v("revision", "wr.Revision", &[], TRACEFS_344),
+        read_v("events", "wr.Events.len", &[], TRACEFS_344),
+        // The queued []mvccpb.Event's backing array: &Events[i] is the pointer
+        // the gRPC send later transmits (seen equal in the same tracefs run).
+        read_v("events_ptr", "wr.Events.ptr", &[], TRACEFS_344),
+    ],
+};
+
+/// `func (x *watchWatchServer) Send(m *WatchResponse) error`. The
+/// generated `WatchResponse` starts `Header *ResponseHeader; WatchId int64`
+/// and `ResponseHeader` is `{ClusterId, MemberId uint64; Revision int64; RaftTerm uint64}`.
+static GRPC_SEND: Signature = Signature {
+    params: &[p("x", WORD), p("m", WORD)],
+    reads: &[
+        read_v("revision", "m", &[0, 16], TRACEFS_344),
+        read_v("watch_id", "m", &[8], TRACEFS_344),
+        read_v("member_id", "m", &[0, 8], TRACEFS_344),
+        read_v("cluster_id", "m", &[0, 0], TRACEFS_344),
+        // Events []*mvccpb.Event after Created, Canceled, CompactRevision,
+        // CancelReason and Fragment: ptr at 56, len at 64.
+        read_v("events_ptr", "m", &[56], TRACEFS_344),
+        read_v("events", "m", &[64], TRACEFS_344),
+    ],
+};
+
+/// grpc-go's generic stream (`*GenericServerStream[Req, Res]`) `Send(m *Res)`,
+/// called through the interface wrapper whose name spells the type
+/// arguments (Go 1.20+; 1.18-1.19 pclntab writes `[...]`, so instantiations
+/// cannot be told apart and the role stays unresolved there). The name and
+/// the receiver/`m` registers were checked on a stand-in built with Go 1.27
+/// (`tests/fixtures/go/generic`), not on a real etcd 3.7, whose message
+/// layout may differ: nothing here is marked verified.
+static GENERIC_SEND: Signature = Signature {
+    params: &[p("x", WORD), p("m", WORD)],
+    reads: &[
+        read("revision", "m", &[0, 16]),
+        read("watch_id", "m", &[8]),
+        read("member_id", "m", &[0, 8]),
+        read("cluster_id", "m", &[0, 0]),
+        read("events_ptr", "m", &[56]),
+        read("events", "m", &[64]),
+    ],
+};
+
+// ---- etcd client ------------------------------------------------------------
+
+/// `func (w *watchGrpcStream) dispatchEvent(pbresp *pb.WatchResponse) bool`
+static DISPATCH: Signature = Signature {
+    params: &[p("w", WORD), p("pbresp", WORD)],
+    reads: &[
+        read_v("revision", "pbresp", &[0, 16], TRACEFS_344),
+        read_v("watch_id", "pbresp", &[8], TRACEFS_344),
+        read_v("member_id", "pbresp", &[0, 8], TRACEFS_344),
+        read_v("cluster_id", "pbresp", &[0, 0], TRACEFS_344),
+        read_v("events_ptr", "pbresp", &[56], TRACEFS_344),
+        read_v("events", "pbresp", &[64], TRACEFS_344),
+    ],
+};
+
+// ---- client-go ---------------------------------------------------------------
+
+/// `func (s *sharedIndexInformer) HandleDeltas(obj interface{}[, isInInitialList bool]) error`;
+/// `obj` boxes a `Deltas` slice, so its data word points at a slice header.
+static HANDLE_DELTAS: Signature =
+    Signature { params: &[p("s", WORD), p("obj", IFACE)], reads: &[read("deltas", "obj.data", &[8])] };
+
+/// `func (f *DeltaFIFO) Pop(process PopProcessFunc) (interface{}, error)`
+static FIFO_POP: Signature = Signature { params: &[p("f", WORD), p("process", WORD)], reads: &[] };
+
+// ---- Go runtime --------------------------------------------------------------
+
+/// `func mapassign(t *maptype, h *hmap, key unsafe.Pointer) unsafe.Pointer`
+/// (Swiss maps keep the shape: `typ *abi.MapType, m *maps.Map`).
+static MAP_PTRKEY: Signature = Signature {
+    params: &[p("t", WORD), p("h", WORD), p("key", WORD)],
+    reads: &[read("map", "h", &[]), read("maptype", "t", &[])],
+};
+static MAP_KEY32: Signature = Signature {
+    params: &[p("t", WORD), p("h", WORD), p("key", U32)],
+    reads: &[read("map", "h", &[]), read("maptype", "t", &[])],
+};
+static MAP_KEYSTR: Signature = Signature {
+    params: &[p("t", WORD), p("h", WORD), p("key", STRING)],
+    reads: &[read("map", "h", &[]), read("maptype", "t", &[])],
+};
+/// `hashGrow(t, h)`, `growWork(t, h, bucket)`, `evacuate(t, h, oldbucket)`.
+static MAP_CLASSIC_GROW: Signature =
+    Signature { params: &[p("t", WORD), p("h", WORD)], reads: &[read("map", "h", &[]), read("maptype", "t", &[])] };
+/// `func (m *Map) growToSmall(typ *abi.MapType)` / `growToTable`.
+static MAP_SWISS_MAP_GROW: Signature =
+    Signature { params: &[p("m", WORD), p("typ", WORD)], reads: &[read("map", "m", &[]), read("maptype", "typ", &[])] };
+/// `func (t *table) rehash(typ *abi.MapType, m *Map)` / `grow` / `split`.
+static MAP_SWISS_TABLE_GROW: Signature = Signature {
+    params: &[p("t", WORD), p("typ", WORD), p("m", WORD)],
+    reads: &[read("map", "m", &[]), read("maptype", "typ", &[]), read("table", "t", &[])],
+};
+/// `func gcAssistAlloc(gp *g)`
+static GC_ASSIST: Signature = Signature { params: &[p("gp", WORD)], reads: &[read("g", "gp", &[])] };
+
+/// Runtime functions: names seen in the Go 1.19 and 1.27 fixtures (those
+/// a fixture does not link, e.g. classic growth in 1.27, by source only).
+macro_rules! runtime {
+    ($($name:literal => $sig:ident),* $(,)?) => {
+        runtime!["Go 1.19-1.27"; $($name => $sig),*]
+    };
+    ($versions:literal; $($name:literal => $sig:ident),* $(,)?) => {
+        &[$(exact($name, $versions, &$sig, true)),*]
+    };
+}
+
+/// The catalog. Order matters only for `Select::First` (first found wins).
+pub static CATALOG: &[RoleSpec] = &[
+    RoleSpec {
+        role: "etcd_server_notify",
+        component: Component::EtcdServer,
+        what: "commit fan-out: one call per committed revision, to all synced watchers",
+        select: Select::First,
+        candidates: &[
+            exact("go.etcd.io/etcd/mvcc.(*watchableStore).notify", "etcd 3.4", &NOTIFY, true),
+            exact("go.etcd.io/etcd/server/v3/mvcc.(*watchableStore).notify", "etcd 3.5", &NOTIFY, false),
+            exact("go.etcd.io/etcd/server/v3/storage/mvcc.(*watchableStore).notify", "etcd 3.6+", &NOTIFY, false),
+            exact("github.com/coreos/etcd/mvcc.(*watchableStore).notify", "etcd 3.3 and older", &NOTIFY, false),
+        ],
+    },
+    RoleSpec {
+        role: "etcd_server_watcher_send",
+        component: Component::EtcdServer,
+        what: "per-watcher queue: one call per response queued to one watcher",
+        select: Select::First,
+        candidates: &[
+            exact("go.etcd.io/etcd/mvcc.(*watcher).send", "etcd 3.4", &WATCHER_SEND, true),
+            exact("go.etcd.io/etcd/server/v3/mvcc.(*watcher).send", "etcd 3.5", &WATCHER_SEND, false),
+            exact("go.etcd.io/etcd/server/v3/storage/mvcc.(*watcher).send", "etcd 3.6+", &WATCHER_SEND, false),
+            exact("github.com/coreos/etcd/mvcc.(*watcher).send", "etcd 3.3 and older", &WATCHER_SEND, false),
+        ],
+    },
+    RoleSpec {
+        role: "etcd_server_grpc_send",
+        component: Component::EtcdServer,
+        what: "gRPC send: one call per WatchResponse written to a client stream",
+        select: Select::First,
+        candidates: &[
+            exact("go.etcd.io/etcd/etcdserver/etcdserverpb.(*watchWatchServer).Send", "etcd 3.4", &GRPC_SEND, true),
+            exact("go.etcd.io/etcd/api/v3/etcdserverpb.(*watchWatchServer).Send", "etcd 3.5-3.6", &GRPC_SEND, false),
+            Candidate {
+                symbol: SymbolMatch::Pattern {
+                    prefix: "google.golang.org/grpc.(*GenericServerStream[",
+                    contains: &["etcdserverpb.WatchRequest", "etcdserverpb.WatchResponse"],
+                    excludes: &["go.shape."],
+                    suffix: "]).Send",
+                },
+                versions: "etcd 3.7 (generic grpc-go streams; unverified)",
+                sig: &GENERIC_SEND,
+                name_verified: false,
+            },
+            exact(
+                "github.com/coreos/etcd/etcdserver/etcdserverpb.(*watchWatchServer).Send",
+                "etcd 3.3 and older",
+                &GRPC_SEND,
+                false,
+            ),
+        ],
+    },
+    RoleSpec {
+        role: "etcd_client_dispatch",
+        component: Component::EtcdClient,
+        what: "client receive: one call per WatchResponse the client dispatches to its watchers",
+        select: Select::First,
+        candidates: &[
+            exact("go.etcd.io/etcd/clientv3.(*watchGrpcStream).dispatchEvent", "etcd 3.4", &DISPATCH, true),
+            exact("go.etcd.io/etcd/client/v3.(*watchGrpcStream).dispatchEvent", "etcd 3.5", &DISPATCH, false),
+            exact("go.etcd.io/etcd/client/v3.(*watchGRPCStream).dispatchEvent", "etcd 3.6+", &DISPATCH, false),
+            exact(
+                "github.com/coreos/etcd/clientv3.(*watchGrpcStream).dispatchEvent",
+                "etcd 3.3 and older",
+                &DISPATCH,
+                false,
+            ),
+        ],
+    },
+    RoleSpec {
+        role: "client_go_handle_deltas",
+        component: Component::ClientGo,
+        what: "informer per-batch handler: one call per batch of deltas popped for an object",
+        select: Select::First,
+        candidates: &[
+            exact(
+                "k8s.io/client-go/tools/cache.(*sharedIndexInformer).HandleDeltas",
+                "client-go (all)",
+                &HANDLE_DELTAS,
+                false,
+            ),
+            exact(
+                "k8s.io/client-go/tools/cache.(*sharedIndexInformer).handleDeltas",
+                "client-go (newer)",
+                &HANDLE_DELTAS,
+                false,
+            ),
+        ],
+    },
+    RoleSpec {
+        role: "client_go_queue_pop",
+        component: Component::ClientGo,
+        what: "informer queue pop: one call per item taken off the delta queue",
+        select: Select::All,
+        candidates: &[
+            exact("k8s.io/client-go/tools/cache.(*DeltaFIFO).Pop", "client-go (all)", &FIFO_POP, false),
+            exact("k8s.io/client-go/tools/cache.(*RealFIFO).Pop", "client-go 0.30+", &FIFO_POP, false),
+        ],
+    },
+    RoleSpec {
+        role: "go_map_assign",
+        component: Component::GoRuntime,
+        what: "map assignment (generic and fast variants)",
+        select: Select::All,
+        candidates: runtime![
+            "runtime.mapassign" => MAP_PTRKEY,
+            "runtime.mapassign_fast32" => MAP_KEY32,
+            "runtime.mapassign_fast32ptr" => MAP_PTRKEY,
+            "runtime.mapassign_fast64" => MAP_PTRKEY,
+            "runtime.mapassign_fast64ptr" => MAP_PTRKEY,
+            "runtime.mapassign_faststr" => MAP_KEYSTR,
+        ],
+    },
+    RoleSpec {
+        role: "go_map_access",
+        component: Component::GoRuntime,
+        what: "map lookup (generic and fast variants; the _fat wrappers call these)",
+        select: Select::All,
+        candidates: runtime![
+            "runtime.mapaccess1" => MAP_PTRKEY,
+            "runtime.mapaccess2" => MAP_PTRKEY,
+            "runtime.mapaccess1_fast32" => MAP_KEY32,
+            "runtime.mapaccess2_fast32" => MAP_KEY32,
+            "runtime.mapaccess1_fast64" => MAP_PTRKEY,
+            "runtime.mapaccess2_fast64" => MAP_PTRKEY,
+            "runtime.mapaccess1_faststr" => MAP_KEYSTR,
+            "runtime.mapaccess2_faststr" => MAP_KEYSTR,
+        ],
+    },
+    RoleSpec {
+        role: "go_map_delete",
+        component: Component::GoRuntime,
+        what: "map delete (generic and fast variants)",
+        select: Select::All,
+        candidates: runtime![
+            "runtime.mapdelete" => MAP_PTRKEY,
+            "runtime.mapdelete_fast32" => MAP_KEY32,
+            "runtime.mapdelete_fast64" => MAP_PTRKEY,
+            "runtime.mapdelete_faststr" => MAP_KEYSTR,
+        ],
+    },
+    RoleSpec {
+        role: "go_map_grow",
+        component: Component::GoRuntime,
+        what: "map growth: classic bucket maps (Go <= 1.23) and Swiss tables (1.24+)",
+        select: Select::All,
+        candidates: &[
+            exact("runtime.hashGrow", "Go <= 1.23", &MAP_CLASSIC_GROW, true),
+            exact("runtime.growWork", "Go <= 1.23", &MAP_CLASSIC_GROW, true),
+            exact("runtime.growWork_fast32", "Go <= 1.23", &MAP_CLASSIC_GROW, true),
+            exact("runtime.growWork_fast64", "Go <= 1.23", &MAP_CLASSIC_GROW, true),
+            exact("runtime.growWork_faststr", "Go <= 1.23", &MAP_CLASSIC_GROW, true),
+            exact("runtime.evacuate", "Go <= 1.23", &MAP_CLASSIC_GROW, true),
+            exact("runtime.evacuate_fast32", "Go <= 1.23", &MAP_CLASSIC_GROW, true),
+            exact("runtime.evacuate_fast64", "Go <= 1.23", &MAP_CLASSIC_GROW, true),
+            exact("runtime.evacuate_faststr", "Go <= 1.23", &MAP_CLASSIC_GROW, true),
+            exact("internal/runtime/maps.(*Map).growToSmall", "Go 1.24+", &MAP_SWISS_MAP_GROW, true),
+            exact("internal/runtime/maps.(*Map).growToTable", "Go 1.24+", &MAP_SWISS_MAP_GROW, true),
+            exact("internal/runtime/maps.(*table).rehash", "Go 1.24+", &MAP_SWISS_TABLE_GROW, true),
+            exact("internal/runtime/maps.(*table).grow", "Go 1.24+", &MAP_SWISS_TABLE_GROW, true),
+            exact("internal/runtime/maps.(*table).split", "Go 1.24+", &MAP_SWISS_TABLE_GROW, true),
+        ],
+    },
+    RoleSpec {
+        role: "go_gc_assist",
+        component: Component::GoRuntime,
+        what: "GC assist: a goroutine made to help the collector before it may allocate",
+        select: Select::First,
+        candidates: runtime!["runtime.gcAssistAlloc" => GC_ASSIST],
+    },
+];
+
+// ---- calling conventions --------------------------------------------------------
+
+/// Go's calling convention for a binary.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Abi {
+    /// ABIInternal: integer arguments in registers (amd64 Go 1.17+, arm64 1.18+).
+    Register,
+    /// ABI0: every argument on the stack.
+    Stack,
+}
+
+impl Abi {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Abi::Register => "register",
+            Abi::Stack => "stack",
+        }
+    }
+}
+
+/// A machine register as the kernel's `pt_regs` names it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Reg {
+    Rax,
+    Rbx,
+    Rcx,
+    Rdi,
+    Rsi,
+    R8,
+    R9,
+    R10,
+    R11,
+    R14,
+    /// arm64 general register `Xn` (0..=30).
+    X(u8),
+}
+
+impl Reg {
+    pub fn name(self) -> String {
+        match self {
+            Reg::Rax => "rax".into(),
+            Reg::Rbx => "rbx".into(),
+            Reg::Rcx => "rcx".into(),
+            Reg::Rdi => "rdi".into(),
+            Reg::Rsi => "rsi".into(),
+            Reg::R8 => "r8".into(),
+            Reg::R9 => "r9".into(),
+            Reg::R10 => "r10".into(),
+            Reg::R11 => "r11".into(),
+            Reg::R14 => "r14".into(),
+            Reg::X(n) => format!("x{n}"),
+        }
+    }
+
+    /// Byte offset of the register in the kernel's `struct pt_regs` (x86_64)
+    /// or `struct user_pt_regs` (arm64: `regs[31]` first), as a kernel
+    /// program reads it from a uprobe's context.
+    pub fn pt_regs_offset(self) -> u64 {
+        match self {
+            Reg::R14 => 8,
+            Reg::Rbx => 40,
+            Reg::R11 => 48,
+            Reg::R10 => 56,
+            Reg::R9 => 64,
+            Reg::R8 => 72,
+            Reg::Rax => 80,
+            Reg::Rcx => 88,
+            Reg::Rsi => 104,
+            Reg::Rdi => 112,
+            Reg::X(n) => 8 * u64::from(n),
+        }
+    }
+}
+
+impl Serialize for Reg {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(&self.name())
+    }
+}
+
+impl std::fmt::Display for Reg {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.name())
+    }
+}
+
+const AMD64_INT_REGS: [Reg; 9] =
+    [Reg::Rax, Reg::Rbx, Reg::Rcx, Reg::Rdi, Reg::Rsi, Reg::R8, Reg::R9, Reg::R10, Reg::R11];
+const ARM64_INT_REGS: usize = 16;
+
+/// Where a value is at function entry.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum ArgSource {
+    Register(Reg),
+    /// Byte offset from the stack pointer at entry (amd64: past the return
+    /// address; arm64: past the caller's saved-LR slot).
+    Stack(u64),
+}
+
+/// A concrete read for a kernel program.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct ArgRead {
+    pub name: String,
+    pub source: ArgSource,
+    /// Pointer chase: for each offset, value = *(u64 *)(value + offset).
+    pub derefs: Vec<u64>,
+    /// Bytes of the final value.
+    pub size: u8,
+    /// Measured on a running program of this architecture and ABI.
+    pub verified: bool,
+}
+
+/// Assigns every flattened field of a signature to a register or stack slot,
+/// following Go's rules for integer-class arguments: a parameter goes to
+/// registers only if all of its fields fit in the remaining ones (otherwise
+/// it goes to the stack as a whole and later parameters may still use
+/// registers); stack arguments are laid out in order with natural alignment.
+pub fn assign(sig: &Signature, arch: Arch, abi: Abi) -> Vec<(String, ArgSource, u8)> {
+    let mut out = Vec::new();
+    let mut next_reg = 0usize;
+    // Both ABIs find stack arguments 8 bytes above SP at entry (return
+    // address on amd64, the frame's LR slot on arm64).
+    let mut stack: u64 = 8;
+    let nregs = match (abi, arch) {
+        (Abi::Stack, _) => 0,
+        (Abi::Register, Arch::X86_64) => AMD64_INT_REGS.len(),
+        (Abi::Register, Arch::Aarch64) => ARM64_INT_REGS,
+    };
+    for param in sig.params {
+        let full = |f: &Field| {
+            if f.name.is_empty() { param.name.to_string() } else { format!("{}.{}", param.name, f.name) }
+        };
+        if next_reg + param.fields.len() <= nregs {
+            for field in param.fields {
+                let reg = match arch {
+                    Arch::X86_64 => AMD64_INT_REGS.get(next_reg).copied().unwrap_or(Reg::Rax),
+                    Arch::Aarch64 => Reg::X(next_reg as u8),
+                };
+                out.push((full(field), ArgSource::Register(reg), field.size));
+                next_reg += 1;
+            }
+        } else {
+            let align = param.fields.iter().map(|f| u64::from(f.size)).max().unwrap_or(1);
+            stack = stack.div_ceil(align) * align;
+            for field in param.fields {
+                let sz = u64::from(field.size);
+                stack = stack.div_ceil(sz) * sz;
+                out.push((full(field), ArgSource::Stack(stack), field.size));
+                stack += sz;
+            }
+        }
+    }
+    out
+}
+
+/// Concrete reads for a candidate on a binary of this architecture and ABI.
+pub fn arg_reads(sig: &Signature, arch: Arch, abi: Abi) -> Vec<ArgRead> {
+    let slots = assign(sig, arch, abi);
+    sig.reads
+        .iter()
+        .filter_map(|r| {
+            let (_, source, size) = slots.iter().find(|(name, _, _)| name == r.field)?;
+            let size = if r.derefs.is_empty() { *size } else { r.size };
+            Some(ArgRead {
+                name: r.name.to_string(),
+                source: *source,
+                derefs: r.derefs.to_vec(),
+                size,
+                // Measurements were made on amd64 with the register ABI; a
+                // derived slot elsewhere is the same rule but not measured.
+                verified: r.verified.is_some() && arch == Arch::X86_64 && abi == Abi::Register,
+            })
+        })
+        .collect()
+}
+
+/// The register holding the current goroutine (`g`) at function entry.
+pub fn g_register(arch: Arch, abi: Abi) -> Option<Reg> {
+    match (arch, abi) {
+        (Arch::X86_64, Abi::Register) => Some(Reg::R14),
+        // ABI0 on amd64 keeps g in thread-local storage (fs:-8), not a register.
+        (Arch::X86_64, Abi::Stack) => None,
+        // arm64 has dedicated R28 to g under both conventions.
+        (Arch::Aarch64, _) => Some(Reg::X(28)),
+    }
+}
+
+/// Offset of `goid` in `runtime.g`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+pub struct GoidOffset {
+    pub offset: u64,
+    pub verified: bool,
+    pub source: &'static str,
+}
+
+/// `goid`'s offset in `runtime.g` per Go minor version (64-bit targets).
+///
+/// Verified for 1.19 (Debian's go1.19.8) and 1.27 (go1.27.3) on amd64 and
+/// arm64 two ways, by `tests/tests/inspect.rs::goid_offset_matches_dwarf_and_runtime`:
+/// the DWARF of an unstripped fixture (`&((runtime.g*)0)->goid` in gdb) and
+/// a live read of `*(r14 + offset)` at a breakpoint in the fixture's main
+/// goroutine, which must be 1. The other rows are reported, not measured.
+pub fn goid_offset(minor: u32) -> Option<GoidOffset> {
+    let (offset, verified, source) = match minor {
+        19 | 27 => (152, true, "measured: DWARF and a live read of the fixture's goroutine"),
+        20..=22 => (152, false, "reported for Go 1.19-1.22; not measured here"),
+        23 | 24 => (160, false, "reported for Go 1.23-1.24; not measured here"),
+        25 | 26 => (152, false, "reported for Go 1.25-1.27; not measured here"),
+        _ => return None,
+    };
+    Some(GoidOffset { offset, verified, source })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn register_abi_matches_known_etcd_facts() {
+        let r = arg_reads(&WATCHER_SEND, Arch::X86_64, Abi::Register);
+        let get = |n: &str| r.iter().find(|a| a.name == n).unwrap().source;
+        assert_eq!(get("watch_id"), ArgSource::Register(Reg::Rbx));
+        assert_eq!(get("revision"), ArgSource::Register(Reg::R8));
+        let n = arg_reads(&NOTIFY, Arch::X86_64, Abi::Register);
+        assert_eq!(n[0].source, ArgSource::Register(Reg::Rbx));
+        assert_eq!(n[1].source, ArgSource::Register(Reg::Rdi));
+        let s = arg_reads(&GRPC_SEND, Arch::X86_64, Abi::Register);
+        assert_eq!(s[0].source, ArgSource::Register(Reg::Rbx));
+        assert_eq!(s[0].derefs, vec![0, 16]);
+    }
+
+    #[test]
+    fn stack_abi_lays_out_after_return_address() {
+        let r = arg_reads(&WATCHER_SEND, Arch::X86_64, Abi::Stack);
+        let get = |n: &str| r.iter().find(|a| a.name == n).unwrap().source;
+        assert_eq!(get("watch_id"), ArgSource::Stack(16));
+        assert_eq!(get("revision"), ArgSource::Stack(48));
+        let k = assign(&MAP_KEY32, Arch::X86_64, Abi::Stack);
+        assert_eq!(k[2].1, ArgSource::Stack(24));
+        let a = arg_reads(&NOTIFY, Arch::Aarch64, Abi::Register);
+        assert_eq!(a[0].source, ArgSource::Register(Reg::X(1)));
+    }
+
+    #[test]
+    fn too_many_fields_spill_whole_param() {
+        static BIG: Signature = Signature {
+            params: &[
+                p("a", &[f("0", 8), f("1", 8), f("2", 8), f("3", 8), f("4", 8), f("5", 8), f("6", 8), f("7", 8)]),
+                p("b", SLICE),
+                p("c", WORD),
+            ],
+            reads: &[],
+        };
+        let s = assign(&BIG, Arch::X86_64, Abi::Register);
+        assert_eq!(s[8].1, ArgSource::Stack(8)); // b.ptr: does not fit in the one register left
+        assert_eq!(s[11].1, ArgSource::Register(Reg::R11)); // c still gets a register
+    }
+
+    #[test]
+    fn catalog_is_well_formed() {
+        let mut roles = std::collections::HashSet::new();
+        for r in CATALOG {
+            assert!(roles.insert(r.role), "duplicate role {}", r.role);
+            assert!(!r.candidates.is_empty());
+            for c in r.candidates {
+                let slots = assign(c.sig, Arch::X86_64, Abi::Register);
+                for read in c.sig.reads {
+                    assert!(slots.iter().any(|(n, _, _)| n == read.field), "{}: no field {}", r.role, read.field);
+                }
+            }
+        }
+    }
+}

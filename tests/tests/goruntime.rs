@@ -1,0 +1,276 @@
+//! Go runtime timing on Go fixtures built here with Debian's Go 1.19
+//! (classic maps) and Go 1.27 (Swiss tables), stripped: map growth counted
+//! against the kernel's own uprobes on the very same instructions, windows
+//! and their inner map time, exact map operation counts, and a program that
+//! keeps copying its stack under every probe.
+
+use std::{
+    io::{BufRead, BufReader, Write},
+    path::{Path, PathBuf},
+    process::{Child, ChildStdin, Command, Stdio},
+    sync::mpsc,
+    time::Duration,
+};
+
+use watchscope_integration_tests::{
+    Agent, Buckets,
+    go::{Toolchain, go119, go127},
+    http_get, wait_until,
+};
+
+/// Builds the mapwork fixture, stripped, as `dir/name` (its comm).
+fn build(t: &Toolchain, dir: &Path, name: &str) -> PathBuf {
+    let out = dir.join(name);
+    let src = Path::new(env!("CARGO_MANIFEST_DIR")).join("fixtures/go/mapwork");
+    let o =
+        t.cmd().args(["build", "-ldflags=-s -w", "-o"]).arg(&out).arg(".").current_dir(src).output().expect("go build");
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    out
+}
+
+/// A fixture process that waits for a line before working.
+struct Fixture {
+    child: Child,
+    stdin: ChildStdin,
+    lines: mpsc::Receiver<String>,
+}
+
+impl Fixture {
+    fn start(bin: &Path, args: &[&str]) -> Fixture {
+        let mut child =
+            Command::new(bin).args(args).stdin(Stdio::piped()).stdout(Stdio::piped()).spawn().expect("start");
+        let stdin = child.stdin.take().expect("stdin");
+        let stdout = child.stdout.take().expect("stdout");
+        let (tx, lines) = mpsc::channel();
+        std::thread::spawn(move || {
+            for l in BufReader::new(stdout).lines().map_while(Result::ok) {
+                let _ = tx.send(l);
+            }
+        });
+        let f = Fixture { child, stdin, lines };
+        assert_eq!(f.next(), "ready");
+        f
+    }
+
+    fn next(&self) -> String {
+        self.lines.recv_timeout(Duration::from_secs(120)).expect("fixture output")
+    }
+
+    /// Starts the work and returns the fixture's result line.
+    fn run(&mut self) -> String {
+        writeln!(self.stdin, "go").expect("go");
+        let done = self.next();
+        assert!(done.starts_with("done "), "{done}");
+        done
+    }
+}
+
+impl Drop for Fixture {
+    fn drop(&mut self) {
+        let _ = writeln!(self.stdin, "exit");
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// The Go runtime sites the agent planned for `bin`, once attached.
+fn go_sites(agent: &Agent, bin: &Path) -> Vec<serde_json::Value> {
+    let mut sites = Vec::new();
+    let ok = wait_until(Duration::from_secs(10), || {
+        let v: serde_json::Value = http_get(&agent.url("/debug/probes"))
+            .ok()
+            .and_then(|(_, b)| serde_json::from_str(&b).ok())
+            .unwrap_or_default();
+        let found = v["binaries"].as_array().and_then(|bins| {
+            bins.iter().find(|b| b["path"].as_str() == bin.to_str() && b["attached"] == true).cloned()
+        });
+        if let Some(b) = found {
+            sites = b["go_runtime"].as_array().cloned().unwrap_or_default();
+            true
+        } else {
+            false
+        }
+    });
+    assert!(ok, "{} not attached:\n{}", bin.display(), agent.log_text());
+    sites
+}
+
+/// Counts hits of plain tracefs uprobes (the kernel's own, no BPF) at
+/// `offsets` of `bin`, skipping the morestack pass the way the agent does.
+struct TracefsCount {
+    inst: PathBuf,
+    group: String,
+}
+
+impl TracefsCount {
+    fn start(bin: &Path, sites: &[(u64, u64)]) -> TracefsCount {
+        let t = Path::new("/sys/kernel/tracing");
+        // A group of its own per counter: several tests run in one process.
+        static N: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+        let group = format!("wsg{}_{}", std::process::id(), N.fetch_add(1, std::sync::atomic::Ordering::Relaxed));
+        let mut defs = String::new();
+        for (i, (off, _)) in sites.iter().enumerate() {
+            defs.push_str(&format!("p:{group}/s{i} {}:{off:#x} fl=%flags:u64\n", bin.display()));
+        }
+        let mut f = std::fs::OpenOptions::new().append(true).open(t.join("uprobe_events")).expect("uprobe_events");
+        f.write_all(defs.as_bytes()).expect("define uprobes");
+        let inst = t.join("instances").join(&group);
+        let _ = std::fs::remove_dir(&inst);
+        std::fs::create_dir(&inst).expect("instance");
+        std::fs::write(inst.join("buffer_size_kb"), "65536").expect("buffer");
+        for (i, (_, guard)) in sites.iter().enumerate() {
+            let ev = inst.join("events").join(&group).join(format!("s{i}"));
+            // GUARD_X86_JBE = 1 (CF|ZF), GUARD_X86_JB = 2 (CF).
+            let filter = match guard {
+                1 => "!(fl & 65)",
+                2 => "!(fl & 1)",
+                _ => "0 == 0",
+            };
+            std::fs::write(ev.join("filter"), filter).expect("filter");
+            std::fs::write(ev.join("enable"), "1").expect("enable");
+        }
+        TracefsCount { inst, group }
+    }
+
+    fn stop(self) -> f64 {
+        let _ = std::fs::write(self.inst.join("events").join(&self.group).join("enable"), "0");
+        let trace = std::fs::read_to_string(self.inst.join("trace")).unwrap_or_default();
+        let lost: u64 = (0..64)
+            .filter_map(|c| std::fs::read_to_string(self.inst.join(format!("per_cpu/cpu{c}/stats"))).ok())
+            .filter_map(|s| s.lines().find_map(|l| l.strip_prefix("overrun: ")?.trim().parse::<u64>().ok()))
+            .sum();
+        assert_eq!(lost, 0, "the tracefs buffer overflowed; the ground truth is incomplete");
+        trace.lines().filter(|l| l.contains(&format!("{}: (", "s")) || l.contains(": (0x")).count() as f64
+    }
+}
+
+impl Drop for TracefsCount {
+    fn drop(&mut self) {
+        // Events must be off and their instance gone before the kernel lets
+        // their definitions go.
+        let _ = std::fs::write(self.inst.join("events").join(&self.group).join("enable"), "0");
+        for _ in 0..50 {
+            if std::fs::remove_dir(&self.inst).is_ok() || !self.inst.exists() {
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        let t = Path::new("/sys/kernel/tracing/uprobe_events");
+        for _ in 0..50 {
+            let current = std::fs::read_to_string(t).unwrap_or_default();
+            let ours: Vec<String> = current
+                .lines()
+                .filter_map(|l| l.split_whitespace().next()?.split_once(':').map(|(_, n)| n.to_string()))
+                .filter(|n| n.starts_with(&format!("{}/", self.group)))
+                .collect();
+            if ours.is_empty() {
+                return;
+            }
+            for name in ours {
+                // One write() per command: tracefs parses each write on its
+                // own, and writeln! may split a line into several.
+                if let Ok(mut f) = std::fs::OpenOptions::new().append(true).open(t) {
+                    let _ = f.write_all(format!("-:{name}\n").as_bytes());
+                }
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+}
+
+fn growth_matches_tracefs(t: &Toolchain, name: &str) {
+    let dir = tempfile::tempdir().expect("tmp");
+    let bin = build(t, dir.path(), name);
+    let agent = Agent::start(&["--go-comm", name]);
+    let mut fx = Fixture::start(&bin, &["grow", "200000"]);
+    let sites = go_sites(&agent, &bin);
+    let grow: Vec<(u64, u64)> = sites
+        .iter()
+        .filter(|s| s["what"] == "go_map_grow" && s["planned"] == true)
+        .filter_map(|s| Some((s["entry_offset"].as_u64()?, s["guard"].as_u64()?)))
+        .collect();
+    assert!(!grow.is_empty(), "no growth function planned: {sites:?}");
+    let truth = TracefsCount::start(&bin, &grow);
+    fx.run();
+    let truth = truth.stop();
+    let seen = agent.sample(&format!("watchscope_go_map_grow_events_total{{comm=\"{name}\"}}"));
+    assert!(truth > 0.0, "no growth happened");
+    assert_eq!(
+        seen, truth,
+        "{} ({}): watchscope counted {seen} growth calls, the kernel's own uprobes {truth}",
+        name, t.version
+    );
+    // Each outermost growth span is timed once.
+    let text = agent.metrics();
+    let spans = Buckets::parse(&text, "watchscope_go_map_seconds", &format!("op=\"grow\",comm=\"{name}\""));
+    assert!(spans.count() > 0.0 && spans.count() <= seen, "{text}");
+}
+
+#[test]
+fn map_growth_calls_match_the_kernels_own_uprobes_go119() {
+    growth_matches_tracefs(go119(), "wsg-grow119");
+}
+
+#[test]
+fn map_growth_calls_match_the_kernels_own_uprobes_go127_swiss() {
+    growth_matches_tracefs(go127(), "wsg-grow127");
+}
+
+fn window_and_maps(t: &Toolchain, name: &str) {
+    const R: usize = 12;
+    const K: usize = 3000;
+    // 20.48 ms is a bucket bound, so "every window >= S" is an exact check.
+    const S_US: usize = 20_480;
+    let dir = tempfile::tempdir().expect("tmp");
+    let bin = build(t, dir.path(), name);
+    let agent = Agent::start(&["--go-comm", name, "--go-maps", "all", "--window", "handler=main.window"]);
+    let mut fx = Fixture::start(&bin, &["window", &R.to_string(), &K.to_string(), &S_US.to_string()]);
+    go_sites(&agent, &bin);
+    let done = fx.run();
+    assert_eq!(done, format!("done {}", R * K));
+    std::thread::sleep(Duration::from_millis(300));
+    let text = agent.metrics();
+    let w = Buckets::parse(&text, "watchscope_window_seconds", &format!("window=\"handler\",comm=\"{name}\""));
+    assert_eq!(w.count(), R as f64, "{text}");
+    assert_eq!(w.below(S_US as f64 * 1e-6), 0.0, "a window shorter than its sleep: {:?}", w.cumulative);
+    let sum = |fam: &str, labels: &str| {
+        watchscope_integration_tests::sample_value(&text, &format!("{fam}_sum{{{labels}}}")).unwrap_or(0.0)
+    };
+    let window_sum = sum("watchscope_window_seconds", &format!("window=\"handler\",comm=\"{name}\""));
+    let inner = format!("window=\"handler\",inner=\"map\",comm=\"{name}\"");
+    let map_sum = sum("watchscope_window_inner_seconds", &inner);
+    let m = Buckets::parse(&text, "watchscope_window_inner_seconds", &inner);
+    assert_eq!(m.count(), R as f64, "one inner observation per window: {text}");
+    assert!(map_sum > 0.0 && map_sum <= window_sum, "inner map {map_sum} s vs window {window_sum} s");
+    // Every assign the fixture made, counted once: K per window.
+    let assigns = Buckets::parse(&text, "watchscope_go_map_seconds", &format!("op=\"assign\",comm=\"{name}\""));
+    assert_eq!(assigns.count(), (R * K) as f64, "{text}");
+}
+
+#[test]
+fn a_window_holds_its_map_work_go119() {
+    window_and_maps(go119(), "wsg-win119");
+}
+
+#[test]
+fn a_window_holds_its_map_work_go127_swiss() {
+    window_and_maps(go127(), "wsg-win127");
+}
+
+#[test]
+fn stack_copies_under_every_probe_change_nothing() {
+    for (t, name) in [(go119(), "wsg-deep119"), (go127(), "wsg-deep127")] {
+        let dir = tempfile::tempdir().expect("tmp");
+        let bin = build(t, dir.path(), name);
+        // Unprobed run: the checksum to expect.
+        let mut plain = Fixture::start(&bin, &["recurse", "30", "2000"]);
+        let want = plain.run();
+        drop(plain);
+        let agent = Agent::start(&["--go-comm", name, "--go-maps", "all", "--window", "deep=main.recurseWindow"]);
+        let mut fx = Fixture::start(&bin, &["recurse", "30", "2000"]);
+        go_sites(&agent, &bin);
+        assert_eq!(fx.run(), want, "{name}: checksum changed under probes");
+        let w = agent.sample(&format!("watchscope_window_seconds_count{{window=\"deep\",comm=\"{name}\"}}"));
+        assert_eq!(w, 30.0, "{name}: every window counted once despite stack copies");
+    }
+}
