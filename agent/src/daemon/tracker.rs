@@ -323,13 +323,20 @@ impl Tracker {
             Ok(insp) => {
                 let watch = watch::plan(&insp, &p.exe_open);
                 let related = !watch.is_unrelated() || watch.refusal.is_some();
+                // Go runtime timing for the watch path's programs the
+                // catalog recognised (not for a refused, unknown build: the
+                // user was promised nothing would be attached to it) and for
+                // the programs the user named.
+                let recognised = !watch.sites.is_empty() && watch.refusal.is_none();
                 if !related && !go_named {
                     // A Go program without any watch-path role, not named by --go-*.
                     None
                 } else {
-                    // Go runtime timing for the watch path's programs and the
-                    // ones the user named.
-                    let go = goruntime::plan(&insp, &p.exe_open, self.go.maps, &self.go.windows);
+                    let go = if recognised || go_named {
+                        goruntime::plan(&insp, &p.exe_open, self.go.maps, &self.go.windows)
+                    } else {
+                        goruntime::GoPlan::default()
+                    };
                     Some((insp, Arc::new(BinaryPlan { watch, go })))
                 }
             }
