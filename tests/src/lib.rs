@@ -164,7 +164,10 @@ impl Agent {
 impl Drop for Agent {
     fn drop(&mut self) {
         if self.child.is_some() {
-            self.stop_with(libc::SIGTERM, Duration::from_secs(10));
+            // Unregistering uprobes waits for RCU grace periods (about 0.1 s
+            // per probe on this VM), so an agent with many probes takes a few
+            // seconds to stop cleanly.
+            self.stop_with(libc::SIGTERM, Duration::from_secs(30));
         }
     }
 }

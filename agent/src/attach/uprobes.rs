@@ -69,7 +69,13 @@ struct Attached {
     links: Vec<(&'static str, UProbeLinkId)>,
     cookies: Vec<Cookie>,
     users: BTreeSet<u32>,
+    /// Since when no process runs the file (probes are kept a while: a
+    /// restarted program is picked up at once, with nothing to re-attach).
+    idle_since: Option<std::time::Instant>,
 }
+
+/// How long probes stay on a file nobody runs.
+pub const IDLE_GRACE: std::time::Duration = std::time::Duration::from_secs(30);
 
 #[derive(Clone, Copy)]
 enum Cookie {
@@ -114,7 +120,7 @@ impl Uprobes {
         if self.by_file.contains_key(&file) {
             return Ok(());
         }
-        let mut done = Attached { links: Vec::new(), cookies: Vec::new(), users: BTreeSet::new() };
+        let mut done = Attached { links: Vec::new(), cookies: Vec::new(), users: BTreeSet::new(), idle_since: None };
         for site in sites {
             if let Err(e) = self.attach_site(ebpf, open_path, site, &mut done) {
                 self.release(ebpf, done);
@@ -165,23 +171,63 @@ impl Uprobes {
     pub fn add_user(&mut self, file: &FileIdent, tgid: u32) {
         if let Some(a) = self.by_file.get_mut(file) {
             a.users.insert(tgid);
+            a.idle_since = None;
         }
     }
 
-    /// Forgets process `tgid`; detaches a file's probes with its last user.
-    /// Returns the number of probes detached.
-    pub fn remove_user(&mut self, ebpf: &mut Ebpf, tgid: u32) -> usize {
-        let mut emptied = Vec::new();
-        for (file, a) in &mut self.by_file {
+    /// Forgets process `tgid`. A file whose last process exited keeps its
+    /// probes for `IDLE_GRACE` (see `detach_idle`). Returns how many files
+    /// became idle.
+    pub fn remove_user(&mut self, tgid: u32) -> usize {
+        let mut n = 0;
+        for a in self.by_file.values_mut() {
             if a.users.remove(&tgid) && a.users.is_empty() {
-                emptied.push(*file);
+                a.idle_since = Some(std::time::Instant::now());
+                n += 1;
             }
         }
+        n
+    }
+
+    /// Detaches the probes of files nobody has run for `IDLE_GRACE` (or at
+    /// all, with `all`). Unregistering a uprobe waits for RCU grace periods
+    /// (tens of ms each here), so the links are dropped on a thread of their
+    /// own: the event loop keeps picking up new processes meanwhile.
+    /// Returns the number of probes detached.
+    pub fn detach_idle(&mut self, ebpf: &mut Ebpf, all: bool) -> usize {
+        let now = std::time::Instant::now();
+        let idle: Vec<FileIdent> = self
+            .by_file
+            .iter()
+            .filter(|(_, a)| all || a.idle_since.is_some_and(|t| now.duration_since(t) >= IDLE_GRACE))
+            .map(|(f, _)| *f)
+            .collect();
+        let mut links = Vec::new();
         let mut n = 0;
-        for file in emptied {
+        for file in idle {
             if let Some(a) = self.by_file.remove(&file) {
                 n += a.links.len();
-                self.release(ebpf, a);
+                for (name, id) in a.links {
+                    match program(ebpf, name)
+                        .and_then(|p| p.take_link(id).map_err(|_| UprobeError::MissingProgram(name)))
+                    {
+                        Ok(link) => links.push(link),
+                        Err(e) => tracing::warn!("detaching {name}: {e}"),
+                    }
+                }
+                self.release_cookies(a.cookies);
+            }
+        }
+        // Each unregistration waits for a grace period; concurrent waiters
+        // share one, so the links are dropped from several threads at once.
+        let mut threads = Vec::new();
+        while !links.is_empty() {
+            let chunk: Vec<_> = links.drain(..links.len().min(4)).collect();
+            threads.push(std::thread::spawn(move || drop(chunk)));
+        }
+        if all {
+            for t in threads {
+                let _ = t.join();
             }
         }
         n
@@ -195,7 +241,11 @@ impl Uprobes {
                 tracing::warn!("detaching {name}: {e}");
             }
         }
-        for c in a.cookies {
+        self.release_cookies(a.cookies);
+    }
+
+    fn release_cookies(&mut self, cookies: Vec<Cookie>) {
+        for c in cookies {
             match c {
                 Cookie::Watch(c) => self.free_watch.push(c),
                 Cookie::Go(c) => self.free_go.push(c),

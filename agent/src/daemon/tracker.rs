@@ -21,7 +21,7 @@ use aya::{
     maps::{HashMap as BpfHashMap, MapData},
 };
 use serde::Serialize;
-use tracing::{info, warn};
+use tracing::{debug, info, warn};
 
 use crate::{
     attach::{goruntime, sidecar::SidecarProbes, slots::Slots, uprobes::Uprobes, watch},
@@ -194,6 +194,10 @@ impl Tracker {
 
     /// Considers every running process; forgets tracked ones that are gone.
     pub fn reconcile(&mut self) {
+        let detached = self.uprobes.detach_idle(&mut self.ebpf, false);
+        if detached > 0 {
+            info!(probes = detached, "detached the probes of binaries no process has run for a while");
+        }
         let running = procfs::scan(&self.root);
         let alive: HashSet<u32> = running.iter().map(|p| p.tgid).collect();
         self.reconcile_sidecars(&alive);
@@ -230,17 +234,14 @@ impl Tracker {
     fn forget(&mut self, tgid: u32) {
         let Some(t) = self.procs.remove(&tgid) else { return };
         let _ = self.proc_slot.remove(&tgid);
-        let detached = self.uprobes.remove_user(&mut self.ebpf, tgid);
-        if detached > 0 {
-            info!(pid = tgid, probes = detached, "last process of a binary exited; its probes are detached");
+        let idle = self.uprobes.remove_user(tgid);
+        if idle > 0 {
+            debug!(pid = tgid, "last process of a binary exited; its probes stay for a while");
         }
         if let Ok(mut bins) = self.status.binaries.lock()
             && let Some(b) = bins.get_mut(&t.file)
         {
             b.processes.retain(|p| *p != tgid);
-            if detached > 0 {
-                b.attached = false;
-            }
             if b.processes.is_empty() {
                 bins.remove(&t.file);
             }
@@ -426,12 +427,9 @@ impl Tracker {
     /// Detaches everything (shutdown). Dropping the object would too; this
     /// makes the order explicit and countable.
     pub fn shutdown(mut self) -> usize {
-        let tgids: Vec<u32> = self.uprobes.users().collect();
         let mut n = self.sidecar.attached();
         self.sidecar.detach_all(&mut self.ebpf);
-        for t in tgids {
-            n += self.uprobes.remove_user(&mut self.ebpf, t);
-        }
+        n += self.uprobes.detach_idle(&mut self.ebpf, true);
         n
     }
 }
