@@ -20,10 +20,22 @@ fn dropped(text: &str, reason: &str) -> f64 {
     sample_value(text, &format!("watchscope_dropped_total{{reason=\"{reason}\"}}")).unwrap_or(0.0)
 }
 
-/// Waits until the agent has probes on the etcd binary and on the client.
-fn wait_attached(agent: &Agent, expect_uprobes: f64) {
-    let ok = wait_until(Duration::from_secs(10), || agent.sample("watchscope_probes_attached") >= expect_uprobes);
-    assert!(ok, "probes not attached: {}\n{}", agent.metrics(), agent.log_text());
+/// Waits until the agent has probes on the binaries of these processes.
+fn wait_attached(agent: &Agent, pids: &[u32]) {
+    let ok = wait_until(Duration::from_secs(10), || {
+        let v: serde_json::Value = watchscope_integration_tests::http_get(&agent.url("/debug/probes"))
+            .ok()
+            .and_then(|(_, b)| serde_json::from_str(&b).ok())
+            .unwrap_or_default();
+        let bins = v["binaries"].as_array().cloned().unwrap_or_default();
+        pids.iter().all(|pid| {
+            bins.iter().any(|b| {
+                b["attached"] == true
+                    && b["processes"].as_array().is_some_and(|p| p.iter().any(|p| p.as_u64() == Some(u64::from(*pid))))
+            })
+        })
+    });
+    assert!(ok, "probes not attached for {pids:?}:\n{}", agent.log_text());
 }
 
 #[test]
@@ -35,8 +47,7 @@ fn counts_are_exact_for_puts_and_a_txn() {
     // etcd starts after the agent: found through its exec event.
     let etcd = Etcd::start(server, client);
     let watch = etcd.watch("/count/");
-    // 2 tracepoints + 3 server roles + dispatch in etcd + dispatch in etcdctl.
-    wait_attached(&agent, 7.0);
+    wait_attached(&agent, &[etcd.pid(), watch.pid()]);
     std::thread::sleep(Duration::from_millis(500));
 
     for i in 0..N {
@@ -86,7 +97,7 @@ fn a_slow_watcher_shows_in_its_send_stages_and_not_in_the_fast_client() {
     let fast = etcd.watch("/slow/");
     let mut slow = etcd.slow_watcher("/slow/");
     let agent = Agent::start(&["--comm", &format!("{server},{client}")]);
-    wait_attached(&agent, 7.0);
+    wait_attached(&agent, &[etcd.pid(), fast.pid()]);
 
     // Large values: the gateway's HTTP stream, the sockets and the HTTP/2
     // windows fill after a dozen events, then etcd's gRPC send blocks.
@@ -136,7 +147,7 @@ fn etcd_restart_and_upgrade_are_picked_up_and_counts_stay_exact() {
     let agent = Agent::start(&["--comm", &format!("{server},{client}")]);
     let mut etcd = Etcd::start(server, client);
     let watch = etcd.watch("/r/");
-    wait_attached(&agent, 7.0);
+    wait_attached(&agent, &[etcd.pid(), watch.pid()]);
     std::thread::sleep(Duration::from_millis(300));
     for i in 0..5 {
         etcd.put(&format!("/r/a{i}"), "v");
@@ -210,7 +221,7 @@ fn sigkill_leaves_no_probe_behind_and_etcd_keeps_serving() {
     let (server, client) = ("wse-kill", "wsc-kill");
     let etcd = Etcd::start(server, client);
     let mut agent = Agent::start(&["--comm", &format!("{server},{client}")]);
-    wait_attached(&agent, 5.0);
+    wait_attached(&agent, &[etcd.pid()]);
     let pid = agent.pid();
     let (progs, links) = our_programs_and_links();
     assert!(progs >= 5 && links >= 5, "expected our programs and links while running: {progs} programs, {links} links");

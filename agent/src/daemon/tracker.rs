@@ -319,7 +319,10 @@ impl Tracker {
             self.plans.clear();
         }
         let verdict = match self.cache.inspect(&p.exe_open) {
-            // Not a Go binary, or unreadable: common and uninteresting.
+            // The process is gone (or its file unreadable right now): say
+            // nothing about the file, so its next process is looked at.
+            Err(inspect::InspectError::Io { .. }) => return None,
+            // Not a Go binary, or not one we can read: common and uninteresting.
             Err(_) => None,
             Ok(insp) => {
                 let watch = watch::plan(&insp, &p.exe_open);
