@@ -173,6 +173,23 @@ struct EventLoop {
     n: u64,
 }
 
+impl EventLoop {
+    /// Counts one more event of a response and starts its record.
+    #[inline(always)]
+    fn next_record(&mut self, side: Side, rev: i64) -> WatchRecord {
+        self.n += 1;
+        WatchRecord {
+            side: side as u32,
+            tgid: self.tgid,
+            member: self.member,
+            rev,
+            watch_id: self.watch_id,
+            at_ns: self.now,
+            ..WatchRecord::default()
+        }
+    }
+}
+
 type Callback = unsafe extern "C" fn(u64, *mut c_void) -> i64;
 
 /// Runs `cb` over `len` events (at most MAX_EVENTS_PER_RESPONSE; the rest
@@ -303,16 +320,7 @@ unsafe extern "C" fn send_event(i: u64, ctx: *mut c_void) -> i64 {
     // SAFETY: `ctx` is the caller's EventLoop (see for_each_event).
     let st = unsafe { &mut *(ctx as *mut EventLoop) };
     let Some((addr, rev)) = event_at(&st.cfg, st.events, i as u32) else { return 0 };
-    st.n += 1;
-    let mut rec = WatchRecord {
-        side: Side::Server as u32,
-        tgid: st.tgid,
-        member: st.member,
-        rev,
-        watch_id: st.watch_id,
-        at_ns: st.now,
-        ..WatchRecord::default()
-    };
+    let mut rec = st.next_record(Side::Server, rev);
     // SAFETY: lookup of a plain key; the value is copied at once.
     match unsafe { NOTIFY_TS.get(&RevKey { id: st.tgid as u64, rev }) }.copied() {
         Some(t) => {
@@ -353,16 +361,7 @@ unsafe extern "C" fn dispatch_event(i: u64, ctx: *mut c_void) -> i64 {
     // SAFETY: `ctx` is the caller's EventLoop (see for_each_event).
     let st = unsafe { &mut *(ctx as *mut EventLoop) };
     let Some((_, rev)) = event_at(&st.cfg, st.events, i as u32) else { return 0 };
-    st.n += 1;
-    let mut rec = WatchRecord {
-        side: Side::Client as u32,
-        tgid: st.tgid,
-        member: st.member,
-        rev,
-        watch_id: st.watch_id,
-        at_ns: st.now,
-        ..WatchRecord::default()
-    };
+    let mut rec = st.next_record(Side::Client, rev);
     // SAFETY: lookup of a plain key; the value is copied at once.
     match unsafe { COMMIT_TS.get(&RevKey { id: st.member, rev }) }.copied() {
         Some(t) => {

@@ -11,7 +11,7 @@ use std::{
     time::{Duration, Instant},
 };
 
-use crate::free_port;
+use crate::{free_port, stop_child};
 
 /// Copies `src` to `dir/name` (a fresh inode, a comm of our choosing).
 pub fn copy_binary(src: &str, dir: &Path, name: &str) -> PathBuf {
@@ -19,20 +19,6 @@ pub fn copy_binary(src: &str, dir: &Path, name: &str) -> PathBuf {
     let dst = dir.join(name);
     std::fs::copy(src, &dst).unwrap_or_else(|e| panic!("copy {src}: {e} (is etcd-server/etcd-client installed?)"));
     dst
-}
-
-fn kill_wait(child: &mut Child) {
-    // SAFETY: kill(2) on our own child.
-    unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
-    let deadline = Instant::now() + Duration::from_secs(5);
-    while Instant::now() < deadline {
-        if let Ok(Some(_)) = child.try_wait() {
-            return;
-        }
-        std::thread::sleep(Duration::from_millis(20));
-    }
-    let _ = child.kill();
-    let _ = child.wait();
 }
 
 pub struct Etcd {
@@ -142,7 +128,7 @@ impl Etcd {
     /// Stops etcd (SIGTERM) and starts it again on the same data and ports.
     pub fn restart(&mut self) {
         if let Some(mut c) = self.child.take() {
-            kill_wait(&mut c);
+            stop_child(&mut c);
         }
         self.spawn();
     }
@@ -184,7 +170,7 @@ impl Etcd {
 impl Drop for Etcd {
     fn drop(&mut self) {
         if let Some(mut c) = self.child.take() {
-            kill_wait(&mut c);
+            stop_child(&mut c);
         }
     }
 }
@@ -257,6 +243,6 @@ impl LineReader {
 
 impl Drop for LineReader {
     fn drop(&mut self) {
-        kill_wait(&mut self.child);
+        stop_child(&mut self.child);
     }
 }

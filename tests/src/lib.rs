@@ -41,6 +41,26 @@ pub fn require_root() {
     assert_eq!(euid, 0, "this test loads eBPF programs and needs root (run `sudo -E cargo xtask test`)");
 }
 
+/// Stops a child: SIGTERM, up to 5 s to exit, then SIGKILL.
+pub fn stop_child(child: &mut Child) {
+    // SAFETY: kill(2) on our own child.
+    unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while Instant::now() < deadline {
+        if let Ok(Some(_)) = child.try_wait() {
+            return;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let _ = child.kill();
+    let _ = child.wait();
+}
+
+/// `/debug/probes` of a running agent (null when it cannot be read).
+pub fn debug_probes(agent: &Agent) -> serde_json::Value {
+    http_get(&agent.url("/debug/probes")).ok().and_then(|(_, b)| serde_json::from_str(&b).ok()).unwrap_or_default()
+}
+
 /// A port that was free a moment ago on 127.0.0.1.
 pub fn free_port() -> u16 {
     TcpListener::bind("127.0.0.1:0").and_then(|l| l.local_addr()).map(|a| a.port()).expect("bind an ephemeral port")

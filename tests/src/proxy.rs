@@ -10,24 +10,10 @@ use std::{
     time::{Duration, Instant},
 };
 
-use crate::{etcd::copy_binary, free_port};
+use crate::{etcd::copy_binary, free_port, stop_child};
 
 fn fixture(name: &str) -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("fixtures/proxy").join(name)
-}
-
-fn stop(child: &mut Child) {
-    // SAFETY: kill(2) on our own child.
-    unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
-    let deadline = Instant::now() + Duration::from_secs(5);
-    while Instant::now() < deadline {
-        if let Ok(Some(_)) = child.try_wait() {
-            return;
-        }
-        std::thread::sleep(Duration::from_millis(20));
-    }
-    let _ = child.kill();
-    let _ = child.wait();
 }
 
 /// Starts a fixture that prints `listening <port>` and returns the port.
@@ -60,7 +46,7 @@ impl Backend {
 
 impl Drop for Backend {
     fn drop(&mut self) {
-        stop(&mut self.child);
+        stop_child(&mut self.child);
     }
 }
 
@@ -96,7 +82,7 @@ impl Proxy {
     /// Stops the proxy and starts it again (a new process, the same comm).
     pub fn restart(&mut self) {
         if let Some(mut c) = self.child.take() {
-            stop(&mut c);
+            stop_child(&mut c);
         }
         // Let the kernel release the listening port.
         std::thread::sleep(Duration::from_millis(200));
@@ -171,7 +157,7 @@ impl Proxy {
 impl Drop for Proxy {
     fn drop(&mut self) {
         if let Some(mut c) = self.child.take() {
-            stop(&mut c);
+            stop_child(&mut c);
         }
     }
 }
@@ -249,7 +235,7 @@ pub struct Running(pub Child);
 
 impl Drop for Running {
     fn drop(&mut self) {
-        stop(&mut self.0);
+        stop_child(&mut self.0);
     }
 }
 

@@ -4,7 +4,7 @@
 
 use std::{process::Command, time::Duration};
 
-use watchscope_integration_tests::{Agent, Buckets, etcd::Etcd, sample_value, wait_until};
+use watchscope_integration_tests::{Agent, Buckets, debug_probes, etcd::Etcd, sample_value, wait_until};
 
 const FAMILY: &str = "watchscope_watch_stage_seconds";
 
@@ -23,11 +23,7 @@ fn dropped(text: &str, reason: &str) -> f64 {
 /// Waits until the agent has probes on the binaries of these processes.
 fn wait_attached(agent: &Agent, pids: &[u32]) {
     let ok = wait_until(Duration::from_secs(10), || {
-        let v: serde_json::Value = watchscope_integration_tests::http_get(&agent.url("/debug/probes"))
-            .ok()
-            .and_then(|(_, b)| serde_json::from_str(&b).ok())
-            .unwrap_or_default();
-        let bins = v["binaries"].as_array().cloned().unwrap_or_default();
+        let bins = debug_probes(agent)["binaries"].as_array().cloned().unwrap_or_default();
         pids.iter().all(|pid| {
             bins.iter().any(|b| {
                 b["attached"] == true
@@ -166,11 +162,7 @@ fn etcd_restart_and_upgrade_are_picked_up_and_counts_stay_exact() {
         // etcd answered: the agent has one second from here.
         let started = std::time::Instant::now();
         let ok = wait_until(Duration::from_secs(5), || {
-            let probes: serde_json::Value = watchscope_integration_tests::http_get(&agent.url("/debug/probes"))
-                .ok()
-                .and_then(|(_, b)| serde_json::from_str(&b).ok())
-                .unwrap_or_default();
-            probes["binaries"].as_array().is_some_and(|bins| {
+            debug_probes(&agent)["binaries"].as_array().is_some_and(|bins| {
                 bins.iter().any(|b| {
                     b["attached"] == true
                         && b["processes"].as_array().is_some_and(|p| p.iter().any(|p| *p == etcd.pid()))
@@ -262,11 +254,7 @@ fn an_unknown_etcd_build_is_reported_once_and_left_alone() {
     let mut first = start();
     let mut second = start();
     let listed = wait_until(Duration::from_secs(10), || {
-        let probes: serde_json::Value = watchscope_integration_tests::http_get(&agent.url("/debug/probes"))
-            .ok()
-            .and_then(|(_, b)| serde_json::from_str(&b).ok())
-            .unwrap_or_default();
-        probes["binaries"].as_array().is_some_and(|bins| {
+        debug_probes(&agent)["binaries"].as_array().is_some_and(|bins| {
             bins.iter().any(|b| {
                 b["path"].as_str().is_some_and(|p| p.ends_with("ws-unknownetcd"))
                     && b["attached"] == false
