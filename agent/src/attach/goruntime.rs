@@ -5,8 +5,6 @@
 //! inspector decoded. Functions whose RETs could not all be decoded are
 //! refused: a missed return would leave a call open forever.
 
-use std::path::Path;
-
 use agent_common::goruntime::{GoClass, GoProbeConfig, MAX_WINDOWS};
 use serde::Serialize;
 
@@ -108,7 +106,7 @@ pub struct GoPlan {
 }
 
 /// Plans the Go runtime probes of one binary.
-pub fn plan(insp: &Inspection, open_path: &Path, maps: GoMaps, windows: &WindowTable) -> GoPlan {
+pub fn plan(insp: &Inspection, maps: GoMaps, windows: &WindowTable) -> GoPlan {
     let mut plan = GoPlan::default();
     if let Some(why) = binary_refusal(insp) {
         plan.refusal = Some(why);
@@ -136,8 +134,7 @@ pub fn plan(insp: &Inspection, open_path: &Path, maps: GoMaps, windows: &WindowT
     }
     for (role, class, window) in roles {
         for p in insp.probes_for(role) {
-            let r =
-                timed(insp, open_path, &p.symbol, p.address, p.file_offset, p.size, &p.return_offsets, class, window);
+            let r = timed(insp, &p.symbol, p.address, p.file_offset, p.size, &p.return_offsets, class, window);
             plan.push(role, &p.symbol, p.file_offset, r);
         }
     }
@@ -145,17 +142,7 @@ pub fn plan(insp: &Inspection, open_path: &Path, maps: GoMaps, windows: &WindowT
         let Some(id) = windows.id(&w.name) else { continue };
         match insp.resolve(&w.symbol) {
             Ok(f) => {
-                let r = timed(
-                    insp,
-                    open_path,
-                    &f.name,
-                    f.address,
-                    f.file_offset,
-                    f.size,
-                    &f.return_offsets,
-                    GoClass::Window,
-                    id,
-                );
+                let r = timed(insp, &f.name, f.address, f.file_offset, f.size, &f.return_offsets, GoClass::Window, id);
                 plan.push(&format!("window {}", w.name), &w.symbol, f.file_offset, r);
             }
             // A user window names one program's function; other binaries
@@ -211,7 +198,6 @@ impl GoPlan {
 #[allow(clippy::too_many_arguments)]
 fn timed(
     insp: &Inspection,
-    open_path: &Path,
     symbol: &str,
     address: u64,
     file_offset: u64,
@@ -223,7 +209,7 @@ fn timed(
     if rets.is_empty() {
         return Err(format!("{symbol}: no RET instruction decoded, so its calls cannot be timed"));
     }
-    let at = entry_site(insp, open_path, symbol, address, file_offset, size)?;
+    let at = entry_site(insp, symbol, address, file_offset, size)?;
     let cfg = GoProbeConfig { class: class as u32, is_ret: 0, window, guard: at.guard };
     let role = format!("{class:?}");
     let mut sites = vec![Site {

@@ -257,11 +257,6 @@ impl Uprobes {
     pub fn count(&self) -> usize {
         self.by_file.values().map(|a| a.links.len()).sum()
     }
-
-    /// Processes known to run an attached file.
-    pub fn users(&self) -> impl Iterator<Item = u32> + '_ {
-        self.by_file.values().flat_map(|a| a.users.iter().copied())
-    }
 }
 
 fn program<'a>(ebpf: &'a mut Ebpf, name: &'static str) -> Result<&'a mut UProbe, UprobeError> {

@@ -11,8 +11,6 @@
 //! through bpf_probe_read_user), but a wrong *probe address* would land a
 //! breakpoint mid-instruction and crash etcd, so addresses are never guessed.
 
-use std::{os::unix::fs::FileExt as _, path::Path};
-
 use agent_common::watch::{ARG_REG, ARG_STACK, ArgLoc, WatchProbeConfig};
 use serde::Serialize;
 
@@ -69,9 +67,8 @@ impl WatchPlan {
     }
 }
 
-/// Plans the watch-path probes of one inspected binary, reading function
-/// prologues from `open_path` (the same file the inspection describes).
-pub fn plan(insp: &Inspection, open_path: &Path) -> WatchPlan {
+/// Plans the watch-path probes of one inspected binary.
+pub fn plan(insp: &Inspection) -> WatchPlan {
     let mut plan = WatchPlan::default();
     let found: Vec<Option<&Probe>> = ROLES.iter().map(|(role, _, _)| insp.probes_for(role).next()).collect();
     if found.iter().all(Option::is_none) {
@@ -111,7 +108,7 @@ pub fn plan(insp: &Inspection, open_path: &Path) -> WatchPlan {
             (None, _) if *server && !is_server => Err("not an etcd server (no commit fan-out)".to_string()),
             (None, _) => Err("not in this binary".to_string()),
             (Some(_), Some(why)) => Err(why.clone()),
-            (Some(p), None) => site(insp, open_path, p, role, program),
+            (Some(p), None) => site(insp, p, role, program),
         };
         match result {
             Ok(s) => {
@@ -162,13 +159,7 @@ pub fn binary_refusal(insp: &Inspection) -> Option<String> {
     None
 }
 
-fn site(
-    insp: &Inspection,
-    open_path: &Path,
-    p: &Probe,
-    role: &'static str,
-    program: &'static str,
-) -> Result<Site, String> {
+fn site(insp: &Inspection, p: &Probe, role: &'static str, program: &'static str) -> Result<Site, String> {
     let get = |name: &str| -> Result<&ArgRead, String> {
         let a = p
             .args
@@ -219,7 +210,7 @@ fn site(
             cfg.events_indirect = 1;
         }
     }
-    let at = entry_site(insp, open_path, &p.symbol, p.address, p.file_offset, p.size)?;
+    let at = entry_site(insp, &p.symbol, p.address, p.file_offset, p.size)?;
     cfg.guard = at.guard;
     Ok(Site {
         role: role.to_string(),
@@ -276,25 +267,24 @@ fn reg_slot(r: Reg) -> Option<u32> {
     })
 }
 
-/// Where in a function its entry probe goes (see `inspect::prologue`):
-/// reads the function's first bytes from `open_path`, the very file the
-/// inspection describes.
+/// Where in a function its entry probe goes (see `inspect::prologue`),
+/// from the function's first bytes in the inspection's own mapping of the
+/// file (no second read of the binary).
 pub fn entry_site(
     insp: &Inspection,
-    open_path: &Path,
     symbol: &str,
     address: u64,
     file_offset: u64,
     size: u64,
 ) -> Result<prologue::ProbeSite, String> {
     let len = size.clamp(1, 64) as usize;
-    let mut code = vec![0u8; len];
-    let f = std::fs::File::open(open_path).map_err(|e| format!("cannot read {}: {e}", open_path.display()))?;
-    f.read_exact_at(&mut code, file_offset).map_err(|e| format!("cannot read {symbol} at {file_offset:#x}: {e}"))?;
+    let code = insp
+        .bytes_at(file_offset, len)
+        .ok_or_else(|| format!("{symbol}: {len} bytes at file offset {file_offset:#x} are outside the file"))?;
     let register_abi = insp.abi == Some(Abi::Register);
     let site = match insp.arch {
-        Arch::X86_64 => prologue::amd64_probe_site(&code, address, register_abi),
-        Arch::Aarch64 => prologue::arm64_probe_site(&code),
+        Arch::X86_64 => prologue::amd64_probe_site(code, address, register_abi),
+        Arch::Aarch64 => prologue::arm64_probe_site(code),
     };
     site.map_err(|e| format!("{symbol}: {e}; refusing to place an entry probe"))
 }

@@ -121,7 +121,9 @@ impl BinaryPlan {
 
     /// Why nothing at all can be attached, if so.
     fn refusal(&self) -> Option<String> {
-        if !self.sites().is_empty() {
+        let usable =
+            |sites: &[crate::attach::uprobes::Site], refusal: &Option<String>| refusal.is_none() && !sites.is_empty();
+        if usable(&self.watch.sites, &self.watch.refusal) || usable(&self.go.sites, &self.go.refusal) {
             return None;
         }
         self.watch.refusal.clone().or_else(|| self.go.refusal.clone()).or_else(|| Some("nothing to probe".into()))
@@ -325,7 +327,7 @@ impl Tracker {
             // Not a Go binary, or not one we can read: common and uninteresting.
             Err(_) => None,
             Ok(insp) => {
-                let watch = watch::plan(&insp, &p.exe_open);
+                let watch = watch::plan(&insp);
                 let related = !watch.is_unrelated() || watch.refusal.is_some();
                 // Go runtime timing for the watch path's programs the
                 // catalog recognised (not for a refused, unknown build: the
@@ -337,7 +339,7 @@ impl Tracker {
                     None
                 } else {
                     let go = if recognised || go_named {
-                        goruntime::plan(&insp, &p.exe_open, self.go.maps, &self.go.windows)
+                        goruntime::plan(&insp, self.go.maps, &self.go.windows)
                     } else {
                         goruntime::GoPlan::default()
                     };
