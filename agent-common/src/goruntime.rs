@@ -145,6 +145,21 @@ pub struct Window {
     pub inner: [u64; 5],
 }
 
+/// A closed window, for `watchscope record` (ring buffer `WS_WINDOW_RECORDS`,
+/// only produced while `WS_RECORD_ON` is set, like `watch::WatchRecord`).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct WindowRecord {
+    pub tgid: u32,
+    /// Index into the agent's window table (`--window` names).
+    pub window: u32,
+    pub g: u64,
+    pub start_ns: u64,
+    pub end_ns: u64,
+    /// Nanoseconds per `Inner`.
+    pub inner: [u64; 5],
+}
+
 #[inline(always)]
 pub fn class_index(slot: u32, class: u32) -> u32 {
     slot * GoClass::TIMED + class
@@ -168,4 +183,5 @@ mod pod {
     unsafe impl aya::Pod for super::GoroutineKey {}
     unsafe impl aya::Pod for super::GoCall {}
     unsafe impl aya::Pod for super::Window {}
+    unsafe impl aya::Pod for super::WindowRecord {}
 }

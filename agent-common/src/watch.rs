@@ -190,6 +190,9 @@ pub struct WatchRecord {
     pub enqueue_ns: u64,
     /// Send time (server) or dispatch time (client).
     pub at_ns: u64,
+    /// The goroutine that sent or dispatched (`g` pointer): joins a client
+    /// event to the window (`WindowRecord`) open on that goroutine.
+    pub g: u64,
 }
 
 /// Index of (slot, stage) in the watch histogram array.

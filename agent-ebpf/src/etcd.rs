@@ -14,27 +14,27 @@
 //! Latencies go straight into per-CPU histograms; nothing per event crosses
 //! to user space unless a recorder switched the record stream on.
 
-use core::{ffi::c_void, ptr::read_volatile};
+use core::ffi::c_void;
 
 use agent_common::{
     Counter, Histogram,
     watch::{
-        ARG_REG, ARG_STACK, ArgLoc, MAX_EVENTS_PER_RESPONSE, MAX_SLOTS, RevKey, Side, Stage, WatchProbeConfig,
-        WatchRecord, WatchRevKey, events_index, guard_taken, hist_index,
+        MAX_EVENTS_PER_RESPONSE, MAX_SLOTS, RevKey, Side, Stage, WatchProbeConfig, WatchRecord, WatchRevKey,
+        events_index, guard_taken, hist_index,
     },
 };
 use aya_ebpf::{
     EbpfContext,
     bindings::BPF_NOEXIST,
-    helpers::{bpf_get_attach_cookie, bpf_get_current_pid_tgid, bpf_ktime_get_ns, bpf_loop, bpf_probe_read_user},
+    helpers::{bpf_get_attach_cookie, bpf_get_current_pid_tgid, bpf_ktime_get_ns, bpf_loop},
     macros::{map, uprobe},
     maps::{Array, LruHashMap, PerCpuArray, RingBuf},
     programs::ProbeContext,
 };
 
 use crate::{
-    maps::{add, count, current_slot, observe},
-    regs::{arg, flags, read_u64},
+    maps::{add, count, current_slot, observe, record_on},
+    regs::{G_SLOT, arg, flags, read_u64, reg},
 };
 
 /// Per-CPU LRU lists: inserts never take the map-wide LRU lock, at the
@@ -66,10 +66,6 @@ static WATCH_HIST: PerCpuArray<Histogram> = PerCpuArray::with_max_entries(MAX_SL
 /// Watch events counted per (slot, side).
 #[map(name = "WS_WATCH_EVENTS")]
 static WATCH_EVENTS: PerCpuArray<u64> = PerCpuArray::with_max_entries(MAX_SLOTS * Side::COUNT, 0);
-
-/// Whether a recorder wants per-event records (index 0: 0 = off).
-#[map(name = "WS_RECORD_ON")]
-static RECORD_ON: Array<u32> = Array::with_max_entries(1, 0);
 
 /// Per-event records for `watchscope record`; histograms never depend on it.
 #[map(name = "WS_WATCH_RECORDS")]
@@ -111,11 +107,6 @@ fn insert_first(map: &LruHashMap<RevKey, u64>, key: &RevKey, ts: u64) {
     {
         count(Counter::MapFull);
     }
-}
-
-#[inline(always)]
-fn record_on() -> bool {
-    RECORD_ON.get(0).is_some_and(|v| *v != 0)
 }
 
 #[inline(always)]
@@ -171,6 +162,8 @@ struct EventLoop {
     recording: u32,
     /// Events processed.
     n: u64,
+    /// The goroutine running the probe (for records).
+    g: u64,
 }
 
 impl EventLoop {
@@ -185,6 +178,7 @@ impl EventLoop {
             rev,
             watch_id: self.watch_id,
             at_ns: self.now,
+            g: self.g,
             ..WatchRecord::default()
         }
     }
@@ -233,6 +227,7 @@ fn try_enqueue(ctx: &ProbeContext) -> Option<()> {
         watch_id,
         recording: 0,
         n: 0,
+        g: 0,
     };
     for_each_event(&mut st, len, enqueue_event, None);
     Some(())
@@ -303,6 +298,8 @@ fn response_loop(ctx: &ProbeContext) -> Option<(EventLoop, u64)> {
         watch_id: r.watch_id,
         recording: record_on() as u32,
         n: 0,
+        // SAFETY: the probe's own register context.
+        g: reg(unsafe { &*ctx.regs }, G_SLOT).unwrap_or(0),
     };
     Some((st, r.len))
 }

@@ -13,10 +13,10 @@
 //! morestack (see `watch::GUARD_*`).
 
 use agent_common::{
-    Histogram,
+    Counter, Histogram,
     goruntime::{
-        GoCall, GoCallKey, GoClass, GoProbeConfig, GoroutineKey, Inner, MAX_GO_SLOTS, MAX_WINDOWS, Window, class_index,
-        inner_index, window_index,
+        GoCall, GoCallKey, GoClass, GoProbeConfig, GoroutineKey, Inner, MAX_GO_SLOTS, MAX_WINDOWS, Window,
+        WindowRecord, class_index, inner_index, window_index,
     },
     watch::guard_taken,
 };
@@ -24,12 +24,12 @@ use aya_ebpf::{
     EbpfContext,
     helpers::{bpf_get_attach_cookie, bpf_get_current_pid_tgid, bpf_ktime_get_ns},
     macros::{map, uprobe},
-    maps::{Array, LruHashMap, PerCpuArray},
+    maps::{Array, LruHashMap, PerCpuArray, RingBuf},
     programs::ProbeContext,
 };
 
 use crate::{
-    maps::{add, current_slot, observe},
+    maps::{add, count, current_slot, observe, record_on},
     regs::{G_SLOT, flags, reg},
 };
 
@@ -62,6 +62,10 @@ static INNER_HIST: PerCpuArray<Histogram> = PerCpuArray::with_max_entries(MAX_GO
 /// count a tracer counting the same offsets sees.
 #[map(name = "WS_GO_GROW_EVENTS")]
 static GROW_EVENTS: PerCpuArray<u64> = PerCpuArray::with_max_entries(MAX_GO_SLOTS, 0);
+
+/// Closed windows for `watchscope record` (only while `WS_RECORD_ON`).
+#[map(name = "WS_WINDOW_RECORDS")]
+static WINDOW_RECORDS: RingBuf = RingBuf::with_byte_size(256 * 1024, 0);
 
 struct Hit {
     slot: u32,
@@ -136,7 +140,7 @@ pub fn go_ret(ctx: ProbeContext) -> u32 {
     let d = h.now.saturating_sub(start);
     let gk = GoroutineKey { g: h.g, tgid: h.tgid, _pad: 0 };
     if h.cfg.class == GoClass::Window as u32 {
-        close_window(&gk, d);
+        close_window(&gk, h.now, d);
         return 0;
     }
     observe(&GO_HIST, class_index(h.slot, h.cfg.class), d);
@@ -157,7 +161,7 @@ pub fn go_ret(ctx: ProbeContext) -> u32 {
 }
 
 #[inline(always)]
-fn close_window(gk: &GoroutineKey, d: u64) {
+fn close_window(gk: &GoroutineKey, now: u64, d: u64) {
     // SAFETY: lookup of a plain key; the value is copied at once.
     let Some(w) = (unsafe { WINDOWS.get(gk) }).copied() else { return };
     let _ = WINDOWS.remove(gk);
@@ -170,5 +174,20 @@ fn close_window(gk: &GoroutineKey, d: u64) {
         let v = w.inner.get(i as usize).copied().unwrap_or(0);
         observe(&INNER_HIST, inner_index(w.slot, w.window, i), v);
         i += 1;
+    }
+    if record_on() {
+        if let Some(mut e) = WINDOW_RECORDS.reserve::<WindowRecord>(0) {
+            e.write(WindowRecord {
+                tgid: gk.tgid,
+                window: w.window,
+                g: gk.g,
+                start_ns: now.saturating_sub(d),
+                end_ns: now,
+                inner: w.inner,
+            });
+            e.submit(0);
+        } else {
+            count(Counter::EventsRingbufFull);
+        }
     }
 }

@@ -4,7 +4,7 @@ use agent_common::Counter;
 use agent_common::{Histogram, watch::MAX_SLOTS};
 use aya_ebpf::{
     macros::map,
-    maps::{HashMap, PerCpuArray, RingBuf},
+    maps::{Array, HashMap, PerCpuArray, RingBuf},
 };
 
 /// Self-counters, one slot per `agent_common::Counter`; per-CPU so that the
@@ -71,4 +71,14 @@ pub fn add(counters: &PerCpuArray<u64>, idx: u32, n: u64) {
         // SAFETY: see `count`.
         unsafe { *c += n };
     }
+}
+
+/// Whether a recorder wants per-event records (index 0: 0 = off): watch
+/// event records and closed windows. Histograms never depend on it.
+#[map(name = "WS_RECORD_ON")]
+pub static RECORD_ON: Array<u32> = Array::with_max_entries(1, 0);
+
+#[inline(always)]
+pub fn record_on() -> bool {
+    RECORD_ON.get(0).is_some_and(|v| *v != 0)
 }
