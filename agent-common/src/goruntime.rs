@@ -13,6 +13,9 @@ pub enum GoClass {
     GcAssist = 4,
     /// A window function (its id is in the probe config).
     Window = 5,
+    /// A scheduler point of the Go runtime (`SchedPoint` in the config's
+    /// `window` field): entry only, no timing of its own.
+    Sched = 6,
 }
 
 impl GoClass {
@@ -29,6 +32,7 @@ impl GoClass {
             3 => GoClass::MapGrow,
             4 => GoClass::GcAssist,
             5 => GoClass::Window,
+            6 => GoClass::Sched,
             _ => return None,
         })
     }
@@ -50,7 +54,7 @@ impl GoClass {
             GoClass::MapAssign | GoClass::MapAccess | GoClass::MapDelete => Some(Inner::Map),
             GoClass::MapGrow => Some(Inner::MapGrow),
             GoClass::GcAssist => Some(Inner::GcAssist),
-            GoClass::Window => None,
+            GoClass::Window | GoClass::Sched => None,
         }
     }
 }
@@ -79,6 +83,46 @@ impl Inner {
             Inner::Runqueue => "runqueue",
         }
     }
+}
+
+/// Where the Go scheduler moves a goroutine, probed at function entry.
+/// Together they give a window's goroutine-level off-CPU time (parked until
+/// made ready) and run-queue time (ready until a thread runs it), and keep
+/// the thread → goroutine map the kernel-side sched programs need.
+#[repr(u32)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum SchedPoint {
+    /// `runtime.execute(gp, inheritTime)`: gp starts running on this thread.
+    Execute = 0,
+    /// `runtime.gopark(...)`: the running goroutine blocks (channel, timer,
+    /// lock, network).
+    Park = 1,
+    /// `runtime.ready(gp, ...)`: a parked gp becomes runnable.
+    Ready = 2,
+    /// `runtime.goschedImpl(gp, ...)`: gp yields or is preempted, runnable.
+    Yield = 3,
+}
+
+impl SchedPoint {
+    pub const ALL: [SchedPoint; 4] = [SchedPoint::Execute, SchedPoint::Park, SchedPoint::Ready, SchedPoint::Yield];
+}
+
+/// A window goroutine's scheduling state (`Window::sched`).
+pub const SCHED_RUNNING: u32 = 0;
+pub const SCHED_PARKED: u32 = 1;
+pub const SCHED_RUNNABLE: u32 = 2;
+
+/// A thread that went off CPU while running a window's goroutine: what to
+/// charge the time to when it runs again (kernel-side scheduling, e.g. a
+/// blocking syscall or preemption by another process).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct ThreadOff {
+    pub g: u64,
+    pub tgid: u32,
+    /// `Inner::OffCpu` while asleep, `Inner::Runqueue` once woken.
+    pub kind: u32,
+    pub since: u64,
 }
 
 /// Most distinct windows (built-in and `--window`).
@@ -140,9 +184,15 @@ pub struct Window {
     pub window: u32,
     pub slot: u32,
     pub depth: u32,
-    pub _pad: u32,
+    /// `SCHED_*`: the goroutine's state as the runtime probes saw it.
+    pub sched: u32,
+    /// When `sched` last changed.
+    pub sched_since: u64,
     /// Nanoseconds per `Inner`.
     pub inner: [u64; 5],
+    /// Events per `Inner` (map calls, parks, thread switches...).
+    pub inner_n: [u32; 5],
+    pub _pad: u32,
 }
 
 /// A closed window, for `watchscope record` (ring buffer `WS_WINDOW_RECORDS`,
@@ -184,4 +234,5 @@ mod pod {
     unsafe impl aya::Pod for super::GoCall {}
     unsafe impl aya::Pod for super::Window {}
     unsafe impl aya::Pod for super::WindowRecord {}
+    unsafe impl aya::Pod for super::ThreadOff {}
 }

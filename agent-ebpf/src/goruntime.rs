@@ -15,8 +15,8 @@
 use agent_common::{
     Counter, Histogram,
     goruntime::{
-        GoCall, GoCallKey, GoClass, GoProbeConfig, GoroutineKey, Inner, MAX_GO_SLOTS, MAX_WINDOWS, Window,
-        WindowRecord, class_index, inner_index, window_index,
+        GoCall, GoCallKey, GoClass, GoProbeConfig, GoroutineKey, Inner, MAX_GO_SLOTS, MAX_WINDOWS, SCHED_PARKED,
+        SCHED_RUNNABLE, SCHED_RUNNING, SchedPoint, Window, WindowRecord, class_index, inner_index, window_index,
     },
     watch::guard_taken,
 };
@@ -42,7 +42,27 @@ static CALLS: LruHashMap<GoCallKey, GoCall> = LruHashMap::with_max_entries(16384
 
 /// Open windows, per goroutine.
 #[map(name = "WS_GO_WINDOWS")]
-static WINDOWS: LruHashMap<GoroutineKey, Window> = LruHashMap::with_max_entries(8192, 0);
+pub(crate) static WINDOWS: LruHashMap<GoroutineKey, Window> = LruHashMap::with_max_entries(8192, 0);
+
+/// Thread (task pid) → the window goroutine it runs now. Kernel-side
+/// scheduling events carry only the thread, so this map is how a thread's
+/// off-CPU time finds its goroutine (see `gosched.rs`). It is kept by the
+/// Go runtime's own scheduler probes (`runtime.execute` sets it, `gopark`
+/// and `goschedImpl` clear it) rather than by reading `g` from the thread's
+/// TLS through the task's fsbase at each context switch: the TLS slot of `g`
+/// moves with the linker (internal linking: -8(FS); cgo/external linking:
+/// an offset in the ELF TLS segment, only known from the stripped symbol
+/// `runtime.tlsg`), and arm64 keeps `g` in a register with no TLS copy at
+/// all; `execute` is where every goroutine starts running on a thread, on
+/// every Go version and architecture, with `gp` as its first argument.
+/// Only goroutines with an open window are entered, so the map stays small.
+#[map(name = "WS_GO_THREAD_G")]
+pub(crate) static THREAD_G: LruHashMap<u32, GoroutineKey> = LruHashMap::with_max_entries(8192, 0);
+
+/// Inner events per window, by `inner_index(slot, window, inner)`: map
+/// calls, parks, thread switches... (the counts behind the inner time).
+#[map(name = "WS_WINDOW_INNER_EVENTS")]
+static INNER_EVENTS: PerCpuArray<u64> = PerCpuArray::with_max_entries(MAX_GO_SLOTS * MAX_WINDOWS * Inner::COUNT, 0);
 
 /// Map operation and GC assist durations, by `class_index(slot, class)`.
 #[map(name = "WS_GO_HIST")]
@@ -113,8 +133,106 @@ pub fn go_entry(ctx: ProbeContext) -> u32 {
         // SAFETY: lookup of a plain key.
         let gk = GoroutineKey { g: h.g, tgid: h.tgid, _pad: 0 };
         if unsafe { WINDOWS.get(&gk) }.is_none() {
-            let w = Window { start: h.now, window: h.cfg.window, slot: h.slot, depth: 1, _pad: 0, inner: [0; 5] };
+            let w = Window {
+                start: h.now,
+                window: h.cfg.window,
+                slot: h.slot,
+                depth: 1,
+                sched: SCHED_RUNNING,
+                sched_since: h.now,
+                inner: [0; 5],
+                inner_n: [0; 5],
+                _pad: 0,
+            };
             let _ = WINDOWS.insert(&gk, &w, 0);
+            // The goroutine is running on this thread right now.
+            let _ = THREAD_G.insert(&current_tid(), &gk, 0);
+        }
+    }
+    0
+}
+
+#[inline(always)]
+fn current_tid() -> u32 {
+    bpf_get_current_pid_tgid() as u32
+}
+
+/// Adds `d` ns and one event to a window's `inner` accumulator.
+#[inline(always)]
+pub(crate) fn add_inner(w: *mut Window, inner: Inner, d: u64) {
+    let i = inner as usize;
+    // SAFETY: a map value, valid during this run; indexes bounded by the enum.
+    unsafe {
+        if let Some(acc) = (*w).inner.get_mut(i) {
+            *acc += d;
+        }
+        if let Some(n) = (*w).inner_n.get_mut(i) {
+            *n += 1;
+        }
+    }
+}
+
+/// The Go scheduler's view of a window's goroutine: parked → ready is
+/// off-CPU (waiting on a channel, timer, lock or the network), ready →
+/// execute is run-queue time. Entry probes only (the functions run on the
+/// scheduler's g0 or end in a stack switch; their returns are not needed).
+#[uprobe]
+pub fn go_sched(ctx: ProbeContext) -> u32 {
+    let Some(h) = begin(&ctx) else { return 0 };
+    // SAFETY: the probe's own register context.
+    let regs = unsafe { &*ctx.regs };
+    let tid = current_tid();
+    let point = h.cfg.window;
+    // Park is called on the goroutine itself (g register); the others
+    // run on the scheduler and take the goroutine as their first argument.
+    let gp = if point == SchedPoint::Park as u32 { h.g } else { reg(regs, 0).unwrap_or(0) };
+    let gk = GoroutineKey { g: gp, tgid: h.tgid, _pad: 0 };
+    let w = WINDOWS.get_ptr_mut(&gk);
+    if point == SchedPoint::Execute as u32 {
+        let Some(w) = w else {
+            // Another goroutine takes the thread: no window time from now.
+            let _ = THREAD_G.remove(&tid);
+            return 0;
+        };
+        // SAFETY: map value valid during this run.
+        let (state, since) = unsafe { ((*w).sched, (*w).sched_since) };
+        let d = h.now.saturating_sub(since);
+        if state == SCHED_RUNNABLE {
+            add_inner(w, Inner::Runqueue, d);
+        } else if state == SCHED_PARKED {
+            // Made runnable without `ready` (netpoll's injectglist): the
+            // whole wait counts as off-CPU.
+            add_inner(w, Inner::OffCpu, d);
+        }
+        // SAFETY: as above.
+        unsafe {
+            (*w).sched = SCHED_RUNNING;
+            (*w).sched_since = h.now;
+        }
+        let _ = THREAD_G.insert(&tid, &gk, 0);
+        return 0;
+    }
+    if point == SchedPoint::Park as u32 || point == SchedPoint::Yield as u32 {
+        // The goroutine leaves this thread: the thread's own sleeps from now
+        // on (an idle M in futex) are not the goroutine's.
+        let _ = THREAD_G.remove(&tid);
+    }
+    let Some(w) = w else { return 0 };
+    // SAFETY: map value valid during this run.
+    unsafe {
+        let state = (*w).sched;
+        if point == SchedPoint::Park as u32 {
+            (*w).sched = SCHED_PARKED;
+            (*w).sched_since = h.now;
+        } else if point == SchedPoint::Ready as u32 {
+            if state == SCHED_PARKED {
+                add_inner(w, Inner::OffCpu, h.now.saturating_sub((*w).sched_since));
+                (*w).sched = SCHED_RUNNABLE;
+                (*w).sched_since = h.now;
+            }
+        } else if point == SchedPoint::Yield as u32 && state == SCHED_RUNNING {
+            (*w).sched = SCHED_RUNNABLE;
+            (*w).sched_since = h.now;
         }
     }
     0
@@ -141,6 +259,7 @@ pub fn go_ret(ctx: ProbeContext) -> u32 {
     let gk = GoroutineKey { g: h.g, tgid: h.tgid, _pad: 0 };
     if h.cfg.class == GoClass::Window as u32 {
         close_window(&gk, h.now, d);
+        let _ = THREAD_G.remove(&current_tid());
         return 0;
     }
     observe(&GO_HIST, class_index(h.slot, h.cfg.class), d);
@@ -149,13 +268,8 @@ pub fn go_ret(ctx: ProbeContext) -> u32 {
             c if c == GoClass::MapGrow as u32 => Inner::MapGrow,
             c if c == GoClass::GcAssist as u32 => Inner::GcAssist,
             _ => Inner::Map,
-        } as usize;
-        // SAFETY: map value valid during this run; index bounded by the enum.
-        unsafe {
-            if let Some(acc) = (*w).inner.get_mut(inner) {
-                *acc += d;
-            }
-        }
+        };
+        add_inner(w, inner, d);
     }
     0
 }
@@ -173,6 +287,10 @@ fn close_window(gk: &GoroutineKey, now: u64, d: u64) {
     while i < Inner::COUNT {
         let v = w.inner.get(i as usize).copied().unwrap_or(0);
         observe(&INNER_HIST, inner_index(w.slot, w.window, i), v);
+        let n = w.inner_n.get(i as usize).copied().unwrap_or(0);
+        if n > 0 {
+            add(&INNER_EVENTS, inner_index(w.slot, w.window, i), n as u64);
+        }
         i += 1;
     }
     if record_on() {

@@ -9,6 +9,7 @@
 mod discover;
 mod etcd;
 mod goruntime;
+mod gosched;
 mod maps;
 mod regs;
 mod sidecar;

@@ -274,3 +274,97 @@ fn stack_copies_under_every_probe_change_nothing() {
         assert_eq!(w, 30.0, "{name}: every window counted once despite stack copies");
     }
 }
+
+/// The events a window counted inside, by kind.
+fn inner_events(agent: &Agent, window: &str, inner: &str, comm: &str) -> f64 {
+    agent.sample(&format!(
+        "watchscope_window_inner_events_total{{window=\"{window}\",inner=\"{inner}\",comm=\"{comm}\"}}"
+    ))
+}
+
+/// GOMAXPROCS=2, both goroutines yielding every 64 inserts so they keep
+/// trading threads: the window's inner map calls are exactly the windowed
+/// goroutine's own inserts, none of the other goroutine's ten times more.
+fn attribution_under_migration(t: &Toolchain, name: &str) {
+    const R: usize = 40;
+    const K: usize = 2000;
+    let dir = tempfile::tempdir().expect("tmp");
+    let bin = build(t, dir.path(), name);
+    let agent = Agent::start(&["--go-comm", name, "--go-maps", "all", "--window", "mig=main.migrateWindow"]);
+    let mut fx = Fixture::start(&bin, &["migrate", &R.to_string(), &K.to_string()]);
+    go_sites(&agent, &bin);
+    let done = fx.run();
+    let counts: Vec<f64> = done.split_whitespace().skip(1).filter_map(|v| v.parse().ok()).collect();
+    let [inside, outside] = counts[..] else { panic!("unexpected fixture output {done}") };
+    assert_eq!((inside, outside), ((R * K) as f64, (10 * R * K) as f64));
+    std::thread::sleep(Duration::from_millis(300));
+    let windows = agent.sample(&format!("watchscope_window_seconds_count{{window=\"mig\",comm=\"{name}\"}}"));
+    assert_eq!(windows, R as f64, "{}", agent.metrics());
+    let in_windows = inner_events(&agent, "mig", "map", name);
+    assert_eq!(
+        in_windows / inside,
+        1.0,
+        "{name}: the windows counted {in_windows} map calls; their goroutine made {inside} (the other one {outside})"
+    );
+    // Every assign of both goroutines was seen (the runtime makes a few of its own).
+    let assigns =
+        Buckets::parse(&agent.metrics(), "watchscope_go_map_seconds", &format!("op=\"assign\",comm=\"{name}\""));
+    assert!(assigns.count() >= inside + outside, "{} assigns seen", assigns.count());
+    // The yields inside the windows were seen as waits for a CPU.
+    assert!(inner_events(&agent, "mig", "runqueue", name) >= 1.0, "{}", agent.metrics());
+}
+
+#[test]
+fn attribution_survives_goroutine_migration_go119() {
+    attribution_under_migration(go119(), "wsg-mig119");
+}
+
+#[test]
+fn attribution_survives_goroutine_migration_go127_swiss() {
+    attribution_under_migration(go127(), "wsg-mig127");
+}
+
+/// A window blocked on a channel (the Go scheduler parks the goroutine; its
+/// thread runs others or sleeps) and one blocked in nanosleep(2) (the thread
+/// itself sleeps in the kernel) both show off-CPU inner time >= the wait.
+fn off_cpu_inside_windows(t: &Toolchain, name: &str) {
+    const R: usize = 8;
+    // 20.48 ms is a bucket bound: "every window's off-CPU time >= S" is exact.
+    const S_US: usize = 20_480;
+    let dir = tempfile::tempdir().expect("tmp");
+    let bin = build(t, dir.path(), name);
+    let agent = Agent::start(&["--go-comm", name, "--window", "blk=main.blockWindow;sys=main.syscallWindow"]);
+    for (mode, window) in [("block", "blk"), ("syscall", "sys")] {
+        let mut fx = Fixture::start(&bin, &[mode, &R.to_string(), &S_US.to_string()]);
+        go_sites(&agent, &bin);
+        assert_eq!(fx.run(), format!("done {R}"));
+        drop(fx);
+        std::thread::sleep(Duration::from_millis(300));
+        let text = agent.metrics();
+        let w = Buckets::parse(&text, "watchscope_window_seconds", &format!("window=\"{window}\",comm=\"{name}\""));
+        assert_eq!(w.count(), R as f64, "{mode}: {text}");
+        let off = Buckets::parse(
+            &text,
+            "watchscope_window_inner_seconds",
+            &format!("window=\"{window}\",inner=\"off_cpu\",comm=\"{name}\""),
+        );
+        assert_eq!(off.count(), R as f64, "{mode}: one off_cpu observation per window");
+        assert_eq!(
+            off.below(S_US as f64 * 1e-6),
+            0.0,
+            "{mode}: a window's off-CPU time below its {S_US} µs wait: {:?}",
+            off.cumulative
+        );
+        assert!(inner_events(&agent, window, "off_cpu", name) >= R as f64, "{mode}: {text}");
+    }
+}
+
+#[test]
+fn off_cpu_time_inside_windows_go119() {
+    off_cpu_inside_windows(go119(), "wsg-off119");
+}
+
+#[test]
+fn off_cpu_time_inside_windows_go127() {
+    off_cpu_inside_windows(go127(), "wsg-off127");
+}

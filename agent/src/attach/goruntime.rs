@@ -5,7 +5,7 @@
 //! inspector decoded. Functions whose RETs could not all be decoded are
 //! refused: a missed return would leave a call open forever.
 
-use agent_common::goruntime::{GoClass, GoProbeConfig, MAX_WINDOWS};
+use agent_common::goruntime::{GoClass, GoProbeConfig, MAX_WINDOWS, SchedPoint};
 use serde::Serialize;
 
 use super::{
@@ -159,10 +159,27 @@ pub fn plan(insp: &Inspection, maps: GoMaps, windows: &WindowTable) -> GoPlan {
             }),
         }
     }
+    // Window goroutines' off-CPU and run-queue time: the scheduler points,
+    // only where a window can open (each is hit per goroutine switch).
+    if plan.sites.iter().any(|s| matches!(s.config, SiteConfig::Go(c) if c.class == GoClass::Window as u32)) {
+        for (role, point) in SCHED_ROLES {
+            for p in insp.probes_for(role) {
+                let r = entry_only(insp, &p.symbol, p.address, p.file_offset, p.size, *point);
+                plan.push(role, &p.symbol, p.file_offset, r);
+            }
+        }
+    }
     plan
 }
 
 impl GoPlan {
+    /// Whether the plan has scheduler points (which need the kernel's
+    /// sched_switch/sched_wakeup programs too).
+    pub fn has_sched(&self) -> bool {
+        self.refusal.is_none()
+            && self.sites.iter().any(|s| matches!(s.config, SiteConfig::Go(c) if c.class == GoClass::Sched as u32))
+    }
+
     fn push(&mut self, what: &str, symbol: &str, function_offset: u64, r: Result<Vec<Site>, String>) {
         let mut st = GoSiteStatus {
             what: what.into(),
@@ -193,6 +210,35 @@ impl GoPlan {
         }
         self.statuses.push(st);
     }
+}
+
+/// The Go scheduler's points a window's goroutine passes (see
+/// `agent-ebpf/src/goruntime.rs`, `go_sched`).
+const SCHED_ROLES: &[(&str, SchedPoint)] = &[
+    ("go_sched_execute", SchedPoint::Execute),
+    ("go_sched_park", SchedPoint::Park),
+    ("go_sched_ready", SchedPoint::Ready),
+    ("go_sched_yield", SchedPoint::Yield),
+];
+
+/// An entry probe alone (scheduler points are events, not spans).
+fn entry_only(
+    insp: &Inspection,
+    symbol: &str,
+    address: u64,
+    file_offset: u64,
+    size: u64,
+    point: SchedPoint,
+) -> Result<Vec<Site>, String> {
+    let at = entry_site(insp, symbol, address, file_offset, size)?;
+    let cfg = GoProbeConfig { class: GoClass::Sched as u32, is_ret: 0, window: point as u32, guard: at.guard };
+    Ok(vec![Site {
+        role: format!("{point:?}"),
+        symbol: symbol.to_string(),
+        program: "go_sched",
+        file_offset: file_offset + at.offset,
+        config: SiteConfig::Go(cfg),
+    }])
 }
 
 #[allow(clippy::too_many_arguments)]

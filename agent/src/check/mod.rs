@@ -209,7 +209,12 @@ fn tracefs_items(root: &HostRoot, items: &mut Vec<Item>) {
             "use a kernel with CONFIG_UPROBE_EVENTS=y",
         )
     });
-    for tp in TRACEPOINTS.iter().copied().chain(crate::attach::sidecar::all_tracepoints()) {
+    for tp in TRACEPOINTS
+        .iter()
+        .copied()
+        .chain(crate::attach::sidecar::all_tracepoints())
+        .chain(crate::attach::sched::SCHED_TRACEPOINTS.iter().copied())
+    {
         let name = format!("tracepoint {}:{}", tp.category, tp.name);
         items.push(match tracefs.tracepoint_exists(tp.category, tp.name) {
             Ok(()) => Item::new(name, Status::Ok, "present", ""),

@@ -39,6 +39,7 @@ pub struct KernelMaps {
     go_hist: PerCpuArray<MapData, Histogram>,
     window_hist: PerCpuArray<MapData, Histogram>,
     inner_hist: PerCpuArray<MapData, Histogram>,
+    inner_events: PerCpuArray<MapData, u64>,
     grow_events: PerCpuArray<MapData, u64>,
 }
 
@@ -58,6 +59,7 @@ impl KernelMaps {
             go_hist: take_per_cpu(ebpf, "WS_GO_HIST")?,
             window_hist: take_per_cpu(ebpf, "WS_WINDOW_HIST")?,
             inner_hist: take_per_cpu(ebpf, "WS_WINDOW_INNER_HIST")?,
+            inner_events: take_per_cpu(ebpf, "WS_WINDOW_INNER_EVENTS")?,
             grow_events: take_per_cpu(ebpf, "WS_GO_GROW_EVENTS")?,
         })
     }
@@ -98,6 +100,7 @@ struct GoSnapshot {
     grow_events: Vec<(String, u64)>,
     windows: Vec<LabelledHistogram>,
     window_inner: Vec<LabelledHistogram>,
+    window_inner_events: Vec<(String, &'static str, String, u64)>,
 }
 
 impl KernelMaps {
@@ -131,10 +134,17 @@ impl KernelMaps {
                 out.windows
                     .push(LabelledHistogram { labels: vec![("window", name.clone()), ("comm", comm.clone())], hist });
                 for inner in Inner::ALL {
+                    let idx = inner_index(*slot, w, inner as u32);
                     out.window_inner.push(LabelledHistogram {
                         labels: vec![("window", name.clone()), ("inner", inner.name().into()), ("comm", comm.clone())],
-                        hist: merged(&self.inner_hist, inner_index(*slot, w, inner as u32)),
+                        hist: merged(&self.inner_hist, idx),
                     });
+                    out.window_inner_events.push((
+                        name.clone(),
+                        inner.name(),
+                        comm.clone(),
+                        summed(&self.inner_events, idx),
+                    ));
                 }
             }
         }
@@ -240,6 +250,8 @@ pub struct Snapshot {
     /// Window durations (window, comm) and their inner breakdown (window, inner, comm).
     pub windows: Vec<LabelledHistogram>,
     pub window_inner: Vec<LabelledHistogram>,
+    /// (window, inner, comm, events inside windows).
+    pub window_inner_events: Vec<(String, &'static str, String, u64)>,
     pub watched_execs: Vec<(String, u64)>,
     pub series_dropped: Vec<(&'static str, u64)>,
     pub decode_errors: u64,
@@ -325,6 +337,7 @@ impl Snapshot {
             grow_events: go.grow_events,
             windows: go.windows,
             window_inner: go.window_inner,
+            window_inner_events: go.window_inner_events,
             watched_execs,
             series_dropped: vec![("process_execs", overflow)],
             decode_errors: user.decode_errors.load(Ordering::Relaxed),

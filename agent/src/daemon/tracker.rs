@@ -24,7 +24,7 @@ use serde::Serialize;
 use tracing::{debug, info, warn};
 
 use crate::{
-    attach::{goruntime, sidecar::SidecarProbes, slots::Slots, uprobes::Uprobes, watch},
+    attach::{goruntime, sched::SchedProbes, sidecar::SidecarProbes, slots::Slots, uprobes::Uprobes, watch},
     discover::{
         ProcessFilter,
         procfs::{self, FileIdent, ProcInfo},
@@ -83,6 +83,8 @@ pub struct Tracker {
     sidecar_filter: SidecarFilter,
     sidecar: SidecarProbes,
     sidecar_slots: Arc<Mutex<Slots>>,
+    /// sched_switch/sched_wakeup, while some binary has window probes.
+    sched: SchedProbes,
     ebpf: Ebpf,
     uprobes: Uprobes,
     proc_slot: BpfHashMap<MapData, u32, u32>,
@@ -95,6 +97,9 @@ pub struct Tracker {
     /// Verdicts per executable file (see `plan_for`).
     plans: HashMap<(FileIdent, bool), Verdict>,
     go: GoSettings,
+    /// Attached files with scheduler probes (the sched programs stay while
+    /// any of them is attached).
+    sched_files: HashSet<FileIdent>,
 }
 
 /// What one executable means to the agent: None when nothing.
@@ -169,6 +174,7 @@ impl Tracker {
             BpfHashMap::try_from(listen).context("WS_SIDECAR_LISTEN")?,
         )
         .context("loading the sidecar programs")?;
+        let sched = SchedProbes::load(&mut ebpf).context("loading the scheduler programs")?;
         let go_config = ebpf.take_map("WS_GO_CONFIG").context("the eBPF object has no WS_GO_CONFIG map")?;
         let config = ebpf.take_map("WS_WATCH_CONFIG").context("the eBPF object has no WS_WATCH_CONFIG map")?;
         let proc_slot = ebpf.take_map("WS_PROC_SLOT").context("the eBPF object has no WS_PROC_SLOT map")?;
@@ -178,6 +184,7 @@ impl Tracker {
             sidecar_filter,
             sidecar,
             sidecar_slots,
+            sched,
             ebpf,
             uprobes: Uprobes::new(
                 aya::maps::Array::try_from(config).context("WS_WATCH_CONFIG")?,
@@ -191,6 +198,7 @@ impl Tracker {
             reported: HashSet::new(),
             plans: HashMap::new(),
             go,
+            sched_files: HashSet::new(),
         })
     }
 
@@ -199,6 +207,11 @@ impl Tracker {
         let detached = self.uprobes.detach_idle(&mut self.ebpf, false);
         if detached > 0 {
             info!(probes = detached, "detached the probes of binaries no process has run for a while");
+        }
+        self.sched_files.retain(|f| self.uprobes.is_attached(f));
+        if self.sched_files.is_empty() && self.sched.attached() > 0 {
+            self.sched.detach(&mut self.ebpf);
+            info!("no window probes left; scheduler programs detached");
         }
         let running = procfs::scan(&self.root);
         let alive: HashSet<u32> = running.iter().map(|p| p.tgid).collect();
@@ -274,6 +287,13 @@ impl Tracker {
                     "attached probes"
                 ),
                 Err(e) => reason = Some(e.to_string()),
+            }
+            if reason.is_none() && plan.go.has_sched() {
+                if let Err(e) = self.sched.ensure(&mut self.ebpf) {
+                    warn!("window off-CPU and run-queue time unavailable: {e}");
+                } else {
+                    self.sched_files.insert(p.exe);
+                }
             }
         }
         if let Some(why) = &reason {
@@ -426,14 +446,15 @@ impl Tracker {
 
     fn publish_count(&self) {
         self.status.uprobes_attached.store(self.uprobes.count(), Ordering::Relaxed);
-        self.status.sidecar_tracepoints.store(self.sidecar.attached(), Ordering::Relaxed);
+        self.status.sidecar_tracepoints.store(self.sidecar.attached() + self.sched.attached(), Ordering::Relaxed);
     }
 
     /// Detaches everything (shutdown). Dropping the object would too; this
     /// makes the order explicit and countable.
     pub fn shutdown(mut self) -> usize {
-        let mut n = self.sidecar.attached();
+        let mut n = self.sidecar.attached() + self.sched.attached();
         self.sidecar.detach_all(&mut self.ebpf);
+        self.sched.detach(&mut self.ebpf);
         n += self.uprobes.detach_idle(&mut self.ebpf, true);
         n
     }

@@ -115,6 +115,12 @@ pub const WINDOW_INNER_SECONDS: Family = Family {
     help: "What each window spent inside it, by kind (map, map_grow, gc_assist, off_cpu, runqueue): one \
            observation per window, so its count matches watchscope_window_seconds bucket for bucket.",
 };
+pub const WINDOW_INNER_EVENTS: Family = Family {
+    name: "window_inner_events",
+    kind: MetricType::Counter,
+    help: "Events inside closed windows, by kind: map calls (map, map_grow, gc_assist), times the goroutine \
+           or its thread went off CPU (off_cpu), and waits for a CPU (runqueue).",
+};
 
 pub const FAMILIES: &[Family] = &[
     GO_MAP_SECONDS,
@@ -122,6 +128,7 @@ pub const FAMILIES: &[Family] = &[
     GO_MAP_GROW_EVENTS,
     WINDOW_SECONDS,
     WINDOW_INNER_SECONDS,
+    WINDOW_INNER_EVENTS,
     EXECS,
     PROCESS_EXECS,
     WATCH_STAGE_SECONDS,
@@ -178,6 +185,12 @@ impl Collector for SnapshotCollector {
         counter(&mut enc, &GO_MAP_GROW_EVENTS, &grows.iter().map(|(l, n)| (&l[..], *n)).collect::<Vec<_>>())?;
         histograms(&mut enc, &WINDOW_SECONDS, &s.windows)?;
         histograms(&mut enc, &WINDOW_INNER_SECONDS, &s.window_inner)?;
+        let inner_events: Vec<_> = s
+            .window_inner_events
+            .iter()
+            .map(|(w, i, comm, n)| ([("window", w.as_str()), ("inner", *i), ("comm", comm.as_str())], *n))
+            .collect();
+        counter(&mut enc, &WINDOW_INNER_EVENTS, &inner_events.iter().map(|(l, n)| (&l[..], *n)).collect::<Vec<_>>())?;
         histograms(&mut enc, &SIDECAR_SECONDS, &s.sidecar)?;
         let crossings: Vec<_> =
             s.sidecar_crossings.iter().map(|(d, comm, n)| ([("direction", *d), ("comm", comm.as_str())], *n)).collect();

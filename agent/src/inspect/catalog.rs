@@ -284,6 +284,12 @@ static MAP_SWISS_TABLE_GROW: Signature = Signature {
 };
 /// `func gcAssistAlloc(gp *g)`
 static GC_ASSIST: Signature = Signature { params: &[p("gp", WORD)], reads: &[read("g", "gp", &[])] };
+/// `func execute(gp *g, inheritTime bool)`, `func ready(gp *g, traceskip int, next bool)`,
+/// `func goschedImpl(gp *g[, preempted bool])`: the goroutine comes first.
+static SCHED_GP: Signature = Signature { params: &[p("gp", WORD)], reads: &[read("g", "gp", &[])] };
+/// `func gopark(unlockf func(*g, unsafe.Pointer) bool, lock unsafe.Pointer, ...)`: the
+/// parking goroutine is the running one (the g register).
+static GOPARK: Signature = Signature { params: &[p("unlockf", WORD), p("lock", WORD)], reads: &[] };
 
 /// Runtime functions: names seen in the Go 1.19 and 1.27 fixtures (those
 /// a fixture does not link, e.g. classic growth in 1.27, by source only).
@@ -466,6 +472,34 @@ pub static CATALOG: &[RoleSpec] = &[
         what: "GC assist: a goroutine made to help the collector before it may allocate",
         select: Select::First,
         candidates: runtime!["runtime.gcAssistAlloc" => GC_ASSIST],
+    },
+    RoleSpec {
+        role: "go_sched_execute",
+        component: Component::GoRuntime,
+        what: "scheduler: a goroutine starts running on a thread (window run-queue time ends here)",
+        select: Select::First,
+        candidates: runtime!["runtime.execute" => SCHED_GP],
+    },
+    RoleSpec {
+        role: "go_sched_park",
+        component: Component::GoRuntime,
+        what: "scheduler: the running goroutine blocks (channel, timer, lock, network)",
+        select: Select::First,
+        candidates: runtime!["runtime.gopark" => GOPARK],
+    },
+    RoleSpec {
+        role: "go_sched_ready",
+        component: Component::GoRuntime,
+        what: "scheduler: a parked goroutine becomes runnable",
+        select: Select::First,
+        candidates: runtime!["runtime.ready" => SCHED_GP],
+    },
+    RoleSpec {
+        role: "go_sched_yield",
+        component: Component::GoRuntime,
+        what: "scheduler: a goroutine yields (Gosched) or is preempted, and waits to run again",
+        select: Select::First,
+        candidates: runtime!["runtime.goschedImpl" => SCHED_GP],
     },
 ];
 
