@@ -65,6 +65,11 @@ struct RunArgs {
     /// cheap) or `all` (every assign, access and delete too; costly).
     #[arg(long, env = "WATCHSCOPE_GO_MAPS", value_enum, default_value = "growth")]
     go_maps: watchscope::attach::goruntime::GoMaps,
+    /// With `--go-maps=all`: how long the per-operation map probes stay
+    /// attached to a binary before they detach by themselves (growth and GC
+    /// assist probes stay). `0` keeps them for good.
+    #[arg(long, env = "WATCHSCOPE_GO_MAPS_WINDOW", default_value = "30s", value_parser = humantime::parse_duration)]
+    go_maps_window: std::time::Duration,
     /// Also time the Go runtime in these programs (by command name).
     #[arg(long = "go-comm", env = "WATCHSCOPE_GO_COMM", value_delimiter = ',')]
     go_comms: Vec<String>,
@@ -113,6 +118,7 @@ fn dispatch(command: Command) -> Result<ExitCode> {
                 sidecar: daemon::SidecarFilter { comms: args.sidecar_comms, pids: args.sidecar_pids },
                 go: daemon::GoSettings {
                     maps: args.go_maps,
+                    maps_window: (!args.go_maps_window.is_zero()).then_some(args.go_maps_window),
                     windows: watchscope::attach::goruntime::WindowTable::new(&args.windows)
                         .map_err(|e| anyhow::anyhow!("--window: {e}"))?,
                     comms: args.go_comms,

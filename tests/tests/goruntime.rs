@@ -13,7 +13,7 @@ use std::{
 };
 
 use watchscope_integration_tests::{
-    Agent, Buckets,
+    Agent, Buckets, debug_probes,
     go::{Toolchain, go119, go127},
     http_get, wait_until,
 };
@@ -367,4 +367,41 @@ fn off_cpu_time_inside_windows_go119() {
 #[test]
 fn off_cpu_time_inside_windows_go127() {
     off_cpu_inside_windows(go127(), "wsg-off127");
+}
+
+/// `--go-maps=all` is bounded in time: after `--go-maps-window` the
+/// per-operation probes detach by themselves; growth probes stay.
+#[test]
+fn per_operation_probes_detach_after_the_window() {
+    let name = "wsg-mapwin";
+    let dir = tempfile::tempdir().expect("tmp");
+    let bin = build(go119(), dir.path(), name);
+    let agent = Agent::start(&["--go-comm", name, "--go-maps", "all", "--go-maps-window", "3s"]);
+    let mut fx = Fixture::start(&bin, &["grow", "200000"]);
+    let sites = go_sites(&agent, &bin);
+    let per_op = sites
+        .iter()
+        .filter(|s| {
+            s["planned"] == true
+                && ["go_map_assign", "go_map_access", "go_map_delete"].contains(&s["what"].as_str().unwrap_or(""))
+        })
+        .map(|s| 1 + s["return_offsets"].as_array().map_or(0, Vec::len))
+        .sum::<usize>();
+    assert!(per_op > 0, "no per-operation probe planned: {sites:?}");
+    let attached = || debug_probes(&agent)["uprobes_attached"].as_u64().unwrap_or(0) as usize;
+    let before = attached();
+    assert!(
+        wait_until(Duration::from_secs(10), || attached() + per_op == before),
+        "{per_op} per-operation probes of {before} should have gone; {} left:\n{}",
+        attached(),
+        agent.log_text()
+    );
+    let done = fx.run();
+    assert_eq!(done, "done 200000");
+    std::thread::sleep(Duration::from_millis(300));
+    let text = agent.metrics();
+    let assigns = Buckets::parse(&text, "watchscope_go_map_seconds", &format!("op=\"assign\",comm=\"{name}\""));
+    assert_eq!(assigns.count(), 0.0, "assigns timed after the window: {text}");
+    let grows = agent.sample(&format!("watchscope_go_map_grow_events_total{{comm=\"{name}\"}}"));
+    assert!(grows > 0.0, "growth probes must stay: {text}");
 }

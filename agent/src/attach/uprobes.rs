@@ -68,6 +68,10 @@ pub enum SiteConfig {
 struct Attached {
     links: Vec<(&'static str, UProbeLinkId)>,
     cookies: Vec<Cookie>,
+    /// Per-operation map probes (`--go-maps=all`): detached by themselves
+    /// once `--go-maps-window` has passed since they were attached.
+    temporary: Vec<(&'static str, UProbeLinkId, Cookie)>,
+    attached_at: std::time::Instant,
     users: BTreeSet<u32>,
     /// Since when no process runs the file (probes are kept a while: a
     /// restarted program is picked up at once, with nothing to re-attach).
@@ -120,7 +124,14 @@ impl Uprobes {
         if self.by_file.contains_key(&file) {
             return Ok(());
         }
-        let mut done = Attached { links: Vec::new(), cookies: Vec::new(), users: BTreeSet::new(), idle_since: None };
+        let mut done = Attached {
+            links: Vec::new(),
+            cookies: Vec::new(),
+            temporary: Vec::new(),
+            attached_at: std::time::Instant::now(),
+            users: BTreeSet::new(),
+            idle_since: None,
+        };
         for site in sites {
             if let Err(e) = self.attach_site(ebpf, open_path, site, &mut done) {
                 self.release(ebpf, done);
@@ -138,18 +149,20 @@ impl Uprobes {
         site: &Site,
         done: &mut Attached,
     ) -> Result<(), UprobeError> {
-        let cookie = match site.config {
+        let temporary = site.is_map_operation();
+        let (cookie, kept) = match site.config {
             SiteConfig::Watch(cfg) => {
                 let c = self.free_watch.pop().ok_or(UprobeError::NoCookie)?;
+                // Held at once, so an error below still gives it back.
                 done.cookies.push(Cookie::Watch(c));
                 self.watch_config.set(c, cfg, 0).map_err(UprobeError::Config)?;
-                c
+                (c, Cookie::Watch(c))
             }
             SiteConfig::Go(cfg) => {
                 let c = self.free_go.pop().ok_or(UprobeError::NoCookie)?;
                 done.cookies.push(Cookie::Go(c));
                 self.go_config.set(c, cfg, 0).map_err(UprobeError::Config)?;
-                c
+                (c, Cookie::Go(c))
             }
         };
         let prog = program(ebpf, site.program)?;
@@ -163,8 +176,38 @@ impl Uprobes {
             path: open_path.display().to_string(),
             source: Box::new(e),
         })?;
-        done.links.push((site.program, link));
+        if temporary {
+            // Its cookie moves with the link: both go when the window ends.
+            done.cookies.pop();
+            done.temporary.push((site.program, link, kept));
+        } else {
+            done.links.push((site.program, link));
+        }
         Ok(())
+    }
+
+    /// Detaches the per-operation map probes of every file attached for
+    /// `window` or longer. Returns the number of probes detached.
+    pub fn expire_map_operations(&mut self, ebpf: &mut Ebpf, window: std::time::Duration) -> usize {
+        let now = std::time::Instant::now();
+        let mut links = Vec::new();
+        let mut cookies = Vec::new();
+        for a in self.by_file.values_mut() {
+            if a.temporary.is_empty() || now.duration_since(a.attached_at) < window {
+                continue;
+            }
+            for (name, id, cookie) in a.temporary.drain(..) {
+                cookies.push(cookie);
+                match program(ebpf, name).and_then(|p| p.take_link(id).map_err(|_| UprobeError::MissingProgram(name))) {
+                    Ok(link) => links.push(link),
+                    Err(e) => tracing::warn!("detaching {name}: {e}"),
+                }
+            }
+        }
+        let n = links.len();
+        self.release_cookies(cookies);
+        drop_in_background(links, false);
+        n
     }
 
     /// Records that process `tgid` runs `file` (which must be attached).
@@ -206,8 +249,12 @@ impl Uprobes {
         let mut n = 0;
         for file in idle {
             if let Some(a) = self.by_file.remove(&file) {
-                n += a.links.len();
-                for (name, id) in a.links {
+                n += a.links.len() + a.temporary.len();
+                let temporary = a.temporary.into_iter().map(|(name, id, cookie)| {
+                    self.free_cookie(cookie);
+                    (name, id)
+                });
+                for (name, id) in a.links.into_iter().chain(temporary.collect::<Vec<_>>()) {
                     match program(ebpf, name)
                         .and_then(|p| p.take_link(id).map_err(|_| UprobeError::MissingProgram(name)))
                     {
@@ -218,23 +265,20 @@ impl Uprobes {
                 self.release_cookies(a.cookies);
             }
         }
-        // Each unregistration waits for a grace period; concurrent waiters
-        // share one, so the links are dropped from several threads at once.
-        let mut threads = Vec::new();
-        while !links.is_empty() {
-            let chunk: Vec<_> = links.drain(..links.len().min(4)).collect();
-            threads.push(std::thread::spawn(move || drop(chunk)));
-        }
-        if all {
-            for t in threads {
-                let _ = t.join();
-            }
-        }
+        drop_in_background(links, all);
         n
     }
 
     fn release(&mut self, ebpf: &mut Ebpf, a: Attached) {
-        for (name, link) in a.links {
+        let temporary: Vec<_> = a
+            .temporary
+            .into_iter()
+            .map(|(n, l, c)| {
+                self.free_cookie(c);
+                (n, l)
+            })
+            .collect();
+        for (name, link) in a.links.into_iter().chain(temporary) {
             if let Ok(p) = program(ebpf, name)
                 && let Err(e) = p.detach(link)
             {
@@ -246,16 +290,48 @@ impl Uprobes {
 
     fn release_cookies(&mut self, cookies: Vec<Cookie>) {
         for c in cookies {
-            match c {
-                Cookie::Watch(c) => self.free_watch.push(c),
-                Cookie::Go(c) => self.free_go.push(c),
-            }
+            self.free_cookie(c);
+        }
+    }
+
+    fn free_cookie(&mut self, c: Cookie) {
+        match c {
+            Cookie::Watch(c) => self.free_watch.push(c),
+            Cookie::Go(c) => self.free_go.push(c),
         }
     }
 
     /// Number of uprobes attached now.
     pub fn count(&self) -> usize {
-        self.by_file.values().map(|a| a.links.len()).sum()
+        self.by_file.values().map(|a| a.links.len() + a.temporary.len()).sum()
+    }
+}
+
+/// Drops uprobe links off the caller's thread (or waits for them, with
+/// `wait`). Each unregistration waits for a grace period; concurrent
+/// waiters share one, so the links are dropped from several threads at once.
+fn drop_in_background<T: Send + 'static>(mut links: Vec<T>, wait: bool) {
+    let mut threads = Vec::new();
+    while !links.is_empty() {
+        let chunk: Vec<_> = links.drain(..links.len().min(4)).collect();
+        threads.push(std::thread::spawn(move || drop(chunk)));
+    }
+    if wait {
+        for t in threads {
+            let _ = t.join();
+        }
+    }
+}
+
+impl Site {
+    /// A per-operation map probe (assign, access, delete): the probes
+    /// `--go-maps-window` bounds in time.
+    fn is_map_operation(&self) -> bool {
+        use agent_common::goruntime::GoClass;
+        matches!(self.config, SiteConfig::Go(c) if matches!(
+            GoClass::from_u32(c.class),
+            Some(GoClass::MapAssign | GoClass::MapAccess | GoClass::MapDelete)
+        ))
     }
 }
 

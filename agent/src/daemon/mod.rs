@@ -189,7 +189,10 @@ async fn event_loop(
         tokio::select! {
             _ = &mut stop => break,
             _ = tick.tick() => tracker.reconcile(),
-            _ = ports_tick.tick() => tracker.refresh_sidecar_ports(),
+            _ = ports_tick.tick() => {
+                tracker.refresh_sidecar_ports();
+                tracker.expire_map_operations();
+            }
             ready = async { fd.as_mut().expect("guarded by the if").readable_mut().await }, if fd.is_some() => {
                 let mut guard = match ready {
                     Ok(g) => g,

@@ -139,6 +139,8 @@ impl BinaryPlan {
 #[derive(Clone, Debug)]
 pub struct GoSettings {
     pub maps: goruntime::GoMaps,
+    /// How long per-operation map probes stay (None: for good).
+    pub maps_window: Option<std::time::Duration>,
     pub windows: goruntime::WindowTable,
     pub comms: Vec<String>,
     pub pids: Vec<u32>,
@@ -391,6 +393,16 @@ impl Tracker {
             Err(e) => warn!(pid = p.tgid, comm = %p.comm, "cannot measure this proxy: {e}"),
         }
         self.publish_count();
+    }
+
+    /// Detaches per-operation map probes whose `--go-maps-window` is over.
+    pub fn expire_map_operations(&mut self) {
+        let Some(window) = self.go.maps_window else { return };
+        let n = self.uprobes.expire_map_operations(&mut self.ebpf, window);
+        if n > 0 {
+            info!(probes = n, window = ?window, "--go-maps-window over: per-operation map probes detached");
+            self.publish_count();
+        }
     }
 
     /// Registers the listening ports of every watched proxy (forked workers
