@@ -70,6 +70,10 @@ struct RunArgs {
     /// assist probes stay). `0` keeps them for good.
     #[arg(long, env = "WATCHSCOPE_GO_MAPS_WINDOW", default_value = "30s", value_parser = humantime::parse_duration)]
     go_maps_window: std::time::Duration,
+    /// `cargo xtask bench gomap` only: an empty program at every Go runtime
+    /// probe site (the floor any uprobe there costs).
+    #[arg(long, hide = true)]
+    bench_empty_probes: bool,
     /// Also time the Go runtime in these programs (by command name).
     #[arg(long = "go-comm", env = "WATCHSCOPE_GO_COMM", value_delimiter = ',')]
     go_comms: Vec<String>,
@@ -119,6 +123,7 @@ fn dispatch(command: Command) -> Result<ExitCode> {
                 go: daemon::GoSettings {
                     maps: args.go_maps,
                     maps_window: (!args.go_maps_window.is_zero()).then_some(args.go_maps_window),
+                    empty_probes: args.bench_empty_probes,
                     windows: watchscope::attach::goruntime::WindowTable::new(&args.windows)
                         .map_err(|e| anyhow::anyhow!("--window: {e}"))?,
                     comms: args.go_comms,

@@ -141,6 +141,8 @@ pub struct GoSettings {
     pub maps: goruntime::GoMaps,
     /// How long per-operation map probes stay (None: for good).
     pub maps_window: Option<std::time::Duration>,
+    /// Benchmarks only: attach an empty program at every Go runtime site.
+    pub empty_probes: bool,
     pub windows: goruntime::WindowTable,
     pub comms: Vec<String>,
     pub pids: Vec<u32>,
@@ -360,11 +362,14 @@ impl Tracker {
                     // A Go program without any watch-path role, not named by --go-*.
                     None
                 } else {
-                    let go = if recognised || go_named {
+                    let mut go = if recognised || go_named {
                         goruntime::plan(&insp, self.go.maps, &self.go.windows)
                     } else {
                         goruntime::GoPlan::default()
                     };
+                    if self.go.empty_probes {
+                        go.sites.iter_mut().for_each(|s| s.program = "go_empty");
+                    }
                     Some((insp, Arc::new(BinaryPlan { watch, go })))
                 }
             }
