@@ -388,8 +388,14 @@ fn per_operation_probes_detach_after_the_window() {
         .map(|s| 1 + s["return_offsets"].as_array().map_or(0, Vec::len))
         .sum::<usize>();
     assert!(per_op > 0, "no per-operation probe planned: {sites:?}");
+    // Read from the plan, not from the probe count: on a slow machine the
+    // window may be over by the time the count is read.
+    let before: usize = sites
+        .iter()
+        .filter(|s| s["planned"] == true)
+        .map(|s| 1 + s["return_offsets"].as_array().map_or(0, Vec::len))
+        .sum();
     let attached = || debug_probes(&agent)["uprobes_attached"].as_u64().unwrap_or(0) as usize;
-    let before = attached();
     assert!(
         wait_until(Duration::from_secs(10), || attached() + per_op == before),
         "{per_op} per-operation probes of {before} should have gone; {} left:\n{}",
