@@ -110,12 +110,34 @@ impl Agent {
     /// Starts `watchscope run --listen 127.0.0.1:<free port> <args>` and waits
     /// until /healthz answers.
     pub fn start(args: &[&str]) -> Agent {
+        Self::start_wrapped(&[], args)
+    }
+
+    /// [`Agent::start`] through a wrapper command: `wrapper[0] wrapper[1..]
+    /// <watchscope> run ...` (e.g. a shell that drops capabilities first).
+    pub fn start_wrapped(wrapper: &[&str], args: &[&str]) -> Agent {
+        let mut agent = Self::spawn_wrapped(wrapper, args);
+        agent.wait_ready(Duration::from_secs(20));
+        agent
+    }
+
+    /// Starts the agent without waiting for it (for an agent that serves
+    /// HTTPS, which `/healthz` polling over HTTP cannot reach).
+    pub fn spawn_wrapped(wrapper: &[&str], args: &[&str]) -> Agent {
         require_root();
         let port = free_port();
         let log = tempfile::NamedTempFile::new().expect("log file");
         let out = log.reopen().expect("reopen log");
         let err = log.reopen().expect("reopen log");
-        let child = Command::new(watchscope_bin())
+        let mut cmd = match wrapper.split_first() {
+            Some((first, rest)) => {
+                let mut c = Command::new(first);
+                c.args(rest).arg(watchscope_bin());
+                c
+            }
+            None => Command::new(watchscope_bin()),
+        };
+        let child = cmd
             .args(["run", "--listen", &format!("127.0.0.1:{port}"), "--log", "info"])
             .args(args)
             .stdin(Stdio::null())
@@ -123,9 +145,12 @@ impl Agent {
             .stderr(err)
             .spawn()
             .expect("start watchscope");
-        let mut agent = Agent { child: Some(child), port, log };
-        agent.wait_ready(Duration::from_secs(20));
-        agent
+        Agent { child: Some(child), port, log }
+    }
+
+    /// Whether the agent process is still running.
+    pub fn running(&mut self) -> bool {
+        matches!(self.child.as_mut().map(|c| c.try_wait()), Some(Ok(None)))
     }
 
     fn wait_ready(&mut self, timeout: Duration) {

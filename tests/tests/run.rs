@@ -45,7 +45,8 @@ fn exec_counter_counts_each_exec_of_our_children() {
 
 #[test]
 fn serves_health_metrics_and_probe_list() {
-    let agent = Agent::start(&[]);
+    // Nothing to watch, whatever other tests run on the machine.
+    let agent = Agent::start(&["--comm", "wsnone", "--sidecar-comm", "wsnone"]);
     let (status, body) = http_get(&agent.url("/healthz")).expect("healthz");
     assert_eq!((status, body.as_str()), (200, "ok\n"));
     let (status, body) = http_get(&agent.url("/readyz")).expect("readyz");
