@@ -37,10 +37,16 @@ impl BpfStats {
         if !enable {
             return Self { _enabled: None, programs: Vec::new() };
         }
+        // BPF_ENABLE_STATS needs CAP_SYS_ADMIN; without it, the node's
+        // `kernel.bpf_stats_enabled` sysctl may have them on for everyone.
         let enabled = match aya::sys::enable_stats(aya::sys::Stats::RunTime) {
             Ok(fd) => Some(fd),
+            Err(_) if sysctl_on() => None,
             Err(e) => {
-                warn!("cannot enable eBPF run-time statistics ({e}); watchscope_program_* will be missing");
+                warn!(
+                    "cannot enable eBPF run-time statistics ({e}: it needs CAP_SYS_ADMIN, or the sysctl \
+                     kernel.bpf_stats_enabled=1 on the node); watchscope_program_* will be missing"
+                );
                 return Self { _enabled: None, programs: Vec::new() };
             }
         };
@@ -68,6 +74,10 @@ impl BpfStats {
             })
             .collect()
     }
+}
+
+fn sysctl_on() -> bool {
+    std::fs::read_to_string("/proc/sys/kernel/bpf_stats_enabled").is_ok_and(|v| v.trim() == "1")
 }
 
 /// `run_cnt` and `run_time_ns` out of a BPF program fd's fdinfo text.

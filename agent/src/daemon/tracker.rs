@@ -376,7 +376,7 @@ impl Tracker {
                     go_runtime = plan.go.sites.len(),
                     "attached probes"
                 ),
-                Err(e) => reason = Some(e.to_string()),
+                Err(e) => reason = Some(attach_error(&e)),
             }
         }
         if let Some(why) = &reason {
@@ -549,4 +549,32 @@ impl Tracker {
         n += self.uprobes.detach_idle(&mut self.ebpf, true);
         n
     }
+}
+
+/// An attach error with its causes (aya's "`perf_event_open` failed" says
+/// nothing without its OS error), and what to do about a refusal.
+fn attach_error(e: &(dyn std::error::Error + 'static)) -> String {
+    let mut text = e.to_string();
+    let mut denied = false;
+    let mut source = e.source();
+    while let Some(s) = source {
+        if let Some(io) = s.downcast_ref::<std::io::Error>() {
+            denied |= matches!(io.raw_os_error(), Some(libc::EACCES) | Some(libc::EPERM));
+        }
+        let part = s.to_string();
+        if !text.ends_with(&part) {
+            text.push_str(&format!(": {part}"));
+        }
+        source = s.source();
+    }
+    if denied && text.contains("perf_event_open") {
+        // Linux 6.16 (and the stable kernels it was backported to) went back
+        // to requiring CAP_SYS_ADMIN for uprobes made through perf_event_open
+        // ("perf: Revert to requiring CAP_SYS_ADMIN for uprobes").
+        text.push_str(
+            " (creating uprobes needs CAP_SYS_ADMIN on Linux 6.16+ and kernels with that change backported; \
+             CAP_PERFMON was enough before)",
+        );
+    }
+    text
 }
