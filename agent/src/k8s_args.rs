@@ -10,8 +10,8 @@ use watchscope::k8s::kubelet::{DEFAULT_CA_FILE, DEFAULT_TOKEN_FILE, KubeletConfi
 #[derive(Debug, Args)]
 pub struct KubeletArgs {
     /// The kubelet to read pod metadata from (`https://HOST:10250`). Unset:
-    /// in a pod (the service account token exists) with HOST_IP or NODE_NAME
-    /// in the environment (the DaemonSet sets both from the downward API),
+    /// in a pod (the service account token exists) with HOST_IP (or NODE_IP)
+    /// or NODE_NAME in the environment (from the downward API),
     /// `https://$HOST_IP:10250` (else `https://$NODE_NAME:10250`); otherwise
     /// no Kubernetes labels. `none` turns the lookup off.
     #[arg(long, env = "WATCHSCOPE_KUBELET_URL")]
@@ -42,7 +42,7 @@ impl KubeletArgs {
                 );
                 url.to_string()
             }
-            None => match default_url(&self.kubelet_token_file, env("HOST_IP"), env("NODE_NAME")) {
+            None => match default_url(&self.kubelet_token_file, env("HOST_IP").or(env("NODE_IP")), env("NODE_NAME")) {
                 Some(url) => url,
                 None => return Ok(None),
             },
