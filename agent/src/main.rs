@@ -24,7 +24,7 @@ enum Command {
     /// Report whether this node can run the agent (exit 0 only if it can).
     Check(CheckArgs),
     /// Run the agent: attach probes and serve /metrics until SIGINT/SIGTERM.
-    Run(RunArgs),
+    Run(Box<RunArgs>),
     /// Inspect a Go binary: version, ABI, functions, and the probe plan.
     Inspect(inspect_cmd::InspectArgs),
 }
