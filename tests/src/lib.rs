@@ -66,6 +66,9 @@ pub fn free_port() -> u16 {
     TcpListener::bind("127.0.0.1:0").and_then(|l| l.local_addr()).map(|a| a.port()).expect("bind an ephemeral port")
 }
 
+/// The largest response body the harness reads.
+const MAX_BODY: u64 = 256 << 20;
+
 /// GET a URL; returns (status, body).
 pub fn http_get(url: &str) -> Result<(u16, String), String> {
     let mut resp = ureq::get(url)
@@ -76,7 +79,9 @@ pub fn http_get(url: &str) -> Result<(u16, String), String> {
         .call()
         .map_err(|e| e.to_string())?;
     let status = resp.status().as_u16();
-    let body = resp.body_mut().read_to_string().map_err(|e| e.to_string())?;
+    // An agent with --label-pid and many processes exports megabytes (a
+    // histogram series is 109 samples): above ureq's 10 MB default.
+    let body = resp.body_mut().with_config().limit(MAX_BODY).read_to_string().map_err(|e| e.to_string())?;
     Ok((status, body))
 }
 
@@ -95,7 +100,7 @@ pub fn http_get_with(url: &str, headers: &[(&str, &str)]) -> Result<(u16, String
         .map_err(|e| e.to_string())?;
     let status = resp.status().as_u16();
     let ctype = resp.headers().get("content-type").and_then(|v| v.to_str().ok()).unwrap_or_default().to_string();
-    let body = resp.body_mut().read_to_string().map_err(|e| e.to_string())?;
+    let body = resp.body_mut().with_config().limit(MAX_BODY).read_to_string().map_err(|e| e.to_string())?;
     Ok((status, ctype, body))
 }
 

@@ -59,3 +59,82 @@ fn ten_thousand_processes_stay_within_the_cap_and_the_overflow_is_exact() {
     // The whole text stays small: no series was made for the other 9,900.
     assert!(text.len() < 1 << 20, "{} bytes", text.len());
 }
+
+/// More watch clients, one after the other, than the kernel has label slots
+/// (63 besides the overflow slot): each exited client's slot is folded into
+/// user space and reused, so every client keeps its own exact series and
+/// nothing lands in the overflow slot.
+#[test]
+fn label_slots_are_recycled_as_processes_come_and_go() {
+    const WATCHERS: usize = 80;
+    let (server, client) = ("wse-recycle", "wsc-recycle");
+    // 200: room for every client's watch_events series, while the Go
+    // runtime histograms (one per process and window) stay bounded.
+    let agent = Agent::start(&["--comm", &format!("{server},{client}"), "--label-pid", "--max-series", "200"]);
+    let etcd = watchscope_integration_tests::etcd::Etcd::start(server, client);
+    let in_probes = |pid: u32| {
+        watchscope_integration_tests::debug_probes(&agent)["binaries"].as_array().is_some_and(|bins| {
+            bins.iter().any(|b| {
+                b["attached"] == true
+                    && b["processes"].as_array().is_some_and(|p| p.iter().any(|p| p.as_u64() == Some(u64::from(pid))))
+            })
+        })
+    };
+    assert!(watchscope_integration_tests::wait_until(Duration::from_secs(10), || in_probes(etcd.pid())));
+    let events = |pid: u32| {
+        agent.sample(&format!("{PREFIX}_watch_events_total{{side=\"client\",comm=\"{client}\",pid=\"{pid}\"}}"))
+    };
+    let mut pids = Vec::new();
+    let started = std::time::Instant::now();
+    for i in 0..WATCHERS {
+        let watch = etcd.watch(&format!("/r{i}/"));
+        let pid = watch.pid();
+        assert!(watchscope_integration_tests::wait_until(Duration::from_secs(10), || in_probes(pid)), "watcher {i}");
+        // The watch stream may not be open yet: put until the watcher sees one.
+        let mut seen = 0;
+        for _ in 0..20 {
+            etcd.put(&format!("/r{i}/k"), "v");
+            seen = watch.wait_count(|l| l == "PUT", 1, Duration::from_millis(500));
+            if seen > 0 {
+                break;
+            }
+        }
+        assert!(seen > 0, "watcher {i} saw no event");
+        // The client counts an event in the kernel before it prints it.
+        let truth = watch.count(|l| l == "PUT") as f64;
+        pids.push((pid, truth));
+        eprintln!(
+            "watcher {i} at {:?}: {}",
+            started.elapsed(),
+            watchscope_integration_tests::debug_probes(&agent)["label_slots"]
+        );
+        drop(watch);
+    }
+    // Let the last slots be recycled too, then check every series.
+    std::thread::sleep(Duration::from_secs(4));
+    let text = agent.metrics();
+    for (i, (pid, truth)) in pids.iter().enumerate() {
+        assert_eq!(events(*pid), *truth, "watcher {i} (pid {pid})\n{text}");
+    }
+    let clients: Vec<_> = samples(&text, &format!("{PREFIX}_watch_events_total"))
+        .into_iter()
+        .filter(|(l, _)| l.get("side").map(String::as_str) == Some("client"))
+        .collect();
+    assert_eq!(clients.len(), WATCHERS, "{clients:?}");
+    // The watch path never fell back to the overflow slot. (The Go runtime
+    // arrays have only the first 32 slots: a client that got a higher one
+    // has its Go timing in `comm="_other"`, as documented.)
+    for family in ["watch_events_total", "watch_stage_seconds_count"] {
+        let other = samples(&text, &format!("{PREFIX}_{family}"))
+            .into_iter()
+            .filter(|(l, _)| l.get("comm").map(String::as_str) == Some("_other"))
+            .count();
+        assert_eq!(other, 0, "{family}: a label set fell into the overflow slot:\n{text}");
+    }
+    let server_events = samples(&text, &format!("{PREFIX}_watch_events_total"))
+        .into_iter()
+        .filter(|(l, _)| l.get("side").map(String::as_str) == Some("server"))
+        .map(|(_, v)| v)
+        .sum::<f64>();
+    assert_eq!(server_events, pids.iter().map(|(_, t)| t).sum::<f64>());
+}

@@ -11,7 +11,7 @@
 //! `comm="_other"`) and is counted.
 
 use std::{
-    collections::HashMap,
+    collections::{BTreeSet, HashMap},
     time::{Duration, Instant},
 };
 
@@ -71,8 +71,9 @@ pub struct Slots {
     by_label: HashMap<LabelSet, u32>,
     /// Indexed by slot; `None` for a slot that was released.
     slots: Vec<Option<SlotState>>,
-    /// Released slots (their kernel entries zeroed), reused first.
-    free: Vec<u32>,
+    /// Released slots (their kernel entries zeroed), reused first, lowest
+    /// first: the Go runtime arrays have only the first `MAX_GO_SLOTS`.
+    free: BTreeSet<u32>,
     max: u32,
     /// Label sets that did not get a slot of their own.
     pub overflowed: u64,
@@ -88,7 +89,7 @@ impl Slots {
     /// A table of `max` slots (the size of the kernel arrays it indexes).
     pub fn with_capacity(max: u32) -> Self {
         let overflow = SlotState { labels: LabelSet::overflow(), users: 0, idle_since: None };
-        Self { by_label: HashMap::new(), slots: vec![Some(overflow)], free: Vec::new(), max, overflowed: 0 }
+        Self { by_label: HashMap::new(), slots: vec![Some(overflow)], free: BTreeSet::new(), max, overflowed: 0 }
     }
 
     /// The slot for `labels`, allocating one if there is room, without
@@ -97,7 +98,7 @@ impl Slots {
         if let Some(s) = self.by_label.get(labels) {
             return *s;
         }
-        let s = if let Some(s) = self.free.pop() {
+        let s = if let Some(s) = self.free.pop_first() {
             s
         } else if (self.slots.len() as u32) < self.max {
             self.slots.push(None);
@@ -119,6 +120,11 @@ impl Slots {
             st.idle_since = None;
         }
         s
+    }
+
+    /// No slot left for a new label set without recycling an idle one.
+    pub fn full(&self) -> bool {
+        self.free.is_empty() && self.slots.len() as u32 >= self.max
     }
 
     /// One process of `slot` is gone (exited, or moved to another label set).
@@ -156,8 +162,23 @@ impl Slots {
             && let Some(st) = entry.take()
         {
             self.by_label.remove(&st.labels);
-            self.free.push(slot);
+            self.free.insert(slot);
         }
+    }
+
+    /// For /debug/probes: slots with processes, idle ones awaiting recycling,
+    /// free ones, and label sets that got the overflow slot.
+    pub fn usage(&self) -> serde_json::Value {
+        let live = self.slots.iter().skip(1).flatten();
+        let busy = live.clone().filter(|s| s.users > 0).count();
+        let idle = live.filter(|s| s.users == 0).count();
+        serde_json::json!({
+            "capacity": self.max,
+            "busy": busy,
+            "idle": idle,
+            "free": self.free.len() + (self.max as usize).saturating_sub(self.slots.len()),
+            "overflowed": self.overflowed,
+        })
     }
 
     /// (slot, labels) for every slot in use, overflow first.
@@ -193,6 +214,7 @@ mod tests {
         let a = s.acquire(&pod("a"));
         assert_eq!(s.acquire(&pod("a")), a);
         let b = s.acquire(&pod("b"));
+        assert!(s.full());
         assert_eq!(s.acquire(&pod("c")), OVERFLOW_SLOT);
         s.release(a);
         assert!(s.idle(Duration::ZERO).iter().all(|(i, _)| *i != a), "one user left");
@@ -200,6 +222,7 @@ mod tests {
         assert_eq!(s.idle(Duration::ZERO), vec![(a, pod("a"))]);
         assert!(s.idle(Duration::from_secs(60)).is_empty(), "grace period");
         s.free(a);
+        assert!(!s.full());
         assert_eq!(s.acquire(&pod("c")), a, "the freed slot is reused");
         assert_eq!(
             s.all().map(|(i, l)| (i, l.pod.clone())).collect::<Vec<_>>(),

@@ -109,6 +109,7 @@ impl MetricsSource for Agent {
             "sidecar_tracepoints_attached": self.status.sidecar_tracepoints.load(Ordering::Relaxed),
             "binaries": binaries,
             "sidecars": sidecars,
+            "label_slots": self.slots.lock().unwrap_or_else(|p| p.into_inner()).usage(),
         })
     }
 }

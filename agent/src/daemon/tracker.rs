@@ -43,8 +43,9 @@ use crate::{
 
 /// How long a label slot stays idle (no process left) before its counts are
 /// folded into user space and the slot is reused: far longer than any
-/// program run that looked the slot up before the last process left.
-const SLOT_GRACE: std::time::Duration = std::time::Duration::from_secs(2);
+/// program run (microseconds, even if preempted for a while) that looked the
+/// slot up before the last process left.
+const SLOT_GRACE: std::time::Duration = std::time::Duration::from_secs(1);
 
 /// How processes get their labels, and where a recycled slot's counts go.
 pub struct Labelling {
@@ -387,6 +388,10 @@ impl Tracker {
             self.uprobes.add_user(&p.exe, p.tgid);
             // Labels are resolved once, when the process is first tracked.
             let resolved = self.labelling.resolver.resolve(p.tgid, &p.comm);
+            // Out of slots: recycle idle ones now rather than on the next tick.
+            if self.slots.lock().is_ok_and(|s| s.full()) {
+                self.recycle_slots();
+            }
             let slot = self.slots.lock().map(|mut s| s.acquire(&resolved.labels)).unwrap_or(0);
             if let Err(e) = self.proc_slot.insert(p.tgid, slot, 0) {
                 warn!(pid = p.tgid, "cannot register the process with the kernel programs: {e}");
@@ -396,6 +401,13 @@ impl Tracker {
                 && let Ok(mut slots) = self.slots.lock()
             {
                 slots.release(old.slot);
+            }
+            // A short-lived process may have exited before it was in
+            // WS_PROC_SLOT: the kernel then sent no exit event, and only the
+            // next reconcile would free its slot. Checked after the insert,
+            // so either the kernel saw the entry at exit or this sees the exit.
+            if exited(&self.root, p.tgid) {
+                self.forget(p.tgid);
             }
         }
         if let Ok(mut bins) = self.status.binaries.lock() {
@@ -577,4 +589,12 @@ fn attach_error(e: &(dyn std::error::Error + 'static)) -> String {
         );
     }
     text
+}
+
+/// The process is gone or a zombie (it ran its exit already).
+fn exited(root: &HostRoot, tgid: u32) -> bool {
+    let Ok(stat) = std::fs::read_to_string(root.path(format!("/proc/{tgid}/stat"))) else { return true };
+    // The state follows the command name, which may itself contain ')'.
+    let state = stat.rsplit_once(')').and_then(|(_, rest)| rest.split_whitespace().next());
+    matches!(state, Some("Z") | Some("X") | None)
 }
