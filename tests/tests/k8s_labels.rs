@@ -110,17 +110,20 @@ fn pod_list(pods: &[(&str, &str, &str, &str, &str)]) -> String {
     serde_json::json!({"kind": "PodList", "apiVersion": "v1", "items": items}).to_string()
 }
 
-/// A v1 `pids` cgroup at kubepods/burstable/pod<uid>/<container id>, as the
-/// kubelet's cgroupfs driver makes them; removed (after its processes are
-/// gone) on drop.
+/// A cgroup at kubepods/burstable/pod<uid>/<container id>, as the kubelet's
+/// cgroupfs driver makes them; removed (after its processes are gone) on drop.
 struct PodCgroup {
     dirs: Vec<PathBuf>,
 }
 
 impl PodCgroup {
     fn create(uid: &str, cid: &str) -> PodCgroup {
-        let base = PathBuf::from("/sys/fs/cgroup/pids");
-        assert!(base.join("cgroup.procs").exists(), "this test needs the cgroup v1 pids hierarchy");
+        // cgroup v1 (the pids hierarchy), or v2 mounted alone or beside v1.
+        let base = ["/sys/fs/cgroup/pids", "/sys/fs/cgroup", "/sys/fs/cgroup/unified"]
+            .iter()
+            .map(PathBuf::from)
+            .find(|b| b.join("cgroup.procs").exists())
+            .expect("a cgroup hierarchy to create the pod's cgroup in");
         let dirs = vec![
             base.join("kubepods"),
             base.join("kubepods/burstable"),
