@@ -2,11 +2,12 @@
 
 use std::{net::SocketAddr, path::PathBuf, process::ExitCode};
 
-use anyhow::Result;
+use anyhow::{Context as _, Result};
 use clap::{Args, Parser, Subcommand};
 use watchscope::{check, daemon, discover::ProcessFilter, host::HostRoot};
 
 mod inspect_cmd;
+mod k8s_args;
 
 #[derive(Debug, Parser)]
 #[command(name = "watchscope", version, about = "Explains why Kubernetes/etcd watches are late, from the kernel")]
@@ -23,7 +24,7 @@ enum Command {
     /// Report whether this node can run the agent (exit 0 only if it can).
     Check(CheckArgs),
     /// Run the agent: attach probes and serve /metrics until SIGINT/SIGTERM.
-    Run(RunArgs),
+    Run(Box<RunArgs>),
     /// Inspect a Go binary: version, ABI, functions, and the probe plan.
     Inspect(inspect_cmd::InspectArgs),
 }
@@ -88,6 +89,20 @@ struct RunArgs {
     /// counted in watchscope_series_dropped_total instead.
     #[arg(long, env = "WATCHSCOPE_MAX_SERIES", default_value_t = 2000, value_parser = clap::value_parser!(u32).range(1..))]
     max_series: u32,
+    /// Append a `pid` label to every per-process series (many more series).
+    #[arg(long, env = "WATCHSCOPE_LABEL_PID")]
+    label_pid: bool,
+    #[command(flatten)]
+    k8s: k8s_args::KubeletArgs,
+    /// TLS and basic auth, from a Prometheus exporter-toolkit web config file
+    /// (tls_server_config, basic_auth_users).
+    #[arg(long, env = "WATCHSCOPE_WEB_CONFIG_FILE")]
+    web_config_file: Option<PathBuf>,
+    /// Keep the kernel's per-program run statistics on (watchscope_program_*);
+    /// each program run then costs two more clock reads.
+    #[arg(long, env = "WATCHSCOPE_BPF_STATS", default_value_t = true, action = clap::ArgAction::Set,
+          num_args = 0..=1, require_equals = true, default_missing_value = "true")]
+    bpf_stats: bool,
 }
 
 fn main() -> ExitCode {
@@ -131,6 +146,14 @@ fn dispatch(command: Command) -> Result<ExitCode> {
                 },
                 max_series: args.max_series as usize,
                 root: HostRoot::default(),
+                label_pid: args.label_pid,
+                kubelet: args.k8s.config()?,
+                web: match &args.web_config_file {
+                    Some(path) => watchscope::export::web_config::WebConfig::load(path)
+                        .with_context(|| format!("--web-config-file {}", path.display()))?,
+                    None => Default::default(),
+                },
+                bpf_stats: args.bpf_stats,
             };
             let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build()?;
             rt.block_on(daemon::run(cfg))?;

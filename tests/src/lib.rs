@@ -66,6 +66,9 @@ pub fn free_port() -> u16 {
     TcpListener::bind("127.0.0.1:0").and_then(|l| l.local_addr()).map(|a| a.port()).expect("bind an ephemeral port")
 }
 
+/// The largest response body the harness reads.
+const MAX_BODY: u64 = 256 << 20;
+
 /// GET a URL; returns (status, body).
 pub fn http_get(url: &str) -> Result<(u16, String), String> {
     let mut resp = ureq::get(url)
@@ -76,8 +79,29 @@ pub fn http_get(url: &str) -> Result<(u16, String), String> {
         .call()
         .map_err(|e| e.to_string())?;
     let status = resp.status().as_u16();
-    let body = resp.body_mut().read_to_string().map_err(|e| e.to_string())?;
+    // An agent with --label-pid and many processes exports megabytes (a
+    // histogram series is 109 samples): above ureq's 10 MB default.
+    let body = resp.body_mut().with_config().limit(MAX_BODY).read_to_string().map_err(|e| e.to_string())?;
     Ok((status, body))
+}
+
+/// GET a URL with request headers; returns (status, content type, body).
+pub fn http_get_with(url: &str, headers: &[(&str, &str)]) -> Result<(u16, String, String), String> {
+    let mut req = ureq::get(url);
+    for (k, v) in headers {
+        req = req.header(*k, *v);
+    }
+    let mut resp = req
+        .config()
+        .http_status_as_error(false)
+        .timeout_global(Some(Duration::from_secs(5)))
+        .build()
+        .call()
+        .map_err(|e| e.to_string())?;
+    let status = resp.status().as_u16();
+    let ctype = resp.headers().get("content-type").and_then(|v| v.to_str().ok()).unwrap_or_default().to_string();
+    let body = resp.body_mut().with_config().limit(MAX_BODY).read_to_string().map_err(|e| e.to_string())?;
+    Ok((status, ctype, body))
 }
 
 /// A running `watchscope run`, stopped (SIGTERM, then SIGKILL) on drop.
@@ -91,12 +115,34 @@ impl Agent {
     /// Starts `watchscope run --listen 127.0.0.1:<free port> <args>` and waits
     /// until /healthz answers.
     pub fn start(args: &[&str]) -> Agent {
+        Self::start_wrapped(&[], args)
+    }
+
+    /// [`Agent::start`] through a wrapper command: `wrapper[0] wrapper[1..]
+    /// <watchscope> run ...` (e.g. a shell that drops capabilities first).
+    pub fn start_wrapped(wrapper: &[&str], args: &[&str]) -> Agent {
+        let mut agent = Self::spawn_wrapped(wrapper, args);
+        agent.wait_ready(Duration::from_secs(20));
+        agent
+    }
+
+    /// Starts the agent without waiting for it (for an agent that serves
+    /// HTTPS, which `/healthz` polling over HTTP cannot reach).
+    pub fn spawn_wrapped(wrapper: &[&str], args: &[&str]) -> Agent {
         require_root();
         let port = free_port();
         let log = tempfile::NamedTempFile::new().expect("log file");
         let out = log.reopen().expect("reopen log");
         let err = log.reopen().expect("reopen log");
-        let child = Command::new(watchscope_bin())
+        let mut cmd = match wrapper.split_first() {
+            Some((first, rest)) => {
+                let mut c = Command::new(first);
+                c.args(rest).arg(watchscope_bin());
+                c
+            }
+            None => Command::new(watchscope_bin()),
+        };
+        let child = cmd
             .args(["run", "--listen", &format!("127.0.0.1:{port}"), "--log", "info"])
             .args(args)
             .stdin(Stdio::null())
@@ -104,9 +150,12 @@ impl Agent {
             .stderr(err)
             .spawn()
             .expect("start watchscope");
-        let mut agent = Agent { child: Some(child), port, log };
-        agent.wait_ready(Duration::from_secs(20));
-        agent
+        Agent { child: Some(child), port, log }
+    }
+
+    /// Whether the agent process is still running.
+    pub fn running(&mut self) -> bool {
+        matches!(self.child.as_mut().map(|c| c.try_wait()), Some(Ok(None)))
     }
 
     fn wait_ready(&mut self, timeout: Duration) {
@@ -139,7 +188,7 @@ impl Agent {
     }
 
     /// One sample's value (0 when absent), e.g. `watchscope_execs_total` or
-    /// `watchscope_process_execs_total{comm="x"}`.
+    /// `watchscope_process_execs_total{comm="x"}` (see [`sample_value`]).
     pub fn sample(&self, sample: &str) -> f64 {
         sample_value(&self.metrics(), sample).unwrap_or(0.0)
     }
@@ -192,12 +241,62 @@ impl Drop for Agent {
     }
 }
 
-/// Finds `sample` (name plus labels exactly as rendered) in exposition text.
+/// Finds `sample` (`name` or `name{label="value",...}`) in exposition text.
+/// Labels match as a set, whatever their order, and a label with an empty
+/// value is the same as no label (as in Prometheus): so
+/// `x{comm="etcd"}` finds `x{namespace="",pod="",container="",comm="etcd"}`,
+/// but not a series that also has `pid="42"` or `pod="p"`.
 pub fn sample_value(text: &str, sample: &str) -> Option<f64> {
+    let (name, want) = parse_sample(sample)?;
     text.lines().find_map(|line| {
-        let rest = line.strip_prefix(sample)?.strip_prefix(' ')?;
-        rest.split_whitespace().next()?.parse().ok()
+        if line.starts_with('#') {
+            return None;
+        }
+        let (series, value) = line.rsplit_once(' ')?;
+        let (n, labels) = parse_sample(series)?;
+        (n == name && labels == want).then(|| value.parse().ok()).flatten()
     })
+}
+
+/// Every sample of metric `name` as (labels without empty ones, value).
+pub fn samples(text: &str, name: &str) -> Vec<(std::collections::BTreeMap<String, String>, f64)> {
+    text.lines()
+        .filter(|l| !l.starts_with('#'))
+        .filter_map(|line| {
+            let (series, value) = line.rsplit_once(' ')?;
+            let (n, labels) = parse_sample(series)?;
+            (n == name).then(|| Some((labels, value.parse().ok()?))).flatten()
+        })
+        .collect()
+}
+
+/// `name{a="x",b="y"}` → (name, {a: x, b: y}), empty values dropped;
+/// escapes (`\"`, `\\`, `\n`) in values undone.
+pub fn parse_sample(s: &str) -> Option<(&str, std::collections::BTreeMap<String, String>)> {
+    let mut labels = std::collections::BTreeMap::new();
+    let Some((name, rest)) = s.split_once('{') else { return Some((s.trim(), labels)) };
+    let mut rest = rest.strip_suffix('}')?;
+    while !rest.is_empty() {
+        let (key, after) = rest.split_once("=\"")?;
+        let mut value = String::new();
+        let mut chars = after.char_indices();
+        let end = loop {
+            let (i, c) = chars.next()?;
+            match c {
+                '\\' => match chars.next()?.1 {
+                    'n' => value.push('\n'),
+                    other => value.push(other),
+                },
+                '"' => break i,
+                c => value.push(c),
+            }
+        };
+        if !value.is_empty() {
+            labels.insert(key.trim_start_matches(',').to_string(), value);
+        }
+        rest = after[end + 1..].trim_start_matches(',');
+    }
+    Some((name, labels))
 }
 
 /// A histogram read back from exposition text: cumulative counts per `le`.
@@ -211,16 +310,15 @@ impl Buckets {
     /// Parses `<family>_bucket{le="..",<labels>}` lines; `labels` is the rest
     /// of the label set exactly as rendered (e.g. `stage="x",comm="y"`).
     pub fn parse(text: &str, family: &str, labels: &str) -> Buckets {
-        let prefix = format!("{family}_bucket{{le=\"");
-        let suffix = format!("\",{labels}}}");
-        let mut cumulative = Vec::new();
-        for line in text.lines() {
-            let Some(rest) = line.strip_prefix(&prefix) else { continue };
-            let Some((le, tail)) = rest.split_once(&suffix) else { continue };
-            let le = if le == "+Inf" { f64::INFINITY } else { le.parse().unwrap_or(f64::NAN) };
-            let v: f64 = tail.trim().parse().unwrap_or(f64::NAN);
-            cumulative.push((le, v));
-        }
+        let Some((_, want)) = parse_sample(&format!("x{{{labels}}}")) else { return Buckets::default() };
+        let mut cumulative: Vec<(f64, f64)> = samples(text, &format!("{family}_bucket"))
+            .into_iter()
+            .filter_map(|(mut l, v)| {
+                let le = l.remove("le")?;
+                (l == want).then(|| (if le == "+Inf" { f64::INFINITY } else { le.parse().unwrap_or(f64::NAN) }, v))
+            })
+            .collect();
+        cumulative.sort_by(|a, b| a.0.total_cmp(&b.0));
         Buckets { cumulative }
     }
 

@@ -21,7 +21,9 @@ const PLANNED_HISTOGRAMS: &[&str] = &[];
 /// HTTP paths the manifests probe before the agent serves them.
 const PLANNED_PATHS: &[&str] = &[];
 
-const CAPS: [&str; 3] = ["BPF", "PERFMON", "SYS_PTRACE"];
+/// CAP_SYS_ADMIN: uprobes through perf_event_open on Linux 6.16+ (see
+/// daemonset.yaml and privileges.rs).
+const CAPS: [&str; 4] = ["BPF", "PERFMON", "SYS_PTRACE", "SYS_ADMIN"];
 
 fn repo() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).parent().expect("tests/ has a parent").to_path_buf()

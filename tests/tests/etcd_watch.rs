@@ -273,7 +273,8 @@ fn an_unknown_etcd_build_is_reported_once_and_left_alone() {
         watchscope_integration_tests::http_get(&agent.url("/debug/probes"))
     );
     // Only the two tracepoints: nothing attached to the unknown build.
-    assert_eq!(agent.sample("watchscope_probes_attached"), 2.0);
+    assert_eq!(agent.sample("watchscope_probes_attached{kind=\"tracepoint\"}"), 2.0);
+    assert_eq!(agent.sample("watchscope_probes_attached{kind=\"uprobe\"}"), 0.0);
     let log = agent.log_text();
     assert_eq!(log.matches("etcd build watchscope does not know").count(), 1, "reported once:\n{log}");
 }

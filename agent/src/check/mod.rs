@@ -252,10 +252,14 @@ fn cap_items(root: &HostRoot, items: &mut Vec<Item>) {
                 "not held: needed to read other processes' executables and memory maps".into(),
                 format!("grant {cap}"),
             ),
+            // Linux 6.16 (and stable kernels with the backport) went back to
+            // CAP_SYS_ADMIN for uprobes made through perf_event_open.
             Cap::SysAdmin => (
                 Status::Warn,
-                "not held (optional: only kernels before 5.8 need it)".into(),
-                "none needed with CAP_BPF+CAP_PERFMON".into(),
+                "not held: Linux 6.16+ (and stable kernels with the same change) need it to create uprobes; \
+                 tracepoints and exec counting work without it"
+                    .into(),
+                format!("grant {cap} to time the watch path on such kernels"),
             ),
         };
         items.push(Item::new(cap.name(), status, detail, fix));

@@ -2,6 +2,9 @@
 //! counted, into one [`Snapshot`] per scrape. Nothing here is on a hot path:
 //! the kernel already aggregated per CPU; we only sum the CPUs.
 
+pub mod series;
+pub mod stats;
+
 use std::{
     collections::HashMap,
     sync::{
@@ -21,12 +24,17 @@ use aya::{
 };
 use thiserror::Error;
 
+pub use self::series::{LabelledCount, Series};
+use crate::{attach::slots::LabelSet, export::families as fam};
+
 #[derive(Debug, Error)]
 pub enum CollectError {
     #[error("map `{0}` is missing from the eBPF object")]
     MissingMap(&'static str),
     #[error("map `{name}`: {source}")]
     Map { name: &'static str, source: aya::maps::MapError },
+    #[error("cannot tell the number of CPUs: {0}")]
+    Cpus(std::io::Error),
 }
 
 /// Handles on the kernel maps read at scrape time.
@@ -97,33 +105,31 @@ impl KernelMaps {
 struct GoSnapshot {
     maps: Vec<LabelledHistogram>,
     gc_assist: Vec<LabelledHistogram>,
-    grow_events: Vec<(String, u64)>,
+    grow_events: Vec<LabelledCount>,
     windows: Vec<LabelledHistogram>,
     window_inner: Vec<LabelledHistogram>,
-    window_inner_events: Vec<(String, &'static str, String, u64)>,
+    window_inner_events: Vec<LabelledCount>,
 }
 
 impl KernelMaps {
-    fn go_snapshot(&self, slots: &[(u32, String)], window_names: &[String]) -> GoSnapshot {
+    fn go_snapshot(&self, slots: &[(u32, LabelSet)], window_names: &[String]) -> GoSnapshot {
         use agent_common::goruntime::{GoClass, Inner, MAX_GO_SLOTS, class_index, inner_index, window_index};
         let mut out = GoSnapshot::default();
         // The kernel folds watch-path slots past its Go cap into slot 0.
-        for (slot, comm) in slots.iter().filter(|(s, _)| *s < MAX_GO_SLOTS) {
+        for (slot, who) in slots.iter().filter(|(s, _)| *s < MAX_GO_SLOTS) {
             for class in GoClass::ALL {
                 let hist = merged(&self.go_hist, class_index(*slot, class as u32));
                 if hist.count() == 0 {
                     continue;
                 }
                 match class.map_op() {
-                    Some(op) => out
-                        .maps
-                        .push(LabelledHistogram { labels: vec![("op", op.into()), ("comm", comm.clone())], hist }),
-                    None => out.gc_assist.push(LabelledHistogram { labels: vec![("comm", comm.clone())], hist }),
+                    Some(op) => out.maps.push(LabelledHistogram { labels: who.pairs(&[("op", op.into())]), hist }),
+                    None => out.gc_assist.push(LabelledHistogram { labels: who.pairs(&[]), hist }),
                 }
             }
             let grows = summed(&self.grow_events, *slot);
             if grows > 0 {
-                out.grow_events.push((comm.clone(), grows));
+                out.grow_events.push(LabelledCount::new(who.pairs(&[]), grows));
             }
             for (w, name) in window_names.iter().enumerate() {
                 let w = w as u32;
@@ -131,18 +137,15 @@ impl KernelMaps {
                 if hist.count() == 0 {
                     continue;
                 }
-                out.windows
-                    .push(LabelledHistogram { labels: vec![("window", name.clone()), ("comm", comm.clone())], hist });
+                out.windows.push(LabelledHistogram { labels: who.pairs(&[("window", name.clone())]), hist });
                 for inner in Inner::ALL {
                     let idx = inner_index(*slot, w, inner as u32);
                     out.window_inner.push(LabelledHistogram {
-                        labels: vec![("window", name.clone()), ("inner", inner.name().into()), ("comm", comm.clone())],
+                        labels: who.pairs(&[("window", name.clone()), ("inner", inner.name().into())]),
                         hist: merged(&self.inner_hist, idx),
                     });
-                    out.window_inner_events.push((
-                        name.clone(),
-                        inner.name(),
-                        comm.clone(),
+                    out.window_inner_events.push(LabelledCount::new(
+                        who.pairs(&[("window", name.clone()), ("inner", inner.name().into())]),
                         summed(&self.inner_events, idx),
                     ));
                 }
@@ -150,6 +153,52 @@ impl KernelMaps {
         }
         out
     }
+
+    /// Zeroes every kernel entry of watch-path slot `slot` (the watch and Go
+    /// arrays), before the slot is given to another label set.
+    ///
+    /// Why this is safe without racing a writer: the caller only zeroes a
+    /// slot no tracked process maps to, and only after a grace period since
+    /// the last one left. Programs find a slot through `WS_PROC_SLOT` (tgid →
+    /// slot), which the kernel clears at the process's exit and user space
+    /// when it forgets a process; after that no program run can start with
+    /// this slot, and the ones that started before finished long before the
+    /// grace period ended (a program run is microseconds). The one leftover
+    /// is per-goroutine state in LRU maps keyed by (tgid, g): a new process
+    /// that reuses the pid *and* the goroutine address before the LRU entry
+    /// is evicted could close a stale window into the new slot — one
+    /// observation at worst, in a series of the same pid.
+    pub fn zero_slot(&mut self, slot: u32) -> Result<(), CollectError> {
+        use agent_common::{goruntime::MAX_GO_SLOTS, watch::MAX_SLOTS};
+        zero_range(&mut self.watch_hist, "WS_WATCH_HIST", slot, MAX_SLOTS)?;
+        zero_range(&mut self.watch_events, "WS_WATCH_EVENTS", slot, MAX_SLOTS)?;
+        if slot < MAX_GO_SLOTS {
+            zero_range(&mut self.go_hist, "WS_GO_HIST", slot, MAX_GO_SLOTS)?;
+            zero_range(&mut self.window_hist, "WS_WINDOW_HIST", slot, MAX_GO_SLOTS)?;
+            zero_range(&mut self.inner_hist, "WS_WINDOW_INNER_HIST", slot, MAX_GO_SLOTS)?;
+            zero_range(&mut self.inner_events, "WS_WINDOW_INNER_EVENTS", slot, MAX_GO_SLOTS)?;
+            zero_range(&mut self.grow_events, "WS_GO_GROW_EVENTS", slot, MAX_GO_SLOTS)?;
+        }
+        Ok(())
+    }
+}
+
+/// Zeroes the entries of `slot` in an array laid out slot-major (every
+/// `*_index(slot, ..)` in agent-common is `slot * per_slot + ..`), on every CPU.
+fn zero_range<V: aya::Pod + Default + Clone>(
+    map: &mut PerCpuArray<MapData, V>,
+    name: &'static str,
+    slot: u32,
+    slots: u32,
+) -> Result<(), CollectError> {
+    let per_slot = map.len() / slots;
+    let cpus = aya::util::nr_cpus().map_err(|(_, e)| CollectError::Cpus(e))?;
+    for idx in slot * per_slot..(slot + 1) * per_slot {
+        let zeros = aya::maps::PerCpuValues::try_from(vec![V::default(); cpus])
+            .map_err(|e| CollectError::Cpus(std::io::Error::other(e)))?;
+        map.set(idx, zeros, 0).map_err(|source| CollectError::Map { name, source })?;
+    }
+    Ok(())
 }
 
 /// One histogram of a per-CPU array, its CPUs merged.
@@ -169,12 +218,13 @@ fn summed(map: &PerCpuArray<MapData, u64>, idx: u32) -> u64 {
 }
 
 /// Per-label counts with a cap on the number of series: past the cap a new
-/// label value is not created and the overflow is counted instead, so a node
-/// with 10,000 short-lived process names cannot blow up the scrape.
+/// label set is not created and the overflow is counted instead, so a node
+/// with 10,000 short-lived process names cannot blow up the scrape (nor the
+/// agent's memory: the refused label sets are not kept).
 #[derive(Debug)]
 pub struct CappedCounts {
     max_series: usize,
-    counts: HashMap<String, u64>,
+    counts: HashMap<LabelSet, u64>,
     overflow: u64,
 }
 
@@ -183,21 +233,21 @@ impl CappedCounts {
         Self { max_series, counts: HashMap::new(), overflow: 0 }
     }
 
-    pub fn add(&mut self, label: &str, n: u64) {
-        if let Some(v) = self.counts.get_mut(label) {
+    pub fn add(&mut self, labels: &LabelSet, n: u64) {
+        if let Some(v) = self.counts.get_mut(labels) {
             *v += n;
         } else if self.counts.len() < self.max_series {
-            self.counts.insert(label.to_string(), n);
+            self.counts.insert(labels.clone(), n);
         } else {
             self.overflow += n;
         }
     }
 
-    /// Sorted by label, so scrapes are stable.
-    pub fn series(&self) -> Vec<(String, u64)> {
-        let mut v: Vec<_> = self.counts.iter().map(|(k, v)| (k.clone(), *v)).collect();
+    /// Sorted by labels, so scrapes are stable.
+    pub fn series(&self) -> Vec<LabelledCount> {
+        let mut v: Vec<_> = self.counts.iter().collect();
         v.sort();
-        v
+        v.into_iter().map(|(k, n)| LabelledCount::new(k.pairs(&[]), *n)).collect()
     }
 
     pub fn overflow(&self) -> u64 {
@@ -208,7 +258,7 @@ impl CappedCounts {
 /// What user space counts itself.
 #[derive(Debug)]
 pub struct UserCounters {
-    /// Execs of processes the filter watches, by comm.
+    /// Execs of processes the filter watches, by label set.
     pub watched_execs: Mutex<CappedCounts>,
     /// Ring buffer records that did not decode.
     pub decode_errors: AtomicU64,
@@ -223,8 +273,16 @@ impl UserCounters {
 /// One labelled histogram as exported.
 #[derive(Clone, Debug)]
 pub struct LabelledHistogram {
-    pub labels: Vec<(&'static str, String)>,
+    pub labels: series::Labels,
     pub hist: Histogram,
+}
+
+/// The kernel's run count and run time of one eBPF program.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ProgramStats {
+    pub program: String,
+    pub runs: u64,
+    pub run_ns: u64,
 }
 
 /// Everything one scrape exports.
@@ -233,91 +291,45 @@ pub struct Snapshot {
     pub kernel: [u64; Counter::COUNT as usize],
     /// watch stage histograms with at least one observation.
     pub watch_stages: Vec<LabelledHistogram>,
-    /// (side, comm, events).
-    pub watch_events: Vec<(&'static str, String, u64)>,
-    /// Proxy crossing histograms (direction, comm) with observations.
+    /// Watch events by side and process.
+    pub watch_events: Vec<LabelledCount>,
+    /// Proxy crossing histograms (direction, process) with observations.
     pub sidecar: Vec<LabelledHistogram>,
-    /// (direction, comm, crossings).
-    pub sidecar_crossings: Vec<(&'static str, String, u64)>,
-    /// (comm, unmatched, retransmits).
-    pub sidecar_other: Vec<(String, u64, u64)>,
-    /// Go map operation histograms (op, comm).
+    pub sidecar_crossings: Vec<LabelledCount>,
+    pub sidecar_unmatched: Vec<LabelledCount>,
+    pub sidecar_retransmits: Vec<LabelledCount>,
+    /// Go map operation histograms (op, process).
     pub go_maps: Vec<LabelledHistogram>,
-    /// GC assist histograms (comm).
+    /// GC assist histograms (process).
     pub gc_assist: Vec<LabelledHistogram>,
-    /// (comm, growth function entries).
-    pub grow_events: Vec<(String, u64)>,
-    /// Window durations (window, comm) and their inner breakdown (window, inner, comm).
+    /// Growth function entries (process).
+    pub grow_events: Vec<LabelledCount>,
+    /// Window durations (window, process) and their inner breakdown (window, inner, process).
     pub windows: Vec<LabelledHistogram>,
     pub window_inner: Vec<LabelledHistogram>,
-    /// (window, inner, comm, events inside windows).
-    pub window_inner_events: Vec<(String, &'static str, String, u64)>,
-    pub watched_execs: Vec<(String, u64)>,
+    /// Events inside windows (window, inner, process).
+    pub window_inner_events: Vec<LabelledCount>,
+    pub watched_execs: Vec<LabelledCount>,
     pub series_dropped: Vec<(&'static str, u64)>,
     pub decode_errors: u64,
-    pub probes_attached: u64,
+    /// Attached programs by kind (`tracepoint`, `uprobe`).
+    pub probes_attached: Vec<(&'static str, u64)>,
+    /// Per-program kernel statistics (empty with --bpf-stats=false).
+    pub programs: Vec<ProgramStats>,
 }
 
 impl Snapshot {
-    /// Reads everything; `slots` lists (slot, comm) of the label slots in use.
+    /// Reads everything the kernel and user space counted; `slots` lists
+    /// (slot, labels) of the watch-path label slots in use, `sidecar_slots`
+    /// the proxies'.
     pub fn take(
         maps: &KernelMaps,
         user: &UserCounters,
-        slots: &[(u32, String)],
-        sidecar_slots: &[(u32, String)],
+        slots: &[(u32, LabelSet)],
+        sidecar_slots: &[(u32, LabelSet)],
         window_names: &[String],
-        probes_attached: usize,
     ) -> Self {
-        let go = maps.go_snapshot(slots, window_names);
-        let mut sidecar = Vec::new();
-        let mut sidecar_crossings = Vec::new();
-        let mut sidecar_other = Vec::new();
-        for (slot, comm) in sidecar_slots {
-            let mut seen = false;
-            for (dir, count) in [
-                (Direction::Request, SidecarCount::RequestCrossings),
-                (Direction::Response, SidecarCount::ResponseCrossings),
-            ] {
-                let hist = maps.sidecar_histogram(*slot, dir);
-                let n = maps.sidecar_count(*slot, count);
-                if hist.count() > 0 {
-                    sidecar.push(LabelledHistogram {
-                        labels: vec![("direction", dir.name().to_string()), ("comm", comm.clone())],
-                        hist,
-                    });
-                }
-                if n > 0 {
-                    sidecar_crossings.push((dir.name(), comm.clone(), n));
-                    seen = true;
-                }
-            }
-            let unmatched = maps.sidecar_count(*slot, SidecarCount::Unmatched);
-            let retrans = maps.sidecar_count(*slot, SidecarCount::Retransmits);
-            if seen || unmatched > 0 || retrans > 0 {
-                sidecar_other.push((comm.clone(), unmatched, retrans));
-            }
-        }
-        let mut watch_stages = Vec::new();
-        let mut watch_events = Vec::new();
-        for (slot, comm) in slots {
-            for stage in Stage::ALL {
-                let hist = maps.watch_histogram(*slot, stage);
-                // A series appears with its first observation and, since
-                // slots are never reused, keeps its meaning from then on.
-                if hist.count() > 0 {
-                    watch_stages.push(LabelledHistogram {
-                        labels: vec![("stage", stage.name().to_string()), ("comm", comm.clone())],
-                        hist,
-                    });
-                }
-            }
-            for (side, name) in [(Side::Server, "server"), (Side::Client, "client")] {
-                let n = maps.watch_events(*slot, side);
-                if n > 0 {
-                    watch_events.push((name, comm.clone(), n));
-                }
-            }
-        }
+        let mut s = Self::kernel_part(maps, slots, sidecar_slots, window_names);
         let (watched_execs, overflow) = match user.watched_execs.lock() {
             Ok(c) => (c.series(), c.overflow()),
             Err(poisoned) => {
@@ -325,28 +337,100 @@ impl Snapshot {
                 (c.series(), c.overflow())
             }
         };
-        Self {
-            kernel: maps.counters(),
-            watch_stages,
-            watch_events,
-            sidecar,
-            sidecar_crossings,
-            sidecar_other,
+        s.kernel = maps.counters();
+        s.watched_execs = watched_execs;
+        s.series_dropped = vec![(fam::PROCESS_EXECS.name, overflow)];
+        s.decode_errors = user.decode_errors.load(Ordering::Relaxed);
+        s
+    }
+
+    /// The per-slot series of the kernel arrays (what a recycled slot folds).
+    pub fn kernel_part(
+        maps: &KernelMaps,
+        slots: &[(u32, LabelSet)],
+        sidecar_slots: &[(u32, LabelSet)],
+        window_names: &[String],
+    ) -> Self {
+        let go = maps.go_snapshot(slots, window_names);
+        let mut s = Self {
             go_maps: go.maps,
             gc_assist: go.gc_assist,
             grow_events: go.grow_events,
             windows: go.windows,
             window_inner: go.window_inner,
             window_inner_events: go.window_inner_events,
-            watched_execs,
-            series_dropped: vec![("process_execs", overflow)],
-            decode_errors: user.decode_errors.load(Ordering::Relaxed),
-            probes_attached: probes_attached as u64,
+            ..Self::default()
+        };
+        for (slot, who) in sidecar_slots {
+            let mut seen = false;
+            for (dir, count) in [
+                (Direction::Request, SidecarCount::RequestCrossings),
+                (Direction::Response, SidecarCount::ResponseCrossings),
+            ] {
+                let hist = maps.sidecar_histogram(*slot, dir);
+                let n = maps.sidecar_count(*slot, count);
+                let labels = who.pairs(&[("direction", dir.name().to_string())]);
+                if hist.count() > 0 {
+                    s.sidecar.push(LabelledHistogram { labels: labels.clone(), hist });
+                }
+                if n > 0 {
+                    s.sidecar_crossings.push(LabelledCount::new(labels, n));
+                    seen = true;
+                }
+            }
+            let unmatched = maps.sidecar_count(*slot, SidecarCount::Unmatched);
+            let retrans = maps.sidecar_count(*slot, SidecarCount::Retransmits);
+            if seen || unmatched > 0 || retrans > 0 {
+                s.sidecar_unmatched.push(LabelledCount::new(who.pairs(&[]), unmatched));
+                s.sidecar_retransmits.push(LabelledCount::new(who.pairs(&[]), retrans));
+            }
         }
+        for (slot, who) in slots {
+            for stage in Stage::ALL {
+                let hist = maps.watch_histogram(*slot, stage);
+                // A series appears with its first observation.
+                if hist.count() > 0 {
+                    s.watch_stages
+                        .push(LabelledHistogram { labels: who.pairs(&[("stage", stage.name().to_string())]), hist });
+                }
+            }
+            for (side, name) in [(Side::Server, "server"), (Side::Client, "client")] {
+                let n = maps.watch_events(*slot, side);
+                if n > 0 {
+                    s.watch_events.push(LabelledCount::new(who.pairs(&[("side", name.to_string())]), n));
+                }
+            }
+        }
+        s
     }
 
     pub fn kernel(&self, c: Counter) -> u64 {
         self.kernel[c as usize]
+    }
+
+    /// The labelled histogram families, by family name.
+    pub fn hist_families(&mut self) -> [(&'static str, &mut Vec<LabelledHistogram>); 6] {
+        [
+            (fam::WATCH_STAGE_SECONDS.name, &mut self.watch_stages),
+            (fam::SIDECAR_SECONDS.name, &mut self.sidecar),
+            (fam::GO_MAP_SECONDS.name, &mut self.go_maps),
+            (fam::GO_GC_ASSIST_SECONDS.name, &mut self.gc_assist),
+            (fam::WINDOW_SECONDS.name, &mut self.windows),
+            (fam::WINDOW_INNER_SECONDS.name, &mut self.window_inner),
+        ]
+    }
+
+    /// The labelled per-process counter families, by family name
+    /// (`process_execs` is capped as it is counted).
+    pub fn count_families(&mut self) -> [(&'static str, &mut Vec<LabelledCount>); 6] {
+        [
+            (fam::WATCH_EVENTS.name, &mut self.watch_events),
+            (fam::SIDECAR_CROSSINGS.name, &mut self.sidecar_crossings),
+            (fam::SIDECAR_UNMATCHED.name, &mut self.sidecar_unmatched),
+            (fam::SIDECAR_RETRANSMITS.name, &mut self.sidecar_retransmits),
+            (fam::GO_MAP_GROW_EVENTS.name, &mut self.grow_events),
+            (fam::WINDOW_INNER_EVENTS.name, &mut self.window_inner_events),
+        ]
     }
 }
 
@@ -357,11 +441,13 @@ mod tests {
     #[test]
     fn cap_holds_and_counts_overflow() {
         let mut c = CappedCounts::new(2);
-        c.add("a", 1);
-        c.add("b", 1);
-        c.add("c", 5);
-        c.add("a", 2);
-        assert_eq!(c.series(), vec![("a".into(), 3), ("b".into(), 1)]);
+        let l = LabelSet::comm;
+        c.add(&l("a"), 1);
+        c.add(&l("b"), 1);
+        c.add(&l("c"), 5);
+        c.add(&l("a"), 2);
+        let got: Vec<_> = c.series().into_iter().map(|s| (s.labels[3].1.clone(), s.value)).collect();
+        assert_eq!(got, vec![("a".into(), 3), ("b".into(), 1)]);
         assert_eq!(c.overflow(), 5);
     }
 }

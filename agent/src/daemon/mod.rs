@@ -18,13 +18,17 @@ use tracing::{debug, info, warn};
 
 use crate::{
     attach::{AttachedProbe, Probes, slots::Slots},
-    collect::{KernelMaps, Snapshot, UserCounters},
+    collect::{KernelMaps, Series, Snapshot, UserCounters, stats::BpfStats},
     discover::{ProcessFilter, exec},
-    export::server::{self, MetricsSource},
+    export::{
+        server::{self, MetricsSource},
+        web_config::WebConfig,
+    },
     host::HostRoot,
+    k8s::{kubelet::KubeletConfig, resolve::Resolver},
 };
 pub use tracker::{GoSettings, SidecarFilter};
-use tracker::{Status, Tracker};
+use tracker::{Labelling, Status, Tracker};
 
 /// How often /proc is reconciled with what the agent tracks: a backstop for
 /// exec/exit events lost to a full ring buffer (those are counted).
@@ -38,13 +42,23 @@ pub struct RunConfig {
     pub go: GoSettings,
     pub max_series: usize,
     pub root: HostRoot,
+    /// Append a `pid` label to every per-process series (`--label-pid`).
+    pub label_pid: bool,
+    /// Where to fetch pod metadata; None outside Kubernetes.
+    pub kubelet: Option<KubeletConfig>,
+    /// TLS and basic auth (`--web-config-file`).
+    pub web: WebConfig,
+    /// Keep the kernel's per-program run statistics on (`--bpf-stats`).
+    pub bpf_stats: bool,
 }
 
 struct Agent {
-    maps: KernelMaps,
+    maps: Arc<Mutex<KernelMaps>>,
     user: Arc<UserCounters>,
     slots: Arc<Mutex<Slots>>,
     sidecar_slots: Arc<Mutex<Slots>>,
+    series: Arc<Mutex<Series>>,
+    stats: BpfStats,
     windows: Vec<String>,
     tracepoints: Vec<AttachedProbe>,
     status: Arc<Status>,
@@ -52,16 +66,28 @@ struct Agent {
 
 impl MetricsSource for Agent {
     fn snapshot(&self) -> Snapshot {
-        let list = |m: &Mutex<Slots>| -> Vec<(u32, String)> {
-            match m.lock() {
-                Ok(s) => s.all().map(|(i, l)| (i, l.to_string())).collect(),
-                Err(p) => p.into_inner().all().map(|(i, l)| (i, l.to_string())).collect(),
-            }
+        let list = |m: &Mutex<Slots>| -> Vec<(u32, crate::attach::slots::LabelSet)> {
+            let s = m.lock().unwrap_or_else(|p| p.into_inner());
+            s.all().map(|(i, l)| (i, l.clone())).collect()
         };
-        let probes = self.tracepoints.len()
-            + self.status.uprobes_attached.load(Ordering::Relaxed)
-            + self.status.sidecar_tracepoints.load(Ordering::Relaxed);
-        Snapshot::take(&self.maps, &self.user, &list(&self.slots), &list(&self.sidecar_slots), &self.windows, probes)
+        let sidecar_slots = list(&self.sidecar_slots);
+        // Held until the folded series are merged in: a slot recycled in
+        // between would be counted twice (lock order: slots, maps, series).
+        let slots = self.slots.lock().unwrap_or_else(|p| p.into_inner());
+        let live: Vec<_> = slots.all().map(|(i, l)| (i, l.clone())).collect();
+        let mut snap = {
+            let maps = self.maps.lock().unwrap_or_else(|p| p.into_inner());
+            Snapshot::take(&maps, &self.user, &live, &sidecar_slots, &self.windows)
+        };
+        self.series.lock().unwrap_or_else(|p| p.into_inner()).apply(&mut snap);
+        drop(slots);
+        let tracepoints = self.tracepoints.len() + self.status.sidecar_tracepoints.load(Ordering::Relaxed);
+        snap.probes_attached = vec![
+            ("tracepoint", tracepoints as u64),
+            ("uprobe", self.status.uprobes_attached.load(Ordering::Relaxed) as u64),
+        ];
+        snap.programs = self.stats.read();
+        snap
     }
 
     fn ready(&self) -> bool {
@@ -83,6 +109,7 @@ impl MetricsSource for Agent {
             "sidecar_tracepoints_attached": self.status.sidecar_tracepoints.load(Ordering::Relaxed),
             "binaries": binaries,
             "sidecars": sidecars,
+            "label_slots": self.slots.lock().unwrap_or_else(|p| p.into_inner()).usage(),
         })
     }
 }
@@ -96,21 +123,33 @@ pub async fn run(cfg: RunConfig) -> Result<()> {
     let maps = KernelMaps::take(&mut probes.ebpf).context("opening the kernel maps")?;
     let events = probes.ebpf.take_map("WS_EVENTS").context("the eBPF object has no WS_EVENTS map")?;
     let events = RingBuf::try_from(events).context("opening the event ring buffer")?;
+    let maps = Arc::new(Mutex::new(maps));
     let user = Arc::new(UserCounters::new(cfg.max_series));
     let slots = Arc::new(Mutex::new(Slots::default()));
     let sidecar_slots = Arc::new(Mutex::new(Slots::with_capacity(agent_common::sidecar::MAX_SIDECAR_SLOTS)));
+    let series = Arc::new(Mutex::new(Series::new(cfg.max_series)));
     let status = Arc::new(Status::default());
     let tracepoints = probes.attached.clone();
     let n_tracepoints = tracepoints.len();
-    let agent = Arc::new(Agent {
-        maps,
-        user: user.clone(),
-        slots: slots.clone(),
-        sidecar_slots: sidecar_slots.clone(),
-        windows: cfg.go.windows.names().to_vec(),
-        tracepoints,
-        status: status.clone(),
-    });
+    let windows = cfg.go.windows.names().to_vec();
+    // Pod metadata: a refresher thread of its own; nothing waits for it.
+    let pods = match &cfg.kubelet {
+        Some(k) => {
+            info!(url = %k.url, "reading pod metadata from the kubelet");
+            Some(
+                crate::k8s::kubelet::Kubelet::new(k.clone())
+                    .spawn_refresher()
+                    .context("starting the kubelet client")?,
+            )
+        }
+        None => None,
+    };
+    let labelling = Labelling {
+        resolver: Resolver::new(cfg.root.clone(), pods, cfg.label_pid),
+        maps: maps.clone(),
+        series: series.clone(),
+        windows: windows.clone(),
+    };
 
     let mut tracker = Tracker::new(
         cfg.root.clone(),
@@ -118,19 +157,26 @@ pub async fn run(cfg: RunConfig) -> Result<()> {
         cfg.sidecar.clone(),
         cfg.go.clone(),
         probes.ebpf,
-        slots,
-        sidecar_slots,
-        status,
+        slots.clone(),
+        sidecar_slots.clone(),
+        status.clone(),
+        labelling,
     )?;
+    // Every program is loaded by now (uprobe programs are loaded at start
+    // and attached per binary later).
+    let stats = BpfStats::enable(tracker.ebpf(), cfg.bpf_stats);
+    let agent =
+        Arc::new(Agent { maps, user: user.clone(), slots, sidecar_slots, series, stats, windows, tracepoints, status });
     // The initial scan: processes that were running before the agent.
     tracker.reconcile();
     agent.status.scanned.store(true, Ordering::Relaxed);
 
-    info!("serving metrics on http://{bound}/metrics");
+    let scheme = if cfg.web.tls.is_some() { "https" } else { "http" };
+    info!(basic_auth = cfg.web.auth.is_some(), "serving metrics on {scheme}://{bound}/metrics");
     let (stop_tx, stop_rx) = tokio::sync::oneshot::channel();
     let events_task = tokio::spawn(event_loop(events, cfg.filter.clone(), user, tracker, stop_rx));
     let app = server::router(agent);
-    axum::serve(listener, app).with_graceful_shutdown(shutdown_signal()).await.context("HTTP server failed")?;
+    server::serve(listener, app, &cfg.web, shutdown_signal()).await.context("HTTP server failed")?;
 
     let _ = stop_tx.send(());
     let detached = match events_task.await {
@@ -192,6 +238,8 @@ async fn event_loop(
             _ = ports_tick.tick() => {
                 tracker.refresh_sidecar_ports();
                 tracker.expire_map_operations();
+                tracker.refresh_labels();
+                tracker.recycle_slots();
             }
             ready = async { fd.as_mut().expect("guarded by the if").readable_mut().await }, if fd.is_some() => {
                 let mut guard = match ready {
@@ -219,8 +267,10 @@ fn handle_record(bytes: &[u8], filter: &ProcessFilter, user: &UserCounters, trac
             Some(ev) => {
                 if filter.matches(ev.tgid, &ev.comm) {
                     debug!(pid = ev.tgid, comm = %ev.comm, file = %ev.filename, "exec");
+                    // The first sight of this process: its labels are resolved now.
+                    let labels = tracker.resolver().resolve(ev.tgid, &ev.comm).labels;
                     let mut counts = user.watched_execs.lock().unwrap_or_else(|p| p.into_inner());
-                    counts.add(&ev.comm, 1);
+                    counts.add(&labels, 1);
                 }
                 tracker.on_exec(ev.tgid);
             }

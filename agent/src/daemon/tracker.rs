@@ -24,14 +24,37 @@ use serde::Serialize;
 use tracing::{debug, info, warn};
 
 use crate::{
-    attach::{goruntime, sched::SchedProbes, sidecar::SidecarProbes, slots::Slots, uprobes::Uprobes, watch},
+    attach::{
+        goruntime,
+        sched::SchedProbes,
+        sidecar::SidecarProbes,
+        slots::{LabelSet, Slots},
+        uprobes::Uprobes,
+        watch,
+    },
+    collect::{KernelMaps, Series, Snapshot},
     discover::{
         ProcessFilter,
         procfs::{self, FileIdent, ProcInfo},
     },
     host::HostRoot,
     inspect,
+    k8s::{PodRef, resolve::Resolver},
 };
+
+/// How long a label slot stays idle (no process left) before its counts are
+/// folded into user space and the slot is reused: far longer than any
+/// program run (microseconds, even if preempted for a while) that looked the
+/// slot up before the last process left.
+const SLOT_GRACE: std::time::Duration = std::time::Duration::from_secs(1);
+
+/// How processes get their labels, and where a recycled slot's counts go.
+pub struct Labelling {
+    pub resolver: Resolver,
+    pub maps: Arc<Mutex<KernelMaps>>,
+    pub series: Arc<Mutex<Series>>,
+    pub windows: Vec<String>,
+}
 
 /// What `/debug/probes` shows about one executable.
 #[derive(Clone, Debug, Serialize)]
@@ -75,6 +98,10 @@ impl SidecarFilter {
 
 struct Tracked {
     file: FileIdent,
+    slot: u32,
+    labels: LabelSet,
+    /// A pod (or container) the pod cache did not know yet.
+    pending: Option<PodRef>,
 }
 
 pub struct Tracker {
@@ -100,6 +127,11 @@ pub struct Tracker {
     /// Attached files with scheduler probes (the sched programs stay while
     /// any of them is attached).
     sched_files: HashSet<FileIdent>,
+    labelling: Labelling,
+    /// The pod cache generation pending processes were last looked up at.
+    pending_generation: u64,
+    /// Labels of the proxies (and their forked workers) measured.
+    sidecar_labels: HashMap<u32, LabelSet>,
 }
 
 /// What one executable means to the agent: None when nothing.
@@ -168,6 +200,7 @@ impl Tracker {
         slots: Arc<Mutex<Slots>>,
         sidecar_slots: Arc<Mutex<Slots>>,
         status: Arc<Status>,
+        labelling: Labelling,
     ) -> anyhow::Result<Self> {
         use anyhow::Context as _;
         let sc_map = ebpf.take_map("WS_SIDECAR_SLOT").context("the eBPF object has no WS_SIDECAR_SLOT map")?;
@@ -203,7 +236,76 @@ impl Tracker {
             plans: HashMap::new(),
             go,
             sched_files: HashSet::new(),
+            pending_generation: labelling.resolver.generation(),
+            labelling,
+            sidecar_labels: HashMap::new(),
         })
+    }
+
+    /// The loaded object (for reading its programs' statistics).
+    pub fn ebpf(&self) -> &Ebpf {
+        &self.ebpf
+    }
+
+    pub fn resolver(&self) -> &Resolver {
+        &self.labelling.resolver
+    }
+
+    /// Looks the processes whose pod was unknown up again, once the pod
+    /// cache has fetched since; a process that resolved further moves to the
+    /// slot of its new label set (its labels appear on the next scrape).
+    pub fn refresh_labels(&mut self) {
+        let generation = self.labelling.resolver.generation();
+        if generation == self.pending_generation {
+            return;
+        }
+        self.pending_generation = generation;
+        let mut moved = Vec::new();
+        for (tgid, t) in &mut self.procs {
+            let Some(pod_ref) = &t.pending else { continue };
+            let Some(resolved) = self.labelling.resolver.retry(&t.labels, pod_ref) else { continue };
+            t.pending = resolved.pending;
+            moved.push((*tgid, t.slot, resolved.labels));
+        }
+        let Ok(mut slots) = self.slots.lock() else { return };
+        for (tgid, old, labels) in moved {
+            let slot = slots.acquire(&labels);
+            slots.release(old);
+            if let Err(e) = self.proc_slot.insert(tgid, slot, 0) {
+                warn!(pid = tgid, "cannot move the process to its pod's label slot: {e}");
+            }
+            if let Some(t) = self.procs.get_mut(&tgid) {
+                debug!(pid = tgid, namespace = %labels.namespace, pod = %labels.pod, "pod labels resolved");
+                t.slot = slot;
+                t.labels = labels;
+            }
+        }
+    }
+
+    /// Gives the slots of label sets whose last process left back: their
+    /// kernel counts go to user space (still capped by --max-series), the
+    /// kernel entries are zeroed, and the slot can serve another label set.
+    pub fn recycle_slots(&mut self) {
+        let Ok(mut slots) = self.slots.lock() else { return };
+        let idle = slots.idle(SLOT_GRACE);
+        if idle.is_empty() {
+            return;
+        }
+        let Ok(mut maps) = self.labelling.maps.lock() else { return };
+        let Ok(mut series) = self.labelling.series.lock() else { return };
+        for (slot, labels) in idle {
+            let part = Snapshot::kernel_part(&maps, &[(slot, labels)], &[], &self.labelling.windows);
+            // Fold only what was zeroed: a failed zeroing keeps the slot
+            // (idle) and its counts in the kernel, for the next try.
+            match maps.zero_slot(slot) {
+                Ok(()) => {
+                    series.fold(part);
+                    slots.free(slot);
+                    debug!(slot, "label slot recycled");
+                }
+                Err(e) => warn!(slot, "cannot recycle a label slot: {e}"),
+            }
+        }
     }
 
     /// Considers every running process; forgets tracked ones that are gone.
@@ -253,6 +355,9 @@ impl Tracker {
     fn forget(&mut self, tgid: u32) {
         let Some(t) = self.procs.remove(&tgid) else { return };
         let _ = self.proc_slot.remove(&tgid);
+        if let Ok(mut slots) = self.slots.lock() {
+            slots.release(t.slot);
+        }
         let idle = self.uprobes.remove_user(tgid);
         if idle > 0 {
             debug!(pid = tgid, "last process of a binary exited; its probes stay for a while");
@@ -290,7 +395,7 @@ impl Tracker {
                     go_runtime = plan.go.sites.len(),
                     "attached probes"
                 ),
-                Err(e) => reason = Some(e.to_string()),
+                Err(e) => reason = Some(attach_error(&e)),
             }
             if reason.is_none() && plan.go.has_sched() {
                 if let Err(e) = self.sched.ensure(&mut self.ebpf) {
@@ -306,11 +411,29 @@ impl Tracker {
             }
         } else {
             self.uprobes.add_user(&p.exe, p.tgid);
-            let slot = self.slots.lock().map(|mut s| s.slot(&p.comm)).unwrap_or(0);
+            // Labels are resolved once, when the process is first tracked.
+            let resolved = self.labelling.resolver.resolve(p.tgid, &p.comm);
+            // Out of slots: recycle idle ones now rather than on the next tick.
+            if self.slots.lock().is_ok_and(|s| s.full()) {
+                self.recycle_slots();
+            }
+            let slot = self.slots.lock().map(|mut s| s.acquire(&resolved.labels)).unwrap_or(0);
             if let Err(e) = self.proc_slot.insert(p.tgid, slot, 0) {
                 warn!(pid = p.tgid, "cannot register the process with the kernel programs: {e}");
             }
-            self.procs.insert(p.tgid, Tracked { file: p.exe });
+            let tracked = Tracked { file: p.exe, slot, labels: resolved.labels, pending: resolved.pending };
+            if let Some(old) = self.procs.insert(p.tgid, tracked)
+                && let Ok(mut slots) = self.slots.lock()
+            {
+                slots.release(old.slot);
+            }
+            // A short-lived process may have exited before it was in
+            // WS_PROC_SLOT: the kernel then sent no exit event, and only the
+            // next reconcile would free its slot. Checked after the insert,
+            // so either the kernel saw the entry at exit or this sees the exit.
+            if exited(&self.root, p.tgid) {
+                self.forget(p.tgid);
+            }
         }
         if let Ok(mut bins) = self.status.binaries.lock() {
             let b = bins.entry(p.exe).or_insert_with(|| BinaryStatus {
@@ -387,7 +510,9 @@ impl Tracker {
         if known {
             return;
         }
-        let slot = self.sidecar_slots.lock().map(|mut s| s.slot(&p.comm)).unwrap_or(0);
+        let labels = self.labelling.resolver.resolve(p.tgid, &p.comm).labels;
+        let slot = self.sidecar_slots.lock().map(|mut s| s.slot(&labels)).unwrap_or(0);
+        self.sidecar_labels.insert(p.tgid, labels);
         match self.sidecar.watch(&mut self.ebpf, p.tgid, slot) {
             Ok(()) => {
                 info!(pid = p.tgid, comm = %p.comm, "measuring proxy latency");
@@ -418,21 +543,20 @@ impl Tracker {
             return;
         }
         let slots: Vec<(u32, u32)> = {
-            let names = match self.status.sidecars.lock() {
-                Ok(s) => s.clone(),
-                Err(_) => return,
-            };
+            for pid in &pids {
+                // Forked workers the kernel added: resolved once, like any process.
+                if !self.sidecar_labels.contains_key(pid)
+                    && let Some(p) = procfs::read_proc(&self.root, *pid)
+                {
+                    let labels = self.labelling.resolver.resolve(*pid, &p.comm).labels;
+                    self.sidecar_labels.insert(*pid, labels);
+                }
+            }
             let mut table = match self.sidecar_slots.lock() {
                 Ok(t) => t,
                 Err(_) => return,
             };
-            pids.iter()
-                .map(|pid| {
-                    // Forked workers are not in `names`; their comm is the parent's.
-                    let comm = names.get(pid).cloned().or_else(|| procfs::read_proc(&self.root, *pid).map(|p| p.comm));
-                    (*pid, comm.map(|c| table.slot(&c)).unwrap_or(0))
-                })
-                .collect()
+            pids.iter().map(|pid| (*pid, self.sidecar_labels.get(pid).map(|l| table.slot(l)).unwrap_or(0))).collect()
         };
         for (pid, slot) in slots {
             let ports = crate::discover::sockets::listening_ports(&self.root, pid);
@@ -448,6 +572,7 @@ impl Tracker {
             Err(_) => return,
         };
         known.retain(|pid, _| alive.contains(pid));
+        self.sidecar_labels.retain(|pid, _| alive.contains(pid));
         for pid in self.sidecar.watched() {
             if !alive.contains(&pid) {
                 self.sidecar.unwatch(pid);
@@ -475,4 +600,40 @@ impl Tracker {
         n += self.uprobes.detach_idle(&mut self.ebpf, true);
         n
     }
+}
+
+/// An attach error with its causes (aya's "`perf_event_open` failed" says
+/// nothing without its OS error), and what to do about a refusal.
+fn attach_error(e: &(dyn std::error::Error + 'static)) -> String {
+    let mut text = e.to_string();
+    let mut denied = false;
+    let mut source = e.source();
+    while let Some(s) = source {
+        if let Some(io) = s.downcast_ref::<std::io::Error>() {
+            denied |= matches!(io.raw_os_error(), Some(libc::EACCES) | Some(libc::EPERM));
+        }
+        let part = s.to_string();
+        if !text.ends_with(&part) {
+            text.push_str(&format!(": {part}"));
+        }
+        source = s.source();
+    }
+    if denied && text.contains("perf_event_open") {
+        // Linux 6.16 (and the stable kernels it was backported to) went back
+        // to requiring CAP_SYS_ADMIN for uprobes made through perf_event_open
+        // ("perf: Revert to requiring CAP_SYS_ADMIN for uprobes").
+        text.push_str(
+            " (creating uprobes needs CAP_SYS_ADMIN on Linux 6.16+ and kernels with that change backported; \
+             CAP_PERFMON was enough before)",
+        );
+    }
+    text
+}
+
+/// The process is gone or a zombie (it ran its exit already).
+fn exited(root: &HostRoot, tgid: u32) -> bool {
+    let Ok(stat) = std::fs::read_to_string(root.path(format!("/proc/{tgid}/stat"))) else { return true };
+    // The state follows the command name, which may itself contain ')'.
+    let state = stat.rsplit_once(')').and_then(|(_, rest)| rest.split_whitespace().next());
+    matches!(state, Some("Z") | Some("X") | None)
 }

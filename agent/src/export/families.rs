@@ -10,7 +10,7 @@ use prometheus_client::{
     registry::Registry,
 };
 
-use crate::collect::{LabelledHistogram, Snapshot};
+use crate::collect::{LabelledCount, LabelledHistogram, Snapshot};
 
 /// A metric family's declaration. `name` is without the `watchscope_` prefix
 /// and, for counters, without the `_total` suffix the encoder adds.
@@ -46,7 +46,18 @@ pub const SERIES_DROPPED: Family = Family {
 pub const PROBES_ATTACHED: Family = Family {
     name: "probes_attached",
     kind: MetricType::Gauge,
-    help: "eBPF programs currently attached (tracepoints and uprobes).",
+    help: "eBPF programs currently attached, by kind (tracepoint, uprobe).",
+};
+pub const PROGRAM_RUNS: Family = Family {
+    name: "program_runs",
+    kind: MetricType::Counter,
+    help: "Times each of the agent's eBPF programs ran, from the kernel's BPF statistics (off with \
+           --bpf-stats=false).",
+};
+pub const PROGRAM_RUN_SECONDS: Family = Family {
+    name: "program_run_seconds",
+    kind: MetricType::Counter,
+    help: "Time each of the agent's eBPF programs ran in total, from the kernel's BPF statistics.",
 };
 pub const BUILD_INFO: Family =
     Family { name: "build_info", kind: MetricType::Gauge, help: "Always 1; labels give the agent's version." };
@@ -140,6 +151,8 @@ pub const FAMILIES: &[Family] = &[
     DROPPED,
     SERIES_DROPPED,
     PROBES_ATTACHED,
+    PROGRAM_RUNS,
+    PROGRAM_RUN_SECONDS,
     BUILD_INFO,
 ];
 
@@ -173,39 +186,34 @@ impl Collector for SnapshotCollector {
     fn encode(&self, mut enc: DescriptorEncoder) -> Result<(), std::fmt::Error> {
         let s = &self.0;
         counter(&mut enc, &EXECS, &[(&[], s.kernel(Counter::ExecSeen))])?;
-        let execs: Vec<_> = s.watched_execs.iter().map(|(comm, n)| ([("comm", comm.as_str())], *n)).collect();
-        counter(&mut enc, &PROCESS_EXECS, &execs.iter().map(|(l, n)| (&l[..], *n)).collect::<Vec<_>>())?;
+        counts(&mut enc, &PROCESS_EXECS, &s.watched_execs)?;
         histograms(&mut enc, &WATCH_STAGE_SECONDS, &s.watch_stages)?;
-        let events: Vec<_> =
-            s.watch_events.iter().map(|(side, comm, n)| ([("side", *side), ("comm", comm.as_str())], *n)).collect();
-        counter(&mut enc, &WATCH_EVENTS, &events.iter().map(|(l, n)| (&l[..], *n)).collect::<Vec<_>>())?;
+        counts(&mut enc, &WATCH_EVENTS, &s.watch_events)?;
         histograms(&mut enc, &GO_MAP_SECONDS, &s.go_maps)?;
         histograms(&mut enc, &GO_GC_ASSIST_SECONDS, &s.gc_assist)?;
-        let grows: Vec<_> = s.grow_events.iter().map(|(comm, n)| ([("comm", comm.as_str())], *n)).collect();
-        counter(&mut enc, &GO_MAP_GROW_EVENTS, &grows.iter().map(|(l, n)| (&l[..], *n)).collect::<Vec<_>>())?;
+        counts(&mut enc, &GO_MAP_GROW_EVENTS, &s.grow_events)?;
         histograms(&mut enc, &WINDOW_SECONDS, &s.windows)?;
         histograms(&mut enc, &WINDOW_INNER_SECONDS, &s.window_inner)?;
-        let inner_events: Vec<_> = s
-            .window_inner_events
-            .iter()
-            .map(|(w, i, comm, n)| ([("window", w.as_str()), ("inner", *i), ("comm", comm.as_str())], *n))
-            .collect();
-        counter(&mut enc, &WINDOW_INNER_EVENTS, &inner_events.iter().map(|(l, n)| (&l[..], *n)).collect::<Vec<_>>())?;
+        counts(&mut enc, &WINDOW_INNER_EVENTS, &s.window_inner_events)?;
         histograms(&mut enc, &SIDECAR_SECONDS, &s.sidecar)?;
-        let crossings: Vec<_> =
-            s.sidecar_crossings.iter().map(|(d, comm, n)| ([("direction", *d), ("comm", comm.as_str())], *n)).collect();
-        counter(&mut enc, &SIDECAR_CROSSINGS, &crossings.iter().map(|(l, n)| (&l[..], *n)).collect::<Vec<_>>())?;
-        let unmatched: Vec<_> = s.sidecar_other.iter().map(|(comm, u, _)| ([("comm", comm.as_str())], *u)).collect();
-        counter(&mut enc, &SIDECAR_UNMATCHED, &unmatched.iter().map(|(l, n)| (&l[..], *n)).collect::<Vec<_>>())?;
-        let retrans: Vec<_> = s.sidecar_other.iter().map(|(comm, _, r)| ([("comm", comm.as_str())], *r)).collect();
-        counter(&mut enc, &SIDECAR_RETRANSMITS, &retrans.iter().map(|(l, n)| (&l[..], *n)).collect::<Vec<_>>())?;
+        counts(&mut enc, &SIDECAR_CROSSINGS, &s.sidecar_crossings)?;
+        counts(&mut enc, &SIDECAR_UNMATCHED, &s.sidecar_unmatched)?;
+        counts(&mut enc, &SIDECAR_RETRANSMITS, &s.sidecar_retransmits)?;
         let mut dropped: Vec<([(&str, &str); 1], u64)> =
             Counter::ALL.iter().filter_map(|c| Some(([("reason", c.drop_reason()?)], s.kernel(*c)))).collect();
         dropped.push(([("reason", "decode_error")], s.decode_errors));
         counter(&mut enc, &DROPPED, &dropped.iter().map(|(l, n)| (&l[..], *n)).collect::<Vec<_>>())?;
         let dropped: Vec<_> = s.series_dropped.iter().map(|(f, n)| ([("family", *f)], *n)).collect();
         counter(&mut enc, &SERIES_DROPPED, &dropped.iter().map(|(l, n)| (&l[..], *n)).collect::<Vec<_>>())?;
-        gauge(&mut enc, &PROBES_ATTACHED, &[(&[], s.probes_attached as i64)])?;
+        let probes: Vec<_> = s.probes_attached.iter().map(|(k, n)| ([("kind", *k)], *n as i64)).collect();
+        gauge(&mut enc, &PROBES_ATTACHED, &probes.iter().map(|(l, n)| (&l[..], *n)).collect::<Vec<_>>())?;
+        let runs: Vec<_> = s.programs.iter().map(|p| ([("program", p.program.as_str())], p.runs)).collect();
+        counter(&mut enc, &PROGRAM_RUNS, &runs.iter().map(|(l, n)| (&l[..], *n)).collect::<Vec<_>>())?;
+        let mut m =
+            enc.encode_descriptor(PROGRAM_RUN_SECONDS.name, PROGRAM_RUN_SECONDS.help, None, PROGRAM_RUN_SECONDS.kind)?;
+        for p in &s.programs {
+            ConstCounter::new(p.run_ns as f64 * 1e-9).encode(m.encode_family(&[("program", p.program.as_str())])?)?;
+        }
         gauge(&mut enc, &BUILD_INFO, &[(&[("version", env!("CARGO_PKG_VERSION"))], 1)])?;
         Ok(())
     }
@@ -225,6 +233,16 @@ fn histograms(enc: &mut DescriptorEncoder, fam: &Family, series: &[LabelledHisto
             &buckets,
             None,
         )?;
+    }
+    Ok(())
+}
+
+/// A counter family of labelled series (the per-process families).
+fn counts(enc: &mut DescriptorEncoder, fam: &Family, series: &[LabelledCount]) -> Result<(), std::fmt::Error> {
+    let mut m = enc.encode_descriptor(fam.name, fam.help, None, fam.kind)?;
+    for c in series {
+        let labels: Vec<(&str, &str)> = c.labels.iter().map(|(k, v)| (*k, v.as_str())).collect();
+        ConstCounter::new(c.value).encode(m.encode_family(&labels)?)?;
     }
     Ok(())
 }
@@ -270,22 +288,26 @@ pub fn sample_value(text: &str, sample: &str) -> Option<f64> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::{attach::slots::LabelSet, collect::ProgramStats};
+
+    const WHO: &str = "namespace=\"\",pod=\"\",container=\"\",comm=\"etcd\"";
 
     fn snapshot() -> Snapshot {
         let mut s = Snapshot::default();
         s.kernel[Counter::ExecSeen as usize] = 12;
         s.kernel[Counter::EventsRingbufFull as usize] = 3;
-        s.watched_execs = vec![("etcd".into(), 2), ("we\"ird".into(), 1)];
+        let who = |c: &str| LabelSet::comm(c);
+        s.watched_execs =
+            vec![LabelledCount::new(who("etcd").pairs(&[]), 2), LabelledCount::new(who("we\"ird").pairs(&[]), 1)];
         s.series_dropped = vec![("process_execs", 4)];
-        s.probes_attached = 1;
+        s.probes_attached = vec![("tracepoint", 1)];
+        s.programs = vec![ProgramStats { program: "sched_process_exec".into(), runs: 9, run_ns: 1_500 }];
         let mut h = agent_common::Histogram::ZERO;
         h.observe(1_500); // 1.5 µs: bucket (1.5, 1.75] µs
         h.observe(3_000_000_000);
-        s.watch_stages = vec![LabelledHistogram {
-            labels: vec![("stage", "commit_to_send".into()), ("comm", "etcd".into())],
-            hist: h,
-        }];
-        s.watch_events = vec![("server", "etcd".into(), 2)];
+        s.watch_stages =
+            vec![LabelledHistogram { labels: who("etcd").pairs(&[("stage", "commit_to_send".into())]), hist: h }];
+        s.watch_events = vec![LabelledCount::new(who("etcd").pairs(&[("side", "server".into())]), 2)];
         s
     }
 
@@ -296,13 +318,18 @@ mod tests {
             assert!(text.contains(&format!("# HELP {PREFIX}_{} ", f.name)), "{}", f.name);
         }
         assert_eq!(sample_value(&text, "watchscope_execs_total"), Some(12.0));
-        assert_eq!(sample_value(&text, "watchscope_process_execs_total{comm=\"etcd\"}"), Some(2.0));
+        assert_eq!(sample_value(&text, &format!("watchscope_process_execs_total{{{WHO}}}")), Some(2.0));
         assert_eq!(sample_value(&text, "watchscope_dropped_total{reason=\"ringbuf_full\"}"), Some(3.0));
         assert_eq!(sample_value(&text, "watchscope_series_dropped_total{family=\"process_execs\"}"), Some(4.0));
-        assert_eq!(sample_value(&text, "watchscope_probes_attached"), Some(1.0));
+        assert_eq!(sample_value(&text, "watchscope_probes_attached{kind=\"tracepoint\"}"), Some(1.0));
+        assert_eq!(sample_value(&text, "watchscope_program_runs_total{program=\"sched_process_exec\"}"), Some(9.0));
+        assert_eq!(
+            sample_value(&text, "watchscope_program_run_seconds_total{program=\"sched_process_exec\"}"),
+            Some(0.0000015)
+        );
         assert!(text.ends_with("# EOF\n"));
         let h = "watchscope_watch_stage_seconds";
-        let l = "stage=\"commit_to_send\",comm=\"etcd\"";
+        let l = format!("stage=\"commit_to_send\",{WHO}");
         assert_eq!(sample_value(&text, &format!("{h}_count{{{l}}}")), Some(2.0));
         assert_eq!(sample_value(&text, &format!("{h}_sum{{{l}}}")), Some(3.0000015));
         // Cumulative buckets; 1.5 µs lands in [1.5, 1.75) µs.
@@ -311,7 +338,7 @@ mod tests {
         assert_eq!(sample_value(&text, &format!("{h}_bucket{{le=\"0.00000175\",{l}}}")), Some(1.0));
         assert_eq!(sample_value(&text, &format!("{h}_bucket{{le=\"+Inf\",{l}}}")), Some(2.0));
         assert_eq!(text.matches(&format!("{h}_bucket{{le=")).count(), agent_common::NBUCKETS);
-        assert_eq!(sample_value(&text, "watchscope_watch_events_total{side=\"server\",comm=\"etcd\"}"), Some(2.0));
+        assert_eq!(sample_value(&text, &format!("watchscope_watch_events_total{{side=\"server\",{WHO}}}")), Some(2.0));
     }
 
     #[test]

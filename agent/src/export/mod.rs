@@ -2,6 +2,8 @@
 //! the HTTP endpoints Prometheus scrapes.
 
 pub mod families;
+pub mod negotiate;
 pub mod server;
+pub mod web_config;
 
 pub use families::{FAMILIES, Family, render};

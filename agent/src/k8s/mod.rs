@@ -47,6 +47,7 @@
 
 pub mod cgroup;
 pub mod kubelet;
+pub mod resolve;
 
 pub use cgroup::PodRef;
 

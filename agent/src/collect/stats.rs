@@ -1,0 +1,102 @@
+//! Per-program kernel statistics, in the style of ebpf_exporter: how often
+//! each eBPF program ran and how long it ran in total.
+//!
+//! The kernel counts both only while someone holds a
+//! `BPF_ENABLE_STATS(BPF_STATS_RUN_TIME)` file descriptor (each run then
+//! costs two more clock reads: see README, "What the agent costs"), so
+//! [`BpfStats::enable`] keeps one for the agent's life unless
+//! `--bpf-stats=false`. The values are read from `/proc/self/fdinfo/<fd>` of
+//! a duplicate of each program's fd (`run_cnt`, `run_time_ns`): that needs
+//! no privilege beyond owning the fd, unlike walking every program on the
+//! host by id (CAP_SYS_ADMIN), and it works after the `Ebpf` object has moved
+//! to the event loop.
+
+use std::os::fd::{AsFd, AsRawFd, OwnedFd};
+
+use aya::{Ebpf, programs::ProgramFd};
+use tracing::{debug, warn};
+
+use super::ProgramStats;
+
+pub struct BpfStats {
+    /// Statistics stay on while this is open.
+    _enabled: Option<OwnedFd>,
+    programs: Vec<(String, ProgramFd)>,
+}
+
+impl std::fmt::Debug for BpfStats {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("BpfStats").field("programs", &self.programs.len()).finish()
+    }
+}
+
+impl BpfStats {
+    /// Turns statistics on (when `enable`) and remembers every loaded
+    /// program of `ebpf`. A kernel that refuses only loses these metrics.
+    pub fn enable(ebpf: &Ebpf, enable: bool) -> Self {
+        if !enable {
+            return Self { _enabled: None, programs: Vec::new() };
+        }
+        // BPF_ENABLE_STATS needs CAP_SYS_ADMIN; without it, the node's
+        // `kernel.bpf_stats_enabled` sysctl may have them on for everyone.
+        let enabled = match aya::sys::enable_stats(aya::sys::Stats::RunTime) {
+            Ok(fd) => Some(fd),
+            Err(_) if sysctl_on() => None,
+            Err(e) => {
+                warn!(
+                    "cannot enable eBPF run-time statistics ({e}: it needs CAP_SYS_ADMIN, or the sysctl \
+                     kernel.bpf_stats_enabled=1 on the node); watchscope_program_* will be missing"
+                );
+                return Self { _enabled: None, programs: Vec::new() };
+            }
+        };
+        let mut programs = Vec::new();
+        for (name, prog) in ebpf.programs() {
+            // Not loaded (a program this kernel or configuration does not use).
+            let Ok(fd) = prog.fd() else { continue };
+            match fd.try_clone() {
+                Ok(fd) => programs.push((name.to_string(), fd)),
+                Err(e) => debug!(program = name, "cannot duplicate the program fd: {e}"),
+            }
+        }
+        programs.sort_by(|a, b| a.0.cmp(&b.0));
+        Self { _enabled: enabled, programs }
+    }
+
+    /// Run counts and times now.
+    pub fn read(&self) -> Vec<ProgramStats> {
+        self.programs
+            .iter()
+            .filter_map(|(name, fd)| {
+                let text = std::fs::read_to_string(format!("/proc/self/fdinfo/{}", fd.as_fd().as_raw_fd())).ok()?;
+                let (runs, run_ns) = parse_fdinfo(&text)?;
+                Some(ProgramStats { program: name.clone(), runs, run_ns })
+            })
+            .collect()
+    }
+}
+
+fn sysctl_on() -> bool {
+    std::fs::read_to_string("/proc/sys/kernel/bpf_stats_enabled").is_ok_and(|v| v.trim() == "1")
+}
+
+/// `run_cnt` and `run_time_ns` out of a BPF program fd's fdinfo text.
+fn parse_fdinfo(text: &str) -> Option<(u64, u64)> {
+    let field =
+        |key: &str| text.lines().find_map(|l| l.strip_prefix(key)?.strip_prefix(':')?.trim().parse::<u64>().ok());
+    Some((field("run_cnt")?, field("run_time_ns")?))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn reads_the_kernel_fdinfo_fields() {
+        let text = "pos:\t0\nflags:\t02000002\nmnt_id:\t16\nino:\t2077\nprog_type:\t5\nprog_jited:\t1\n\
+                    prog_tag:\t0123456789abcdef\nmemlock:\t4096\nprog_id:\t93\nrun_time_ns:\t123456\nrun_cnt:\t42\n\
+                    recursion_misses:\t0\nverified_insns:\t120\n";
+        assert_eq!(parse_fdinfo(text), Some((42, 123456)));
+        assert_eq!(parse_fdinfo("prog_id:\t1\n"), None);
+    }
+}

@@ -1,0 +1,41 @@
+//! The agent's own metrics: per-program run counts and times from the
+//! kernel's BPF statistics, probes by kind.
+
+use std::{process::Command, time::Duration};
+
+use watchscope_integration_tests::{Agent, wait_until};
+
+const EXEC_RUNS: &str = "watchscope_program_runs_total{program=\"sched_process_exec\"}";
+const EXEC_TIME: &str = "watchscope_program_run_seconds_total{program=\"sched_process_exec\"}";
+
+#[test]
+fn the_exec_program_run_count_grows_by_at_least_the_execs() {
+    const N: u32 = 200;
+    let agent = Agent::start(&["--comm", "wsnone", "--sidecar-comm", "wsnone"]);
+    let before = agent.sample(EXEC_RUNS);
+    let time_before = agent.sample(EXEC_TIME);
+    for _ in 0..N {
+        assert!(Command::new("/bin/true").status().expect("run true").success());
+    }
+    // Other processes on the machine exec too: at least N, never fewer.
+    let grew = wait_until(Duration::from_secs(5), || agent.sample(EXEC_RUNS) - before >= f64::from(N));
+    let runs = agent.sample(EXEC_RUNS) - before;
+    assert!(grew, "sched_process_exec ran {runs} times for {N} execs");
+    let secs = agent.sample(EXEC_TIME) - time_before;
+    // Some time, and under 100 µs a run (it is a few hundred ns here).
+    assert!(secs > 0.0 && secs / runs < 100e-6, "{secs} s over {runs} runs");
+    // The kernel exec counter agrees.
+    assert!(agent.sample("watchscope_execs_total") >= f64::from(N));
+}
+
+#[test]
+fn bpf_stats_can_be_turned_off() {
+    let agent = Agent::start(&["--comm", "wsnone", "--sidecar-comm", "wsnone", "--bpf-stats=false"]);
+    for _ in 0..10 {
+        assert!(Command::new("/bin/true").status().expect("run true").success());
+    }
+    std::thread::sleep(Duration::from_millis(300));
+    let text = agent.metrics();
+    assert!(text.contains("# TYPE watchscope_program_runs_total counter"), "the family is declared");
+    assert!(!text.contains("watchscope_program_runs_total{"), "no series without statistics:\n{text}");
+}
