@@ -442,6 +442,7 @@ fn sidecar(args: &BenchArgs) -> Result<()> {
             let a = if with_agent {
                 let a = spawn_quiet(Command::new(&agent).args([
                     "run",
+                    "--bpf-stats=false",
                     "--listen",
                     &format!("127.0.0.1:{aport}"),
                     "--sidecar-comm",
@@ -504,6 +505,16 @@ fn sidecar(args: &BenchArgs) -> Result<()> {
 /// it (returning a guard that keeps it on), runs the work and returns the
 /// nanoseconds the fixture measured itself.
 fn mapwork_run<T>(bin: &Path, args: &[&str], attach: impl FnOnce(u32) -> Result<T>) -> Result<f64> {
+    mapwork_run_then(bin, args, attach, || {})
+}
+
+/// `mapwork_run`, calling `done` after the work, while the tracer is still on.
+fn mapwork_run_then<T>(
+    bin: &Path,
+    args: &[&str],
+    attach: impl FnOnce(u32) -> Result<T>,
+    done: impl FnOnce(),
+) -> Result<f64> {
     use std::io::{BufRead, BufReader, Write};
     let mut child = Command::new(bin)
         .args(args)
@@ -523,6 +534,7 @@ fn mapwork_run<T>(bin: &Path, args: &[&str], attach: impl FnOnce(u32) -> Result<
     writeln!(stdin, "go")?;
     line.clear();
     out.read_line(&mut line)?;
+    done();
     drop(guard);
     let _ = writeln!(stdin, "exit");
     drop(child);
@@ -533,7 +545,8 @@ fn mapwork_run<T>(bin: &Path, args: &[&str], attach: impl FnOnce(u32) -> Result<
 fn agent_on(agent: &Path, port: u16, bin: &Path, extra: &[&str]) -> Result<Killed> {
     let comm = bin.file_name().and_then(|n| n.to_str()).context("fixture name")?;
     let mut cmd = Command::new(agent);
-    cmd.args(["run", "--listen", &format!("127.0.0.1:{port}"), "--go-comm", comm]).args(extra);
+    // The agent's own BPF statistics would add two clock reads per probe hit.
+    cmd.args(["run", "--bpf-stats=false", "--listen", &format!("127.0.0.1:{port}"), "--go-comm", comm]).args(extra);
     let a = spawn_quiet(&mut cmd)?;
     let probes = format!("http://127.0.0.1:{port}/debug/probes");
     let deadline = Instant::now() + Duration::from_secs(30);
@@ -544,6 +557,9 @@ fn agent_on(agent: &Path, port: u16, bin: &Path, extra: &[&str]) -> Result<Kille
             .as_array()
             .is_some_and(|b| b.iter().any(|b| b["path"].as_str() == bin.to_str() && b["attached"] == true));
         if attached {
+            // Let the agent's start-up work (scanning /proc, inspecting
+            // binaries) finish: on two cores it would compete with the run.
+            std::thread::sleep(Duration::from_secs(2));
             return Ok(a);
         }
         if Instant::now() > deadline {
@@ -645,17 +661,22 @@ fn gomap(args: &BenchArgs) -> Result<()> {
     let ours_prog = |n: &str| n == "go_entry" || n == "go_ret";
     // bpftrace names a program after its probe: runtime_mapassi…
     let bt_prog = |n: &str| n.starts_with("runtime_mapass");
-    let per_call = |keep: &dyn Fn(&str) -> bool, f: &mut dyn FnMut() -> Result<f64>| -> Result<f64> {
-        let sum = |v: Vec<(String, u64, u64)>| v.iter().fold((0u64, 0u64), |a, p| (a.0 + p.1, a.1 + p.2));
-        let (t0, c0) = sum(bpf_prog_costs(keep));
-        f()?;
-        let (t1, c1) = sum(bpf_prog_costs(keep));
+    // Read while the tracer is still attached: its programs go with it.
+    // They were loaded for this run, so their totals are this run's.
+    let per_call = |keep: &dyn Fn(&str) -> bool| {
+        let (t, c) = bpf_prog_costs(keep).iter().fold((0u64, 0u64), |a, p| (a.0 + p.1, a.1 + p.2));
         // Two runs (entry and return) per call.
-        Ok((t1 - t0) as f64 / ((c1 - c0) as f64 / 2.0).max(1.0))
+        t as f64 / (c as f64 / 2.0).max(1.0)
     };
-    let prog_ours =
-        per_call(&ours_prog, &mut || mapwork_run(&stripped, &ops, |_| agent_on(&agent, port, &stripped, &all)))?;
-    let prog_bt = per_call(&bt_prog, &mut || mapwork_run(&plain, &ops, |_| bpftrace_on(&plain)))?;
+    let mut prog_ours = 0.0;
+    mapwork_run_then(
+        &stripped,
+        &ops,
+        |_| agent_on(&agent, port, &stripped, &all),
+        || prog_ours = per_call(&ours_prog),
+    )?;
+    let mut prog_bt = 0.0;
+    mapwork_run_then(&plain, &ops, |_| bpftrace_on(&plain), || prog_bt = per_call(&bt_prog))?;
     let _ = std::fs::write("/proc/sys/kernel/bpf_stats_enabled", "0");
 
     step("growth mode (the default): the same fixture, and one that does nothing but grow maps");
