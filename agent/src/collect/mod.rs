@@ -2,6 +2,8 @@
 //! counted, into one [`Snapshot`] per scrape. Nothing here is on a hot path:
 //! the kernel already aggregated per CPU; we only sum the CPUs.
 
+pub mod chains;
+
 use std::{
     collections::HashMap,
     sync::{
