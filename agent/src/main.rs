@@ -7,6 +7,7 @@ use clap::{Args, Parser, Subcommand};
 use watchscope::{check, daemon, discover::ProcessFilter, host::HostRoot};
 
 mod inspect_cmd;
+mod record_cmd;
 
 #[derive(Debug, Parser)]
 #[command(name = "watchscope", version, about = "Explains why Kubernetes/etcd watches are late, from the kernel")]
@@ -26,6 +27,8 @@ enum Command {
     Run(RunArgs),
     /// Inspect a Go binary: version, ABI, functions, and the probe plan.
     Inspect(inspect_cmd::InspectArgs),
+    /// Attach for a while, then report stages, windows and the slowest watch event chains.
+    Record(record_cmd::RecordArgs),
 }
 
 #[derive(Debug, Args)]
@@ -106,6 +109,7 @@ fn dispatch(command: Command) -> Result<ExitCode> {
             Ok(if report.ready() { ExitCode::SUCCESS } else { ExitCode::FAILURE })
         }
         Command::Inspect(args) => inspect_cmd::run(args),
+        Command::Record(args) => record_cmd::run(args),
         Command::Run(args) => {
             let cfg = daemon::RunConfig {
                 listen: args.listen,

@@ -393,7 +393,9 @@ impl Chains {
     /// One record of `WS_WATCH_RECORDS`.
     pub fn on_watch(&mut self, r: &WatchRecord) {
         let key = (r.member, r.rev);
-        self.note_max(r);
+        if !self.closed {
+            self.note_max(r);
+        }
         if self.judged.contains(&key) {
             self.counts.late += 1;
             return;

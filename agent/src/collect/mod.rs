@@ -246,6 +246,8 @@ pub struct Snapshot {
     pub series_dropped: Vec<(&'static str, u64)>,
     pub decode_errors: u64,
     pub probes_attached: u64,
+    /// Watch event chains judged so far (`chains::Chains`).
+    pub watch_chains: chains::ChainCounts,
 }
 
 impl Snapshot {
@@ -331,6 +333,7 @@ impl Snapshot {
             series_dropped: vec![("process_execs", overflow)],
             decode_errors: user.decode_errors.load(Ordering::Relaxed),
             probes_attached: probes_attached as u64,
+            watch_chains: chains::ChainCounts::default(),
         }
     }
 
