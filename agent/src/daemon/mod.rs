@@ -66,8 +66,14 @@ impl MetricsSource for Agent {
         let probes = self.tracepoints.len()
             + self.status.uprobes_attached.load(Ordering::Relaxed)
             + self.status.sidecar_tracepoints.load(Ordering::Relaxed);
-        let mut s =
-            Snapshot::take(&self.maps, &self.user, &list(&self.slots), &list(&self.sidecar_slots), &self.windows, probes);
+        let mut s = Snapshot::take(
+            &self.maps,
+            &self.user,
+            &list(&self.slots),
+            &list(&self.sidecar_slots),
+            &self.windows,
+            probes,
+        );
         s.watch_chains = self.chains.lock().unwrap_or_else(|p| p.into_inner()).counts();
         s
     }

@@ -189,8 +189,7 @@ pub fn render_html(r: &Report, top: usize) -> String {
             o.push_str("<td class=\"l\"><div class=\"bar\">");
             for (i, s) in shares.iter().enumerate() {
                 if *s > 0.0 {
-                    let _ =
-                        write!(o, "<div style=\"width:{:.2}%;background:{}\"></div>", 100.0 * s, INNER_COLORS[i]);
+                    let _ = write!(o, "<div style=\"width:{:.2}%;background:{}\"></div>", 100.0 * s, INNER_COLORS[i]);
                 }
             }
             o.push_str("</div></td></tr>");
@@ -239,7 +238,12 @@ pub fn render_html(r: &Report, top: usize) -> String {
             .dropped
             .iter()
             .map(|(k, n)| format!("{k}={n}"))
-            .chain([("chain_evicted", c.evicted), ("chain_late", c.late)].iter().filter(|(_, n)| *n > 0).map(|(k, n)| format!("{k}={n}")))
+            .chain(
+                [("chain_evicted", c.evicted), ("chain_late", c.late)]
+                    .iter()
+                    .filter(|(_, n)| *n > 0)
+                    .map(|(k, n)| format!("{k}={n}")),
+            )
             .collect();
         let _ = write!(o, "<p class=\"sub\">Not recorded or not joined: {}</p>", esc(&drops.join(", ")));
     }

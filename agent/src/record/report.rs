@@ -270,7 +270,8 @@ pub fn render_text(r: &Report, top: usize, color: bool) -> String {
     let _ = writeln!(o);
     let _ = writeln!(o, "{}", bold("per stage and window (this recording only)"));
     let layout = r.bar_layout(40);
-    let mut head = format!("{:<24} {:>8} {:>9} {:>9} {:>9} {:>9}  ", "stage / window", "count", "p50", "p90", "p99", "max");
+    let mut head =
+        format!("{:<24} {:>8} {:>9} {:>9} {:>9} {:>9}  ", "stage / window", "count", "p50", "p90", "p99", "max");
     if let Some((lo, hi, g)) = layout {
         let n = (hi - lo) / g + 1;
         let left = edge_label(hist::bucket_lower_bound_seconds(lo));
@@ -355,7 +356,12 @@ pub fn render_text(r: &Report, top: usize, color: bool) -> String {
         .dropped
         .iter()
         .map(|(k, n)| format!("{k}={n}"))
-        .chain([("chain_evicted", c.evicted), ("chain_late", c.late)].iter().filter(|(_, n)| *n > 0).map(|(k, n)| format!("{k}={n}")))
+        .chain(
+            [("chain_evicted", c.evicted), ("chain_late", c.late)]
+                .iter()
+                .filter(|(_, n)| *n > 0)
+                .map(|(k, n)| format!("{k}={n}")),
+        )
         .collect();
     if !drops.is_empty() {
         let _ = writeln!(o);
