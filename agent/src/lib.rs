@@ -16,3 +16,4 @@ pub mod export;
 pub mod host;
 pub mod inspect;
 pub mod k8s;
+pub mod record;

@@ -8,6 +8,7 @@ use watchscope::{check, daemon, discover::ProcessFilter, host::HostRoot};
 
 mod inspect_cmd;
 mod k8s_args;
+mod record_cmd;
 
 #[derive(Debug, Parser)]
 #[command(name = "watchscope", version, about = "Explains why Kubernetes/etcd watches are late, from the kernel")]
@@ -27,6 +28,8 @@ enum Command {
     Run(Box<RunArgs>),
     /// Inspect a Go binary: version, ABI, functions, and the probe plan.
     Inspect(inspect_cmd::InspectArgs),
+    /// Attach for a while, then report stages, windows and the slowest watch event chains.
+    Record(record_cmd::RecordArgs),
 }
 
 #[derive(Debug, Args)]
@@ -130,6 +133,7 @@ fn dispatch(command: Command) -> Result<ExitCode> {
             Ok(if report.ready() { ExitCode::SUCCESS } else { ExitCode::FAILURE })
         }
         Command::Inspect(args) => inspect_cmd::run(args),
+        Command::Record(args) => record_cmd::run(args),
         Command::Run(args) => {
             let cfg = daemon::RunConfig {
                 listen: args.listen,

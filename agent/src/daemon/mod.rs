@@ -2,6 +2,7 @@
 //! attach, collect, export — until SIGINT or SIGTERM, then every probe
 //! detached.
 
+mod records;
 pub mod tracker;
 
 use std::{
@@ -18,7 +19,11 @@ use tracing::{debug, info, warn};
 
 use crate::{
     attach::{AttachedProbe, Probes, slots::Slots},
-    collect::{KernelMaps, Series, Snapshot, UserCounters, stats::BpfStats},
+    collect::{
+        KernelMaps, Series, Snapshot, UserCounters,
+        chains::{ChainSettings, Chains},
+        stats::BpfStats,
+    },
     discover::{ProcessFilter, exec},
     export::{
         server::{self, MetricsSource},
@@ -62,6 +67,7 @@ struct Agent {
     windows: Vec<String>,
     tracepoints: Vec<AttachedProbe>,
     status: Arc<Status>,
+    chains: Arc<Mutex<Chains>>,
 }
 
 impl MetricsSource for Agent {
@@ -87,6 +93,7 @@ impl MetricsSource for Agent {
             ("uprobe", self.status.uprobes_attached.load(Ordering::Relaxed) as u64),
         ];
         snap.programs = self.stats.read();
+        snap.watch_chains = self.chains.lock().unwrap_or_else(|p| p.into_inner()).counts();
         snap
     }
 
@@ -114,84 +121,139 @@ impl MetricsSource for Agent {
     }
 }
 
+/// The pipeline, started: kernel programs loaded, the first /proc scan
+/// done and probes attached, exec/exit events and watch records consumed.
+/// `run` serves it over HTTP; `record` reads it directly.
+pub struct Pipeline {
+    agent: Arc<Agent>,
+    chains: Arc<Mutex<Chains>>,
+    stops: Vec<tokio::sync::oneshot::Sender<()>>,
+    events_task: tokio::task::JoinHandle<usize>,
+    records_task: tokio::task::JoinHandle<()>,
+    n_tracepoints: usize,
+}
+
+impl Pipeline {
+    /// Starts everything but the HTTP server; call inside a tokio runtime.
+    pub fn start(cfg: &RunConfig, chain_settings: ChainSettings) -> Result<Pipeline> {
+        let mut probes = Probes::load_and_attach(&cfg.root).context("attaching the kernel programs")?;
+        let maps = KernelMaps::take(&mut probes.ebpf).context("opening the kernel maps")?;
+        let events = probes.ebpf.take_map("WS_EVENTS").context("the eBPF object has no WS_EVENTS map")?;
+        let events = RingBuf::try_from(events).context("opening the event ring buffer")?;
+        let records = records::RecordRings::take(&mut probes.ebpf)?;
+        let maps = Arc::new(Mutex::new(maps));
+        let user = Arc::new(UserCounters::new(cfg.max_series));
+        let chains = Arc::new(Mutex::new(Chains::new(chain_settings)));
+        let slots = Arc::new(Mutex::new(Slots::default()));
+        let sidecar_slots = Arc::new(Mutex::new(Slots::with_capacity(agent_common::sidecar::MAX_SIDECAR_SLOTS)));
+        let series = Arc::new(Mutex::new(Series::new(cfg.max_series)));
+        let status = Arc::new(Status::default());
+        let tracepoints = probes.attached.clone();
+        let n_tracepoints = tracepoints.len();
+        let windows = cfg.go.windows.names().to_vec();
+        // Pod metadata: a refresher thread of its own; nothing waits for it.
+        let pods = match &cfg.kubelet {
+            Some(k) => {
+                info!(url = %k.url, "reading pod metadata from the kubelet");
+                Some(
+                    crate::k8s::kubelet::Kubelet::new(k.clone())
+                        .spawn_refresher()
+                        .context("starting the kubelet client")?,
+                )
+            }
+            None => None,
+        };
+        let labelling = Labelling {
+            resolver: Resolver::new(cfg.root.clone(), pods, cfg.label_pid),
+            maps: maps.clone(),
+            series: series.clone(),
+            windows: windows.clone(),
+        };
+
+        let mut tracker = Tracker::new(
+            cfg.root.clone(),
+            cfg.filter.clone(),
+            cfg.sidecar.clone(),
+            cfg.go.clone(),
+            probes.ebpf,
+            slots.clone(),
+            sidecar_slots.clone(),
+            status.clone(),
+            labelling,
+        )?;
+        // Every program is loaded by now (uprobe programs are loaded at start
+        // and attached per binary later).
+        let stats = BpfStats::enable(tracker.ebpf(), cfg.bpf_stats);
+        let agent = Arc::new(Agent {
+            maps,
+            user: user.clone(),
+            slots,
+            sidecar_slots,
+            series,
+            stats,
+            windows,
+            tracepoints,
+            status,
+            chains: chains.clone(),
+        });
+        // The initial scan: processes that were running before the agent.
+        tracker.reconcile();
+        agent.status.scanned.store(true, Ordering::Relaxed);
+
+        let (stop_tx, stop_rx) = tokio::sync::oneshot::channel();
+        let events_task = tokio::spawn(event_loop(events, cfg.filter.clone(), user.clone(), tracker, stop_rx));
+        let (rec_tx, rec_rx) = tokio::sync::oneshot::channel();
+        let records_task = tokio::spawn(records::records_loop(records, chains.clone(), user, rec_rx));
+        Ok(Pipeline { agent, chains, stops: vec![stop_tx, rec_tx], events_task, records_task, n_tracepoints })
+    }
+
+    pub fn source(&self) -> Arc<dyn MetricsSource> {
+        self.agent.clone()
+    }
+
+    pub fn snapshot(&self) -> Snapshot {
+        self.agent.snapshot()
+    }
+
+    pub fn chains(&self) -> Arc<Mutex<Chains>> {
+        self.chains.clone()
+    }
+
+    /// Stops the loops and detaches every probe; returns how many.
+    pub async fn stop(self) -> usize {
+        for s in self.stops {
+            let _ = s.send(());
+        }
+        if let Err(e) = self.records_task.await {
+            warn!("record loop ended abnormally: {e}");
+        }
+        let detached = match self.events_task.await {
+            Ok(n) => n,
+            Err(e) => {
+                warn!("event loop ended abnormally: {e}");
+                0
+            }
+        };
+        // The tracker dropped the object: tracepoints and uprobes are detached.
+        self.n_tracepoints + detached
+    }
+}
+
 pub async fn run(cfg: RunConfig) -> Result<()> {
     // Bind first: a port in use fails before anything is loaded into the kernel.
     let listener = server::bind(cfg.listen).await.with_context(|| format!("cannot listen on {}", cfg.listen))?;
     let bound = listener.local_addr().context("reading the bound address")?;
-
-    let mut probes = Probes::load_and_attach(&cfg.root).context("attaching the kernel programs")?;
-    let maps = KernelMaps::take(&mut probes.ebpf).context("opening the kernel maps")?;
-    let events = probes.ebpf.take_map("WS_EVENTS").context("the eBPF object has no WS_EVENTS map")?;
-    let events = RingBuf::try_from(events).context("opening the event ring buffer")?;
-    let maps = Arc::new(Mutex::new(maps));
-    let user = Arc::new(UserCounters::new(cfg.max_series));
-    let slots = Arc::new(Mutex::new(Slots::default()));
-    let sidecar_slots = Arc::new(Mutex::new(Slots::with_capacity(agent_common::sidecar::MAX_SIDECAR_SLOTS)));
-    let series = Arc::new(Mutex::new(Series::new(cfg.max_series)));
-    let status = Arc::new(Status::default());
-    let tracepoints = probes.attached.clone();
-    let n_tracepoints = tracepoints.len();
-    let windows = cfg.go.windows.names().to_vec();
-    // Pod metadata: a refresher thread of its own; nothing waits for it.
-    let pods = match &cfg.kubelet {
-        Some(k) => {
-            info!(url = %k.url, "reading pod metadata from the kubelet");
-            Some(
-                crate::k8s::kubelet::Kubelet::new(k.clone())
-                    .spawn_refresher()
-                    .context("starting the kubelet client")?,
-            )
-        }
-        None => None,
-    };
-    let labelling = Labelling {
-        resolver: Resolver::new(cfg.root.clone(), pods, cfg.label_pid),
-        maps: maps.clone(),
-        series: series.clone(),
-        windows: windows.clone(),
-    };
-
-    let mut tracker = Tracker::new(
-        cfg.root.clone(),
-        cfg.filter.clone(),
-        cfg.sidecar.clone(),
-        cfg.go.clone(),
-        probes.ebpf,
-        slots.clone(),
-        sidecar_slots.clone(),
-        status.clone(),
-        labelling,
-    )?;
-    // Every program is loaded by now (uprobe programs are loaded at start
-    // and attached per binary later).
-    let stats = BpfStats::enable(tracker.ebpf(), cfg.bpf_stats);
-    let agent =
-        Arc::new(Agent { maps, user: user.clone(), slots, sidecar_slots, series, stats, windows, tracepoints, status });
-    // The initial scan: processes that were running before the agent.
-    tracker.reconcile();
-    agent.status.scanned.store(true, Ordering::Relaxed);
-
+    let pipeline = Pipeline::start(&cfg, ChainSettings::default())?;
     let scheme = if cfg.web.tls.is_some() { "https" } else { "http" };
     info!(basic_auth = cfg.web.auth.is_some(), "serving metrics on {scheme}://{bound}/metrics");
-    let (stop_tx, stop_rx) = tokio::sync::oneshot::channel();
-    let events_task = tokio::spawn(event_loop(events, cfg.filter.clone(), user, tracker, stop_rx));
-    let app = server::router(agent);
+    let app = server::router(pipeline.source());
     server::serve(listener, app, &cfg.web, shutdown_signal()).await.context("HTTP server failed")?;
-
-    let _ = stop_tx.send(());
-    let detached = match events_task.await {
-        Ok(n) => n,
-        Err(e) => {
-            warn!("event loop ended abnormally: {e}");
-            0
-        }
-    };
-    // The tracker dropped the object: tracepoints and uprobes are detached.
-    info!(probes = n_tracepoints + detached, "detached every probe; exiting");
+    let probes = pipeline.stop().await;
+    info!(probes, "detached every probe; exiting");
     Ok(())
 }
 
-async fn shutdown_signal() {
+pub async fn shutdown_signal() {
     let mut term = match tokio::signal::unix::signal(SignalKind::terminate()) {
         Ok(s) => s,
         Err(e) => {

@@ -74,6 +74,14 @@ pub const WATCH_EVENTS: Family = Family {
     help: "etcd watch events (not responses): sent by a server to each watcher, or dispatched by a client.",
 };
 
+pub const WATCH_CHAINS: Family = Family {
+    name: "watch_chains",
+    kind: MetricType::Counter,
+    help: "Watch events followed from commit to the clients on this node, judged per revision: complete, slow \
+           (a stage over 100 ms), or broken (a client on this node that had received the stream's earlier events \
+           did not dispatch this one within 5 s).",
+};
+
 pub const SIDECAR_SECONDS: Family = Family {
     name: "sidecar_seconds",
     kind: MetricType::Histogram,
@@ -144,6 +152,7 @@ pub const FAMILIES: &[Family] = &[
     PROCESS_EXECS,
     WATCH_STAGE_SECONDS,
     WATCH_EVENTS,
+    WATCH_CHAINS,
     SIDECAR_SECONDS,
     SIDECAR_CROSSINGS,
     SIDECAR_UNMATCHED,
@@ -189,6 +198,11 @@ impl Collector for SnapshotCollector {
         counts(&mut enc, &PROCESS_EXECS, &s.watched_execs)?;
         histograms(&mut enc, &WATCH_STAGE_SECONDS, &s.watch_stages)?;
         counts(&mut enc, &WATCH_EVENTS, &s.watch_events)?;
+        let chains: Vec<_> = crate::collect::chains::Outcome::ALL
+            .iter()
+            .map(|o| ([("outcome", o.name())], s.watch_chains.get(*o)))
+            .collect();
+        counter(&mut enc, &WATCH_CHAINS, &chains.iter().map(|(l, n)| (&l[..], *n)).collect::<Vec<_>>())?;
         histograms(&mut enc, &GO_MAP_SECONDS, &s.go_maps)?;
         histograms(&mut enc, &GO_GC_ASSIST_SECONDS, &s.gc_assist)?;
         counts(&mut enc, &GO_MAP_GROW_EVENTS, &s.grow_events)?;
@@ -202,6 +216,11 @@ impl Collector for SnapshotCollector {
         let mut dropped: Vec<([(&str, &str); 1], u64)> =
             Counter::ALL.iter().filter_map(|c| Some(([("reason", c.drop_reason()?)], s.kernel(*c)))).collect();
         dropped.push(([("reason", "decode_error")], s.decode_errors));
+        let c = &s.watch_chains;
+        dropped.push(([("reason", "chain_evicted")], c.evicted));
+        dropped.push(([("reason", "chain_late")], c.late));
+        dropped.push(([("reason", "chain_window_evicted")], c.windows_evicted));
+        dropped.push(([("reason", "chain_hops_over_cap")], c.hops_dropped));
         counter(&mut enc, &DROPPED, &dropped.iter().map(|(l, n)| (&l[..], *n)).collect::<Vec<_>>())?;
         let dropped: Vec<_> = s.series_dropped.iter().map(|(f, n)| ([("family", *f)], *n)).collect();
         counter(&mut enc, &SERIES_DROPPED, &dropped.iter().map(|(l, n)| (&l[..], *n)).collect::<Vec<_>>())?;
@@ -308,6 +327,7 @@ mod tests {
         s.watch_stages =
             vec![LabelledHistogram { labels: who("etcd").pairs(&[("stage", "commit_to_send".into())]), hist: h }];
         s.watch_events = vec![LabelledCount::new(who("etcd").pairs(&[("side", "server".into())]), 2)];
+        s.watch_chains.broken = 7;
         s
     }
 
@@ -339,6 +359,8 @@ mod tests {
         assert_eq!(sample_value(&text, &format!("{h}_bucket{{le=\"+Inf\",{l}}}")), Some(2.0));
         assert_eq!(text.matches(&format!("{h}_bucket{{le=")).count(), agent_common::NBUCKETS);
         assert_eq!(sample_value(&text, &format!("watchscope_watch_events_total{{side=\"server\",{WHO}}}")), Some(2.0));
+        assert_eq!(sample_value(&text, "watchscope_watch_chains_total{outcome=\"broken\"}"), Some(7.0));
+        assert_eq!(sample_value(&text, "watchscope_watch_chains_total{outcome=\"complete\"}"), Some(0.0));
     }
 
     #[test]

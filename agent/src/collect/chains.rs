@@ -1,0 +1,898 @@
+//! Watch event chains: the per-event records of `WS_WATCH_RECORDS` and the
+//! closed windows of `WS_WINDOW_RECORDS`, joined per revision into one path
+//! per watch event — commit → enqueue → send (per watcher, on a server on
+//! this node) → dispatch (per client process on this node) → handler window
+//! (the `etcd_dispatch` window on the dispatching goroutine) — and judged
+//! `complete`, `slow` or `broken`.
+//!
+//! Pure logic: no kernel, no clock of its own (every call takes `now` in
+//! CLOCK_MONOTONIC nanoseconds, the clock of `bpf_ktime_get_ns`), so it is
+//! unit-tested with synthetic records.
+//!
+//! # Joining
+//!
+//! A chain is keyed by (member, revision). Both sides read `member` from the
+//! same `WatchResponse.Header.MemberId` (etcd.rs `response`): the server at
+//! its gRPC `Send`, the client when it decodes that very response, so the
+//! server's and the client's records of one event carry the same member and
+//! the event's own `kv.ModRevision`. A transaction's several events share
+//! one revision and so one chain (each watcher gets one send per event).
+//!
+//! # When a chain is broken: who should have received it
+//!
+//! `watch_id` alone does not name a watcher: etcd numbers watchers per gRPC
+//! stream, so every client's first watcher is watch 0. What names a stream
+//! is the goroutine each side runs it on, which every record carries (`g`):
+//! on the server, one `sendLoop` goroutine per stream calls `Send`; on the
+//! client, one `watchGrpcStream.run` goroutine per stream calls
+//! `dispatchEvent`. So a server stream is (server tgid, g) and a client
+//! stream is (client tgid, g), and the two ends are **paired** by evidence:
+//! when a client stream dispatches (member, rev, watch W) and exactly one
+//! server stream sent (member, rev, watch W), those two streams are one
+//! connection. (Two server streams that both sent (rev, W) are ambiguous and
+//! teach nothing; a later, unambiguous revision does.)
+//!
+//! The rule: **a send from a server stream paired with a client stream on
+//! this node expects one dispatch of the same (member, rev, watch id) from
+//! that client stream.** A chain is `broken` when, `timeout` after its
+//! commit, an expected dispatch has not arrived. Everything else cannot be
+//! broken: a send on a stream never paired (a watcher on another node, the
+//! in-process JSON gateway, a client that has not dispatched anything yet)
+//! expects nothing here, and a dispatch whose server runs elsewhere has
+//! nothing upstream on this node to miss. Pairings are forgotten when the
+//! client process is gone (checked when a chain would be judged broken), so
+//! a goroutine address reused by a new server stream towards another node
+//! does not inherit a dead client.
+//!
+//! # Judging, and bounds
+//!
+//! A chain is judged once, at commit + `timeout` (its first record's time
+//! when the commit was not seen here): by then every stage that was going to
+//! happen inside the timeout has happened. Records of a judged chain that
+//! arrive later are counted as `late`, never start a second chain. Pending
+//! chains are capped (`max_pending`): past the cap the oldest is dropped
+//! unjudged and counted as `evicted`; so are windows waiting for their
+//! dispatch record (the two ring buffers are read one after the other, so a
+//! window can arrive before the dispatch it contains).
+
+use std::collections::{BTreeMap, HashMap, HashSet, VecDeque};
+
+use agent_common::{
+    goruntime::{Inner, WindowRecord},
+    watch::{Side, Stage, WatchRecord},
+};
+
+/// Index of the etcd client's `dispatchEvent` window in the agent's window
+/// table (`attach::goruntime::BUILTIN_WINDOWS[0]`).
+pub const DISPATCH_WINDOW: u32 = 0;
+
+/// Most sends or dispatches kept per chain (a revision sent to thousands of
+/// watchers is still judged on the first ones; the rest are counted).
+const MAX_HOPS: usize = 1024;
+/// Most (member, revision) keys remembered after judgement, to recognise
+/// late records.
+const MAX_JUDGED: usize = 65536;
+/// Most windows waiting for their dispatch record.
+const MAX_ORPHAN_WINDOWS: usize = 4096;
+/// Most stream pairings.
+const MAX_PAIRS: usize = 4096;
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct ChainSettings {
+    /// A stage longer than this marks the chain `slow` (`warn`).
+    pub warn_ns: u64,
+    /// A stage longer than this is marked `error` (the chain is `slow`).
+    pub error_ns: u64,
+    /// How long after its commit an expected dispatch may arrive.
+    pub timeout_ns: u64,
+    pub max_pending: usize,
+    /// Judged chains kept for a report (the worst ones); 0 in `run`.
+    pub keep: usize,
+}
+
+impl Default for ChainSettings {
+    fn default() -> Self {
+        Self { warn_ns: 100_000_000, error_ns: 1_000_000_000, timeout_ns: 5_000_000_000, max_pending: 65536, keep: 0 }
+    }
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum Outcome {
+    Complete,
+    Slow,
+    Broken,
+}
+
+impl Outcome {
+    pub const ALL: [Outcome; 3] = [Outcome::Complete, Outcome::Slow, Outcome::Broken];
+
+    pub fn name(self) -> &'static str {
+        match self {
+            Outcome::Complete => "complete",
+            Outcome::Slow => "slow",
+            Outcome::Broken => "broken",
+        }
+    }
+}
+
+/// How one stage of a chain went, worst last.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, PartialOrd, Ord)]
+pub enum Mark {
+    #[default]
+    Ok,
+    Warn,
+    Error,
+    Broken,
+}
+
+impl Mark {
+    pub fn name(self) -> &'static str {
+        match self {
+            Mark::Ok => "ok",
+            Mark::Warn => "warn",
+            Mark::Error => "error",
+            Mark::Broken => "broken",
+        }
+    }
+}
+
+/// (process, goroutine): one end of a watch stream.
+pub type Stream = (u32, u64);
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct SendHop {
+    pub stream: Stream,
+    pub watch_id: i64,
+    /// 0 when the per-watcher enqueue was not seen.
+    pub enqueue_ns: u64,
+    pub at_ns: u64,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct WindowSpan {
+    pub start_ns: u64,
+    pub end_ns: u64,
+    pub inner: [u64; Inner::COUNT as usize],
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct DispatchHop {
+    pub stream: Stream,
+    pub watch_id: i64,
+    pub at_ns: u64,
+    /// The handler window the dispatch ran in, once its record arrived.
+    pub window: Option<WindowSpan>,
+}
+
+/// A dispatch that was expected and did not arrive.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Missing {
+    pub client: Stream,
+    pub watch_id: i64,
+    pub count: u32,
+}
+
+/// One watch event's path through this node.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Chain {
+    pub member: u64,
+    pub rev: i64,
+    /// etcd's notify time of the revision, 0 when not seen on this node.
+    pub commit_ns: u64,
+    /// The time stages are shown relative to: the commit, or the first record.
+    pub origin_ns: u64,
+    pub sends: Vec<SendHop>,
+    pub dispatches: Vec<DispatchHop>,
+    pub missing: Vec<Missing>,
+    pub outcome: Outcome,
+}
+
+/// The stages of a chain as a trace view shows them: the latest time each
+/// stage was reached (relative to the origin) and how its worst hop went.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct StageView {
+    /// Relative time of the latest arrival at this stage, if any arrived.
+    pub at_ns: Option<u64>,
+    /// The longest hop into this stage (from the stage before it).
+    pub hop_ns: u64,
+    pub mark: Mark,
+}
+
+/// Columns of the chain view, in path order.
+pub const VIEW_STAGES: [&str; 4] = ["enqueue", "send", "dispatch", "handler"];
+
+impl Chain {
+    fn mark(hop: u64, s: &ChainSettings) -> Mark {
+        if hop > s.error_ns {
+            Mark::Error
+        } else if hop > s.warn_ns {
+            Mark::Warn
+        } else {
+            Mark::Ok
+        }
+    }
+
+    /// One `StageView` per `VIEW_STAGES`.
+    pub fn view(&self, s: &ChainSettings) -> [StageView; 4] {
+        let mut v = [StageView::default(); 4];
+        let rel = |t: u64| t.saturating_sub(self.origin_ns);
+        let mut put = |i: usize, at: u64, hop: Option<u64>| {
+            let e: &mut StageView = &mut v[i];
+            e.at_ns = Some(e.at_ns.map_or(rel(at), |a| a.max(rel(at))));
+            if let Some(h) = hop {
+                e.hop_ns = e.hop_ns.max(h);
+                e.mark = e.mark.max(Self::mark(h, s));
+            }
+        };
+        let commit = (self.commit_ns != 0).then_some(self.commit_ns);
+        for send in &self.sends {
+            let enq = (send.enqueue_ns != 0).then_some(send.enqueue_ns);
+            if let Some(e) = enq {
+                put(0, e, commit.map(|c| e.saturating_sub(c)));
+            }
+            put(1, send.at_ns, enq.or(commit).map(|p| send.at_ns.saturating_sub(p)));
+        }
+        for d in &self.dispatches {
+            // The hop into dispatch starts at the send of the same watch id
+            // that preceded it (the server's side of this copy), else at the
+            // commit.
+            let sent = self
+                .sends
+                .iter()
+                .filter(|x| x.watch_id == d.watch_id && x.at_ns <= d.at_ns)
+                .map(|x| x.at_ns)
+                .max()
+                .or(commit);
+            put(2, d.at_ns, sent.map(|p| d.at_ns.saturating_sub(p)));
+            if let Some(w) = d.window {
+                put(3, w.end_ns, Some(w.end_ns.saturating_sub(w.start_ns)));
+            }
+        }
+        if !self.missing.is_empty() {
+            v[2].mark = Mark::Broken;
+        }
+        v
+    }
+
+    /// Worst mark over the whole chain.
+    pub fn worst(&self, s: &ChainSettings) -> Mark {
+        self.view(s).iter().map(|v| v.mark).max().unwrap_or_default()
+    }
+
+    /// Time from origin to the last stage reached.
+    pub fn span_ns(&self) -> u64 {
+        let last = self
+            .sends
+            .iter()
+            .map(|x| x.at_ns)
+            .chain(self.dispatches.iter().map(|d| d.window.map_or(d.at_ns, |w| w.end_ns.max(d.at_ns))))
+            .max()
+            .unwrap_or(self.origin_ns);
+        last.saturating_sub(self.origin_ns)
+    }
+}
+
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct ChainCounts {
+    pub complete: u64,
+    pub slow: u64,
+    pub broken: u64,
+    /// Pending chains dropped unjudged at the cap.
+    pub evicted: u64,
+    /// Records of chains already judged.
+    pub late: u64,
+    /// Windows dropped while waiting for their dispatch record.
+    pub windows_evicted: u64,
+    /// Sends or dispatches past a chain's MAX_HOPS (counted, not kept).
+    pub hops_dropped: u64,
+}
+
+impl ChainCounts {
+    pub fn get(&self, o: Outcome) -> u64 {
+        match o {
+            Outcome::Complete => self.complete,
+            Outcome::Slow => self.slow,
+            Outcome::Broken => self.broken,
+        }
+    }
+}
+
+/// Maxima seen in the records (the histograms only know buckets).
+#[derive(Clone, Debug, Default)]
+pub struct RecordMax {
+    pub stages: [u64; Stage::COUNT as usize],
+    /// Per window index.
+    pub windows: BTreeMap<u32, u64>,
+}
+
+struct Pending {
+    chain: Chain,
+    deadline: u64,
+}
+
+pub struct Chains {
+    settings: ChainSettings,
+    pending: HashMap<(u64, i64), Pending>,
+    /// Pending keys by deadline (deadline, key): judged and evicted in order.
+    order: BTreeMap<(u64, u64, i64), ()>,
+    judged: HashSet<(u64, i64)>,
+    judged_order: VecDeque<(u64, i64)>,
+    /// server stream → client stream, learned from joined events.
+    pairs: HashMap<Stream, Stream>,
+    orphan_windows: VecDeque<(Stream, WindowSpan)>,
+    /// Pending chains with a dispatch still waiting for its window, by the
+    /// dispatching stream (so a window looks at its own chains only).
+    awaiting_window: HashMap<Stream, Vec<(u64, i64)>>,
+    counts: ChainCounts,
+    /// The worst judged chains (at most `settings.keep`).
+    kept: Vec<Chain>,
+    max: RecordMax,
+    /// Records that would start a new chain are ignored (a recording ended).
+    closed: bool,
+}
+
+impl Chains {
+    pub fn new(settings: ChainSettings) -> Self {
+        Self {
+            settings,
+            pending: HashMap::new(),
+            order: BTreeMap::new(),
+            judged: HashSet::new(),
+            judged_order: VecDeque::new(),
+            pairs: HashMap::new(),
+            orphan_windows: VecDeque::new(),
+            awaiting_window: HashMap::new(),
+            counts: ChainCounts::default(),
+            kept: Vec::new(),
+            max: RecordMax::default(),
+            closed: false,
+        }
+    }
+
+    pub fn settings(&self) -> &ChainSettings {
+        &self.settings
+    }
+
+    pub fn counts(&self) -> ChainCounts {
+        self.counts
+    }
+
+    pub fn record_max(&self) -> &RecordMax {
+        &self.max
+    }
+
+    pub fn pending(&self) -> usize {
+        self.pending.len()
+    }
+
+    /// The worst judged chains, worst first.
+    pub fn kept(&self) -> Vec<Chain> {
+        let mut k = self.kept.clone();
+        self.sort_worst_first(&mut k);
+        k
+    }
+
+    fn sort_worst_first(&self, v: &mut [Chain]) {
+        let s = self.settings;
+        v.sort_by(|a, b| {
+            (b.outcome, b.worst(&s), b.span_ns(), a.rev).cmp(&(a.outcome, a.worst(&s), a.span_ns(), b.rev))
+        });
+    }
+
+    /// Stops new chains from starting (records of pending ones still join).
+    pub fn close(&mut self) {
+        self.closed = true;
+    }
+
+    /// One record of `WS_WATCH_RECORDS`.
+    pub fn on_watch(&mut self, r: &WatchRecord) {
+        let key = (r.member, r.rev);
+        if !self.closed {
+            self.note_max(r);
+        }
+        if self.judged.contains(&key) {
+            self.counts.late += 1;
+            return;
+        }
+        if !self.pending.contains_key(&key) {
+            if self.closed {
+                return;
+            }
+            if self.pending.len() >= self.settings.max_pending.max(1) {
+                self.evict_oldest();
+            }
+            let origin = if r.commit_ns != 0 { r.commit_ns } else { r.at_ns };
+            let deadline = origin.saturating_add(self.settings.timeout_ns);
+            let chain = Chain {
+                member: r.member,
+                rev: r.rev,
+                commit_ns: r.commit_ns,
+                origin_ns: origin,
+                sends: Vec::new(),
+                dispatches: Vec::new(),
+                missing: Vec::new(),
+                outcome: Outcome::Complete,
+            };
+            self.pending.insert(key, Pending { chain, deadline });
+            self.order.insert((deadline, key.0, key.1), ());
+        }
+        let Some(p) = self.pending.get_mut(&key) else { return };
+        let c = &mut p.chain;
+        if c.commit_ns == 0 && r.commit_ns != 0 {
+            // A later record saw the commit: show stages relative to it. The
+            // deadline stays: it only ever moves later by waiting.
+            c.commit_ns = r.commit_ns;
+            c.origin_ns = c.origin_ns.min(r.commit_ns);
+        }
+        let stream = (r.tgid, r.g);
+        if r.side == Side::Server as u32 {
+            if c.sends.len() < MAX_HOPS {
+                c.sends.push(SendHop { stream, watch_id: r.watch_id, enqueue_ns: r.enqueue_ns, at_ns: r.at_ns });
+            } else {
+                self.counts.hops_dropped += 1;
+            }
+            return;
+        }
+        // A client dispatch: pair the streams when one server stream alone
+        // sent this (rev, watch id).
+        let mut senders = c.sends.iter().filter(|s| s.watch_id == r.watch_id).map(|s| s.stream);
+        if let Some(first) = senders.next()
+            && senders.all(|s| s == first)
+            && (self.pairs.len() < MAX_PAIRS || self.pairs.contains_key(&first))
+        {
+            self.pairs.insert(first, stream);
+        }
+        let window = find_window(&self.orphan_windows, stream, r.at_ns);
+        if c.dispatches.len() < MAX_HOPS {
+            c.dispatches.push(DispatchHop { stream, watch_id: r.watch_id, at_ns: r.at_ns, window });
+            if window.is_none() {
+                let keys = self.awaiting_window.entry(stream).or_default();
+                if !keys.contains(&key) {
+                    keys.push(key);
+                }
+            }
+        } else {
+            self.counts.hops_dropped += 1;
+        }
+    }
+
+    /// One record of `WS_WINDOW_RECORDS`.
+    pub fn on_window(&mut self, w: &WindowRecord) {
+        let d = w.end_ns.saturating_sub(w.start_ns);
+        let m = self.max.windows.entry(w.window).or_default();
+        *m = (*m).max(d);
+        if w.window != DISPATCH_WINDOW {
+            return;
+        }
+        let stream = (w.tgid, w.g);
+        let span = WindowSpan { start_ns: w.start_ns, end_ns: w.end_ns, inner: w.inner };
+        // Its dispatches may already be in pending chains (the usual order).
+        let mut joined = false;
+        let keys = self.awaiting_window.get(&stream).cloned().unwrap_or_default();
+        for k in &keys {
+            let Some(p) = self.pending.get_mut(k) else { continue };
+            for d in p.chain.dispatches.iter_mut() {
+                if d.window.is_none() && d.stream == stream && span.start_ns <= d.at_ns && d.at_ns <= span.end_ns {
+                    d.window = Some(span);
+                    joined = true;
+                }
+            }
+        }
+        if !joined {
+            if self.orphan_windows.len() >= MAX_ORPHAN_WINDOWS {
+                self.orphan_windows.pop_front();
+                self.counts.windows_evicted += 1;
+            }
+            self.orphan_windows.push_back((stream, span));
+        }
+    }
+
+    fn note_max(&mut self, r: &WatchRecord) {
+        let m = &mut self.max.stages;
+        let mut put = |s: Stage, from: u64, to: u64| {
+            if from != 0 && to >= from {
+                let i = s as usize;
+                m[i] = m[i].max(to - from);
+            }
+        };
+        if r.side == Side::Server as u32 {
+            put(Stage::CommitToEnqueue, r.commit_ns, r.enqueue_ns);
+            put(Stage::EnqueueToSend, r.enqueue_ns, r.at_ns);
+            put(Stage::CommitToSend, r.commit_ns, r.at_ns);
+        } else {
+            put(Stage::CommitToDispatch, r.commit_ns, r.at_ns);
+        }
+    }
+
+    /// Judges every chain whose deadline passed. `alive` says whether a
+    /// client process still exists (a dead one's pairings are dropped and
+    /// expect nothing).
+    pub fn expire(&mut self, now_ns: u64, alive: &dyn Fn(u32) -> bool) {
+        while let Some((&(deadline, m, r), _)) = self.order.iter().next() {
+            if deadline > now_ns {
+                break;
+            }
+            self.order.remove(&(deadline, m, r));
+            if let Some(p) = self.pending.remove(&(m, r)) {
+                self.judge(p, alive);
+            }
+        }
+        // Windows older than any chain could still wait for.
+        let horizon = now_ns.saturating_sub(self.settings.timeout_ns.saturating_mul(2));
+        while self.orphan_windows.front().is_some_and(|(_, w)| w.end_ns < horizon) {
+            self.orphan_windows.pop_front();
+        }
+    }
+
+    /// At the end of a recording: judges at once every pending chain that
+    /// has all it expects (a later record could still only make it slower),
+    /// and returns how many still wait for an expected dispatch.
+    pub fn finish_ready(&mut self, alive: &dyn Fn(u32) -> bool) -> usize {
+        let ready: Vec<(u64, i64)> =
+            self.pending.iter().filter(|(_, p)| self.missing(&p.chain, alive).is_empty()).map(|(k, _)| *k).collect();
+        for key in ready {
+            if let Some(p) = self.pending.remove(&key) {
+                self.order.remove(&(p.deadline, key.0, key.1));
+                self.judge(p, alive);
+            }
+        }
+        self.pending.len()
+    }
+
+    fn missing(&self, c: &Chain, alive: &dyn Fn(u32) -> bool) -> Vec<Missing> {
+        // Expected dispatches per (client stream, watch id), and those seen.
+        let mut want: BTreeMap<(Stream, i64), i64> = BTreeMap::new();
+        for s in &c.sends {
+            if let Some(client) = self.pairs.get(&s.stream)
+                && alive(client.0)
+            {
+                *want.entry((*client, s.watch_id)).or_default() += 1;
+            }
+        }
+        for d in &c.dispatches {
+            if let Some(n) = want.get_mut(&(d.stream, d.watch_id)) {
+                *n -= 1;
+            }
+        }
+        want.into_iter()
+            .filter(|(_, n)| *n > 0)
+            .map(|((client, watch_id), n)| Missing { client, watch_id, count: n as u32 })
+            .collect()
+    }
+
+    fn judge(&mut self, p: Pending, alive: &dyn Fn(u32) -> bool) {
+        let mut c = p.chain;
+        for d in &c.dispatches {
+            if let Some(keys) = self.awaiting_window.get_mut(&d.stream) {
+                keys.retain(|k| *k != (c.member, c.rev));
+                if keys.is_empty() {
+                    self.awaiting_window.remove(&d.stream);
+                }
+            }
+        }
+        self.pairs.retain(|_, client| alive(client.0));
+        c.missing = self.missing(&c, alive);
+        c.outcome = if !c.missing.is_empty() {
+            Outcome::Broken
+        } else if c.worst(&self.settings) >= Mark::Warn {
+            Outcome::Slow
+        } else {
+            Outcome::Complete
+        };
+        match c.outcome {
+            Outcome::Complete => self.counts.complete += 1,
+            Outcome::Slow => self.counts.slow += 1,
+            Outcome::Broken => self.counts.broken += 1,
+        }
+        let key = (c.member, c.rev);
+        if self.judged.insert(key) {
+            self.judged_order.push_back(key);
+            if self.judged_order.len() > MAX_JUDGED
+                && let Some(old) = self.judged_order.pop_front()
+            {
+                self.judged.remove(&old);
+            }
+        }
+        if self.settings.keep > 0 {
+            self.kept.push(c);
+            if self.kept.len() >= 2 * self.settings.keep {
+                let mut k = std::mem::take(&mut self.kept);
+                self.sort_worst_first(&mut k);
+                k.truncate(self.settings.keep);
+                self.kept = k;
+            }
+        }
+    }
+
+    fn evict_oldest(&mut self) {
+        if let Some((&(d, m, r), _)) = self.order.iter().next() {
+            self.order.remove(&(d, m, r));
+            if let Some(p) = self.pending.remove(&(m, r)) {
+                for d in &p.chain.dispatches {
+                    if let Some(keys) = self.awaiting_window.get_mut(&d.stream) {
+                        keys.retain(|k| *k != (m, r));
+                    }
+                }
+            }
+            self.counts.evicted += 1;
+        }
+    }
+}
+
+/// The window of `stream` that contains `at`, among those that arrived
+/// before their dispatch record (one window holds every event of a response).
+fn find_window(orphans: &VecDeque<(Stream, WindowSpan)>, stream: Stream, at: u64) -> Option<WindowSpan> {
+    let i = orphans.iter().position(|(s, w)| *s == stream && w.start_ns <= at && at <= w.end_ns)?;
+    orphans.get(i).map(|(_, w)| *w)
+}
+
+/// CLOCK_MONOTONIC now, in nanoseconds: the clock of `bpf_ktime_get_ns`.
+pub fn monotonic_now_ns() -> u64 {
+    let mut ts = libc::timespec { tv_sec: 0, tv_nsec: 0 };
+    // SAFETY: clock_gettime writes into the timespec we own.
+    unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts) };
+    (ts.tv_sec as u64).saturating_mul(1_000_000_000).saturating_add(ts.tv_nsec as u64)
+}
+
+/// Whether a process exists (in this pid namespace's /proc).
+pub fn process_alive(tgid: u32) -> bool {
+    std::path::Path::new(&format!("/proc/{tgid}")).exists()
+}
+
+/// Decodes one ring buffer record of a `#[repr(C)]` plain type.
+pub fn decode<T: Copy + Default>(bytes: &[u8]) -> Option<T> {
+    if bytes.len() < std::mem::size_of::<T>() {
+        return None;
+    }
+    // SAFETY: the length is checked; the types decoded here (WatchRecord,
+    // WindowRecord) are plain integers, valid for any bit pattern, and the
+    // read is unaligned-safe.
+    Some(unsafe { std::ptr::read_unaligned(bytes.as_ptr().cast::<T>()) })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const MS: u64 = 1_000_000;
+    const M: u64 = 0xabc;
+    const SERVER: Stream = (100, 0x1000);
+    const CLIENT: Stream = (200, 0x2000);
+
+    fn send(stream: Stream, rev: i64, watch_id: i64, commit: u64, enq: u64, at: u64) -> WatchRecord {
+        WatchRecord {
+            side: Side::Server as u32,
+            tgid: stream.0,
+            member: M,
+            rev,
+            watch_id,
+            commit_ns: commit,
+            enqueue_ns: enq,
+            at_ns: at,
+            g: stream.1,
+        }
+    }
+
+    fn dispatch(stream: Stream, rev: i64, watch_id: i64, commit: u64, at: u64) -> WatchRecord {
+        WatchRecord {
+            side: Side::Client as u32,
+            tgid: stream.0,
+            member: M,
+            rev,
+            watch_id,
+            commit_ns: commit,
+            enqueue_ns: 0,
+            at_ns: at,
+            g: stream.1,
+        }
+    }
+
+    fn window(stream: Stream, start: u64, end: u64) -> WindowRecord {
+        WindowRecord {
+            tgid: stream.0,
+            window: DISPATCH_WINDOW,
+            g: stream.1,
+            start_ns: start,
+            end_ns: end,
+            inner: [0; 5],
+        }
+    }
+
+    fn settings() -> ChainSettings {
+        ChainSettings { keep: 100, ..ChainSettings::default() }
+    }
+
+    const ALIVE: &dyn Fn(u32) -> bool = &|_| true;
+
+    /// One put at `t`, sent at t+1ms, dispatched at t+2ms.
+    fn event(c: &mut Chains, rev: i64, t: u64) {
+        c.on_watch(&send(SERVER, rev, 0, t, t + MS / 2, t + MS));
+        c.on_watch(&dispatch(CLIENT, rev, 0, t, t + 2 * MS));
+    }
+
+    #[test]
+    fn fast_events_are_complete_after_the_timeout_only() {
+        let mut c = Chains::new(settings());
+        for rev in 1..=10 {
+            event(&mut c, rev, rev as u64 * 10 * MS);
+        }
+        c.expire(5_095 * MS, ALIVE);
+        assert_eq!(c.counts().complete, 9, "rev 10's deadline is 5.1 s");
+        c.expire(200 * MS + 5_000 * MS, ALIVE);
+        assert_eq!(c.counts(), ChainCounts { complete: 10, ..ChainCounts::default() });
+        let k = c.kept();
+        assert_eq!(k.len(), 10);
+        let v = k[0].view(c.settings());
+        assert_eq!(v[0].at_ns, Some(MS / 2));
+        assert_eq!(v[1].at_ns, Some(MS));
+        assert_eq!(v[2].at_ns, Some(2 * MS));
+        assert_eq!(v[2].hop_ns, MS, "dispatch hop starts at the send");
+        assert!(v.iter().all(|s| s.mark == Mark::Ok));
+    }
+
+    #[test]
+    fn a_slow_send_is_warn_and_a_very_slow_one_error() {
+        let mut c = Chains::new(settings());
+        c.on_watch(&send(SERVER, 1, 0, 0, MS, 150 * MS));
+        c.on_watch(&send(SERVER, 2, 0, 10, 20, 2_000 * MS));
+        c.expire(10_000 * MS, ALIVE);
+        assert_eq!(c.counts().slow, 2);
+        let k = c.kept();
+        assert_eq!(k[0].rev, 2, "worst first");
+        assert_eq!(k[0].view(c.settings())[1].mark, Mark::Error);
+        assert_eq!(k[1].view(c.settings())[1].mark, Mark::Warn);
+        assert_eq!(k[1].view(c.settings())[1].hop_ns, 149 * MS);
+        assert_eq!(c.record_max().stages[Stage::EnqueueToSend as usize], 2_000 * MS - 20);
+    }
+
+    #[test]
+    fn a_client_that_stops_reading_breaks_later_chains_exactly() {
+        let mut c = Chains::new(settings());
+        event(&mut c, 1, 0); // pairs SERVER with CLIENT
+        for rev in 2..=6 {
+            c.on_watch(&send(SERVER, rev, 0, rev as u64 * MS, 0, rev as u64 * MS + 10));
+        }
+        c.expire(4_999 * MS, ALIVE);
+        assert_eq!(c.counts().broken, 0, "not before the timeout");
+        c.expire(5_005 * MS, ALIVE);
+        assert_eq!(c.counts().broken, 4, "revs 2..5: deadline 5.002..5.005 s");
+        c.expire(7_000 * MS, ALIVE);
+        assert_eq!(c.counts(), ChainCounts { complete: 1, broken: 5, ..ChainCounts::default() });
+        let k = c.kept();
+        assert_eq!(k[0].outcome, Outcome::Broken);
+        assert_eq!(k[0].missing, vec![Missing { client: CLIENT, watch_id: 0, count: 1 }]);
+        assert_eq!(k[0].view(c.settings())[2].mark, Mark::Broken);
+        assert_eq!(k[0].view(c.settings())[2].at_ns, None);
+    }
+
+    #[test]
+    fn a_watcher_elsewhere_is_never_broken() {
+        let mut c = Chains::new(settings());
+        event(&mut c, 1, 0);
+        // Another stream of the same server (a client on another node, or
+        // the JSON gateway) with the same watch id 0: never paired.
+        let remote: Stream = (100, 0x3000);
+        for rev in 2..=4 {
+            c.on_watch(&send(remote, rev, 0, rev as u64 * MS, 0, rev as u64 * MS + 10));
+        }
+        // A client on this node whose server runs elsewhere: nothing here to miss.
+        c.on_watch(&WatchRecord { member: 77, ..dispatch((300, 0x4000), 9, 0, 0, 50 * MS) });
+        c.expire(60_000 * MS, ALIVE);
+        assert_eq!(c.counts(), ChainCounts { complete: 5, ..ChainCounts::default() });
+    }
+
+    #[test]
+    fn an_ambiguous_send_teaches_nothing_and_a_dead_client_expects_nothing() {
+        let mut c = Chains::new(settings());
+        let other: Stream = (100, 0x3000);
+        // Both streams sent (rev 1, watch 0): which one reached CLIENT is unknown.
+        c.on_watch(&send(SERVER, 1, 0, 1, 2, 3));
+        c.on_watch(&send(other, 1, 0, 1, 2, 3));
+        c.on_watch(&dispatch(CLIENT, 1, 0, 1, 5));
+        c.on_watch(&send(SERVER, 2, 0, 10, 11, 12));
+        c.expire(60_000 * MS, ALIVE);
+        assert_eq!(c.counts().broken, 0);
+        // Paired now; but the client process has exited by the deadline.
+        event(&mut c, 3, 61_000 * MS);
+        c.on_watch(&send(SERVER, 4, 0, 62_000 * MS, 0, 62_000 * MS + 1));
+        c.expire(70_000 * MS, &|tgid| tgid != CLIENT.0);
+        assert_eq!(c.counts().broken, 0);
+        assert_eq!(c.counts().complete, 4);
+    }
+
+    #[test]
+    fn txn_events_share_a_chain_and_count_per_copy() {
+        let mut c = Chains::new(settings());
+        for _ in 0..3 {
+            c.on_watch(&send(SERVER, 5, 7, 1, 2, 3));
+        }
+        for _ in 0..3 {
+            c.on_watch(&dispatch(CLIENT, 5, 7, 1, 4));
+        }
+        c.expire(60_000 * MS, ALIVE);
+        assert_eq!(c.counts().complete, 1);
+        // Next txn: 3 sends, 2 dispatches → one copy missing.
+        for _ in 0..3 {
+            c.on_watch(&send(SERVER, 6, 7, 70_000 * MS, 0, 70_000 * MS + 1));
+        }
+        c.on_watch(&dispatch(CLIENT, 6, 7, 0, 70_000 * MS + 2));
+        c.on_watch(&dispatch(CLIENT, 6, 7, 0, 70_000 * MS + 2));
+        c.expire(80_000 * MS, ALIVE);
+        assert_eq!(c.counts().broken, 1);
+        assert_eq!(c.kept()[0].missing[0].count, 1);
+    }
+
+    #[test]
+    fn windows_join_whichever_ring_is_read_first() {
+        let mut c = Chains::new(settings());
+        // Usual order: dispatch, then its window.
+        event(&mut c, 1, 0);
+        c.on_window(&window(CLIENT, 2 * MS - 10, 2 * MS + 300 * MS));
+        // The window ring read first: the window waits for its dispatch.
+        c.on_window(&window(CLIENT, 20 * MS, 21 * MS));
+        event(&mut c, 2, 18 * MS + 100); // dispatch at 20 ms + 100 ns
+        // A window of another goroutine joins nothing.
+        c.on_window(&window((200, 0x9999), 0, 100 * MS));
+        c.expire(60_000 * MS, ALIVE);
+        let k = c.kept();
+        assert_eq!(k[0].rev, 1);
+        assert_eq!(k[0].outcome, Outcome::Slow, "300 ms in the handler");
+        let v = k[0].view(c.settings());
+        assert_eq!(v[3].mark, Mark::Warn);
+        assert_eq!(v[3].hop_ns, 300 * MS + 10);
+        // Commit time 0 = not seen: stages are relative to the first record (the send at 1 ms).
+        assert_eq!(v[3].at_ns, Some(301 * MS));
+        let w2 = k[1].dispatches[0].window.expect("joined");
+        assert_eq!((w2.start_ns, w2.end_ns), (20 * MS, 21 * MS));
+        assert_eq!(c.record_max().windows[&DISPATCH_WINDOW], 300 * MS + 10);
+    }
+
+    #[test]
+    fn pending_chains_are_capped_and_evictions_counted() {
+        let mut c = Chains::new(ChainSettings { max_pending: 3, ..settings() });
+        for rev in 1..=5 {
+            event(&mut c, rev, rev as u64 * MS);
+        }
+        assert_eq!(c.pending(), 3);
+        assert_eq!(c.counts().evicted, 2);
+        c.expire(u64::MAX, ALIVE);
+        assert_eq!(c.counts().complete, 3);
+        assert_eq!(c.kept().iter().map(|k| k.rev).min(), Some(3), "the oldest went first");
+    }
+
+    #[test]
+    fn late_records_do_not_start_a_second_chain_and_closing_stops_new_ones() {
+        let mut c = Chains::new(settings());
+        event(&mut c, 1, 0);
+        c.expire(10_000 * MS, ALIVE);
+        c.on_watch(&send((100, 0x5), 1, 0, 0, 0, 9_000 * MS));
+        assert_eq!(c.counts().late, 1);
+        assert_eq!(c.pending(), 0);
+        c.close();
+        event(&mut c, 2, 20_000 * MS);
+        assert_eq!(c.pending(), 0);
+    }
+
+    #[test]
+    fn finish_ready_judges_what_has_all_it_expects() {
+        let mut c = Chains::new(settings());
+        event(&mut c, 1, 0);
+        event(&mut c, 2, MS);
+        c.on_watch(&send(SERVER, 3, 0, 2 * MS, 0, 2 * MS + 5));
+        assert_eq!(c.finish_ready(ALIVE), 1, "rev 3 still waits for CLIENT");
+        assert_eq!(c.counts().complete, 2);
+        c.expire(u64::MAX, ALIVE);
+        assert_eq!(c.counts().broken, 1);
+    }
+
+    #[test]
+    fn records_decode_from_ring_bytes() {
+        let r = send(SERVER, 42, 3, 1, 2, 3);
+        // SAFETY: viewing a plain repr(C) value as bytes.
+        let bytes = unsafe {
+            std::slice::from_raw_parts((&r as *const WatchRecord).cast::<u8>(), std::mem::size_of::<WatchRecord>())
+        };
+        assert_eq!(decode::<WatchRecord>(bytes), Some(r));
+        assert_eq!(decode::<WatchRecord>(&bytes[1..]), None);
+    }
+}

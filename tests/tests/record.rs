@@ -1,0 +1,348 @@
+//! `watchscope record` and the watch event chains on a real etcd 3.4 with
+//! real clients: exact counts per stage and chain, a slow watcher marked in
+//! its send stage, a stopped client's chains broken (and counted exactly on
+//! a `run` agent's /metrics), and the HTML report parsed and rendered by a
+//! real headless Chromium.
+
+use std::{
+    path::Path,
+    process::{Child, Command, Stdio},
+    time::{Duration, Instant},
+};
+
+use watchscope_integration_tests::{
+    Agent, debug_probes, etcd::Etcd, free_port, http_get, require_root, wait_until, watchscope_bin,
+};
+
+/// A `watchscope record` running in the background.
+struct Recording {
+    child: Child,
+    port: u16,
+    dir: tempfile::TempDir,
+}
+
+impl Recording {
+    fn start(duration: &str, comms: &str, extra: &[&str]) -> Recording {
+        require_root();
+        let dir = tempfile::tempdir().expect("tmp");
+        let port = free_port();
+        let child = Command::new(watchscope_bin())
+            .args(["record", "--duration", duration, "--comm", comms, "--log", "warn"])
+            .args(["--listen", &format!("127.0.0.1:{port}")])
+            .arg("--html")
+            .arg(dir.path().join("report.html"))
+            .args(extra)
+            .stdin(Stdio::null())
+            .stdout(std::fs::File::create(dir.path().join("stdout")).expect("stdout"))
+            .stderr(std::fs::File::create(dir.path().join("stderr")).expect("stderr"))
+            .spawn()
+            .expect("start watchscope record");
+        Recording { child, port, dir }
+    }
+
+    /// Waits until the recorder has probes on these processes.
+    fn wait_attached(&self, pids: &[u32]) {
+        let url = format!("http://127.0.0.1:{}/debug/probes", self.port);
+        let ok = wait_until(Duration::from_secs(20), || {
+            let v: serde_json::Value =
+                http_get(&url).ok().and_then(|(_, b)| serde_json::from_str(&b).ok()).unwrap_or_default();
+            let bins = v["binaries"].as_array().cloned().unwrap_or_default();
+            pids.iter().all(|pid| {
+                bins.iter().any(|b| {
+                    b["attached"] == true
+                        && b["processes"]
+                            .as_array()
+                            .is_some_and(|p| p.iter().any(|p| p.as_u64() == Some(u64::from(*pid))))
+                })
+            })
+        });
+        assert!(ok, "record did not attach to {pids:?}: {}", self.stderr());
+    }
+
+    fn stderr(&self) -> String {
+        std::fs::read_to_string(self.dir.path().join("stderr")).unwrap_or_default()
+    }
+
+    /// Waits for the recorder to exit and returns its report (stdout).
+    fn finish(&mut self, timeout: Duration) -> String {
+        let deadline = Instant::now() + timeout;
+        loop {
+            if let Ok(Some(status)) = self.child.try_wait() {
+                assert!(status.success(), "record failed ({status}): {}", self.stderr());
+                break;
+            }
+            assert!(Instant::now() < deadline, "record still running after {timeout:?}: {}", self.stderr());
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        std::fs::read_to_string(self.dir.path().join("stdout")).expect("report")
+    }
+
+    fn html_path(&self) -> std::path::PathBuf {
+        self.dir.path().join("report.html")
+    }
+}
+
+impl Drop for Recording {
+    fn drop(&mut self) {
+        watchscope_integration_tests::stop_child(&mut self.child);
+    }
+}
+
+/// The count column of a stage's row in the report.
+fn stage_count(report: &str, stage: &str) -> u64 {
+    report
+        .lines()
+        .find(|l| l.split_whitespace().next() == Some(stage))
+        .and_then(|l| l.split_whitespace().nth(1))
+        .and_then(|n| n.parse().ok())
+        .unwrap_or(0)
+}
+
+/// (complete, slow, broken) from the report's `chains:` line.
+fn chain_counts(report: &str) -> (u64, u64, u64) {
+    let line = report.lines().find(|l| l.starts_with("chains: ")).unwrap_or_else(|| panic!("no chains line: {report}"));
+    let n: Vec<u64> = line
+        .trim_start_matches("chains: ")
+        .split(',')
+        .take(3)
+        .map(|p| p.split_whitespace().next().and_then(|n| n.parse().ok()).unwrap_or(u64::MAX))
+        .collect();
+    (n[0], n[1], n[2])
+}
+
+/// "4.10s", "150ms", "31.2µs", "812ns" in seconds.
+fn secs(t: &str) -> Option<f64> {
+    let t = t.trim_start_matches('+');
+    for (unit, f) in [("ns", 1e-9), ("µs", 1e-6), ("ms", 1e-3), ("s", 1.0)] {
+        if let Some(v) = t.strip_suffix(unit) {
+            return v.parse::<f64>().ok().map(|v| v * f);
+        }
+    }
+    None
+}
+
+/// One chain row: (rev, outcome, [(seconds since commit, mark)] for
+/// enqueue, send, dispatch, handler).
+type ChainRow = (i64, String, Vec<(Option<f64>, String)>);
+
+fn chain_rows(report: &str) -> Vec<ChainRow> {
+    let mut rows = Vec::new();
+    let mut on = false;
+    for line in report.lines() {
+        if line.starts_with("slowest chains") {
+            on = true;
+            continue;
+        }
+        if !on || line.trim().is_empty() {
+            if on && !rows.is_empty() {
+                break;
+            }
+            continue;
+        }
+        let toks: Vec<&str> = line.split_whitespace().collect();
+        let Some(rev) = toks.first().and_then(|r| r.parse::<i64>().ok()) else { continue };
+        let mut cells = Vec::new();
+        let mut i = 4;
+        while i < toks.len() {
+            let t = toks[i];
+            if t == "broken" || t == "-" {
+                cells.push((None, if t == "broken" { "broken".to_string() } else { "ok".into() }));
+                i += 1;
+            } else {
+                let mark = match toks.get(i + 1) {
+                    Some(m @ (&"warn" | &"error")) => {
+                        i += 1;
+                        m.to_string()
+                    }
+                    _ => "ok".to_string(),
+                };
+                cells.push((secs(t), mark));
+                i += 1;
+            }
+        }
+        rows.push((rev, toks[1].to_string(), cells));
+    }
+    rows
+}
+
+#[test]
+fn record_counts_every_stage_and_chain_and_writes_a_page_chromium_renders() {
+    const N: u64 = 20;
+    let (server, client) = ("wse-rec", "wsc-rec");
+    let etcd = Etcd::start(server, client);
+    let watch = etcd.watch("/rec/");
+    let mut rec = Recording::start("12s", &format!("{server},{client}"), &[]);
+    rec.wait_attached(&[etcd.pid(), watch.pid()]);
+    std::thread::sleep(Duration::from_millis(500));
+    for i in 0..N {
+        etcd.put(&format!("/rec/{i}"), "v");
+    }
+    etcd.put("/elsewhere/not-watched", "x");
+    assert_eq!(watch.wait_count(|l| l == "PUT", N as usize, Duration::from_secs(10)), N as usize);
+    let report = rec.finish(Duration::from_secs(40));
+    println!("{report}");
+
+    // One watcher: each server stage once per event, the client once per event.
+    for stage in ["commit_to_enqueue", "enqueue_to_send", "commit_to_send", "commit_to_dispatch"] {
+        assert_eq!(stage_count(&report, stage), N, "{stage}:\n{report}");
+    }
+    assert_eq!(chain_counts(&report), (N, 0, 0), "{report}");
+    let rows = chain_rows(&report);
+    assert_eq!(rows.len(), 10, "--top defaults to 10:\n{report}");
+    for (rev, outcome, cells) in &rows {
+        assert_eq!(outcome, "complete");
+        // Every stage reached, in order, within a second of the commit.
+        let t: Vec<f64> = cells.iter().map(|(t, _)| t.unwrap_or(f64::NAN)).collect();
+        assert_eq!(t.len(), 4, "rev {rev}: {cells:?}");
+        assert!(t[0] <= t[1] && t[1] <= t[2] && t[2] <= t[3] && t[3] < 1.0, "rev {rev}: {t:?}");
+    }
+
+    // The page: one SVG histogram per stage with its observations.
+    let html = std::fs::read_to_string(rec.html_path()).expect("--html written");
+    assert!(!html.contains("<script") && !html.contains("src=\"http"), "self-contained");
+    for stage in ["commit_to_enqueue", "enqueue_to_send", "commit_to_send", "commit_to_dispatch"] {
+        let tag = format!("<svg class=\"hist\" data-name=\"{stage}\" data-count=\"{N}\"");
+        assert_eq!(html.matches(&tag).count(), 1, "{stage}");
+        // ... with bars whose counts add up to N.
+        let svg = &html[html.find(&tag).expect("svg")..];
+        let svg = &svg[..svg.find("</svg>").expect("end of svg")];
+        let bars: u64 =
+            svg.split("<title>").skip(1).filter_map(|t| t.split_whitespace().next()?.parse::<u64>().ok()).sum();
+        assert_eq!(bars, N, "{stage}: {svg}");
+    }
+
+    // A real browser renders it: a PNG that is not blank.
+    let png = rec.dir.path().join("report.png");
+    screenshot(&rec.html_path(), &png);
+    let decoder = png::Decoder::new(std::io::BufReader::new(std::fs::File::open(&png).expect("png")));
+    let mut reader = decoder.read_info().expect("png header");
+    let mut buf = vec![0; reader.output_buffer_size().expect("png size")];
+    let info = reader.next_frame(&mut buf).expect("png frame");
+    assert_eq!((info.width, info.height), (1200, 2000));
+    let px = info.color_type.samples() * (info.bit_depth as usize).div_ceil(8);
+    let pixels = &buf[..info.buffer_size()];
+    let first = &pixels[..px];
+    let differing = pixels.chunks(px).filter(|p| p != &first).count();
+    assert!(differing > 10_000, "the screenshot is (nearly) blank: {differing} pixels differ");
+    // Keep a copy to look at.
+    let _ = std::fs::copy(&png, std::env::temp_dir().join("watchscope-record-report.png"));
+}
+
+fn screenshot(html: &Path, png: &Path) {
+    let profile = tempfile::tempdir().expect("profile dir");
+    let out = Command::new("chromium")
+        .args([
+            "--headless",
+            "--no-sandbox",
+            "--disable-gpu",
+            "--disable-quic",
+            "--no-first-run",
+            "--disable-background-networking",
+            "--disable-component-update",
+            "--disable-sync",
+        ])
+        .arg(format!("--user-data-dir={}", profile.path().display()))
+        .arg(format!("--screenshot={}", png.display()))
+        .arg("--window-size=1200,2000")
+        .arg(format!("file://{}", html.display()))
+        .stdin(Stdio::null())
+        .output()
+        .expect("chromium (apt-get install chromium)");
+    assert!(png.is_file(), "no screenshot: {}", String::from_utf8_lossy(&out.stderr));
+    let size = std::fs::metadata(png).map(|m| m.len()).unwrap_or(0);
+    assert!(size > 20_000, "screenshot of {size} bytes");
+}
+
+#[test]
+fn a_slow_watcher_marks_its_chains_slow_in_the_send_stage() {
+    const D: f64 = 3.0;
+    const PUTS: usize = 30;
+    let (server, client) = ("wse-recslow", "wsc-recslow");
+    let etcd = Etcd::start(server, client);
+    let fast = etcd.watch("/slow/");
+    let mut slow = etcd.slow_watcher("/slow/");
+    let mut rec = Recording::start("15s", &format!("{server},{client}"), &["--top", "40"]);
+    rec.wait_attached(&[etcd.pid(), fast.pid()]);
+
+    // Large values fill the gateway watcher's buffers (see etcd_watch.rs).
+    let value_file = etcd.dir.path().join("value");
+    std::fs::write(&value_file, "v".repeat(300_000)).expect("value file");
+    slow.send(&format!("pause {D}"));
+    assert!(slow.wait_for(|l| l.starts_with("paused"), Duration::from_secs(5)));
+    for i in 0..PUTS {
+        let status = Command::new(&etcd.ctl)
+            .args([&format!("--endpoints={}", etcd.endpoint()), "put", &format!("/slow/{i}")])
+            .stdin(std::fs::File::open(&value_file).expect("open value"))
+            .stdout(Stdio::null())
+            .status()
+            .expect("put");
+        assert!(status.success());
+    }
+    assert_eq!(slow.wait_count(|l| l.starts_with("event "), PUTS, Duration::from_secs(30)), PUTS);
+    let report = rec.finish(Duration::from_secs(40));
+    println!("{report}");
+
+    // Two watchers: server stages twice per event; etcdctl once.
+    assert_eq!(stage_count(&report, "commit_to_send"), 2 * PUTS as u64, "{report}");
+    assert_eq!(stage_count(&report, "commit_to_dispatch"), PUTS as u64, "{report}");
+    let (complete, slow_n, broken) = chain_counts(&report);
+    assert_eq!(complete + slow_n + broken, PUTS as u64, "{report}");
+    // The gateway watcher is in etcd itself (no clientv3 dispatch): never
+    // expected on this node, so nothing is broken.
+    assert_eq!(broken, 0, "{report}");
+    assert!(slow_n >= (PUTS / 3) as u64, "{report}");
+    let rows = chain_rows(&report);
+    let (rev, outcome, cells) = &rows[0];
+    assert_eq!(outcome, "slow", "worst first:\n{report}");
+    // The worst chain waited in the send stage, marked error (> 1 s), for
+    // most of the pause; the fan-out (enqueue) was fast.
+    let (send_t, send_mark) = &cells[1];
+    assert_eq!(send_mark, "error", "rev {rev}: {cells:?}");
+    assert!(send_t.is_some_and(|t| t >= D / 2.0), "rev {rev} sent at {send_t:?}: {report}");
+    assert!(cells[0].0.is_some_and(|t| t < 0.1) && cells[0].1 == "ok", "rev {rev}: {cells:?}");
+    // Every row the report lists as slow has its slow stage in send.
+    for (rev, outcome, cells) in rows.iter().filter(|r| r.1 == "slow") {
+        assert!(cells[1].1 != "ok", "rev {rev} {outcome}: {cells:?}");
+    }
+}
+
+#[test]
+fn a_stopped_client_breaks_exactly_the_chains_it_did_not_dispatch() {
+    const K: usize = 6;
+    let (server, client) = ("wse-broken", "wsc-broken");
+    let agent = Agent::start(&["--comm", &format!("{server},{client}")]);
+    let etcd = Etcd::start(server, client);
+    let watch = etcd.watch("/b/");
+    let ok = wait_until(Duration::from_secs(15), || {
+        let bins = debug_probes(&agent)["binaries"].as_array().cloned().unwrap_or_default();
+        [etcd.pid(), watch.pid()].iter().all(|pid| {
+            bins.iter()
+                .any(|b| b["attached"] == true && b["processes"].as_array().is_some_and(|p| p.iter().any(|p| p == pid)))
+        })
+    });
+    assert!(ok, "not attached: {}", agent.log_text());
+    std::thread::sleep(Duration::from_millis(500));
+    // One event the client dispatches: it pairs etcd's stream with this client.
+    etcd.put("/b/first", "v");
+    assert_eq!(watch.wait_count(|l| l == "PUT", 1, Duration::from_secs(10)), 1);
+    std::thread::sleep(Duration::from_millis(300));
+    // SAFETY: kill(2) on our own child.
+    unsafe { libc::kill(watch.pid() as i32, libc::SIGSTOP) };
+    for i in 0..K {
+        etcd.put(&format!("/b/{i}"), "v");
+    }
+    let broken = "watchscope_watch_chains_total{outcome=\"broken\"}";
+    // Not before the 5 s timeout...
+    std::thread::sleep(Duration::from_secs(3));
+    assert_eq!(agent.sample(broken), 0.0, "broken before the timeout");
+    // ... then exactly the K chains the stopped client never dispatched.
+    let got = agent.wait_for_sample(broken, K as f64, Duration::from_secs(6));
+    std::thread::sleep(Duration::from_millis(500));
+    let text = agent.metrics();
+    // SAFETY: as above.
+    unsafe { libc::kill(watch.pid() as i32, libc::SIGCONT) };
+    assert_eq!(got, K as f64, "{text}");
+    assert_eq!(agent.sample(broken), K as f64, "{text}");
+    assert_eq!(agent.sample("watchscope_watch_chains_total{outcome=\"complete\"}"), 1.0, "{text}");
+    assert_eq!(agent.sample("watchscope_watch_chains_total{outcome=\"slow\"}"), 0.0, "{text}");
+}
