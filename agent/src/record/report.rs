@@ -331,11 +331,11 @@ pub fn render_text(r: &Report, top: usize, color: bool) -> String {
         "{}",
         bold(&format!("slowest chains ({} of {}; time since commit)", shown.len(), c.complete + c.slow + c.broken))
     );
-    let _ = writeln!(
-        o,
+    let head = format!(
         "{:>10} {:<9} {:>8} {:>8}  {:<18}{:<18}{:<18}{:<18}",
         "rev", "outcome", "watchers", "clients", VIEW_STAGES[0], VIEW_STAGES[1], VIEW_STAGES[2], VIEW_STAGES[3]
     );
+    let _ = writeln!(o, "{}", head.trim_end());
     for ch in shown {
         let v = ch.view(&r.settings);
         let clients: std::collections::BTreeSet<_> = ch.dispatches.iter().map(|d| d.stream).collect();
