@@ -243,28 +243,46 @@ pub async fn run(cfg: RunConfig) -> Result<()> {
     // Bind first: a port in use fails before anything is loaded into the kernel.
     let listener = server::bind(cfg.listen).await.with_context(|| format!("cannot listen on {}", cfg.listen))?;
     let bound = listener.local_addr().context("reading the bound address")?;
+    // Before anything is attached: a signal during start-up stops us cleanly.
+    let stop = shutdown_signal();
     let pipeline = Pipeline::start(&cfg, ChainSettings::default())?;
     let scheme = if cfg.web.tls.is_some() { "https" } else { "http" };
     info!(basic_auth = cfg.web.auth.is_some(), "serving metrics on {scheme}://{bound}/metrics");
     let app = server::router(pipeline.source());
-    server::serve(listener, app, &cfg.web, shutdown_signal()).await.context("HTTP server failed")?;
+    server::serve(listener, app, &cfg.web, stop).await.context("HTTP server failed")?;
     let probes = pipeline.stop().await;
     info!(probes, "detached every probe; exiting");
     Ok(())
 }
 
-pub async fn shutdown_signal() {
-    let mut term = match tokio::signal::unix::signal(SignalKind::terminate()) {
-        Ok(s) => s,
-        Err(e) => {
-            warn!("cannot listen for SIGTERM ({e}); stop the agent with SIGINT");
-            let _ = tokio::signal::ctrl_c().await;
-            return;
+/// Listens for SIGINT and SIGTERM from the moment it is called (the
+/// handlers are installed here, not when the future is first polled), so a
+/// signal during start-up — loading programs, the first /proc scan — stops
+/// the agent cleanly instead of killing it with its default action.
+pub fn shutdown_signal() -> impl std::future::Future<Output = ()> {
+    let term = tokio::signal::unix::signal(SignalKind::terminate());
+    let int = tokio::signal::unix::signal(SignalKind::interrupt());
+    async move {
+        match (term, int) {
+            (Ok(mut term), Ok(mut int)) => tokio::select! {
+                _ = int.recv() => info!("SIGINT received"),
+                _ = term.recv() => info!("SIGTERM received"),
+            },
+            (term, int) => {
+                if let Some(e) = term.as_ref().err().or(int.as_ref().err()) {
+                    warn!("cannot listen for SIGINT/SIGTERM ({e}); the agent stops only on the one it could");
+                }
+                match (term, int) {
+                    (Ok(mut t), _) => {
+                        t.recv().await;
+                    }
+                    (_, Ok(mut i)) => {
+                        i.recv().await;
+                    }
+                    _ => std::future::pending::<()>().await,
+                }
+            }
         }
-    };
-    tokio::select! {
-        _ = tokio::signal::ctrl_c() => info!("SIGINT received"),
-        _ = term.recv() => info!("SIGTERM received"),
     }
 }
 
