@@ -5,7 +5,7 @@ use std::fmt::Write as _;
 
 use agent_common::{NBUCKETS, goruntime::Inner, hist};
 
-use super::report::{Report, Row, RowKind, edge_label, fmt_ns};
+use super::report::{Report, Row, RowKind, drop_list, edge_label, fmt_ns, stage_text};
 use crate::collect::chains::{Mark, VIEW_STAGES};
 
 const CSS: &str = r#"
@@ -222,29 +222,13 @@ pub fn render_html(r: &Report, top: usize) -> String {
             clients.len()
         );
         for s in ch.view(&r.settings) {
-            let text = match (s.at_ns, s.mark) {
-                (_, Mark::Broken) => "broken".to_string(),
-                (None, _) => "–".to_string(),
-                (Some(t), Mark::Ok) => format!("+{}", fmt_ns(t as f64)),
-                (Some(t), m) => format!("+{} {}", fmt_ns(t as f64), m.name()),
-            };
-            let _ = write!(o, "<td class=\"l mono {}\">{}</td>", class(s.mark), esc(&text));
+            let _ = write!(o, "<td class=\"l mono {}\">{}</td>", class(s.mark), esc(&stage_text(&s, "–")));
         }
         o.push_str("</tr>");
     }
     o.push_str("</table>");
-    if !r.dropped.is_empty() || c.evicted > 0 || c.late > 0 {
-        let drops: Vec<String> = r
-            .dropped
-            .iter()
-            .map(|(k, n)| format!("{k}={n}"))
-            .chain(
-                [("chain_evicted", c.evicted), ("chain_late", c.late)]
-                    .iter()
-                    .filter(|(_, n)| *n > 0)
-                    .map(|(k, n)| format!("{k}={n}")),
-            )
-            .collect();
+    let drops = drop_list(r);
+    if !drops.is_empty() {
         let _ = write!(o, "<p class=\"sub\">Not recorded or not joined: {}</p>", esc(&drops.join(", ")));
     }
     o.push_str("</body></html>\n");

@@ -10,7 +10,7 @@ use agent_common::{Counter, Histogram, NBUCKETS, goruntime::Inner, hist, watch::
 
 use crate::collect::{
     LabelledHistogram, Snapshot,
-    chains::{Chain, ChainCounts, ChainSettings, Mark, RecordMax, VIEW_STAGES},
+    chains::{Chain, ChainCounts, ChainSettings, Mark, RecordMax, StageView, VIEW_STAGES},
 };
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -342,18 +342,33 @@ pub fn render_text(r: &Report, top: usize, color: bool) -> String {
         let outcome = paint(&format!("{:<9}", ch.outcome.name()), ch.worst(&r.settings));
         let mut l = format!("{:>10} {outcome} {:>8} {:>8}  ", ch.rev, ch.sends.len(), clients.len());
         for s in v {
-            let text = match (s.at_ns, s.mark) {
-                (_, Mark::Broken) => "broken".to_string(),
-                (None, _) => "-".to_string(),
-                (Some(t), Mark::Ok) => format!("+{}", fmt_ns(t as f64)),
-                (Some(t), m) => format!("+{} {}", fmt_ns(t as f64), m.name()),
-            };
-            l.push_str(&paint(&format!("{text:<18}"), s.mark));
+            l.push_str(&paint(&format!("{:<18}", stage_text(&s, "-")), s.mark));
         }
         let _ = writeln!(o, "{}", l.trim_end());
     }
-    let drops: Vec<String> = r
-        .dropped
+    let drops = drop_list(r);
+    if !drops.is_empty() {
+        let _ = writeln!(o);
+        let _ = writeln!(o, "not recorded or not joined: {}", drops.join(", "));
+    }
+    o
+}
+
+/// One chain cell: the time since commit and its mark, `missing` when the
+/// stage was not reached (the terminal and the HTML report differ only there).
+pub fn stage_text(s: &StageView, missing: &str) -> String {
+    match (s.at_ns, s.mark) {
+        (_, Mark::Broken) => "broken".to_string(),
+        (None, _) => missing.to_string(),
+        (Some(t), Mark::Ok) => format!("+{}", fmt_ns(t as f64)),
+        (Some(t), m) => format!("+{} {}", fmt_ns(t as f64), m.name()),
+    }
+}
+
+/// What the recording could not record or join, as `reason=n` items.
+pub fn drop_list(r: &Report) -> Vec<String> {
+    let c = &r.counts;
+    r.dropped
         .iter()
         .map(|(k, n)| format!("{k}={n}"))
         .chain(
@@ -362,12 +377,7 @@ pub fn render_text(r: &Report, top: usize, color: bool) -> String {
                 .filter(|(_, n)| *n > 0)
                 .map(|(k, n)| format!("{k}={n}")),
         )
-        .collect();
-    if !drops.is_empty() {
-        let _ = writeln!(o);
-        let _ = writeln!(o, "not recorded or not joined: {}", drops.join(", "));
-    }
-    o
+        .collect()
 }
 
 #[cfg(test)]
