@@ -71,18 +71,7 @@ const MAX_BODY: u64 = 256 << 20;
 
 /// GET a URL; returns (status, body).
 pub fn http_get(url: &str) -> Result<(u16, String), String> {
-    let mut resp = ureq::get(url)
-        .config()
-        .http_status_as_error(false)
-        .timeout_global(Some(Duration::from_secs(5)))
-        .build()
-        .call()
-        .map_err(|e| e.to_string())?;
-    let status = resp.status().as_u16();
-    // An agent with --label-pid and many processes exports megabytes (a
-    // histogram series is 109 samples): above ureq's 10 MB default.
-    let body = resp.body_mut().with_config().limit(MAX_BODY).read_to_string().map_err(|e| e.to_string())?;
-    Ok((status, body))
+    http_get_with(url, &[]).map(|(status, _, body)| (status, body))
 }
 
 /// GET a URL with request headers; returns (status, content type, body).
@@ -100,6 +89,8 @@ pub fn http_get_with(url: &str, headers: &[(&str, &str)]) -> Result<(u16, String
         .map_err(|e| e.to_string())?;
     let status = resp.status().as_u16();
     let ctype = resp.headers().get("content-type").and_then(|v| v.to_str().ok()).unwrap_or_default().to_string();
+    // An agent with --label-pid and many processes exports megabytes (a
+    // histogram series is 109 samples): above ureq's 10 MB default.
     let body = resp.body_mut().with_config().limit(MAX_BODY).read_to_string().map_err(|e| e.to_string())?;
     Ok((status, ctype, body))
 }
@@ -350,4 +341,22 @@ pub fn wait_until(timeout: Duration, mut f: impl FnMut() -> bool) -> bool {
         }
         std::thread::sleep(Duration::from_millis(100));
     }
+}
+
+/// Whether a `/debug/probes` document shows attached probes on the binary of
+/// every one of `pids`.
+pub fn probes_cover(probes: &serde_json::Value, pids: &[u32]) -> bool {
+    let bins = probes["binaries"].as_array().cloned().unwrap_or_default();
+    pids.iter().all(|pid| {
+        bins.iter().any(|b| {
+            b["attached"] == true
+                && b["processes"].as_array().is_some_and(|p| p.iter().any(|p| p.as_u64() == Some(u64::from(*pid))))
+        })
+    })
+}
+
+/// Waits until the agent has probes on the binaries of these processes.
+pub fn wait_attached(agent: &Agent, pids: &[u32]) {
+    let ok = wait_until(Duration::from_secs(10), || probes_cover(&debug_probes(agent), pids));
+    assert!(ok, "probes not attached for {pids:?}:\n{}", agent.log_text());
 }

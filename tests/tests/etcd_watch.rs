@@ -4,7 +4,7 @@
 
 use std::{process::Command, time::Duration};
 
-use watchscope_integration_tests::{Agent, Buckets, debug_probes, etcd::Etcd, sample_value, wait_until};
+use watchscope_integration_tests::{Agent, Buckets, debug_probes, etcd::Etcd, sample_value, wait_attached, wait_until};
 
 const FAMILY: &str = "watchscope_watch_stage_seconds";
 
@@ -18,20 +18,6 @@ fn events(agent: &Agent, side: &str, comm: &str) -> f64 {
 
 fn dropped(text: &str, reason: &str) -> f64 {
     sample_value(text, &format!("watchscope_dropped_total{{reason=\"{reason}\"}}")).unwrap_or(0.0)
-}
-
-/// Waits until the agent has probes on the binaries of these processes.
-fn wait_attached(agent: &Agent, pids: &[u32]) {
-    let ok = wait_until(Duration::from_secs(10), || {
-        let bins = debug_probes(agent)["binaries"].as_array().cloned().unwrap_or_default();
-        pids.iter().all(|pid| {
-            bins.iter().any(|b| {
-                b["attached"] == true
-                    && b["processes"].as_array().is_some_and(|p| p.iter().any(|p| p.as_u64() == Some(u64::from(*pid))))
-            })
-        })
-    });
-    assert!(ok, "probes not attached for {pids:?}:\n{}", agent.log_text());
 }
 
 #[test]

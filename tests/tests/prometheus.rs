@@ -12,21 +12,7 @@ use std::{
     time::{Duration, Instant},
 };
 
-use watchscope_integration_tests::{Agent, debug_probes, etcd::Etcd, free_port, http_get, stop_child, wait_until};
-
-/// Waits until the agent has probes on the binaries of these processes.
-fn wait_attached(agent: &Agent, pids: &[u32]) {
-    let ok = wait_until(Duration::from_secs(10), || {
-        let bins = debug_probes(agent)["binaries"].as_array().cloned().unwrap_or_default();
-        pids.iter().all(|pid| {
-            bins.iter().any(|b| {
-                b["attached"] == true
-                    && b["processes"].as_array().is_some_and(|p| p.iter().any(|p| p.as_u64() == Some(u64::from(*pid))))
-            })
-        })
-    });
-    assert!(ok, "probes not attached for {pids:?}:\n{}", agent.log_text());
-}
+use watchscope_integration_tests::{Agent, etcd::Etcd, free_port, http_get, stop_child, wait_attached, wait_until};
 
 /// etcd, an `etcdctl watch` on `/p/`, and the agent watching both: every
 /// put then shows in all four stages.

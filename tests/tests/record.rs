@@ -11,7 +11,7 @@ use std::{
 };
 
 use watchscope_integration_tests::{
-    Agent, debug_probes, etcd::Etcd, free_port, http_get, require_root, wait_until, watchscope_bin,
+    Agent, debug_probes, etcd::Etcd, free_port, http_get, probes_cover, require_root, wait_until, watchscope_bin,
 };
 
 /// A `watchscope record` running in the background.
@@ -46,15 +46,7 @@ impl Recording {
         let ok = wait_until(Duration::from_secs(20), || {
             let v: serde_json::Value =
                 http_get(&url).ok().and_then(|(_, b)| serde_json::from_str(&b).ok()).unwrap_or_default();
-            let bins = v["binaries"].as_array().cloned().unwrap_or_default();
-            pids.iter().all(|pid| {
-                bins.iter().any(|b| {
-                    b["attached"] == true
-                        && b["processes"]
-                            .as_array()
-                            .is_some_and(|p| p.iter().any(|p| p.as_u64() == Some(u64::from(*pid))))
-                })
-            })
+            probes_cover(&v, pids)
         });
         assert!(ok, "record did not attach to {pids:?}: {}", self.stderr());
     }
