@@ -15,7 +15,7 @@ use aya::{
     maps::{Array, MapData},
     programs::{
         UProbe,
-        uprobe::{UProbeAttachLocation, UProbeAttachPoint, UProbeLinkId, UProbeScope},
+        uprobe::{UProbeAttachLocation, UProbeAttachPoint, UProbeLink, UProbeLinkId, UProbeScope},
     },
 };
 use thiserror::Error;
@@ -149,26 +149,25 @@ impl Uprobes {
         site: &Site,
         done: &mut Attached,
     ) -> Result<(), UprobeError> {
-        let temporary = site.is_map_operation();
-        let (cookie, kept) = match site.config {
+        let cookie = match site.config {
             SiteConfig::Watch(cfg) => {
                 let c = self.free_watch.pop().ok_or(UprobeError::NoCookie)?;
                 // Held at once, so an error below still gives it back.
                 done.cookies.push(Cookie::Watch(c));
                 self.watch_config.set(c, cfg, 0).map_err(UprobeError::Config)?;
-                (c, Cookie::Watch(c))
+                Cookie::Watch(c)
             }
             SiteConfig::Go(cfg) => {
                 let c = self.free_go.pop().ok_or(UprobeError::NoCookie)?;
                 done.cookies.push(Cookie::Go(c));
                 self.go_config.set(c, cfg, 0).map_err(UprobeError::Config)?;
-                (c, Cookie::Go(c))
+                Cookie::Go(c)
             }
         };
         let prog = program(ebpf, site.program)?;
         let point = UProbeAttachPoint {
             location: UProbeAttachLocation::AbsoluteOffset(site.file_offset),
-            cookie: Some(u64::from(cookie)),
+            cookie: Some(u64::from(cookie.id())),
         };
         let link = prog.attach(point, open_path, UProbeScope::AllProcesses).map_err(|e| UprobeError::Attach {
             program: site.program,
@@ -176,10 +175,10 @@ impl Uprobes {
             path: open_path.display().to_string(),
             source: Box::new(e),
         })?;
-        if temporary {
+        if site.is_map_operation() {
             // Its cookie moves with the link: both go when the window ends.
             done.cookies.pop();
-            done.temporary.push((site.program, link, kept));
+            done.temporary.push((site.program, link, cookie));
         } else {
             done.links.push((site.program, link));
         }
@@ -190,23 +189,20 @@ impl Uprobes {
     /// `window` or longer. Returns the number of probes detached.
     pub fn expire_map_operations(&mut self, ebpf: &mut Ebpf, window: std::time::Duration) -> usize {
         let now = std::time::Instant::now();
-        let mut links = Vec::new();
+        let mut ids = Vec::new();
         let mut cookies = Vec::new();
         for a in self.by_file.values_mut() {
             if a.temporary.is_empty() || now.duration_since(a.attached_at) < window {
                 continue;
             }
             for (name, id, cookie) in a.temporary.drain(..) {
+                ids.push((name, id));
                 cookies.push(cookie);
-                match program(ebpf, name).and_then(|p| p.take_link(id).map_err(|_| UprobeError::MissingProgram(name))) {
-                    Ok(link) => links.push(link),
-                    Err(e) => tracing::warn!("detaching {name}: {e}"),
-                }
             }
         }
-        let n = links.len();
+        let n = ids.len();
         self.release_cookies(cookies);
-        drop_in_background(links, false);
+        drop_in_background(take_links(ebpf, ids), false);
         n
     }
 
@@ -245,59 +241,37 @@ impl Uprobes {
             .filter(|(_, a)| all || a.idle_since.is_some_and(|t| now.duration_since(t) >= IDLE_GRACE))
             .map(|(f, _)| *f)
             .collect();
-        let mut links = Vec::new();
-        let mut n = 0;
+        let mut ids = Vec::new();
         for file in idle {
             if let Some(a) = self.by_file.remove(&file) {
-                n += a.links.len() + a.temporary.len();
-                let temporary = a.temporary.into_iter().map(|(name, id, cookie)| {
-                    self.free_cookie(cookie);
-                    (name, id)
-                });
-                for (name, id) in a.links.into_iter().chain(temporary.collect::<Vec<_>>()) {
-                    match program(ebpf, name)
-                        .and_then(|p| p.take_link(id).map_err(|_| UprobeError::MissingProgram(name)))
-                    {
-                        Ok(link) => links.push(link),
-                        Err(e) => tracing::warn!("detaching {name}: {e}"),
-                    }
-                }
-                self.release_cookies(a.cookies);
+                let (links, cookies) = a.into_parts();
+                ids.extend(links);
+                self.release_cookies(cookies);
             }
         }
-        drop_in_background(links, all);
+        let n = ids.len();
+        drop_in_background(take_links(ebpf, ids), all);
         n
     }
 
     fn release(&mut self, ebpf: &mut Ebpf, a: Attached) {
-        let temporary: Vec<_> = a
-            .temporary
-            .into_iter()
-            .map(|(n, l, c)| {
-                self.free_cookie(c);
-                (n, l)
-            })
-            .collect();
-        for (name, link) in a.links.into_iter().chain(temporary) {
+        let (links, cookies) = a.into_parts();
+        for (name, link) in links {
             if let Ok(p) = program(ebpf, name)
                 && let Err(e) = p.detach(link)
             {
                 tracing::warn!("detaching {name}: {e}");
             }
         }
-        self.release_cookies(a.cookies);
+        self.release_cookies(cookies);
     }
 
     fn release_cookies(&mut self, cookies: Vec<Cookie>) {
         for c in cookies {
-            self.free_cookie(c);
-        }
-    }
-
-    fn free_cookie(&mut self, c: Cookie) {
-        match c {
-            Cookie::Watch(c) => self.free_watch.push(c),
-            Cookie::Go(c) => self.free_go.push(c),
+            match c {
+                Cookie::Watch(c) => self.free_watch.push(c),
+                Cookie::Go(c) => self.free_go.push(c),
+            }
         }
     }
 
@@ -305,6 +279,39 @@ impl Uprobes {
     pub fn count(&self) -> usize {
         self.by_file.values().map(|a| a.links.len() + a.temporary.len()).sum()
     }
+}
+
+impl Attached {
+    /// Every link (temporary ones included) and every cookie it holds.
+    fn into_parts(self) -> (Vec<(&'static str, UProbeLinkId)>, Vec<Cookie>) {
+        let (mut links, mut cookies) = (self.links, self.cookies);
+        for (name, id, cookie) in self.temporary {
+            links.push((name, id));
+            cookies.push(cookie);
+        }
+        (links, cookies)
+    }
+}
+
+impl Cookie {
+    fn id(self) -> u32 {
+        match self {
+            Cookie::Watch(c) | Cookie::Go(c) => c,
+        }
+    }
+}
+
+/// Takes links out of their programs, so that dropping them detaches (see
+/// `drop_in_background`).
+fn take_links(ebpf: &mut Ebpf, ids: Vec<(&'static str, UProbeLinkId)>) -> Vec<UProbeLink> {
+    let mut links = Vec::new();
+    for (name, id) in ids {
+        match program(ebpf, name).and_then(|p| p.take_link(id).map_err(|_| UprobeError::MissingProgram(name))) {
+            Ok(link) => links.push(link),
+            Err(e) => tracing::warn!("detaching {name}: {e}"),
+        }
+    }
+    links
 }
 
 /// Drops uprobe links off the caller's thread (or waits for them, with

@@ -87,7 +87,9 @@ impl MetricsSource for Agent {
         };
         self.series.lock().unwrap_or_else(|p| p.into_inner()).apply(&mut snap);
         drop(slots);
-        let tracepoints = self.tracepoints.len() + self.status.sidecar_tracepoints.load(Ordering::Relaxed);
+        let tracepoints = self.tracepoints.len()
+            + self.status.sidecar_tracepoints.load(Ordering::Relaxed)
+            + self.status.sched_tracepoints.load(Ordering::Relaxed);
         snap.probes_attached = vec![
             ("tracepoint", tracepoints as u64),
             ("uprobe", self.status.uprobes_attached.load(Ordering::Relaxed) as u64),
@@ -114,6 +116,7 @@ impl MetricsSource for Agent {
             "probes": self.tracepoints,
             "uprobes_attached": self.status.uprobes_attached.load(Ordering::Relaxed),
             "sidecar_tracepoints_attached": self.status.sidecar_tracepoints.load(Ordering::Relaxed),
+            "sched_tracepoints_attached": self.status.sched_tracepoints.load(Ordering::Relaxed),
             "binaries": binaries,
             "sidecars": sidecars,
             "label_slots": self.slots.lock().unwrap_or_else(|p| p.into_inner()).usage(),
@@ -268,19 +271,17 @@ pub fn shutdown_signal() -> impl std::future::Future<Output = ()> {
                 _ = int.recv() => info!("SIGINT received"),
                 _ = term.recv() => info!("SIGTERM received"),
             },
-            (term, int) => {
-                if let Some(e) = term.as_ref().err().or(int.as_ref().err()) {
-                    warn!("cannot listen for SIGINT/SIGTERM ({e}); the agent stops only on the one it could");
-                }
-                match (term, int) {
-                    (Ok(mut t), _) => {
-                        t.recv().await;
-                    }
-                    (_, Ok(mut i)) => {
-                        i.recv().await;
-                    }
-                    _ => std::future::pending::<()>().await,
-                }
+            (Ok(mut term), Err(e)) => {
+                warn!("cannot listen for SIGINT ({e}); stop the agent with SIGTERM");
+                term.recv().await;
+            }
+            (Err(e), Ok(mut int)) => {
+                warn!("cannot listen for SIGTERM ({e}); stop the agent with SIGINT");
+                int.recv().await;
+            }
+            (Err(e), Err(_)) => {
+                warn!("cannot listen for SIGINT or SIGTERM ({e}); stop the agent with SIGKILL");
+                std::future::pending::<()>().await;
             }
         }
     }

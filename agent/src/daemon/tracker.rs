@@ -77,6 +77,8 @@ pub struct Status {
     pub binaries: Mutex<BTreeMap<FileIdent, BinaryStatus>>,
     pub uprobes_attached: AtomicUsize,
     pub sidecar_tracepoints: AtomicUsize,
+    /// sched_switch/sched_wakeup programs attached for window scheduling time.
+    pub sched_tracepoints: AtomicUsize,
     /// Proxy processes watched (pid → comm).
     pub sidecars: Mutex<BTreeMap<u32, String>>,
     /// The first /proc scan is done (what /readyz waits for).
@@ -588,7 +590,8 @@ impl Tracker {
 
     fn publish_count(&self) {
         self.status.uprobes_attached.store(self.uprobes.count(), Ordering::Relaxed);
-        self.status.sidecar_tracepoints.store(self.sidecar.attached() + self.sched.attached(), Ordering::Relaxed);
+        self.status.sidecar_tracepoints.store(self.sidecar.attached(), Ordering::Relaxed);
+        self.status.sched_tracepoints.store(self.sched.attached(), Ordering::Relaxed);
     }
 
     /// Detaches everything (shutdown). Dropping the object would too; this
