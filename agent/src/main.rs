@@ -106,6 +106,11 @@ struct RunArgs {
     #[arg(long, env = "WATCHSCOPE_BPF_STATS", default_value_t = true, action = clap::ArgAction::Set,
           num_args = 0..=1, require_equals = true, default_missing_value = "true")]
     bpf_stats: bool,
+    /// How to make uprobes: `perf` (the uprobe PMU; needs CAP_SYS_ADMIN on
+    /// Linux 6.16+), `tracefs` (uprobe events; needs tracefs writable), or
+    /// `auto` (the PMU, then tracefs from its first refusal on).
+    #[arg(long, env = "WATCHSCOPE_UPROBE_ATTACH", value_enum, default_value = "auto")]
+    uprobe_attach: watchscope::attach::uprobes::UprobeMode,
 }
 
 fn main() -> ExitCode {
@@ -158,6 +163,7 @@ fn dispatch(command: Command) -> Result<ExitCode> {
                     None => Default::default(),
                 },
                 bpf_stats: args.bpf_stats,
+                uprobe_mode: args.uprobe_attach,
             };
             let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build()?;
             rt.block_on(daemon::run(cfg))?;

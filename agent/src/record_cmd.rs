@@ -51,6 +51,9 @@ pub struct RecordArgs {
     /// Also serve /metrics on this address while recording.
     #[arg(long)]
     listen: Option<SocketAddr>,
+    /// How to make uprobes: `perf`, `tracefs` or `auto` (as for `run`).
+    #[arg(long, value_enum, default_value = "auto")]
+    uprobe_attach: watchscope::attach::uprobes::UprobeMode,
 }
 
 pub fn run(args: RecordArgs) -> Result<ExitCode> {
@@ -77,6 +80,7 @@ pub fn run(args: RecordArgs) -> Result<ExitCode> {
             kubelet: None,
             web: Default::default(),
             bpf_stats: false,
+            uprobe_mode: args.uprobe_attach,
         },
         duration: args.duration,
         warn: args.warn,

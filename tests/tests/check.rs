@@ -125,6 +125,21 @@ fn old_kernel_and_missing_capabilities_fail() {
 }
 
 #[test]
+fn without_cap_sys_admin_uprobes_need_a_writable_uprobe_events() {
+    // CAP_BPF, CAP_PERFMON and CAP_SYS_PTRACE, as the DaemonSet grants.
+    let three = (1u64 << 39) | (1 << 38) | (1 << 19);
+    let dir = tempfile::tempdir().expect("tmp");
+    fake_node(dir.path(), three);
+    let (_, out) = check(Some(dir.path()));
+    let admin = line(&out, "CAP_SYS_ADMIN");
+    assert!(admin.starts_with("ok") && admin.contains("tracefs uprobe events"), "{out}");
+    std::fs::remove_file(dir.path().join("sys/kernel/tracing/uprobe_events")).expect("rm");
+    let (_, out) = check(Some(dir.path()));
+    let admin = line(&out, "CAP_SYS_ADMIN");
+    assert!(admin.starts_with("warn") && admin.contains("mount tracefs read-write"), "{out}");
+}
+
+#[test]
 fn json_report_parses() {
     let out = Command::new(watchscope_bin()).args(["check", "--json"]).output().expect("run");
     let v: serde_json::Value = serde_json::from_slice(&out.stdout).expect("JSON");

@@ -194,12 +194,26 @@ fn our_programs_and_links() -> (usize, usize) {
     (progs.len(), links)
 }
 
-#[test]
-fn sigkill_leaves_no_probe_behind_and_etcd_keeps_serving() {
-    let (server, client) = ("wse-kill", "wsc-kill");
+/// Definitions of agent `pid`'s tracefs uprobe events.
+fn events_of(pid: u32) -> Vec<String> {
+    let text = std::fs::read_to_string("/sys/kernel/tracing/uprobe_events").unwrap_or_default();
+    text.lines()
+        .filter_map(|l| l.split_whitespace().next()?.strip_prefix("p:watchscope/").map(str::to_string))
+        .filter(|name| name.starts_with(&format!("ws{pid}_")))
+        .collect()
+}
+
+/// SIGKILL: the kernel closes the agent's descriptors, which detaches every
+/// program and uprobe. With tracefs uprobe events the definitions stay (a
+/// definition nobody opened registers nothing), and the next agent deletes
+/// them.
+fn sigkill_leaves_no_probe_behind(mechanism: &str, server: &str, client: &str) {
     let etcd = Etcd::start(server, client);
-    let mut agent = Agent::start(&["--comm", &format!("{server},{client}")]);
+    let comms = format!("{server},{client}");
+    let args = ["--comm", comms.as_str(), "--uprobe-attach", mechanism];
+    let mut agent = Agent::start(&args);
     wait_attached(&agent, &[etcd.pid()]);
+    assert_eq!(debug_probes(&agent)["uprobe_mechanism"], mechanism);
     let pid = agent.pid();
     let (progs, links) = our_programs_and_links();
     assert!(progs >= 5 && links >= 5, "expected our programs and links while running: {progs} programs, {links} links");
@@ -208,9 +222,30 @@ fn sigkill_leaves_no_probe_behind_and_etcd_keeps_serving() {
     // The kernel closes a dead process's fds asynchronously: allow a moment.
     let clean = wait_until(Duration::from_secs(5), || our_programs_and_links() == (0, 0));
     assert!(clean, "left after SIGKILL of {pid}: (programs, links) = {:?}", our_programs_and_links());
-    let uprobe_events = std::fs::read_to_string("/sys/kernel/tracing/uprobe_events").unwrap_or_default();
-    assert!(!uprobe_events.contains("watchscope"), "{uprobe_events}");
+    let left = events_of(pid);
+    if mechanism == "perf" {
+        assert_eq!(left, Vec::<String>::new());
+    } else {
+        assert!(!left.is_empty(), "tracefs definitions expected after SIGKILL");
+        for name in &left {
+            let enable = std::fs::read_to_string(format!("/sys/kernel/tracing/events/watchscope/{name}/enable"));
+            assert_eq!(enable.map(|t| t.trim().to_string()).ok().as_deref(), Some("0"), "{name}");
+        }
+        let next = Agent::start(&args);
+        wait_attached(&next, &[etcd.pid()]);
+        assert_eq!(events_of(pid), Vec::<String>::new(), "the next agent deletes a killed one's definitions");
+    }
     etcd.put("/kill/after", "still serving");
+}
+
+#[test]
+fn sigkill_leaves_no_probe_behind_and_etcd_keeps_serving() {
+    sigkill_leaves_no_probe_behind("perf", "wse-kill", "wsc-kill");
+}
+
+#[test]
+fn sigkill_with_tracefs_uprobes_leaves_nothing_attached_and_the_next_agent_cleans_up() {
+    sigkill_leaves_no_probe_behind("tracefs", "wse-killt", "wsc-killt");
 }
 
 #[test]

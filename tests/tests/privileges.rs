@@ -5,14 +5,15 @@
 //! CAP_BPF, CAP_PERFMON and CAP_SYS_PTRACE load the programs, attach the
 //! tracepoints and read other processes' binaries. On Linux 6.16+ (and the
 //! stable kernels that took the change: "perf: Revert to requiring
-//! CAP_SYS_ADMIN for uprobes") creating a uprobe through perf_event_open
-//! needs CAP_SYS_ADMIN again, and so does BPF_ENABLE_STATS: the first test
-//! shows what works without it and that the refusal says why, the second
-//! that CAP_SYS_ADMIN added is all the watch path needs.
+//! CAP_SYS_ADMIN for uprobes") the uprobe PMU needs CAP_SYS_ADMIN; the agent
+//! then makes its uprobes as tracefs uprobe events, which CAP_PERFMON opens.
+//! The first test counts every watch event with the three capabilities, the
+//! second shows that forcing the PMU is refused with the reason, the third
+//! that with CAP_SYS_ADMIN added the PMU path counts every event too.
 
 use std::{process::Command, time::Duration};
 
-use watchscope_integration_tests::{Agent, debug_probes, etcd::Etcd, wait_until};
+use watchscope_integration_tests::{Agent, Buckets, debug_probes, etcd::Etcd, probes_cover, wait_until};
 
 const THREE: &str = "cap_bpf,cap_perfmon,cap_sys_ptrace";
 const FOUR: &str = "cap_bpf,cap_perfmon,cap_sys_ptrace,cap_sys_admin";
@@ -84,25 +85,63 @@ const PERFMON: u64 = 1 << 38;
 const SYS_PTRACE: u64 = 1 << 19;
 const SYS_ADMIN: u64 = 1 << 21;
 
-fn attached(agent: &Agent, pids: &[u32]) -> bool {
-    let bins = debug_probes(agent)["binaries"].as_array().cloned().unwrap_or_default();
-    pids.iter().all(|pid| {
-        bins.iter().any(|b| {
-            b["attached"] == true
-                && b["processes"].as_array().is_some_and(|p| p.iter().any(|p| p.as_u64() == Some(u64::from(*pid))))
-        })
-    })
+/// Lines of the kernel's uprobe_events naming events of `agent_pid`.
+fn events_of(agent_pid: u32) -> Vec<String> {
+    std::fs::read_to_string("/sys/kernel/tracing/uprobe_events")
+        .unwrap_or_default()
+        .lines()
+        .filter(|l| l.contains(&format!("watchscope/ws{agent_pid}_")))
+        .map(str::to_string)
+        .collect()
+}
+
+/// Starts etcd and a watcher, waits for probes on both, puts N keys, and
+/// checks that both sides counted exactly N events.
+fn every_watch_event_counted(agent: &Agent, server: &str, client: &str, n: usize) {
+    let etcd = Etcd::start(server, client);
+    let watch = etcd.watch("/caps/");
+    let ok = wait_until(Duration::from_secs(10), || probes_cover(&debug_probes(agent), &[etcd.pid(), watch.pid()]));
+    assert!(ok, "not attached:\n{}\n{}", debug_probes(agent), agent.log_text());
+    std::thread::sleep(Duration::from_millis(300));
+    for i in 0..n {
+        etcd.put(&format!("/caps/{i}"), "v");
+    }
+    assert_eq!(watch.wait_count(|l| l == "PUT", n, Duration::from_secs(10)), n);
+    let sample = |side: &str, comm: &str| format!("watchscope_watch_events_total{{side=\"{side}\",comm=\"{comm}\"}}");
+    agent.wait_for_sample(&sample("client", client), n as f64, Duration::from_secs(5));
+    std::thread::sleep(Duration::from_millis(300));
+    assert_eq!(agent.sample(&sample("server", server)), n as f64, "{}", agent.metrics());
+    assert_eq!(agent.sample(&sample("client", client)), n as f64, "{}", agent.metrics());
+    // Every stage of every event, not just the counters.
+    let text = agent.metrics();
+    for (stage, comm) in [("commit_to_send", server), ("commit_to_dispatch", client)] {
+        let labels = format!("stage=\"{stage}\",comm=\"{comm}\"");
+        let b = Buckets::parse(&text, "watchscope_watch_stage_seconds", &labels);
+        assert_eq!(b.count(), n as f64, "{stage}: {text}");
+    }
 }
 
 #[test]
-fn three_capabilities_run_the_tracepoints_and_say_why_uprobes_are_refused() {
+fn three_capabilities_time_every_watch_event_through_tracefs_uprobes() {
     const N: u32 = 20;
+    // A definition left by an agent that no longer runs (as after SIGKILL):
+    // the agent deletes it when it first uses tracefs.
+    let stale_pid = 4_194_000 + std::process::id() % 100;
+    std::fs::OpenOptions::new()
+        .append(true)
+        .open("/sys/kernel/tracing/uprobe_events")
+        .and_then(|mut f| {
+            std::io::Write::write_all(&mut f, format!("p:watchscope/ws{stale_pid}_0 /bin/true:0x0\n").as_bytes())
+        })
+        .expect("define a stale uprobe event");
+    assert_eq!(events_of(stale_pid).len(), 1);
+
     let dir = tempfile::tempdir().expect("temp dir");
     let comm = format!("wsk{}", std::process::id() % 1_000_000_000);
     let path = dir.path().join(&comm);
     std::fs::copy("/bin/true", &path).expect("copy /bin/true");
     let (server, client) = ("wse-caps3", "wsc-caps3");
-    let agent = start_with(THREE, BPF | PERFMON | SYS_PTRACE, &["--comm", &format!("{server},{client},{comm}")]);
+    let mut agent = start_with(THREE, BPF | PERFMON | SYS_PTRACE, &["--comm", &format!("{server},{client},{comm}")]);
     // The kernel programs load and the exec tracepoint counts exactly.
     for _ in 0..N {
         assert!(Command::new(&path).status().expect("run true copy").success());
@@ -110,6 +149,28 @@ fn three_capabilities_run_the_tracepoints_and_say_why_uprobes_are_refused() {
     let execs = format!("watchscope_process_execs_total{{comm=\"{comm}\"}}");
     assert_eq!(agent.wait_for_sample(&execs, f64::from(N), Duration::from_secs(5)), f64::from(N));
 
+    every_watch_event_counted(&agent, server, client, N as usize);
+    let probes = debug_probes(&agent);
+    assert_eq!(probes["uprobe_mechanism"], "tracefs", "{probes}");
+    let ours = events_of(agent.pid());
+    assert_eq!(ours.len() as u64, probes["uprobes_attached"].as_u64().unwrap_or(0), "{ours:?}\n{probes}");
+    assert!(events_of(stale_pid).is_empty(), "the stale event is still defined");
+    assert!(agent.log_text().contains("uprobe PMU refused"), "{}", agent.log_text());
+
+    // A clean stop closes every perf event and deletes every definition.
+    let pid = agent.pid();
+    assert!(agent.stop_with(libc::SIGTERM, Duration::from_secs(30)).success());
+    assert_eq!(events_of(pid), Vec::<String>::new());
+}
+
+#[test]
+fn forcing_the_uprobe_pmu_without_cap_sys_admin_says_why_it_is_refused() {
+    let (server, client) = ("wse-capsp", "wsc-capsp");
+    let agent = start_with(
+        THREE,
+        BPF | PERFMON | SYS_PTRACE,
+        &["--comm", &format!("{server},{client}"), "--uprobe-attach", "perf"],
+    );
     let etcd = Etcd::start(server, client);
     // Inspected (the binary read through /proc/<pid>/exe with
     // CAP_SYS_PTRACE), planned, and refused with the reason.
@@ -117,13 +178,13 @@ fn three_capabilities_run_the_tracepoints_and_say_why_uprobes_are_refused() {
         debug_probes(&agent)["binaries"].as_array().is_some_and(|bins| {
             bins.iter().any(|b| {
                 b["processes"].as_array().is_some_and(|p| p.iter().any(|p| p.as_u64() == Some(u64::from(etcd.pid()))))
-                    && b["reason"]
-                        .as_str()
-                        .is_some_and(|r| r.contains("Permission denied") && r.contains("CAP_SYS_ADMIN"))
+                    && b["reason"].as_str().is_some_and(|r| {
+                        r.contains("Permission denied") && r.contains("CAP_SYS_ADMIN") && r.contains("tracefs")
+                    })
             })
         })
     });
-    if !refused && attached(&agent, &[etcd.pid()]) {
+    if !refused && probes_cover(&debug_probes(&agent), &[etcd.pid()]) {
         // A kernel older than the change (or without its backport).
         eprintln!("uprobes attached with CAP_PERFMON alone: this kernel predates the CAP_SYS_ADMIN requirement");
         return;
@@ -132,24 +193,13 @@ fn three_capabilities_run_the_tracepoints_and_say_why_uprobes_are_refused() {
 }
 
 #[test]
-fn with_cap_sys_admin_added_every_watch_event_is_timed() {
+fn with_cap_sys_admin_added_every_watch_event_is_timed_through_the_pmu() {
     const N: usize = 15;
     let (server, client) = ("wse-caps4", "wsc-caps4");
     let agent = start_with(FOUR, BPF | PERFMON | SYS_PTRACE | SYS_ADMIN, &["--comm", &format!("{server},{client}")]);
-    let etcd = Etcd::start(server, client);
-    let watch = etcd.watch("/caps/");
-    let ok = wait_until(Duration::from_secs(10), || attached(&agent, &[etcd.pid(), watch.pid()]));
-    assert!(ok, "not attached:\n{}\n{}", debug_probes(&agent), agent.log_text());
-    std::thread::sleep(Duration::from_millis(300));
-    for i in 0..N {
-        etcd.put(&format!("/caps/{i}"), "v");
-    }
-    assert_eq!(watch.wait_count(|l| l == "PUT", N, Duration::from_secs(10)), N);
-    let sample = |side: &str, comm: &str| format!("watchscope_watch_events_total{{side=\"{side}\",comm=\"{comm}\"}}");
-    agent.wait_for_sample(&sample("client", client), N as f64, Duration::from_secs(5));
-    std::thread::sleep(Duration::from_millis(300));
-    assert_eq!(agent.sample(&sample("server", server)), N as f64, "{}", agent.metrics());
-    assert_eq!(agent.sample(&sample("client", client)), N as f64, "{}", agent.metrics());
+    every_watch_event_counted(&agent, server, client, N);
+    assert_eq!(debug_probes(&agent)["uprobe_mechanism"], "perf");
+    assert!(events_of(agent.pid()).is_empty());
     // BPF_ENABLE_STATS works with CAP_SYS_ADMIN: the probes' runs are counted.
     assert!(agent.sample("watchscope_program_runs_total{program=\"etcd_notify\"}") >= N as f64, "{}", agent.metrics());
 }

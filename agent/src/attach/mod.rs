@@ -5,6 +5,7 @@
 //! in the kernel, not even after SIGKILL.
 
 pub mod goruntime;
+pub mod probe_events;
 pub mod sched;
 pub mod sidecar;
 pub mod slots;

@@ -3,9 +3,15 @@
 //! (50 pods of one image: one attachment). Per-process filtering happens in
 //! the kernel (the `WS_PROC_SLOT` lookup every program does first). When the
 //! last process of a binary exits, its probes are detached.
+//!
+//! Two ways to make a uprobe (`--uprobe-attach`): the uprobe PMU through aya,
+//! or a tracefs uprobe event ([`super::probe_events`]), which works without
+//! CAP_SYS_ADMIN on the kernels that require it for the PMU. `auto` tries
+//! the PMU first and moves to tracefs for good on the first refusal.
 
 use std::{
     collections::{BTreeSet, HashMap},
+    os::fd::AsFd as _,
     path::Path,
 };
 
@@ -20,7 +26,11 @@ use aya::{
 };
 use thiserror::Error;
 
-use crate::discover::procfs::FileIdent;
+use super::probe_events::{ProbeEvent, ProbeEventError, ProbeEvents};
+use crate::{
+    discover::procfs::FileIdent,
+    host::{HostRoot, tracefs::Tracefs},
+};
 
 /// Cookies index the per-attach config arrays; their sizes in the kernel object.
 pub const MAX_WATCH_COOKIES: u32 = 256;
@@ -44,6 +54,42 @@ pub enum UprobeError {
         #[source]
         source: Box<aya::programs::ProgramError>,
     },
+    #[error("attaching `{program}` at file offset {offset:#x} of {path} through tracefs: {source}")]
+    Event {
+        program: &'static str,
+        offset: u64,
+        path: String,
+        #[source]
+        source: Box<ProbeEventError>,
+    },
+    #[error("uprobes through tracefs: {0}")]
+    NoTracefs(#[source] crate::host::tracefs::TracefsError),
+}
+
+/// How uprobes are made (`--uprobe-attach`).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, clap::ValueEnum)]
+pub enum UprobeMode {
+    /// The uprobe PMU, and tracefs from the first permission refusal on.
+    #[default]
+    Auto,
+    /// The uprobe PMU only (perf_event_open; CAP_SYS_ADMIN on Linux 6.16+).
+    Perf,
+    /// tracefs uprobe events only (tracefs must be writable).
+    Tracefs,
+}
+
+/// One placed probe: a PMU link owned by its aya program, or a tracefs
+/// event we own.
+enum Link {
+    Pmu(&'static str, UProbeLinkId),
+    Event(ProbeEvent),
+}
+
+/// A probe taken out of its owner: dropping it detaches.
+#[expect(dead_code, reason = "held only to be dropped, which detaches")]
+enum Detached {
+    Pmu(UProbeLink),
+    Event(ProbeEvent),
 }
 
 /// One probe to place: which program, where in the file, what it reads.
@@ -66,11 +112,11 @@ pub enum SiteConfig {
 }
 
 struct Attached {
-    links: Vec<(&'static str, UProbeLinkId)>,
+    links: Vec<Link>,
     cookies: Vec<Cookie>,
     /// Per-operation map probes (`--go-maps=all`): detached by themselves
     /// once `--go-maps-window` has passed since they were attached.
-    temporary: Vec<(&'static str, UProbeLinkId, Cookie)>,
+    temporary: Vec<(Link, Cookie)>,
     attached_at: std::time::Instant,
     users: BTreeSet<u32>,
     /// Since when no process runs the file (probes are kept a while: a
@@ -94,16 +140,37 @@ pub struct Uprobes {
     free_watch: Vec<u32>,
     free_go: Vec<u32>,
     by_file: HashMap<FileIdent, Attached>,
+    mode: UprobeMode,
+    root: HostRoot,
+    /// Made on first use of tracefs (stale events are deleted then).
+    events: Option<ProbeEvents>,
 }
 
 impl Uprobes {
-    pub fn new(watch_config: Array<MapData, WatchProbeConfig>, go_config: Array<MapData, GoProbeConfig>) -> Self {
+    pub fn new(
+        watch_config: Array<MapData, WatchProbeConfig>,
+        go_config: Array<MapData, GoProbeConfig>,
+        mode: UprobeMode,
+        root: HostRoot,
+    ) -> Self {
         Self {
             watch_config,
             go_config,
             free_watch: (0..MAX_WATCH_COOKIES).rev().collect(),
             free_go: (0..MAX_GO_COOKIES).rev().collect(),
             by_file: HashMap::new(),
+            mode,
+            root,
+            events: None,
+        }
+    }
+
+    /// How uprobes are made now: "perf" (the uprobe PMU) or "tracefs"; in
+    /// `auto` mode, "perf" until the PMU first refuses.
+    pub fn mechanism(&self) -> &'static str {
+        match self.mode {
+            UprobeMode::Tracefs => "tracefs",
+            UprobeMode::Auto | UprobeMode::Perf => "perf",
         }
     }
 
@@ -164,25 +231,67 @@ impl Uprobes {
                 Cookie::Go(c)
             }
         };
-        let prog = program(ebpf, site.program)?;
-        let point = UProbeAttachPoint {
-            location: UProbeAttachLocation::AbsoluteOffset(site.file_offset),
-            cookie: Some(u64::from(cookie.id())),
-        };
-        let link = prog.attach(point, open_path, UProbeScope::AllProcesses).map_err(|e| UprobeError::Attach {
-            program: site.program,
-            offset: site.file_offset,
-            path: open_path.display().to_string(),
-            source: Box::new(e),
-        })?;
+        let link = self.place(ebpf, open_path, site, cookie)?;
         if site.is_map_operation() {
             // Its cookie moves with the link: both go when the window ends.
             done.cookies.pop();
-            done.temporary.push((site.program, link, cookie));
+            done.temporary.push((link, cookie));
         } else {
-            done.links.push((site.program, link));
+            done.links.push(link);
         }
         Ok(())
+    }
+
+    /// Makes one uprobe, the way `mode` says.
+    fn place(&mut self, ebpf: &mut Ebpf, open_path: &Path, site: &Site, cookie: Cookie) -> Result<Link, UprobeError> {
+        let prog = program(ebpf, site.program)?;
+        if self.mode != UprobeMode::Tracefs {
+            let point = UProbeAttachPoint {
+                location: UProbeAttachLocation::AbsoluteOffset(site.file_offset),
+                cookie: Some(u64::from(cookie.id())),
+            };
+            match prog.attach(point, open_path, UProbeScope::AllProcesses) {
+                Ok(id) => return Ok(Link::Pmu(site.program, id)),
+                Err(e) if self.mode == UprobeMode::Auto && permission_denied(&e) => {
+                    tracing::info!(
+                        "the uprobe PMU refused ({e}: CAP_SYS_ADMIN is required for it on Linux 6.16+); \
+                         making uprobes through tracefs uprobe_events from now on"
+                    );
+                    self.mode = UprobeMode::Tracefs;
+                }
+                Err(e) => {
+                    return Err(UprobeError::Attach {
+                        program: site.program,
+                        offset: site.file_offset,
+                        path: open_path.display().to_string(),
+                        source: Box::new(e),
+                    });
+                }
+            }
+        }
+        let events = match &mut self.events {
+            Some(events) => events,
+            None => {
+                let events = ProbeEvents::new(Tracefs::find(&self.root).map_err(UprobeError::NoTracefs)?);
+                let stale = events.remove_stale(&self.root);
+                if stale > 0 {
+                    tracing::info!("deleted {stale} uprobe events left by agents no longer running");
+                }
+                self.events.insert(events)
+            }
+        };
+        let path = || open_path.display().to_string();
+        let (program_name, offset) = (site.program, site.file_offset);
+        let fd = program(ebpf, site.program)?.fd().map_err(|e| UprobeError::Attach {
+            program: program_name,
+            offset,
+            path: path(),
+            source: Box::new(e),
+        })?;
+        let event = events
+            .attach(fd.as_fd(), open_path, offset, u64::from(cookie.id()))
+            .map_err(|e| UprobeError::Event { program: program_name, offset, path: path(), source: Box::new(e) })?;
+        Ok(Link::Event(event))
     }
 
     /// Detaches the per-operation map probes of every file attached for
@@ -195,8 +304,8 @@ impl Uprobes {
             if a.temporary.is_empty() || now.duration_since(a.attached_at) < window {
                 continue;
             }
-            for (name, id, cookie) in a.temporary.drain(..) {
-                ids.push((name, id));
+            for (link, cookie) in a.temporary.drain(..) {
+                ids.push(link);
                 cookies.push(cookie);
             }
         }
@@ -256,13 +365,7 @@ impl Uprobes {
 
     fn release(&mut self, ebpf: &mut Ebpf, a: Attached) {
         let (links, cookies) = a.into_parts();
-        for (name, link) in links {
-            if let Ok(p) = program(ebpf, name)
-                && let Err(e) = p.detach(link)
-            {
-                tracing::warn!("detaching {name}: {e}");
-            }
-        }
+        drop(take_links(ebpf, links));
         self.release_cookies(cookies);
     }
 
@@ -283,10 +386,10 @@ impl Uprobes {
 
 impl Attached {
     /// Every link (temporary ones included) and every cookie it holds.
-    fn into_parts(self) -> (Vec<(&'static str, UProbeLinkId)>, Vec<Cookie>) {
+    fn into_parts(self) -> (Vec<Link>, Vec<Cookie>) {
         let (mut links, mut cookies) = (self.links, self.cookies);
-        for (name, id, cookie) in self.temporary {
-            links.push((name, id));
+        for (link, cookie) in self.temporary {
+            links.push(link);
             cookies.push(cookie);
         }
         (links, cookies)
@@ -303,15 +406,35 @@ impl Cookie {
 
 /// Takes links out of their programs, so that dropping them detaches (see
 /// `drop_in_background`).
-fn take_links(ebpf: &mut Ebpf, ids: Vec<(&'static str, UProbeLinkId)>) -> Vec<UProbeLink> {
+fn take_links(ebpf: &mut Ebpf, ids: Vec<Link>) -> Vec<Detached> {
     let mut links = Vec::new();
-    for (name, id) in ids {
-        match program(ebpf, name).and_then(|p| p.take_link(id).map_err(|_| UprobeError::MissingProgram(name))) {
-            Ok(link) => links.push(link),
-            Err(e) => tracing::warn!("detaching {name}: {e}"),
+    for link in ids {
+        match link {
+            Link::Pmu(name, id) => {
+                match program(ebpf, name).and_then(|p| p.take_link(id).map_err(|_| UprobeError::MissingProgram(name))) {
+                    Ok(link) => links.push(Detached::Pmu(link)),
+                    Err(e) => tracing::warn!("detaching {name}: {e}"),
+                }
+            }
+            Link::Event(event) => links.push(Detached::Event(event)),
         }
     }
     links
+}
+
+/// Whether a PMU attach failed for want of privilege (EACCES or EPERM
+/// anywhere in its causes).
+pub fn permission_denied(e: &(dyn std::error::Error + 'static)) -> bool {
+    let mut source = Some(e);
+    while let Some(s) = source {
+        if let Some(io) = s.downcast_ref::<std::io::Error>()
+            && matches!(io.raw_os_error(), Some(libc::EACCES) | Some(libc::EPERM))
+        {
+            return true;
+        }
+        source = s.source();
+    }
+    false
 }
 
 /// Drops uprobe links off the caller's thread (or waits for them, with

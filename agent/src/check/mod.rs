@@ -240,6 +240,10 @@ fn cap_items(root: &HostRoot, items: &mut Vec<Item>) {
     };
     // CAP_SYS_ADMIN implies what CAP_BPF and CAP_PERFMON grant.
     let admin = set.has(Cap::SysAdmin);
+    // Without CAP_SYS_ADMIN uprobes are tracefs uprobe events: opening the
+    // control file for writing (no write) says whether that can work.
+    let events_writable =
+        Tracefs::find(root).is_ok_and(|t| std::fs::OpenOptions::new().append(true).open(t.uprobe_events()).is_ok());
     for cap in Cap::ALL {
         let (status, detail, fix) = match cap {
             _ if set.has(cap) => (Status::Ok, "held".to_string(), String::new()),
@@ -254,12 +258,20 @@ fn cap_items(root: &HostRoot, items: &mut Vec<Item>) {
             ),
             // Linux 6.16 (and stable kernels with the backport) went back to
             // CAP_SYS_ADMIN for uprobes made through perf_event_open.
+            // The agent then makes uprobes as tracefs uprobe events instead.
+            Cap::SysAdmin if events_writable => (
+                Status::Ok,
+                "not held: uprobes are made as tracefs uprobe events where the uprobe PMU needs it \
+                 (Linux 6.16+); per-program statistics need kernel.bpf_stats_enabled=1"
+                    .into(),
+                String::new(),
+            ),
             Cap::SysAdmin => (
                 Status::Warn,
-                "not held: Linux 6.16+ (and stable kernels with the same change) need it to create uprobes; \
-                 tracepoints and exec counting work without it"
+                "not held, and tracefs uprobe_events is not writable: Linux 6.16+ (and stable kernels with \
+                 the same change) then refuse uprobes; tracepoints and exec counting work"
                     .into(),
-                format!("grant {cap} to time the watch path on such kernels"),
+                format!("mount tracefs read-write for the agent, or grant {cap}"),
             ),
         };
         items.push(Item::new(cap.name(), status, detail, fix));

@@ -55,6 +55,8 @@ pub struct RunConfig {
     pub web: WebConfig,
     /// Keep the kernel's per-program run statistics on (`--bpf-stats`).
     pub bpf_stats: bool,
+    /// How uprobes are made (`--uprobe-attach`).
+    pub uprobe_mode: crate::attach::uprobes::UprobeMode,
 }
 
 struct Agent {
@@ -115,6 +117,7 @@ impl MetricsSource for Agent {
         serde_json::json!({
             "probes": self.tracepoints,
             "uprobes_attached": self.status.uprobes_attached.load(Ordering::Relaxed),
+            "uprobe_mechanism": if self.status.uprobes_through_tracefs.load(Ordering::Relaxed) { "tracefs" } else { "perf" },
             "sidecar_tracepoints_attached": self.status.sidecar_tracepoints.load(Ordering::Relaxed),
             "sched_tracepoints_attached": self.status.sched_tracepoints.load(Ordering::Relaxed),
             "binaries": binaries,
@@ -183,6 +186,7 @@ impl Pipeline {
             sidecar_slots.clone(),
             status.clone(),
             labelling,
+            cfg.uprobe_mode,
         )?;
         // Every program is loaded by now (uprobe programs are loaded at start
         // and attached per binary later).

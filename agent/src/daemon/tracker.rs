@@ -76,6 +76,8 @@ pub struct BinaryStatus {
 pub struct Status {
     pub binaries: Mutex<BTreeMap<FileIdent, BinaryStatus>>,
     pub uprobes_attached: AtomicUsize,
+    /// Uprobes are made through tracefs uprobe events (not the uprobe PMU).
+    pub uprobes_through_tracefs: std::sync::atomic::AtomicBool,
     pub sidecar_tracepoints: AtomicUsize,
     /// sched_switch/sched_wakeup programs attached for window scheduling time.
     pub sched_tracepoints: AtomicUsize,
@@ -203,6 +205,7 @@ impl Tracker {
         sidecar_slots: Arc<Mutex<Slots>>,
         status: Arc<Status>,
         labelling: Labelling,
+        uprobe_mode: crate::attach::uprobes::UprobeMode,
     ) -> anyhow::Result<Self> {
         use anyhow::Context as _;
         let sc_map = ebpf.take_map("WS_SIDECAR_SLOT").context("the eBPF object has no WS_SIDECAR_SLOT map")?;
@@ -218,7 +221,7 @@ impl Tracker {
         let config = ebpf.take_map("WS_WATCH_CONFIG").context("the eBPF object has no WS_WATCH_CONFIG map")?;
         let proc_slot = ebpf.take_map("WS_PROC_SLOT").context("the eBPF object has no WS_PROC_SLOT map")?;
         Ok(Self {
-            root,
+            root: root.clone(),
             filter,
             sidecar_filter,
             sidecar,
@@ -228,6 +231,8 @@ impl Tracker {
             uprobes: Uprobes::new(
                 aya::maps::Array::try_from(config).context("WS_WATCH_CONFIG")?,
                 aya::maps::Array::try_from(go_config).context("WS_GO_CONFIG")?,
+                uprobe_mode,
+                root,
             ),
             proc_slot: BpfHashMap::try_from(proc_slot).context("WS_PROC_SLOT")?,
             slots,
@@ -590,6 +595,7 @@ impl Tracker {
 
     fn publish_count(&self) {
         self.status.uprobes_attached.store(self.uprobes.count(), Ordering::Relaxed);
+        self.status.uprobes_through_tracefs.store(self.uprobes.mechanism() == "tracefs", Ordering::Relaxed);
         self.status.sidecar_tracepoints.store(self.sidecar.attached(), Ordering::Relaxed);
         self.status.sched_tracepoints.store(self.sched.attached(), Ordering::Relaxed);
     }
@@ -609,25 +615,22 @@ impl Tracker {
 /// nothing without its OS error), and what to do about a refusal.
 fn attach_error(e: &(dyn std::error::Error + 'static)) -> String {
     let mut text = e.to_string();
-    let mut denied = false;
     let mut source = e.source();
     while let Some(s) = source {
-        if let Some(io) = s.downcast_ref::<std::io::Error>() {
-            denied |= matches!(io.raw_os_error(), Some(libc::EACCES) | Some(libc::EPERM));
-        }
         let part = s.to_string();
         if !text.ends_with(&part) {
             text.push_str(&format!(": {part}"));
         }
         source = s.source();
     }
-    if denied && text.contains("perf_event_open") {
+    if crate::attach::uprobes::permission_denied(e) && text.contains("perf_event_open") {
         // Linux 6.16 (and the stable kernels it was backported to) went back
         // to requiring CAP_SYS_ADMIN for uprobes made through perf_event_open
-        // ("perf: Revert to requiring CAP_SYS_ADMIN for uprobes").
+        // ("perf: Revert to requiring CAP_SYS_ADMIN for uprobes"). Only a
+        // forced `--uprobe-attach=perf` gets here: `auto` moves to tracefs.
         text.push_str(
-            " (creating uprobes needs CAP_SYS_ADMIN on Linux 6.16+ and kernels with that change backported; \
-             CAP_PERFMON was enough before)",
+            " (the uprobe PMU needs CAP_SYS_ADMIN on Linux 6.16+ and kernels with that change backported; \
+             --uprobe-attach=tracefs works without it)",
         );
     }
     text
