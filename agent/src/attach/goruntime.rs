@@ -127,7 +127,16 @@ pub fn plan(insp: &Inspection, maps: GoMaps, windows: &WindowTable) -> GoPlan {
             ("go_map_delete", GoClass::MapDelete, 0),
         ]);
     }
+    // An etcd server links clientv3 for its in-process JSON gateway, so it
+    // has the client's dispatch function too. That window would only time
+    // the gateway, and it would bring the scheduler probes (below) onto
+    // every goroutine switch of the server: +90 µs of etcd CPU per put in
+    // `cargo xtask bench etcd`. Clients keep it.
+    let server = insp.probes_for("etcd_server_notify").next().is_some();
     for (role, name) in BUILTIN_WINDOWS {
+        if server && *role == "etcd_client_dispatch" {
+            continue;
+        }
         if let Some(id) = windows.id(name) {
             roles.push((role, GoClass::Window, id));
         }
