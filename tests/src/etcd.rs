@@ -98,6 +98,25 @@ impl Etcd {
         assert!(out.status.success(), "put {key}: {}", String::from_utf8_lossy(&out.stderr));
     }
 
+    /// Puts `n` keys `{prefix}0..n`, each a value of `bytes` bytes: large
+    /// values fill a slow watcher's stream, sockets and HTTP/2 windows after
+    /// a dozen events. etcdctl reads each value from stdin (too large for an
+    /// argument).
+    pub fn put_large(&self, prefix: &str, n: usize, bytes: usize) {
+        let file = self.dir.path().join("value");
+        std::fs::write(&file, "v".repeat(bytes)).expect("value file");
+        for i in 0..n {
+            let status = self
+                .ctl()
+                .args(["put", &format!("{prefix}{i}")])
+                .stdin(std::fs::File::open(&file).expect("open value"))
+                .stdout(Stdio::null())
+                .status()
+                .expect("etcdctl put");
+            assert!(status.success(), "put {prefix}{i}");
+        }
+    }
+
     /// One transaction of several puts (one revision, several events).
     pub fn txn_puts(&self, kvs: &[(&str, &str)]) {
         // etcdctl txn reads: compares, blank line, success ops, blank line,

@@ -360,3 +360,14 @@ pub fn wait_attached(agent: &Agent, pids: &[u32]) {
     let ok = wait_until(Duration::from_secs(10), || probes_cover(&debug_probes(agent), pids));
     assert!(ok, "probes not attached for {pids:?}:\n{}", agent.log_text());
 }
+
+/// Names of the tracefs uprobe events agent `pid` defined
+/// (`watchscope/ws<pid>_<n>` in uprobe_events).
+pub fn uprobe_events_of(pid: u32) -> Vec<String> {
+    let text = std::fs::read_to_string("/sys/kernel/tracing/uprobe_events").unwrap_or_default();
+    let prefix = format!("ws{pid}_");
+    text.lines()
+        .filter_map(|l| l.split_whitespace().next()?.strip_prefix("p:watchscope/").map(str::to_string))
+        .filter(|name| name.starts_with(&prefix))
+        .collect()
+}

@@ -4,7 +4,9 @@
 
 use std::{process::Command, time::Duration};
 
-use watchscope_integration_tests::{Agent, Buckets, debug_probes, etcd::Etcd, sample_value, wait_attached, wait_until};
+use watchscope_integration_tests::{
+    Agent, Buckets, debug_probes, etcd::Etcd, sample_value, uprobe_events_of, wait_attached, wait_until,
+};
 
 const FAMILY: &str = "watchscope_watch_stage_seconds";
 
@@ -83,20 +85,9 @@ fn a_slow_watcher_shows_in_its_send_stages_and_not_in_the_fast_client() {
 
     // Large values: the gateway's HTTP stream, the sockets and the HTTP/2
     // windows fill after a dozen events, then etcd's gRPC send blocks.
-    let value = "v".repeat(300_000);
-    let value_file = etcd.dir.path().join("value");
-    std::fs::write(&value_file, &value).expect("value file");
     slow.send(&format!("pause {D}"));
     assert!(slow.wait_for(|l| l.starts_with("paused"), Duration::from_secs(5)));
-    for i in 0..PUTS {
-        let status = Command::new(&etcd.ctl)
-            .args([&format!("--endpoints={}", etcd.endpoint()), "put", &format!("/slow/{i}")])
-            .stdin(std::fs::File::open(&value_file).expect("open value"))
-            .stdout(std::process::Stdio::null())
-            .status()
-            .expect("put");
-        assert!(status.success());
-    }
+    etcd.put_large("/slow/", PUTS, 300_000);
     assert_eq!(fast.wait_count(|l| l == "PUT", PUTS, Duration::from_secs(10)), PUTS);
     assert_eq!(slow.wait_count(|l| l.starts_with("event "), PUTS, Duration::from_secs(30)), PUTS, "{:?}", slow.lines());
     let want = (2 * PUTS) as f64;
@@ -194,15 +185,6 @@ fn our_programs_and_links() -> (usize, usize) {
     (progs.len(), links)
 }
 
-/// Definitions of agent `pid`'s tracefs uprobe events.
-fn events_of(pid: u32) -> Vec<String> {
-    let text = std::fs::read_to_string("/sys/kernel/tracing/uprobe_events").unwrap_or_default();
-    text.lines()
-        .filter_map(|l| l.split_whitespace().next()?.strip_prefix("p:watchscope/").map(str::to_string))
-        .filter(|name| name.starts_with(&format!("ws{pid}_")))
-        .collect()
-}
-
 /// SIGKILL: the kernel closes the agent's descriptors, which detaches every
 /// program and uprobe. With tracefs uprobe events the definitions stay (a
 /// definition nobody opened registers nothing), and the next agent deletes
@@ -222,7 +204,7 @@ fn sigkill_leaves_no_probe_behind(mechanism: &str, server: &str, client: &str) {
     // The kernel closes a dead process's fds asynchronously: allow a moment.
     let clean = wait_until(Duration::from_secs(5), || our_programs_and_links() == (0, 0));
     assert!(clean, "left after SIGKILL of {pid}: (programs, links) = {:?}", our_programs_and_links());
-    let left = events_of(pid);
+    let left = uprobe_events_of(pid);
     if mechanism == "perf" {
         assert_eq!(left, Vec::<String>::new());
     } else {
@@ -233,7 +215,7 @@ fn sigkill_leaves_no_probe_behind(mechanism: &str, server: &str, client: &str) {
         }
         let next = Agent::start(&args);
         wait_attached(&next, &[etcd.pid()]);
-        assert_eq!(events_of(pid), Vec::<String>::new(), "the next agent deletes a killed one's definitions");
+        assert_eq!(uprobe_events_of(pid), Vec::<String>::new(), "the next agent deletes a killed one's definitions");
     }
     etcd.put("/kill/after", "still serving");
 }

@@ -13,7 +13,9 @@
 
 use std::{process::Command, time::Duration};
 
-use watchscope_integration_tests::{Agent, Buckets, debug_probes, etcd::Etcd, probes_cover, wait_until};
+use watchscope_integration_tests::{
+    Agent, Buckets, debug_probes, etcd::Etcd, probes_cover, uprobe_events_of, wait_until,
+};
 
 const THREE: &str = "cap_bpf,cap_perfmon,cap_sys_ptrace";
 const FOUR: &str = "cap_bpf,cap_perfmon,cap_sys_ptrace,cap_sys_admin";
@@ -85,16 +87,6 @@ const PERFMON: u64 = 1 << 38;
 const SYS_PTRACE: u64 = 1 << 19;
 const SYS_ADMIN: u64 = 1 << 21;
 
-/// Lines of the kernel's uprobe_events naming events of `agent_pid`.
-fn events_of(agent_pid: u32) -> Vec<String> {
-    std::fs::read_to_string("/sys/kernel/tracing/uprobe_events")
-        .unwrap_or_default()
-        .lines()
-        .filter(|l| l.contains(&format!("watchscope/ws{agent_pid}_")))
-        .map(str::to_string)
-        .collect()
-}
-
 /// Starts etcd and a watcher, waits for probes on both, puts N keys, and
 /// checks that both sides counted exactly N events.
 fn every_watch_event_counted(agent: &Agent, server: &str, client: &str, n: usize) {
@@ -134,7 +126,7 @@ fn three_capabilities_time_every_watch_event_through_tracefs_uprobes() {
             std::io::Write::write_all(&mut f, format!("p:watchscope/ws{stale_pid}_0 /bin/true:0x0\n").as_bytes())
         })
         .expect("define a stale uprobe event");
-    assert_eq!(events_of(stale_pid).len(), 1);
+    assert_eq!(uprobe_events_of(stale_pid).len(), 1);
 
     let dir = tempfile::tempdir().expect("temp dir");
     let comm = format!("wsk{}", std::process::id() % 1_000_000_000);
@@ -152,15 +144,15 @@ fn three_capabilities_time_every_watch_event_through_tracefs_uprobes() {
     every_watch_event_counted(&agent, server, client, N as usize);
     let probes = debug_probes(&agent);
     assert_eq!(probes["uprobe_mechanism"], "tracefs", "{probes}");
-    let ours = events_of(agent.pid());
+    let ours = uprobe_events_of(agent.pid());
     assert_eq!(ours.len() as u64, probes["uprobes_attached"].as_u64().unwrap_or(0), "{ours:?}\n{probes}");
-    assert!(events_of(stale_pid).is_empty(), "the stale event is still defined");
+    assert!(uprobe_events_of(stale_pid).is_empty(), "the stale event is still defined");
     assert!(agent.log_text().contains("uprobe PMU refused"), "{}", agent.log_text());
 
     // A clean stop closes every perf event and deletes every definition.
     let pid = agent.pid();
     assert!(agent.stop_with(libc::SIGTERM, Duration::from_secs(30)).success());
-    assert_eq!(events_of(pid), Vec::<String>::new());
+    assert_eq!(uprobe_events_of(pid), Vec::<String>::new());
 }
 
 #[test]
@@ -199,7 +191,7 @@ fn with_cap_sys_admin_added_every_watch_event_is_timed_through_the_pmu() {
     let agent = start_with(FOUR, BPF | PERFMON | SYS_PTRACE | SYS_ADMIN, &["--comm", &format!("{server},{client}")]);
     every_watch_event_counted(&agent, server, client, N);
     assert_eq!(debug_probes(&agent)["uprobe_mechanism"], "perf");
-    assert!(events_of(agent.pid()).is_empty());
+    assert!(uprobe_events_of(agent.pid()).is_empty());
     // BPF_ENABLE_STATS works with CAP_SYS_ADMIN: the probes' runs are counted.
     assert!(agent.sample("watchscope_program_runs_total{program=\"etcd_notify\"}") >= N as f64, "{}", agent.metrics());
 }

@@ -257,19 +257,9 @@ fn a_slow_watcher_marks_its_chains_slow_in_the_send_stage() {
     rec.wait_attached(&[etcd.pid(), fast.pid()]);
 
     // Large values fill the gateway watcher's buffers (see etcd_watch.rs).
-    let value_file = etcd.dir.path().join("value");
-    std::fs::write(&value_file, "v".repeat(300_000)).expect("value file");
     slow.send(&format!("pause {D}"));
     assert!(slow.wait_for(|l| l.starts_with("paused"), Duration::from_secs(5)));
-    for i in 0..PUTS {
-        let status = Command::new(&etcd.ctl)
-            .args([&format!("--endpoints={}", etcd.endpoint()), "put", &format!("/slow/{i}")])
-            .stdin(std::fs::File::open(&value_file).expect("open value"))
-            .stdout(Stdio::null())
-            .status()
-            .expect("put");
-        assert!(status.success());
-    }
+    etcd.put_large("/slow/", PUTS, 300_000);
     assert_eq!(slow.wait_count(|l| l.starts_with("event "), PUTS, Duration::from_secs(30)), PUTS);
     let report = rec.finish(Duration::from_secs(40));
     println!("{report}");
