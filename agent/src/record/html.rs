@@ -139,12 +139,8 @@ pub fn render_html(r: &Report, top: usize) -> String {
         Some(layout) => {
             o.push_str("<div class=\"grid\">");
             for row in &r.rows {
-                let q = |p| row.quantile_ns(p).map(fmt_ns).unwrap_or_else(|| "-".into());
-                let max = match row.max_ns {
-                    Some(m) if row.max_exact => fmt_ns(m as f64),
-                    Some(m) => format!("≤{}", fmt_ns(m as f64)),
-                    None => "-".into(),
-                };
+                let q = |p| row.quantile_text(p);
+                let max = row.max_text();
                 let kind = if row.kind == RowKind::Window { " (window)" } else { "" };
                 let _ = write!(
                     o,

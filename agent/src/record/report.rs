@@ -44,6 +44,20 @@ impl Row {
             _ => v,
         })
     }
+
+    /// The `q` quantile as a report cell ("-" when empty).
+    pub fn quantile_text(&self, q: f64) -> String {
+        self.quantile_ns(q).map(fmt_ns).unwrap_or_else(|| "-".into())
+    }
+
+    /// The maximum as a report cell: exact, or "≤" its bucket's bound.
+    pub fn max_text(&self) -> String {
+        match self.max_ns {
+            Some(m) if self.max_exact => fmt_ns(m as f64),
+            Some(m) => format!("≤{}", fmt_ns(m as f64)),
+            None => "-".into(),
+        }
+    }
 }
 
 /// The `q` quantile (0..=1) of a histogram in nanoseconds: the observation
@@ -281,12 +295,8 @@ pub fn render_text(r: &Report, top: usize, color: bool) -> String {
     }
     let _ = writeln!(o, "{}", head.trim_end());
     for row in &r.rows {
-        let q = |p| row.quantile_ns(p).map(fmt_ns).unwrap_or_else(|| "-".into());
-        let max = match row.max_ns {
-            Some(m) if row.max_exact => fmt_ns(m as f64),
-            Some(m) => format!("≤{}", fmt_ns(m as f64)),
-            None => "-".into(),
-        };
+        let q = |p| row.quantile_text(p);
+        let max = row.max_text();
         let name = match row.kind {
             RowKind::Stage => row.name.clone(),
             RowKind::Window => format!("{} (window)", row.name),
