@@ -165,13 +165,10 @@ impl Uprobes {
         }
     }
 
-    /// How uprobes are made now: "perf" (the uprobe PMU) or "tracefs"; in
-    /// `auto` mode, "perf" until the PMU first refuses.
-    pub fn mechanism(&self) -> &'static str {
-        match self.mode {
-            UprobeMode::Tracefs => "tracefs",
-            UprobeMode::Auto | UprobeMode::Perf => "perf",
-        }
+    /// Whether uprobes are made as tracefs events now (in `auto` mode, from
+    /// the PMU's first refusal on).
+    pub fn through_tracefs(&self) -> bool {
+        self.mode == UprobeMode::Tracefs
     }
 
     /// Whether `file` already has its probes.
@@ -244,8 +241,8 @@ impl Uprobes {
 
     /// Makes one uprobe, the way `mode` says.
     fn place(&mut self, ebpf: &mut Ebpf, open_path: &Path, site: &Site, cookie: Cookie) -> Result<Link, UprobeError> {
-        let prog = program(ebpf, site.program)?;
         if self.mode != UprobeMode::Tracefs {
+            let prog = program(ebpf, site.program)?;
             let point = UProbeAttachPoint {
                 location: UProbeAttachLocation::AbsoluteOffset(site.file_offset),
                 cookie: Some(u64::from(cookie.id())),

@@ -595,7 +595,7 @@ impl Tracker {
 
     fn publish_count(&self) {
         self.status.uprobes_attached.store(self.uprobes.count(), Ordering::Relaxed);
-        self.status.uprobes_through_tracefs.store(self.uprobes.mechanism() == "tracefs", Ordering::Relaxed);
+        self.status.uprobes_through_tracefs.store(self.uprobes.through_tracefs(), Ordering::Relaxed);
         self.status.sidecar_tracepoints.store(self.sidecar.attached(), Ordering::Relaxed);
         self.status.sched_tracepoints.store(self.sched.attached(), Ordering::Relaxed);
     }
