@@ -276,16 +276,28 @@ fn a_slow_watcher_marks_its_chains_slow_in_the_send_stage() {
     let rows = chain_rows(&report);
     let (rev, outcome, cells) = &rows[0];
     assert_eq!(outcome, "slow", "worst first:\n{report}");
-    // The worst chain waited in the send stage, marked error (> 1 s), for
-    // most of the pause; the fan-out (enqueue) was fast.
+    // The worst chain waited in the send stage, marked error (> 1 s), and
+    // no longer than the pause: the events committed while the buffers were
+    // full. How long the first ones took to fill them depends on the
+    // machine, so the lower bound is the error threshold, not a share of D.
+    // The fan-out (enqueue) was fast.
     let (send_t, send_mark) = &cells[1];
     assert_eq!(send_mark, "error", "rev {rev}: {cells:?}");
-    assert!(send_t.is_some_and(|t| t >= D / 2.0), "rev {rev} sent at {send_t:?}: {report}");
+    assert!(
+        send_t.is_some_and(|t| (1.0..=D + 0.5).contains(&t)),
+        "rev {rev} sent at {send_t:?}: {report}"
+    );
     assert!(cells[0].0.is_some_and(|t| t < 0.1) && cells[0].1 == "ok", "rev {rev}: {cells:?}");
-    // Every row the report lists as slow has its slow stage in send.
-    for (rev, outcome, cells) in rows.iter().filter(|r| r.1 == "slow") {
-        assert!(cells[1].1 != "ok", "rev {rev} {outcome}: {cells:?}");
+    // Every row listed as slow has a marked stage. Most are slow in send,
+    // which is the pause; a loaded machine may also delay an etcdctl
+    // dispatch past the warn threshold (CI once saw 383 ms), and the report
+    // rightly calls that chain slow too, marked in dispatch.
+    let slow_rows: Vec<_> = rows.iter().filter(|r| r.1 == "slow").collect();
+    for (rev, outcome, cells) in &slow_rows {
+        assert!(cells.iter().any(|c| c.1 != "ok"), "rev {rev} {outcome}: {cells:?}");
     }
+    let slow_in_send = slow_rows.iter().filter(|r| r.2[1].1 != "ok").count();
+    assert!(slow_in_send >= PUTS / 3, "{slow_in_send} slow in send:\n{report}");
 }
 
 #[test]
