@@ -9,7 +9,8 @@ pub enum Counter {
     ExecSeen = 0,
     /// Exec events that could not be queued because the ring buffer was full.
     EventsRingbufFull = 1,
-    /// A map insert failed (the map was full).
+    /// A map insert failed (the map was full), or a watcher's queued copy
+    /// of an event was pushed out of the enqueue ring before its send.
     MapFull = 2,
     /// Per-watcher enqueue of an event whose commit (notify) was not seen.
     EnqueueCommitMiss = 3,

@@ -175,6 +175,77 @@ pub struct WatchRevKey {
     pub event_addr: u64,
 }
 
+/// Sets in each timestamp ring (a power of two); each set holds
+/// `STAMP_WAYS` entries.
+///
+/// Why rings and not LRU hash maps: an LRU insert takes a spinlock with
+/// interrupts off and, once the map is full, evicts under it; it cost etcd
+/// about 1.2 µs per commit here, most of each probe's run time. A ring
+/// entry is found by arithmetic, written in place, and aged out by the
+/// revisions that follow, which is the order etcd produces them in.
+pub const STAMP_SETS: u32 = 32768;
+pub const STAMP_WAYS: u32 = 2;
+/// Entries per ring.
+pub const STAMP_ENTRIES: u32 = STAMP_SETS * STAMP_WAYS;
+
+/// A timestamp keyed by `K`, as stored in a ring. `seq` is a sequence
+/// lock: odd while an entry is being written, so a reader on another CPU
+/// that raced a writer sees the change and treats the entry as a miss
+/// (x86 keeps stores in order; eBPF has no fences to say so elsewhere).
+/// `seq == 0` or `ts == 0`: empty.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Stamp<K> {
+    pub seq: u64,
+    pub ts: u64,
+    pub key: K,
+}
+
+/// splitmix64's finaliser: spreads ids (pids, member ids, addresses) over
+/// the ring so that two of them rarely start at nearby sets.
+#[inline(always)]
+pub fn mix(mut x: u64) -> u64 {
+    x ^= x >> 30;
+    x = x.wrapping_mul(0xbf58_476d_1ce4_e5b9);
+    x ^= x >> 27;
+    x = x.wrapping_mul(0x94d0_49bb_1331_11eb);
+    x ^ (x >> 31)
+}
+
+/// First entry of the set that holds `(id, rev)`. Consecutive revisions
+/// of one id take consecutive sets, so an etcd never evicts its own commit
+/// time until `STAMP_SETS` revisions later, and each id starts at its own
+/// offset so that two members on one node (a kind cluster) share few sets.
+#[inline(always)]
+pub fn rev_entry(key: &RevKey) -> u32 {
+    set_entry((key.rev as u64).wrapping_add(mix(key.id)))
+}
+
+/// First entry of the set that holds a watcher's copy of an event; the
+/// revision keeps consecutive events of one watcher in consecutive sets.
+#[inline(always)]
+pub fn watch_rev_entry(key: &WatchRevKey) -> u32 {
+    let who = mix(key.tgid ^ mix(key.watch_id as u64 ^ mix(key.event_addr)));
+    set_entry((key.rev as u64).wrapping_add(who))
+}
+
+#[inline(always)]
+fn set_entry(h: u64) -> u32 {
+    (h & (STAMP_SETS as u64 - 1)) as u32 * STAMP_WAYS
+}
+
+/// Which way of a set a new entry replaces: an empty one, else the older.
+#[inline(always)]
+pub fn victim_way(ts: [u64; STAMP_WAYS as usize], seq: [u64; STAMP_WAYS as usize]) -> u32 {
+    if seq[0] == 0 || ts[0] == 0 {
+        0
+    } else if seq[1] == 0 || ts[1] == 0 || ts[1] < ts[0] {
+        1
+    } else {
+        0
+    }
+}
+
 /// One event's path, for `watchscope record`-style views (ring buffer; only
 /// produced while a recorder asks for it). Zero timestamps: stage not seen.
 #[repr(C)]
@@ -219,6 +290,58 @@ mod tests {
         assert!(guard_taken(GUARD_ARM64_LS, 0) && guard_taken(GUARD_ARM64_LS, (1 << 29) | (1 << 30)));
         assert!(!guard_taken(GUARD_ARM64_LS, 1 << 29));
         assert!(!guard_taken(GUARD_NONE, u64::MAX));
+    }
+
+    #[test]
+    fn one_etcd_keeps_a_full_ring_of_consecutive_revisions() {
+        // 32768 consecutive revisions of one process: each in its own set.
+        let mut seen = std::collections::HashSet::new();
+        for rev in 1_000_000..1_000_000 + i64::from(STAMP_SETS) {
+            let e = rev_entry(&RevKey { id: 4242, rev });
+            assert!(e < STAMP_ENTRIES && e.is_multiple_of(STAMP_WAYS));
+            assert!(seen.insert(e), "rev {rev} shares set {e}");
+        }
+        // The next revision reuses the oldest's set: that is the ageing.
+        let first = rev_entry(&RevKey { id: 4242, rev: 1_000_000 });
+        assert_eq!(rev_entry(&RevKey { id: 4242, rev: 1_000_000 + i64::from(STAMP_SETS) }), first);
+    }
+
+    #[test]
+    fn members_of_one_cluster_start_far_apart() {
+        // Three members with the same revisions (one cluster on one node):
+        // their runs of sets begin at distinct, distant offsets.
+        let ids = [0x8e9e_05c5_2164_694d_u64, 0x91bc_3c39_8fb3_c146, 0xfd42_2379_fda5_0e66];
+        let starts: Vec<i64> = ids.iter().map(|&id| i64::from(rev_entry(&RevKey { id, rev: 0 }))).collect();
+        for (i, a) in starts.iter().enumerate() {
+            for b in &starts[i + 1..] {
+                let d = (a - b).rem_euclid(i64::from(STAMP_ENTRIES));
+                let d = d.min(i64::from(STAMP_ENTRIES) - d);
+                assert!(d > 1000, "offsets {starts:?}");
+            }
+        }
+    }
+
+    #[test]
+    fn watchers_of_one_event_spread_over_sets() {
+        // 1000 watchers' copies of one revision: few share a set, and no
+        // set gets more than its two ways.
+        let mut per_set = std::collections::HashMap::<u32, u32>::new();
+        for w in 0..1000u64 {
+            let key = WatchRevKey { tgid: 77, watch_id: w as i64, rev: 5, event_addr: 0xc000_1000 + 64 * w };
+            *per_set.entry(watch_rev_entry(&key)).or_default() += 1;
+        }
+        let crowded = per_set.values().filter(|&&n| n > 2).count();
+        assert!(per_set.len() > 950 && crowded == 0, "{} sets, {crowded} crowded", per_set.len());
+    }
+
+    #[test]
+    fn a_new_entry_takes_the_empty_way_else_the_older() {
+        assert_eq!(victim_way([0, 0], [0, 0]), 0);
+        assert_eq!(victim_way([5, 0], [2, 0]), 1);
+        assert_eq!(victim_way([5, 3], [2, 2]), 1);
+        assert_eq!(victim_way([3, 5], [2, 2]), 0);
+        // A removed entry (ts 0) is empty whatever its sequence.
+        assert_eq!(victim_way([9, 0], [2, 4]), 1);
     }
 }
 

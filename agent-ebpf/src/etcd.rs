@@ -19,45 +19,43 @@ use core::ffi::c_void;
 use agent_common::{
     Counter, Histogram,
     watch::{
-        MAX_EVENTS_PER_RESPONSE, MAX_SLOTS, RevKey, Side, Stage, WatchProbeConfig, WatchRecord, WatchRevKey,
-        events_index, guard_taken, hist_index,
+        MAX_EVENTS_PER_RESPONSE, MAX_SLOTS, RevKey, STAMP_ENTRIES, Side, Stage, Stamp, WatchProbeConfig, WatchRecord,
+        WatchRevKey, events_index, guard_taken, hist_index, rev_entry, watch_rev_entry,
     },
 };
 use aya_ebpf::{
     EbpfContext,
-    bindings::BPF_NOEXIST,
+    bindings::BPF_RB_NO_WAKEUP,
     helpers::{bpf_get_attach_cookie, bpf_get_current_pid_tgid, bpf_ktime_get_ns, bpf_loop},
     macros::{map, uprobe},
-    maps::{Array, LruHashMap, PerCpuArray, RingBuf},
+    maps::{Array, PerCpuArray, RingBuf},
     programs::ProbeContext,
 };
 
 use crate::{
     maps::{add, count, current_slot, observe, record_on},
     regs::{G_SLOT, arg, flags, read_u64, reg},
+    stamps::{self, Inserted},
 };
-
-/// Per-CPU LRU lists: inserts never take the map-wide LRU lock, at the
-/// price of each CPU evicting from its own share of the entries.
-const NO_COMMON_LRU: u32 = aya_ebpf::bindings::BPF_F_NO_COMMON_LRU;
 
 /// Per-attach configuration, indexed by the attach cookie.
 #[map(name = "WS_WATCH_CONFIG")]
 static CONFIG: Array<WatchProbeConfig> = Array::with_max_entries(256, 0);
 
-/// Commit (notify) time per (tgid, revision). 64 Ki revisions: at 10,000
-/// commits/s a watcher may lag 6 s before its events count as misses.
+/// Commit (notify) time per (tgid, revision). A ring of 32 Ki revisions
+/// per process: at 10,000 commits/s a watcher may lag 3 s before its
+/// events count as misses.
 #[map(name = "WS_NOTIFY_TS")]
-static NOTIFY_TS: LruHashMap<RevKey, u64> = LruHashMap::with_max_entries(65536, NO_COMMON_LRU);
+static NOTIFY_TS: Array<Stamp<RevKey>> = Array::with_max_entries(STAMP_ENTRIES, 0);
 
 /// Commit time per (member id, revision), for clients on this node: the
 /// server publishes it at gRPC send, when it knows its member id.
 #[map(name = "WS_COMMIT_TS")]
-static COMMIT_TS: LruHashMap<RevKey, u64> = LruHashMap::with_max_entries(65536, NO_COMMON_LRU);
+static COMMIT_TS: Array<Stamp<RevKey>> = Array::with_max_entries(STAMP_ENTRIES, 0);
 
 /// Enqueue time of each watcher's copy of each event, until it is sent.
 #[map(name = "WS_ENQ_TS")]
-static ENQ_TS: LruHashMap<WatchRevKey, u64> = LruHashMap::with_max_entries(131072, NO_COMMON_LRU);
+static ENQ_TS: Array<Stamp<WatchRevKey>> = Array::with_max_entries(STAMP_ENTRIES, 0);
 
 /// Stage histograms, indexed by `hist_index(slot, stage)`.
 #[map(name = "WS_WATCH_HIST")]
@@ -99,21 +97,25 @@ fn begin(ctx: &ProbeContext) -> Option<Call> {
     Some(Call { tgid, slot, now, cfg })
 }
 
+/// Keeps the first time seen for (id, rev).
 #[inline(always)]
-fn insert_first(map: &LruHashMap<RevKey, u64>, key: &RevKey, ts: u64) {
-    // NOEXIST keeps the first-seen time; EEXIST is the normal "already seen".
-    if let Err(e) = map.insert(key, ts, BPF_NOEXIST as u64)
-        && e != -17
-    {
-        count(Counter::MapFull);
-    }
+fn insert_first(ring: &Array<Stamp<RevKey>>, key: &RevKey, ts: u64) {
+    let _ = stamps::insert_first(ring, rev_entry(key), key, ts);
+}
+
+/// The time stored for (id, rev).
+#[inline(always)]
+fn stamp_of(ring: &Array<Stamp<RevKey>>, key: &RevKey) -> Option<u64> {
+    stamps::find(ring, rev_entry(key), key).map(|(_, ts)| ts)
 }
 
 #[inline(always)]
 fn emit(rec: WatchRecord) {
     if let Some(mut e) = RECORDS.reserve::<WatchRecord>(0) {
         e.write(rec);
-        e.submit(0);
+        // User space drains on a timer, never waits on the ring: a wakeup
+        // would only queue an irq_work (a self-IPI, a VM exit here).
+        e.submit(BPF_RB_NO_WAKEUP as u64);
     } else {
         count(Counter::EventsRingbufFull);
     }
@@ -240,18 +242,16 @@ unsafe extern "C" fn enqueue_event(i: u64, ctx: *mut c_void) -> i64 {
     let Some((addr, rev)) = event_at(&st.cfg, st.events, i as u32) else { return 0 };
     st.n += 1;
     let key = WatchRevKey { tgid: st.tgid as u64, watch_id: st.watch_id, rev, event_addr: addr };
-    match ENQ_TS.insert(&key, st.now, BPF_NOEXIST as u64) {
-        Ok(()) => {}
-        // A retry of a queue-full watcher (a "victim"): same copy, keep the
-        // first time, time it once.
-        Err(-17) => return 0,
-        Err(_) => {
-            count(Counter::MapFull);
-            return 0;
-        }
+    // A retry of a queue-full watcher (a "victim") is the same copy: keep
+    // the first time, time it once.
+    match stamps::insert_first(&ENQ_TS, watch_rev_entry(&key), &key, st.now) {
+        Some(Inserted::New) => {}
+        // Entries leave this ring when their copy is sent: one pushed out
+        // is a copy whose send will miss. Counted here, where it happens.
+        Some(Inserted::Evicted) => count(Counter::MapFull),
+        Some(Inserted::Exists) | None => return 0,
     }
-    // SAFETY: lookup of a plain key; the value is copied at once.
-    match unsafe { NOTIFY_TS.get(&RevKey { id: st.tgid as u64, rev }) }.copied() {
+    match stamp_of(&NOTIFY_TS, &RevKey { id: st.tgid as u64, rev }) {
         Some(t) => observe(&WATCH_HIST, hist_index(st.slot, Stage::CommitToEnqueue), st.now.saturating_sub(t)),
         None => count(Counter::EnqueueCommitMiss),
     }
@@ -318,8 +318,7 @@ unsafe extern "C" fn send_event(i: u64, ctx: *mut c_void) -> i64 {
     let st = unsafe { &mut *(ctx as *mut EventLoop) };
     let Some((addr, rev)) = event_at(&st.cfg, st.events, i as u32) else { return 0 };
     let mut rec = st.next_record(Side::Server, rev);
-    // SAFETY: lookup of a plain key; the value is copied at once.
-    match unsafe { NOTIFY_TS.get(&RevKey { id: st.tgid as u64, rev }) }.copied() {
+    match stamp_of(&NOTIFY_TS, &RevKey { id: st.tgid as u64, rev }) {
         Some(t) => {
             observe(&WATCH_HIST, hist_index(st.slot, Stage::CommitToSend), st.now.saturating_sub(t));
             // Publish the commit time for clients on this node.
@@ -329,12 +328,11 @@ unsafe extern "C" fn send_event(i: u64, ctx: *mut c_void) -> i64 {
         None => count(Counter::SendCommitMiss),
     }
     let key = WatchRevKey { tgid: st.tgid as u64, watch_id: st.watch_id, rev, event_addr: addr };
-    // SAFETY: as above.
-    match unsafe { ENQ_TS.get(&key) }.copied() {
-        Some(t) => {
+    match stamps::find(&ENQ_TS, watch_rev_entry(&key), &key) {
+        Some((idx, t)) => {
             observe(&WATCH_HIST, hist_index(st.slot, Stage::EnqueueToSend), st.now.saturating_sub(t));
             // Each watcher's copy is sent once: free the entry now.
-            let _ = ENQ_TS.remove(&key);
+            stamps::remove(&ENQ_TS, idx);
             rec.enqueue_ns = t;
         }
         None => count(Counter::SendEnqueueMiss),
@@ -359,8 +357,7 @@ unsafe extern "C" fn dispatch_event(i: u64, ctx: *mut c_void) -> i64 {
     let st = unsafe { &mut *(ctx as *mut EventLoop) };
     let Some((_, rev)) = event_at(&st.cfg, st.events, i as u32) else { return 0 };
     let mut rec = st.next_record(Side::Client, rev);
-    // SAFETY: lookup of a plain key; the value is copied at once.
-    match unsafe { COMMIT_TS.get(&RevKey { id: st.member, rev }) }.copied() {
+    match stamp_of(&COMMIT_TS, &RevKey { id: st.member, rev }) {
         Some(t) => {
             observe(&WATCH_HIST, hist_index(st.slot, Stage::CommitToDispatch), st.now.saturating_sub(t));
             rec.commit_ns = t;

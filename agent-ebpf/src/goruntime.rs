@@ -281,6 +281,12 @@ pub fn go_ret(ctx: ProbeContext) -> u32 {
     0
 }
 
+/// 0 when the agent runs without scheduler probes (`--go-sched=false`):
+/// windows then have no off-CPU or run-queue share to observe, and an
+/// observed 0 would claim they had none. Set by the loader.
+#[unsafe(no_mangle)]
+static GO_SCHED: u32 = 1;
+
 #[inline(always)]
 fn close_window(gk: &GoroutineKey, now: u64, d: u64) {
     // SAFETY: lookup of a plain key; the value is copied at once.
@@ -290,8 +296,14 @@ fn close_window(gk: &GoroutineKey, now: u64, d: u64) {
         return;
     }
     observe(&WINDOW_HIST, window_index(w.slot, w.window), d);
+    // SAFETY: a plain read of a constant the loader may have rewritten.
+    let sched = unsafe { core::ptr::read_volatile(&GO_SCHED) } != 0;
     let mut i = 0;
     while i < Inner::COUNT {
+        if !sched && (i == Inner::OffCpu as u32 || i == Inner::Runqueue as u32) {
+            i += 1;
+            continue;
+        }
         let v = w.inner.get(i as usize).copied().unwrap_or(0);
         observe(&INNER_HIST, inner_index(w.slot, w.window, i), v);
         let n = w.inner_n.get(i as usize).copied().unwrap_or(0);
@@ -310,7 +322,8 @@ fn close_window(gk: &GoroutineKey, now: u64, d: u64) {
                 end_ns: now,
                 inner: w.inner,
             });
-            e.submit(0);
+            // Drained on a timer (see etcd.rs `emit`): no wakeup.
+            e.submit(aya_ebpf::bindings::BPF_RB_NO_WAKEUP as u64);
         } else {
             count(Counter::EventsRingbufFull);
         }

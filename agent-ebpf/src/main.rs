@@ -13,6 +13,7 @@ mod gosched;
 mod maps;
 mod regs;
 mod sidecar;
+mod stamps;
 
 #[cfg(not(test))]
 #[panic_handler]

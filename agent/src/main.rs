@@ -74,6 +74,13 @@ struct RunArgs {
     /// assist probes stay). `0` keeps them for good.
     #[arg(long, env = "WATCHSCOPE_GO_MAPS_WINDOW", default_value = "30s", value_parser = humantime::parse_duration)]
     go_maps_window: std::time::Duration,
+    /// Split window time into off-CPU and run-queue shares with probes on
+    /// the Go scheduler. Off by default: every goroutine switch of a program
+    /// with a window then costs a uprobe hit (about 1 µs), whether a window
+    /// is open or not. `watchscope record` turns it on for its duration.
+    #[arg(long, env = "WATCHSCOPE_GO_SCHED", default_value_t = false, action = clap::ArgAction::Set,
+          num_args = 0..=1, require_equals = true, default_missing_value = "true")]
+    go_sched: bool,
     /// `cargo xtask bench gomap` only: an empty program at every Go runtime
     /// probe site (the floor any uprobe there costs).
     #[arg(long, hide = true)]
@@ -147,6 +154,7 @@ fn dispatch(command: Command) -> Result<ExitCode> {
                 go: daemon::GoSettings {
                     maps: args.go_maps,
                     maps_window: (!args.go_maps_window.is_zero()).then_some(args.go_maps_window),
+                    sched: args.go_sched,
                     empty_probes: args.bench_empty_probes,
                     windows: watchscope::attach::goruntime::WindowTable::new(&args.windows)
                         .map_err(|e| anyhow::anyhow!("--window: {e}"))?,

@@ -51,6 +51,12 @@ pub struct RecordArgs {
     /// Also serve /metrics on this address while recording.
     #[arg(long)]
     listen: Option<SocketAddr>,
+    /// Split window time into off-CPU and run-queue shares (scheduler
+    /// probes). On by default here: a recording is short and asks where the
+    /// time went; `--go-sched=false` leaves those columns empty.
+    #[arg(long, default_value_t = true, action = clap::ArgAction::Set,
+          num_args = 0..=1, require_equals = true, default_missing_value = "true")]
+    go_sched: bool,
     /// How to make uprobes: `perf`, `tracefs` or `auto` (as for `run`).
     #[arg(long, value_enum, default_value = "auto")]
     uprobe_attach: watchscope::attach::uprobes::UprobeMode,
@@ -68,6 +74,7 @@ pub fn run(args: RecordArgs) -> Result<ExitCode> {
             go: daemon::GoSettings {
                 maps: GoMaps::Growth,
                 maps_window: None,
+                sched: args.go_sched,
                 empty_probes: false,
                 windows: WindowTable::new(&args.windows).map_err(|e| anyhow::anyhow!("--window: {e}"))?,
                 comms: args.go_comms,

@@ -290,7 +290,8 @@ fn attribution_under_migration(t: &Toolchain, name: &str) {
     const K: usize = 2000;
     let dir = tempfile::tempdir().expect("tmp");
     let bin = build(t, dir.path(), name);
-    let agent = Agent::start(&["--go-comm", name, "--go-maps", "all", "--window", "mig=main.migrateWindow"]);
+    let agent =
+        Agent::start(&["--go-comm", name, "--go-maps", "all", "--go-sched", "--window", "mig=main.migrateWindow"]);
     let mut fx = Fixture::start(&bin, &["migrate", &R.to_string(), &K.to_string()]);
     go_sites(&agent, &bin);
     let done = fx.run();
@@ -333,10 +334,12 @@ fn off_cpu_inside_windows(t: &Toolchain, name: &str) {
     const S_US: usize = 20_480;
     let dir = tempfile::tempdir().expect("tmp");
     let bin = build(t, dir.path(), name);
-    let agent = Agent::start(&["--go-comm", name, "--window", "blk=main.blockWindow;sys=main.syscallWindow"]);
+    let agent =
+        Agent::start(&["--go-comm", name, "--go-sched", "--window", "blk=main.blockWindow;sys=main.syscallWindow"]);
     for (mode, window) in [("block", "blk"), ("syscall", "sys")] {
         let mut fx = Fixture::start(&bin, &[mode, &R.to_string(), &S_US.to_string()]);
-        go_sites(&agent, &bin);
+        let sites = go_sites(&agent, &bin);
+        assert!(sites.iter().any(|s| s["what"] == "go_sched_execute" && s["planned"] == true), "{sites:?}");
         assert_eq!(fx.run(), format!("done {R}"));
         drop(fx);
         std::thread::sleep(Duration::from_millis(300));
@@ -357,6 +360,39 @@ fn off_cpu_inside_windows(t: &Toolchain, name: &str) {
         let short = off.below(S_US as f64 * 1e-6);
         assert_eq!(short, 0.0, "{mode}: windows' off-CPU time below their {S_US} µs wait: {:?}", off.cumulative);
         assert!(inner_events(&agent, window, "off_cpu", name) >= R as f64, "{mode}: {text}");
+    }
+}
+
+/// Without `--go-sched` (the default of `run`) no scheduler probe is
+/// planned, and windows have no off-CPU or run-queue series at all, rather
+/// than zeros that would say they never waited; their count and their map
+/// share are still there.
+#[test]
+fn without_go_sched_windows_have_no_scheduler_probes_and_no_off_cpu_series() {
+    const R: usize = 8;
+    const S_US: usize = 20_480;
+    let name = "wsg-nosched";
+    let dir = tempfile::tempdir().expect("tmp");
+    let bin = build(go127(), dir.path(), name);
+    let agent = Agent::start(&["--go-comm", name, "--window", "blk=main.blockWindow"]);
+    let mut fx = Fixture::start(&bin, &["block", &R.to_string(), &S_US.to_string()]);
+    let sites = go_sites(&agent, &bin);
+    assert!(!sites.iter().any(|s| s["what"].as_str().is_some_and(|w| w.starts_with("go_sched"))), "{sites:?}");
+    assert!(sites.iter().any(|s| s["what"] == "window blk" && s["planned"] == true), "{sites:?}");
+    assert_eq!(fx.run(), format!("done {R}"));
+    drop(fx);
+    std::thread::sleep(Duration::from_millis(300));
+    let text = agent.metrics();
+    let w = Buckets::parse(&text, "watchscope_window_seconds", &format!("window=\"blk\",comm=\"{name}\""));
+    assert_eq!(w.count(), R as f64, "{text}");
+    let map = Buckets::parse(
+        &text,
+        "watchscope_window_inner_seconds",
+        &format!("window=\"blk\",inner=\"map\",comm=\"{name}\""),
+    );
+    assert_eq!(map.count(), R as f64, "{text}");
+    for kind in ["off_cpu", "runqueue"] {
+        assert!(!text.contains(&format!("inner=\"{kind}\"")), "{kind} series without scheduler probes:\n{text}");
     }
 }
 

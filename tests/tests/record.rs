@@ -283,10 +283,7 @@ fn a_slow_watcher_marks_its_chains_slow_in_the_send_stage() {
     // The fan-out (enqueue) was fast.
     let (send_t, send_mark) = &cells[1];
     assert_eq!(send_mark, "error", "rev {rev}: {cells:?}");
-    assert!(
-        send_t.is_some_and(|t| (1.0..=D + 0.5).contains(&t)),
-        "rev {rev} sent at {send_t:?}: {report}"
-    );
+    assert!(send_t.is_some_and(|t| (1.0..=D + 0.5).contains(&t)), "rev {rev} sent at {send_t:?}: {report}");
     assert!(cells[0].0.is_some_and(|t| t < 0.1) && cells[0].1 == "ok", "rev {rev}: {cells:?}");
     // Every row listed as slow has a marked stage. Most are slow in send,
     // which is the pause; a loaded machine may also delay an etcdctl

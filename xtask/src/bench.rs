@@ -26,6 +26,14 @@ pub struct BenchArgs {
     /// Seconds per round (etcd).
     #[arg(long, default_value_t = 5)]
     pub seconds: u64,
+    /// Extra arguments for `watchscope run` (etcd), to price one mode
+    /// against another, e.g. `--agent-arg=--go-maps=all`.
+    #[arg(long = "agent-arg", allow_hyphen_values = true)]
+    pub agent_args: Vec<String>,
+    /// etcd: share all CPUs between etcd, the load generator, the watcher
+    /// and the agent instead of giving etcd a CPU of its own.
+    #[arg(long)]
+    pub no_pin: bool,
 }
 
 #[derive(Clone, Copy, Debug, ValueEnum)]
@@ -71,6 +79,52 @@ impl Drop for Killed {
     }
 }
 
+/// CPU sets for the etcd benchmark: etcd alone on CPU 0, everything else
+/// (load generator, watcher, agent) on the others. On a small machine the
+/// load generator and the watcher otherwise take CPU from etcd, and the
+/// throughput ratio measures their share as much as etcd's own cost; the
+/// watcher's probes are reported as its own CPU per put instead.
+struct Pins {
+    server: Option<String>,
+    rest: Option<String>,
+}
+
+impl Pins {
+    fn new(no_pin: bool) -> Self {
+        let n = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1);
+        if no_pin || n < 2 || !util::succeeds(Command::new("taskset").args(["-c", "0", "true"])) {
+            return Self { server: None, rest: None };
+        }
+        Self { server: Some("0".into()), rest: Some(format!("1-{}", n - 1)) }
+    }
+
+    fn server(&self, program: impl AsRef<std::ffi::OsStr>) -> Command {
+        Self::on(&self.server, program)
+    }
+
+    fn rest(&self, program: impl AsRef<std::ffi::OsStr>) -> Command {
+        Self::on(&self.rest, program)
+    }
+
+    fn on(cpus: &Option<String>, program: impl AsRef<std::ffi::OsStr>) -> Command {
+        match cpus {
+            Some(c) => {
+                let mut cmd = Command::new("taskset");
+                cmd.args(["-c", c]).arg(program);
+                cmd
+            }
+            None => Command::new(program),
+        }
+    }
+
+    fn describe(&self) -> String {
+        match (&self.server, &self.rest) {
+            (Some(s), Some(r)) => format!("etcd on CPU {s}; load generator, watcher and agent on CPUs {r}"),
+            _ => "all processes share all CPUs".into(),
+        }
+    }
+}
+
 fn spawn_quiet(cmd: &mut Command) -> Result<Killed> {
     let child = cmd.stdin(Stdio::null()).stdout(Stdio::null()).stderr(Stdio::null()).spawn();
     Ok(Killed(child.with_context(|| format!("cannot start {}", util::show(cmd)))?))
@@ -83,6 +137,9 @@ struct Round {
     /// etcd's CPU time per put (µs): stabler than throughput on a small,
     /// shared machine, and it includes the probes' in-kernel cost.
     etcd_cpu_us_per_put: f64,
+    /// The watcher's (etcdctl's) CPU time per put (µs): the client-side
+    /// probes are charged to it.
+    watcher_cpu_us_per_put: f64,
 }
 
 fn median(mut v: Vec<f64>) -> f64 {
@@ -130,9 +187,11 @@ fn bpf_prog_costs(keep: impl Fn(&str) -> bool) -> Vec<(String, u64, u64)> {
         .collect()
 }
 
-fn load(loadgen: &Path, endpoint: &str, seconds: u64, etcd_pid: u32) -> Result<Round> {
+fn load(pins: &Pins, loadgen: &Path, endpoint: &str, seconds: u64, etcd_pid: u32, watcher_pid: u32) -> Result<Round> {
     let cpu0 = cpu_seconds(etcd_pid);
-    let out = Command::new(loadgen)
+    let wcpu0 = cpu_seconds(watcher_pid);
+    let out = pins
+        .rest(loadgen)
         .args(["--endpoint", endpoint, "--duration", &format!("{seconds}s")])
         .output()
         .context("running the load generator")?;
@@ -144,10 +203,12 @@ fn load(loadgen: &Path, endpoint: &str, seconds: u64, etcd_pid: u32) -> Result<R
         serde_json::from_str(text.trim()).with_context(|| format!("load generator said: {text}"))?;
     let num = |k: &str| v[k].as_f64().unwrap_or(f64::NAN);
     let cpu = cpu_seconds(etcd_pid) - cpu0;
+    let wcpu = cpu_seconds(watcher_pid) - wcpu0;
     Ok(Round {
         puts_per_s: num("puts") / seconds as f64,
         p99_ms: num("p99_ms"),
         etcd_cpu_us_per_put: cpu * 1e6 / num("puts"),
+        watcher_cpu_us_per_put: wcpu * 1e6 / num("puts"),
     })
 }
 
@@ -209,8 +270,9 @@ fn etcd(args: &BenchArgs) -> Result<()> {
     let (cport, pport, aport) = (23990u16, 24000u16, 24010u16);
     let client = format!("http://127.0.0.1:{cport}");
     let peer = format!("http://127.0.0.1:{pport}");
-    step("start etcd and a watcher on the benchmark's keys");
-    let _etcd = spawn_quiet(Command::new("etcd").args([
+    let pins = Pins::new(args.no_pin);
+    step(&format!("start etcd and a watcher on the benchmark's keys ({})", pins.describe()));
+    let _etcd = spawn_quiet(pins.server("etcd").args([
         "--name=bench",
         &format!("--data-dir={}", dir.path().join("data").display()),
         &format!("--listen-client-urls={client}"),
@@ -227,13 +289,14 @@ fn etcd(args: &BenchArgs) -> Result<()> {
         std::thread::sleep(Duration::from_millis(200));
     }
     let _watch =
-        spawn_quiet(Command::new("etcdctl").args([&format!("--endpoints={client}"), "watch", "--prefix", "/bench/"]))?;
+        spawn_quiet(pins.rest("etcdctl").args([&format!("--endpoints={client}"), "watch", "--prefix", "/bench/"]))?;
     // In-kernel cost per hit needs the kernel's BPF run-time statistics.
     let _ = std::fs::write("/proc/sys/kernel/bpf_stats_enabled", "1");
 
     step("warm-up round");
     let etcd_pid = _etcd.0.id();
-    load(&loadgen, &client, 3, etcd_pid)?;
+    let watch_pid = _watch.0.id();
+    load(&pins, &loadgen, &client, 3, etcd_pid, watch_pid)?;
 
     let (mut without, mut with) = (Vec::new(), Vec::new());
     let (mut agent_cpu, mut agent_wall, mut rss) = (0.0, 0.0, 0.0f64);
@@ -244,15 +307,17 @@ fn etcd(args: &BenchArgs) -> Result<()> {
         for with_agent in order {
             compact(&client);
             if !with_agent {
-                let m = load(&loadgen, &client, args.seconds, etcd_pid)?;
+                let m = load(&pins, &loadgen, &client, args.seconds, etcd_pid, watch_pid)?;
                 println!(
-                    "    round {r} without agent: {:.0} puts/s, p99 {:.2} ms, etcd {:.0} µs CPU/put",
-                    m.puts_per_s, m.p99_ms, m.etcd_cpu_us_per_put
+                    "    round {r} without agent: {:.0} puts/s, p99 {:.2} ms, etcd {:.0} µs CPU/put, watcher {:.1}",
+                    m.puts_per_s, m.p99_ms, m.etcd_cpu_us_per_put, m.watcher_cpu_us_per_put
                 );
                 without.push(m);
                 continue;
             }
-            let a = spawn_quiet(Command::new(&agent).args(["run", "--listen", &format!("127.0.0.1:{aport}")]))?;
+            let a = spawn_quiet(
+                pins.rest(&agent).args(["run", "--listen", &format!("127.0.0.1:{aport}")]).args(&args.agent_args),
+            )?;
             let pid = a.0.id();
             let url = format!("http://127.0.0.1:{aport}/debug/probes");
             let deadline = Instant::now() + Duration::from_secs(20);
@@ -288,15 +353,15 @@ fn etcd(args: &BenchArgs) -> Result<()> {
                     std::thread::sleep(Duration::from_secs(1));
                 }
             });
-            let m = load(&loadgen, &client, args.seconds, etcd_pid)?;
+            let m = load(&pins, &loadgen, &client, args.seconds, etcd_pid, watch_pid)?;
             let _ = scraper.join();
             agent_cpu += cpu_seconds(pid) - cpu0;
             agent_wall += t0.elapsed().as_secs_f64();
             rss = rss.max(rss_mb(pid));
-            costs = bpf_prog_costs(|n| n.starts_with("etcd_"));
+            costs = bpf_prog_costs(|n| n.starts_with("etcd_") || n.starts_with("go_"));
             println!(
-                "    round {r} with agent:    {:.0} puts/s, p99 {:.2} ms, etcd {:.0} µs CPU/put",
-                m.puts_per_s, m.p99_ms, m.etcd_cpu_us_per_put
+                "    round {r} with agent:    {:.0} puts/s, p99 {:.2} ms, etcd {:.0} µs CPU/put, watcher {:.1}",
+                m.puts_per_s, m.p99_ms, m.etcd_cpu_us_per_put, m.watcher_cpu_us_per_put
             );
             with.push(m);
             drop(a);
@@ -329,13 +394,16 @@ fn etcd(args: &BenchArgs) -> Result<()> {
         cw - co,
         cw / co
     );
+    let ww = median(with.iter().map(|m| m.watcher_cpu_us_per_put).collect());
+    let wo = median(without.iter().map(|m| m.watcher_cpu_us_per_put).collect());
+    println!("    watcher (etcdctl) CPU per put: {ww:.1} µs with, {wo:.1} without: +{:.1} µs (diagnostic)", ww - wo);
     println!("    agent CPU: {cpu_pct:.2}% of one core, scraped every second (target < 2%) {}", verdict(cpu_pct < 2.0));
     println!("    agent peak RSS: {rss:.1} MB (target < 64 MB) {}", verdict(rss < 64.0));
     let _ = std::fs::write("/proc/sys/kernel/bpf_stats_enabled", "0");
     for (name, ns, cnt) in costs {
         if cnt > 0 {
             println!(
-                "    in-kernel cost of {name}: {:.0} ns per hit over {cnt} hits (charged to etcd, not the agent)",
+                "    in-kernel cost of {name}: {:.0} ns per hit over {cnt} hits (charged to the probed program, not the agent)",
                 ns as f64 / cnt as f64
             );
         }

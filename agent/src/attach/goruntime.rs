@@ -106,7 +106,7 @@ pub struct GoPlan {
 }
 
 /// Plans the Go runtime probes of one binary.
-pub fn plan(insp: &Inspection, maps: GoMaps, windows: &WindowTable) -> GoPlan {
+pub fn plan(insp: &Inspection, maps: GoMaps, windows: &WindowTable, sched: bool) -> GoPlan {
     let mut plan = GoPlan::default();
     if let Some(why) = binary_refusal(insp) {
         plan.refusal = Some(why);
@@ -170,7 +170,7 @@ pub fn plan(insp: &Inspection, maps: GoMaps, windows: &WindowTable) -> GoPlan {
     }
     // Window goroutines' off-CPU and run-queue time: the scheduler points,
     // only where a window can open (each is hit per goroutine switch).
-    if plan.sites.iter().any(|s| matches!(s.config, SiteConfig::Go(c) if c.class == GoClass::Window as u32)) {
+    if sched && plan.sites.iter().any(|s| matches!(s.config, SiteConfig::Go(c) if c.class == GoClass::Window as u32)) {
         for (role, point) in SCHED_ROLES {
             for p in insp.probes_for(role) {
                 let r = entry_only(insp, &p.symbol, p.address, p.file_offset, p.size, *point);

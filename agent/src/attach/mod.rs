@@ -84,7 +84,9 @@ pub struct Probes {
 
 impl Probes {
     /// Loads the object and attaches every tracepoint in [`TRACEPOINTS`].
-    pub fn load_and_attach(root: &HostRoot) -> Result<Self, AttachError> {
+    /// `go_sched`: whether windows get scheduler probes (their off-CPU and
+    /// run-queue shares are observed only then).
+    pub fn load_and_attach(root: &HostRoot, go_sched: bool) -> Result<Self, AttachError> {
         if OBJECT.is_empty() {
             return Err(AttachError::NoObject);
         }
@@ -104,6 +106,7 @@ impl Probes {
             .override_global("SWITCH_PREV_STATE_OFFSET", &prev_state_off, true)
             .override_global("SWITCH_NEXT_PID_OFFSET", &next_pid_off, true)
             .override_global("WAKEUP_PID_OFFSET", &wakeup_pid_off, true)
+            .override_global("GO_SCHED", &u32::from(go_sched), true)
             .load(OBJECT)
             .map_err(Box::new)?;
         if let Err(e) = aya_log::EbpfLogger::init(&mut ebpf) {

@@ -141,9 +141,16 @@ impl KernelMaps {
                 out.windows.push(LabelledHistogram { labels: who.pairs(&[("window", name.clone())]), hist });
                 for inner in Inner::ALL {
                     let idx = inner_index(*slot, w, inner as u32);
+                    let hist = merged(&self.inner_hist, idx);
+                    // Not observed at all (off-CPU and run queue without
+                    // scheduler probes): no series, rather than a 0 that
+                    // would say the windows never waited.
+                    if hist.count() == 0 {
+                        continue;
+                    }
                     out.window_inner.push(LabelledHistogram {
                         labels: who.pairs(&[("window", name.clone()), ("inner", inner.name().into())]),
-                        hist: merged(&self.inner_hist, idx),
+                        hist,
                     });
                     out.window_inner_events.push(LabelledCount::new(
                         who.pairs(&[("window", name.clone()), ("inner", inner.name().into())]),

@@ -142,7 +142,7 @@ pub struct Pipeline {
 impl Pipeline {
     /// Starts everything but the HTTP server; call inside a tokio runtime.
     pub fn start(cfg: &RunConfig, chain_settings: ChainSettings) -> Result<Pipeline> {
-        let mut probes = Probes::load_and_attach(&cfg.root).context("attaching the kernel programs")?;
+        let mut probes = Probes::load_and_attach(&cfg.root, cfg.go.sched).context("attaching the kernel programs")?;
         let maps = KernelMaps::take(&mut probes.ebpf).context("opening the kernel maps")?;
         let events = probes.ebpf.take_map("WS_EVENTS").context("the eBPF object has no WS_EVENTS map")?;
         let events = RingBuf::try_from(events).context("opening the event ring buffer")?;

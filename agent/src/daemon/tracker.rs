@@ -177,6 +177,9 @@ pub struct GoSettings {
     pub maps: goruntime::GoMaps,
     /// How long per-operation map probes stay (None: for good).
     pub maps_window: Option<std::time::Duration>,
+    /// Scheduler probes in binaries with windows (off-CPU and run-queue
+    /// time inside windows).
+    pub sched: bool,
     /// Benchmarks only: attach an empty program at every Go runtime site.
     pub empty_probes: bool,
     pub windows: goruntime::WindowTable,
@@ -493,7 +496,7 @@ impl Tracker {
                     None
                 } else {
                     let mut go = if recognised || go_named {
-                        goruntime::plan(&insp, self.go.maps, &self.go.windows)
+                        goruntime::plan(&insp, self.go.maps, &self.go.windows, self.go.sched)
                     } else {
                         goruntime::GoPlan::default()
                     };

@@ -171,7 +171,8 @@ pub fn render_html(r: &Report, top: usize) -> String {
         }
         o.push_str("<th>other</th><th class=\"l\">share</th></tr>");
         for b in &r.breakdown {
-            let shares: Vec<f64> = Inner::ALL.iter().map(|i| b.share(*i)).chain([b.other_share()]).collect();
+            let shares: Vec<f64> =
+                Inner::ALL.iter().map(|i| b.share(*i).unwrap_or(0.0)).chain([b.other_share()]).collect();
             let _ = write!(
                 o,
                 "<tr><td class=\"l mono\">{}</td><td>{}</td><td>{}</td>",

@@ -95,18 +95,21 @@ pub struct Breakdown {
     pub window: String,
     pub count: u64,
     pub total_ns: u64,
-    pub inner_ns: [u64; Inner::COUNT as usize],
+    /// None: not measured (off-CPU and run queue without scheduler probes).
+    pub inner_ns: [Option<u64>; Inner::COUNT as usize],
 }
 
 impl Breakdown {
-    /// Share of the total in `inner` (0..=1).
-    pub fn share(&self, i: Inner) -> f64 {
-        if self.total_ns == 0 { 0.0 } else { self.inner_ns[i as usize] as f64 / self.total_ns as f64 }
+    /// Share of the total in `inner` (0..=1), if it was measured.
+    pub fn share(&self, i: Inner) -> Option<f64> {
+        let ns = self.inner_ns[i as usize]?;
+        Some(if self.total_ns == 0 { 0.0 } else { ns as f64 / self.total_ns as f64 })
     }
 
-    /// What the kinds do not explain (running its own code).
+    /// What the measured kinds do not explain (running its own code, and
+    /// the kinds not measured).
     pub fn other_share(&self) -> f64 {
-        let known: f64 = Inner::ALL.iter().map(|i| self.share(*i)).sum();
+        let known: f64 = Inner::ALL.iter().filter_map(|i| self.share(*i)).sum();
         (1.0 - known).max(0.0)
     }
 }
@@ -189,11 +192,15 @@ impl Report {
         for (w, name) in window_names.iter().enumerate() {
             let Some(h) = windows.get(&vec![name.clone()]).filter(|h| h.count() > 0) else { continue };
             rows.push(row(name.clone(), RowKind::Window, *h, max.windows.get(&(w as u32)).copied()));
-            let mut inner_ns = [0u64; Inner::COUNT as usize];
+            let mut inner_ns = [None; Inner::COUNT as usize];
             for i in Inner::ALL {
-                if let Some(ih) = inner.get(&vec![name.clone(), i.name().to_string()]) {
-                    inner_ns[i as usize] = ih.sum_ns;
-                }
+                // A kind observed in none of this recording's windows was
+                // not measured at all (every window observes every kind it
+                // measures, zeros included).
+                inner_ns[i as usize] = inner
+                    .get(&vec![name.clone(), i.name().to_string()])
+                    .filter(|ih| ih.count() > 0)
+                    .map(|ih| ih.sum_ns);
             }
             breakdown.push(Breakdown { window: name.clone(), count: h.count(), total_ns: h.sum_ns, inner_ns });
         }
@@ -328,7 +335,10 @@ pub fn render_text(r: &Report, top: usize, color: bool) -> String {
         for b in &r.breakdown {
             let mut l = format!("{:<24} {:>8} {:>9}", b.window, b.count, fmt_ns(b.total_ns as f64));
             for i in Inner::ALL {
-                l.push_str(&format!(" {:>8.1}%", 100.0 * b.share(i)));
+                match b.share(i) {
+                    Some(s) => l.push_str(&format!(" {:>8.1}%", 100.0 * s)),
+                    None => l.push_str(&format!(" {:>9}", "-")),
+                }
             }
             l.push_str(&format!(" {:>8.1}%", 100.0 * b.other_share()));
             let _ = writeln!(o, "{l}");
@@ -483,7 +493,7 @@ pub(crate) mod tests {
                 window: "etcd_dispatch".into(),
                 count: 1,
                 total_ns: 20_000,
-                inner_ns: [5_000, 0, 0, 10_000, 1_000],
+                inner_ns: [Some(5_000), Some(0), Some(0), Some(10_000), Some(1_000)],
             }],
             counts: ChainCounts { complete: 24, slow: 1, broken: 1, ..ChainCounts::default() },
             chains: vec![broken, slow],
@@ -519,5 +529,17 @@ pub(crate) mod tests {
         assert!(!t.contains('\x1b'));
         let colored = render_text(&r, 10, true);
         assert!(colored.contains("\x1b[31;1m"));
+    }
+
+    #[test]
+    fn kinds_not_measured_print_a_dash_and_fall_into_other() {
+        // Without scheduler probes off-CPU and run queue were not measured:
+        // "-", not "0.0%", and their time stays in "other".
+        let mut r = sample_report();
+        r.breakdown[0].inner_ns = [Some(5_000), Some(0), Some(0), None, None];
+        let t = render_text(&r, 10, false);
+        let b = t.lines().rfind(|l| l.starts_with("etcd_dispatch ")).unwrap_or_default();
+        let cells: Vec<&str> = b.split_whitespace().skip(3).collect();
+        assert_eq!(cells, ["25.0%", "0.0%", "0.0%", "-", "-", "75.0%"], "{b}");
     }
 }

@@ -1,0 +1,87 @@
+//! Timestamp rings: fixed arrays of two-way sets, keyed by revision (see
+//! `agent_common::watch::STAMP_SETS` for why not LRU hash maps).
+//!
+//! Writers and readers on different CPUs meet through each entry's sequence
+//! lock; two writers racing for one entry can lose one stamp, which the
+//! reader then counts as a miss, as it would an evicted LRU entry.
+
+use core::ptr::{read_volatile, write_volatile};
+
+use agent_common::watch::{STAMP_WAYS, Stamp, victim_way};
+use aya_ebpf::maps::Array;
+
+/// What `insert_first` did.
+#[derive(PartialEq, Eq)]
+pub enum Inserted {
+    New,
+    /// Stored over an entry still in use (both ways of its set were).
+    Evicted,
+    /// The key was there already; its first time is kept.
+    Exists,
+}
+
+/// The entry of `set` (its first entry) holding `key`, and its time.
+#[inline(always)]
+pub fn find<K: Copy + PartialEq>(ring: &Array<Stamp<K>>, set: u32, key: &K) -> Option<(u32, u64)> {
+    for way in 0..STAMP_WAYS {
+        let idx = set + way;
+        let e = ring.get_ptr_mut(idx)?;
+        // SAFETY: the pointer comes from the map and stays valid for the run;
+        // volatile keeps the compiler from merging or reordering the reads
+        // around the two sequence loads.
+        unsafe {
+            let s1 = read_volatile(&(*e).seq);
+            if s1 == 0 || s1 & 1 != 0 {
+                continue;
+            }
+            let k = read_volatile(&(*e).key);
+            let ts = read_volatile(&(*e).ts);
+            if read_volatile(&(*e).seq) == s1 && ts != 0 && k == *key {
+                return Some((idx, ts));
+            }
+        }
+    }
+    None
+}
+
+/// Stores `key` at `ts` unless it is already there (the first time wins),
+/// in the set's empty or older way.
+#[inline(always)]
+pub fn insert_first<K: Copy + PartialEq>(ring: &Array<Stamp<K>>, set: u32, key: &K, ts: u64) -> Option<Inserted> {
+    if find(ring, set, key).is_some() {
+        return Some(Inserted::Exists);
+    }
+    let a = ring.get_ptr_mut(set)?;
+    let b = ring.get_ptr_mut(set + 1)?;
+    // SAFETY: as in `find`.
+    let (e, live) = unsafe {
+        let ts = [read_volatile(&(*a).ts), read_volatile(&(*b).ts)];
+        let seq = [read_volatile(&(*a).seq), read_volatile(&(*b).seq)];
+        let way = victim_way(ts, seq) as usize;
+        let live = seq.get(way).is_some_and(|s| *s != 0) && ts.get(way).is_some_and(|t| *t != 0);
+        (if way == 0 { a } else { b }, live)
+    };
+    // SAFETY: as in `find`.
+    unsafe {
+        let odd = (read_volatile(&(*e).seq) + 1) | 1;
+        write_volatile(&mut (*e).seq, odd);
+        write_volatile(&mut (*e).key, *key);
+        write_volatile(&mut (*e).ts, ts);
+        write_volatile(&mut (*e).seq, odd + 1);
+    }
+    Some(if live { Inserted::Evicted } else { Inserted::New })
+}
+
+/// Empties entry `idx` (found by `find`).
+#[inline(always)]
+pub fn remove<K>(ring: &Array<Stamp<K>>, idx: u32) {
+    if let Some(e) = ring.get_ptr_mut(idx) {
+        // SAFETY: as in `find`.
+        unsafe {
+            let odd = (read_volatile(&(*e).seq) + 1) | 1;
+            write_volatile(&mut (*e).seq, odd);
+            write_volatile(&mut (*e).ts, 0);
+            write_volatile(&mut (*e).seq, odd + 1);
+        }
+    }
+}
