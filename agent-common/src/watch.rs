@@ -234,12 +234,18 @@ fn set_entry(h: u64) -> u32 {
     (h & (STAMP_SETS as u64 - 1)) as u32 * STAMP_WAYS
 }
 
+/// Whether a ring entry holds nothing: never written, or removed.
+#[inline(always)]
+pub fn stamp_empty(seq: u64, ts: u64) -> bool {
+    seq == 0 || ts == 0
+}
+
 /// Which way of a set a new entry replaces: an empty one, else the older.
 #[inline(always)]
 pub fn victim_way(ts: [u64; STAMP_WAYS as usize], seq: [u64; STAMP_WAYS as usize]) -> u32 {
-    if seq[0] == 0 || ts[0] == 0 {
+    if stamp_empty(seq[0], ts[0]) {
         0
-    } else if seq[1] == 0 || ts[1] == 0 || ts[1] < ts[0] {
+    } else if stamp_empty(seq[1], ts[1]) || ts[1] < ts[0] {
         1
     } else {
         0

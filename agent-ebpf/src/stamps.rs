@@ -7,7 +7,7 @@
 
 use core::ptr::{read_volatile, write_volatile};
 
-use agent_common::watch::{STAMP_WAYS, Stamp, victim_way};
+use agent_common::watch::{STAMP_WAYS, Stamp, stamp_empty, victim_way};
 use aya_ebpf::maps::Array;
 
 /// What `insert_first` did.
@@ -31,12 +31,12 @@ pub fn find<K: Copy + PartialEq>(ring: &Array<Stamp<K>>, set: u32, key: &K) -> O
         // around the two sequence loads.
         unsafe {
             let s1 = read_volatile(&(*e).seq);
-            if s1 == 0 || s1 & 1 != 0 {
+            if s1 & 1 != 0 {
                 continue;
             }
             let k = read_volatile(&(*e).key);
             let ts = read_volatile(&(*e).ts);
-            if read_volatile(&(*e).seq) == s1 && ts != 0 && k == *key {
+            if read_volatile(&(*e).seq) == s1 && !stamp_empty(s1, ts) && k == *key {
                 return Some((idx, ts));
             }
         }
@@ -57,18 +57,14 @@ pub fn insert_first<K: Copy + PartialEq>(ring: &Array<Stamp<K>>, set: u32, key: 
     let (e, live) = unsafe {
         let ts = [read_volatile(&(*a).ts), read_volatile(&(*b).ts)];
         let seq = [read_volatile(&(*a).seq), read_volatile(&(*b).seq)];
-        let way = victim_way(ts, seq) as usize;
-        let live = seq.get(way).is_some_and(|s| *s != 0) && ts.get(way).is_some_and(|t| *t != 0);
-        (if way == 0 { a } else { b }, live)
+        let way = victim_way(ts, seq);
+        if way == 0 { (a, !stamp_empty(seq[0], ts[0])) } else { (b, !stamp_empty(seq[1], ts[1])) }
     };
     // SAFETY: as in `find`.
-    unsafe {
-        let odd = (read_volatile(&(*e).seq) + 1) | 1;
-        write_volatile(&mut (*e).seq, odd);
+    write_locked(e, |e| unsafe {
         write_volatile(&mut (*e).key, *key);
         write_volatile(&mut (*e).ts, ts);
-        write_volatile(&mut (*e).seq, odd + 1);
-    }
+    });
     Some(if live { Inserted::Evicted } else { Inserted::New })
 }
 
@@ -77,11 +73,19 @@ pub fn insert_first<K: Copy + PartialEq>(ring: &Array<Stamp<K>>, set: u32, key: 
 pub fn remove<K>(ring: &Array<Stamp<K>>, idx: u32) {
     if let Some(e) = ring.get_ptr_mut(idx) {
         // SAFETY: as in `find`.
-        unsafe {
-            let odd = (read_volatile(&(*e).seq) + 1) | 1;
-            write_volatile(&mut (*e).seq, odd);
-            write_volatile(&mut (*e).ts, 0);
-            write_volatile(&mut (*e).seq, odd + 1);
-        }
+        write_locked(e, |e| unsafe { write_volatile(&mut (*e).ts, 0) });
+    }
+}
+
+/// Runs `write` on entry `e` with its sequence odd, then even again, so
+/// that a reader on another CPU sees the change (see `find`).
+#[inline(always)]
+fn write_locked<K>(e: *mut Stamp<K>, write: impl FnOnce(*mut Stamp<K>)) {
+    // SAFETY: `e` comes from the map and stays valid for the run.
+    unsafe {
+        let odd = (read_volatile(&(*e).seq) + 1) | 1;
+        write_volatile(&mut (*e).seq, odd);
+        write(e);
+        write_volatile(&mut (*e).seq, odd + 1);
     }
 }

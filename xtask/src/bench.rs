@@ -95,7 +95,8 @@ impl Pins {
         if no_pin || n < 2 || !util::succeeds(Command::new("taskset").args(["-c", "0", "true"])) {
             return Self { server: None, rest: None };
         }
-        Self { server: Some("0".into()), rest: Some(format!("1-{}", n - 1)) }
+        let rest = if n == 2 { "1".to_string() } else { format!("1-{}", n - 1) };
+        Self { server: Some("0".into()), rest: Some(rest) }
     }
 
     fn server(&self, program: impl AsRef<std::ffi::OsStr>) -> Command {
@@ -140,6 +141,16 @@ struct Round {
     /// The watcher's (etcdctl's) CPU time per put (µs): the client-side
     /// probes are charged to it.
     watcher_cpu_us_per_put: f64,
+}
+
+impl Round {
+    /// One round's measures, as each round line prints them.
+    fn line(&self) -> String {
+        format!(
+            "{:.0} puts/s, p99 {:.2} ms, etcd {:.0} µs CPU/put, watcher {:.1}",
+            self.puts_per_s, self.p99_ms, self.etcd_cpu_us_per_put, self.watcher_cpu_us_per_put
+        )
+    }
 }
 
 fn median(mut v: Vec<f64>) -> f64 {
@@ -308,10 +319,7 @@ fn etcd(args: &BenchArgs) -> Result<()> {
             compact(&client);
             if !with_agent {
                 let m = load(&pins, &loadgen, &client, args.seconds, etcd_pid, watch_pid)?;
-                println!(
-                    "    round {r} without agent: {:.0} puts/s, p99 {:.2} ms, etcd {:.0} µs CPU/put, watcher {:.1}",
-                    m.puts_per_s, m.p99_ms, m.etcd_cpu_us_per_put, m.watcher_cpu_us_per_put
-                );
+                println!("    round {r} without agent: {}", m.line());
                 without.push(m);
                 continue;
             }
@@ -359,19 +367,17 @@ fn etcd(args: &BenchArgs) -> Result<()> {
             agent_wall += t0.elapsed().as_secs_f64();
             rss = rss.max(rss_mb(pid));
             costs = bpf_prog_costs(|n| n.starts_with("etcd_") || n.starts_with("go_"));
-            println!(
-                "    round {r} with agent:    {:.0} puts/s, p99 {:.2} ms, etcd {:.0} µs CPU/put, watcher {:.1}",
-                m.puts_per_s, m.p99_ms, m.etcd_cpu_us_per_put, m.watcher_cpu_us_per_put
-            );
+            println!("    round {r} with agent:    {}", m.line());
             with.push(m);
             drop(a);
         }
     }
 
-    let tw = median(with.iter().map(|m| m.puts_per_s).collect());
-    let to = median(without.iter().map(|m| m.puts_per_s).collect());
-    let pw = median(with.iter().map(|m| m.p99_ms).collect());
-    let po = median(without.iter().map(|m| m.p99_ms).collect());
+    // (median with the agent, median without) of one measure.
+    let medians =
+        |f: fn(&Round) -> f64| (median(with.iter().map(f).collect()), median(without.iter().map(f).collect()));
+    let (tw, to) = medians(|m| m.puts_per_s);
+    let (pw, po) = medians(|m| m.p99_ms);
     let cpu_pct = 100.0 * agent_cpu / agent_wall;
     step("results (medians)");
     let tput = |v: &[Round]| v.iter().map(|m| m.puts_per_s).collect::<Vec<_>>();
@@ -387,15 +393,13 @@ fn etcd(args: &BenchArgs) -> Result<()> {
         pw / po,
         verdict(pw / po <= 1.05)
     );
-    let cw = median(with.iter().map(|m| m.etcd_cpu_us_per_put).collect());
-    let co = median(without.iter().map(|m| m.etcd_cpu_us_per_put).collect());
+    let (cw, co) = medians(|m| m.etcd_cpu_us_per_put);
     println!(
         "    etcd CPU per put: {cw:.1} µs with, {co:.1} without: +{:.1} µs, ratio {:.3} (diagnostic)",
         cw - co,
         cw / co
     );
-    let ww = median(with.iter().map(|m| m.watcher_cpu_us_per_put).collect());
-    let wo = median(without.iter().map(|m| m.watcher_cpu_us_per_put).collect());
+    let (ww, wo) = medians(|m| m.watcher_cpu_us_per_put);
     println!("    watcher (etcdctl) CPU per put: {ww:.1} µs with, {wo:.1} without: +{:.1} µs (diagnostic)", ww - wo);
     println!("    agent CPU: {cpu_pct:.2}% of one core, scraped every second (target < 2%) {}", verdict(cpu_pct < 2.0));
     println!("    agent peak RSS: {rss:.1} MB (target < 64 MB) {}", verdict(rss < 64.0));
