@@ -24,7 +24,5 @@ pub fn file(package: &str, version_prefix: &str, rel: &str) -> PathBuf {
         .filter(|e| e.file_name().to_string_lossy().starts_with(&prefix))
         .map(|e| e.path().join(rel))
         .find(|p| p.exists());
-    found.unwrap_or_else(|| {
-        panic!("{prefix}*/{rel} not under {}: run `cargo xtask setup --for test`", pkgs.display())
-    })
+    found.unwrap_or_else(|| panic!("{prefix}*/{rel} not under {}: run `cargo xtask setup --for test`", pkgs.display()))
 }

@@ -103,9 +103,21 @@ impl Etcd {
     /// a dozen events. etcdctl reads each value from stdin (too large for an
     /// argument).
     pub fn put_large(&self, prefix: &str, n: usize, bytes: usize) {
+        let mut i = 0;
+        self.put_large_until(prefix, bytes, n, || {
+            i += 1;
+            i >= n
+        });
+    }
+
+    /// Puts large values (`{prefix}0`, `{prefix}1`, ...) one at a time until
+    /// `done()` says so after a put, at most `max`; returns how many. The
+    /// number it takes to fill a slow watcher's buffers depends on the
+    /// machine, so tests put until the agent reports the send blocked.
+    pub fn put_large_until(&self, prefix: &str, bytes: usize, max: usize, mut done: impl FnMut() -> bool) -> usize {
         let file = self.dir.path().join("value");
         std::fs::write(&file, "v".repeat(bytes)).expect("value file");
-        for i in 0..n {
+        for i in 0..max {
             let status = self
                 .ctl()
                 .args(["put", &format!("{prefix}{i}")])
@@ -114,7 +126,11 @@ impl Etcd {
                 .status()
                 .expect("etcdctl put");
             assert!(status.success(), "put {prefix}{i}");
+            if done() {
+                return i + 1;
+            }
         }
+        max
     }
 
     /// One transaction of several puts (one revision, several events).
@@ -264,4 +280,15 @@ impl Drop for LineReader {
     fn drop(&mut self) {
         stop_child(&mut self.child);
     }
+}
+
+/// Events the agent saw queued to a watcher (`commit_to_enqueue`) but not
+/// yet handed to gRPC (`commit_to_send`) on server `comm`, from exposition
+/// text: while a watcher's stream is blocked, its events pile up here.
+pub fn unsent(text: &str, comm: &str) -> f64 {
+    let count = |stage: &str| {
+        crate::Buckets::parse(text, "watchscope_watch_stage_seconds", &format!("stage=\"{stage}\",comm=\"{comm}\""))
+            .count()
+    };
+    count("commit_to_enqueue") - count("commit_to_send")
 }

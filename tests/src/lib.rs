@@ -324,6 +324,13 @@ impl Buckets {
         self.count() - below
     }
 
+    /// Observations in the bucket that holds `secs` or above it: what a
+    /// delay of at least `secs` must land in, whatever the bucket bounds.
+    pub fn from_bucket_of(&self, secs: f64) -> f64 {
+        let below = self.cumulative.iter().rev().find(|(le, _)| *le < secs).map(|(_, c)| *c).unwrap_or(0.0);
+        self.count() - below
+    }
+
     /// Observations certainly < `secs`: those under the last bound <= secs.
     pub fn below(&self, secs: f64) -> f64 {
         self.cumulative.iter().rev().find(|(le, _)| *le <= secs).map(|(_, c)| *c).unwrap_or(0.0)

@@ -21,6 +21,9 @@ pub const SIDECAR_RAW_TRACEPOINTS: &[(&str, &str)] = &[("sc_sys_exit", "sys_exit
 
 /// Regular tracepoints of the sidecar programs (rare events: forks, exits).
 pub const SIDECAR_TRACEPOINTS: &[TracepointSpec] = &[
+    // close() at its entry, while the fd number is still the closer's (see
+    // the kernel program for the race this avoids).
+    TracepointSpec { program: "sc_close_enter", category: "syscalls", name: "sys_enter_close" },
     TracepointSpec { program: "sc_task_newtask", category: "task", name: "task_newtask" },
     TracepointSpec { program: "sc_process_exit", category: "sched", name: "sched_process_exit" },
     TracepointSpec { program: "sc_tcp_retransmit", category: "tcp", name: "tcp_retransmit_skb" },
