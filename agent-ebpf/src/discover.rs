@@ -76,10 +76,10 @@ pub fn sched_process_exit(_ctx: TracePointContext) -> u32 {
         return 0;
     }
     // SAFETY: map lookup of a plain key.
-    if unsafe { PROC_SLOT.get(&tgid) }.is_none() {
+    if unsafe { PROC_SLOT.get(tgid) }.is_none() {
         return 0;
     }
-    let _ = PROC_SLOT.remove(&tgid);
+    let _ = PROC_SLOT.remove(tgid);
     match EVENTS.reserve::<ExitEvent>(0) {
         Some(mut entry) => {
             entry.write(ExitEvent { kind: EVENT_EXIT, tgid, ktime_ns: unsafe { bpf_ktime_get_ns() } });

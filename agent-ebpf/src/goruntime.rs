@@ -128,8 +128,8 @@ pub fn go_entry(ctx: ProbeContext) -> u32 {
     // Insert first (the common case: no call of this class open on this
     // goroutine), so the hot path is one map operation, not a lookup too.
     let fresh = GoCall { start: h.now, depth: 1, _pad: 0 };
-    if CALLS.insert(&key, &fresh, aya_ebpf::bindings::BPF_NOEXIST as u64).is_err() {
-        if let Some(call) = CALLS.get_ptr_mut(&key) {
+    if CALLS.insert(key, fresh, aya_ebpf::bindings::BPF_NOEXIST as u64).is_err() {
+        if let Some(call) = CALLS.get_ptr_mut(key) {
             // Nested call of the same class: the outermost span is timed.
             // SAFETY: map value valid during this run.
             unsafe { (*call).depth += 1 };
@@ -139,7 +139,7 @@ pub fn go_entry(ctx: ProbeContext) -> u32 {
     if h.cfg.class == GoClass::Window as u32 && h.cfg.window < MAX_WINDOWS {
         // SAFETY: lookup of a plain key.
         let gk = GoroutineKey { g: h.g, tgid: h.tgid, _pad: 0 };
-        if unsafe { WINDOWS.get(&gk) }.is_none() {
+        if unsafe { WINDOWS.get(gk) }.is_none() {
             let w = Window {
                 start: h.now,
                 window: h.cfg.window,
@@ -151,9 +151,9 @@ pub fn go_entry(ctx: ProbeContext) -> u32 {
                 inner_n: [0; 5],
                 _pad: 0,
             };
-            let _ = WINDOWS.insert(&gk, &w, 0);
+            let _ = WINDOWS.insert(gk, w, 0);
             // The goroutine is running on this thread right now.
-            let _ = THREAD_G.insert(&current_tid(), &gk, 0);
+            let _ = THREAD_G.insert(current_tid(), gk, 0);
         }
     }
     0
@@ -194,11 +194,11 @@ pub fn go_sched(ctx: ProbeContext) -> u32 {
     // run on the scheduler and take the goroutine as their first argument.
     let gp = if point == SchedPoint::Park as u32 { h.g } else { reg(regs, 0).unwrap_or(0) };
     let gk = GoroutineKey { g: gp, tgid: h.tgid, _pad: 0 };
-    let w = WINDOWS.get_ptr_mut(&gk);
+    let w = WINDOWS.get_ptr_mut(gk);
     if point == SchedPoint::Execute as u32 {
         let Some(w) = w else {
             // Another goroutine takes the thread: no window time from now.
-            let _ = THREAD_G.remove(&tid);
+            let _ = THREAD_G.remove(tid);
             return 0;
         };
         // SAFETY: map value valid during this run.
@@ -216,13 +216,13 @@ pub fn go_sched(ctx: ProbeContext) -> u32 {
             (*w).sched = SCHED_RUNNING;
             (*w).sched_since = h.now;
         }
-        let _ = THREAD_G.insert(&tid, &gk, 0);
+        let _ = THREAD_G.insert(tid, gk, 0);
         return 0;
     }
     if point == SchedPoint::Park as u32 || point == SchedPoint::Yield as u32 {
         // The goroutine leaves this thread: the thread's own sleeps from now
         // on (an idle M in futex) are not the goroutine's.
-        let _ = THREAD_G.remove(&tid);
+        let _ = THREAD_G.remove(tid);
     }
     let Some(w) = w else { return 0 };
     // SAFETY: map value valid during this run.
@@ -249,7 +249,7 @@ pub fn go_sched(ctx: ProbeContext) -> u32 {
 pub fn go_ret(ctx: ProbeContext) -> u32 {
     let Some(h) = begin(&ctx) else { return 0 };
     let key = GoCallKey { g: h.g, tgid: h.tgid, class: h.cfg.class };
-    let Some(call) = CALLS.get_ptr_mut(&key) else {
+    let Some(call) = CALLS.get_ptr_mut(key) else {
         // The call began before the probes were attached.
         return 0;
     };
@@ -261,16 +261,16 @@ pub fn go_ret(ctx: ProbeContext) -> u32 {
     if depth > 0 {
         return 0;
     }
-    let _ = CALLS.remove(&key);
+    let _ = CALLS.remove(key);
     let d = h.now.saturating_sub(start);
     let gk = GoroutineKey { g: h.g, tgid: h.tgid, _pad: 0 };
     if h.cfg.class == GoClass::Window as u32 {
         close_window(&gk, h.now, d);
-        let _ = THREAD_G.remove(&current_tid());
+        let _ = THREAD_G.remove(current_tid());
         return 0;
     }
     observe(&GO_HIST, class_index(h.slot, h.cfg.class), d);
-    if let Some(w) = WINDOWS.get_ptr_mut(&gk) {
+    if let Some(w) = WINDOWS.get_ptr_mut(gk) {
         let inner = match h.cfg.class {
             c if c == GoClass::MapGrow as u32 => Inner::MapGrow,
             c if c == GoClass::GcAssist as u32 => Inner::GcAssist,

@@ -69,9 +69,9 @@ pub fn go_sched_switch(ctx: TracePointContext) -> u32 {
 #[inline(always)]
 fn switched_out(ctx: &TracePointContext, tid: u32, now: u64) {
     // SAFETY: lookup of a plain key; the value is copied at once.
-    let Some(gk) = (unsafe { THREAD_G.get(&tid) }).copied() else { return };
+    let Some(gk) = (unsafe { THREAD_G.get(tid) }).copied() else { return };
     // SAFETY: as above.
-    let Some(w) = (unsafe { WINDOWS.get(&gk) }) else { return };
+    let Some(w) = (unsafe { WINDOWS.get(gk) }) else { return };
     if w.sched != SCHED_RUNNING {
         return;
     }
@@ -79,14 +79,14 @@ fn switched_out(ctx: &TracePointContext, tid: u32, now: u64) {
     let state = unsafe { ctx.read_at::<i64>(offset(&SWITCH_PREV_STATE_OFFSET)) }.unwrap_or(1);
     let kind = if state & STATE_REPORT_MASK == 0 { Inner::Runqueue } else { Inner::OffCpu };
     let off = ThreadOff { g: gk.g, tgid: gk.tgid, kind: kind as u32, since: now };
-    let _ = THREAD_OFF.insert(&tid, &off, 0);
+    let _ = THREAD_OFF.insert(tid, off, 0);
 }
 
 #[inline(always)]
 fn switched_in(tid: u32, now: u64) {
     // SAFETY: lookup of a plain key; the value is copied at once.
-    let Some(off) = (unsafe { THREAD_OFF.get(&tid) }).copied() else { return };
-    let _ = THREAD_OFF.remove(&tid);
+    let Some(off) = (unsafe { THREAD_OFF.get(tid) }).copied() else { return };
+    let _ = THREAD_OFF.remove(tid);
     charge(&off, now);
 }
 
@@ -94,7 +94,7 @@ fn switched_in(tid: u32, now: u64) {
 #[inline(always)]
 fn charge(off: &ThreadOff, now: u64) {
     let gk = GoroutineKey { g: off.g, tgid: off.tgid, _pad: 0 };
-    if let Some(w) = WINDOWS.get_ptr_mut(&gk) {
+    if let Some(w) = WINDOWS.get_ptr_mut(gk) {
         let kind = if off.kind == Inner::OffCpu as u32 { Inner::OffCpu } else { Inner::Runqueue };
         add_inner(w, kind, now.saturating_sub(off.since));
     }
@@ -107,7 +107,7 @@ pub fn go_sched_wakeup(ctx: TracePointContext) -> u32 {
     if tid == 0 {
         return 0;
     }
-    let Some(off) = THREAD_OFF.get_ptr_mut(&tid) else { return 0 };
+    let Some(off) = THREAD_OFF.get_ptr_mut(tid) else { return 0 };
     // SAFETY: map value valid during this run.
     let o = unsafe { *off };
     if o.kind != Inner::OffCpu as u32 {

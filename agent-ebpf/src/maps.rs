@@ -43,7 +43,7 @@ pub static PROC_SLOT: HashMap<u32, u32> = HashMap::with_max_entries(MAX_PROCS, 0
 #[inline(always)]
 pub fn current_slot(tgid: u32) -> Option<u32> {
     // SAFETY: lookup of a plain key; the value is copied out at once.
-    let slot = unsafe { PROC_SLOT.get(&tgid) }.copied()?;
+    let slot = unsafe { PROC_SLOT.get(tgid) }.copied()?;
     // Keep every index derived from a slot in bounds for the verifier.
     if slot < MAX_SLOTS { Some(slot) } else { Some(0) }
 }

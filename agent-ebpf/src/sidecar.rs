@@ -77,7 +77,7 @@ static COUNTS: PerCpuArray<u64> = PerCpuArray::with_max_entries(MAX_SIDECAR_SLOT
 fn proxy() -> Option<(u64, u32)> {
     let pid_tgid = bpf_get_current_pid_tgid();
     // SAFETY: lookup of a plain key; the value is copied at once.
-    let slot = unsafe { SIDECAR_SLOT.get(&((pid_tgid >> 32) as u32)) }.copied()?;
+    let slot = unsafe { SIDECAR_SLOT.get((pid_tgid >> 32) as u32) }.copied()?;
     Some((pid_tgid, if slot < MAX_SIDECAR_SLOTS { slot } else { 0 }))
 }
 
@@ -200,7 +200,7 @@ fn set_role(tgid: u32, fd: i32, role: u32) {
         return;
     }
     // A reused fd number starts over: accept/connect always reset the state.
-    let _ = FDS.insert(&FdKey { tgid, fd: fd as u32 }, &FdState { role, phase: PHASE_IDLE }, 0);
+    let _ = FDS.insert(FdKey { tgid, fd: fd as u32 }, FdState { role, phase: PHASE_IDLE }, 0);
 }
 
 #[inline(always)]
@@ -209,17 +209,17 @@ fn fd_state(tgid: u32, fd: i32) -> Option<(FdKey, *mut FdState)> {
         return None;
     }
     let key = FdKey { tgid, fd: fd as u32 };
-    let p = FDS.get_ptr_mut(&key)?;
+    let p = FDS.get_ptr_mut(key)?;
     Some((key, p))
 }
 
 #[inline(always)]
 fn thread(pid_tgid: u64) -> Option<*mut ThreadState> {
-    if let Some(p) = THREADS.get_ptr_mut(&pid_tgid) {
+    if let Some(p) = THREADS.get_ptr_mut(pid_tgid) {
         return Some(p);
     }
-    let _ = THREADS.insert(&pid_tgid, &ThreadState::default(), 0);
-    THREADS.get_ptr_mut(&pid_tgid)
+    let _ = THREADS.insert(pid_tgid, ThreadState::default(), 0);
+    THREADS.get_ptr_mut(pid_tgid)
 }
 
 #[inline(always)]
@@ -314,7 +314,7 @@ fn remember_peer(sockaddr: u64, slot: u32) {
         },
         _ => return,
     }
-    let _ = PEERS.insert(&key, &slot, 0);
+    let _ = PEERS.insert(key, slot, 0);
 }
 
 const AF_INET: u16 = 2;
@@ -332,7 +332,7 @@ pub fn sc_tcp_retransmit(ctx: TracePointContext) -> u32 {
         (ctx.read_at::<u16>(28).unwrap_or(0), ctx.read_at::<u16>(30).unwrap_or(0), ctx.read_at::<u16>(32).unwrap_or(0))
     };
     // SAFETY: lookups of plain keys; values copied at once.
-    if let Some(slot) = unsafe { LISTEN.get(&sport) }.copied() {
+    if let Some(slot) = unsafe { LISTEN.get(sport) }.copied() {
         bump(slot.min(MAX_SIDECAR_SLOTS - 1), SidecarCount::Retransmits);
         return 0;
     }
@@ -342,7 +342,7 @@ pub fn sc_tcp_retransmit(ctx: TracePointContext) -> u32 {
         AF_INET6 => unsafe { ctx.read_at::<[u8; 16]>(58) }.map(|a| key.addr = a).is_ok(),
         _ => false,
     };
-    if ok && let Some(slot) = unsafe { PEERS.get(&key) }.copied() {
+    if ok && let Some(slot) = unsafe { PEERS.get(key) }.copied() {
         bump(slot.min(MAX_SIDECAR_SLOTS - 1), SidecarCount::Retransmits);
     }
     0
@@ -373,7 +373,7 @@ pub fn sc_close_enter(ctx: TracePointContext) -> u32 {
         if unsafe { (*st).role == ROLE_DOWNSTREAM && (*st).phase == PHASE_READING } {
             bump(slot, SidecarCount::Unmatched);
         }
-        let _ = FDS.remove(&key);
+        let _ = FDS.remove(key);
     }
     0
 }
@@ -388,7 +388,7 @@ pub fn sc_task_newtask(ctx: TracePointContext) -> u32 {
     let flags = unsafe { ctx.read_at::<u64>(32) }.unwrap_or(CLONE_THREAD);
     let child = unsafe { ctx.read_at::<i32>(8) }.unwrap_or(0);
     if flags & CLONE_THREAD == 0 && child > 0 {
-        let _ = SIDECAR_SLOT.insert(&(child as u32), &slot, 0);
+        let _ = SIDECAR_SLOT.insert(child as u32, slot, 0);
     }
     0
 }
@@ -399,7 +399,7 @@ pub fn sc_process_exit(_ctx: TracePointContext) -> u32 {
     let pid_tgid = bpf_get_current_pid_tgid();
     let tgid = (pid_tgid >> 32) as u32;
     if pid_tgid as u32 == tgid {
-        let _ = SIDECAR_SLOT.remove(&tgid);
+        let _ = SIDECAR_SLOT.remove(tgid);
     }
     0
 }

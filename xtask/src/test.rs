@@ -29,6 +29,8 @@ pub fn run(args: &TestArgs) -> Result<()> {
         util::run(util::cargo().args(["fmt", "--all", "--check"]))?;
         step("clippy (warnings are errors)");
         util::run(util::cargo().args(["clippy", "--all-targets", "--", "-D", "warnings"]))?;
+        step("clippy on the kernel programs (bpfel-unknown-none)");
+        util::run(&mut kernel_clippy())?;
     }
 
     step("build");
@@ -55,4 +57,17 @@ pub fn run(args: &TestArgs) -> Result<()> {
     // machine has two cores; parallel tests would measure each other.
     cmd.args(["--test-threads", "1"]);
     util::run(&mut cmd)
+}
+
+/// Clippy for agent-ebpf, which only builds for the BPF target (through
+/// agent/build.rs otherwise): core from source on the stable toolchain, and
+/// the architecture cfg aya-build would set for this host.
+fn kernel_clippy() -> std::process::Command {
+    let arch = if cfg!(target_arch = "aarch64") { "aarch64" } else { "x86_64" };
+    let mut cmd = util::cargo();
+    cmd.args(["clippy", "-p", "agent-ebpf", "--release", "--target", "bpfel-unknown-none", "-Z", "build-std=core"])
+        .args(["--", "-D", "warnings"])
+        .env("RUSTC_BOOTSTRAP", "1")
+        .env("RUSTFLAGS", format!("--cfg bpf_target_arch=\"{arch}\""));
+    cmd
 }
