@@ -3,6 +3,7 @@
 //! fuzzing. Each step prints what it does, so a failure names its step.
 
 mod bench;
+mod debcache;
 mod demo;
 mod fuzz;
 mod setup;

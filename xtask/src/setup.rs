@@ -66,6 +66,7 @@ pub fn run(args: &SetupArgs) -> Result<()> {
     apt_packages(&packages)?;
     if args.purpose == Some(Purpose::Test) {
         pip_packages(PIP_PACKAGES)?;
+        crate::debcache::run()?;
     }
     rust_src()?;
     bpf_linker()?;

@@ -1,0 +1,135 @@
+//! Real programs from other Debian suites (etcd 3.5 from trixie and sid,
+//! etcd 3.3 from bullseye), for the tests that prove watchscope on the
+//! versions clusters run. They are downloaded with a private apt state and
+//! extracted into a cache directory: the system's apt sources never name
+//! those suites, so no later `apt-get install` can pull sid's libc or
+//! systemd into the machine.
+//!
+//! Layout (`$WATCHSCOPE_CACHE`, default `/var/cache/watchscope`):
+//! `apt/` (sources.list, lists, archives), `debs/` (downloaded packages),
+//! `pkgs/<package>_<version>_<arch>/` (each package extracted on its own).
+//! Everything is kept between runs; a package already extracted is not
+//! fetched again, so a second setup costs one directory listing.
+
+use std::{
+    path::{Path, PathBuf},
+    process::Command,
+};
+
+use anyhow::{Context, Result, bail};
+
+use crate::util::{self, step};
+
+/// (package, suite): what the tests run from outside bookworm.
+pub const PACKAGES: &[(&str, &str)] = &[
+    // etcd 3.5.30, Go 1.26 (GOPATH build: symbols without /v3).
+    ("etcd-server", "sid"),
+    ("etcd-client", "sid"),
+    // etcd 3.5.16, Go 1.24.
+    ("etcd-server", "trixie"),
+    // etcd 3.3.25, Go 1.15 (stack ABI, github.com/coreos/etcd paths).
+    ("etcd-server", "bullseye"),
+];
+
+const SUITES: &[&str] = &["sid", "trixie", "bullseye"];
+const KEYRING: &str = "/usr/share/keyrings/debian-archive-keyring.gpg";
+
+pub fn root() -> PathBuf {
+    std::env::var_os("WATCHSCOPE_CACHE").map(PathBuf::from).unwrap_or_else(|| PathBuf::from("/var/cache/watchscope"))
+}
+
+pub fn run() -> Result<()> {
+    step("real programs from other Debian suites (private apt state, extracted into the cache)");
+    let root = root();
+    let pkgs = root.join("pkgs");
+    let missing: Vec<&(&str, &str)> = PACKAGES.iter().filter(|(p, s)| !extracted(&pkgs, p, s)).collect();
+    if missing.is_empty() {
+        println!("    all in {}", pkgs.display());
+        return Ok(());
+    }
+    if !util::is_root() {
+        bail!("{} is incomplete: run `sudo cargo xtask setup --for test`", pkgs.display());
+    }
+    let apt = root.join("apt");
+    let debs = root.join("debs");
+    for dir in [apt.join("lists/partial"), apt.join("archives/partial"), debs.clone(), pkgs.clone()] {
+        std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
+    }
+    let sources: String =
+        SUITES.iter().map(|s| format!("deb [signed-by={KEYRING}] http://deb.debian.org/debian {s} main\n")).collect();
+    std::fs::write(apt.join("sources.list"), sources).context("writing the private sources.list")?;
+    let apt_args = private_apt_args(&apt);
+    util::run(Command::new("apt-get").args(&apt_args).args(["update", "-qq"]))?;
+    for (package, suite) in missing {
+        let before = deb_files(&debs)?;
+        util::run(
+            Command::new("apt-get").current_dir(&debs).args(&apt_args).arg("download").arg(format!("{package}/{suite}")),
+        )
+        .with_context(|| format!("downloading {package} from {suite}"))?;
+        let new: Vec<PathBuf> = deb_files(&debs)?.into_iter().filter(|d| !before.contains(d)).collect();
+        // A package already downloaded earlier (but not extracted) is the
+        // newest file of that name.
+        let deb = match new.first() {
+            Some(d) => d.clone(),
+            None => newest_deb(&debs, package, suite)?,
+        };
+        let name = deb.file_stem().context("deb file name")?.to_string_lossy().to_string();
+        let dest = pkgs.join(&name);
+        let tmp = pkgs.join(format!(".{name}.partial"));
+        let _ = std::fs::remove_dir_all(&tmp);
+        util::run(Command::new("dpkg-deb").arg("-x").arg(&deb).arg(&tmp))?;
+        // Renamed into place only when whole: an interrupted setup leaves
+        // nothing that looks extracted.
+        std::fs::write(tmp.join(".suite"), suite)?;
+        std::fs::rename(&tmp, &dest).with_context(|| format!("moving {} into place", dest.display()))?;
+        println!("    {package} ({suite}) → {}", dest.display());
+    }
+    Ok(())
+}
+
+/// Options that give apt its own sources, lists, cache and an empty
+/// package status: nothing of the system's apt state is read or written.
+fn private_apt_args(apt: &Path) -> Vec<String> {
+    let d = apt.display();
+    vec![
+        "-o".into(),
+        format!("Dir::Etc::SourceList={d}/sources.list"),
+        "-o".into(),
+        "Dir::Etc::SourceParts=/dev/null".into(),
+        "-o".into(),
+        format!("Dir::State::Lists={d}/lists"),
+        "-o".into(),
+        format!("Dir::Cache={d}"),
+        "-o".into(),
+        "Dir::State::status=/dev/null".into(),
+        // Downloads into a root-owned directory.
+        "-o".into(),
+        "APT::Sandbox::User=root".into(),
+    ]
+}
+
+fn extracted(pkgs: &Path, package: &str, suite: &str) -> bool {
+    let prefix = format!("{package}_");
+    std::fs::read_dir(pkgs).into_iter().flatten().filter_map(Result::ok).any(|e| {
+        e.file_name().to_string_lossy().starts_with(&prefix)
+            && std::fs::read_to_string(e.path().join(".suite")).is_ok_and(|s| s.trim() == suite)
+    })
+}
+
+fn deb_files(dir: &Path) -> Result<Vec<PathBuf>> {
+    Ok(std::fs::read_dir(dir)
+        .with_context(|| format!("listing {}", dir.display()))?
+        .filter_map(Result::ok)
+        .map(|e| e.path())
+        .filter(|p| p.extension().is_some_and(|x| x == "deb"))
+        .collect())
+}
+
+fn newest_deb(dir: &Path, package: &str, suite: &str) -> Result<PathBuf> {
+    let prefix = format!("{package}_");
+    deb_files(dir)?
+        .into_iter()
+        .filter(|p| p.file_name().is_some_and(|n| n.to_string_lossy().starts_with(&prefix)))
+        .max_by_key(|p| std::fs::metadata(p).and_then(|m| m.modified()).ok())
+        .with_context(|| format!("apt-get download {package}/{suite} left no .deb in {}", dir.display()))
+}
