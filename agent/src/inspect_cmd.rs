@@ -4,7 +4,7 @@ use std::{fmt::Write as _, path::PathBuf, process::ExitCode};
 
 use anyhow::Result;
 use clap::Args;
-use watchscope::inspect::{self, ArgRead, ArgSource, Inspection};
+use watchscope::inspect::{self, ArgRead, ArgSource, Inspection, StructLayout, TypeError};
 
 #[derive(Debug, Args)]
 pub struct InspectArgs {
@@ -20,6 +20,13 @@ pub struct InspectArgs {
     /// Also list the functions whose names match this regular expression.
     #[arg(long)]
     pub functions: Option<String>,
+    /// Print the layout of this struct type, as Go names it (`mvccpb.Event`),
+    /// read from the binary's type descriptors. Repeatable.
+    #[arg(long = "type", value_name = "NAME")]
+    pub types: Vec<String>,
+    /// With --type: only types of the package with this import path.
+    #[arg(long, value_name = "PATH", requires = "types")]
+    pub type_pkg: Option<String>,
 }
 
 pub fn run(args: InspectArgs) -> Result<ExitCode> {
@@ -41,12 +48,56 @@ pub fn run(args: InspectArgs) -> Result<ExitCode> {
         .transpose()?;
     // The error already names the file; main prints it on one line.
     let insp = inspect::inspect_path(&path)?;
+    let layouts: Vec<(&str, Result<StructLayout, TypeError>)> =
+        args.types.iter().map(|t| (t.as_str(), insp.struct_layout_in(t, args.type_pkg.as_deref()))).collect();
     if args.json {
-        println!("{}", serde_json::to_string_pretty(&insp.report(functions.as_ref()))?);
+        let mut v = serde_json::to_value(insp.report(functions.as_ref()))?;
+        if !layouts.is_empty()
+            && let Some(o) = v.as_object_mut()
+        {
+            let items = layouts
+                .iter()
+                .map(|(name, r)| match r {
+                    Ok(l) => serde_json::to_value(l),
+                    Err(e) => Ok(serde_json::json!({ "name": name, "error": e.to_string() })),
+                })
+                .collect::<Result<Vec<_>, _>>()?;
+            o.insert("struct_layouts".into(), serde_json::Value::Array(items));
+        }
+        println!("{}", serde_json::to_string_pretty(&v)?);
     } else {
         print!("{}", human(&insp, functions.as_ref()));
+        for (name, r) in &layouts {
+            print!("{}", layout_text(name, r));
+        }
     }
-    Ok(ExitCode::SUCCESS)
+    // A type asked for and not read is a failure scripts must see.
+    Ok(if layouts.iter().any(|(_, r)| r.is_err()) { ExitCode::FAILURE } else { ExitCode::SUCCESS })
+}
+
+fn layout_text(name: &str, r: &Result<StructLayout, TypeError>) -> String {
+    let mut o = String::new();
+    match r {
+        Ok(l) => {
+            let _ = writeln!(
+                o,
+                "\nstruct {} ({}): size {}, align {}, {} fields",
+                l.name,
+                l.pkg_path.as_deref().unwrap_or("no package path"),
+                l.size,
+                l.align,
+                l.fields.len()
+            );
+            for f in &l.fields {
+                let emb = if f.embedded { " (embedded)" } else { "" };
+                let _ = writeln!(o, "  {:>6} {:>6}  {} {}{emb}", f.offset, f.size, f.name, f.type_name);
+            }
+        }
+        Err(e) => {
+            let _ = writeln!(o, "\nstruct {name}: {e}");
+        }
+    }
+    o
 }
 
 fn human(insp: &Inspection, functions: Option<&regex::Regex>) -> String {

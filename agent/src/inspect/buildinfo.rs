@@ -131,7 +131,9 @@ fn inline_string(mem: &dyn Memory, at: &mut u64, max: u64) -> Result<Vec<u8>, Bu
 /// A Go string whose header `{ptr, len}` is pointed to by the word at `at`.
 fn pointed_string(mem: &dyn Memory, at: u64, ps: u8, max: u64) -> Result<Vec<u8>, BuildInfoError> {
     let hdr = mem.ptr(at, ps).ok_or_else(|| BuildInfoError::Corrupt(format!("pointer at {at:#x} unreadable")))?;
-    if hdr == 0 {
+    // A string variable nothing initialised at link time (Go 1.15 GOPATH
+    // builds leave `runtime.modinfo` so) lives in .bss: it is empty.
+    if hdr == 0 || mem.zero_filled(hdr, u64::from(ps) * 2) {
         return Ok(Vec::new());
     }
     let data =

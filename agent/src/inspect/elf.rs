@@ -290,6 +290,11 @@ impl ElfInfo {
 pub trait Memory {
     fn bytes(&self, vaddr: u64, len: u64) -> Option<&[u8]>;
     fn ptr(&self, vaddr: u64, ptr_size: u8) -> Option<u64>;
+    /// `[vaddr, vaddr+len)` is in a segment's zero-filled tail (`.bss`):
+    /// not in the file, but known to read as zeros at startup.
+    fn zero_filled(&self, _vaddr: u64, _len: u64) -> bool {
+        false
+    }
 }
 
 /// The ELF file seen as memory.
@@ -310,6 +315,12 @@ impl Memory for ElfMemory<'_> {
             return Some(v);
         }
         read_uint(self.bytes(vaddr, u64::from(ptr_size))?, ptr_size)
+    }
+    fn zero_filled(&self, vaddr: u64, len: u64) -> bool {
+        let Some(end) = vaddr.checked_add(len) else { return false };
+        self.info.segments.iter().any(|s| {
+            s.file_end_vaddr().is_some_and(|fe| vaddr >= fe) && s.vaddr.checked_add(s.memsz).is_some_and(|me| end <= me)
+        })
     }
 }
 

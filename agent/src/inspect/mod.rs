@@ -19,6 +19,7 @@ pub mod buildinfo;
 pub mod catalog;
 pub mod disasm;
 pub mod elf;
+pub mod gotypes;
 pub mod moduledata;
 pub mod pclntab;
 pub mod prologue;
@@ -40,6 +41,7 @@ use serde::Serialize;
 pub use buildinfo::{BuildInfo, GoVersion, Module};
 pub use catalog::{Abi, ArgRead, ArgSource, Component, GoidOffset, Reg};
 pub use elf::Arch;
+pub use gotypes::{FieldLayout, StructLayout, TypeError, TypeInfo};
 pub use pclntab::PclnVersion;
 /// The regular expressions `functions_matching` takes.
 pub use regex::Regex;
@@ -203,6 +205,10 @@ struct Image {
     /// before (entries are addresses there).
     entry_base: u64,
     names: OnceLock<NameIndex>,
+    /// Where the type descriptors are and how to read them.
+    types: Result<gotypes::TypeSetup, TypeError>,
+    /// Built on first use: a walk of the whole type graph.
+    type_index: OnceLock<Result<gotypes::TypeIndex, TypeError>>,
 }
 
 /// Function names by hash: built once, no per-name allocation.
@@ -231,9 +237,34 @@ fn name_hash(b: &[u8]) -> u64 {
 
 const VENDOR: &[u8] = b"/vendor/";
 
+/// The image as memory, for readers that outlive one function (the type index).
+impl Memory for Image {
+    fn bytes(&self, vaddr: u64, len: u64) -> Option<&[u8]> {
+        let p = self.elf.place(vaddr, len)?;
+        let start = usize::try_from(p.file_offset).ok()?;
+        self.data().get(start..start.checked_add(usize::try_from(len).ok()?)?)
+    }
+    fn ptr(&self, vaddr: u64, ptr_size: u8) -> Option<u64> {
+        if let Some(v) = self.elf.relocated(vaddr) {
+            return Some(v);
+        }
+        elf::read_uint(self.bytes(vaddr, u64::from(ptr_size))?, ptr_size)
+    }
+}
+
 impl Image {
     fn data(&self) -> &[u8] {
         self.bytes.get()
+    }
+
+    fn type_reader(&self) -> Result<gotypes::Reader<'_>, TypeError> {
+        let setup = self.types.clone()?;
+        Ok(gotypes::Reader { mem: self, setup })
+    }
+
+    fn type_index(&self) -> Result<&gotypes::TypeIndex, TypeError> {
+        let r = self.type_reader()?;
+        self.type_index.get_or_init(|| r.index()).as_ref().map_err(Clone::clone)
     }
 
     fn table(&self) -> Pclntab<'_> {
@@ -407,6 +438,8 @@ pub struct Inspection {
     pub pclntab: PclntabInfo,
     /// Address of the runtime module data, when found.
     pub moduledata: Option<u64>,
+    /// The type descriptor tables it points at (see [`Inspection::struct_layout`]).
+    pub type_tables: Option<moduledata::TypeTables>,
     pub goid: Option<GoidOffset>,
     pub g_register: Option<Reg>,
     pub probes: Vec<Probe>,
@@ -448,6 +481,33 @@ impl Inspection {
     pub fn bytes_at(&self, file_offset: u64, len: usize) -> Option<&[u8]> {
         let start = usize::try_from(file_offset).ok()?;
         self.image.data().get(start..start.checked_add(len)?)
+    }
+
+    /// The layout of the one struct type whose Go type string is `name`
+    /// (`mvccpb.Event`: package name, not path), read from the binary's
+    /// type descriptors. Several packages with that name make it
+    /// [`TypeError::Ambiguous`]; [`Inspection::struct_layout_in`] picks one.
+    /// The first call walks the whole type graph (tens of ms for etcd).
+    pub fn struct_layout(&self, name: &str) -> Result<StructLayout, TypeError> {
+        self.struct_layout_in(name, None)
+    }
+
+    /// As [`Inspection::struct_layout`], among types of package `pkg_path`
+    /// (the full import path, e.g. `go.etcd.io/etcd/api/v3/mvccpb`) if given.
+    pub fn struct_layout_in(&self, name: &str, pkg_path: Option<&str>) -> Result<StructLayout, TypeError> {
+        let r = self.image.type_reader()?;
+        self.image.type_index()?.struct_layout(&r, name, pkg_path)
+    }
+
+    /// Every type descriptor whose type string is `name`, of any kind.
+    pub fn types_named(&self, name: &str) -> Result<Vec<TypeInfo>, TypeError> {
+        let r = self.image.type_reader()?;
+        self.image.type_index()?.addrs(name).iter().map(|&a| r.info(a)).collect()
+    }
+
+    /// How many type descriptors are reachable (walks the graph once).
+    pub fn type_count(&self) -> Result<usize, TypeError> {
+        Ok(self.image.type_index()?.len())
     }
 
     /// The function record only (no disassembly).
@@ -758,7 +818,27 @@ fn analyze(path: PathBuf, identity: Option<FileIdentity>, bytes: Bytes) -> Resul
         });
     }
 
-    let image = Arc::new(Image { pcln_start, pcln_end, layout, entry_base, names: OnceLock::new(), elf, bytes });
+    let types = match md {
+        Some(m) => {
+            let mem = ElfMemory { info: &elf, data: bytes.get() };
+            gotypes::setup(&mem, &m, layout.ptr_size, layout.version, version)
+        }
+        None => Err(TypeError::Unavailable("no runtime module data found".into())),
+    };
+    if let Err(e) = &types {
+        notes.push(format!("struct layouts unavailable: {e}"));
+    }
+    let image = Arc::new(Image {
+        pcln_start,
+        pcln_end,
+        layout,
+        entry_base,
+        names: OnceLock::new(),
+        types,
+        type_index: OnceLock::new(),
+        elf,
+        bytes,
+    });
     let cgo = match build_info.as_ref().and_then(|b| b.setting("CGO_ENABLED")) {
         Some(v) => v == "1",
         None => {
@@ -778,6 +858,7 @@ fn analyze(path: PathBuf, identity: Option<FileIdentity>, bytes: Bytes) -> Resul
         || [".init", ".fini", ".init_array", ".eh_frame_hdr"].iter().any(|s| image.elf.section(s).is_some());
 
     let mut insp = Inspection {
+        type_tables: image.types.as_ref().ok().map(|t| t.tables),
         path,
         identity,
         go_version,

@@ -10,6 +10,8 @@
 //! point exactly at the table's parts. Only a candidate where every one of
 //! those pointers, the function count and minpc/maxpc agree is accepted.
 
+use serde::Serialize;
+
 use super::{
     elf::Memory,
     pclntab::{PclnLayout, PclnVersion},
@@ -86,6 +88,112 @@ pub fn validate_at(mem: &dyn Memory, at: u64, e: &Expect) -> Option<ModuleData> 
         return None;
     }
     Some(md)
+}
+
+/// Which `moduledata` struct the runtime of the binary declares: the word
+/// indexes of `types`/`etypes`/`typelinks` move between eras (from
+/// runtime/symtab.go of go1.15, go1.16, go1.18, go1.20 and go1.27, and for
+/// 1.26 from the module data of a Go 1.26.4 binary).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+pub enum TypesEra {
+    /// Go 1.15 and before (pclntab 1.2 format): types at word 25, typelinks at 30.
+    Go115,
+    /// Go 1.16-1.17: pcHeader and its slices first; types at 35, typelinks at 40.
+    Go116,
+    /// Go 1.18-1.19: `rodata` and `gofunc` after etypes; typelinks at 42.
+    Go118,
+    /// Go 1.20-1.25: `covctrs`/`ecovctrs` before `end`; types at 37, typelinks at 44.
+    Go120,
+    /// Go 1.26: `epclntab` after `gofunc`, so typelinks at 45.
+    Go126,
+    /// Go 1.27+: no typelinks slice; `types, typedesclen, etypes` at 37-39,
+    /// the typelinked descriptors laid out back to back first in the section.
+    Go127,
+}
+
+/// Where the type descriptors are, per the module data.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+pub struct TypeTables {
+    pub era: TypesEra,
+    /// `[types, etypes)`: every nameOff/typeOff is relative to `types`.
+    pub types: u64,
+    pub etypes: u64,
+    pub roots: TypeRoots,
+}
+
+/// The entry points into the type graph.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+pub enum TypeRoots {
+    /// `typelinks []int32`: `len` offsets from `types`, at `addr`.
+    Typelinks { addr: u64, len: u64 },
+    /// Go 1.27+: descriptors from `types + ptrsize` to `types + len`, back to back.
+    Descriptors { len: u64 },
+}
+
+/// More typelinks than this is not a real program (etcd has ~10k).
+pub const MAX_TYPELINKS: u64 = 1 << 22;
+
+/// Reads the type tables of module data `md` for one era, checking that
+/// the words have the shape the era's struct gives them: a slice whose
+/// len and cap differ, or a range that runs backwards, is the wrong era
+/// (or not module data) and an error, never a guess.
+pub fn type_tables(mem: &dyn Memory, md: &ModuleData, ptr_size: u8, era: TypesEra) -> Result<TypeTables, String> {
+    let w = u64::from(ptr_size);
+    let word = |i: u64| -> Result<u64, String> {
+        i.checked_mul(w)
+            .and_then(|o| md.addr.checked_add(o))
+            .and_then(|a| mem.ptr(a, ptr_size))
+            .ok_or_else(|| format!("module data word {i} is unreadable"))
+    };
+    // A slice header {ptr, len, cap} as the linker writes it: len == cap.
+    let slice = |i: u64| -> Result<(u64, u64), String> {
+        let (p, l, c) = (word(i)?, word(i + 1)?, word(i + 2)?);
+        if l != c {
+            return Err(format!("module data words {i}..{} are not a slice header (len {l} != cap {c})", i + 3));
+        }
+        Ok((p, l))
+    };
+    let (types_word, textsect_word) = match era {
+        TypesEra::Go115 => (25, 27),
+        TypesEra::Go116 => (35, 37),
+        TypesEra::Go118 => (35, 39),
+        TypesEra::Go120 => (37, 41),
+        TypesEra::Go126 => (37, 42),
+        TypesEra::Go127 => (37, 45),
+    };
+    let types = word(types_word)?;
+    let (etypes, roots) = if era == TypesEra::Go127 {
+        let (desclen, etypes) = (word(types_word + 1)?, word(types_word + 2)?);
+        let span = etypes.checked_sub(types).ok_or("etypes is below types")?;
+        if desclen < w || desclen > span {
+            return Err(format!("typedesclen {desclen:#x} does not fit types..etypes ({span:#x} bytes)"));
+        }
+        (etypes, TypeRoots::Descriptors { len: desclen })
+    } else {
+        let etypes = word(types_word + 1)?;
+        let (addr, len) = slice(textsect_word + 3)?;
+        if len > MAX_TYPELINKS {
+            return Err(format!("{len} typelinks is more than the {MAX_TYPELINKS} allowed"));
+        }
+        let bytes = len.checked_mul(4).ok_or("typelinks length overflows")?;
+        if len > 0 && mem.bytes(addr, bytes).is_none() {
+            return Err(format!("typelinks {addr:#x}+{bytes:#x} are not in the file"));
+        }
+        (etypes, TypeRoots::Typelinks { addr, len })
+    };
+    if types == 0 || etypes <= types || etypes - types > u64::from(u32::MAX) {
+        return Err(format!("types {types:#x}..{etypes:#x} is not a plausible range"));
+    }
+    if mem.bytes(types, etypes - types).is_none() {
+        return Err(format!("types {types:#x}..{etypes:#x} is not file-backed"));
+    }
+    // The text section map comes right before typelinks (after the types
+    // fields in 1.27+): at least one section.
+    let (tsm, tsm_len) = slice(textsect_word)?;
+    if tsm_len == 0 || tsm_len > 4096 || tsm == 0 {
+        return Err(format!("module data word {textsect_word} is not the text section map ({tsm_len} entries)"));
+    }
+    Ok(TypeTables { era, types, etypes, roots })
 }
 
 /// Tries each candidate address; returns every valid module data found
