@@ -63,7 +63,11 @@ pub fn run() -> Result<()> {
     for (package, suite) in missing {
         let before = deb_files(&debs)?;
         util::run(
-            Command::new("apt-get").current_dir(&debs).args(&apt_args).arg("download").arg(format!("{package}/{suite}")),
+            Command::new("apt-get")
+                .current_dir(&debs)
+                .args(&apt_args)
+                .arg("download")
+                .arg(format!("{package}/{suite}")),
         )
         .with_context(|| format!("downloading {package} from {suite}"))?;
         let new: Vec<PathBuf> = deb_files(&debs)?.into_iter().filter(|d| !before.contains(d)).collect();
