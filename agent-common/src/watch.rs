@@ -115,6 +115,13 @@ pub struct WatchProbeConfig {
     /// mvccpb.Event.Kv and mvccpb.KeyValue.ModRevision.
     pub event_kv_off: u32,
     pub kv_mod_rev_off: u32,
+    /// WatchResponse.Created, .Canceled (bools) and .CompactRevision: a
+    /// response without events is a progress notification only when none
+    /// is set (a watch's creation, cancellation and compaction responses
+    /// carry no events either).
+    pub resp_created_off: u32,
+    pub resp_canceled_off: u32,
+    pub resp_compact_rev_off: u32,
     /// How to tell, at the probed stack-check jump, that this hit is the
     /// one that calls morestack (and re-enters): one of the `GUARD_*`.
     pub guard: u32,

@@ -26,7 +26,7 @@ use agent_common::{
 use aya_ebpf::{
     EbpfContext,
     bindings::BPF_RB_NO_WAKEUP,
-    helpers::{bpf_get_attach_cookie, bpf_get_current_pid_tgid, bpf_ktime_get_ns, bpf_loop},
+    helpers::{bpf_get_attach_cookie, bpf_get_current_pid_tgid, bpf_ktime_get_ns, bpf_loop, bpf_probe_read_user},
     macros::{map, uprobe},
     maps::{Array, PerCpuArray, RingBuf},
     programs::ProbeContext,
@@ -64,6 +64,11 @@ static WATCH_HIST: PerCpuArray<Histogram> = PerCpuArray::with_max_entries(MAX_SL
 /// Watch events counted per (slot, side).
 #[map(name = "WS_WATCH_EVENTS")]
 static WATCH_EVENTS: PerCpuArray<u64> = PerCpuArray::with_max_entries(MAX_SLOTS * Side::COUNT, 0);
+
+/// Progress notifications (responses without events that neither create,
+/// cancel nor compact a watch) per (slot, side): never watch events.
+#[map(name = "WS_WATCH_PROGRESS")]
+static WATCH_PROGRESS: PerCpuArray<u64> = PerCpuArray::with_max_entries(MAX_SLOTS * Side::COUNT, 0);
 
 /// Per-event records for `watchscope record`; histograms never depend on it.
 #[map(name = "WS_WATCH_RECORDS")]
@@ -271,6 +276,26 @@ struct Response {
     len: u64,
 }
 
+/// Whether a response without events is a progress notification: etcd's
+/// periodic ones and the answers to progress requests (which the API server
+/// sends every 100 ms while a read waits for its cache) carry neither the
+/// created nor the canceled flag nor a compact revision.
+#[inline(always)]
+fn is_progress(cfg: &WatchProbeConfig, m: u64) -> bool {
+    let flag = |off: u32| -> Option<u8> {
+        // SAFETY: bpf_probe_read_user faults safely on bad addresses.
+        unsafe { bpf_probe_read_user(m.wrapping_add(off as u64) as *const u8) }.ok()
+    };
+    let (Some(created), Some(canceled), Some(compact)) = (
+        flag(cfg.resp_created_off),
+        flag(cfg.resp_canceled_off),
+        read_u64(m.wrapping_add(cfg.resp_compact_rev_off as u64)),
+    ) else {
+        return false;
+    };
+    created == 0 && canceled == 0 && compact == 0
+}
+
 #[inline(always)]
 fn response(cfg: &WatchProbeConfig, m: u64) -> Option<Response> {
     let header = read_u64(m.wrapping_add(cfg.resp_header_off as u64))?;
@@ -283,11 +308,20 @@ fn response(cfg: &WatchProbeConfig, m: u64) -> Option<Response> {
     })
 }
 
+/// The per-event loop state of a Send or dispatchEvent call, and its event
+/// count; a response without events is counted as progress (or not at
+/// all) here and gives `None`.
 #[inline(always)]
-fn response_loop(ctx: &ProbeContext) -> Option<(EventLoop, u64)> {
+fn response_loop(ctx: &ProbeContext, side: Side) -> Option<(EventLoop, u64)> {
     let c = begin(ctx)?;
     let m = arg(ctx, &c.cfg.args[0])?;
     let r = response(&c.cfg, m)?;
+    if r.len == 0 {
+        if is_progress(&c.cfg, m) {
+            add(&WATCH_PROGRESS, events_index(c.slot, side), 1);
+        }
+        return None;
+    }
     let st = EventLoop {
         tgid: c.tgid,
         slot: c.slot,
@@ -306,7 +340,7 @@ fn response_loop(ctx: &ProbeContext) -> Option<(EventLoop, u64)> {
 
 #[uprobe]
 pub fn etcd_send(ctx: ProbeContext) -> u32 {
-    if let Some((mut st, len)) = response_loop(&ctx) {
+    if let Some((mut st, len)) = response_loop(&ctx, Side::Server) {
         for_each_event(&mut st, len, send_event, Some(Side::Server));
     }
     0
@@ -345,7 +379,7 @@ unsafe extern "C" fn send_event(i: u64, ctx: *mut c_void) -> i64 {
 
 #[uprobe]
 pub fn etcd_dispatch(ctx: ProbeContext) -> u32 {
-    if let Some((mut st, len)) = response_loop(&ctx) {
+    if let Some((mut st, len)) = response_loop(&ctx, Side::Client) {
         for_each_event(&mut st, len, dispatch_event, Some(Side::Client));
     }
     0

@@ -4,7 +4,7 @@ use std::{fmt::Write as _, path::PathBuf, process::ExitCode};
 
 use anyhow::Result;
 use clap::Args;
-use watchscope::inspect::{self, ArgRead, ArgSource, Inspection, StructLayout, TypeError};
+use watchscope::inspect::{self, ArgRead, ArgSource, Inspection, StructLayout, TypeError, layout::EtcdLayout};
 
 #[derive(Debug, Args)]
 pub struct InspectArgs {
@@ -172,6 +172,9 @@ fn human(insp: &Inspection, functions: Option<&regex::Regex>) -> String {
             let _ = writeln!(o, "  {:<26} ({n})", "");
         }
     }
+    if let Some(l) = &insp.etcd_layout {
+        o.push_str(&etcd_layout_text(l));
+    }
     let _ = writeln!(o, "\nunresolved roles ({}):", insp.unresolved.len());
     for u in &insp.unresolved {
         let _ = writeln!(o, "  {:<26} {}", u.role, u.reason);
@@ -189,6 +192,35 @@ fn human(insp: &Inspection, functions: Option<&regex::Regex>) -> String {
             let off = f.file_offset.map_or_else(|| "-".to_string(), |x| format!("{x:#x}"));
             let _ = writeln!(o, "  {:#x} {off:>10} {:>7} {}", f.address, f.size, f.name);
         }
+    }
+    o
+}
+
+/// The etcd layout the watch roles read: which profile, how it was chosen,
+/// and where each fact came from; or why the roles are refused.
+fn etcd_layout_text(l: &EtcdLayout) -> String {
+    let mut o = String::new();
+    let _ = writeln!(
+        o,
+        "\netcd struct layout (every etcd role reads it): {}{}",
+        l.profile.unwrap_or("none"),
+        if l.how.is_empty() { String::new() } else { format!(", chosen by {}", l.how) }
+    );
+    match &l.refusal {
+        Some(why) => {
+            let _ = writeln!(o, "  REFUSED: {why}; no etcd role is attached");
+        }
+        None => {
+            let _ = writeln!(o, "  verified for this architecture and ABI");
+        }
+    }
+    for (fact, value) in &l.binary {
+        let from = match (value, l.get(*fact)) {
+            (Some(v), _) => format!("{v:>4}  type descriptor"),
+            (None, Some(v)) => format!("{v:>4}  profile (not in the binary's type descriptors)"),
+            (None, None) => "   -  not in the binary".to_string(),
+        };
+        let _ = writeln!(o, "  {:<44} {from}", fact.describe());
     }
     o
 }

@@ -1,7 +1,9 @@
-//! Real etcd for the tests: Debian's etcd 3.4 on loopback ports with a
-//! temporary data directory, a real `etcdctl watch`, and the slow gateway
-//! watcher fixture. Each test runs copies of the binaries under names of its
-//! own, so the agent's per-comm series count only that test's processes.
+//! Real etcd for the tests: Debian's etcd builds (bookworm's 3.4.23 from the
+//! system, trixie's 3.5.16 and sid's 3.5.30 from the setup's cache) on
+//! loopback ports with a temporary data directory, a real `etcdctl watch` of
+//! the same version, and the slow gateway watcher fixture. Each test runs
+//! copies of the binaries under names of its own, so the agent's per-comm
+//! series count only that test's processes.
 
 use std::{
     io::{BufRead, BufReader, Write},
@@ -14,29 +16,91 @@ use std::{
 use crate::{free_port, stop_child};
 
 /// Copies `src` to `dir/name` (a fresh inode, a comm of our choosing).
-pub fn copy_binary(src: &str, dir: &Path, name: &str) -> PathBuf {
+pub fn copy_binary(src: impl AsRef<Path>, dir: &Path, name: &str) -> PathBuf {
+    let src = src.as_ref();
     assert!(name.len() <= 15, "comm names are at most 15 bytes: {name}");
     let dst = dir.join(name);
-    std::fs::copy(src, &dst).unwrap_or_else(|e| panic!("copy {src}: {e} (is etcd-server/etcd-client installed?)"));
+    std::fs::copy(src, &dst)
+        .unwrap_or_else(|e| panic!("copy {}: {e} (is etcd-server/etcd-client installed?)", src.display()));
     dst
+}
+
+/// An etcd build the tests run: server and etcdctl of one version.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Build {
+    /// Debian bookworm's etcd 3.4.23 (Go 1.19), installed in the system.
+    Bookworm3423,
+    /// Debian trixie's etcd 3.5.16 (Go 1.24, GOPATH build: no `/v3` names).
+    Trixie3516,
+    /// Debian sid's etcd 3.5.30 (Go 1.26, GOPATH build).
+    Sid3530,
+}
+
+impl Build {
+    pub fn server(self) -> PathBuf {
+        match self {
+            Build::Bookworm3423 => PathBuf::from("/usr/bin/etcd"),
+            Build::Trixie3516 => crate::debcache::file("etcd-server", "3.5.16", "usr/bin/etcd"),
+            Build::Sid3530 => crate::debcache::file("etcd-server", "3.5.30", "usr/bin/etcd"),
+        }
+    }
+
+    pub fn ctl(self) -> PathBuf {
+        match self {
+            Build::Bookworm3423 => PathBuf::from("/usr/bin/etcdctl"),
+            Build::Trixie3516 => crate::debcache::file("etcd-client", "3.5.16", "usr/bin/etcdctl"),
+            Build::Sid3530 => crate::debcache::file("etcd-client", "3.5.30", "usr/bin/etcdctl"),
+        }
+    }
+
+    /// A short tag for comm names (15 bytes at most in all).
+    pub fn tag(self) -> &'static str {
+        match self {
+            Build::Bookworm3423 => "34",
+            Build::Trixie3516 => "516",
+            Build::Sid3530 => "530",
+        }
+    }
+
+    /// `base` made this build's own comm name.
+    pub fn comm(self, base: &str) -> String {
+        format!("{base}{}", self.tag())
+    }
 }
 
 pub struct Etcd {
     child: Option<Child>,
+    pub build: Build,
     pub bin: PathBuf,
     pub ctl: PathBuf,
     pub dir: tempfile::TempDir,
     pub client_port: u16,
     pub peer_port: u16,
+    /// Extra server flags, kept across restarts.
+    flags: Vec<String>,
 }
 
 impl Etcd {
-    /// Starts etcd as `server_comm`, with `etcdctl` copied as `client_comm`.
+    /// Starts bookworm's etcd as `server_comm`, with `etcdctl` copied as
+    /// `client_comm`.
     pub fn start(server_comm: &str, client_comm: &str) -> Etcd {
+        Etcd::start_build(Build::Bookworm3423, server_comm, client_comm)
+    }
+
+    /// Starts `build`'s etcd as `server_comm`, with its `etcdctl` copied as
+    /// `client_comm`.
+    pub fn start_build(build: Build, server_comm: &str, client_comm: &str) -> Etcd {
+        Etcd::start_with(build, server_comm, client_comm, &[])
+    }
+
+    /// As [`Etcd::start_build`], with extra server flags.
+    pub fn start_with(build: Build, server_comm: &str, client_comm: &str, flags: &[&str]) -> Etcd {
         let dir = tempfile::tempdir().expect("temp dir");
-        let bin = copy_binary("/usr/bin/etcd", dir.path(), server_comm);
-        let ctl = copy_binary("/usr/bin/etcdctl", dir.path(), client_comm);
-        let mut etcd = Etcd { child: None, bin, ctl, dir, client_port: free_port(), peer_port: free_port() };
+        let bin = copy_binary(build.server(), dir.path(), server_comm);
+        let ctl = copy_binary(build.ctl(), dir.path(), client_comm);
+        let flags = flags.iter().map(|f| f.to_string()).collect();
+        let mut etcd =
+            Etcd { child: None, build, bin, ctl, dir, client_port: free_port(), peer_port: free_port(), flags };
         etcd.spawn();
         etcd
     }
@@ -59,6 +123,7 @@ impl Etcd {
                 &format!("--initial-advertise-peer-urls={peer}"),
                 &format!("--initial-cluster=t={peer}"),
             ])
+            .args(&self.flags)
             .stdin(Stdio::null())
             .stdout(log.try_clone().expect("log"))
             .stderr(log)
@@ -81,6 +146,13 @@ impl Etcd {
 
     pub fn pid(&self) -> u32 {
         self.child.as_ref().map(Child::id).unwrap_or(0)
+    }
+
+    /// Sends `sig` to the etcd server (SIGSTOP / SIGCONT).
+    pub fn signal(&self, sig: i32) {
+        // SAFETY: kill(2) on our own child's pid.
+        let rc = unsafe { libc::kill(self.pid() as i32, sig) };
+        assert_eq!(rc, 0, "kill({}, {sig})", self.pid());
     }
 
     fn ctl(&self) -> Command {
@@ -170,15 +242,38 @@ impl Etcd {
 
     /// Starts `etcdctl watch --prefix <prefix>` (a real clientv3 client).
     pub fn watch(&self, prefix: &str) -> LineReader {
+        self.watch_with(prefix, &[])
+    }
+
+    /// `etcdctl watch` with extra flags (e.g. `--progress-notify`).
+    pub fn watch_with(&self, prefix: &str, flags: &[&str]) -> LineReader {
         let child = self
             .ctl()
             .args(["watch", "--prefix", prefix])
+            .args(flags)
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
             .stderr(Stdio::null())
             .spawn()
             .expect("etcdctl watch");
         LineReader::new(child)
+    }
+
+    /// `etcdctl watch -i` watching `prefix`: each [`LineReader::send`] of
+    /// `progress` then sends one progress request on the watch stream, the
+    /// request the API server sends while a read waits for its cache.
+    pub fn watch_interactive(&self, prefix: &str) -> LineReader {
+        let child = self
+            .ctl()
+            .args(["watch", "-i"])
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("etcdctl watch -i");
+        let mut r = LineReader::new(child);
+        r.send(&format!("watch --prefix {prefix}"));
+        r
     }
 
     /// Starts the slow gateway watcher fixture on `prefix`.

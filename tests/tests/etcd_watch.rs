@@ -1,12 +1,14 @@
-//! The etcd watch path on a real etcd 3.4 with real clients: exact event
-//! counts, a slow watcher that shows up in the right stage, restarts and
-//! upgrades, SIGKILL of the agent, and a binary the catalog does not know.
+//! The etcd watch path on real etcd builds (3.4.23, 3.5.16, 3.5.30) with
+//! their own etcdctl: exact event counts, progress notifications apart from
+//! events, a slow watcher that shows up in the right stage, restarts and
+//! upgrades, SIGKILL of the agent; and binaries whose layout or names are
+//! not known, refused.
 
 use std::{process::Command, time::Duration};
 
 use watchscope_integration_tests::{
     Agent, Buckets, debug_probes,
-    etcd::{Etcd, unsent},
+    etcd::{Build, Etcd, unsent},
     sample_value, uprobe_events_of, wait_attached, wait_until,
 };
 
@@ -24,14 +26,38 @@ fn dropped(text: &str, reason: &str) -> f64 {
     sample_value(text, &format!("watchscope_dropped_total{{reason=\"{reason}\"}}")).unwrap_or(0.0)
 }
 
-#[test]
-fn counts_are_exact_for_puts_and_a_txn() {
+/// Runs each named test function on every etcd build.
+macro_rules! on_each_build {
+    ($($test:ident),* $(,)?) => {
+        mod etcd_3_4_23 {
+            $(#[test] fn $test() { super::$test(super::Build::Bookworm3423) })*
+        }
+        mod etcd_3_5_16 {
+            $(#[test] fn $test() { super::$test(super::Build::Trixie3516) })*
+        }
+        mod etcd_3_5_30 {
+            $(#[test] fn $test() { super::$test(super::Build::Sid3530) })*
+        }
+    };
+}
+
+on_each_build!(
+    counts_are_exact_for_puts_and_a_txn,
+    progress_notifications_are_counted_apart_from_events,
+    a_slow_watcher_shows_in_its_send_stages_and_not_in_the_fast_client,
+    etcd_restart_and_upgrade_are_picked_up_and_counts_stay_exact,
+    sigkill_leaves_no_probe_behind_and_etcd_keeps_serving,
+    sigkill_with_tracefs_uprobes_leaves_nothing_attached_and_the_next_agent_cleans_up,
+);
+
+fn counts_are_exact_for_puts_and_a_txn(build: Build) {
     const N: usize = 25;
     const K: usize = 3;
-    let (server, client) = ("wse-count", "wsc-count");
+    let (server, client) = (build.comm("wse-count"), build.comm("wsc-count"));
+    let (server, client) = (server.as_str(), client.as_str());
     let agent = Agent::start(&["--comm", &format!("{server},{client}")]);
     // etcd starts after the agent: found through its exec event.
-    let etcd = Etcd::start(server, client);
+    let etcd = Etcd::start_build(build, server, client);
     let watch = etcd.watch("/count/");
     wait_attached(&agent, &[etcd.pid(), watch.pid()]);
     std::thread::sleep(Duration::from_millis(500));
@@ -73,17 +99,63 @@ fn counts_are_exact_for_puts_and_a_txn() {
     }
 }
 
-#[test]
-fn a_slow_watcher_shows_in_its_send_stages_and_not_in_the_fast_client() {
+fn progress(agent: &Agent, side: &str, comm: &str) -> Option<f64> {
+    sample_value(&agent.metrics(), &format!("watchscope_watch_progress_total{{side=\"{side}\",comm=\"{comm}\"}}"))
+}
+
+/// Progress requests (what the API server sends every 100 ms while a read
+/// waits for its watch cache) interleaved with puts: every response without
+/// events that etcd sends for them is counted as progress, and the event
+/// counts stay exact.
+fn progress_notifications_are_counted_apart_from_events(build: Build) {
+    const ROUNDS: usize = 8;
+    let (server, client) = (build.comm("wse-prog"), build.comm("wsc-prog"));
+    let (server, client) = (server.as_str(), client.as_str());
+    let agent = Agent::start(&["--comm", &format!("{server},{client}")]);
+    let etcd = Etcd::start_build(build, server, client);
+    let mut watch = etcd.watch_interactive("/prog/");
+    wait_attached(&agent, &[etcd.pid(), watch.pid()]);
+    let notified = |w: &watchscope_integration_tests::etcd::LineReader| w.count(|l| l.starts_with("progress notify"));
+    for i in 0..ROUNDS {
+        etcd.put(&format!("/prog/{i}"), "v");
+        assert_eq!(watch.wait_count(|l| l == "PUT", i + 1, Duration::from_secs(10)), i + 1);
+        watch.send("progress");
+        assert_eq!(watch.wait_count(|l| l.starts_with("progress notify"), i + 1, Duration::from_secs(10)), i + 1);
+    }
+    let want = ROUNDS as f64;
+    wait_until(Duration::from_secs(5), || {
+        events(&agent, "client", client) >= want && progress(&agent, "server", server) >= Some(want)
+    });
+    let text = agent.metrics();
+    // etcdctl printed one line per progress response etcd sent it.
+    assert_eq!(notified(&watch), ROUNDS);
+    assert_eq!(progress(&agent, "server", server), Some(want), "{text}");
+    // The client: clientv3 hands each progress response to dispatchEvent
+    // (3.4 and 3.5 alike, here with watch id -1 from 3.5.13 on).
+    assert_eq!(progress(&agent, "client", client), Some(want), "{text}");
+    // ... and none of it is an event, a stage observation or a drop.
+    assert_eq!(events(&agent, "server", server), want, "{text}");
+    assert_eq!(events(&agent, "client", client), want, "{text}");
+    for stage in ["commit_to_enqueue", "enqueue_to_send", "commit_to_send"] {
+        assert_eq!(Buckets::parse(&text, FAMILY, &stage_labels(stage, server)).count(), want, "{stage}: {text}");
+    }
+    assert_eq!(Buckets::parse(&text, FAMILY, &stage_labels("commit_to_dispatch", client)).count(), want, "{text}");
+    for reason in ["send_commit_miss", "send_enqueue_miss", "dispatch_commit_miss", "read_error"] {
+        assert_eq!(dropped(&text, reason), 0.0, "{reason}: {text}");
+    }
+}
+
+fn a_slow_watcher_shows_in_its_send_stages_and_not_in_the_fast_client(build: Build) {
     // The known delay: how long the slow watcher's stream stays blocked
     // once the agent sees it blocked.
     const D: f64 = 4.0;
     // Events the agent must see queued but not sent before the block counts.
     const STUCK: f64 = 3.0;
     const MAX_PUTS: usize = 200;
-    let (server, client) = ("wse-slow", "wsc-slow");
+    let (server, client) = (build.comm("wse-slow"), build.comm("wsc-slow"));
+    let (server, client) = (server.as_str(), client.as_str());
     // etcd and the watchers start before the agent: found by the /proc scan.
-    let etcd = Etcd::start(server, client);
+    let etcd = Etcd::start_build(build, server, client);
     let fast = etcd.watch("/slow/");
     let mut slow = etcd.slow_watcher("/slow/");
     let agent = Agent::start(&["--comm", &format!("{server},{client}")]);
@@ -137,11 +209,11 @@ fn a_slow_watcher_shows_in_its_send_stages_and_not_in_the_fast_client() {
     assert_eq!(d.below(D / 2.0), puts as f64, "etcdctl's commit_to_dispatch waited for the slow watcher: {text}");
 }
 
-#[test]
-fn etcd_restart_and_upgrade_are_picked_up_and_counts_stay_exact() {
-    let (server, client) = ("wse-restart", "wsc-restart");
+fn etcd_restart_and_upgrade_are_picked_up_and_counts_stay_exact(build: Build) {
+    let (server, client) = (build.comm("wse-rst"), build.comm("wsc-rst"));
+    let (server, client) = (server.as_str(), client.as_str());
     let agent = Agent::start(&["--comm", &format!("{server},{client}")]);
-    let mut etcd = Etcd::start(server, client);
+    let mut etcd = Etcd::start_build(build, server, client);
     let watch = etcd.watch("/r/");
     wait_attached(&agent, &[etcd.pid(), watch.pid()]);
     std::thread::sleep(Duration::from_millis(300));
@@ -155,7 +227,7 @@ fn etcd_restart_and_upgrade_are_picked_up_and_counts_stay_exact() {
     for upgrade in [false, true] {
         if upgrade {
             let tmp = etcd.bin.with_extension("new");
-            std::fs::copy("/usr/bin/etcd", &tmp).expect("copy");
+            std::fs::copy(build.server(), &tmp).expect("copy");
             std::fs::rename(&tmp, &etcd.bin).expect("rename over");
         }
         etcd.restart();
@@ -212,8 +284,10 @@ fn our_programs_and_links() -> (usize, usize) {
 /// program and uprobe. With tracefs uprobe events the definitions stay (a
 /// definition nobody opened registers nothing), and the next agent deletes
 /// them.
-fn sigkill_leaves_no_probe_behind(mechanism: &str, server: &str, client: &str) {
-    let etcd = Etcd::start(server, client);
+fn sigkill_leaves_no_probe_behind(build: Build, mechanism: &str, server: &str, client: &str) {
+    let (server, client) = (build.comm(server), build.comm(client));
+    let (server, client) = (server.as_str(), client.as_str());
+    let etcd = Etcd::start_build(build, server, client);
     let comms = format!("{server},{client}");
     let args = ["--comm", comms.as_str(), "--uprobe-attach", mechanism];
     let mut agent = Agent::start(&args);
@@ -243,14 +317,12 @@ fn sigkill_leaves_no_probe_behind(mechanism: &str, server: &str, client: &str) {
     etcd.put("/kill/after", "still serving");
 }
 
-#[test]
-fn sigkill_leaves_no_probe_behind_and_etcd_keeps_serving() {
-    sigkill_leaves_no_probe_behind("perf", "wse-kill", "wsc-kill");
+fn sigkill_leaves_no_probe_behind_and_etcd_keeps_serving(build: Build) {
+    sigkill_leaves_no_probe_behind(build, "perf", "wse-kill", "wsc-kill");
 }
 
-#[test]
-fn sigkill_with_tracefs_uprobes_leaves_nothing_attached_and_the_next_agent_cleans_up() {
-    sigkill_leaves_no_probe_behind("tracefs", "wse-killt", "wsc-killt");
+fn sigkill_with_tracefs_uprobes_leaves_nothing_attached_and_the_next_agent_cleans_up(build: Build) {
+    sigkill_leaves_no_probe_behind(build, "tracefs", "wse-killt", "wsc-killt");
 }
 
 #[test]
@@ -303,4 +375,73 @@ fn an_unknown_etcd_build_is_reported_once_and_left_alone() {
     assert_eq!(agent.sample("watchscope_probes_attached{kind=\"uprobe\"}"), 0.0);
     let log = agent.log_text();
     assert_eq!(log.matches("etcd build watchscope does not know").count(), 1, "reported once:\n{log}");
+}
+
+#[test]
+fn a_binary_with_etcd_names_and_another_layout_is_refused_naming_the_field() {
+    // The catalog's names resolve (`go.etcd.io/etcd/mvcc.(*watchableStore).notify`
+    // and `(*watcher).send`), but `mvccpb.Event` is 32 bytes.
+    let dir = tempfile::tempdir().expect("tmp");
+    let bin = dir.path().join("ws-fakeetcd");
+    let src = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("fixtures/go/fake-etcd");
+    let out = watchscope_integration_tests::go::go119()
+        .cmd()
+        .args(["build", "-o"])
+        .arg(&bin)
+        .arg(".")
+        .current_dir(&src)
+        .output()
+        .expect("go build");
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+
+    // What `inspect` says: the roles resolve, the layout is refused.
+    let insp = Command::new(watchscope_integration_tests::watchscope_bin())
+        .arg("inspect")
+        .arg(&bin)
+        .output()
+        .expect("inspect");
+    let text = String::from_utf8_lossy(&insp.stdout);
+    assert!(
+        text.contains("etcd_server_notify") && text.contains("go.etcd.io/etcd/mvcc.(*watchableStore).notify"),
+        "{text}"
+    );
+    assert!(text.contains("REFUSED") && text.contains("sizeof(mvccpb.Event) is 32"), "{text}");
+
+    let agent = Agent::start(&["--comm", "ws-fakeetcd"]);
+    let mut child = Command::new(&bin)
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .expect("start fixture");
+    let mut stdin = child.stdin.take().expect("stdin");
+    let mut lines = std::io::BufRead::lines(std::io::BufReader::new(child.stdout.take().expect("stdout")));
+    assert_eq!(lines.next().and_then(Result::ok).as_deref(), Some("ready"));
+    let refused = wait_until(Duration::from_secs(10), || {
+        debug_probes(&agent)["binaries"].as_array().is_some_and(|bins| {
+            bins.iter().any(|b| {
+                b["path"].as_str().is_some_and(|p| p.ends_with("ws-fakeetcd"))
+                    && b["attached"] == false
+                    && b["reason"].as_str().is_some_and(|r| r.contains("sizeof(mvccpb.Event) is 32"))
+            })
+        })
+    });
+    // Commits through the probed functions: none may be counted.
+    const N: usize = 20;
+    for i in 0..N {
+        std::io::Write::write_all(&mut stdin, b"put\n").expect("write");
+        assert_eq!(lines.next().and_then(Result::ok), Some(format!("sent {}", i + 1)));
+    }
+    drop(stdin);
+    let _ = child.wait();
+    assert!(
+        refused,
+        "not refused for its layout: {:?}",
+        watchscope_integration_tests::http_get(&agent.url("/debug/probes"))
+    );
+    let text = agent.metrics();
+    assert_eq!(sample_value(&text, "watchscope_probes_attached{kind=\"uprobe\"}"), Some(0.0), "{text}");
+    assert!(!text.contains("watchscope_watch_events_total{"), "no event may be counted: {text}");
+    assert!(!text.contains("watchscope_watch_stage_seconds_bucket{"), "no stage may be timed: {text}");
+    let log = agent.log_text();
+    assert!(log.contains("sizeof(mvccpb.Event) is 32"), "the log names the field:\n{log}");
 }

@@ -27,6 +27,7 @@ pub const PACKAGES: &[(&str, &str)] = &[
     ("etcd-client", "sid"),
     // etcd 3.5.16, Go 1.24.
     ("etcd-server", "trixie"),
+    ("etcd-client", "trixie"),
     // etcd 3.3.25, Go 1.15 (stack ABI, github.com/coreos/etcd paths).
     ("etcd-server", "bullseye"),
 ];

@@ -1,15 +1,17 @@
 //! The etcd watch path's probe plan for one binary: which kernel program
 //! goes where, and the `WatchProbeConfig` that tells it how to read its
-//! arguments. Everything comes from the inspector's catalog (argument
-//! registers or stack slots, struct field offsets) except the per-event
-//! layout of `mvccpb.Event`/`KeyValue`, which is below, with how it was
-//! checked.
+//! arguments. Where an argument lives (register or stack slot) comes from
+//! the catalog's signatures and the binary's calling convention; every
+//! struct offset and stride comes from the binary's identified layout
+//! (`inspect::layout`), and the catalog's own offsets are only checked
+//! against it.
 //!
 //! The plan refuses, and says why, whenever a read is not known to be right
-//! for this binary: an unverified layout, an unrecognised prologue, another
-//! architecture. A wrong offset would only give wrong numbers here (reads go
-//! through bpf_probe_read_user), but a wrong *probe address* would land a
-//! breakpoint mid-instruction and crash etcd, so addresses are never guessed.
+//! for this binary: a layout not identified or not verified for this ABI,
+//! an unrecognised prologue, another architecture. A wrong offset gives
+//! wrong numbers (reads go through bpf_probe_read_user), and a wrong *probe
+//! address* would land a breakpoint mid-instruction and crash etcd: neither
+//! is ever guessed.
 
 use agent_common::watch::{ARG_REG, ARG_STACK, ArgLoc, WatchProbeConfig};
 use serde::Serialize;
@@ -19,19 +21,9 @@ use crate::inspect::{
     Inspection, Probe,
     catalog::{Abi, ArgRead, ArgSource, Reg},
     elf::Arch,
+    layout::{EtcdLayout, Fact},
     prologue,
 };
-
-/// `mvccpb.Event{Type int32; Kv, PrevKv *KeyValue}` and
-/// `mvccpb.KeyValue{Key []byte; CreateRevision, ModRevision, ...}`:
-/// Kv at 8, ModRevision at 32; a value `[]Event` has a 24-byte stride.
-/// Measured on etcd 3.4.23 (go1.19.8, amd64) with tracefs uprobes: at
-/// `watcher.send` `+32(+8(%cx))` and at `Send` `+32(+8(+0(+56(%bx))))` gave
-/// the revision etcdctl reported, and the queued `&Events[0]` equalled the
-/// pointer `Send` transmitted.
-const EVENT_KV_OFF: u32 = 8;
-const KV_MOD_REV_OFF: u32 = 32;
-const EVENT_VALUE_STRIDE: u32 = 24;
 
 /// The roles of the watch path, the kernel program serving each, and whether
 /// it belongs to the server or the client side.
@@ -90,7 +82,7 @@ pub fn plan(insp: &Inspection) -> WatchPlan {
             .collect();
         return plan;
     }
-    let refusal = binary_refusal(insp);
+    let refusal = binary_refusal(insp).or_else(|| layout_refusal(insp));
     // Clients link etcd's generated gRPC server code too; without the
     // commit fan-out a binary is no etcd server, so its server roles would
     // never fire: they are left out, not refused.
@@ -108,7 +100,10 @@ pub fn plan(insp: &Inspection) -> WatchPlan {
             (None, _) if *server && !is_server => Err("not an etcd server (no commit fan-out)".to_string()),
             (None, _) => Err("not in this binary".to_string()),
             (Some(_), Some(why)) => Err(why.clone()),
-            (Some(p), None) => site(insp, p, role, program),
+            (Some(p), None) => match &insp.etcd_layout {
+                Some(layout) => site(insp, layout, p, role, program),
+                None => Err("no etcd layout was identified for this binary".to_string()),
+            },
         };
         match result {
             Ok(s) => {
@@ -147,6 +142,15 @@ fn looks_like_etcd(insp: &Inspection) -> Option<String> {
     insp.functions_matching(&re).first().map(|f| format!("it has {}", f.name))
 }
 
+/// The etcd layout's refusal: every role reads its structs, so a layout
+/// that is not identified, or not verified for this ABI, refuses them all.
+fn layout_refusal(insp: &Inspection) -> Option<String> {
+    match &insp.etcd_layout {
+        None => Some("no etcd layout was identified for this binary".into()),
+        Some(l) => l.refusal.as_ref().map(|why| format!("etcd struct layout: {why}")),
+    }
+}
+
 /// Reasons that rule out the whole binary.
 pub fn binary_refusal(insp: &Inspection) -> Option<String> {
     let host = if cfg!(target_arch = "x86_64") { Arch::X86_64 } else { Arch::Aarch64 };
@@ -159,53 +163,74 @@ pub fn binary_refusal(insp: &Inspection) -> Option<String> {
     None
 }
 
-fn site(insp: &Inspection, p: &Probe, role: &'static str, program: &'static str) -> Result<Site, String> {
+fn site(
+    insp: &Inspection,
+    layout: &EtcdLayout,
+    p: &Probe,
+    role: &'static str,
+    program: &'static str,
+) -> Result<Site, String> {
     let get = |name: &str| -> Result<&ArgRead, String> {
-        let a = p
-            .args
+        p.args
             .iter()
             .find(|a| a.name == name)
-            .ok_or_else(|| format!("the catalog has no `{name}` read for {}", p.symbol))?;
-        if !a.verified {
-            return Err(format!(
-                "`{name}` of {} is not verified for this build ({} {}); refusing to guess",
-                p.symbol,
-                insp.arch.as_str(),
-                insp.abi.map(Abi::as_str).unwrap_or("?")
-            ));
-        }
-        Ok(a)
+            .ok_or_else(|| format!("the catalog has no `{name}` read for {}", p.symbol))
     };
-    let mut cfg =
-        WatchProbeConfig { event_kv_off: EVENT_KV_OFF, kv_mod_rev_off: KV_MOD_REV_OFF, ..WatchProbeConfig::default() };
+    let fact = |f: Fact| -> Result<u32, String> {
+        layout.get(f).ok_or_else(|| format!("{} is not known for this binary", f.describe())).and_then(narrow)
+    };
+    // The catalog writes the 3.4 offsets into its reads (for `inspect` and
+    // tracefs); the binary's layout decides. Were they to differ, one of the
+    // two is wrong about this binary, and nothing is read.
+    let agree = |a: &ArgRead, facts: &[Fact]| -> Result<(), String> {
+        let want: Vec<u64> = facts.iter().map(|f| fact(*f).map(u64::from)).collect::<Result<_, _>>()?;
+        if a.derefs == want {
+            Ok(())
+        } else {
+            Err(format!(
+                "`{}` of {}: the catalog reads at {:?} but the binary's layout ({}) puts it at {want:?}",
+                a.name,
+                p.symbol,
+                a.derefs,
+                layout.profile.unwrap_or("?")
+            ))
+        }
+    };
+    let mut cfg = WatchProbeConfig {
+        event_kv_off: fact(Fact::EventKv)?,
+        kv_mod_rev_off: fact(Fact::KvModRevision)?,
+        resp_created_off: fact(Fact::RespCreated)?,
+        resp_canceled_off: fact(Fact::RespCanceled)?,
+        resp_compact_rev_off: fact(Fact::RespCompactRevision)?,
+        ..WatchProbeConfig::default()
+    };
     match role {
         "etcd_server_notify" => {
             cfg.args[0] = direct(get("rev")?)?;
         }
         "etcd_server_watcher_send" => {
+            // The flattened `mvcc.WatchResponse` argument: its field order is
+            // part of the identified layout.
             cfg.args[0] = direct(get("watch_id")?)?;
             cfg.args[1] = direct(get("events_ptr")?)?;
             cfg.args[2] = direct(get("events")?)?;
-            cfg.event_stride = EVENT_VALUE_STRIDE;
+            cfg.event_stride = fact(Fact::EventSize)?;
         }
         _ => {
             // Send(m) and dispatchEvent(pbresp): everything hangs off the
             // *WatchResponse, so take its location from one read and the
-            // field offsets from the reads' pointer chases.
+            // field offsets from the layout.
             let wid = get("watch_id")?;
+            agree(wid, &[Fact::RespWatchId])?;
+            agree(get("member_id")?, &[Fact::RespHeader, Fact::HdrMemberId])?;
+            agree(get("events_ptr")?, &[Fact::RespEvents])?;
             cfg.args[0] = loc(&wid.source)?;
-            cfg.resp_watch_id_off = one_deref(wid)?;
-            let member = get("member_id")?;
-            let [hdr, mem] = member.derefs[..] else {
-                return Err(format!("member_id read of {} is not a two-step pointer chase", p.symbol));
-            };
-            cfg.resp_header_off = narrow(hdr)?;
-            cfg.hdr_member_off = narrow(mem)?;
-            cfg.resp_events_off = one_deref(get("events_ptr")?)?;
-            let len_off = one_deref(get("events")?)?;
-            if len_off != cfg.resp_events_off + 8 {
-                return Err(format!("events len of {} is not 8 bytes after its pointer", p.symbol));
-            }
+            cfg.resp_watch_id_off = fact(Fact::RespWatchId)?;
+            cfg.resp_header_off = fact(Fact::RespHeader)?;
+            cfg.hdr_member_off = fact(Fact::HdrMemberId)?;
+            cfg.hdr_rev_off = fact(Fact::HdrRevision)?;
+            cfg.resp_events_off = fact(Fact::RespEvents)?;
+            // `[]*mvccpb.Event`: a slice of pointers, len one word after ptr.
             cfg.event_stride = 8;
             cfg.events_indirect = 1;
         }
@@ -227,13 +252,6 @@ fn direct(a: &ArgRead) -> Result<ArgLoc, String> {
         return Err(format!("`{}` is expected to be a plain argument", a.name));
     }
     loc(&a.source)
-}
-
-fn one_deref(a: &ArgRead) -> Result<u32, String> {
-    match a.derefs[..] {
-        [off] => narrow(off),
-        _ => Err(format!("`{}` is expected to be one field of the response", a.name)),
-    }
 }
 
 fn narrow(off: u64) -> Result<u32, String> {

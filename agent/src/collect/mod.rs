@@ -43,6 +43,7 @@ pub struct KernelMaps {
     counters: PerCpuArray<MapData, u64>,
     watch_hist: PerCpuArray<MapData, Histogram>,
     watch_events: PerCpuArray<MapData, u64>,
+    watch_progress: PerCpuArray<MapData, u64>,
     sidecar_hist: PerCpuArray<MapData, Histogram>,
     sidecar_counts: PerCpuArray<MapData, u64>,
     go_hist: PerCpuArray<MapData, Histogram>,
@@ -63,6 +64,7 @@ impl KernelMaps {
             counters: take_per_cpu(ebpf, "WS_COUNTERS")?,
             watch_hist: take_per_cpu(ebpf, "WS_WATCH_HIST")?,
             watch_events: take_per_cpu(ebpf, "WS_WATCH_EVENTS")?,
+            watch_progress: take_per_cpu(ebpf, "WS_WATCH_PROGRESS")?,
             sidecar_hist: take_per_cpu(ebpf, "WS_SIDECAR_HIST")?,
             sidecar_counts: take_per_cpu(ebpf, "WS_SIDECAR_COUNTS")?,
             go_hist: take_per_cpu(ebpf, "WS_GO_HIST")?,
@@ -79,6 +81,10 @@ impl KernelMaps {
 
     pub fn watch_events(&self, slot: u32, side: Side) -> u64 {
         summed(&self.watch_events, events_index(slot, side))
+    }
+
+    pub fn watch_progress(&self, slot: u32, side: Side) -> u64 {
+        summed(&self.watch_progress, events_index(slot, side))
     }
 
     pub fn sidecar_histogram(&self, slot: u32, dir: Direction) -> Histogram {
@@ -180,6 +186,7 @@ impl KernelMaps {
         use agent_common::{goruntime::MAX_GO_SLOTS, watch::MAX_SLOTS};
         zero_range(&mut self.watch_hist, "WS_WATCH_HIST", slot, MAX_SLOTS)?;
         zero_range(&mut self.watch_events, "WS_WATCH_EVENTS", slot, MAX_SLOTS)?;
+        zero_range(&mut self.watch_progress, "WS_WATCH_PROGRESS", slot, MAX_SLOTS)?;
         if slot < MAX_GO_SLOTS {
             zero_range(&mut self.go_hist, "WS_GO_HIST", slot, MAX_GO_SLOTS)?;
             zero_range(&mut self.window_hist, "WS_WINDOW_HIST", slot, MAX_GO_SLOTS)?;
@@ -301,6 +308,7 @@ pub struct Snapshot {
     pub watch_stages: Vec<LabelledHistogram>,
     /// Watch events by side and process.
     pub watch_events: Vec<LabelledCount>,
+    pub watch_progress: Vec<LabelledCount>,
     /// Proxy crossing histograms (direction, process) with observations.
     pub sidecar: Vec<LabelledHistogram>,
     pub sidecar_crossings: Vec<LabelledCount>,
@@ -409,6 +417,10 @@ impl Snapshot {
                 if n > 0 {
                     s.watch_events.push(LabelledCount::new(who.pairs(&[("side", name.to_string())]), n));
                 }
+                let n = maps.watch_progress(*slot, side);
+                if n > 0 {
+                    s.watch_progress.push(LabelledCount::new(who.pairs(&[("side", name.to_string())]), n));
+                }
             }
         }
         s
@@ -432,9 +444,10 @@ impl Snapshot {
 
     /// The labelled per-process counter families, by family name
     /// (`process_execs` is capped as it is counted).
-    pub fn count_families(&mut self) -> [(&'static str, &mut Vec<LabelledCount>); 6] {
+    pub fn count_families(&mut self) -> [(&'static str, &mut Vec<LabelledCount>); 7] {
         [
             (fam::WATCH_EVENTS.name, &mut self.watch_events),
+            (fam::WATCH_PROGRESS.name, &mut self.watch_progress),
             (fam::SIDECAR_CROSSINGS.name, &mut self.sidecar_crossings),
             (fam::SIDECAR_UNMATCHED.name, &mut self.sidecar_unmatched),
             (fam::SIDECAR_RETRANSMITS.name, &mut self.sidecar_retransmits),

@@ -73,6 +73,12 @@ pub const WATCH_EVENTS: Family = Family {
     kind: MetricType::Counter,
     help: "etcd watch events (not responses): sent by a server to each watcher, or dispatched by a client.",
 };
+pub const WATCH_PROGRESS: Family = Family {
+    name: "watch_progress",
+    kind: MetricType::Counter,
+    help: "etcd watch responses without events that are progress notifications (periodic, or answers to progress \
+           requests such as the API server's): sent by a server or dispatched by a client; never counted as events.",
+};
 
 pub const WATCH_CHAINS: Family = Family {
     name: "watch_chains",
@@ -152,6 +158,7 @@ pub const FAMILIES: &[Family] = &[
     PROCESS_EXECS,
     WATCH_STAGE_SECONDS,
     WATCH_EVENTS,
+    WATCH_PROGRESS,
     WATCH_CHAINS,
     SIDECAR_SECONDS,
     SIDECAR_CROSSINGS,
@@ -198,6 +205,7 @@ impl Collector for SnapshotCollector {
         counts(&mut enc, &PROCESS_EXECS, &s.watched_execs)?;
         histograms(&mut enc, &WATCH_STAGE_SECONDS, &s.watch_stages)?;
         counts(&mut enc, &WATCH_EVENTS, &s.watch_events)?;
+        counts(&mut enc, &WATCH_PROGRESS, &s.watch_progress)?;
         let chains: Vec<_> = crate::collect::chains::Outcome::ALL
             .iter()
             .map(|o| ([("outcome", o.name())], s.watch_chains.get(*o)))

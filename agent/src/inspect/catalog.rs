@@ -76,6 +76,23 @@ impl SymbolMatch {
     }
 }
 
+/// The name a GOPATH-mode build gives `symbol`: the same import path
+/// without its major-version element (`go.etcd.io/etcd/server/v3/mvcc.f`
+/// → `go.etcd.io/etcd/server/mvcc.f`), or `None` when it has none. Debian
+/// builds etcd 3.5 that way; module builds keep `/v3`.
+pub fn gopath_form(symbol: &str) -> Option<String> {
+    // The import path ends at the first '.' after its last '/'.
+    let last_slash = symbol.rfind('/')?;
+    let pkg_end = symbol[last_slash..].find('.').map_or(symbol.len(), |i| last_slash + i);
+    let (pkg, rest) = symbol.split_at(pkg_end);
+    let is_major = |e: &str| e.strip_prefix('v').is_some_and(|n| n.parse::<u32>().is_ok_and(|n| n >= 2));
+    let mut elements = pkg.split('/');
+    let first = elements.next()?;
+    let kept: Vec<&str> = std::iter::once(first).chain(elements.filter(|e| !is_major(e))).collect();
+    let alt = format!("{}{rest}", kept.join("/"));
+    (alt != symbol).then_some(alt)
+}
+
 /// One integer-class scalar of a flattened argument (Go's register ABI
 /// assigns struct fields one by one, so a signature is a list of these).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -311,9 +328,9 @@ pub static CATALOG: &[RoleSpec] = &[
         select: Select::First,
         candidates: &[
             exact("go.etcd.io/etcd/mvcc.(*watchableStore).notify", "etcd 3.4", &NOTIFY, true),
-            exact("go.etcd.io/etcd/server/v3/mvcc.(*watchableStore).notify", "etcd 3.5", &NOTIFY, false),
+            exact("go.etcd.io/etcd/server/v3/mvcc.(*watchableStore).notify", "etcd 3.5", &NOTIFY, true),
             exact("go.etcd.io/etcd/server/v3/storage/mvcc.(*watchableStore).notify", "etcd 3.6+", &NOTIFY, false),
-            exact("github.com/coreos/etcd/mvcc.(*watchableStore).notify", "etcd 3.3 and older", &NOTIFY, false),
+            exact("github.com/coreos/etcd/mvcc.(*watchableStore).notify", "etcd 3.3 and older", &NOTIFY, true),
         ],
     },
     RoleSpec {
@@ -323,9 +340,9 @@ pub static CATALOG: &[RoleSpec] = &[
         select: Select::First,
         candidates: &[
             exact("go.etcd.io/etcd/mvcc.(*watcher).send", "etcd 3.4", &WATCHER_SEND, true),
-            exact("go.etcd.io/etcd/server/v3/mvcc.(*watcher).send", "etcd 3.5", &WATCHER_SEND, false),
+            exact("go.etcd.io/etcd/server/v3/mvcc.(*watcher).send", "etcd 3.5", &WATCHER_SEND, true),
             exact("go.etcd.io/etcd/server/v3/storage/mvcc.(*watcher).send", "etcd 3.6+", &WATCHER_SEND, false),
-            exact("github.com/coreos/etcd/mvcc.(*watcher).send", "etcd 3.3 and older", &WATCHER_SEND, false),
+            exact("github.com/coreos/etcd/mvcc.(*watcher).send", "etcd 3.3 and older", &WATCHER_SEND, true),
         ],
     },
     RoleSpec {
@@ -335,7 +352,7 @@ pub static CATALOG: &[RoleSpec] = &[
         select: Select::First,
         candidates: &[
             exact("go.etcd.io/etcd/etcdserver/etcdserverpb.(*watchWatchServer).Send", "etcd 3.4", &GRPC_SEND, true),
-            exact("go.etcd.io/etcd/api/v3/etcdserverpb.(*watchWatchServer).Send", "etcd 3.5-3.6", &GRPC_SEND, false),
+            exact("go.etcd.io/etcd/api/v3/etcdserverpb.(*watchWatchServer).Send", "etcd 3.5-3.6", &GRPC_SEND, true),
             Candidate {
                 symbol: SymbolMatch::Pattern {
                     prefix: "google.golang.org/grpc.(*GenericServerStream[",
@@ -351,7 +368,7 @@ pub static CATALOG: &[RoleSpec] = &[
                 "github.com/coreos/etcd/etcdserver/etcdserverpb.(*watchWatchServer).Send",
                 "etcd 3.3 and older",
                 &GRPC_SEND,
-                false,
+                true,
             ),
         ],
     },
@@ -362,13 +379,13 @@ pub static CATALOG: &[RoleSpec] = &[
         select: Select::First,
         candidates: &[
             exact("go.etcd.io/etcd/clientv3.(*watchGrpcStream).dispatchEvent", "etcd 3.4", &DISPATCH, true),
-            exact("go.etcd.io/etcd/client/v3.(*watchGrpcStream).dispatchEvent", "etcd 3.5", &DISPATCH, false),
+            exact("go.etcd.io/etcd/client/v3.(*watchGrpcStream).dispatchEvent", "etcd 3.5", &DISPATCH, true),
             exact("go.etcd.io/etcd/client/v3.(*watchGRPCStream).dispatchEvent", "etcd 3.6+", &DISPATCH, false),
             exact(
                 "github.com/coreos/etcd/clientv3.(*watchGrpcStream).dispatchEvent",
                 "etcd 3.3 and older",
                 &DISPATCH,
-                false,
+                true,
             ),
         ],
     },
@@ -721,6 +738,29 @@ pub fn goid_offset(minor: u32) -> Option<GoidOffset> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn gopath_form_drops_only_the_major_version_element() {
+        let g = |s: &str| gopath_form(s);
+        assert_eq!(
+            g("go.etcd.io/etcd/server/v3/mvcc.(*watchableStore).notify").as_deref(),
+            Some("go.etcd.io/etcd/server/mvcc.(*watchableStore).notify")
+        );
+        assert_eq!(
+            g("go.etcd.io/etcd/api/v3/etcdserverpb.(*watchWatchServer).Send").as_deref(),
+            Some("go.etcd.io/etcd/api/etcdserverpb.(*watchWatchServer).Send")
+        );
+        assert_eq!(
+            g("go.etcd.io/etcd/client/v3.(*watchGrpcStream).dispatchEvent").as_deref(),
+            Some("go.etcd.io/etcd/client.(*watchGrpcStream).dispatchEvent")
+        );
+        // Nothing to drop: v1, a `v` that is no number, the first element.
+        assert_eq!(g("go.etcd.io/etcd/mvcc.(*watchableStore).notify"), None);
+        assert_eq!(g("example.com/v1/x.f"), None);
+        assert_eq!(g("example.com/vendor/x.f"), None);
+        assert_eq!(g("runtime.mapassign"), None);
+        assert_eq!(g("v2/x.f"), None);
+    }
 
     #[test]
     fn register_abi_matches_known_etcd_facts() {

@@ -20,6 +20,7 @@ pub mod catalog;
 pub mod disasm;
 pub mod elf;
 pub mod gotypes;
+pub mod layout;
 pub mod moduledata;
 pub mod pclntab;
 pub mod prologue;
@@ -444,6 +445,9 @@ pub struct Inspection {
     pub g_register: Option<Reg>,
     pub probes: Vec<Probe>,
     pub unresolved: Vec<Unresolved>,
+    /// The etcd struct layout the watch-path probes read, identified from
+    /// the binary (only for binaries with an etcd role).
+    pub etcd_layout: Option<layout::EtcdLayout>,
     /// Cross-check results and other remarks worth showing a person.
     pub notes: Vec<String>,
     image: Arc<Image>,
@@ -560,6 +564,7 @@ impl Inspection {
             g_register: self.g_register,
             probes: &self.probes,
             unresolved: &self.unresolved,
+            etcd_layout: self.etcd_layout.as_ref(),
             notes: &self.notes,
             functions: functions.map(|re| {
                 self.functions_matching(re)
@@ -627,6 +632,8 @@ pub struct Report<'a> {
     pub g_register: Option<Reg>,
     pub probes: &'a [Probe],
     pub unresolved: &'a [Unresolved],
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub etcd_layout: Option<&'a layout::EtcdLayout>,
     pub notes: &'a [String],
     #[serde(skip_serializing_if = "Option::is_none")]
     pub functions: Option<Vec<ReportFunction>>,
@@ -886,10 +893,14 @@ fn analyze(path: PathBuf, identity: Option<FileIdentity>, bytes: Bytes) -> Resul
         g_register: abi.and_then(|a| catalog::g_register(image.elf.arch, a)),
         probes: Vec::new(),
         unresolved: Vec::new(),
+        etcd_layout: None,
         notes,
         image,
     };
     resolve_catalog(&mut insp);
+    if insp.probes.iter().any(|p| layout::reads_etcd_structs(p.component)) {
+        insp.etcd_layout = Some(layout::identify(&insp));
+    }
     Ok(insp)
 }
 
@@ -1003,7 +1014,14 @@ fn resolve_catalog(insp: &mut Inspection) {
         let mut failures: Vec<String> = Vec::new();
         for cand in spec.candidates {
             let names: Vec<usize> = match cand.symbol {
-                catalog::SymbolMatch::Exact(name) => insp.image.lookup(name),
+                // A module build's name first, then the same package built
+                // in GOPATH mode (Debian), whose import path has no `/vN`.
+                catalog::SymbolMatch::Exact(name) => match insp.image.lookup(name) {
+                    found if found.is_empty() => {
+                        catalog::gopath_form(name).map(|alt| insp.image.lookup(&alt)).unwrap_or_default()
+                    }
+                    found => found,
+                },
                 catalog::SymbolMatch::Pattern { .. } => (0..insp.pclntab.functions)
                     .filter(|&i| {
                         std::str::from_utf8(insp.image.name_of(i)).is_ok_and(|n| cand.symbol.matches_pattern(n))
