@@ -249,17 +249,29 @@ impl Pipeline {
 pub async fn run(cfg: RunConfig) -> Result<()> {
     // Bind first: a port in use fails before anything is loaded into the kernel.
     let listener = server::bind(cfg.listen).await.with_context(|| format!("cannot listen on {}", cfg.listen))?;
-    let bound = listener.local_addr().context("reading the bound address")?;
     // Before anything is attached: a signal during start-up stops us cleanly.
     let stop = shutdown_signal();
     let pipeline = Pipeline::start(&cfg, ChainSettings::default())?;
-    let scheme = if cfg.web.tls.is_some() { "https" } else { "http" };
-    info!(basic_auth = cfg.web.auth.is_some(), "serving metrics on {scheme}://{bound}/metrics");
-    let app = server::router(pipeline.source());
-    server::serve(listener, app, &cfg.web, stop).await.context("HTTP server failed")?;
+    serve_endpoints(listener, pipeline.source(), &cfg.web, stop).await?;
     let probes = pipeline.stop().await;
     info!(probes, "detached every probe; exiting");
     Ok(())
+}
+
+/// Serves `/metrics` and the other endpoints of `source` on `listener` until
+/// `stop` resolves, with the TLS and basic auth `web` asks for. `run` and
+/// `record --listen` both serve through here, so a web config protects
+/// either the same way.
+pub async fn serve_endpoints(
+    listener: tokio::net::TcpListener,
+    source: Arc<dyn MetricsSource>,
+    web: &WebConfig,
+    stop: impl std::future::Future<Output = ()> + Send + 'static,
+) -> Result<()> {
+    let bound = listener.local_addr().context("reading the bound address")?;
+    let scheme = if web.tls.is_some() { "https" } else { "http" };
+    info!(basic_auth = web.auth.is_some(), "serving metrics on {scheme}://{bound}/metrics");
+    server::serve(listener, server::router(source), web, stop).await.context("HTTP server failed")
 }
 
 /// Listens for SIGINT and SIGTERM from the moment it is called (the
