@@ -655,17 +655,6 @@ pub fn process_alive(tgid: u32) -> bool {
     std::path::Path::new(&format!("/proc/{tgid}")).exists()
 }
 
-/// Decodes one ring buffer record of a `#[repr(C)]` plain type.
-pub fn decode<T: Copy + Default>(bytes: &[u8]) -> Option<T> {
-    if bytes.len() < std::mem::size_of::<T>() {
-        return None;
-    }
-    // SAFETY: the length is checked; the types decoded here (WatchRecord,
-    // WindowRecord) are plain integers, valid for any bit pattern, and the
-    // read is unaligned-safe.
-    Some(unsafe { std::ptr::read_unaligned(bytes.as_ptr().cast::<T>()) })
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -899,16 +888,5 @@ mod tests {
         assert_eq!(c.counts().complete, 2);
         c.expire(u64::MAX, ALIVE);
         assert_eq!(c.counts().broken, 1);
-    }
-
-    #[test]
-    fn records_decode_from_ring_bytes() {
-        let r = send(SERVER, 42, 3, 1, 2, 3);
-        // SAFETY: viewing a plain repr(C) value as bytes.
-        let bytes = unsafe {
-            std::slice::from_raw_parts((&r as *const WatchRecord).cast::<u8>(), std::mem::size_of::<WatchRecord>())
-        };
-        assert_eq!(decode::<WatchRecord>(bytes), Some(r));
-        assert_eq!(decode::<WatchRecord>(&bytes[1..]), None);
     }
 }

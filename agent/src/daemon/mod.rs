@@ -361,7 +361,7 @@ async fn event_loop(
 fn handle_record(bytes: &[u8], filter: &ProcessFilter, user: &UserCounters, tracker: &mut Tracker) {
     match exec::record_kind(bytes) {
         Some(EVENT_EXEC) => match exec::decode(bytes) {
-            Some(ev) => {
+            Ok(ev) => {
                 if filter.matches(ev.tgid, &ev.comm) {
                     debug!(pid = ev.tgid, comm = %ev.comm, file = %ev.filename, "exec");
                     // The first sight of this process: its labels are resolved now.
@@ -371,13 +371,15 @@ fn handle_record(bytes: &[u8], filter: &ProcessFilter, user: &UserCounters, trac
                 }
                 tracker.on_exec(ev.tgid);
             }
-            None => {
+            Err(e) => {
+                debug!("event ring: {e}");
                 user.decode_errors.fetch_add(1, Ordering::Relaxed);
             }
         },
         Some(EVENT_EXIT) => match exec::decode_exit(bytes) {
-            Some(tgid) => tracker.on_exit(tgid),
-            None => {
+            Ok(tgid) => tracker.on_exit(tgid),
+            Err(e) => {
+                debug!("event ring: {e}");
                 user.decode_errors.fetch_add(1, Ordering::Relaxed);
             }
         },
