@@ -467,10 +467,14 @@ impl Chains {
         let stream = (w.tgid, w.g);
         let span = WindowSpan { start_ns: w.start_ns, end_ns: w.end_ns, inner: w.inner };
         // Its dispatches may already be in pending chains (the usual order).
+        // A window that ends before it starts (a corrupt record: the kernel
+        // stamps both with one monotonic clock) contains no dispatch, and
+        // must not reach `range`, which panics on an inverted range.
         let mut joined = false;
         let inside: Vec<(u64, u64, i64)> = self
             .awaiting_window
             .get(&stream)
+            .filter(|_| span.start_ns <= span.end_ns)
             .map(|set| set.range((span.start_ns, 0, i64::MIN)..=(span.end_ns, u64::MAX, i64::MAX)).copied().collect())
             .unwrap_or_default();
         for entry @ (at, m, r) in inside {
@@ -850,6 +854,21 @@ mod tests {
         let w2 = k[1].dispatches[0].window.expect("joined");
         assert_eq!((w2.start_ns, w2.end_ns), (20 * MS, 21 * MS));
         assert_eq!(c.record_max().windows[&DISPATCH_WINDOW], 300 * MS + 10);
+    }
+
+    #[test]
+    fn a_window_that_ends_before_it_starts_joins_nothing_and_does_not_panic() {
+        // Found by the `records` fuzz target: a dispatch awaiting its window,
+        // then a corrupt window record of the same goroutine whose end is
+        // before its start, panicked in BTreeSet::range.
+        let mut c = Chains::new(settings());
+        event(&mut c, 1, 0);
+        c.on_window(&window(CLIENT, 3 * MS, MS));
+        c.expire(60_000 * MS, ALIVE);
+        let k = c.kept();
+        assert_eq!(k.len(), 1);
+        assert_eq!(k[0].dispatches[0].window, None);
+        assert_eq!(c.record_max().windows[&DISPATCH_WINDOW], 0);
     }
 
     #[test]
