@@ -6,13 +6,7 @@
 //! stages out of order, any side, window ids and goroutines.
 #![no_main]
 
-use agent_common::{
-    ExecEvent,
-    decode,
-    events::ExitEvent,
-    goruntime::WindowRecord,
-    watch::WatchRecord,
-};
+use agent_common::{ExecEvent, decode, events::ExitEvent, goruntime::WindowRecord, watch::WatchRecord};
 use libfuzzer_sys::fuzz_target;
 use watchscope_fuzz::{
     chains::{ChainSettings, Chains},
