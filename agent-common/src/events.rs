@@ -13,6 +13,7 @@ pub const EVENT_EXIT: u32 = 2;
 /// A process called execve(): sent from `sched:sched_process_exec`.
 #[repr(C)]
 #[derive(Clone, Copy, Debug)]
+#[cfg_attr(feature = "pod", derive(bytemuck::Pod, bytemuck::Zeroable))]
 pub struct ExecEvent {
     /// `EVENT_EXEC`.
     pub kind: u32,
@@ -31,6 +32,7 @@ pub struct ExecEvent {
 /// its per-process state and, with the last user of a binary, its probes.
 #[repr(C)]
 #[derive(Clone, Copy, Debug)]
+#[cfg_attr(feature = "pod", derive(bytemuck::Pod, bytemuck::Zeroable))]
 pub struct ExitEvent {
     /// `EVENT_EXIT`.
     pub kind: u32,
@@ -38,10 +40,8 @@ pub struct ExitEvent {
     pub ktime_ns: u64,
 }
 
+const _: () = assert!(size_of::<ExecEvent>() == 296);
+const _: () = assert!(size_of::<ExitEvent>() == 16);
+
 #[cfg(feature = "user")]
-mod pod {
-    // SAFETY: plain-old-data, repr(C), no padding holes that matter for reads.
-    unsafe impl aya::Pod for super::ExecEvent {}
-    unsafe impl aya::Pod for super::ExitEvent {}
-    unsafe impl aya::Pod for crate::hist::Histogram {}
-}
+aya_pod!(ExecEvent, ExitEvent);

@@ -117,6 +117,7 @@ pub const SCHED_RUNNABLE: u32 = 2;
 /// blocking syscall or preemption by another process).
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+#[cfg_attr(feature = "pod", derive(bytemuck::Pod, bytemuck::Zeroable))]
 pub struct ThreadOff {
     pub g: u64,
     pub tgid: u32,
@@ -135,6 +136,7 @@ pub const MAX_GO_SLOTS: u32 = 32;
 /// see `watch::GUARD_*`) or one of its RET instructions.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+#[cfg_attr(feature = "pod", derive(bytemuck::Pod, bytemuck::Zeroable))]
 pub struct GoProbeConfig {
     /// `GoClass as u32`.
     pub class: u32,
@@ -153,6 +155,7 @@ pub struct GoProbeConfig {
 /// deterministic): 50 pods of one image share them.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+#[cfg_attr(feature = "pod", derive(bytemuck::Pod, bytemuck::Zeroable))]
 pub struct GoCallKey {
     pub g: u64,
     pub tgid: u32,
@@ -162,6 +165,7 @@ pub struct GoCallKey {
 /// A goroutine of a process: the key of open windows.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+#[cfg_attr(feature = "pod", derive(bytemuck::Pod, bytemuck::Zeroable))]
 pub struct GoroutineKey {
     pub g: u64,
     pub tgid: u32,
@@ -170,6 +174,7 @@ pub struct GoroutineKey {
 
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+#[cfg_attr(feature = "pod", derive(bytemuck::Pod, bytemuck::Zeroable))]
 pub struct GoCall {
     pub start: u64,
     pub depth: u32,
@@ -179,6 +184,7 @@ pub struct GoCall {
 /// An open window on one goroutine.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+#[cfg_attr(feature = "pod", derive(bytemuck::Pod, bytemuck::Zeroable))]
 pub struct Window {
     pub start: u64,
     pub window: u32,
@@ -199,6 +205,7 @@ pub struct Window {
 /// only produced while `WS_RECORD_ON` is set, like `watch::WatchRecord`).
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+#[cfg_attr(feature = "pod", derive(bytemuck::Pod, bytemuck::Zeroable))]
 pub struct WindowRecord {
     pub tgid: u32,
     /// Index into the agent's window table (`--window` names).
@@ -225,14 +232,13 @@ pub fn inner_index(slot: u32, window: u32, inner: u32) -> u32 {
     (slot * MAX_WINDOWS + window) * Inner::COUNT + inner
 }
 
+const _: () = assert!(size_of::<ThreadOff>() == 24);
+const _: () = assert!(size_of::<GoProbeConfig>() == 16);
+const _: () = assert!(size_of::<GoCallKey>() == 16);
+const _: () = assert!(size_of::<GoroutineKey>() == 16);
+const _: () = assert!(size_of::<GoCall>() == 16);
+const _: () = assert!(size_of::<Window>() == 96);
+const _: () = assert!(size_of::<WindowRecord>() == 72);
+
 #[cfg(feature = "user")]
-mod pod {
-    // SAFETY: repr(C) plain data.
-    unsafe impl aya::Pod for super::GoProbeConfig {}
-    unsafe impl aya::Pod for super::GoCallKey {}
-    unsafe impl aya::Pod for super::GoroutineKey {}
-    unsafe impl aya::Pod for super::GoCall {}
-    unsafe impl aya::Pod for super::Window {}
-    unsafe impl aya::Pod for super::WindowRecord {}
-    unsafe impl aya::Pod for super::ThreadOff {}
-}
+aya_pod!(GoProbeConfig, GoCallKey, GoroutineKey, GoCall, Window, WindowRecord, ThreadOff);

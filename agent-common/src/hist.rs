@@ -27,6 +27,7 @@ const QUARTER_US_NS: u64 = 250;
 /// of the buckets, so it can never disagree with them.
 #[repr(C)]
 #[derive(Clone, Copy, Debug)]
+#[cfg_attr(feature = "pod", derive(bytemuck::Pod, bytemuck::Zeroable))]
 pub struct Histogram {
     pub buckets: [u64; NBUCKETS],
     pub sum_ns: u64,
@@ -57,6 +58,12 @@ impl Histogram {
         self.sum_ns = self.sum_ns.wrapping_add(other.sum_ns);
     }
 }
+
+/// 106 buckets and the sum: 856 bytes per histogram per CPU.
+const _: () = assert!(size_of::<Histogram>() == 856);
+
+#[cfg(feature = "user")]
+aya_pod!(Histogram);
 
 impl Default for Histogram {
     fn default() -> Self {

@@ -47,6 +47,7 @@ pub const MAX_SIDECAR_SLOTS: u32 = 32;
 /// A proxy's socket, as the syscall programs key it.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[cfg_attr(feature = "pod", derive(bytemuck::Pod, bytemuck::Zeroable))]
 pub struct FdKey {
     pub tgid: u32,
     pub fd: u32,
@@ -55,6 +56,7 @@ pub struct FdKey {
 /// Role and message phase of one proxy socket.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+#[cfg_attr(feature = "pod", derive(bytemuck::Pod, bytemuck::Zeroable))]
 pub struct FdState {
     /// `ROLE_DOWNSTREAM` or `ROLE_UPSTREAM`.
     pub role: u32,
@@ -80,6 +82,7 @@ pub const PHASE_RESPONDING: u32 = 4;
 /// Per-thread crossings in progress (the join key of an event-loop proxy).
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+#[cfg_attr(feature = "pod", derive(bytemuck::Pod, bytemuck::Zeroable))]
 pub struct ThreadState {
     pub req_start: u64,
     pub req_fd: u32,
@@ -92,6 +95,7 @@ pub struct ThreadState {
 /// attributed to the proxy's upstream sockets.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+#[cfg_attr(feature = "pod", derive(bytemuck::Pod, bytemuck::Zeroable))]
 pub struct PeerKey {
     /// IPv4 in the first 4 bytes (rest zero), or IPv6.
     pub addr: [u8; 16],
@@ -112,11 +116,10 @@ pub fn count_index(slot: u32, c: SidecarCount) -> u32 {
     slot * SidecarCount::COUNT + c as u32
 }
 
+const _: () = assert!(size_of::<FdKey>() == 8);
+const _: () = assert!(size_of::<FdState>() == 8);
+const _: () = assert!(size_of::<ThreadState>() == 24);
+const _: () = assert!(size_of::<PeerKey>() == 24);
+
 #[cfg(feature = "user")]
-mod pod {
-    // SAFETY: repr(C) plain data.
-    unsafe impl aya::Pod for super::FdKey {}
-    unsafe impl aya::Pod for super::FdState {}
-    unsafe impl aya::Pod for super::ThreadState {}
-    unsafe impl aya::Pod for super::PeerKey {}
-}
+aya_pod!(FdKey, FdState, ThreadState, PeerKey);

@@ -58,6 +58,7 @@ pub const MAX_EVENTS_PER_RESPONSE: u32 = 4096;
 /// Where a Go function argument lives at the probed instruction.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+#[cfg_attr(feature = "pod", derive(bytemuck::Pod, bytemuck::Zeroable))]
 pub struct ArgLoc {
     /// `ARG_NONE`, `ARG_REG` (then `off` is a `Reg` number) or `ARG_STACK`
     /// (then `off` is the byte offset above the stack pointer at entry).
@@ -96,6 +97,7 @@ pub enum Reg {
 /// - Send(m) and dispatchEvent(pbresp): `args[0]` the *WatchResponse.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+#[cfg_attr(feature = "pod", derive(bytemuck::Pod, bytemuck::Zeroable))]
 pub struct WatchProbeConfig {
     pub args: [ArgLoc; 3],
     /// etcdserverpb.WatchResponse: offset of `Header *ResponseHeader`.
@@ -159,6 +161,7 @@ pub fn guard_taken(guard: u32, flags: u64) -> bool {
 /// (process or member, revision).
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[cfg_attr(feature = "pod", derive(bytemuck::Pod, bytemuck::Zeroable))]
 pub struct RevKey {
     /// tgid for server-local maps, member id for the cross-process map.
     pub id: u64,
@@ -175,6 +178,7 @@ pub struct RevKey {
 /// entry.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[cfg_attr(feature = "pod", derive(bytemuck::Pod, bytemuck::Zeroable))]
 pub struct WatchRevKey {
     pub tgid: u64,
     pub watch_id: i64,
@@ -263,6 +267,7 @@ pub fn victim_way(ts: [u64; STAMP_WAYS as usize], seq: [u64; STAMP_WAYS as usize
 /// produced while a recorder asks for it). Zero timestamps: stage not seen.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+#[cfg_attr(feature = "pod", derive(bytemuck::Pod, bytemuck::Zeroable))]
 pub struct WatchRecord {
     /// Side::Server (at gRPC send) or Side::Client (at dispatch).
     pub side: u32,
@@ -290,6 +295,17 @@ pub fn hist_index(slot: u32, stage: Stage) -> u32 {
 pub fn events_index(slot: u32, side: Side) -> u32 {
     slot * Side::COUNT + side as u32
 }
+
+const _: () = assert!(size_of::<ArgLoc>() == 8);
+const _: () = assert!(size_of::<WatchProbeConfig>() == 64);
+const _: () = assert!(size_of::<RevKey>() == 16);
+const _: () = assert!(size_of::<WatchRevKey>() == 32);
+const _: () = assert!(size_of::<Stamp<RevKey>>() == 32);
+const _: () = assert!(size_of::<Stamp<WatchRevKey>>() == 48);
+const _: () = assert!(size_of::<WatchRecord>() == 64);
+
+#[cfg(feature = "user")]
+aya_pod!(WatchProbeConfig, RevKey, WatchRevKey, WatchRecord);
 
 #[cfg(test)]
 mod tests {
@@ -356,13 +372,4 @@ mod tests {
         // A removed entry (ts 0) is empty whatever its sequence.
         assert_eq!(victim_way([9, 0], [2, 4]), 1);
     }
-}
-
-#[cfg(feature = "user")]
-mod pod {
-    // SAFETY: repr(C) plain data.
-    unsafe impl aya::Pod for super::WatchProbeConfig {}
-    unsafe impl aya::Pod for super::RevKey {}
-    unsafe impl aya::Pod for super::WatchRevKey {}
-    unsafe impl aya::Pod for super::WatchRecord {}
 }

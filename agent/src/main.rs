@@ -1,10 +1,14 @@
 //! The `watchscope` command: a thin CLI over the library.
 
-use std::{net::SocketAddr, path::PathBuf, process::ExitCode};
+use std::{
+    net::SocketAddr,
+    path::{Path, PathBuf},
+    process::ExitCode,
+};
 
 use anyhow::{Context as _, Result};
 use clap::{Args, Parser, Subcommand};
-use watchscope::{check, daemon, discover::ProcessFilter, host::HostRoot};
+use watchscope::{check, daemon, discover::ProcessFilter, export::web_config::WebConfig, host::HostRoot};
 
 mod inspect_cmd;
 mod k8s_args;
@@ -165,11 +169,7 @@ fn dispatch(command: Command) -> Result<ExitCode> {
                 root: HostRoot::default(),
                 label_pid: args.label_pid,
                 kubelet: args.k8s.config()?,
-                web: match &args.web_config_file {
-                    Some(path) => watchscope::export::web_config::WebConfig::load(path)
-                        .with_context(|| format!("--web-config-file {}", path.display()))?,
-                    None => Default::default(),
-                },
+                web: web_config(args.web_config_file.as_deref())?,
                 bpf_stats: args.bpf_stats,
                 uprobe_mode: args.uprobe_attach,
             };
@@ -177,6 +177,15 @@ fn dispatch(command: Command) -> Result<ExitCode> {
             rt.block_on(daemon::run(cfg))?;
             Ok(ExitCode::SUCCESS)
         }
+    }
+}
+
+/// `--web-config-file` of `run` and of `record --listen`: one loader, so
+/// both serve the same TLS and basic auth and refuse a bad file alike.
+fn web_config(path: Option<&Path>) -> Result<WebConfig> {
+    match path {
+        Some(path) => WebConfig::load(path).with_context(|| format!("--web-config-file {}", path.display())),
+        None => Ok(WebConfig::default()),
     }
 }
 

@@ -51,6 +51,10 @@ pub struct RecordArgs {
     /// Also serve /metrics on this address while recording.
     #[arg(long)]
     listen: Option<SocketAddr>,
+    /// TLS and basic auth for `--listen`, from a Prometheus exporter-toolkit
+    /// web config file (as for `run`).
+    #[arg(long, requires = "listen")]
+    web_config_file: Option<PathBuf>,
     /// Split window time into off-CPU and run-queue shares (scheduler
     /// probes). On by default here: a recording is short and asks where the
     /// time went; `--go-sched=false` leaves those columns empty.
@@ -85,7 +89,7 @@ pub fn run(args: RecordArgs) -> Result<ExitCode> {
             // The report names processes by comm; pod labels are for /metrics.
             label_pid: false,
             kubelet: None,
-            web: Default::default(),
+            web: crate::web_config(args.web_config_file.as_deref())?,
             bpf_stats: false,
             uprobe_mode: args.uprobe_attach,
         },

@@ -125,6 +125,31 @@ fn old_kernel_and_missing_capabilities_fail() {
 }
 
 #[test]
+fn the_kernel_floor_is_the_newest_helper_the_programs_call() {
+    // bpf_get_attach_cookie arrived in 5.15 and bpf_loop in 5.17: every
+    // program is loaded at start, so anything older than 5.17 cannot run
+    // the agent, whatever else it has.
+    for (release, ready) in
+        [("5.15.0-91-generic", false), ("5.16.20", false), ("5.17.0", true), ("6.1.0-13-amd64", true)]
+    {
+        let dir = tempfile::tempdir().expect("tmp");
+        fake_node(dir.path(), ALL_CAPS);
+        std::fs::write(dir.path().join("proc/sys/kernel/osrelease"), format!("{release}\n")).expect("write");
+        let (code, out) = check(Some(dir.path()));
+        let kernel = line(&out, "kernel");
+        assert!(kernel.contains(release) && kernel.contains("5.17.0") && kernel.contains("bpf_loop"), "{out}");
+        if ready {
+            assert_eq!(code, 0, "{release}:\n{out}");
+            assert!(kernel.starts_with("ok"), "{release}:\n{out}");
+        } else {
+            assert_eq!(code, 1, "{release}:\n{out}");
+            assert!(kernel.starts_with("missing") && kernel.contains("older than 5.17.0"), "{release}:\n{out}");
+            assert!(out.contains("not ready"), "{out}");
+        }
+    }
+}
+
+#[test]
 fn without_cap_sys_admin_uprobes_need_a_writable_uprobe_events() {
     // CAP_BPF, CAP_PERFMON and CAP_SYS_PTRACE, as the DaemonSet grants.
     let three = (1u64 << 39) | (1 << 38) | (1 << 19);

@@ -1,10 +1,14 @@
 //! `--web-config-file`: HTTPS with a generated certificate, and basic auth
-//! with a bcrypt hash, exactly as Prometheus's exporter-toolkit file says.
+//! with a bcrypt hash, exactly as Prometheus's exporter-toolkit file says;
+//! for `run` and for `record --listen` alike.
 
-use std::{process::Command, time::Duration};
+use std::{
+    process::{Child, Command, Stdio},
+    time::{Duration, Instant},
+};
 
 use base64::Engine as _;
-use watchscope_integration_tests::{Agent, wait_until, watchscope_bin};
+use watchscope_integration_tests::{Agent, free_port, require_root, stop_child, wait_until, watchscope_bin};
 
 struct Tls {
     _dir: tempfile::TempDir,
@@ -117,4 +121,97 @@ fn a_bad_web_config_is_a_clear_startup_error() {
         assert_eq!(out.status.code(), Some(1), "{name}: {err}");
         assert!(err.contains("--web-config-file") && err.contains(want), "{name}: {err}");
     }
+}
+
+/// A `watchscope record` in the background, stopped on drop.
+struct Recorder {
+    child: Child,
+    dir: tempfile::TempDir,
+}
+
+impl Recorder {
+    fn output(&self, name: &str) -> String {
+        std::fs::read_to_string(self.dir.path().join(name)).unwrap_or_default()
+    }
+}
+
+impl Drop for Recorder {
+    fn drop(&mut self) {
+        stop_child(&mut self.child);
+    }
+}
+
+#[test]
+fn record_listen_serves_behind_the_same_web_config() {
+    require_root();
+    let tls = web_config();
+    let port = free_port();
+    let dir = tempfile::tempdir().expect("temp dir");
+    // The real recorder, loading the real probes: it watches no process
+    // (`wsnone`), so it starts as fast as `run` does in the test above.
+    let child = Command::new(watchscope_bin())
+        .args(["record", "--duration", "120s", "--comm", "wsnone", "--log", "info"])
+        .args(["--listen", &format!("127.0.0.1:{port}"), "--web-config-file"])
+        .arg(&tls.config)
+        .stdin(Stdio::null())
+        .stdout(std::fs::File::create(dir.path().join("stdout")).expect("stdout"))
+        .stderr(std::fs::File::create(dir.path().join("stderr")).expect("stderr"))
+        .spawn()
+        .expect("start watchscope record");
+    let mut rec = Recorder { child, dir };
+    let https = client(&tls.ca_pem);
+    let url = format!("https://127.0.0.1:{port}/metrics");
+    let up = wait_until(Duration::from_secs(20), || get(&https, &url, None).is_ok());
+    assert!(up, "record serves no HTTPS:\n{}", rec.output("stderr"));
+
+    let (status, _) = get(&https, &url, None).expect("no auth");
+    assert_eq!(status, 401, "no credentials");
+    let (status, _) = get(&https, &url, Some(("prometheus", "wrong"))).expect("wrong password");
+    assert_eq!(status, 401, "wrong password");
+    let (status, body) = get(&https, &url, Some(("prometheus", "s3cret"))).expect("right password");
+    assert_eq!(status, 200, "{body}");
+    assert!(body.contains("# TYPE watchscope_watch_chains_total counter"), "{body}");
+    let probes = format!("https://127.0.0.1:{port}/debug/probes");
+    assert_eq!(get(&https, &probes, None).expect("probes").0, 401);
+    // Plain HTTP gets nothing from the TLS port.
+    let plain = format!("http://127.0.0.1:{port}/metrics");
+    assert!(!matches!(watchscope_integration_tests::http_get(&plain), Ok((200, _))));
+    assert!(rec.output("stderr").contains(&format!("serving metrics on https://127.0.0.1:{port}/metrics")));
+
+    // Ctrl-C ends the recording as usual: report printed, exit 0.
+    // SAFETY: kill(2) on our own child.
+    unsafe { libc::kill(rec.child.id() as i32, libc::SIGINT) };
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let status = loop {
+        if let Ok(Some(status)) = rec.child.try_wait() {
+            break status;
+        }
+        assert!(Instant::now() < deadline, "record still running:\n{}", rec.output("stderr"));
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    assert!(status.success(), "record failed ({status}):\n{}", rec.output("stderr"));
+    assert!(rec.output("stdout").contains("watchscope record:"), "{}", rec.output("stdout"));
+}
+
+#[test]
+fn record_refuses_a_web_config_it_would_not_use_or_cannot_read() {
+    // Without --listen there is no server to protect: a usage error.
+    let out = Command::new(watchscope_bin())
+        .args(["record", "--web-config-file", "/nonexistent/web.yml"])
+        .output()
+        .expect("run watchscope");
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{err}");
+    assert!(err.contains("--listen"), "{err}");
+    // A bad file fails as it does for `run`, before anything is loaded.
+    let out = Command::new(watchscope_bin())
+        .args(["record", "--listen", "127.0.0.1:0", "--web-config-file", "/nonexistent/web.yml"])
+        .output()
+        .expect("run watchscope");
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{err}");
+    assert!(
+        err.contains("--web-config-file /nonexistent/web.yml") && err.contains("cannot read the web config file"),
+        "{err}"
+    );
 }

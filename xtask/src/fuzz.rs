@@ -1,5 +1,6 @@
 //! `cargo xtask fuzz --seconds N [TARGET...]`: runs each cargo-fuzz target of
-//! the untrusted-input parsers for N seconds (installing cargo-fuzz if needed).
+//! the untrusted-input parsers and the ring record decoder for N seconds
+//! (installing cargo-fuzz if needed).
 
 use std::process::Command;
 

@@ -33,7 +33,7 @@ enum Task {
     Demo(demo::DemoArgs),
     /// Benchmarks: speed goals live here, never in unit tests.
     Bench(bench::BenchArgs),
-    /// Run the cargo-fuzz targets of the binary parsers.
+    /// Run the cargo-fuzz targets of the binary parsers and the ring record decoder.
     Fuzz(fuzz::FuzzArgs),
 }
 

@@ -16,8 +16,15 @@ use crate::{
     },
 };
 
-/// Oldest kernel the agent supports: BPF ring buffers and CAP_BPF arrived in 5.8.
-pub const MIN_KERNEL: KernelVersion = KernelVersion::new(5, 8, 0);
+/// Oldest kernel the agent runs on: the newest BPF helper its kernel programs
+/// call. The agent loads every program at start, so one helper the verifier
+/// does not know fails the whole start, not just one feature.
+pub const MIN_KERNEL: KernelVersion = KernelVersion::new(5, 17, 0);
+/// What sets [`MIN_KERNEL`], in the words the check prints. The other helpers
+/// are older: `bpf_get_attach_cookie` (5.15, the probe configs are looked up
+/// by cookie), ring buffers and CAP_BPF (5.8).
+pub const MIN_KERNEL_REASON: &str = "bpf_loop, which times each event of a watch response, needs Linux 5.17; \
+                                     bpf_get_attach_cookie needs 5.15";
 /// From 5.11 BPF memory is charged to the memory cgroup, not RLIMIT_MEMLOCK.
 const MEMCG_ACCOUNTING: KernelVersion = KernelVersion::new(5, 11, 0);
 
@@ -113,10 +120,18 @@ fn kernel_item(root: &HostRoot, items: &mut Vec<Item>) -> Option<KernelVersion> 
     let version = KernelVersion::parse(&release);
     let fix = format!("run a kernel >= {MIN_KERNEL}");
     items.push(match version {
-        Some(v) if v >= MIN_KERNEL => {
-            Item::new("kernel", Status::Ok, format!("{} (>= {MIN_KERNEL} needed)", release.trim()), "")
-        }
-        Some(_) => Item::new("kernel", Status::Missing, format!("{} is older than {MIN_KERNEL}", release.trim()), fix),
+        Some(v) if v >= MIN_KERNEL => Item::new(
+            "kernel",
+            Status::Ok,
+            format!("{} (>= {MIN_KERNEL} needed: {MIN_KERNEL_REASON})", release.trim()),
+            "",
+        ),
+        Some(_) => Item::new(
+            "kernel",
+            Status::Missing,
+            format!("{} is older than {MIN_KERNEL} ({MIN_KERNEL_REASON})", release.trim()),
+            fix,
+        ),
         None => Item::new("kernel", Status::Missing, format!("cannot read the release from {}", path.display()), fix),
     });
     version

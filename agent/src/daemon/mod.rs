@@ -249,17 +249,29 @@ impl Pipeline {
 pub async fn run(cfg: RunConfig) -> Result<()> {
     // Bind first: a port in use fails before anything is loaded into the kernel.
     let listener = server::bind(cfg.listen).await.with_context(|| format!("cannot listen on {}", cfg.listen))?;
-    let bound = listener.local_addr().context("reading the bound address")?;
     // Before anything is attached: a signal during start-up stops us cleanly.
     let stop = shutdown_signal();
     let pipeline = Pipeline::start(&cfg, ChainSettings::default())?;
-    let scheme = if cfg.web.tls.is_some() { "https" } else { "http" };
-    info!(basic_auth = cfg.web.auth.is_some(), "serving metrics on {scheme}://{bound}/metrics");
-    let app = server::router(pipeline.source());
-    server::serve(listener, app, &cfg.web, stop).await.context("HTTP server failed")?;
+    serve_endpoints(listener, pipeline.source(), &cfg.web, stop).await?;
     let probes = pipeline.stop().await;
     info!(probes, "detached every probe; exiting");
     Ok(())
+}
+
+/// Serves `/metrics` and the other endpoints of `source` on `listener` until
+/// `stop` resolves, with the TLS and basic auth `web` asks for. `run` and
+/// `record --listen` both serve through here, so a web config protects
+/// either the same way.
+pub async fn serve_endpoints(
+    listener: tokio::net::TcpListener,
+    source: Arc<dyn MetricsSource>,
+    web: &WebConfig,
+    stop: impl std::future::Future<Output = ()> + Send + 'static,
+) -> Result<()> {
+    let bound = listener.local_addr().context("reading the bound address")?;
+    let scheme = if web.tls.is_some() { "https" } else { "http" };
+    info!(basic_auth = web.auth.is_some(), "serving metrics on {scheme}://{bound}/metrics");
+    server::serve(listener, server::router(source), web, stop).await.context("HTTP server failed")
 }
 
 /// Listens for SIGINT and SIGTERM from the moment it is called (the
@@ -349,7 +361,7 @@ async fn event_loop(
 fn handle_record(bytes: &[u8], filter: &ProcessFilter, user: &UserCounters, tracker: &mut Tracker) {
     match exec::record_kind(bytes) {
         Some(EVENT_EXEC) => match exec::decode(bytes) {
-            Some(ev) => {
+            Ok(ev) => {
                 if filter.matches(ev.tgid, &ev.comm) {
                     debug!(pid = ev.tgid, comm = %ev.comm, file = %ev.filename, "exec");
                     // The first sight of this process: its labels are resolved now.
@@ -359,13 +371,15 @@ fn handle_record(bytes: &[u8], filter: &ProcessFilter, user: &UserCounters, trac
                 }
                 tracker.on_exec(ev.tgid);
             }
-            None => {
+            Err(e) => {
+                debug!("event ring: {e}");
                 user.decode_errors.fetch_add(1, Ordering::Relaxed);
             }
         },
         Some(EVENT_EXIT) => match exec::decode_exit(bytes) {
-            Some(tgid) => tracker.on_exit(tgid),
-            None => {
+            Ok(tgid) => tracker.on_exit(tgid),
+            Err(e) => {
+                debug!("event ring: {e}");
                 user.decode_errors.fetch_add(1, Ordering::Relaxed);
             }
         },

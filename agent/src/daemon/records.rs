@@ -2,17 +2,19 @@
 //! `WS_WINDOW_RECORDS`) into the watch event chains, in `run` and `record`
 //! alike, and switches them on (`WS_RECORD_ON`).
 //!
-//! Cost: the kernel writes one 56-byte record per watch event (per watcher
-//! on a server, per client dispatch) and one per closed window — far rarer
-//! than the syscalls the other programs see — so the stream stays on while
-//! the agent runs; user space drains both rings every 50 ms.
+//! Cost: the kernel writes one 64-byte record per watch event (per watcher
+//! on a server, per client dispatch) and one 72-byte record per closed
+//! window — far rarer than the syscalls the other programs see — so the
+//! stream stays on while the agent runs; user space drains both rings every
+//! 50 ms. Every item is decoded by `agent_common::decode::record`, which
+//! refuses an item of the wrong length; those are counted as decode errors.
 
 use std::{
     sync::{Arc, Mutex, atomic::Ordering},
     time::Duration,
 };
 
-use agent_common::{goruntime::WindowRecord, watch::WatchRecord};
+use agent_common::{decode, goruntime::WindowRecord, watch::WatchRecord};
 use anyhow::{Context, Result};
 use aya::{
     Ebpf,
@@ -25,7 +27,8 @@ use crate::collect::{
 };
 
 /// How often the rings are drained and due chains judged. A 1 MiB ring
-/// holds ~18,000 watch records: 50 ms overflows only past 360,000 events/s.
+/// holds ~14,500 watch records (64 bytes and the ring's 8-byte header
+/// each): 50 ms overflows only past ~290,000 events/s.
 const DRAIN_EVERY: Duration = Duration::from_millis(50);
 
 pub struct RecordRings {
@@ -73,19 +76,116 @@ fn drain(rings: &mut RecordRings, chains: &Mutex<Chains>, user: &UserCounters) {
     let mut c = chains.lock().unwrap_or_else(|p| p.into_inner());
     let mut bad = 0;
     while let Some(item) = rings.watch.next() {
-        match chains::decode::<WatchRecord>(&item) {
-            Some(r) => c.on_watch(&r),
-            None => bad += 1,
-        }
+        bad += u64::from(!feed_watch(&mut c, &item));
     }
     while let Some(item) = rings.windows.next() {
-        match chains::decode::<WindowRecord>(&item) {
-            Some(w) => c.on_window(&w),
-            None => bad += 1,
-        }
+        bad += u64::from(!feed_window(&mut c, &item));
     }
     c.expire(chains::monotonic_now_ns(), &chains::process_alive);
     if bad > 0 {
         user.decode_errors.fetch_add(bad, Ordering::Relaxed);
+    }
+}
+
+/// Joins one `WS_WATCH_RECORDS` item into the chains; false when the item is
+/// not a `WatchRecord` (wrong length), which the caller counts.
+fn feed_watch(c: &mut Chains, item: &[u8]) -> bool {
+    match decode::record::<WatchRecord>(item) {
+        Ok(r) => c.on_watch(&r),
+        Err(e) => {
+            tracing::debug!("watch record ring: {e}");
+            return false;
+        }
+    }
+    true
+}
+
+/// Joins one `WS_WINDOW_RECORDS` item; false when it is not a `WindowRecord`.
+fn feed_window(c: &mut Chains, item: &[u8]) -> bool {
+    match decode::record::<WindowRecord>(item) {
+        Ok(w) => c.on_window(&w),
+        Err(e) => {
+            tracing::debug!("window record ring: {e}");
+            return false;
+        }
+    }
+    true
+}
+
+#[cfg(test)]
+mod tests {
+    use agent_common::watch::{Side, mix};
+
+    use super::*;
+    use crate::collect::chains::ChainSettings;
+
+    fn record() -> WatchRecord {
+        WatchRecord {
+            side: Side::Server as u32,
+            tgid: 100,
+            member: 0xabc,
+            rev: 42,
+            watch_id: 3,
+            commit_ns: 1,
+            enqueue_ns: 2,
+            at_ns: 3,
+            g: 0x1000,
+        }
+    }
+
+    #[test]
+    fn records_decode_from_ring_bytes_at_their_exact_size() {
+        let r = record();
+        let bytes = bytemuck::bytes_of(&r);
+        assert_eq!(decode::record::<WatchRecord>(bytes), Ok(r));
+        // Unaligned: the ring gives no alignment promise to a sub-slice.
+        let mut shifted = vec![0u8; 3];
+        shifted.extend_from_slice(bytes);
+        assert_eq!(decode::record::<WatchRecord>(&shifted[3..]), Ok(r));
+        // Short: every length below 64.
+        for n in 0..bytes.len() {
+            let e = decode::record::<WatchRecord>(&bytes[..n]).unwrap_err();
+            assert_eq!((e.record, e.expected, e.got), ("WatchRecord", 64, n));
+        }
+        // Long: a 72-byte window record is not a watch record with a tail.
+        let mut long = bytes.to_vec();
+        long.extend_from_slice(&[0; 8]);
+        assert_eq!(decode::record::<WatchRecord>(&long).unwrap_err().got, 72);
+        assert!(decode::record::<WindowRecord>(&long).is_ok());
+        assert!(decode::record::<WindowRecord>(bytes).is_err());
+        assert_eq!(
+            decode::LengthMismatch { record: "WatchRecord", expected: 64, got: 72 }.to_string(),
+            "a WatchRecord record is 64 bytes, the ring item has 72"
+        );
+    }
+
+    #[test]
+    fn arbitrary_ring_bytes_never_panic_the_chains() {
+        // Deterministic noise (splitmix64) of every length from 0 to 160,
+        // many times over: lengths of 64 and 72 become records with
+        // arbitrary fields (zero or huge times, reversed stages, any side),
+        // the rest are refused and counted.
+        let mut c = Chains::new(ChainSettings { max_pending: 64, keep: 4, ..ChainSettings::default() });
+        let (mut ok, mut bad) = (0u32, 0u32);
+        let mut seed = 1u64;
+        for round in 0..200u64 {
+            for len in 0..=160usize {
+                let bytes: Vec<u8> = (0..len)
+                    .map(|_| {
+                        seed = mix(seed.wrapping_add(0x9e37_79b9_7f4a_7c15));
+                        // Small values now and then, so records join.
+                        if round % 2 == 0 { (seed % 4) as u8 } else { seed as u8 }
+                    })
+                    .collect();
+                for fed in [feed_watch(&mut c, &bytes), feed_window(&mut c, &bytes)] {
+                    if fed { ok += 1 } else { bad += 1 }
+                }
+            }
+            c.expire(seed, &|tgid| tgid % 2 == 0);
+            c.finish_ready(&|_| false);
+        }
+        // Each round: one watch record (64 bytes) and one window (72).
+        assert_eq!(ok, 2 * 200);
+        assert_eq!(bad, 2 * 200 * 161 - ok);
     }
 }

@@ -1,6 +1,6 @@
 //! Decoding exec events from the kernel's ring buffer.
 
-use agent_common::{ExecEvent, events::ExitEvent};
+use agent_common::{ExecEvent, decode, events::ExitEvent};
 
 /// An exec event in user-space form.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -18,25 +18,16 @@ pub fn record_kind(bytes: &[u8]) -> Option<u32> {
 }
 
 /// The tgid of an exit record.
-pub fn decode_exit(bytes: &[u8]) -> Option<u32> {
-    if bytes.len() < size_of::<ExitEvent>() {
-        return None;
-    }
-    // SAFETY: length checked; ExitEvent is plain data.
-    let ev: ExitEvent = unsafe { std::ptr::read_unaligned(bytes.as_ptr().cast()) };
-    Some(ev.tgid)
+pub fn decode_exit(bytes: &[u8]) -> Result<u32, decode::LengthMismatch> {
+    decode::record::<ExitEvent>(bytes).map(|ev| ev.tgid)
 }
 
-/// Decodes one ring buffer record. Returns None for a record of the wrong
-/// size (a mismatched object and agent would be a build bug; we count it
-/// rather than misread it).
-pub fn decode(bytes: &[u8]) -> Option<ExecInfo> {
-    if bytes.len() < size_of::<ExecEvent>() {
-        return None;
-    }
-    // SAFETY: length checked; ExecEvent is plain data, any bit pattern valid.
-    let ev: ExecEvent = unsafe { std::ptr::read_unaligned(bytes.as_ptr().cast()) };
-    Some(ExecInfo { ktime_ns: ev.ktime_ns, tgid: ev.tgid, comm: c_str(&ev.comm), filename: c_str(&ev.filename) })
+/// Decodes one ring buffer record. A record of the wrong size (a mismatched
+/// object and agent would be a build bug) is an error, for the caller to
+/// count rather than misread.
+pub fn decode(bytes: &[u8]) -> Result<ExecInfo, decode::LengthMismatch> {
+    let ev = decode::record::<ExecEvent>(bytes)?;
+    Ok(ExecInfo { ktime_ns: ev.ktime_ns, tgid: ev.tgid, comm: c_str(&ev.comm), filename: c_str(&ev.filename) })
 }
 
 /// A NUL-terminated (or full) byte buffer as a lossy UTF-8 string.
@@ -49,6 +40,10 @@ pub fn c_str(buf: &[u8]) -> String {
 mod tests {
     use super::*;
     use agent_common::events::{COMM_LEN, EXEC_FILENAME_LEN};
+
+    fn exit(tgid: u32) -> ExitEvent {
+        ExitEvent { kind: agent_common::events::EVENT_EXIT, tgid, ktime_ns: 9 }
+    }
 
     #[test]
     fn decodes_and_rejects_short_records() {
@@ -63,17 +58,36 @@ mod tests {
         };
         ev.comm[..4].copy_from_slice(b"etcd");
         ev.filename[..13].copy_from_slice(b"/usr/bin/etcd");
-        // SAFETY: reading a repr(C) value's bytes.
-        let bytes =
-            unsafe { std::slice::from_raw_parts((&ev as *const ExecEvent).cast::<u8>(), size_of::<ExecEvent>()) };
+        let bytes = bytemuck::bytes_of(&ev);
         let info = decode(bytes).unwrap();
         assert_eq!(info.tgid, 77);
         assert_eq!(info.comm, "etcd");
         assert_eq!(info.filename, "/usr/bin/etcd");
-        assert_eq!(decode(&bytes[..10]), None);
+        let short = decode(&bytes[..10]).unwrap_err();
+        assert_eq!((short.record, short.expected, short.got), ("ExecEvent", 296, 10));
         assert_eq!(record_kind(bytes), Some(agent_common::events::EVENT_EXEC));
         assert_eq!(record_kind(&bytes[..2]), None);
-        assert_eq!(decode_exit(&bytes[..4]), None);
+        assert!(decode_exit(&bytes[..4]).is_err());
         assert_eq!(c_str(b"abc"), "abc");
+    }
+
+    #[test]
+    fn exit_records_decode_only_at_their_own_size() {
+        let ev = exit(4242);
+        let bytes = bytemuck::bytes_of(&ev);
+        assert_eq!(decode_exit(bytes), Ok(4242));
+        // Every shorter and a few longer lengths: an exec record is not an
+        // exit record with trailing bytes, nor the reverse.
+        let mut long = bytes.to_vec();
+        long.extend_from_slice(&[0xff; 300]);
+        for n in (0..bytes.len()).chain([bytes.len() + 1, bytes.len() + 8, 296, long.len()]) {
+            let e = decode_exit(&long[..n]).unwrap_err();
+            assert_eq!((e.expected, e.got), (16, n));
+            assert!(decode(&long[..n]).is_err() || n == 296);
+        }
+        // Unaligned input decodes the same.
+        let mut shifted = vec![0u8];
+        shifted.extend_from_slice(bytes);
+        assert_eq!(decode_exit(&shifted[1..]), Ok(4242));
     }
 }

@@ -94,7 +94,10 @@ pub enum ResolveError {
 
 /// (device, inode, size, mtime): the same file seen through any path or
 /// container mount has the same identity, and a replaced file a new one.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize)]
+/// mtime is kept as stat gives it, seconds and nanoseconds apart: any time a
+/// filesystem can hold stays exact and distinct (no seconds × 10^9 to
+/// overflow past 2262), and the derived order is chronological.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize)]
 pub struct FileIdentity {
     pub dev: u64,
     pub ino: u64,

@@ -15,18 +15,19 @@ use std::{
 };
 
 use anyhow::{Context, Result};
-use tracing::info;
+use tracing::{info, warn};
 
 use crate::{
     collect::chains::{self, ChainSettings},
-    daemon::{Pipeline, RunConfig, shutdown_signal},
+    daemon::{Pipeline, RunConfig, serve_endpoints, shutdown_signal},
     export::server,
 };
 use report::Report;
 
 #[derive(Clone, Debug)]
 pub struct RecordConfig {
-    /// What to attach to, as for `run` (its `listen` is used only with `listen`).
+    /// What to attach to, as for `run` (its `listen` and `web` are used only
+    /// with `listen`).
     pub run: RunConfig,
     pub duration: Duration,
     pub warn: Duration,
@@ -34,9 +35,14 @@ pub struct RecordConfig {
     pub chain_timeout: Duration,
     pub top: usize,
     pub html: Option<PathBuf>,
-    /// Also serve /metrics while recording.
+    /// Also serve /metrics while recording (with `run.web`'s TLS and basic
+    /// auth).
     pub listen: Option<SocketAddr>,
 }
+
+/// How long the server of `--listen` may take to close its connections
+/// once the recording ends, before it is cut off.
+const SERVER_STOP_GRACE: Duration = Duration::from_secs(2);
 
 fn ns(d: Duration) -> u64 {
     u64::try_from(d.as_nanos()).unwrap_or(u64::MAX)
@@ -56,7 +62,16 @@ pub async fn record(cfg: RecordConfig) -> Result<Report> {
         None => None,
     };
     let pipeline = Pipeline::start(&cfg.run, settings)?;
-    let server_task = listener.map(|l| tokio::spawn(axum::serve(l, server::router(pipeline.source())).into_future()));
+    let (stop_server, server_stopped) = tokio::sync::oneshot::channel::<()>();
+    let server_task = listener.map(|l| {
+        let (source, web) = (pipeline.source(), cfg.run.web.clone());
+        tokio::spawn(async move {
+            serve_endpoints(l, source, &web, async {
+                let _ = server_stopped.await;
+            })
+            .await
+        })
+    });
     let start = pipeline.snapshot();
     let began = Instant::now();
     info!(duration = ?cfg.duration, "recording");
@@ -115,8 +130,14 @@ pub async fn record(cfg: RecordConfig) -> Result<Report> {
     if tty {
         progress("");
     }
-    if let Some(t) = server_task {
-        t.abort();
+    if let Some(mut t) = server_task {
+        let _ = stop_server.send(());
+        match tokio::time::timeout(SERVER_STOP_GRACE, &mut t).await {
+            Ok(Ok(Ok(()))) => {}
+            Ok(Ok(Err(e))) => warn!("{e:#}"),
+            Ok(Err(e)) => warn!("the metrics server ended abnormally: {e}"),
+            Err(_) => t.abort(),
+        }
     }
     let (counts, kept, max) = {
         let c = chains.lock().unwrap_or_else(|p| p.into_inner());
