@@ -297,7 +297,7 @@ pub fn events_index(slot: u32, side: Side) -> u32 {
 }
 
 const _: () = assert!(size_of::<ArgLoc>() == 8);
-const _: () = assert!(size_of::<WatchProbeConfig>() == 64);
+const _: () = assert!(size_of::<WatchProbeConfig>() == 76);
 const _: () = assert!(size_of::<RevKey>() == 16);
 const _: () = assert!(size_of::<WatchRevKey>() == 32);
 const _: () = assert!(size_of::<Stamp<RevKey>>() == 32);
