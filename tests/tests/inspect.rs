@@ -15,7 +15,7 @@ use std::{
 };
 
 use serde_json::Value;
-use watchscope::inspect::{self, Abi, Arch, Cache, Inspection, PclnVersion};
+use watchscope::inspect::{self, Abi, Arch, Cache, Inspection, PclnVersion, Role};
 use watchscope_integration_tests::{
     etcd::Etcd,
     go::{self, Fixture, fixture, fixtures, gdb, inspect_json, nm, objdump_rets},
@@ -494,11 +494,11 @@ fn generic_stream_send_matches_pattern_and_registers() {
                     .iter()
                     .any(|f| f.name == "google.golang.org/grpc.(*GenericServerStream[...]).Send")
             );
-            assert!(i.probes_for("etcd_server_grpc_send").next().is_none());
+            assert!(i.probes_for(Role::EtcdServerGrpcSend).next().is_none());
             continue;
         }
         let p =
-            i.probes_for("etcd_server_grpc_send").next().unwrap_or_else(|| panic!("{}: {:?}", f.name, i.unresolved));
+            i.probes_for(Role::EtcdServerGrpcSend).next().unwrap_or_else(|| panic!("{}: {:?}", f.name, i.unresolved));
         assert!(
             p.symbol.starts_with(
                 "google.golang.org/grpc.(*GenericServerStream[go.etcd.io/etcd/api/v3/etcdserverpb.WatchRequest,"

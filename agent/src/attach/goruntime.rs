@@ -12,7 +12,10 @@ use super::{
     uprobes::{Site, SiteConfig},
     watch::{binary_refusal, entry_site},
 };
-use crate::inspect::{Inspection, catalog::Abi};
+use crate::inspect::{
+    Inspection,
+    catalog::{Abi, Role},
+};
 
 /// Which map operations to time. Every map operation is a few tens of
 /// nanoseconds and a probe hit costs far more, so by default only growth
@@ -49,8 +52,8 @@ impl std::str::FromStr for WindowSpec {
 }
 
 /// Built-in windows: (catalog role, window name).
-pub const BUILTIN_WINDOWS: &[(&str, &str)] =
-    &[("etcd_client_dispatch", "etcd_dispatch"), ("client_go_handle_deltas", "informer_handle_deltas")];
+pub const BUILTIN_WINDOWS: &[(Role, &str)] =
+    &[(Role::EtcdClientDispatch, "etcd_dispatch"), (Role::ClientGoHandleDeltas, "informer_handle_deltas")];
 
 /// Window names and their fixed ids (the kernel's histogram index).
 #[derive(Clone, Debug)]
@@ -118,13 +121,13 @@ pub fn plan(insp: &Inspection, maps: GoMaps, windows: &WindowTable, sched: bool)
         plan.refusal = Some("Go runtime timing needs the register ABI (Go >= 1.17 on amd64, >= 1.18 on arm64)".into());
         return plan;
     }
-    let mut roles: Vec<(&str, GoClass, u32)> =
-        vec![("go_map_grow", GoClass::MapGrow, 0), ("go_gc_assist", GoClass::GcAssist, 0)];
+    let mut roles: Vec<(Role, GoClass, u32)> =
+        vec![(Role::GoMapGrow, GoClass::MapGrow, 0), (Role::GoGcAssist, GoClass::GcAssist, 0)];
     if maps == GoMaps::All {
         roles.extend([
-            ("go_map_assign", GoClass::MapAssign, 0),
-            ("go_map_access", GoClass::MapAccess, 0),
-            ("go_map_delete", GoClass::MapDelete, 0),
+            (Role::GoMapAssign, GoClass::MapAssign, 0),
+            (Role::GoMapAccess, GoClass::MapAccess, 0),
+            (Role::GoMapDelete, GoClass::MapDelete, 0),
         ]);
     }
     // An etcd server links clientv3 for its in-process JSON gateway, so it
@@ -132,9 +135,9 @@ pub fn plan(insp: &Inspection, maps: GoMaps, windows: &WindowTable, sched: bool)
     // the gateway, and it would bring the scheduler probes (below) onto
     // every goroutine switch of the server: +90 µs of etcd CPU per put in
     // `cargo xtask bench etcd`. Clients keep it.
-    let server = insp.probes_for("etcd_server_notify").next().is_some();
-    for (role, name) in BUILTIN_WINDOWS {
-        if server && *role == "etcd_client_dispatch" {
+    let server = insp.probes_for(Role::EtcdServerNotify).next().is_some();
+    for &(role, name) in BUILTIN_WINDOWS {
+        if server && role == Role::EtcdClientDispatch {
             continue;
         }
         if let Some(id) = windows.id(name) {
@@ -144,7 +147,7 @@ pub fn plan(insp: &Inspection, maps: GoMaps, windows: &WindowTable, sched: bool)
     for (role, class, window) in roles {
         for p in insp.probes_for(role) {
             let r = timed(insp, &p.symbol, p.address, p.file_offset, p.size, &p.return_offsets, class, window);
-            plan.push(role, &p.symbol, p.file_offset, r);
+            plan.push(role.name(), &p.symbol, p.file_offset, r);
         }
     }
     for w in &windows.user {
@@ -171,10 +174,10 @@ pub fn plan(insp: &Inspection, maps: GoMaps, windows: &WindowTable, sched: bool)
     // Window goroutines' off-CPU and run-queue time: the scheduler points,
     // only where a window can open (each is hit per goroutine switch).
     if sched && plan.sites.iter().any(|s| matches!(s.config, SiteConfig::Go(c) if c.class == GoClass::Window as u32)) {
-        for (role, point) in SCHED_ROLES {
+        for &(role, point) in SCHED_ROLES {
             for p in insp.probes_for(role) {
-                let r = entry_only(insp, &p.symbol, p.address, p.file_offset, p.size, *point);
-                plan.push(role, &p.symbol, p.file_offset, r);
+                let r = entry_only(insp, &p.symbol, p.address, p.file_offset, p.size, point);
+                plan.push(role.name(), &p.symbol, p.file_offset, r);
             }
         }
     }
@@ -223,11 +226,11 @@ impl GoPlan {
 
 /// The Go scheduler's points a window's goroutine passes (see
 /// `agent-ebpf/src/goruntime.rs`, `go_sched`).
-const SCHED_ROLES: &[(&str, SchedPoint)] = &[
-    ("go_sched_execute", SchedPoint::Execute),
-    ("go_sched_park", SchedPoint::Park),
-    ("go_sched_ready", SchedPoint::Ready),
-    ("go_sched_yield", SchedPoint::Yield),
+const SCHED_ROLES: &[(Role, SchedPoint)] = &[
+    (Role::GoSchedExecute, SchedPoint::Execute),
+    (Role::GoSchedPark, SchedPoint::Park),
+    (Role::GoSchedReady, SchedPoint::Ready),
+    (Role::GoSchedYield, SchedPoint::Yield),
 ];
 
 /// An entry probe alone (scheduler points are events, not spans).

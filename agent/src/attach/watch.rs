@@ -19,7 +19,7 @@ use serde::Serialize;
 use super::uprobes::{Site, SiteConfig};
 use crate::inspect::{
     Inspection, Probe,
-    catalog::{Abi, ArgRead, ArgSource, Reg},
+    catalog::{Abi, ArgRead, ArgSource, Reg, Role},
     elf::Arch,
     layout::{EtcdLayout, Fact},
     prologue,
@@ -27,17 +27,17 @@ use crate::inspect::{
 
 /// The roles of the watch path, the kernel program serving each, and whether
 /// it belongs to the server or the client side.
-const ROLES: [(&str, &str, bool); 4] = [
-    ("etcd_server_notify", "etcd_notify", true),
-    ("etcd_server_watcher_send", "etcd_enqueue", true),
-    ("etcd_server_grpc_send", "etcd_send", true),
-    ("etcd_client_dispatch", "etcd_dispatch", false),
+const ROLES: [(Role, &str, bool); 4] = [
+    (Role::EtcdServerNotify, "etcd_notify", true),
+    (Role::EtcdServerWatcherSend, "etcd_enqueue", true),
+    (Role::EtcdServerGrpcSend, "etcd_send", true),
+    (Role::EtcdClientDispatch, "etcd_dispatch", false),
 ];
 
 /// One role's outcome, for logs and `/debug/probes`.
 #[derive(Clone, Debug, Serialize)]
 pub struct SiteStatus {
-    pub role: &'static str,
+    pub role: Role,
     pub symbol: Option<String>,
     pub file_offset: Option<u64>,
     pub planned: bool,
@@ -62,7 +62,7 @@ impl WatchPlan {
 /// Plans the watch-path probes of one inspected binary.
 pub fn plan(insp: &Inspection) -> WatchPlan {
     let mut plan = WatchPlan::default();
-    let found: Vec<Option<&Probe>> = ROLES.iter().map(|(role, _, _)| insp.probes_for(role).next()).collect();
+    let found: Vec<Option<&Probe>> = ROLES.iter().map(|(role, _, _)| insp.probes_for(*role).next()).collect();
     if found.iter().all(Option::is_none) {
         // Nothing known resolved. A binary that nonetheless looks like etcd
         // is a build the catalog does not cover yet: say so (once, in the
@@ -73,7 +73,7 @@ pub fn plan(insp: &Inspection) -> WatchPlan {
         plan.statuses = ROLES
             .iter()
             .map(|(role, _, _)| SiteStatus {
-                role,
+                role: *role,
                 symbol: None,
                 file_offset: None,
                 planned: false,
@@ -90,7 +90,7 @@ pub fn plan(insp: &Inspection) -> WatchPlan {
     for ((role, program, server), probe) in ROLES.iter().zip(found) {
         let probe = if *server && !is_server { None } else { probe };
         let mut status = SiteStatus {
-            role,
+            role: *role,
             symbol: probe.map(|p| p.symbol.clone()),
             file_offset: None,
             planned: false,
@@ -101,7 +101,7 @@ pub fn plan(insp: &Inspection) -> WatchPlan {
             (None, _) => Err("not in this binary".to_string()),
             (Some(_), Some(why)) => Err(why.clone()),
             (Some(p), None) => match &insp.etcd_layout {
-                Some(layout) => site(insp, layout, p, role, program),
+                Some(layout) => site(insp, layout, p, *role, program),
                 None => Err("no etcd layout was identified for this binary".to_string()),
             },
         };
@@ -114,7 +114,7 @@ pub fn plan(insp: &Inspection) -> WatchPlan {
             Err(why) => {
                 status.reason = Some(why);
                 // The server side is useless without its commit timestamps.
-                if *server && *role == "etcd_server_notify" && probe.is_some() {
+                if *role == Role::EtcdServerNotify && probe.is_some() {
                     plan.refusal
                         .get_or_insert_with(|| format!("{role}: {}", status.reason.clone().unwrap_or_default()));
                 }
@@ -163,13 +163,7 @@ pub fn binary_refusal(insp: &Inspection) -> Option<String> {
     None
 }
 
-fn site(
-    insp: &Inspection,
-    layout: &EtcdLayout,
-    p: &Probe,
-    role: &'static str,
-    program: &'static str,
-) -> Result<Site, String> {
+fn site(insp: &Inspection, layout: &EtcdLayout, p: &Probe, role: Role, program: &'static str) -> Result<Site, String> {
     let get = |name: &str| -> Result<&ArgRead, String> {
         p.args
             .iter()
@@ -205,10 +199,10 @@ fn site(
         ..WatchProbeConfig::default()
     };
     match role {
-        "etcd_server_notify" => {
+        Role::EtcdServerNotify => {
             cfg.args[0] = direct(get("rev")?)?;
         }
-        "etcd_server_watcher_send" => {
+        Role::EtcdServerWatcherSend => {
             // The flattened `mvcc.WatchResponse` argument: its field order is
             // part of the identified layout.
             cfg.args[0] = direct(get("watch_id")?)?;

@@ -30,6 +30,58 @@ pub enum Component {
     GoRuntime,
 }
 
+/// What a probed function means to watchscope: one variant per catalog
+/// entry. Planners match on it; [`Role::name`] is its stable name in
+/// `inspect --json`, `/debug/probes` and the logs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Role {
+    EtcdServerNotify,
+    EtcdServerWatcherSend,
+    EtcdServerGrpcSend,
+    EtcdClientDispatch,
+    ClientGoHandleDeltas,
+    ClientGoQueuePop,
+    GoMapAssign,
+    GoMapAccess,
+    GoMapDelete,
+    GoMapGrow,
+    GoGcAssist,
+    GoSchedExecute,
+    GoSchedPark,
+    GoSchedReady,
+    GoSchedYield,
+}
+
+impl Role {
+    pub fn name(self) -> &'static str {
+        match self {
+            Role::EtcdServerNotify => "etcd_server_notify",
+            Role::EtcdServerWatcherSend => "etcd_server_watcher_send",
+            Role::EtcdServerGrpcSend => "etcd_server_grpc_send",
+            Role::EtcdClientDispatch => "etcd_client_dispatch",
+            Role::ClientGoHandleDeltas => "client_go_handle_deltas",
+            Role::ClientGoQueuePop => "client_go_queue_pop",
+            Role::GoMapAssign => "go_map_assign",
+            Role::GoMapAccess => "go_map_access",
+            Role::GoMapDelete => "go_map_delete",
+            Role::GoMapGrow => "go_map_grow",
+            Role::GoGcAssist => "go_gc_assist",
+            Role::GoSchedExecute => "go_sched_execute",
+            Role::GoSchedPark => "go_sched_park",
+            Role::GoSchedReady => "go_sched_ready",
+            Role::GoSchedYield => "go_sched_yield",
+        }
+    }
+}
+
+impl std::fmt::Display for Role {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        // `pad`, so `{:<26}` aligns columns.
+        f.pad(self.name())
+    }
+}
+
 /// Whether one symbol is enough, or every candidate present is probed (the
 /// runtime's map functions: each variant is a separate entry point).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
@@ -143,7 +195,7 @@ pub struct Candidate {
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct RoleSpec {
-    pub role: &'static str,
+    pub role: Role,
     pub component: Component,
     pub what: &'static str,
     pub select: Select,
@@ -322,7 +374,7 @@ macro_rules! runtime {
 /// The catalog. Order matters only for `Select::First` (first found wins).
 pub static CATALOG: &[RoleSpec] = &[
     RoleSpec {
-        role: "etcd_server_notify",
+        role: Role::EtcdServerNotify,
         component: Component::EtcdServer,
         what: "commit fan-out: one call per committed revision, to all synced watchers",
         select: Select::First,
@@ -334,7 +386,7 @@ pub static CATALOG: &[RoleSpec] = &[
         ],
     },
     RoleSpec {
-        role: "etcd_server_watcher_send",
+        role: Role::EtcdServerWatcherSend,
         component: Component::EtcdServer,
         what: "per-watcher queue: one call per response queued to one watcher",
         select: Select::First,
@@ -346,7 +398,7 @@ pub static CATALOG: &[RoleSpec] = &[
         ],
     },
     RoleSpec {
-        role: "etcd_server_grpc_send",
+        role: Role::EtcdServerGrpcSend,
         component: Component::EtcdServer,
         what: "gRPC send: one call per WatchResponse written to a client stream",
         select: Select::First,
@@ -373,7 +425,7 @@ pub static CATALOG: &[RoleSpec] = &[
         ],
     },
     RoleSpec {
-        role: "etcd_client_dispatch",
+        role: Role::EtcdClientDispatch,
         component: Component::EtcdClient,
         what: "client receive: one call per WatchResponse the client dispatches to its watchers",
         select: Select::First,
@@ -390,7 +442,7 @@ pub static CATALOG: &[RoleSpec] = &[
         ],
     },
     RoleSpec {
-        role: "client_go_handle_deltas",
+        role: Role::ClientGoHandleDeltas,
         component: Component::ClientGo,
         what: "informer per-batch handler: one call per batch of deltas popped for an object",
         select: Select::First,
@@ -410,7 +462,7 @@ pub static CATALOG: &[RoleSpec] = &[
         ],
     },
     RoleSpec {
-        role: "client_go_queue_pop",
+        role: Role::ClientGoQueuePop,
         component: Component::ClientGo,
         what: "informer queue pop: one call per item taken off the delta queue",
         select: Select::All,
@@ -420,7 +472,7 @@ pub static CATALOG: &[RoleSpec] = &[
         ],
     },
     RoleSpec {
-        role: "go_map_assign",
+        role: Role::GoMapAssign,
         component: Component::GoRuntime,
         what: "map assignment (generic and fast variants)",
         select: Select::All,
@@ -434,7 +486,7 @@ pub static CATALOG: &[RoleSpec] = &[
         ],
     },
     RoleSpec {
-        role: "go_map_access",
+        role: Role::GoMapAccess,
         component: Component::GoRuntime,
         what: "map lookup (generic and fast variants; the _fat wrappers call these)",
         select: Select::All,
@@ -450,7 +502,7 @@ pub static CATALOG: &[RoleSpec] = &[
         ],
     },
     RoleSpec {
-        role: "go_map_delete",
+        role: Role::GoMapDelete,
         component: Component::GoRuntime,
         what: "map delete (generic and fast variants)",
         select: Select::All,
@@ -462,7 +514,7 @@ pub static CATALOG: &[RoleSpec] = &[
         ],
     },
     RoleSpec {
-        role: "go_map_grow",
+        role: Role::GoMapGrow,
         component: Component::GoRuntime,
         what: "map growth: classic bucket maps (Go <= 1.23) and Swiss tables (1.24+)",
         select: Select::All,
@@ -484,35 +536,35 @@ pub static CATALOG: &[RoleSpec] = &[
         ],
     },
     RoleSpec {
-        role: "go_gc_assist",
+        role: Role::GoGcAssist,
         component: Component::GoRuntime,
         what: "GC assist: a goroutine made to help the collector before it may allocate",
         select: Select::First,
         candidates: runtime!["runtime.gcAssistAlloc" => GC_ASSIST],
     },
     RoleSpec {
-        role: "go_sched_execute",
+        role: Role::GoSchedExecute,
         component: Component::GoRuntime,
         what: "scheduler: a goroutine starts running on a thread (window run-queue time ends here)",
         select: Select::First,
         candidates: runtime!["runtime.execute" => SCHED_GP],
     },
     RoleSpec {
-        role: "go_sched_park",
+        role: Role::GoSchedPark,
         component: Component::GoRuntime,
         what: "scheduler: the running goroutine blocks (channel, timer, lock, network)",
         select: Select::First,
         candidates: runtime!["runtime.gopark" => GOPARK],
     },
     RoleSpec {
-        role: "go_sched_ready",
+        role: Role::GoSchedReady,
         component: Component::GoRuntime,
         what: "scheduler: a parked goroutine becomes runnable",
         select: Select::First,
         candidates: runtime!["runtime.ready" => SCHED_GP],
     },
     RoleSpec {
-        role: "go_sched_yield",
+        role: Role::GoSchedYield,
         component: Component::GoRuntime,
         what: "scheduler: a goroutine yields (Gosched) or is preempted, and waits to run again",
         select: Select::First,

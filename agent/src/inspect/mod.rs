@@ -40,7 +40,7 @@ use std::{
 use serde::Serialize;
 
 pub use buildinfo::{BuildInfo, GoVersion, Module};
-pub use catalog::{Abi, ArgRead, ArgSource, Component, GoidOffset, Reg};
+pub use catalog::{Abi, ArgRead, ArgSource, Component, GoidOffset, Reg, Role};
 pub use elf::Arch;
 pub use gotypes::{FieldLayout, StructLayout, TypeError, TypeInfo};
 pub use pclntab::PclnVersion;
@@ -147,7 +147,7 @@ pub struct ResolvedFunction {
 /// A probe the catalog asked for and the binary has.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 pub struct Probe {
-    pub role: &'static str,
+    pub role: Role,
     pub component: Component,
     pub symbol: String,
     pub address: u64,
@@ -168,7 +168,7 @@ pub struct Probe {
 /// A role the binary cannot serve, and why.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 pub struct Unresolved {
-    pub role: &'static str,
+    pub role: Role,
     pub component: Component,
     pub reason: String,
 }
@@ -537,7 +537,7 @@ impl Inspection {
     }
 
     /// Probes of one role (several for `Select::All` roles).
-    pub fn probes_for<'a>(&'a self, role: &'a str) -> impl Iterator<Item = &'a Probe> + 'a {
+    pub fn probes_for(&self, role: Role) -> impl Iterator<Item = &Probe> + '_ {
         self.probes.iter().filter(move |p| p.role == role)
     }
 
