@@ -34,6 +34,9 @@ pub enum Build {
     Trixie3516,
     /// Debian sid's etcd 3.5.30 (Go 1.26, GOPATH build).
     Sid3530,
+    /// Debian bullseye's etcd 3.3.25 (Go 1.15: arguments on the stack;
+    /// `github.com/coreos/etcd` names; gogo `XXX_` fields).
+    Bullseye3325,
 }
 
 impl Build {
@@ -42,6 +45,7 @@ impl Build {
             Build::Bookworm3423 => PathBuf::from("/usr/bin/etcd"),
             Build::Trixie3516 => crate::debcache::file("etcd-server", "3.5.16", "usr/bin/etcd"),
             Build::Sid3530 => crate::debcache::file("etcd-server", "3.5.30", "usr/bin/etcd"),
+            Build::Bullseye3325 => crate::debcache::file("etcd-server", "3.3.25", "usr/bin/etcd"),
         }
     }
 
@@ -50,6 +54,7 @@ impl Build {
             Build::Bookworm3423 => PathBuf::from("/usr/bin/etcdctl"),
             Build::Trixie3516 => crate::debcache::file("etcd-client", "3.5.16", "usr/bin/etcdctl"),
             Build::Sid3530 => crate::debcache::file("etcd-client", "3.5.30", "usr/bin/etcdctl"),
+            Build::Bullseye3325 => crate::debcache::file("etcd-client", "3.3.25", "usr/bin/etcdctl"),
         }
     }
 
@@ -59,6 +64,16 @@ impl Build {
             Build::Bookworm3423 => "34",
             Build::Trixie3516 => "516",
             Build::Sid3530 => "530",
+            Build::Bullseye3325 => "33",
+        }
+    }
+
+    /// Where etcd's JSON gateway serves the v3 API (3.3 only has the beta
+    /// prefix).
+    pub fn gateway_prefix(self) -> &'static str {
+        match self {
+            Build::Bullseye3325 => "/v3beta",
+            _ => "/v3",
         }
     }
 
@@ -157,6 +172,8 @@ impl Etcd {
 
     fn ctl(&self) -> Command {
         let mut c = Command::new(&self.ctl);
+        // etcdctl 3.3 speaks the v2 API unless told otherwise.
+        c.env("ETCDCTL_API", "3");
         c.arg(format!("--endpoints={}", self.endpoint()));
         c
     }
@@ -282,6 +299,7 @@ impl Etcd {
         let child = Command::new("python3")
             .arg(script)
             .args(["--port", &self.client_port.to_string(), "--prefix", prefix])
+            .args(["--api", self.build.gateway_prefix()])
             .stdin(Stdio::piped())
             .stdout(Stdio::piped())
             .stderr(Stdio::null())

@@ -30,6 +30,7 @@ pub const PACKAGES: &[(&str, &str)] = &[
     ("etcd-client", "trixie"),
     // etcd 3.3.25, Go 1.15 (stack ABI, github.com/coreos/etcd paths).
     ("etcd-server", "bullseye"),
+    ("etcd-client", "bullseye"),
     // Go 1.24 (the toolchain of trixie's etcd): the type-descriptor ground
     // truth is checked on fixtures built with it. The tests join the two
     // packages into one GOROOT (tests/src/go.rs).

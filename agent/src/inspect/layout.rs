@@ -143,6 +143,7 @@ impl Profile {
 }
 
 const AMD64_REGISTER: &[(Arch, Abi)] = &[(Arch::X86_64, Abi::Register)];
+const AMD64_BOTH: &[(Arch, Abi)] = &[(Arch::X86_64, Abi::Register), (Arch::X86_64, Abi::Stack)];
 
 /// The etcd layouts watchscope reads. Offsets are the same in both; the
 /// gogo `XXX_` fields (`XXX_NoUnkeyedLiteral`, `XXX_unrecognized`,
@@ -165,8 +166,9 @@ pub static ETCD_PROFILES: &[Profile] = &[
         evidence: "etcd 3.5.30/go1.26.4 (Debian sid) and 3.5.16/go1.24.0 (Debian trixie) amd64, GOPATH builds: \
                    type descriptors read from the binaries, and tests/tests/etcd_watch.rs (etcd_3_5_16, \
                    etcd_3_5_30) counts every event of N puts and a K-put txn at every stage with no read error, \
-                   progress responses apart, and the slow watcher in its send stages",
-        verified_for: AMD64_REGISTER,
+                   progress responses apart, and the slow watcher in its send stages; etcd 3.3.25/go1.15.9 \
+                   (Debian bullseye, stack ABI, github.com/coreos/etcd) likewise (etcd_3_3_25)",
+        verified_for: AMD64_BOTH,
     },
 ];
 
@@ -454,5 +456,11 @@ mod tests {
         let l = decide(&facts_of(&ETCD_PROFILES[0]), None, Some((Arch::X86_64, Abi::Stack)));
         assert!(!l.verified);
         assert!(l.refusal.as_deref().is_some_and(|w| w.contains("x86_64 stack")), "{l:?}");
+        // The XXX_ layout was measured on bullseye's stack-ABI 3.3.25 too ...
+        let l = decide(&facts_of(&ETCD_PROFILES[1]), None, Some((Arch::X86_64, Abi::Stack)));
+        assert!(l.verified && l.refusal.is_none(), "{l:?}");
+        // ... and on no arm64 build.
+        let l = decide(&facts_of(&ETCD_PROFILES[1]), None, Some((Arch::Aarch64, Abi::Register)));
+        assert!(l.refusal.is_some(), "{l:?}");
     }
 }

@@ -137,10 +137,12 @@ fn is_guard_cmp(ins: &Instruction, register_abi: bool) -> bool {
 /// Instructions a prologue runs before the guard compare: computing the
 /// frame bottom into a scratch register (`lea r12,[rsp-N]`, `mov r12,rsp`,
 /// `sub r12,N`, `jb` on overflow), or, with the stack ABI, loading g from
-/// TLS into RCX (`mov rcx, fs:[-8]`).
+/// TLS into RCX (`mov rcx, fs:[-8]`). The stack ABI's scratch register is
+/// RAX (`lea rax,[rsp-N]`: no argument lives in a register there); with
+/// the register ABI RAX holds the first argument, so writing it is refused.
 fn is_prologue_scratch(ins: &Instruction, register_abi: bool) -> bool {
     let dst = ins.op0_register();
-    let scratch = matches!(dst, Register::R12 | Register::R13);
+    let scratch = matches!(dst, Register::R12 | Register::R13) || (!register_abi && dst == Register::RAX);
     let shape = match ins.mnemonic() {
         Mnemonic::Lea | Mnemonic::Sub => scratch,
         Mnemonic::Mov => scratch || (!register_abi && dst == Register::RCX && ins.segment_prefix() == Register::FS),
@@ -155,12 +157,12 @@ fn writes_arg_register(ins: &Instruction, register_abi: bool) -> bool {
     if ins.op_count() == 0 || ins.op0_kind() != OpKind::Register {
         return false;
     }
-    let dst = ins.op0_register().full_register();
-    if !register_abi && dst == Register::RCX {
-        // Stack ABI: arguments are on the stack; RCX is scratch.
+    if !register_abi {
+        // Stack ABI: every argument is on the stack; RCX (g) and RAX
+        // (the frame bottom) are scratch.
         return false;
     }
-    ARG_REGS.contains(&dst)
+    ARG_REGS.contains(&ins.op0_register().full_register())
 }
 
 /// arm64: `ldr x16, [x28, #16]`, optional `sub x17, sp, #N`, `cmp`, then
@@ -222,6 +224,19 @@ mod tests {
             0x18,
         ];
         assert_eq!(amd64_probe_site(&code, 0x1000, false), Ok(ProbeSite { offset: 13, guard: GUARD_X86_JBE }));
+    }
+
+    #[test]
+    fn stack_abi_big_frame_lea_rax() {
+        // etcd 3.3.25 (Go 1.15) notify: mov rcx,fs:[-8]; lea rax,[rsp-0x78];
+        // cmp rax,[rcx+0x10]; jbe +0x2dd; sub rsp,0xf8
+        let code = [
+            0x64, 0x48, 0x8b, 0x0c, 0x25, 0xf8, 0xff, 0xff, 0xff, 0x48, 0x8d, 0x44, 0x24, 0x88, 0x48, 0x3b, 0x41, 0x10,
+            0x0f, 0x86, 0xdd, 0x02, 0x00, 0x00, 0x48, 0x81, 0xec, 0xf8, 0x00, 0x00, 0x00,
+        ];
+        assert_eq!(amd64_probe_site(&code, 0xa8aaa0, false), Ok(ProbeSite { offset: 0x12, guard: GUARD_X86_JBE }));
+        // The same bytes under the register ABI write an argument register.
+        assert!(amd64_probe_site(&code, 0xa8aaa0, true).is_err());
     }
 
     #[test]
