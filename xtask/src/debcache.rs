@@ -126,6 +126,7 @@ pub fn gopath_k8s() -> Result<()> {
     if !wanted.iter().any(|w| w.starts_with(&format!("{GOPATH_K8S_TOP}="))) {
         bail!("apt resolved no {GOPATH_K8S_TOP} in sid");
     }
+    let t_resolve = t0.elapsed();
     let debs = root.join("debs").join(GOPATH_K8S);
     std::fs::create_dir_all(&debs).with_context(|| format!("creating {}", debs.display()))?;
     util::run(Command::new("apt-get").current_dir(&debs).args(&apt_args).arg("download").args(&wanted))
@@ -147,10 +148,11 @@ pub fn gopath_k8s() -> Result<()> {
     std::fs::write(tmp.join(".packages"), wanted.join("\n") + "\n")?;
     std::fs::rename(&tmp, &dest).with_context(|| format!("moving {} into place", dest.display()))?;
     println!(
-        "    {} packages → {} (download {:.1} s, extract {:.1} s)",
+        "    {} packages → {} (apt update and resolve {:.1} s, download {:.1} s, extract {:.1} s)",
         wanted.len(),
         dest.display(),
-        t_download.as_secs_f64(),
+        t_resolve.as_secs_f64(),
+        (t_download - t_resolve).as_secs_f64(),
         (t0.elapsed() - t_download).as_secs_f64()
     );
     Ok(())
