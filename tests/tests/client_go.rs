@@ -1,0 +1,307 @@
+//! client-go 0.36 (Debian sid's sources, built here in GOPATH mode with Go
+//! 1.27): the informer's delta handler is found under its 0.36 names
+//! (`handleDeltas(logger, obj, isInInitialList)` and `handleBatchDeltas`),
+//! the catalog's `deltas` read is checked against the kernel's own tracefs
+//! uprobes on a program that knows how many deltas it fed, and the agent's
+//! built-in `informer_handle_deltas` window counts every pop.
+
+use std::{
+    collections::HashMap,
+    io::{BufRead, BufReader, Write},
+    path::{Path, PathBuf},
+    process::{Child, ChildStdin, Command, Stdio},
+    sync::mpsc,
+    time::Duration,
+};
+
+use serde_json::Value;
+use watchscope_integration_tests::{Agent, Buckets, clientgo, require_root, stop_child, wait_attached, watchscope_bin};
+
+const HANDLE_DELTAS: &str = "k8s.io/client-go/tools/cache.(*sharedIndexInformer).handleDeltas";
+const HANDLE_BATCH_DELTAS: &str = "k8s.io/client-go/tools/cache.(*sharedIndexInformer).handleBatchDeltas";
+
+/// The informer fixture (tests/fixtures/go-k8s/src/informer), driven line by line.
+struct Informer {
+    child: Child,
+    stdin: ChildStdin,
+    lines: mpsc::Receiver<String>,
+}
+
+impl Informer {
+    fn start(bin: &Path, delay_us: u64) -> Informer {
+        let mut child = Command::new(bin)
+            .arg(format!("-delay-us={delay_us}"))
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .spawn()
+            .expect("start the informer fixture");
+        let stdin = child.stdin.take().expect("stdin");
+        let stdout = child.stdout.take().expect("stdout");
+        let (tx, lines) = mpsc::channel();
+        std::thread::spawn(move || {
+            for l in BufReader::new(stdout).lines().map_while(Result::ok) {
+                let _ = tx.send(l);
+            }
+        });
+        let f = Informer { child, stdin, lines };
+        // The first object was added and handled before the program reads stdin.
+        assert_eq!(f.next(), "ready handled 1");
+        f
+    }
+
+    fn next(&self) -> String {
+        self.lines.recv_timeout(Duration::from_secs(60)).expect("informer output")
+    }
+
+    /// Sends one command and returns the handler calls made so far.
+    fn command(&mut self, line: &str) -> u64 {
+        writeln!(self.stdin, "{line}").and_then(|_| self.stdin.flush()).expect("informer stdin");
+        let reply = self.next();
+        reply
+            .strip_prefix("handled ")
+            .and_then(|n| n.parse().ok())
+            .unwrap_or_else(|| panic!("`{line}`: unexpected reply `{reply}`"))
+    }
+}
+
+impl Drop for Informer {
+    fn drop(&mut self) {
+        stop_child(&mut self.child);
+    }
+}
+
+fn inspect_json(bin: &Path) -> Value {
+    let o = Command::new(watchscope_bin()).arg("inspect").arg("--json").arg(bin).output().expect("watchscope inspect");
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    serde_json::from_slice(&o.stdout).expect("inspect JSON")
+}
+
+fn probe<'a>(j: &'a Value, symbol: &str) -> &'a Value {
+    j["probes"]
+        .as_array()
+        .and_then(|ps| ps.iter().find(|p| p["role"] == "client_go_handle_deltas" && p["symbol"] == symbol))
+        .unwrap_or_else(|| panic!("{symbol} not resolved for client_go_handle_deltas: {}", j["unresolved"]))
+}
+
+/// Plain tracefs uprobes (the kernel's own, no BPF), removed on drop.
+struct Uprobes {
+    tracefs: PathBuf,
+    group: String,
+    events: Vec<String>,
+}
+
+impl Uprobes {
+    fn new() -> Uprobes {
+        let tracefs = PathBuf::from("/sys/kernel/tracing");
+        assert!(tracefs.join("uprobe_events").exists(), "tracefs with uprobe_events is not mounted");
+        Uprobes { tracefs, group: format!("wscg{}", std::process::id()), events: Vec::new() }
+    }
+
+    fn add(&mut self, event: &str, bin: &Path, offset: u64, fetchargs: &str) {
+        let line = format!("p:{}/{event} {}:{offset:#x} {fetchargs}\n", self.group, bin.display());
+        let mut f =
+            std::fs::OpenOptions::new().append(true).open(self.tracefs.join("uprobe_events")).expect("uprobe_events");
+        f.write_all(line.as_bytes()).unwrap_or_else(|e| panic!("{line}: {e}"));
+        self.events.push(event.to_string());
+    }
+
+    fn enable(&self) {
+        std::fs::write(self.tracefs.join("events").join(&self.group).join("enable"), "1").expect("enable");
+        std::fs::write(self.tracefs.join("trace"), "").expect("clear trace");
+    }
+
+    /// Every hit of `event`, as its fetchargs.
+    fn hits(&self, event: &str) -> Vec<HashMap<String, i64>> {
+        let trace = std::fs::read_to_string(self.tracefs.join("trace")).expect("trace");
+        trace
+            .lines()
+            .filter(|l| l.contains(&format!(" {event}: ")))
+            .map(|l| {
+                l.split_whitespace()
+                    .filter_map(|w| w.split_once('='))
+                    .filter_map(|(k, v)| Some((k.to_string(), v.parse().ok()?)))
+                    .collect()
+            })
+            .collect()
+    }
+}
+
+impl Drop for Uprobes {
+    fn drop(&mut self) {
+        if let Err(e) = std::fs::write(self.tracefs.join("events").join(&self.group).join("enable"), "0") {
+            eprintln!("disabling {}: {e}", self.group);
+        }
+        for e in &self.events {
+            let r = std::fs::OpenOptions::new()
+                .append(true)
+                .open(self.tracefs.join("uprobe_events"))
+                // One write(2): tracefs parses each write as a whole command,
+                // and writeln! on a File writes its pieces one by one.
+                .and_then(|mut f| f.write_all(format!("-:{}/{e}\n", self.group).as_bytes()));
+            if let Err(err) = r {
+                eprintln!("removing {}/{e}: {err}", self.group);
+            }
+        }
+    }
+}
+
+/// A register as tracefs spells it: `%bx` for rbx, `%r8` for r8.
+fn tracefs_reg(reg: &str) -> String {
+    if reg[1..].chars().all(|c| c.is_ascii_digit()) { format!("%{reg}") } else { format!("%{}", &reg[1..]) }
+}
+
+/// A catalog read as a tracefs fetch: `+8(%r8)`.
+fn fetch(arg: &Value) -> String {
+    let reg = arg["source"]["register"].as_str().expect("register source on amd64 register ABI");
+    arg["derefs"]
+        .as_array()
+        .expect("derefs")
+        .iter()
+        .fold(tracefs_reg(reg), |s, d| format!("+{}({s})", d.as_u64().expect("offset")))
+}
+
+/// The `deltas` read of a probe, checked to be the only one and marked verified.
+fn deltas_arg(p: &Value) -> &Value {
+    let args = p["args"].as_array().expect("args");
+    let a = args.iter().find(|a| a["name"] == "deltas").unwrap_or_else(|| panic!("no deltas read: {p}"));
+    assert_eq!(a["verified"], true, "{p}");
+    a
+}
+
+/// The catalog's `deltas` reads give exactly the deltas the informer
+/// handled. The count alone cannot tell a right read from a wrong one on
+/// `handleDeltas` (RealFIFO passes one delta per call, and what the
+/// pre-0.36 slot, RCX, points at also reads 1 here), so each hit also
+/// follows the same slice header to its first `Delta` (Type string at +0,
+/// Object's data word at +24) and into the ConfigMap (Name at +32,
+/// ResourceVersion at +112): their lengths must be the ones the program
+/// used ("Updated"/"Added", "serial"/"burst-N", one- or two-digit RVs).
+#[test]
+fn handle_deltas_reads_match_tracefs() {
+    require_root();
+    let bin = clientgo::informer();
+    let j = inspect_json(bin);
+    assert_eq!(j["go_version"], "go1.27.3");
+    let single = probe(&j, HANDLE_DELTAS);
+    let batch = probe(&j, HANDLE_BATCH_DELTAS);
+    assert_eq!(single["name_verified"], true);
+    assert_eq!(batch["name_verified"], true);
+
+    // handleDeltas: deltas = +8(obj.data) (a boxed slice header); the
+    // header's pointer word is the same chase with 0 as the last offset.
+    let count = fetch(deltas_arg(single));
+    let header = count.strip_prefix("+8(").and_then(|s| s.strip_suffix(')')).expect("len at +8 of the header");
+    let first = format!("+0({header})");
+    let object = format!("+24({first})");
+    let single_args =
+        format!("deltas={count}:s64 type_len=+8({first}):s64 name_len=+40({object}):s64 rv_len=+120({object}):s64");
+    // handleBatchDeltas: deltas = the []Delta's len register; its pointer
+    // is the register before it (the catalog's slice is ptr, len, cap).
+    let batch_count = fetch(deltas_arg(batch));
+    let mut up = Uprobes::new();
+    up.add("single", bin, single["file_offset"].as_u64().expect("offset"), &single_args);
+    up.add("batch", bin, batch["file_offset"].as_u64().expect("offset"), &format!("deltas={batch_count}:s64"));
+    up.enable();
+
+    const SERIAL: u64 = 5;
+    const BURST: u64 = 20;
+    // 2 ms in the index function per object: the burst queues up behind
+    // the first pops, so later pops take several objects (handleBatchDeltas).
+    let mut inf = Informer::start(bin, 2000);
+    assert_eq!(inf.command(&format!("serial {SERIAL}")), 1 + SERIAL);
+    let handled = inf.command(&format!("burst {BURST}"));
+    assert_eq!(handled, 1 + SERIAL + BURST);
+    drop(inf);
+
+    let singles = up.hits("single");
+    let batches = up.hits("batch");
+    let get = |h: &HashMap<String, i64>, k: &str| *h.get(k).unwrap_or_else(|| panic!("no {k} in {h:?}"));
+    // RealFIFO hands handleDeltas one delta per call.
+    assert!(singles.iter().all(|h| get(h, "deltas") == 1), "{singles:?}");
+    // At startup the empty initial list reaches the informer as one
+    // ReplacedAll delta, whose object is no ConfigMap; then the first
+    // ConfigMap's Added, then every Updated of `serial N`.
+    assert_eq!(get(&singles[0], "type_len"), "ReplacedAll".len() as i64, "{singles:?}");
+    let cm: Vec<(i64, i64, i64)> =
+        singles[1..].iter().map(|h| (get(h, "type_len"), get(h, "name_len"), get(h, "rv_len"))).collect();
+    assert_eq!(cm[0], ("Added".len() as i64, "serial".len() as i64, 1), "{singles:?}");
+    for (i, got) in cm[1..=SERIAL as usize].iter().enumerate() {
+        // ResourceVersions 3..=7: one digit.
+        assert_eq!(*got, ("Updated".len() as i64, "serial".len() as i64, 1), "update {i}: {singles:?}");
+    }
+    // The burst's objects, each counted once whichever way it was popped.
+    let burst_single: Vec<&(i64, i64, i64)> = cm[1 + SERIAL as usize..].iter().collect();
+    assert!(burst_single.iter().all(|(t, n, _)| *t == "Added".len() as i64 && *n >= 7), "{singles:?}");
+    let in_batches: i64 = batches.iter().map(|h| get(h, "deltas")).sum();
+    assert_eq!(burst_single.len() as i64 + in_batches, BURST as i64, "single {singles:?} batch {batches:?}");
+    assert!(batches.iter().any(|h| get(h, "deltas") > 1), "no batch pop: {batches:?}");
+    // Every delta the handlers saw went through one of the two, once.
+    let all: i64 = singles[1..].iter().map(|h| get(h, "deltas")).sum::<i64>() + in_batches;
+    assert_eq!(all as u64, handled);
+    eprintln!(
+        "handleDeltas hits {}, handleBatchDeltas hits {} carrying {in_batches} deltas, handler calls {handled}",
+        singles.len(),
+        batches.len()
+    );
+}
+
+/// The built-in `informer_handle_deltas` window: one per pop, each at least
+/// as long as the work the informer did inside it. `serial N` sends each
+/// update after the previous one was handled, so every pop carries one
+/// delta and the window count must equal the handler calls exactly. A burst
+/// is popped partly in batches (handleBatchDeltas): there the windows must
+/// equal the pops the kernel's own uprobes saw on both functions.
+#[test]
+fn informer_window_counts_every_handled_pop() {
+    require_root();
+    let bin = clientgo::informer();
+    let j = inspect_json(bin);
+    let comm = bin.file_name().and_then(|n| n.to_str()).expect("fixture name");
+    let agent = Agent::start(&["--go-comm", comm]);
+    // 20.48 ms is a bucket bound, so "no window below it" is an exact check.
+    const DELAY_US: u64 = 20_480;
+    const N: u64 = 8;
+    const BURST: u64 = 12;
+    let mut inf = Informer::start(bin, DELAY_US);
+    wait_attached(&agent, &[inf.child.id()]);
+    let labels = format!("window=\"informer_handle_deltas\",comm=\"{comm}\"");
+    let windows = || Buckets::parse(&agent.metrics(), "watchscope_window_seconds", &labels);
+    // The agent may or may not have caught the startup pops (the empty
+    // list's ReplacedAll, which does no indexing, and the first Added):
+    // everything below is counted from here on.
+    let delay = DELAY_US as f64 * 1e-6;
+    let w0 = windows();
+    let (before, short_before) = (w0.count(), w0.below(delay));
+    let handled = inf.command(&format!("serial {N}"));
+    assert_eq!(handled, 1 + N);
+    std::thread::sleep(Duration::from_millis(300));
+    let w = windows();
+    assert_eq!(w.count() - before, N as f64, "windows before {before}, after {}:\n{}", w.count(), agent.metrics());
+    assert_eq!(w.below(delay), short_before, "a window shorter than the index delay: {:?}", w.cumulative);
+
+    let mut up = Uprobes::new();
+    for (event, symbol) in [("single", HANDLE_DELTAS), ("batch", HANDLE_BATCH_DELTAS)] {
+        up.add(event, bin, probe(&j, symbol)["file_offset"].as_u64().expect("offset"), "");
+    }
+    up.enable();
+    let before_burst = windows().count();
+    assert_eq!(inf.command(&format!("burst {BURST}")), 1 + N + BURST);
+    std::thread::sleep(Duration::from_millis(300));
+    let (singles, batches) = (up.hits("single").len(), up.hits("batch").len());
+    assert!(batches > 0, "the burst was never popped as a batch");
+    let w = windows();
+    assert_eq!(
+        w.count() - before_burst,
+        (singles + batches) as f64,
+        "tracefs: {singles} handleDeltas, {batches} handleBatchDeltas"
+    );
+    assert_eq!(w.below(delay), short_before, "{:?}", w.cumulative);
+    // The buckets that gained windows: (upper bound, windows in it).
+    let filled: Vec<(f64, f64)> =
+        w.cumulative.windows(2).filter(|p| p[1].1 > p[0].1).map(|p| (p[1].0, p[1].1 - p[0].1)).collect();
+    eprintln!(
+        "windows: {before} at startup, {N} for serial {N}, {} for burst {BURST} ({singles} single + {batches} \
+         batch pops); filled buckets (le s, count) {filled:?}",
+        w.count() - before_burst,
+    );
+}
