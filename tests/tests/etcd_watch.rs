@@ -48,7 +48,7 @@ on_builds!(
 ]);
 
 // Progress requests arrived in etcd 3.4 (3.3's etcdctl has no `progress`).
-on_builds!([etcd_3_4_23, Bookworm3423], [etcd_3_5_16, Trixie3516], [etcd_3_5_30, Sid3530]: [
+on_builds!([progress_3_4_23, Bookworm3423], [progress_3_5_16, Trixie3516], [progress_3_5_30, Sid3530]: [
     progress_notifications_are_counted_apart_from_events,
 ]);
 
