@@ -7,6 +7,7 @@ pub mod debcache;
 pub mod etcd;
 pub mod go;
 pub mod proxy;
+pub mod tracefs;
 
 use std::{
     net::TcpListener,

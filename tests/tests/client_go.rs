@@ -8,14 +8,18 @@
 use std::{
     collections::HashMap,
     io::{BufRead, BufReader, Write},
-    path::{Path, PathBuf},
+    path::Path,
     process::{Child, ChildStdin, Command, Stdio},
     sync::mpsc,
     time::Duration,
 };
 
 use serde_json::Value;
-use watchscope_integration_tests::{Agent, Buckets, clientgo, require_root, stop_child, wait_attached, watchscope_bin};
+use watchscope_integration_tests::{
+    Agent, Buckets, clientgo, require_root, stop_child,
+    tracefs::{Uprobes, fetch},
+    wait_attached, watchscope_bin,
+};
 
 const HANDLE_DELTAS: &str = "k8s.io/client-go/tools/cache.(*sharedIndexInformer).handleDeltas";
 const HANDLE_BATCH_DELTAS: &str = "k8s.io/client-go/tools/cache.(*sharedIndexInformer).handleBatchDeltas";
@@ -83,83 +87,6 @@ fn probe<'a>(j: &'a Value, symbol: &str) -> &'a Value {
         .unwrap_or_else(|| panic!("{symbol} not resolved for client_go_handle_deltas: {}", j["unresolved"]))
 }
 
-/// Plain tracefs uprobes (the kernel's own, no BPF), removed on drop.
-struct Uprobes {
-    tracefs: PathBuf,
-    group: String,
-    events: Vec<String>,
-}
-
-impl Uprobes {
-    fn new() -> Uprobes {
-        let tracefs = PathBuf::from("/sys/kernel/tracing");
-        assert!(tracefs.join("uprobe_events").exists(), "tracefs with uprobe_events is not mounted");
-        Uprobes { tracefs, group: format!("wscg{}", std::process::id()), events: Vec::new() }
-    }
-
-    fn add(&mut self, event: &str, bin: &Path, offset: u64, fetchargs: &str) {
-        let line = format!("p:{}/{event} {}:{offset:#x} {fetchargs}\n", self.group, bin.display());
-        let mut f =
-            std::fs::OpenOptions::new().append(true).open(self.tracefs.join("uprobe_events")).expect("uprobe_events");
-        f.write_all(line.as_bytes()).unwrap_or_else(|e| panic!("{line}: {e}"));
-        self.events.push(event.to_string());
-    }
-
-    fn enable(&self) {
-        std::fs::write(self.tracefs.join("events").join(&self.group).join("enable"), "1").expect("enable");
-        std::fs::write(self.tracefs.join("trace"), "").expect("clear trace");
-    }
-
-    /// Every hit of `event`, as its fetchargs.
-    fn hits(&self, event: &str) -> Vec<HashMap<String, i64>> {
-        let trace = std::fs::read_to_string(self.tracefs.join("trace")).expect("trace");
-        trace
-            .lines()
-            .filter(|l| l.contains(&format!(" {event}: ")))
-            .map(|l| {
-                l.split_whitespace()
-                    .filter_map(|w| w.split_once('='))
-                    .filter_map(|(k, v)| Some((k.to_string(), v.parse().ok()?)))
-                    .collect()
-            })
-            .collect()
-    }
-}
-
-impl Drop for Uprobes {
-    fn drop(&mut self) {
-        if let Err(e) = std::fs::write(self.tracefs.join("events").join(&self.group).join("enable"), "0") {
-            eprintln!("disabling {}: {e}", self.group);
-        }
-        for e in &self.events {
-            let r = std::fs::OpenOptions::new()
-                .append(true)
-                .open(self.tracefs.join("uprobe_events"))
-                // One write(2): tracefs parses each write as a whole command,
-                // and writeln! on a File writes its pieces one by one.
-                .and_then(|mut f| f.write_all(format!("-:{}/{e}\n", self.group).as_bytes()));
-            if let Err(err) = r {
-                eprintln!("removing {}/{e}: {err}", self.group);
-            }
-        }
-    }
-}
-
-/// A register as tracefs spells it: `%bx` for rbx, `%r8` for r8.
-fn tracefs_reg(reg: &str) -> String {
-    if reg[1..].chars().all(|c| c.is_ascii_digit()) { format!("%{reg}") } else { format!("%{}", &reg[1..]) }
-}
-
-/// A catalog read as a tracefs fetch: `+8(%r8)`.
-fn fetch(arg: &Value) -> String {
-    let reg = arg["source"]["register"].as_str().expect("register source on amd64 register ABI");
-    arg["derefs"]
-        .as_array()
-        .expect("derefs")
-        .iter()
-        .fold(tracefs_reg(reg), |s, d| format!("+{}({s})", d.as_u64().expect("offset")))
-}
-
 /// The `deltas` read of a probe, checked to be the only one and marked verified.
 fn deltas_arg(p: &Value) -> &Value {
     let args = p["args"].as_array().expect("args");
@@ -198,7 +125,7 @@ fn handle_deltas_reads_match_tracefs() {
     // handleBatchDeltas: deltas = the []Delta's len register; its pointer
     // is the register before it (the catalog's slice is ptr, len, cap).
     let batch_count = fetch(deltas_arg(batch));
-    let mut up = Uprobes::new();
+    let mut up = Uprobes::new("wscg");
     up.add("single", bin, single["file_offset"].as_u64().expect("offset"), &single_args);
     up.add("batch", bin, batch["file_offset"].as_u64().expect("offset"), &format!("deltas={batch_count}:s64"));
     up.enable();
@@ -279,7 +206,7 @@ fn informer_window_counts_every_handled_pop() {
     assert_eq!(w.count() - before, N as f64, "windows before {before}, after {}:\n{}", w.count(), agent.metrics());
     assert_eq!(w.below(delay), short_before, "a window shorter than the index delay: {:?}", w.cumulative);
 
-    let mut up = Uprobes::new();
+    let mut up = Uprobes::new("wscg");
     for (event, symbol) in [("single", HANDLE_DELTAS), ("batch", HANDLE_BATCH_DELTAS)] {
         up.add(event, bin, probe(&j, symbol)["file_offset"].as_u64().expect("offset"), "");
     }

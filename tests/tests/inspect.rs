@@ -20,6 +20,7 @@ use watchscope_integration_tests::{
     etcd::Etcd,
     go::{self, Fixture, fixture, fixtures, gdb, inspect_json, nm, objdump_rets},
     require_root,
+    tracefs::{self, Uprobes},
 };
 
 fn lib_inspect(path: &Path) -> Inspection {
@@ -301,60 +302,9 @@ fn debian_etcdctl_resolves_client_role() {
     }
 }
 
-/// tracefs uprobes that remove themselves.
-struct Uprobes {
-    tracefs: PathBuf,
-    group: String,
-    events: Vec<String>,
-}
-
-impl Uprobes {
-    fn tracefs() -> PathBuf {
-        ["/sys/kernel/tracing", "/sys/kernel/debug/tracing"]
-            .iter()
-            .map(PathBuf::from)
-            .find(|p| p.join("uprobe_events").exists())
-            .expect("tracefs with uprobe_events is not mounted")
-    }
-
-    fn add(&mut self, event: &str, bin: &Path, offset: u64, fetchargs: &str) {
-        let line = format!("p:{}/{event} {}:{offset:#x} {fetchargs}\n", self.group, bin.display());
-        let mut f =
-            std::fs::OpenOptions::new().append(true).open(self.tracefs.join("uprobe_events")).expect("uprobe_events");
-        f.write_all(line.as_bytes()).unwrap_or_else(|e| panic!("{line}: {e}"));
-        self.events.push(event.to_string());
-    }
-
-    fn enable(&self) {
-        std::fs::write(self.tracefs.join("events").join(&self.group).join("enable"), "1").expect("enable");
-        std::fs::write(self.tracefs.join("trace"), "").expect("clear trace");
-    }
-
-    fn trace(&self) -> String {
-        std::fs::read_to_string(self.tracefs.join("trace")).expect("trace")
-    }
-}
-
-impl Drop for Uprobes {
-    fn drop(&mut self) {
-        let _ = std::fs::write(self.tracefs.join("events").join(&self.group).join("enable"), "0");
-        for e in &self.events {
-            if let Ok(mut f) = std::fs::OpenOptions::new().append(true).open(self.tracefs.join("uprobe_events")) {
-                let _ = writeln!(f, "-:{}/{e}", self.group);
-            }
-        }
-    }
-}
-
-/// A catalog read as a tracefs fetcharg: `+16(+0(%bx))`.
+/// A catalog read as a tracefs fetcharg: `name=+16(+0(%bx)):s64`.
 fn fetcharg(a: &Value) -> String {
-    let reg = a["source"]["register"].as_str().expect("register source on amd64 register ABI");
-    // tracefs spells rbx as %bx but r8 as %r8.
-    let mut s =
-        if reg[1..].chars().all(|c| c.is_ascii_digit()) { format!("%{reg}") } else { format!("%{}", &reg[1..]) };
-    for d in a["derefs"].as_array().unwrap() {
-        s = format!("+{}({s})", d.as_u64().unwrap());
-    }
+    let s = tracefs::fetch(a);
     let ty = if a["name"].as_str().unwrap().ends_with("_id") && a["name"] != "watch_id" { "x64" } else { "s64" };
     format!("{}={s}:{ty}", a["name"].as_str().unwrap())
 }
@@ -366,14 +316,13 @@ fn fields(line: &str) -> HashMap<String, String> {
 #[test]
 fn etcd_arg_reads_match_tracefs() {
     require_root();
-    let tracefs = Uprobes::tracefs();
     let etcd = Etcd::start("ws-insp-etcd", "ws-insp-ctl");
     let (_, server, err) = inspect_json(&etcd.bin, &[]);
     assert!(server.is_object(), "{err}");
     let (_, client, err) = inspect_json(&etcd.ctl, &[]);
     assert!(client.is_object(), "{err}");
 
-    let mut up = Uprobes { tracefs, group: format!("wsinsp{}", std::process::id()), events: Vec::new() };
+    let mut up = Uprobes::new("wsinsp");
     for (event, json, bin, role) in [
         ("notify", &server, &etcd.bin, "etcd_server_notify"),
         ("wsend", &server, &etcd.bin, "etcd_server_watcher_send"),

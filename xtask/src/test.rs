@@ -49,7 +49,9 @@ pub fn run(args: &TestArgs) -> Result<()> {
     }
     step("integration tests on real programs");
     let mut cmd = util::cargo();
-    cmd.args(["test", "-p", "watchscope-integration-tests", "--"]);
+    // Every suite runs even when one fails: a CI log then shows every
+    // failure of the run, not the first.
+    cmd.args(["test", "--no-fail-fast", "-p", "watchscope-integration-tests", "--"]);
     if let Some(f) = &args.filter {
         cmd.arg(f);
     }
