@@ -124,6 +124,10 @@ pub struct WatchProbeConfig {
     pub resp_created_off: u32,
     pub resp_canceled_off: u32,
     pub resp_compact_rev_off: u32,
+    /// 1 when the goroutine `g` is in a register (Go's register ABI, and
+    /// arm64 always); 0 with amd64's stack ABI, where it lives in
+    /// thread-local storage and the register slot holds anything.
+    pub g_in_reg: u32,
     /// How to tell, at the probed stack-check jump, that this hit is the
     /// one that calls morestack (and re-enters): one of the `GUARD_*`.
     pub guard: u32,
@@ -297,7 +301,7 @@ pub fn events_index(slot: u32, side: Side) -> u32 {
 }
 
 const _: () = assert!(size_of::<ArgLoc>() == 8);
-const _: () = assert!(size_of::<WatchProbeConfig>() == 76);
+const _: () = assert!(size_of::<WatchProbeConfig>() == 80);
 const _: () = assert!(size_of::<RevKey>() == 16);
 const _: () = assert!(size_of::<WatchRevKey>() == 32);
 const _: () = assert!(size_of::<Stamp<RevKey>>() == 32);

@@ -332,8 +332,9 @@ fn response_loop(ctx: &ProbeContext, side: Side) -> Option<(EventLoop, u64)> {
         watch_id: r.watch_id,
         recording: record_on() as u32,
         n: 0,
-        // SAFETY: the probe's own register context.
-        g: reg(unsafe { &*ctx.regs }, G_SLOT).unwrap_or(0),
+        // SAFETY: the probe's own register context. Records of a stack-ABI
+        // binary carry no goroutine (0), never a scratch register's value.
+        g: if c.cfg.g_in_reg != 0 { reg(unsafe { &*ctx.regs }, G_SLOT).unwrap_or(0) } else { 0 },
     };
     Some((st, r.len))
 }

@@ -196,6 +196,7 @@ fn site(insp: &Inspection, layout: &EtcdLayout, p: &Probe, role: Role, program: 
         resp_created_off: fact(Fact::RespCreated)?,
         resp_canceled_off: fact(Fact::RespCanceled)?,
         resp_compact_rev_off: fact(Fact::RespCompactRevision)?,
+        g_in_reg: u32::from(insp.g_register.is_some()),
         ..WatchProbeConfig::default()
     };
     match role {

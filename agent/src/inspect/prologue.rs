@@ -235,8 +235,10 @@ mod tests {
             0x0f, 0x86, 0xdd, 0x02, 0x00, 0x00, 0x48, 0x81, 0xec, 0xf8, 0x00, 0x00, 0x00,
         ];
         assert_eq!(amd64_probe_site(&code, 0xa8aaa0, false), Ok(ProbeSite { offset: 0x12, guard: GUARD_X86_JBE }));
-        // The same bytes under the register ABI write an argument register.
-        assert!(amd64_probe_site(&code, 0xa8aaa0, true).is_err());
+        // Under the register ABI, `lea rax` before a stack check writes an
+        // argument register: refused.
+        let code = [0x48, 0x8d, 0x44, 0x24, 0x88, 0x49, 0x3b, 0x46, 0x10, 0x0f, 0x86, 0xdd, 0x02, 0x00, 0x00, 0x55];
+        assert!(amd64_probe_site(&code, 0x1000, true).is_err());
     }
 
     #[test]
