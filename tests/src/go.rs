@@ -44,6 +44,19 @@ impl Toolchain {
         }
         c
     }
+
+    /// Builds the program in `tests/fixtures/go/<dir>` as `out`, stripped
+    /// (`-s -w`) or not; panics with the compiler's output if it fails.
+    pub fn build_program(&self, dir: &str, out: &Path, stripped: bool) {
+        let src = Path::new(env!("CARGO_MANIFEST_DIR")).join("fixtures/go").join(dir);
+        let mut cmd = self.cmd();
+        cmd.arg("build");
+        if stripped {
+            cmd.arg("-ldflags=-s -w");
+        }
+        let o = cmd.arg("-o").arg(out).arg(".").current_dir(&src).output().expect("go build");
+        assert!(o.status.success(), "{} build of {dir}: {}", self.name, String::from_utf8_lossy(&o.stderr));
+    }
 }
 
 fn go_version(go: &Path) -> Option<String> {

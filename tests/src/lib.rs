@@ -59,6 +59,60 @@ pub fn stop_child(child: &mut Child) {
     let _ = child.wait();
 }
 
+/// A child process driven line by line: commands go to its stdin, and its
+/// stdout lines are read in the background. Stopped (SIGTERM, then SIGKILL)
+/// on drop.
+pub struct Piped {
+    pub child: std::process::Child,
+    stdin: std::process::ChildStdin,
+    lines: std::sync::mpsc::Receiver<String>,
+}
+
+impl Piped {
+    /// Spawns `cmd` with its stdin and stdout piped.
+    pub fn spawn(mut cmd: std::process::Command) -> Piped {
+        use std::{io::BufRead, process::Stdio};
+        let mut child =
+            cmd.stdin(Stdio::piped()).stdout(Stdio::piped()).spawn().unwrap_or_else(|e| panic!("start {cmd:?}: {e}"));
+        let stdin = child.stdin.take().expect("piped stdin");
+        let stdout = child.stdout.take().expect("piped stdout");
+        let (tx, lines) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            for l in std::io::BufReader::new(stdout).lines().map_while(Result::ok) {
+                let _ = tx.send(l);
+            }
+        });
+        Piped { child, stdin, lines }
+    }
+
+    /// Writes `line` and a newline in one write(2).
+    pub fn send(&mut self, line: &str) {
+        use std::io::Write;
+        self.stdin.write_all(format!("{line}\n").as_bytes()).and_then(|_| self.stdin.flush()).expect("child stdin");
+    }
+
+    /// As [`Piped::send`], ignoring a child that is already gone.
+    pub fn send_quietly(&mut self, line: &str) {
+        use std::io::Write;
+        let _ = self.stdin.write_all(format!("{line}\n").as_bytes()).and_then(|_| self.stdin.flush());
+    }
+
+    /// The next stdout line; panics after `timeout` or at end of output.
+    pub fn next(&self, timeout: Duration) -> String {
+        self.lines.recv_timeout(timeout).unwrap_or_else(|e| panic!("no output line within {timeout:?}: {e}"))
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+}
+
+impl Drop for Piped {
+    fn drop(&mut self) {
+        stop_child(&mut self.child);
+    }
+}
+
 /// `/debug/probes` of a running agent (null when it cannot be read).
 pub fn debug_probes(agent: &Agent) -> serde_json::Value {
     http_get(&agent.url("/debug/probes")).ok().and_then(|(_, b)| serde_json::from_str(&b).ok()).unwrap_or_default()

@@ -5,18 +5,11 @@
 //! uprobes on a program that knows how many deltas it fed, and the agent's
 //! built-in `informer_handle_deltas` window counts every pop.
 
-use std::{
-    collections::HashMap,
-    io::{BufRead, BufReader, Write},
-    path::Path,
-    process::{Child, ChildStdin, Command, Stdio},
-    sync::mpsc,
-    time::Duration,
-};
+use std::{collections::HashMap, path::Path, process::Command, time::Duration};
 
 use serde_json::Value;
 use watchscope_integration_tests::{
-    Agent, Buckets, clientgo, require_root, stop_child,
+    Agent, Buckets, Piped, clientgo, require_root,
     tracefs::{Uprobes, fetch},
     wait_attached, watchscope_bin,
 };
@@ -25,52 +18,30 @@ const HANDLE_DELTAS: &str = "k8s.io/client-go/tools/cache.(*sharedIndexInformer)
 const HANDLE_BATCH_DELTAS: &str = "k8s.io/client-go/tools/cache.(*sharedIndexInformer).handleBatchDeltas";
 
 /// The informer fixture (tests/fixtures/go-k8s/src/informer), driven line by line.
-struct Informer {
-    child: Child,
-    stdin: ChildStdin,
-    lines: mpsc::Receiver<String>,
-}
+struct Informer(Piped);
 
 impl Informer {
     fn start(bin: &Path, delay_us: u64) -> Informer {
-        let mut child = Command::new(bin)
-            .arg(format!("-delay-us={delay_us}"))
-            .stdin(Stdio::piped())
-            .stdout(Stdio::piped())
-            .spawn()
-            .expect("start the informer fixture");
-        let stdin = child.stdin.take().expect("stdin");
-        let stdout = child.stdout.take().expect("stdout");
-        let (tx, lines) = mpsc::channel();
-        std::thread::spawn(move || {
-            for l in BufReader::new(stdout).lines().map_while(Result::ok) {
-                let _ = tx.send(l);
-            }
-        });
-        let f = Informer { child, stdin, lines };
+        let mut cmd = Command::new(bin);
+        cmd.arg(format!("-delay-us={delay_us}"));
+        let f = Informer(Piped::spawn(cmd));
         // The first object was added and handled before the program reads stdin.
         assert_eq!(f.next(), "ready handled 1");
         f
     }
 
     fn next(&self) -> String {
-        self.lines.recv_timeout(Duration::from_secs(60)).expect("informer output")
+        self.0.next(Duration::from_secs(60))
     }
 
     /// Sends one command and returns the handler calls made so far.
     fn command(&mut self, line: &str) -> u64 {
-        writeln!(self.stdin, "{line}").and_then(|_| self.stdin.flush()).expect("informer stdin");
+        self.0.send(line);
         let reply = self.next();
         reply
             .strip_prefix("handled ")
             .and_then(|n| n.parse().ok())
             .unwrap_or_else(|| panic!("`{line}`: unexpected reply `{reply}`"))
-    }
-}
-
-impl Drop for Informer {
-    fn drop(&mut self) {
-        stop_child(&mut self.child);
     }
 }
 
@@ -190,7 +161,7 @@ fn informer_window_counts_every_handled_pop() {
     const N: u64 = 8;
     const BURST: u64 = 12;
     let mut inf = Informer::start(bin, DELAY_US);
-    wait_attached(&agent, &[inf.child.id()]);
+    wait_attached(&agent, &[inf.0.pid()]);
     let labels = format!("window=\"informer_handle_deltas\",comm=\"{comm}\"");
     let windows = || Buckets::parse(&agent.metrics(), "watchscope_window_seconds", &labels);
     // The agent may or may not have caught the startup pops (the empty

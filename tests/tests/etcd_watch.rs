@@ -341,16 +341,7 @@ fn sigkill_with_tracefs_uprobes_leaves_nothing_attached_and_the_next_agent_clean
 fn an_unknown_etcd_build_is_reported_once_and_left_alone() {
     let dir = tempfile::tempdir().expect("tmp");
     let bin = dir.path().join("ws-unknownetcd");
-    let src = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("fixtures/go/unknown-etcd");
-    let out = watchscope_integration_tests::go::go119()
-        .cmd()
-        .args(["build", "-o"])
-        .arg(&bin)
-        .arg(".")
-        .current_dir(&src)
-        .output()
-        .expect("go build");
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    watchscope_integration_tests::go::go119().build_program("unknown-etcd", &bin, false);
 
     let agent = Agent::start(&["--comm", "ws-unknownetcd"]);
     let start = || {
@@ -395,16 +386,7 @@ fn a_binary_with_etcd_names_and_another_layout_is_refused_naming_the_field() {
     // and `(*watcher).send`), but `mvccpb.Event` is 32 bytes.
     let dir = tempfile::tempdir().expect("tmp");
     let bin = dir.path().join("ws-fakeetcd");
-    let src = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("fixtures/go/fake-etcd");
-    let out = watchscope_integration_tests::go::go119()
-        .cmd()
-        .args(["build", "-o"])
-        .arg(&bin)
-        .arg(".")
-        .current_dir(&src)
-        .output()
-        .expect("go build");
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    watchscope_integration_tests::go::go119().build_program("fake-etcd", &bin, false);
 
     // What `inspect` says: the roles resolve, the layout is refused.
     let insp = Command::new(watchscope_integration_tests::watchscope_bin())

@@ -5,15 +5,14 @@
 //! keeps copying its stack under every probe.
 
 use std::{
-    io::{BufRead, BufReader, Write},
+    io::Write,
     path::{Path, PathBuf},
-    process::{Child, ChildStdin, Command, Stdio},
-    sync::mpsc,
+    process::Command,
     time::Duration,
 };
 
 use watchscope_integration_tests::{
-    Agent, Buckets, debug_probes,
+    Agent, Buckets, Piped, debug_probes,
     go::{Toolchain, go119, go127},
     http_get, wait_until,
 };
@@ -21,44 +20,29 @@ use watchscope_integration_tests::{
 /// Builds the mapwork fixture, stripped, as `dir/name` (its comm).
 fn build(t: &Toolchain, dir: &Path, name: &str) -> PathBuf {
     let out = dir.join(name);
-    let src = Path::new(env!("CARGO_MANIFEST_DIR")).join("fixtures/go/mapwork");
-    let o =
-        t.cmd().args(["build", "-ldflags=-s -w", "-o"]).arg(&out).arg(".").current_dir(src).output().expect("go build");
-    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    t.build_program("mapwork", &out, true);
     out
 }
 
 /// A fixture process that waits for a line before working.
-struct Fixture {
-    child: Child,
-    stdin: ChildStdin,
-    lines: mpsc::Receiver<String>,
-}
+struct Fixture(Piped);
 
 impl Fixture {
     fn start(bin: &Path, args: &[&str]) -> Fixture {
-        let mut child =
-            Command::new(bin).args(args).stdin(Stdio::piped()).stdout(Stdio::piped()).spawn().expect("start");
-        let stdin = child.stdin.take().expect("stdin");
-        let stdout = child.stdout.take().expect("stdout");
-        let (tx, lines) = mpsc::channel();
-        std::thread::spawn(move || {
-            for l in BufReader::new(stdout).lines().map_while(Result::ok) {
-                let _ = tx.send(l);
-            }
-        });
-        let f = Fixture { child, stdin, lines };
+        let mut cmd = Command::new(bin);
+        cmd.args(args);
+        let f = Fixture(Piped::spawn(cmd));
         assert_eq!(f.next(), "ready");
         f
     }
 
     fn next(&self) -> String {
-        self.lines.recv_timeout(Duration::from_secs(120)).expect("fixture output")
+        self.0.next(Duration::from_secs(120))
     }
 
     /// Starts the work and returns the fixture's result line.
     fn run(&mut self) -> String {
-        writeln!(self.stdin, "go").expect("go");
+        self.0.send("go");
         let done = self.next();
         assert!(done.starts_with("done "), "{done}");
         done
@@ -67,9 +51,7 @@ impl Fixture {
 
 impl Drop for Fixture {
     fn drop(&mut self) {
-        let _ = writeln!(self.stdin, "exit");
-        let _ = self.child.kill();
-        let _ = self.child.wait();
+        self.0.send_quietly("exit");
     }
 }
 

@@ -5,7 +5,7 @@
 //! built with Go 1.19 (Debian bookworm), 1.24 (trixie) and 1.27 (PyPI); and
 //! the published facts of the real etcd builds.
 
-use std::{path::Path, process::Command};
+use std::process::Command;
 
 use watchscope::inspect::{self, StructLayout};
 use watchscope_integration_tests::{
@@ -46,17 +46,6 @@ fn parse_truth(out: &str) -> Vec<Truth> {
     types
 }
 
-fn build(t: &Toolchain, out: &Path, stripped: bool) {
-    let src = Path::new(env!("CARGO_MANIFEST_DIR")).join("fixtures/go");
-    let mut cmd = t.cmd();
-    cmd.args(["build", "-o"]).arg(out);
-    if stripped {
-        cmd.arg("-ldflags=-s -w");
-    }
-    let res = cmd.arg("./typeinfo").current_dir(&src).output().expect("go build");
-    assert!(res.status.success(), "{}: {}", t.name, String::from_utf8_lossy(&res.stderr));
-}
-
 fn same(t: &Truth, l: &StructLayout) -> Result<(), String> {
     if l.size != t.size {
         return Err(format!("size {} (reflect {})", l.size, t.size));
@@ -72,8 +61,8 @@ fn same(t: &Truth, l: &StructLayout) -> Result<(), String> {
 fn check_toolchain(t: &Toolchain) {
     let dir = tempfile::tempdir().expect("tmp");
     let (twin, stripped) = (dir.path().join("typeinfo"), dir.path().join("typeinfo-stripped"));
-    build(t, &twin, false);
-    build(t, &stripped, true);
+    t.build_program("typeinfo", &twin, false);
+    t.build_program("typeinfo", &stripped, true);
     let out = Command::new(&twin).output().expect("run the unstripped twin");
     assert!(out.status.success());
     let truth = parse_truth(&String::from_utf8_lossy(&out.stdout));

@@ -1,8 +1,8 @@
-//! `watchscope record` and the watch event chains on a real etcd 3.4 with
-//! real clients: exact counts per stage and chain, a slow watcher marked in
-//! its send stage, a stopped client's chains broken (and counted exactly on
-//! a `run` agent's /metrics), and the HTML report parsed and rendered by a
-//! real headless Chromium.
+//! `watchscope record` and the watch event chains on each real etcd build
+//! (3.4.23, 3.5.16, 3.5.30, 3.3.25) with its own etcdctl: exact counts per
+//! stage and chain, a slow watcher marked in its send stage, a stopped
+//! client's chains broken (and counted exactly on a `run` agent's /metrics),
+//! and the HTML report parsed and rendered by a real headless Chromium.
 
 use std::{
     path::Path,
@@ -12,7 +12,7 @@ use std::{
 
 use watchscope_integration_tests::{
     Agent, debug_probes,
-    etcd::{Etcd, unsent},
+    etcd::{Build, Etcd, unsent},
     free_port, http_get, probes_cover, require_root, sample_value, wait_until, watchscope_bin,
 };
 
@@ -182,11 +182,27 @@ fn chain_rows(report: &str) -> Vec<ChainRow> {
     rows
 }
 
-#[test]
-fn record_counts_every_stage_and_chain_and_writes_a_page_chromium_renders() {
+/// Runs each test function on every etcd build.
+macro_rules! on_each_build {
+    ($($test:ident),* $(,)?) => {
+        mod etcd_3_4_23 { $(#[test] fn $test() { super::$test(super::Build::Bookworm3423) })* }
+        mod etcd_3_5_16 { $(#[test] fn $test() { super::$test(super::Build::Trixie3516) })* }
+        mod etcd_3_5_30 { $(#[test] fn $test() { super::$test(super::Build::Sid3530) })* }
+        mod etcd_3_3_25 { $(#[test] fn $test() { super::$test(super::Build::Bullseye3325) })* }
+    };
+}
+
+on_each_build!(
+    record_counts_every_stage_and_chain_and_writes_a_page_chromium_renders,
+    a_slow_watcher_marks_its_chains_slow_in_the_send_stage,
+    a_stopped_client_breaks_exactly_the_chains_it_did_not_dispatch,
+);
+
+fn record_counts_every_stage_and_chain_and_writes_a_page_chromium_renders(build: Build) {
     const N: u64 = 20;
-    let (server, client) = ("wse-rec", "wsc-rec");
-    let etcd = Etcd::start(server, client);
+    let (server, client) = (build.comm("wse-rec"), build.comm("wsc-rec"));
+    let (server, client) = (server.as_str(), client.as_str());
+    let etcd = Etcd::start_build(build, server, client);
     let watch = etcd.watch("/rec/");
     // A duration far past the workload: the test ends it with SIGINT.
     let mut rec = Recording::start("10m", &format!("{server},{client}"), &[]);
@@ -243,7 +259,7 @@ fn record_counts_every_stage_and_chain_and_writes_a_page_chromium_renders() {
     let differing = pixels.chunks(px).filter(|p| p != &first).count();
     assert!(differing > 10_000, "the screenshot is (nearly) blank: {differing} pixels differ");
     // Keep a copy to look at.
-    let _ = std::fs::copy(&png, std::env::temp_dir().join("watchscope-record-report.png"));
+    let _ = std::fs::copy(&png, std::env::temp_dir().join(format!("watchscope-record-report-{}.png", build.tag())));
 }
 
 fn screenshot(html: &Path, png: &Path) {
@@ -271,15 +287,15 @@ fn screenshot(html: &Path, png: &Path) {
     assert!(size > 20_000, "screenshot of {size} bytes");
 }
 
-#[test]
-fn a_slow_watcher_marks_its_chains_slow_in_the_send_stage() {
+fn a_slow_watcher_marks_its_chains_slow_in_the_send_stage(build: Build) {
     // How long the slow watcher's stream stays blocked once the recorder
     // sees it blocked (see etcd_watch.rs for the method).
     const D: f64 = 3.0;
     const STUCK: f64 = 3.0;
     const MAX_PUTS: usize = 200;
-    let (server, client) = ("wse-recslow", "wsc-recslow");
-    let etcd = Etcd::start(server, client);
+    let (server, client) = (build.comm("wse-recslow"), build.comm("wsc-recslow"));
+    let (server, client) = (server.as_str(), client.as_str());
+    let etcd = Etcd::start_build(build, server, client);
     let fast = etcd.watch("/slow/");
     let mut slow = etcd.slow_watcher("/slow/");
     let mut rec = Recording::start("10m", &format!("{server},{client}"), &["--top", "40"]);
@@ -338,12 +354,12 @@ fn a_slow_watcher_marks_its_chains_slow_in_the_send_stage() {
     assert!(slow_in_send as f64 >= stuck.min(40.0), "{slow_in_send} slow in send, {stuck} blocked:\n{report}");
 }
 
-#[test]
-fn a_stopped_client_breaks_exactly_the_chains_it_did_not_dispatch() {
+fn a_stopped_client_breaks_exactly_the_chains_it_did_not_dispatch(build: Build) {
     const K: usize = 6;
-    let (server, client) = ("wse-broken", "wsc-broken");
+    let (server, client) = (build.comm("wse-broken"), build.comm("wsc-broken"));
+    let (server, client) = (server.as_str(), client.as_str());
     let agent = Agent::start(&["--comm", &format!("{server},{client}")]);
-    let etcd = Etcd::start(server, client);
+    let etcd = Etcd::start_build(build, server, client);
     let watch = etcd.watch("/b/");
     let ok = wait_until(Duration::from_secs(15), || {
         let bins = debug_probes(&agent)["binaries"].as_array().cloned().unwrap_or_default();
