@@ -25,6 +25,22 @@ pub fn copy_binary(src: impl AsRef<Path>, dir: &Path, name: &str) -> PathBuf {
     dst
 }
 
+/// Runs each named test function `fn(Build)` on the etcd builds named, as
+/// one `#[test]` per build in a module per build (`Build` must be in scope
+/// where it is used):
+/// `on_builds!([etcd_3_4_23, Bookworm3423], [etcd_3_5_30, Sid3530]: [a_test, another]);`
+#[macro_export]
+macro_rules! on_builds {
+    ($([$module:ident, $build:ident]),* : $tests:tt) => {
+        $($crate::on_builds!(@one $module, $build, $tests);)*
+    };
+    (@one $module:ident, $build:ident, [$($test:ident),* $(,)?]) => {
+        mod $module {
+            $(#[test] fn $test() { super::$test(super::Build::$build) })*
+        }
+    };
+}
+
 /// An etcd build the tests run: server and etcdctl of one version.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Build {
@@ -56,6 +72,12 @@ impl Build {
             Build::Sid3530 => crate::debcache::file("etcd-client", "3.5.30", "usr/bin/etcdctl"),
             Build::Bullseye3325 => crate::debcache::file("etcd-client", "3.3.25", "usr/bin/etcdctl"),
         }
+    }
+
+    /// Whether its Go passes arguments and `g` in registers (Go >= 1.17):
+    /// the Go runtime probes and handler windows need it.
+    pub fn register_abi(self) -> bool {
+        self != Build::Bullseye3325
     }
 
     /// A short tag for comm names (15 bytes at most in all).

@@ -9,7 +9,7 @@ use std::{process::Command, time::Duration};
 use watchscope_integration_tests::{
     Agent, Buckets, debug_probes,
     etcd::{Build, Etcd, unsent},
-    sample_value, uprobe_events_of, wait_attached, wait_until,
+    on_builds, sample_value, uprobe_events_of, wait_attached, wait_until,
 };
 
 const FAMILY: &str = "watchscope_watch_stage_seconds";
@@ -24,18 +24,6 @@ fn events(agent: &Agent, side: &str, comm: &str) -> f64 {
 
 fn dropped(text: &str, reason: &str) -> f64 {
     sample_value(text, &format!("watchscope_dropped_total{{reason=\"{reason}\"}}")).unwrap_or(0.0)
-}
-
-/// Runs each named test function on the etcd builds named.
-macro_rules! on_builds {
-    ($([$module:ident, $build:ident]),* : $tests:tt) => {
-        $(on_builds!(@one $module, $build, $tests);)*
-    };
-    (@one $module:ident, $build:ident, [$($test:ident),* $(,)?]) => {
-        mod $module {
-            $(#[test] fn $test() { super::$test(super::Build::$build) })*
-        }
-    };
 }
 
 on_builds!(

@@ -437,9 +437,14 @@ impl Chains {
             return;
         }
         // A client dispatch: pair the streams when one server stream alone
-        // sent this (rev, watch id).
+        // sent this (rev, watch id). A server whose records carry no
+        // goroutine (g 0: a stack-ABI build, g in thread-local storage)
+        // cannot tell its streams apart, so none of them is ever paired:
+        // pairing would expect this client's dispatches from the server's
+        // other streams too, and judge their chains broken wrongly.
         let mut senders = c.sends.iter().filter(|s| s.watch_id == r.watch_id).map(|s| s.stream);
         if let Some(first) = senders.next()
+            && first.1 != 0
             && senders.all(|s| s == first)
             && (self.pairs.len() < MAX_PAIRS || self.pairs.contains_key(&first))
         {
@@ -788,6 +793,22 @@ mod tests {
         c.on_watch(&WatchRecord { member: 77, ..dispatch((300, 0x4000), 9, 0, 0, 50 * MS) });
         c.expire(60_000 * MS, ALIVE);
         assert_eq!(c.counts(), ChainCounts { complete: 5, ..ChainCounts::default() });
+    }
+
+    #[test]
+    fn a_server_without_goroutines_is_never_paired() {
+        let mut c = Chains::new(settings());
+        let coarse: Stream = (100, 0);
+        // Two connections of a stack-ABI server look like one stream: the
+        // client on this node dispatches, the other connection's watcher
+        // never will.
+        c.on_watch(&send(coarse, 1, 0, MS, MS, 2 * MS));
+        c.on_watch(&dispatch(CLIENT, 1, 0, MS, 3 * MS));
+        for rev in 2..=4 {
+            c.on_watch(&send(coarse, rev, 0, rev as u64 * MS, 0, rev as u64 * MS + 10));
+        }
+        c.expire(60_000 * MS, ALIVE);
+        assert_eq!(c.counts(), ChainCounts { complete: 4, ..ChainCounts::default() });
     }
 
     #[test]
