@@ -209,6 +209,18 @@ impl Etcd {
         assert!(out.status.success(), "put {key}: {}", String::from_utf8_lossy(&out.stderr));
     }
 
+    /// A put that waits up to `timeout` for etcd (etcdctl's own limit is
+    /// 5 s): for a put issued while etcd is stopped.
+    pub fn put_waiting(&self, key: &str, value: &str, timeout: Duration) {
+        let out = self
+            .ctl()
+            .arg(format!("--command-timeout={}s", timeout.as_secs().max(1)))
+            .args(["put", key, value])
+            .output()
+            .expect("etcdctl put");
+        assert!(out.status.success(), "put {key}: {}", String::from_utf8_lossy(&out.stderr));
+    }
+
     /// Puts `n` keys `{prefix}0..n`, each a value of `bytes` bytes: large
     /// values fill a slow watcher's stream, sockets and HTTP/2 windows after
     /// a dozen events. etcdctl reads each value from stdin (too large for an
