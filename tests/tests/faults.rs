@@ -101,6 +101,48 @@ fn grew_by(before: &Counts, after: &Counts, n: usize) {
     );
 }
 
+/// Puts in a background thread until stopped: by [`Writer::stop`], or when
+/// dropped, so a failing test stops it too (a writer left running would
+/// keep its etcd alive past the test).
+struct Writer {
+    stop: Arc<AtomicBool>,
+    done: Arc<AtomicUsize>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl Writer {
+    fn start(etcd: Arc<Etcd>, prefix: &'static str) -> Writer {
+        let (stop, done) = (Arc::new(AtomicBool::new(false)), Arc::new(AtomicUsize::new(0)));
+        let thread = {
+            let (stop, done) = (stop.clone(), done.clone());
+            std::thread::spawn(move || {
+                while !stop.load(Ordering::Relaxed) {
+                    let i = done.load(Ordering::Relaxed);
+                    etcd.put(&format!("{prefix}{i}"), "v");
+                    done.fetch_add(1, Ordering::Relaxed);
+                }
+            })
+        };
+        Writer { stop, done, thread: Some(thread) }
+    }
+
+    fn stop(mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+        if let Some(t) = self.thread.take() {
+            t.join().expect("the writer's puts");
+        }
+    }
+}
+
+impl Drop for Writer {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
 fn an_agent_killed_mid_stream_and_restarted_counts_exactly(build: Build) {
     const N: usize = 15;
     let (server, client) = (build.comm("wsf-kill"), build.comm("wsfc-kill"));
@@ -112,18 +154,8 @@ fn an_agent_killed_mid_stream_and_restarted_counts_exactly(build: Build) {
     wait_attached(&first, &[etcd.pid(), watch.pid()]);
 
     // Puts keep flowing while the agent is killed and another one starts.
-    let stop = Arc::new(AtomicBool::new(false));
-    let done = Arc::new(AtomicUsize::new(0));
-    let writer = {
-        let (etcd, stop, done) = (etcd.clone(), stop.clone(), done.clone());
-        std::thread::spawn(move || {
-            while !stop.load(Ordering::Relaxed) {
-                let i = done.load(Ordering::Relaxed);
-                etcd.put(&format!("/fk/stream{i}"), "v");
-                done.fetch_add(1, Ordering::Relaxed);
-            }
-        })
-    };
+    let writer = Writer::start(etcd.clone(), "/fk/stream");
+    let done = writer.done.clone();
     assert!(wait_until(Duration::from_secs(20), || done.load(Ordering::Relaxed) >= 5), "no puts flowing");
     // A killed process exits only once the kernel has closed its files,
     // and each perf uprobe link waits for an RCU grace period there
@@ -134,8 +166,7 @@ fn an_agent_killed_mid_stream_and_restarted_counts_exactly(build: Build) {
     wait_attached(&second, &[etcd.pid(), watch.pid()]);
     let during = done.load(Ordering::Relaxed);
     assert!(wait_until(Duration::from_secs(20), || done.load(Ordering::Relaxed) >= during + 5), "puts stalled");
-    stop.store(true, Ordering::Relaxed);
-    writer.join().expect("writer");
+    writer.stop();
     // etcd served throughout: the watcher saw every put.
     let total = done.load(Ordering::Relaxed);
     assert_eq!(watch.wait_count(|l| l == "PUT", total, Duration::from_secs(20)), total);
