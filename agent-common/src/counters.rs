@@ -27,11 +27,21 @@ pub enum Counter {
     ReadError = 8,
     /// Process-exit events lost because the ring buffer was full.
     ExitRingbufFull = 9,
+    /// An API server's watch cache took an event whose commit its etcd
+    /// client did not see on this node (expected when etcd runs elsewhere).
+    CacheCommitMiss = 10,
+    /// An event reached a watcher's result channel without a commit seen
+    /// on this node.
+    WatcherCommitMiss = 11,
+    /// An event reached a watcher's result channel without its watch-cache
+    /// time (the cache stamp aged out, or an initial event replayed from
+    /// before the agent started).
+    WatcherCacheMiss = 12,
 }
 
 impl Counter {
     /// Number of slots the counter array must have (keep in sync with the enum).
-    pub const COUNT: u32 = 10;
+    pub const COUNT: u32 = 13;
 
     pub const ALL: [Counter; Self::COUNT as usize] = [
         Counter::ExecSeen,
@@ -44,6 +54,9 @@ impl Counter {
         Counter::EventsOverCap,
         Counter::ReadError,
         Counter::ExitRingbufFull,
+        Counter::CacheCommitMiss,
+        Counter::WatcherCommitMiss,
+        Counter::WatcherCacheMiss,
     ];
 
     /// The `reason` label this counter is exported under in
@@ -60,6 +73,9 @@ impl Counter {
             Counter::EventsOverCap => "events_over_cap",
             Counter::ReadError => "read_error",
             Counter::ExitRingbufFull => "exit_ringbuf_full",
+            Counter::CacheCommitMiss => "cache_commit_miss",
+            Counter::WatcherCommitMiss => "watcher_commit_miss",
+            Counter::WatcherCacheMiss => "watcher_cache_miss",
         })
     }
 }

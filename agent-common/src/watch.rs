@@ -14,12 +14,30 @@ pub enum Stage {
     CommitToSend = 2,
     /// notify → a client on the same node hands the event to its watcher.
     CommitToDispatch = 3,
+    /// notify → a Kubernetes API server's watch cache takes the event
+    /// (`watchCache.processEvent`), joined by revision through the API
+    /// server's own etcd client.
+    CommitToCache = 4,
+    /// notify → the event is in one watcher's result channel, ready to be
+    /// written to its HTTP stream (per watcher): SIG Scalability's watch
+    /// latency SLI.
+    CommitToWatcher = 5,
+    /// watch cache → one watcher's result channel (per watcher; timed also
+    /// when the commit happened on another node).
+    CacheToWatcher = 6,
 }
 
 impl Stage {
-    pub const COUNT: u32 = 4;
-    pub const ALL: [Stage; 4] =
-        [Stage::CommitToEnqueue, Stage::EnqueueToSend, Stage::CommitToSend, Stage::CommitToDispatch];
+    pub const COUNT: u32 = 7;
+    pub const ALL: [Stage; 7] = [
+        Stage::CommitToEnqueue,
+        Stage::EnqueueToSend,
+        Stage::CommitToSend,
+        Stage::CommitToDispatch,
+        Stage::CommitToCache,
+        Stage::CommitToWatcher,
+        Stage::CacheToWatcher,
+    ];
 
     pub fn name(self) -> &'static str {
         match self {
@@ -27,6 +45,9 @@ impl Stage {
             Stage::EnqueueToSend => "enqueue_to_send",
             Stage::CommitToSend => "commit_to_send",
             Stage::CommitToDispatch => "commit_to_dispatch",
+            Stage::CommitToCache => "commit_to_cache",
+            Stage::CommitToWatcher => "commit_to_watcher",
+            Stage::CacheToWatcher => "cache_to_watcher",
         }
     }
 }
@@ -39,10 +60,30 @@ pub enum Side {
     Server = 0,
     /// Events a client dispatched to its watchers.
     Client = 1,
+    /// Events a Kubernetes API server's watch cache took in.
+    ApiserverCache = 2,
+    /// Events an API server put in a watcher's result channel (per watcher).
+    ApiserverWatcher = 3,
+    /// Events a watcher received from the watch cache's history (the
+    /// initial events of a new watch): not live, so never timed.
+    ApiserverReplay = 4,
 }
 
 impl Side {
-    pub const COUNT: u32 = 2;
+    pub const COUNT: u32 = 5;
+    pub const ALL: [Side; 5] =
+        [Side::Server, Side::Client, Side::ApiserverCache, Side::ApiserverWatcher, Side::ApiserverReplay];
+
+    /// The `side` label.
+    pub fn name(self) -> &'static str {
+        match self {
+            Side::Server => "server",
+            Side::Client => "client",
+            Side::ApiserverCache => "apiserver_cache",
+            Side::ApiserverWatcher => "apiserver_watcher",
+            Side::ApiserverReplay => "apiserver_replayed",
+        }
+    }
 }
 
 /// Label slots: every watched process maps to one slot (its label set, e.g.
@@ -94,7 +135,9 @@ pub enum Reg {
 /// Arguments by role:
 /// - notify(rev, evs): `args[0]` rev, `args[1]` evs.ptr, `args[2]` evs.len;
 /// - watcher.send(wr): `args[0]` WatchID, `args[1]` Events.ptr, `args[2]` Events.len;
-/// - Send(m) and dispatchEvent(pbresp): `args[0]` the *WatchResponse.
+/// - Send(m) and dispatchEvent(pbresp): `args[0]` the *WatchResponse;
+/// - the API server's watchCache.processEvent: `args[0]` the resourceVersion;
+/// - its cacheWatcher.markBookmarkAfterRvSent(event): `args[0]` the *watchCacheEvent.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 #[cfg_attr(feature = "pod", derive(bytemuck::Pod, bytemuck::Zeroable))]
@@ -131,6 +174,10 @@ pub struct WatchProbeConfig {
     /// How to tell, at the probed stack-check jump, that this hit is the
     /// one that calls morestack (and re-enters): one of the `GUARD_*`.
     pub guard: u32,
+    /// The API server's `cacher.watchCacheEvent`: `Type` (a string: its
+    /// length and first byte tell a BOOKMARK) and `ResourceVersion`.
+    pub cache_event_type_off: u32,
+    pub cache_event_rv_off: u32,
 }
 
 /// Entry probes sit on the conditional jump of the function's stack check:
@@ -301,7 +348,7 @@ pub fn events_index(slot: u32, side: Side) -> u32 {
 }
 
 const _: () = assert!(size_of::<ArgLoc>() == 8);
-const _: () = assert!(size_of::<WatchProbeConfig>() == 80);
+const _: () = assert!(size_of::<WatchProbeConfig>() == 88);
 const _: () = assert!(size_of::<RevKey>() == 16);
 const _: () = assert!(size_of::<WatchRevKey>() == 32);
 const _: () = assert!(size_of::<Stamp<RevKey>>() == 32);

@@ -9,6 +9,18 @@
 //! - `etcd_send`     `(*watchWatchServer).Send(m)`: gRPC send, per event;
 //! - `etcd_dispatch` clientv3 `(*watchGrpcStream).dispatchEvent(pbresp)`: client side.
 //!
+//! And a Kubernetes API server's half of the path, behind its etcd client:
+//!
+//! - `kube_cache`   `(*watchCache).processEvent(event, resourceVersion, ...)`: the watch cache takes the event;
+//! - `kube_queue`   `(*cacheWatcher).nonblockingAdd(event)`: the event is offered to one watcher's queue;
+//! - `kube_watcher` `(*cacheWatcher).markBookmarkAfterRvSent(event)`: it is in that watcher's result
+//!   channel (called only after the channel send succeeded).
+//!
+//! An API server never sees etcd's commit, only revisions. Its own etcd
+//! client (`etcd_dispatch`, same process) knows both the member and the
+//! revision, so it republishes the commit time under (its tgid, revision),
+//! where the API server's stages find it.
+//!
 //! Each event is timed by its own `kv.ModRevision`, not the response header's
 //! revision, so catch-up responses that batch several revisions still join.
 //! Latencies go straight into per-CPU histograms; nothing per event crosses
@@ -395,6 +407,9 @@ unsafe extern "C" fn dispatch_event(i: u64, ctx: *mut c_void) -> i64 {
     match stamp_of(&COMMIT_TS, &RevKey { id: st.member, rev }) {
         Some(t) => {
             observe(&WATCH_HIST, hist_index(st.slot, Stage::CommitToDispatch), st.now.saturating_sub(t));
+            // For the stages later in this process (a Kubernetes API
+            // server's watch cache), which know the revision only.
+            insert_first(&NOTIFY_TS, &RevKey { id: st.tgid as u64, rev }, t);
             rec.commit_ns = t;
         }
         None => count(Counter::DispatchCommitMiss),
@@ -403,4 +418,120 @@ unsafe extern "C" fn dispatch_event(i: u64, ctx: *mut c_void) -> i64 {
         emit(rec);
     }
     0
+}
+
+// ---- a Kubernetes API server behind its etcd client ---------------------------
+
+/// The key under which an API server keeps its watch cache's time for a
+/// revision, in the same ring as commit times: a tgid is 32 bits, so the
+/// high bit keeps the two kinds of entry apart.
+#[inline(always)]
+fn cache_key(tgid: u32, rev: i64) -> RevKey {
+    RevKey { id: (1u64 << 32) | tgid as u64, rev }
+}
+
+#[uprobe]
+pub fn kube_cache(ctx: ProbeContext) -> u32 {
+    let _ = try_kube_cache(&ctx);
+    0
+}
+
+#[inline(always)]
+fn try_kube_cache(ctx: &ProbeContext) -> Option<()> {
+    let c = begin(ctx)?;
+    let rev = arg(ctx, &c.cfg.args[0])? as i64;
+    add(&WATCH_EVENTS, events_index(c.slot, Side::ApiserverCache), 1);
+    match stamp_of(&NOTIFY_TS, &RevKey { id: c.tgid as u64, rev }) {
+        Some(t) => observe(&WATCH_HIST, hist_index(c.slot, Stage::CommitToCache), c.now.saturating_sub(t)),
+        None => count(Counter::CacheCommitMiss),
+    }
+    insert_first(&NOTIFY_TS, &cache_key(c.tgid, rev), c.now);
+    Some(())
+}
+
+/// A `watchCacheEvent`'s revision, or `None` for a BOOKMARK (the cacher's
+/// progress events: `watch.Bookmark` is the only 8-byte type starting
+/// with 'B'; MODIFIED is the other 8-byte one).
+#[inline(always)]
+fn cache_event(cfg: &WatchProbeConfig, ev: u64) -> Option<Option<i64>> {
+    let ty = read_u64(ev.wrapping_add(cfg.cache_event_type_off as u64))?;
+    let ty_len = read_u64(ev.wrapping_add(cfg.cache_event_type_off as u64 + 8))?;
+    if ty_len == 8 {
+        // SAFETY: bpf_probe_read_user faults safely on bad addresses.
+        match unsafe { bpf_probe_read_user(ty as *const u8) } {
+            Ok(b'B') => return Some(None),
+            Ok(_) => {}
+            Err(_) => {
+                count(Counter::ReadError);
+                return None;
+            }
+        }
+    }
+    Some(Some(read_u64(ev.wrapping_add(cfg.cache_event_rv_off as u64))? as i64))
+}
+
+/// (watcher, event) as a key of the per-watcher queue ring: a cacheWatcher
+/// pointer in place of etcd's watch id, the `*watchCacheEvent` (shared by
+/// every watcher of one event) as the address.
+#[inline(always)]
+fn queue_key(tgid: u32, watcher: u64, rev: i64, ev: u64) -> WatchRevKey {
+    WatchRevKey { tgid: tgid as u64, watch_id: watcher as i64, rev, event_addr: ev }
+}
+
+#[uprobe]
+pub fn kube_queue(ctx: ProbeContext) -> u32 {
+    let _ = try_kube_queue(&ctx);
+    0
+}
+
+#[inline(always)]
+fn try_kube_queue(ctx: &ProbeContext) -> Option<()> {
+    let c = begin(ctx)?;
+    let watcher = arg(ctx, &c.cfg.args[0])?;
+    let ev = arg(ctx, &c.cfg.args[1])?;
+    let rev = cache_event(&c.cfg, ev)??;
+    // The first offer wins: `add` offers again (and then blocks) when the
+    // queue was full. An entry pushed out of the ring here is not counted
+    // as lost: events a watcher's filter rejects never reach its result
+    // channel, so their entries are left to age out.
+    let key = queue_key(c.tgid, watcher, rev, ev);
+    let _ = stamps::insert_first(&ENQ_TS, watch_rev_entry(&key), &key, c.now);
+    Some(())
+}
+
+#[uprobe]
+pub fn kube_watcher(ctx: ProbeContext) -> u32 {
+    let _ = try_kube_watcher(&ctx);
+    0
+}
+
+#[inline(always)]
+fn try_kube_watcher(ctx: &ProbeContext) -> Option<()> {
+    let c = begin(ctx)?;
+    let watcher = arg(ctx, &c.cfg.args[0])?;
+    let ev = arg(ctx, &c.cfg.args[1])?;
+    let Some(rev) = cache_event(&c.cfg, ev)? else {
+        add(&WATCH_PROGRESS, events_index(c.slot, Side::ApiserverWatcher), 1);
+        return Some(());
+    };
+    let key = queue_key(c.tgid, watcher, rev, ev);
+    let Some((idx, _queued)) = stamps::find(&ENQ_TS, watch_rev_entry(&key), &key) else {
+        // Never offered through the cacher's dispatch: an initial event
+        // replayed from the cache's history to a new watch (its commit may
+        // be minutes old; that is no watch latency), or one queued before
+        // the agent attached. Counted apart, never timed.
+        add(&WATCH_EVENTS, events_index(c.slot, Side::ApiserverReplay), 1);
+        return Some(());
+    };
+    stamps::remove(&ENQ_TS, idx);
+    add(&WATCH_EVENTS, events_index(c.slot, Side::ApiserverWatcher), 1);
+    match stamp_of(&NOTIFY_TS, &RevKey { id: c.tgid as u64, rev }) {
+        Some(t) => observe(&WATCH_HIST, hist_index(c.slot, Stage::CommitToWatcher), c.now.saturating_sub(t)),
+        None => count(Counter::WatcherCommitMiss),
+    }
+    match stamp_of(&NOTIFY_TS, &cache_key(c.tgid, rev)) {
+        Some(t) => observe(&WATCH_HIST, hist_index(c.slot, Stage::CacheToWatcher), c.now.saturating_sub(t)),
+        None => count(Counter::WatcherCacheMiss),
+    }
+    Some(())
 }

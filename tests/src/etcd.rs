@@ -365,7 +365,8 @@ pub struct LineReader {
 }
 
 impl LineReader {
-    fn new(mut child: Child) -> Self {
+    /// Collects `child`'s stdout (which must be piped) line by line.
+    pub fn new(mut child: Child) -> Self {
         let lines = Arc::new(Mutex::new(Vec::new()));
         let stdout = child.stdout.take().expect("piped stdout");
         let sink = lines.clone();

@@ -6,6 +6,7 @@ pub mod clientgo;
 pub mod debcache;
 pub mod etcd;
 pub mod go;
+pub mod kube;
 pub mod proxy;
 pub mod tracefs;
 

@@ -93,11 +93,14 @@ pub fn run() -> Result<()> {
     Ok(())
 }
 
-/// The Go sources a GOPATH-mode build of a client-go program needs: sid's
-/// client-go and the `-dev` packages of its dependency closure, all
-/// extracted into one root whose `usr/share/gocode` is the GOPATH.
+/// The Go sources a GOPATH-mode build of a client-go program or of a real
+/// Kubernetes API server (`k8s.io/apiextensions-apiserver`: generic
+/// apiserver, etcd3 storage, watch cache, HTTP watch) needs: sid's packages
+/// and the `-dev` packages of their dependency closure, all extracted into
+/// one root whose `usr/share/gocode` is the GOPATH.
 pub const GOPATH_K8S: &str = "gopath-k8s";
-const GOPATH_K8S_TOP: &str = "golang-k8s-client-go-dev";
+const GOPATH_K8S_TOP: &[&str] =
+    &["golang-k8s-client-go-dev", "golang-k8s-apiextensions-apiserver-dev", "golang-etcd-server-dev"];
 
 /// Extracts client-go's Go sources (and their closure) from sid into
 /// `<root>/gopath-k8s`. The toolchain is not among them: Go 1.27 from PyPI
@@ -105,10 +108,11 @@ const GOPATH_K8S_TOP: &str = "golang-k8s-client-go-dev";
 /// client-go is built with. Cached: the root is renamed into place only when
 /// complete, so a second setup is one directory check.
 pub fn gopath_k8s() -> Result<()> {
-    step("client-go 0.36 sources from sid (GOPATH root for the client-go fixtures)");
+    step("client-go and apiextensions-apiserver 0.36 sources from sid (GOPATH root for the Kubernetes fixtures)");
     let root = root();
     let dest = root.join(GOPATH_K8S);
-    if dest.join("usr/share/gocode/src/k8s.io/client-go").is_dir() {
+    let listed = std::fs::read_to_string(dest.join(".packages")).unwrap_or_default();
+    if GOPATH_K8S_TOP.iter().all(|top| listed.lines().any(|l| l.starts_with(&format!("{top}=")))) {
         println!("    in {}", dest.display());
         return Ok(());
     }
@@ -122,15 +126,18 @@ pub fn gopath_k8s() -> Result<()> {
     // private status is empty; the toolchain comes from PyPI).
     let sim = Command::new("apt-get")
         .args(&apt_args)
-        .args(["-s", "-t", "sid", "install", "--no-install-recommends", GOPATH_K8S_TOP])
+        .args(["-s", "-t", "sid", "install", "--no-install-recommends"])
+        .args(GOPATH_K8S_TOP)
         .output()
         .context("apt-get -s install")?;
     if !sim.status.success() {
-        bail!("resolving {GOPATH_K8S_TOP} in sid failed: {}", String::from_utf8_lossy(&sim.stderr));
+        bail!("resolving {} in sid failed: {}", GOPATH_K8S_TOP.join(" "), String::from_utf8_lossy(&sim.stderr));
     }
     let wanted = go_sources(&String::from_utf8_lossy(&sim.stdout));
-    if !wanted.iter().any(|w| w.starts_with(&format!("{GOPATH_K8S_TOP}="))) {
-        bail!("apt resolved no {GOPATH_K8S_TOP} in sid");
+    for top in GOPATH_K8S_TOP {
+        if !wanted.iter().any(|w| w.starts_with(&format!("{top}="))) {
+            bail!("apt resolved no {top} in sid");
+        }
     }
     let t_resolve = t0.elapsed();
     let debs = root.join("debs").join(GOPATH_K8S);
@@ -152,6 +159,8 @@ pub fn gopath_k8s() -> Result<()> {
         }
     }
     std::fs::write(tmp.join(".packages"), wanted.join("\n") + "\n")?;
+    // An older, smaller root (client-go only) is replaced whole.
+    let _ = std::fs::remove_dir_all(&dest);
     std::fs::rename(&tmp, &dest).with_context(|| format!("moving {} into place", dest.display()))?;
     println!(
         "    {} packages → {} (apt update and resolve {:.1} s, download {:.1} s, extract {:.1} s)",

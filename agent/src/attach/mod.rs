@@ -44,8 +44,19 @@ pub const TRACEPOINTS: &[TracepointSpec] = &[
 
 /// Uprobe programs: loaded at start (so a verifier problem shows at once),
 /// attached per binary later by the discover → inspect → attach lifecycle.
-pub const UPROBE_PROGRAMS: &[&str] =
-    &["etcd_notify", "etcd_enqueue", "etcd_send", "etcd_dispatch", "go_entry", "go_ret", "go_sched", "go_empty"];
+pub const UPROBE_PROGRAMS: &[&str] = &[
+    "etcd_notify",
+    "etcd_enqueue",
+    "etcd_send",
+    "etcd_dispatch",
+    "kube_cache",
+    "kube_queue",
+    "kube_watcher",
+    "go_entry",
+    "go_ret",
+    "go_sched",
+    "go_empty",
+];
 
 #[derive(Debug, Error)]
 pub enum AttachError {

@@ -34,6 +34,18 @@ const ROLES: [(Role, &str, bool); 4] = [
     (Role::EtcdClientDispatch, "etcd_dispatch", false),
 ];
 
+/// A Kubernetes API server's roles (behind its etcd client, whose dispatch
+/// is the `etcd_dispatch` role above) and their kernel programs.
+const KUBE_ROLES: [(Role, &str); 3] = [
+    (Role::KubeCacheProcessEvent, "kube_cache"),
+    (Role::KubeWatcherQueue, "kube_queue"),
+    (Role::KubeWatcherSent, "kube_watcher"),
+];
+
+/// The cacher's per-event struct, whose fields the watcher probes read.
+const CACHE_EVENT_TYPE: &str = "cacher.watchCacheEvent";
+const CACHE_EVENT_PKG: &str = "k8s.io/apiserver/pkg/storage/cacher";
+
 /// One role's outcome, for logs and `/debug/probes`.
 #[derive(Clone, Debug, Serialize)]
 pub struct SiteStatus {
@@ -63,7 +75,8 @@ impl WatchPlan {
 pub fn plan(insp: &Inspection) -> WatchPlan {
     let mut plan = WatchPlan::default();
     let found: Vec<Option<&Probe>> = ROLES.iter().map(|(role, _, _)| insp.probes_for(*role).next()).collect();
-    if found.iter().all(Option::is_none) {
+    let kube_found = KUBE_ROLES.iter().any(|(role, _)| insp.probes_for(*role).next().is_some());
+    if found.iter().all(Option::is_none) && !kube_found {
         // Nothing known resolved. A binary that nonetheless looks like etcd
         // is a build the catalog does not cover yet: say so (once, in the
         // log and in /debug/probes) rather than ignore it silently.
@@ -122,6 +135,9 @@ pub fn plan(insp: &Inspection) -> WatchPlan {
         }
         plan.statuses.push(status);
     }
+    if kube_found {
+        plan_kube(insp, &mut plan);
+    }
     if let Some(why) = &refusal {
         plan.refusal = Some(why.clone());
     }
@@ -129,6 +145,118 @@ pub fn plan(insp: &Inspection) -> WatchPlan {
         plan.sites.clear();
     }
     plan
+}
+
+/// The API server's sites. They read the revision the binary's own etcd
+/// client dispatched, so the binary's refusals (architecture, ABI, its etcd
+/// layout) hold for them too; the cacher's struct offsets come only from
+/// the binary's type descriptor: without it, nothing is read.
+fn plan_kube(insp: &Inspection, plan: &mut WatchPlan) {
+    let layout = cache_event_layout(insp);
+    let mut planned = 0;
+    for (role, program) in KUBE_ROLES {
+        let probe = insp.probes_for(role).next();
+        let mut status = SiteStatus {
+            role,
+            symbol: probe.map(|p| p.symbol.clone()),
+            file_offset: None,
+            planned: false,
+            reason: None,
+        };
+        let result = match (probe, &layout) {
+            (None, _) => Err("not in this binary".to_string()),
+            (Some(_), Err(why)) => Err(why.clone()),
+            (Some(p), Ok((type_off, rv_off))) => kube_site(insp, p, role, program, *type_off, *rv_off),
+        };
+        match result {
+            Ok(s) => {
+                status.file_offset = Some(s.file_offset);
+                status.planned = true;
+                planned += 1;
+                plan.sites.push(s);
+            }
+            Err(why) => status.reason = Some(why),
+        }
+        plan.statuses.push(status);
+    }
+    // The queue and result-channel probes only make sense together (an
+    // event is live when it was queued): all three sites or none.
+    if planned != KUBE_ROLES.len() {
+        plan.sites.retain(|s| !KUBE_ROLES.iter().any(|(_, program)| s.program == *program));
+        for st in plan.statuses.iter_mut().filter(|st| KUBE_ROLES.iter().any(|(r, _)| *r == st.role)) {
+            if st.planned {
+                st.planned = false;
+                st.file_offset = None;
+                st.reason = Some("the API server's other watch-path functions cannot be probed".into());
+            }
+        }
+    }
+}
+
+/// `watchCacheEvent.Type` and `.ResourceVersion` from the binary's type
+/// descriptor, checked for the field types the kernel reads.
+fn cache_event_layout(insp: &Inspection) -> Result<(u32, u32), String> {
+    let l = insp.struct_layout_in(CACHE_EVENT_TYPE, Some(CACHE_EVENT_PKG)).map_err(|e| {
+        format!("no readable type descriptor for {CACHE_EVENT_TYPE} ({e}): its layout is not identified")
+    })?;
+    let field = |name: &str, type_name: &str, size: u64| -> Result<u32, String> {
+        let f = l.field(name).ok_or_else(|| format!("{CACHE_EVENT_TYPE} has no field {name} in this binary"))?;
+        if f.type_name != type_name || f.size != size {
+            return Err(format!(
+                "{CACHE_EVENT_TYPE}.{name} is a {} of {} bytes in this binary, not a {type_name}",
+                f.type_name, f.size
+            ));
+        }
+        narrow(f.offset)
+    };
+    Ok((field("Type", "watch.EventType", 16)?, field("ResourceVersion", "uint64", 8)?))
+}
+
+fn kube_site(
+    insp: &Inspection,
+    p: &Probe,
+    role: Role,
+    program: &'static str,
+    type_off: u32,
+    rv_off: u32,
+) -> Result<Site, String> {
+    let get = |name: &str| -> Result<&ArgRead, String> {
+        p.args
+            .iter()
+            .find(|a| a.name == name)
+            .ok_or_else(|| format!("the catalog has no `{name}` read for {}", p.symbol))
+    };
+    let mut cfg = WatchProbeConfig {
+        g_in_reg: u32::from(insp.g_register.is_some()),
+        cache_event_type_off: type_off,
+        cache_event_rv_off: rv_off,
+        ..WatchProbeConfig::default()
+    };
+    match role {
+        Role::KubeCacheProcessEvent => cfg.args[0] = direct(get("rev")?)?,
+        _ => {
+            cfg.args[0] = direct(get("watcher")?)?;
+            // The event pointer itself; the catalog's read chases it to the
+            // revision for `inspect`, at the offset the binary must agree on.
+            let rev = get("rev")?;
+            if rev.derefs != [u64::from(rv_off)] {
+                return Err(format!(
+                    "`rev` of {}: the catalog reads at {:?} but the binary's {CACHE_EVENT_TYPE} has it at {rv_off}",
+                    p.symbol, rev.derefs
+                ));
+            }
+            cfg.args[1] = loc(&rev.source)?;
+        }
+    }
+    let at = entry_site(insp, &p.symbol, p.address, p.file_offset, p.size)?;
+    cfg.guard = at.guard;
+    Ok(Site {
+        role: role.to_string(),
+        symbol: p.symbol.clone(),
+        program,
+        file_offset: p.file_offset + at.offset,
+        config: SiteConfig::Watch(cfg),
+    })
 }
 
 /// Evidence that a binary is some etcd server build, if there is any.

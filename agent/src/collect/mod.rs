@@ -412,7 +412,8 @@ impl Snapshot {
                         .push(LabelledHistogram { labels: who.pairs(&[("stage", stage.name().to_string())]), hist });
                 }
             }
-            for (side, name) in [(Side::Server, "server"), (Side::Client, "client")] {
+            for side in Side::ALL {
+                let name = side.name();
                 let n = maps.watch_events(*slot, side);
                 if n > 0 {
                     s.watch_events.push(LabelledCount::new(who.pairs(&[("side", name.to_string())]), n));

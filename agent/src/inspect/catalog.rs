@@ -26,6 +26,9 @@ use super::elf::Arch;
 pub enum Component {
     EtcdServer,
     EtcdClient,
+    /// A Kubernetes API server's storage layer (`k8s.io/apiserver`: the
+    /// watch cache and its watchers).
+    KubeApiserver,
     ClientGo,
     GoRuntime,
 }
@@ -40,6 +43,9 @@ pub enum Role {
     EtcdServerWatcherSend,
     EtcdServerGrpcSend,
     EtcdClientDispatch,
+    KubeCacheProcessEvent,
+    KubeWatcherQueue,
+    KubeWatcherSent,
     ClientGoHandleDeltas,
     ClientGoQueuePop,
     GoMapAssign,
@@ -60,6 +66,9 @@ impl Role {
             Role::EtcdServerWatcherSend => "etcd_server_watcher_send",
             Role::EtcdServerGrpcSend => "etcd_server_grpc_send",
             Role::EtcdClientDispatch => "etcd_client_dispatch",
+            Role::KubeCacheProcessEvent => "apiserver_cache_process_event",
+            Role::KubeWatcherQueue => "apiserver_watcher_queue",
+            Role::KubeWatcherSent => "apiserver_watcher_sent",
             Role::ClientGoHandleDeltas => "client_go_handle_deltas",
             Role::ClientGoQueuePop => "client_go_queue_pop",
             Role::GoMapAssign => "go_map_assign",
@@ -314,6 +323,36 @@ static DISPATCH: Signature = Signature {
     ],
 };
 
+// ---- Kubernetes API server ---------------------------------------------------
+
+const TRACEFS_AS036: &str = "k8s.io/apiserver 0.36.4 (Debian sid)/go1.27.3 amd64, apiextensions-apiserver: tracefs \
+                             uprobes while N patches of a custom resource reached two watchers";
+
+/// `func (w *watchCache) processEvent(event watch.Event, resourceVersion uint64,
+/// updateFunc func(*store.Element) error) error`; `watch.Event` is
+/// `{Type EventType (a string); Object runtime.Object}`, passed by value.
+static CACHE_PROCESS_EVENT: Signature = Signature {
+    params: &[
+        p("w", WORD),
+        p("event", &[f("Type.ptr", 8), f("Type.len", 8), f("Object.type", 8), f("Object.data", 8)]),
+        p("resourceVersion", WORD),
+        p("updateFunc", WORD),
+    ],
+    reads: &[
+        read_v("rev", "resourceVersion", &[], TRACEFS_AS036),
+        read_v("type_len", "event.Type.len", &[], TRACEFS_AS036),
+    ],
+};
+
+/// `func (c *cacheWatcher) nonblockingAdd(event *watchCacheEvent) bool` and
+/// `func (c *cacheWatcher) markBookmarkAfterRvSent(event *watchCacheEvent)`.
+/// The event's field offsets come from the binary's own type descriptor
+/// (`attach::watch`), never from here: these reads are for `inspect`.
+static CACHE_WATCHER_EVENT: Signature = Signature {
+    params: &[p("c", WORD), p("event", WORD)],
+    reads: &[read_v("watcher", "c", &[], TRACEFS_AS036), read_v("rev", "event", &[96], TRACEFS_AS036)],
+};
+
 // ---- client-go ---------------------------------------------------------------
 
 /// `func (s *sharedIndexInformer) HandleDeltas(obj interface{}[, isInInitialList bool]) error`
@@ -469,6 +508,42 @@ pub static CATALOG: &[RoleSpec] = &[
                 true,
             ),
         ],
+    },
+    RoleSpec {
+        role: Role::KubeCacheProcessEvent,
+        component: Component::KubeApiserver,
+        what: "watch cache: one call per event the API server's cacher takes from etcd (bookmarks apart)",
+        select: Select::First,
+        candidates: &[exact(
+            "k8s.io/apiserver/pkg/storage/cacher.(*watchCache).processEvent",
+            "k8s.io/apiserver 0.36 (kube-apiserver 1.36)",
+            &CACHE_PROCESS_EVENT,
+            true,
+        )],
+    },
+    RoleSpec {
+        role: Role::KubeWatcherQueue,
+        component: Component::KubeApiserver,
+        what: "per-watcher queue: one call per event offered to one watcher (again when its queue was full)",
+        select: Select::First,
+        candidates: &[exact(
+            "k8s.io/apiserver/pkg/storage/cacher.(*cacheWatcher).nonblockingAdd",
+            "k8s.io/apiserver 0.36 (kube-apiserver 1.36)",
+            &CACHE_WATCHER_EVENT,
+            true,
+        )],
+    },
+    RoleSpec {
+        role: Role::KubeWatcherSent,
+        component: Component::KubeApiserver,
+        what: "watcher result channel: one call per event (or bookmark) put in one watcher's result channel",
+        select: Select::First,
+        candidates: &[exact(
+            "k8s.io/apiserver/pkg/storage/cacher.(*cacheWatcher).markBookmarkAfterRvSent",
+            "k8s.io/apiserver 0.36 (kube-apiserver 1.36)",
+            &CACHE_WATCHER_EVENT,
+            true,
+        )],
     },
     RoleSpec {
         role: Role::ClientGoHandleDeltas,
