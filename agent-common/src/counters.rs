@@ -37,11 +37,18 @@ pub enum Counter {
     /// time (the cache stamp aged out, or an initial event replayed from
     /// before the agent started).
     WatcherCacheMiss = 12,
+    /// A client-go reflector decoded an event whose commit was not seen
+    /// through an API server on this node (expected when the API server or
+    /// etcd runs elsewhere).
+    DecodeCommitMiss = 13,
+    /// A reflector's resourceVersion was not a decimal revision (or could
+    /// not be read): the event is counted, never guessed at.
+    RvUnreadable = 14,
 }
 
 impl Counter {
     /// Number of slots the counter array must have (keep in sync with the enum).
-    pub const COUNT: u32 = 13;
+    pub const COUNT: u32 = 15;
 
     pub const ALL: [Counter; Self::COUNT as usize] = [
         Counter::ExecSeen,
@@ -57,6 +64,8 @@ impl Counter {
         Counter::CacheCommitMiss,
         Counter::WatcherCommitMiss,
         Counter::WatcherCacheMiss,
+        Counter::DecodeCommitMiss,
+        Counter::RvUnreadable,
     ];
 
     /// The `reason` label this counter is exported under in
@@ -76,6 +85,8 @@ impl Counter {
             Counter::CacheCommitMiss => "cache_commit_miss",
             Counter::WatcherCommitMiss => "watcher_commit_miss",
             Counter::WatcherCacheMiss => "watcher_cache_miss",
+            Counter::DecodeCommitMiss => "decode_commit_miss",
+            Counter::RvUnreadable => "rv_unreadable",
         })
     }
 }

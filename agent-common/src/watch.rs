@@ -25,11 +25,15 @@ pub enum Stage {
     /// watch cache → one watcher's result channel (per watcher; timed also
     /// when the commit happened on another node).
     CacheToWatcher = 6,
+    /// notify → a client-go reflector has decoded the event and queued it
+    /// for its informer (per process), joined by the object's
+    /// resourceVersion as the API server's watch cache saw it.
+    CommitToDecode = 7,
 }
 
 impl Stage {
-    pub const COUNT: u32 = 7;
-    pub const ALL: [Stage; 7] = [
+    pub const COUNT: u32 = 8;
+    pub const ALL: [Stage; 8] = [
         Stage::CommitToEnqueue,
         Stage::EnqueueToSend,
         Stage::CommitToSend,
@@ -37,6 +41,7 @@ impl Stage {
         Stage::CommitToCache,
         Stage::CommitToWatcher,
         Stage::CacheToWatcher,
+        Stage::CommitToDecode,
     ];
 
     pub fn name(self) -> &'static str {
@@ -48,6 +53,7 @@ impl Stage {
             Stage::CommitToCache => "commit_to_cache",
             Stage::CommitToWatcher => "commit_to_watcher",
             Stage::CacheToWatcher => "cache_to_watcher",
+            Stage::CommitToDecode => "commit_to_decode",
         }
     }
 }
@@ -67,12 +73,21 @@ pub enum Side {
     /// Events a watcher received from the watch cache's history (the
     /// initial events of a new watch): not live, so never timed.
     ApiserverReplay = 4,
+    /// Events a client-go reflector decoded and queued for its informer
+    /// (bookmarks apart).
+    Informer = 5,
 }
 
 impl Side {
-    pub const COUNT: u32 = 5;
-    pub const ALL: [Side; 5] =
-        [Side::Server, Side::Client, Side::ApiserverCache, Side::ApiserverWatcher, Side::ApiserverReplay];
+    pub const COUNT: u32 = 6;
+    pub const ALL: [Side; 6] = [
+        Side::Server,
+        Side::Client,
+        Side::ApiserverCache,
+        Side::ApiserverWatcher,
+        Side::ApiserverReplay,
+        Side::Informer,
+    ];
 
     /// The `side` label.
     pub fn name(self) -> &'static str {
@@ -82,6 +97,7 @@ impl Side {
             Side::ApiserverCache => "apiserver_cache",
             Side::ApiserverWatcher => "apiserver_watcher",
             Side::ApiserverReplay => "apiserver_replayed",
+            Side::Informer => "informer",
         }
     }
 }
@@ -137,7 +153,10 @@ pub enum Reg {
 /// - watcher.send(wr): `args[0]` WatchID, `args[1]` Events.ptr, `args[2]` Events.len;
 /// - Send(m) and dispatchEvent(pbresp): `args[0]` the *WatchResponse;
 /// - the API server's watchCache.processEvent: `args[0]` the resourceVersion;
-/// - its cacheWatcher.markBookmarkAfterRvSent(event): `args[0]` the *watchCacheEvent.
+/// - its cacheWatcher.nonblockingAdd(event) and .markBookmarkAfterRvSent(event):
+///   `args[0]` the *cacheWatcher, `args[1]` the *watchCacheEvent;
+/// - client-go's Reflector.setLastSyncResourceVersion(v): `args[0]` v.ptr,
+///   `args[1]` v.len (the FIFO's Add/Update/Delete read nothing).
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 #[cfg_attr(feature = "pod", derive(bytemuck::Pod, bytemuck::Zeroable))]

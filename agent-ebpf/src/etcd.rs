@@ -38,9 +38,12 @@ use agent_common::{
 use aya_ebpf::{
     EbpfContext,
     bindings::BPF_RB_NO_WAKEUP,
-    helpers::{bpf_get_attach_cookie, bpf_get_current_pid_tgid, bpf_ktime_get_ns, bpf_loop, bpf_probe_read_user},
+    helpers::{
+        bpf_get_attach_cookie, bpf_get_current_pid_tgid, bpf_ktime_get_ns, bpf_loop, bpf_probe_read_user,
+        bpf_probe_read_user_buf,
+    },
     macros::{map, uprobe},
-    maps::{Array, PerCpuArray, RingBuf},
+    maps::{Array, HashMap, PerCpuArray, RingBuf},
     programs::ProbeContext,
 };
 
@@ -442,12 +445,24 @@ fn try_kube_cache(ctx: &ProbeContext) -> Option<()> {
     let rev = arg(ctx, &c.cfg.args[0])? as i64;
     add(&WATCH_EVENTS, events_index(c.slot, Side::ApiserverCache), 1);
     match stamp_of(&NOTIFY_TS, &RevKey { id: c.tgid as u64, rev }) {
-        Some(t) => observe(&WATCH_HIST, hist_index(c.slot, Stage::CommitToCache), c.now.saturating_sub(t)),
+        Some(t) => {
+            observe(&WATCH_HIST, hist_index(c.slot, Stage::CommitToCache), c.now.saturating_sub(t));
+            // For the API server's clients on this node (operators,
+            // kubectl), which know only the revision.
+            insert_first(&COMMIT_TS, &RevKey { id: NODE_CLUSTER, rev }, t);
+        }
         None => count(Counter::CacheCommitMiss),
     }
     insert_first(&NOTIFY_TS, &cache_key(c.tgid, rev), c.now);
     Some(())
 }
+
+/// The member id under which an API server publishes commit times for its
+/// clients, in the ring of commit times per (member, revision): no etcd
+/// member has id 0. One Kubernetes cluster per node is assumed here: two
+/// API servers of different clusters on one node would publish the same
+/// revisions, and the first commit time would win.
+const NODE_CLUSTER: u64 = 0;
 
 /// A `watchCacheEvent`'s revision, or `None` for a BOOKMARK (the cacher's
 /// progress events: `watch.Bookmark` is the only 8-byte type starting
@@ -532,6 +547,102 @@ fn try_kube_watcher(ctx: &ProbeContext) -> Option<()> {
     match stamp_of(&NOTIFY_TS, &cache_key(c.tgid, rev)) {
         Some(t) => observe(&WATCH_HIST, hist_index(c.slot, Stage::CacheToWatcher), c.now.saturating_sub(t)),
         None => count(Counter::WatcherCacheMiss),
+    }
+    Some(())
+}
+
+// ---- client-go: a reflector decodes an event and queues it for its informer ----
+
+/// Goroutines (by `g`) whose reflector just queued a watch event into the
+/// informer's FIFO, and when. The reflector then records the event's
+/// resourceVersion on the same goroutine; bookmarks and lists record one
+/// without queueing anything, so they find no entry here and are never
+/// counted as events. Entries are replaced per goroutine, so the map holds
+/// at most one per reflector.
+#[map(name = "WS_INFORMER_PENDING")]
+static INFORMER_PENDING: HashMap<u64, u64> = HashMap::with_max_entries(4096, 0);
+
+/// The running goroutine, when this binary keeps it in a register.
+#[inline(always)]
+fn goroutine(ctx: &ProbeContext, cfg: &WatchProbeConfig) -> Option<u64> {
+    if cfg.g_in_reg == 0 {
+        return None;
+    }
+    // SAFETY: the probe's own register context.
+    reg(unsafe { &*ctx.regs }, G_SLOT).filter(|g| *g != 0)
+}
+
+#[uprobe]
+pub fn informer_queue(ctx: ProbeContext) -> u32 {
+    let _ = try_informer_queue(&ctx);
+    0
+}
+
+#[inline(always)]
+fn try_informer_queue(ctx: &ProbeContext) -> Option<()> {
+    let c = begin(ctx)?;
+    let g = goroutine(ctx, &c.cfg)?;
+    if INFORMER_PENDING.insert(&g, &c.now, 0).is_err() {
+        count(Counter::MapFull);
+    }
+    Some(())
+}
+
+/// The most digits of a revision (an int64 is at most 19).
+const RV_DIGITS: usize = 19;
+
+/// A decimal resourceVersion string's value; `None` for anything else.
+#[inline(always)]
+fn parse_rv(ptr: u64, len: u64) -> Option<i64> {
+    if len == 0 || len > RV_DIGITS as u64 {
+        return None;
+    }
+    let n = (len as usize) & 31;
+    let mut buf = [0u8; RV_DIGITS + 1];
+    if n > RV_DIGITS {
+        return None;
+    }
+    // SAFETY: bpf_probe_read_user faults safely on bad addresses.
+    unsafe { bpf_probe_read_user_buf(ptr as *const u8, &mut buf[..n]) }.ok()?;
+    // 19 digits never overflow a u64 (checked multiplication would need
+    // 128-bit helpers the BPF backend lacks); the range check is at the end.
+    let mut v: u64 = 0;
+    for (i, &b) in buf.iter().enumerate().take(RV_DIGITS) {
+        if i >= n {
+            break;
+        }
+        if !b.is_ascii_digit() {
+            return None;
+        }
+        v = v * 10 + (b - b'0') as u64;
+    }
+    i64::try_from(v).ok()
+}
+
+#[uprobe]
+pub fn informer_rv(ctx: ProbeContext) -> u32 {
+    let _ = try_informer_rv(&ctx);
+    0
+}
+
+#[inline(always)]
+fn try_informer_rv(ctx: &ProbeContext) -> Option<()> {
+    let c = begin(ctx)?;
+    let g = goroutine(ctx, &c.cfg)?;
+    // SAFETY: the value is copied out before the entry is removed.
+    let queued = unsafe { *INFORMER_PENDING.get(&g)? };
+    let _ = INFORMER_PENDING.remove(&g);
+    add(&WATCH_EVENTS, events_index(c.slot, Side::Informer), 1);
+    let ptr = arg(ctx, &c.cfg.args[0])?;
+    let len = arg(ctx, &c.cfg.args[1])?;
+    let Some(rev) = parse_rv(ptr, len) else {
+        count(Counter::RvUnreadable);
+        return Some(());
+    };
+    match stamp_of(&COMMIT_TS, &RevKey { id: NODE_CLUSTER, rev }) {
+        // Timed at the queueing, which the reflector did just before.
+        Some(t) => observe(&WATCH_HIST, hist_index(c.slot, Stage::CommitToDecode), queued.saturating_sub(t)),
+        None => count(Counter::DecodeCommitMiss),
     }
     Some(())
 }

@@ -35,6 +35,14 @@ pub fn informer() -> &'static Path {
     B.get_or_init(|| build("informer", "wsc-informer"))
 }
 
+/// `tests/fixtures/go-k8s/src/operator`: a dynamic informer on the custom
+/// resource whose update handler grows a `map[int][256]byte`, built
+/// stripped as `wsk-operator`.
+pub fn operator() -> &'static Path {
+    static B: OnceLock<PathBuf> = OnceLock::new();
+    B.get_or_init(|| build("operator", "wsk-operator"))
+}
+
 /// `tests/fixtures/go-k8s/src/apiserver`: a real Kubernetes API server
 /// (apiextensions-apiserver with discovery on), built stripped as
 /// `wsk-apiserver`. The first build takes minutes (about 4 on 2 cores with

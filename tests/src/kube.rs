@@ -164,6 +164,22 @@ impl ApiServer {
         resource_version(&body)
     }
 
+    /// The operator fixture as `comm`, with extra flags, once it has synced.
+    pub fn operator(&self, comm: &str, flags: &[&str]) -> LineReader {
+        let bin = copy_binary(clientgo::operator(), self.dir.path(), comm);
+        let child = Command::new(bin)
+            .arg(format!("-kubeconfig={}", self.kubeconfig_path().display()))
+            .args(flags)
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("start the operator");
+        let op = LineReader::new(child);
+        assert!(op.wait_for(|l| l == "synced", Duration::from_secs(30)), "operator never synced: {:?}", op.lines());
+        op
+    }
+
     /// A plain HTTP watch of the collection from `rv`, run as `comm` (a
     /// copy of curl): one JSON event per line.
     pub fn watch(&self, comm: &str, rv: u64) -> LineReader {

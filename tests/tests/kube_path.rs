@@ -17,6 +17,7 @@ use watchscope_integration_tests::{
 
 const FAMILY: &str = "watchscope_watch_stage_seconds";
 const API: &str = "wsk-apiserver";
+const OPERATOR: &str = "wsk-operator";
 
 fn events(text: &str, side: &str, comm: &str) -> f64 {
     sample_value(text, &format!("watchscope_watch_events_total{{side=\"{side}\",comm=\"{comm}\"}}")).unwrap_or(0.0)
@@ -40,6 +41,8 @@ struct Counts {
     commit_to_watcher: f64,
     cache_to_watcher: f64,
     dispatch: f64,
+    informer: f64,
+    commit_to_decode: f64,
 }
 
 impl Counts {
@@ -52,6 +55,8 @@ impl Counts {
             commit_to_watcher: stage(text, "commit_to_watcher", API).count(),
             cache_to_watcher: stage(text, "cache_to_watcher", API).count(),
             dispatch: events(text, "client", API),
+            informer: events(text, "informer", OPERATOR),
+            commit_to_decode: stage(text, "commit_to_decode", OPERATOR).count(),
         }
     }
 }
@@ -74,23 +79,28 @@ fn settled(agent: &Agent) -> Counts {
 #[test]
 fn every_update_is_timed_from_commit_to_cache_and_to_each_watcher() {
     const N: u64 = 20;
-    let agent = Agent::start(&["--comm", &format!("wse-k8s,{API}")]);
+    let agent = Agent::start(&["--comm", &format!("wse-k8s,{API},{OPERATOR}")]);
     let etcd = Etcd::start_build(Build::Sid3530, "wse-k8s", "wsc-k8sctl");
     let api = ApiServer::start(&etcd, API);
     wait_attached(&agent, &[etcd.pid(), api.pid()]);
 
     let rv0 = api.create("main");
-    // Two plain watchers from the creation's revision; the first update
-    // tells that both are registered with the cacher.
+    // Three watchers: two plain HTTP watches from the creation's revision
+    // and the operator's informer (list, then watch). The first update
+    // tells that all are registered with the cacher.
     let w1 = api.watch("wsk-watch1", rv0);
     let w2 = api.watch("wsk-watch2", rv0);
+    let op = api.operator(OPERATOR, &["-grow=64"]);
+    wait_attached(&agent, &[op.pid()]);
     api.patch_size("main", 1000);
     let modified = |l: &str| event_type(l).as_deref() == Some("MODIFIED");
+    let handled = |l: &str| l.starts_with("handled update main ");
     for w in [&w1, &w2] {
         assert_eq!(w.wait_count(modified, 1, Duration::from_secs(20)), 1, "{:?}\n{}", w.lines(), api.log());
     }
+    assert_eq!(op.wait_count(handled, 1, Duration::from_secs(20)), 1, "{:?}", op.lines());
     let before = settled(&agent);
-    assert!(before.commit_to_watcher >= 2.0, "the first update reached both watchers: {before:?}");
+    assert!(before.commit_to_watcher >= 3.0, "the first update reached every watcher: {before:?}");
 
     for i in 0..N {
         api.patch_size("main", i);
@@ -98,9 +108,10 @@ fn every_update_is_timed_from_commit_to_cache_and_to_each_watcher() {
     for w in [&w1, &w2] {
         assert_eq!(w.wait_count(modified, 1 + N as usize, Duration::from_secs(30)), 1 + N as usize);
     }
-    assert!(
-        wait_until(Duration::from_secs(10), || Counts::of(&agent.metrics()).watcher >= before.watcher + 2.0 * N as f64)
-    );
+    assert_eq!(op.wait_count(handled, 1 + N as usize, Duration::from_secs(30)), 1 + N as usize);
+    assert!(wait_until(Duration::from_secs(10), || {
+        Counts::of(&agent.metrics()).watcher >= before.watcher + 3.0 * N as f64
+    }));
     let after = settled(&agent);
     let text = agent.metrics();
     eprintln!("before {before:?}\nafter  {after:?}");
@@ -111,11 +122,22 @@ fn every_update_is_timed_from_commit_to_cache_and_to_each_watcher() {
     assert_eq!(after.dispatch - before.dispatch, n, "{after:?} {before:?}");
     assert_eq!(after.cache - before.cache, n, "{after:?} {before:?}");
     assert_eq!(after.commit_to_cache - before.commit_to_cache, n, "{after:?} {before:?}");
-    assert_eq!(after.watcher - before.watcher, 2.0 * n, "{after:?} {before:?}");
-    assert_eq!(after.commit_to_watcher - before.commit_to_watcher, 2.0 * n, "{after:?} {before:?}");
-    assert_eq!(after.cache_to_watcher - before.cache_to_watcher, 2.0 * n, "{after:?} {before:?}");
+    assert_eq!(after.watcher - before.watcher, 3.0 * n, "{after:?} {before:?}");
+    assert_eq!(after.commit_to_watcher - before.commit_to_watcher, 3.0 * n, "{after:?} {before:?}");
+    assert_eq!(after.cache_to_watcher - before.cache_to_watcher, 3.0 * n, "{after:?} {before:?}");
+    // The operator's reflector decoded and queued each update once; its
+    // objects are Unstructured, yet every one is timed from its commit.
+    assert_eq!(after.informer - before.informer, n, "{after:?} {before:?}");
+    assert_eq!(after.commit_to_decode - before.commit_to_decode, n, "{after:?} {before:?}");
     assert_eq!(after.replayed, before.replayed, "no watch started: nothing replayed");
-    for reason in ["cache_commit_miss", "watcher_commit_miss", "watcher_cache_miss", "read_error"] {
+    for reason in [
+        "cache_commit_miss",
+        "watcher_commit_miss",
+        "watcher_cache_miss",
+        "decode_commit_miss",
+        "rv_unreadable",
+        "read_error",
+    ] {
         assert_eq!(dropped(&text, reason), 0.0, "{reason}: {text}");
     }
     // On an idle loopback each stage is far under a second.

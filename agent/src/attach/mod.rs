@@ -52,6 +52,8 @@ pub const UPROBE_PROGRAMS: &[&str] = &[
     "kube_cache",
     "kube_queue",
     "kube_watcher",
+    "informer_queue",
+    "informer_rv",
     "go_entry",
     "go_ret",
     "go_sched",

@@ -42,6 +42,10 @@ const KUBE_ROLES: [(Role, &str); 3] = [
     (Role::KubeWatcherSent, "kube_watcher"),
 ];
 
+/// client-go's reflector → informer queue: both roles or neither.
+const INFORMER_ROLES: [(Role, &str); 2] =
+    [(Role::ClientGoFifoQueue, "informer_queue"), (Role::ClientGoReflectorRv, "informer_rv")];
+
 /// The cacher's per-event struct, whose fields the watcher probes read.
 const CACHE_EVENT_TYPE: &str = "cacher.watchCacheEvent";
 const CACHE_EVENT_PKG: &str = "k8s.io/apiserver/pkg/storage/cacher";
@@ -76,7 +80,9 @@ pub fn plan(insp: &Inspection) -> WatchPlan {
     let mut plan = WatchPlan::default();
     let found: Vec<Option<&Probe>> = ROLES.iter().map(|(role, _, _)| insp.probes_for(*role).next()).collect();
     let kube_found = KUBE_ROLES.iter().any(|(role, _)| insp.probes_for(*role).next().is_some());
-    if found.iter().all(Option::is_none) && !kube_found {
+    let informer_found = INFORMER_ROLES.iter().all(|(role, _)| insp.probes_for(*role).next().is_some());
+    let etcd_found = found.iter().any(Option::is_some);
+    if !etcd_found && !kube_found && !informer_found {
         // Nothing known resolved. A binary that nonetheless looks like etcd
         // is a build the catalog does not cover yet: say so (once, in the
         // log and in /debug/probes) rather than ignore it silently.
@@ -95,7 +101,9 @@ pub fn plan(insp: &Inspection) -> WatchPlan {
             .collect();
         return plan;
     }
-    let refusal = binary_refusal(insp).or_else(|| layout_refusal(insp));
+    // The etcd layout matters only to binaries that have etcd's code (an
+    // operator has client-go alone).
+    let refusal = binary_refusal(insp).or_else(|| if etcd_found { layout_refusal(insp) } else { None });
     // Clients link etcd's generated gRPC server code too; without the
     // commit fan-out a binary is no etcd server, so its server roles would
     // never fire: they are left out, not refused.
@@ -137,6 +145,9 @@ pub fn plan(insp: &Inspection) -> WatchPlan {
     }
     if kube_found {
         plan_kube(insp, &mut plan);
+    }
+    if informer_found {
+        plan_informer(insp, &mut plan);
     }
     if let Some(why) = &refusal {
         plan.refusal = Some(why.clone());
@@ -191,6 +202,68 @@ fn plan_kube(insp: &Inspection, plan: &mut WatchPlan) {
             }
         }
     }
+}
+
+/// A client-go reflector's queue pushes (every variant present) and its
+/// resourceVersion updates, joined per goroutine: both kinds or none.
+fn plan_informer(insp: &Inspection, plan: &mut WatchPlan) {
+    let first = plan.sites.len();
+    let mut ok = true;
+    for (role, program) in INFORMER_ROLES {
+        for p in insp.probes_for(role) {
+            let mut status =
+                SiteStatus { role, symbol: Some(p.symbol.clone()), file_offset: None, planned: false, reason: None };
+            match informer_site(insp, p, role, program) {
+                Ok(s) => {
+                    status.file_offset = Some(s.file_offset);
+                    status.planned = true;
+                    plan.sites.push(s);
+                }
+                Err(why) => {
+                    ok = false;
+                    status.reason = Some(why);
+                }
+            }
+            plan.statuses.push(status);
+        }
+    }
+    if !ok {
+        plan.sites.truncate(first);
+        for st in plan.statuses.iter_mut().filter(|st| INFORMER_ROLES.iter().any(|(r, _)| *r == st.role)) {
+            if st.planned {
+                st.planned = false;
+                st.file_offset = None;
+                st.reason = Some("the reflector's other functions cannot be probed".into());
+            }
+        }
+    }
+}
+
+fn informer_site(insp: &Inspection, p: &Probe, role: Role, program: &'static str) -> Result<Site, String> {
+    if insp.g_register.is_none() {
+        // The push and the resourceVersion are joined by goroutine.
+        return Err("the goroutine is not in a register in this binary (stack ABI)".into());
+    }
+    let mut cfg = WatchProbeConfig { g_in_reg: 1, ..WatchProbeConfig::default() };
+    if role == Role::ClientGoReflectorRv {
+        let get = |name: &str| -> Result<&ArgRead, String> {
+            p.args
+                .iter()
+                .find(|a| a.name == name)
+                .ok_or_else(|| format!("the catalog has no `{name}` read for {}", p.symbol))
+        };
+        cfg.args[0] = direct(get("rv_ptr")?)?;
+        cfg.args[1] = direct(get("rv_len")?)?;
+    }
+    let at = entry_site(insp, &p.symbol, p.address, p.file_offset, p.size)?;
+    cfg.guard = at.guard;
+    Ok(Site {
+        role: role.to_string(),
+        symbol: p.symbol.clone(),
+        program,
+        file_offset: p.file_offset + at.offset,
+        config: SiteConfig::Watch(cfg),
+    })
 }
 
 /// `watchCacheEvent.Type` and `.ResourceVersion` from the binary's type

@@ -48,6 +48,8 @@ pub enum Role {
     KubeWatcherSent,
     ClientGoHandleDeltas,
     ClientGoQueuePop,
+    ClientGoFifoQueue,
+    ClientGoReflectorRv,
     GoMapAssign,
     GoMapAccess,
     GoMapDelete,
@@ -71,6 +73,8 @@ impl Role {
             Role::KubeWatcherSent => "apiserver_watcher_sent",
             Role::ClientGoHandleDeltas => "client_go_handle_deltas",
             Role::ClientGoQueuePop => "client_go_queue_pop",
+            Role::ClientGoFifoQueue => "client_go_fifo_queue",
+            Role::ClientGoReflectorRv => "client_go_reflector_rv",
             Role::GoMapAssign => "go_map_assign",
             Role::GoMapAccess => "go_map_access",
             Role::GoMapDelete => "go_map_delete",
@@ -355,6 +359,20 @@ static CACHE_WATCHER_EVENT: Signature = Signature {
 
 // ---- client-go ---------------------------------------------------------------
 
+const TRACEFS_CG036_WATCH: &str = "client-go 0.36.4 (Debian sid)/go1.27.3 amd64: tracefs uprobes on an informer \
+                                   watching a real API server while N patches of a custom resource arrived";
+
+/// `func (f *RealFIFO) Add(obj interface{}) error` (and Update, Delete;
+/// DeltaFIFO's likewise): what a reflector calls for each watch event.
+static FIFO_QUEUE: Signature = Signature { params: &[p("f", WORD), p("obj", IFACE)], reads: &[] };
+
+/// `func (r *Reflector) setLastSyncResourceVersion(v string)`: called after
+/// every watch event (and bookmark, and list) with its resourceVersion.
+static REFLECTOR_RV: Signature = Signature {
+    params: &[p("r", WORD), p("v", STRING)],
+    reads: &[read_v("rv_ptr", "v.ptr", &[], TRACEFS_CG036_WATCH), read_v("rv_len", "v.len", &[], TRACEFS_CG036_WATCH)],
+};
+
 /// `func (s *sharedIndexInformer) HandleDeltas(obj interface{}[, isInInitialList bool]) error`
 /// (client-go before 0.36); `obj` boxes a `Deltas` slice, so its data word
 /// points at a slice header.
@@ -585,6 +603,32 @@ pub static CATALOG: &[RoleSpec] = &[
             // What 0.35+ informers call instead of Pop (batch processing is on by default).
             exact("k8s.io/client-go/tools/cache.(*RealFIFO).PopBatch", "client-go 0.35+", &FIFO_POP_BATCH, true),
         ],
+    },
+    RoleSpec {
+        role: Role::ClientGoFifoQueue,
+        component: Component::ClientGo,
+        what: "informer queue push: one call per watch event a reflector queues (bookmarks never)",
+        select: Select::All,
+        candidates: &[
+            exact("k8s.io/client-go/tools/cache.(*RealFIFO).Add", "client-go 0.30+", &FIFO_QUEUE, true),
+            exact("k8s.io/client-go/tools/cache.(*RealFIFO).Update", "client-go 0.30+", &FIFO_QUEUE, true),
+            exact("k8s.io/client-go/tools/cache.(*RealFIFO).Delete", "client-go 0.30+", &FIFO_QUEUE, true),
+            exact("k8s.io/client-go/tools/cache.(*DeltaFIFO).Add", "client-go (all)", &FIFO_QUEUE, true),
+            exact("k8s.io/client-go/tools/cache.(*DeltaFIFO).Update", "client-go (all)", &FIFO_QUEUE, true),
+            exact("k8s.io/client-go/tools/cache.(*DeltaFIFO).Delete", "client-go (all)", &FIFO_QUEUE, true),
+        ],
+    },
+    RoleSpec {
+        role: Role::ClientGoReflectorRv,
+        component: Component::ClientGo,
+        what: "reflector progress: one call per watch event, bookmark or list, with its resourceVersion",
+        select: Select::First,
+        candidates: &[exact(
+            "k8s.io/client-go/tools/cache.(*Reflector).setLastSyncResourceVersion",
+            "client-go (all)",
+            &REFLECTOR_RV,
+            true,
+        )],
     },
     RoleSpec {
         role: Role::GoMapAssign,
