@@ -354,6 +354,33 @@ pub struct WatchRecord {
     pub g: u64,
 }
 
+/// The most digits of a resourceVersion watchscope reads (an int64 has 19).
+pub const RV_DIGITS: usize = 19;
+
+/// The revision in the first `n` bytes of `buf`, a Kubernetes
+/// resourceVersion as client-go holds it (a decimal string); `None` for
+/// anything else (empty, too long, not digits, past `i64::MAX`), which is
+/// never guessed at. Loop-bounded for the BPF verifier.
+#[inline(always)]
+pub fn parse_rv(buf: &[u8; RV_DIGITS + 1], n: usize) -> Option<i64> {
+    if n == 0 || n > RV_DIGITS {
+        return None;
+    }
+    // 19 digits never overflow a u64 (checked multiplication would need
+    // 128-bit helpers the BPF backend lacks); the range check is at the end.
+    let mut v: u64 = 0;
+    for (i, &b) in buf.iter().enumerate().take(RV_DIGITS) {
+        if i >= n {
+            break;
+        }
+        if !b.is_ascii_digit() {
+            return None;
+        }
+        v = v * 10 + (b - b'0') as u64;
+    }
+    i64::try_from(v).ok()
+}
+
 /// Index of (slot, stage) in the watch histogram array.
 #[inline(always)]
 pub fn hist_index(slot: u32, stage: Stage) -> u32 {
@@ -431,6 +458,23 @@ mod tests {
         }
         let crowded = per_set.values().filter(|&&n| n > 2).count();
         assert!(per_set.len() > 950 && crowded == 0, "{} sets, {crowded} crowded", per_set.len());
+    }
+
+    fn rv(s: &str) -> Option<i64> {
+        let mut buf = [0u8; RV_DIGITS + 1];
+        let n = s.len().min(RV_DIGITS + 1);
+        buf[..n].copy_from_slice(&s.as_bytes()[..n]);
+        parse_rv(&buf, s.len())
+    }
+
+    #[test]
+    fn resource_versions_are_decimal_revisions_or_nothing() {
+        assert_eq!(rv("1"), Some(1));
+        assert_eq!(rv("123456"), Some(123_456));
+        assert_eq!(rv("9223372036854775807"), Some(i64::MAX));
+        for bad in ["", "9223372036854775808", "99999999999999999999", "12a", "-5", " 1", "1.0"] {
+            assert_eq!(rv(bad), None, "{bad:?}");
+        }
     }
 
     #[test]

@@ -31,8 +31,8 @@ use core::ffi::c_void;
 use agent_common::{
     Counter, Histogram,
     watch::{
-        MAX_EVENTS_PER_RESPONSE, MAX_SLOTS, RevKey, STAMP_ENTRIES, Side, Stage, Stamp, WatchProbeConfig, WatchRecord,
-        WatchRevKey, events_index, guard_taken, hist_index, rev_entry, watch_rev_entry,
+        MAX_EVENTS_PER_RESPONSE, MAX_SLOTS, RV_DIGITS, RevKey, STAMP_ENTRIES, Side, Stage, Stamp, WatchProbeConfig,
+        WatchRecord, WatchRevKey, events_index, guard_taken, hist_index, parse_rv, rev_entry, watch_rev_entry,
     },
 };
 use aya_ebpf::{
@@ -588,35 +588,21 @@ fn try_informer_queue(ctx: &ProbeContext) -> Option<()> {
     Some(())
 }
 
-/// The most digits of a revision (an int64 is at most 19).
-const RV_DIGITS: usize = 19;
-
-/// A decimal resourceVersion string's value; `None` for anything else.
+/// A decimal resourceVersion string's value (`None` for anything else).
 #[inline(always)]
-fn parse_rv(ptr: u64, len: u64) -> Option<i64> {
+fn read_rv(ptr: u64, len: u64) -> Option<i64> {
     if len == 0 || len > RV_DIGITS as u64 {
         return None;
     }
+    // Masked so the verifier sees the read's bound.
     let n = (len as usize) & 31;
-    let mut buf = [0u8; RV_DIGITS + 1];
     if n > RV_DIGITS {
         return None;
     }
+    let mut buf = [0u8; RV_DIGITS + 1];
     // SAFETY: bpf_probe_read_user faults safely on bad addresses.
     unsafe { bpf_probe_read_user_buf(ptr as *const u8, &mut buf[..n]) }.ok()?;
-    // 19 digits never overflow a u64 (checked multiplication would need
-    // 128-bit helpers the BPF backend lacks); the range check is at the end.
-    let mut v: u64 = 0;
-    for (i, &b) in buf.iter().enumerate().take(RV_DIGITS) {
-        if i >= n {
-            break;
-        }
-        if !b.is_ascii_digit() {
-            return None;
-        }
-        v = v * 10 + (b - b'0') as u64;
-    }
-    i64::try_from(v).ok()
+    parse_rv(&buf, n)
 }
 
 #[uprobe]
@@ -635,7 +621,7 @@ fn try_informer_rv(ctx: &ProbeContext) -> Option<()> {
     add(&WATCH_EVENTS, events_index(c.slot, Side::Informer), 1);
     let ptr = arg(ctx, &c.cfg.args[0])?;
     let len = arg(ctx, &c.cfg.args[1])?;
-    let Some(rev) = parse_rv(ptr, len) else {
+    let Some(rev) = read_rv(ptr, len) else {
         count(Counter::RvUnreadable);
         return Some(());
     };

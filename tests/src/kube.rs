@@ -86,6 +86,21 @@ impl ApiServer {
         )
     }
 
+    /// Stops the server (SIGTERM) and starts it again on the same port,
+    /// and waits until the custom resource's watch cache serves watches
+    /// again (until then they are refused: "storage is (re)initializing").
+    pub fn restart(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            stop_child(&mut c);
+        }
+        self.spawn();
+        let ok = wait_until(Duration::from_secs(30), || {
+            let (code, body) = self.request("GET", &format!("{}?watch=1&timeoutSeconds=1", self.collection()), None);
+            code == 200 && !body.contains("TooManyRequests")
+        });
+        assert!(ok, "the restarted API server never served a watch:\n{}", self.log());
+    }
+
     pub fn kubeconfig_path(&self) -> PathBuf {
         self.dir.path().join("kubeconfig")
     }
@@ -178,6 +193,22 @@ impl ApiServer {
         let op = LineReader::new(child);
         assert!(op.wait_for(|l| l == "synced", Duration::from_secs(30)), "operator never synced: {:?}", op.lines());
         op
+    }
+
+    /// `kubectl get etcdclusters --watch-only -o name` (sid's kubectl 1.36:
+    /// client-go, but no informer) as `comm`: one line per event.
+    pub fn kubectl_watch(&self, comm: &str) -> LineReader {
+        let kubectl = crate::debcache::file("kubectl", "1.36", "usr/bin/kubectl");
+        let bin = copy_binary(kubectl, self.dir.path(), comm);
+        let child = Command::new(bin)
+            .arg(format!("--kubeconfig={}", self.kubeconfig_path().display()))
+            .args(["get", PLURAL, "--watch-only", "-o", "name"])
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("kubectl");
+        LineReader::new(child)
     }
 
     /// A plain HTTP watch of the collection from `rv`, run as `comm` (a

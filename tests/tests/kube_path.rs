@@ -79,7 +79,7 @@ fn settled(agent: &Agent) -> Counts {
 #[test]
 fn every_update_is_timed_from_commit_to_cache_and_to_each_watcher() {
     const N: u64 = 20;
-    let agent = Agent::start(&["--comm", &format!("wse-k8s,{API},{OPERATOR}")]);
+    let agent = Agent::start(&["--comm", &format!("wse-k8s,{API},{OPERATOR},wsk-kubectl")]);
     let etcd = Etcd::start_build(Build::Sid3530, "wse-k8s", "wsc-k8sctl");
     let api = ApiServer::start(&etcd, API);
     wait_attached(&agent, &[etcd.pid(), api.pid()]);
@@ -91,6 +91,7 @@ fn every_update_is_timed_from_commit_to_cache_and_to_each_watcher() {
     let w1 = api.watch("wsk-watch1", rv0);
     let w2 = api.watch("wsk-watch2", rv0);
     let op = api.operator(OPERATOR, &["-grow=64"]);
+    let kubectl = api.kubectl_watch("wsk-kubectl");
     wait_attached(&agent, &[op.pid()]);
     api.patch_size("main", 1000);
     let modified = |l: &str| event_type(l).as_deref() == Some("MODIFIED");
@@ -99,6 +100,10 @@ fn every_update_is_timed_from_commit_to_cache_and_to_each_watcher() {
         assert_eq!(w.wait_count(modified, 1, Duration::from_secs(20)), 1, "{:?}\n{}", w.lines(), api.log());
     }
     assert_eq!(op.wait_count(handled, 1, Duration::from_secs(20)), 1, "{:?}", op.lines());
+    // kubectl lists, then watches from the list's revision: the first
+    // update may reach it live or replayed, but once it printed it, its
+    // watch is registered.
+    assert_eq!(kubectl.wait_count(|l| l.contains("main"), 1, Duration::from_secs(20)), 1, "{:?}", kubectl.lines());
     let before = settled(&agent);
     assert!(before.commit_to_watcher >= 3.0, "the first update reached every watcher: {before:?}");
 
@@ -109,8 +114,9 @@ fn every_update_is_timed_from_commit_to_cache_and_to_each_watcher() {
         assert_eq!(w.wait_count(modified, 1 + N as usize, Duration::from_secs(30)), 1 + N as usize);
     }
     assert_eq!(op.wait_count(handled, 1 + N as usize, Duration::from_secs(30)), 1 + N as usize);
+    assert_eq!(kubectl.wait_count(|l| l.contains("main"), 1 + N as usize, Duration::from_secs(30)), 1 + N as usize);
     assert!(wait_until(Duration::from_secs(10), || {
-        Counts::of(&agent.metrics()).watcher >= before.watcher + 3.0 * N as f64
+        Counts::of(&agent.metrics()).watcher >= before.watcher + 4.0 * N as f64
     }));
     let after = settled(&agent);
     let text = agent.metrics();
@@ -122,11 +128,14 @@ fn every_update_is_timed_from_commit_to_cache_and_to_each_watcher() {
     assert_eq!(after.dispatch - before.dispatch, n, "{after:?} {before:?}");
     assert_eq!(after.cache - before.cache, n, "{after:?} {before:?}");
     assert_eq!(after.commit_to_cache - before.commit_to_cache, n, "{after:?} {before:?}");
-    assert_eq!(after.watcher - before.watcher, 3.0 * n, "{after:?} {before:?}");
-    assert_eq!(after.commit_to_watcher - before.commit_to_watcher, 3.0 * n, "{after:?} {before:?}");
-    assert_eq!(after.cache_to_watcher - before.cache_to_watcher, 3.0 * n, "{after:?} {before:?}");
+    // Four watchers: two curl, kubectl, the operator's informer.
+    assert_eq!(after.watcher - before.watcher, 4.0 * n, "{after:?} {before:?}");
+    assert_eq!(after.commit_to_watcher - before.commit_to_watcher, 4.0 * n, "{after:?} {before:?}");
+    assert_eq!(after.cache_to_watcher - before.cache_to_watcher, 4.0 * n, "{after:?} {before:?}");
     // The operator's reflector decoded and queued each update once; its
     // objects are Unstructured, yet every one is timed from its commit.
+    // kubectl watches without an informer: nothing of it counts there.
+    assert_eq!(events(&text, "informer", "wsk-kubectl"), 0.0);
     assert_eq!(after.informer - before.informer, n, "{after:?} {before:?}");
     assert_eq!(after.commit_to_decode - before.commit_to_decode, n, "{after:?} {before:?}");
     assert_eq!(after.replayed, before.replayed, "no watch started: nothing replayed");
@@ -152,4 +161,96 @@ fn every_update_is_timed_from_commit_to_cache_and_to_each_watcher() {
     assert_eq!(replay.replayed - after.replayed, 1.0 + n, "{replay:?}");
     assert_eq!(replay.watcher, after.watcher, "{replay:?}");
     assert_eq!(replay.commit_to_watcher, after.commit_to_watcher, "{replay:?}");
+}
+
+/// Ground truth: the operator is stopped (SIGSTOP) for `D` while one update
+/// is committed. Its reflector decodes the event at least `D` after the
+/// commit, and the histogram says so in the decode stage, while the API
+/// server put it in the operator's result channel at once.
+#[test]
+fn a_stopped_operator_shows_in_its_decode_stage_and_not_in_the_api_server() {
+    const D: f64 = 1.5;
+    let agent = Agent::start(&["--comm", &format!("wse-k8s,{API},{OPERATOR}")]);
+    let etcd = Etcd::start_build(Build::Sid3530, "wse-k8s", "wsc-k8sctl");
+    let api = ApiServer::start(&etcd, API);
+    api.create("main");
+    let op = api.operator(OPERATOR, &[]);
+    wait_attached(&agent, &[etcd.pid(), api.pid(), op.pid()]);
+    let handled = |l: &str| l.starts_with("handled update main ");
+    api.patch_size("main", 1);
+    assert_eq!(op.wait_count(handled, 1, Duration::from_secs(20)), 1, "{:?}", op.lines());
+    let before = settled(&agent);
+    let text0 = agent.metrics();
+
+    // SAFETY: kill(2) on our own child.
+    assert_eq!(unsafe { libc::kill(op.pid() as i32, libc::SIGSTOP) }, 0);
+    api.patch_size("main", 2);
+    // The PATCH answered after etcd's commit: D from here is at least D
+    // from the commit.
+    let committed = std::time::Instant::now();
+    // The API server has put the event in the operator's result channel.
+    assert!(wait_until(Duration::from_secs(10), || Counts::of(&agent.metrics()).watcher > before.watcher));
+    while committed.elapsed() < Duration::from_secs_f64(D) {
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    // SAFETY: as above.
+    assert_eq!(unsafe { libc::kill(op.pid() as i32, libc::SIGCONT) }, 0);
+    assert_eq!(op.wait_count(handled, 2, Duration::from_secs(20)), 2, "{:?}", op.lines());
+    assert!(wait_until(Duration::from_secs(10), || Counts::of(&agent.metrics()).informer > before.informer));
+    let after = settled(&agent);
+    let text = agent.metrics();
+    assert_eq!(after.informer - before.informer, 1.0, "{after:?}");
+    assert_eq!(after.watcher - before.watcher, 1.0, "{after:?}");
+    let decode = |t: &str| stage(t, "commit_to_decode", OPERATOR);
+    let watcher = |t: &str| stage(t, "commit_to_watcher", API);
+    // The one new decode took at least D; the API server's part did not.
+    assert_eq!(decode(&text).from_bucket_of(D) - decode(&text0).from_bucket_of(D), 1.0, "{text}");
+    assert_eq!(decode(&text).count() - decode(&text0).count(), 1.0);
+    assert_eq!(watcher(&text).below(D) - watcher(&text0).below(D), 1.0, "{text}");
+}
+
+/// The API server restarted between two batches of updates: the new
+/// process is picked up (same binary, probes kept) and counts stay exact.
+#[test]
+fn an_api_server_restart_is_picked_up_and_counts_stay_exact() {
+    const N: u64 = 10;
+    let agent = Agent::start(&["--comm", &format!("wse-k8s,{API}")]);
+    let etcd = Etcd::start_build(Build::Sid3530, "wse-k8s", "wsc-k8sctl");
+    let mut api = ApiServer::start(&etcd, API);
+    let rv = api.create("main");
+    wait_attached(&agent, &[etcd.pid(), api.pid()]);
+    let modified = |l: &str| event_type(l).as_deref() == Some("MODIFIED");
+    let mut rv = rv;
+    let mut total = 0.0;
+    for round in 0..2 {
+        let before = settled(&agent);
+        let w = api.watch("wsk-watch1", rv);
+        // The first update registers the watch (live or replayed), the
+        // next N are counted.
+        rv = api.patch_size("main", 1000);
+        assert_eq!(w.wait_count(modified, 1, Duration::from_secs(20)), 1, "round {round}: {:?}", w.lines());
+        let mid = settled(&agent);
+        for i in 0..N {
+            rv = api.patch_size("main", i);
+        }
+        assert_eq!(w.wait_count(modified, 1 + N as usize, Duration::from_secs(20)), 1 + N as usize);
+        assert!(wait_until(Duration::from_secs(10), || Counts::of(&agent.metrics()).watcher >= mid.watcher + N as f64));
+        let after = settled(&agent);
+        assert_eq!(after.cache - mid.cache, N as f64, "round {round}: {after:?} {mid:?}");
+        assert_eq!(after.watcher - mid.watcher, N as f64, "round {round}: {after:?} {mid:?}");
+        assert_eq!(after.commit_to_watcher - mid.commit_to_watcher, N as f64, "round {round}: {after:?} {mid:?}");
+        total += after.cache - before.cache;
+        drop(w);
+        if round == 0 {
+            let old = api.pid();
+            api.restart();
+            assert_ne!(api.pid(), old);
+            wait_attached(&agent, &[api.pid()]);
+        }
+    }
+    assert_eq!(total, 2.0 * (N as f64 + 1.0));
+    let text = agent.metrics();
+    for reason in ["cache_commit_miss", "watcher_commit_miss", "watcher_cache_miss", "read_error"] {
+        assert_eq!(dropped(&text, reason), 0.0, "{reason}: {text}");
+    }
 }

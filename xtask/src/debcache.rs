@@ -36,6 +36,9 @@ pub const PACKAGES: &[(&str, &str)] = &[
     // packages into one GOROOT (tests/src/go.rs).
     ("golang-1.24-go", "trixie"),
     ("golang-1.24-src", "trixie"),
+    // kubectl 1.36: a real, non-informer watch client of the API server
+    // the Kubernetes watch-path tests build.
+    ("kubectl", "sid"),
 ];
 
 const SUITES: &[&str] = &["sid", "trixie", "bullseye"];
