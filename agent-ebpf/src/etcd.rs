@@ -582,7 +582,7 @@ pub fn informer_queue(ctx: ProbeContext) -> u32 {
 fn try_informer_queue(ctx: &ProbeContext) -> Option<()> {
     let c = begin(ctx)?;
     let g = goroutine(ctx, &c.cfg)?;
-    if INFORMER_PENDING.insert(&g, &c.now, 0).is_err() {
+    if INFORMER_PENDING.insert(g, c.now, 0).is_err() {
         count(Counter::MapFull);
     }
     Some(())
@@ -616,8 +616,8 @@ fn try_informer_rv(ctx: &ProbeContext) -> Option<()> {
     let c = begin(ctx)?;
     let g = goroutine(ctx, &c.cfg)?;
     // SAFETY: the value is copied out before the entry is removed.
-    let queued = unsafe { *INFORMER_PENDING.get(&g)? };
-    let _ = INFORMER_PENDING.remove(&g);
+    let queued = unsafe { *INFORMER_PENDING.get(g)? };
+    let _ = INFORMER_PENDING.remove(g);
     add(&WATCH_EVENTS, events_index(c.slot, Side::Informer), 1);
     let ptr = arg(ctx, &c.cfg.args[0])?;
     let len = arg(ctx, &c.cfg.args[1])?;
