@@ -562,6 +562,16 @@ fn dashboard_is_aligned_and_every_heatmap_uses_the_bucket_layout() {
     for (i, (x, y, w, h)) in pos.iter().enumerate() {
         assert_eq!((*x, *y, *w, *h), (6 * i as i64, pos[0].1, 6, pos[0].3), "{}", stages[i]);
     }
+    // The Kubernetes stages on their own line below, aligned the same way.
+    let kube = ["commit_to_cache", "commit_to_watcher", "cache_to_watcher", "commit_to_decode"];
+    let kpos: Vec<_> = kube
+        .iter()
+        .map(|s| heatmaps[&("watchscope_watch_stage_seconds_bucket".to_string(), format!("stage=\"{s}\""))])
+        .collect();
+    for (i, (x, y, w, h)) in kpos.iter().enumerate() {
+        assert_eq!((*x, *y, *w, *h), (6 * i as i64, kpos[0].1, 6, pos[0].3), "{}", kube[i]);
+    }
+    assert!(kpos[0].1 > pos[0].1);
     for dir in ["request", "response"] {
         assert!(
             heatmaps.contains_key(&("watchscope_sidecar_seconds_bucket".to_string(), format!("direction=\"{dir}\"")))

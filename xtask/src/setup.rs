@@ -19,14 +19,15 @@ pub struct SetupArgs {
 pub enum Purpose {
     /// Programs the integration tests run (etcd, Go toolchains, bpftrace, ...).
     Test,
-    /// Programs the demo runs (etcd server and client).
+    /// Programs the demo runs (etcd, and the Kubernetes sources and Go
+    /// toolchain its API server and operator are built with).
     Demo,
 }
 
 /// Debian packages the eBPF build needs (bpf-linker links against LLVM 22).
 const TOOLCHAIN_PACKAGES: &[&str] = &["llvm-22-dev", "libpolly-22-dev", "libzstd-dev", "zlib1g-dev"];
-/// Real programs the demo runs.
-const DEMO_PACKAGES: &[&str] = &["etcd-server", "etcd-client"];
+/// Real programs the demo runs (and curl, its HTTP client).
+const DEMO_PACKAGES: &[&str] = &["etcd-server", "etcd-client", "curl", "openssl"];
 /// Real programs and tools the integration tests run.
 const TEST_PACKAGES: &[&str] = &[
     "etcd-server",
@@ -46,6 +47,8 @@ const TEST_PACKAGES: &[&str] = &[
     "gcc",
     "libc6-dev",
     "curl",
+    // kube_path.rs: the API server's client CA and certificate.
+    "openssl",
     // prometheus.rs: `promtool check metrics` and a real Prometheus server.
     "prometheus",
     // privileges.rs: capsh, to run the agent with only the DaemonSet's capabilities.
@@ -64,7 +67,7 @@ pub fn run(args: &SetupArgs) -> Result<()> {
         None => {}
     }
     apt_packages(&packages)?;
-    if args.purpose == Some(Purpose::Test) {
+    if args.purpose.is_some() {
         pip_packages(PIP_PACKAGES)?;
         crate::debcache::run()?;
         crate::debcache::gopath_k8s()?;

@@ -65,19 +65,23 @@ pub const BUILD_INFO: Family =
 pub const WATCH_STAGE_SECONDS: Family = Family {
     name: "watch_stage_seconds",
     kind: MetricType::Histogram,
-    help: "Time each etcd watch event spent per stage, from commit (notify) to per-watcher enqueue, gRPC send, \
-           and dispatch in a client on this node; by stage and process.",
+    help: "Time each watch event spent per stage, from etcd's commit (notify) to per-watcher enqueue, gRPC send \
+           and dispatch in an etcd client on this node; in a Kubernetes API server to its watch cache and to each \
+           watcher's result channel; in a client-go reflector to its informer's queue; by stage and process.",
 };
 pub const WATCH_EVENTS: Family = Family {
     name: "watch_events",
     kind: MetricType::Counter,
-    help: "etcd watch events (not responses): sent by a server to each watcher, or dispatched by a client.",
+    help: "Watch events (not responses): sent by etcd to each watcher, dispatched by an etcd client, taken by an \
+           API server's watch cache, put in each of its watchers' result channels (live) or replayed from its \
+           history to a new watch, queued by a client-go reflector; by side and process.",
 };
 pub const WATCH_PROGRESS: Family = Family {
     name: "watch_progress",
     kind: MetricType::Counter,
-    help: "etcd watch responses without events that are progress notifications (periodic, or answers to progress \
-           requests such as the API server's): sent by a server or dispatched by a client; never counted as events.",
+    help: "Watch progress that carries no event, never counted as events: etcd responses without events that are \
+           progress notifications (periodic, or answers to progress requests such as the API server's), sent or \
+           dispatched; and the bookmarks an API server puts in its watchers' result channels.",
 };
 
 pub const WATCH_CHAINS: Family = Family {
