@@ -175,6 +175,9 @@ fn human(insp: &Inspection, functions: Option<&regex::Regex>) -> String {
     if let Some(l) = &insp.etcd_layout {
         o.push_str(&etcd_layout_text(l));
     }
+    if let Some(text) = apiserver_layout_text(insp) {
+        o.push_str(&text);
+    }
     let _ = writeln!(o, "\nunresolved roles ({}):", insp.unresolved.len());
     for u in &insp.unresolved {
         let _ = writeln!(o, "  {:<26} {}", u.role, u.reason);
@@ -194,6 +197,24 @@ fn human(insp: &Inspection, functions: Option<&regex::Regex>) -> String {
         }
     }
     o
+}
+
+/// What the API server's watch-cache roles read, for a binary that has
+/// them: the event struct's offsets from its type descriptor, or why the
+/// roles are refused.
+fn apiserver_layout_text(insp: &Inspection) -> Option<String> {
+    use watchscope::inspect::Role;
+    let kube = [Role::KubeCacheProcessEvent, Role::KubeWatcherQueue, Role::KubeWatcherSent];
+    if !kube.iter().any(|r| insp.probes_for(*r).next().is_some()) {
+        return None;
+    }
+    Some(match watchscope::attach::watch::cache_event_layout(insp) {
+        Ok((ty, rv)) => format!(
+            "\nAPI server watch-cache layout (the apiserver_* roles read it): from the binary's type descriptor\n  \
+             cacher.watchCacheEvent.Type                {ty:>4}\n  cacher.watchCacheEvent.ResourceVersion     {rv:>4}\n"
+        ),
+        Err(why) => format!("\nAPI server watch-cache layout\n  REFUSED: {why}; no apiserver role is attached\n"),
+    })
 }
 
 /// The etcd layout the watch roles read: which profile, how it was chosen,

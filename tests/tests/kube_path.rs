@@ -254,3 +254,57 @@ fn an_api_server_restart_is_picked_up_and_counts_stay_exact() {
         assert_eq!(dropped(&text, reason), 0.0, "{reason}: {text}");
     }
 }
+
+/// A Go program with the API server's watch-cache names and a
+/// `watchCacheEvent` whose ResourceVersion is a string: refused, naming
+/// the field, in `inspect`, in `/debug/probes` and by attaching nothing.
+#[test]
+fn a_binary_with_the_api_servers_names_and_another_layout_is_refused_naming_the_field() {
+    use std::io::{BufRead, Write};
+    let dir = tempfile::tempdir().expect("tmp");
+    let bin = dir.path().join("ws-fakeapi");
+    watchscope_integration_tests::go::go119().build_program("fake-apiserver", &bin, false);
+    let why = "cacher.watchCacheEvent.ResourceVersion is a string of 16 bytes in this binary, not a uint64";
+
+    let insp = std::process::Command::new(watchscope_integration_tests::watchscope_bin())
+        .arg("inspect")
+        .arg(&bin)
+        .output()
+        .expect("inspect");
+    let text = String::from_utf8_lossy(&insp.stdout);
+    assert!(
+        text.contains("apiserver_cache_process_event") && text.contains("REFUSED: ") && text.contains(why),
+        "{text}"
+    );
+
+    let agent = Agent::start(&["--comm", "ws-fakeapi"]);
+    let mut child = std::process::Command::new(&bin)
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .expect("start fixture");
+    let mut stdin = child.stdin.take().expect("stdin");
+    let mut lines = std::io::BufReader::new(child.stdout.take().expect("stdout")).lines();
+    assert_eq!(lines.next().and_then(Result::ok).as_deref(), Some("ready"));
+    let refused = wait_until(Duration::from_secs(10), || {
+        watchscope_integration_tests::debug_probes(&agent)["binaries"].as_array().is_some_and(|bins| {
+            bins.iter().any(|b| {
+                b["path"].as_str().is_some_and(|p| p.ends_with("ws-fakeapi"))
+                    && b["attached"] == false
+                    && b["reason"].as_str().is_some_and(|r| r.contains(why))
+            })
+        })
+    });
+    // Events through the probed functions: none may be counted.
+    for i in 0..20 {
+        stdin.write_all(b"event\n").expect("write");
+        assert_eq!(lines.next().and_then(Result::ok), Some(format!("sent {}", i + 1)));
+    }
+    drop(stdin);
+    let _ = child.wait();
+    assert!(refused, "not refused for its layout: {}", agent.log_text());
+    assert_eq!(agent.sample("watchscope_probes_attached{kind=\"uprobe\"}"), 0.0);
+    let text = agent.metrics();
+    assert!(!text.contains("side=\"apiserver_"), "{text}");
+    assert!(!text.contains("stage=\"commit_to_cache\""), "{text}");
+}

@@ -193,6 +193,15 @@ fn plan_kube(insp: &Inspection, plan: &mut WatchPlan) {
     // The queue and result-channel probes only make sense together (an
     // event is live when it was queued): all three sites or none.
     if planned != KUBE_ROLES.len() {
+        // Nothing else to probe in this binary: say why, for the whole of it.
+        let first = plan.statuses.iter().find(|st| KUBE_ROLES.iter().any(|(r, _)| *r == st.role) && !st.planned);
+        if plan.sites.len() == planned
+            && let Some(st) = first
+        {
+            plan.refusal.get_or_insert_with(|| {
+                format!("{}: {}", st.role, st.reason.clone().unwrap_or_else(|| "not planned".into()))
+            });
+        }
         plan.sites.retain(|s| !KUBE_ROLES.iter().any(|(_, program)| s.program == *program));
         for st in plan.statuses.iter_mut().filter(|st| KUBE_ROLES.iter().any(|(r, _)| *r == st.role)) {
             if st.planned {
@@ -268,7 +277,7 @@ fn informer_site(insp: &Inspection, p: &Probe, role: Role, program: &'static str
 
 /// `watchCacheEvent.Type` and `.ResourceVersion` from the binary's type
 /// descriptor, checked for the field types the kernel reads.
-fn cache_event_layout(insp: &Inspection) -> Result<(u32, u32), String> {
+pub fn cache_event_layout(insp: &Inspection) -> Result<(u32, u32), String> {
     let l = insp.struct_layout_in(CACHE_EVENT_TYPE, Some(CACHE_EVENT_PKG)).map_err(|e| {
         format!("no readable type descriptor for {CACHE_EVENT_TYPE} ({e}): its layout is not identified")
     })?;
