@@ -182,15 +182,8 @@ impl ApiServer {
     /// The operator fixture as `comm`, with extra flags, once it has synced.
     pub fn operator(&self, comm: &str, flags: &[&str]) -> LineReader {
         let bin = copy_binary(clientgo::operator(), self.dir.path(), comm);
-        let child = Command::new(bin)
-            .arg(format!("-kubeconfig={}", self.kubeconfig_path().display()))
-            .args(flags)
-            .stdin(Stdio::null())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::null())
-            .spawn()
-            .expect("start the operator");
-        let op = LineReader::new(child);
+        let op =
+            lines_of(Command::new(bin).arg(format!("-kubeconfig={}", self.kubeconfig_path().display())).args(flags));
         assert!(op.wait_for(|l| l == "synced", Duration::from_secs(30)), "operator never synced: {:?}", op.lines());
         op
     }
@@ -200,15 +193,13 @@ impl ApiServer {
     pub fn kubectl_watch(&self, comm: &str) -> LineReader {
         let kubectl = crate::debcache::file("kubectl", "1.36", "usr/bin/kubectl");
         let bin = copy_binary(kubectl, self.dir.path(), comm);
-        let child = Command::new(bin)
-            .arg(format!("--kubeconfig={}", self.kubeconfig_path().display()))
-            .args(["get", PLURAL, "--watch-only", "-o", "name"])
-            .stdin(Stdio::null())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::null())
-            .spawn()
-            .expect("kubectl");
-        LineReader::new(child)
+        lines_of(Command::new(bin).arg(format!("--kubeconfig={}", self.kubeconfig_path().display())).args([
+            "get",
+            PLURAL,
+            "--watch-only",
+            "-o",
+            "name",
+        ]))
     }
 
     /// A plain HTTP watch of the collection from `rv`, run as `comm` (a
@@ -216,18 +207,14 @@ impl ApiServer {
     pub fn watch(&self, comm: &str, rv: u64) -> LineReader {
         let curl = copy_binary(which("curl"), self.dir.path(), comm);
         let d = self.dir.path();
-        let child = Command::new(curl)
-            .args(["-skN", "--cert"])
-            .arg(d.join("admin.crt"))
-            .arg("--key")
-            .arg(d.join("admin.key"))
-            .arg(format!("https://127.0.0.1:{}{}?watch=1&resourceVersion={rv}", self.port, self.collection()))
-            .stdin(Stdio::null())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::null())
-            .spawn()
-            .expect("curl watch");
-        LineReader::new(child)
+        lines_of(
+            Command::new(curl)
+                .args(["-skN", "--cert"])
+                .arg(d.join("admin.crt"))
+                .arg("--key")
+                .arg(d.join("admin.key"))
+                .arg(format!("https://127.0.0.1:{}{}?watch=1&resourceVersion={rv}", self.port, self.collection())),
+        )
     }
 }
 
@@ -237,6 +224,18 @@ impl Drop for ApiServer {
             stop_child(&mut c);
         }
     }
+}
+
+/// `cmd` started with its stdout collected line by line (stdin and stderr
+/// closed).
+fn lines_of(cmd: &mut Command) -> LineReader {
+    let child = cmd
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap_or_else(|e| panic!("{cmd:?}: {e}"));
+    LineReader::new(child)
 }
 
 /// `metadata.resourceVersion` of a JSON object.

@@ -394,6 +394,12 @@ impl Buckets {
     }
 }
 
+/// What `watchscope inspect <bin>` prints.
+pub fn inspect_text(bin: &std::path::Path) -> String {
+    let o = Command::new(watchscope_bin()).arg("inspect").arg(bin).output().expect("watchscope inspect");
+    String::from_utf8_lossy(&o.stdout).to_string()
+}
+
 /// Waits until `f` returns true or the timeout passes; returns the last result.
 pub fn wait_until(timeout: Duration, mut f: impl FnMut() -> bool) -> bool {
     let deadline = Instant::now() + timeout;

@@ -377,12 +377,7 @@ fn a_binary_with_etcd_names_and_another_layout_is_refused_naming_the_field() {
     watchscope_integration_tests::go::go119().build_program("fake-etcd", &bin, false);
 
     // What `inspect` says: the roles resolve, the layout is refused.
-    let insp = Command::new(watchscope_integration_tests::watchscope_bin())
-        .arg("inspect")
-        .arg(&bin)
-        .output()
-        .expect("inspect");
-    let text = String::from_utf8_lossy(&insp.stdout);
+    let text = watchscope_integration_tests::inspect_text(&bin);
     assert!(
         text.contains("etcd_server_notify") && text.contains("go.etcd.io/etcd/mvcc.(*watchableStore).notify"),
         "{text}"

@@ -266,12 +266,7 @@ fn a_binary_with_the_api_servers_names_and_another_layout_is_refused_naming_the_
     watchscope_integration_tests::go::go119().build_program("fake-apiserver", &bin, false);
     let why = "cacher.watchCacheEvent.ResourceVersion is a string of 16 bytes in this binary, not a uint64";
 
-    let insp = std::process::Command::new(watchscope_integration_tests::watchscope_bin())
-        .arg("inspect")
-        .arg(&bin)
-        .output()
-        .expect("inspect");
-    let text = String::from_utf8_lossy(&insp.stdout);
+    let text = watchscope_integration_tests::inspect_text(&bin);
     assert!(
         text.contains("apiserver_cache_process_event") && text.contains("REFUSED: ") && text.contains(why),
         "{text}"

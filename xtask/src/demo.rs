@@ -101,10 +101,8 @@ impl Drop for Processes {
     }
 }
 
-pub fn run(args: &DemoArgs) -> Result<()> {
-    if args.etcd_only {
-        return etcd_only(args);
-    }
+/// Setup, the release agent, and a flag Ctrl-C sets: what both demos start with.
+fn prepare() -> Result<(std::path::PathBuf, Arc<AtomicBool>)> {
     setup::run(&SetupArgs { purpose: Some(Purpose::Demo) })?;
     if !util::is_root() {
         bail!("the agent loads eBPF programs and needs root: run `sudo -E cargo xtask demo`");
@@ -115,6 +113,14 @@ pub fn run(args: &DemoArgs) -> Result<()> {
     let stop = Arc::new(AtomicBool::new(false));
     let s = stop.clone();
     ctrlc::set_handler(move || s.store(true, Ordering::SeqCst)).context("installing the Ctrl-C handler")?;
+    Ok((agent, stop))
+}
+
+pub fn run(args: &DemoArgs) -> Result<()> {
+    if args.etcd_only {
+        return etcd_only(args);
+    }
+    let (agent, stop) = prepare()?;
 
     let dir = tempfile::Builder::new().prefix("watchscope-demo-").tempdir()?;
     // The recording lasts as long as the demo, which ends it with SIGINT
@@ -150,7 +156,7 @@ pub fn run(args: &DemoArgs) -> Result<()> {
     println!("    updating etcdclusters/demo every 500 ms; Ctrl-C stops and prints the report");
     let start = Instant::now();
     let mut n = 0u64;
-    while !stop.load(Ordering::SeqCst) && !args.duration.is_some_and(|d| start.elapsed() >= Duration::from_secs(d)) {
+    while !stop.load(Ordering::SeqCst) && args.duration.is_none_or(|d| start.elapsed() < Duration::from_secs(d)) {
         if let Some(status) = record.try_wait()? {
             bail!("watchscope record exited early ({status}); see its log");
         }
@@ -175,17 +181,7 @@ pub fn run(args: &DemoArgs) -> Result<()> {
 
 /// The quick demo: bookworm's etcd, `etcdctl watch`, puts, `watchscope run`.
 fn etcd_only(args: &DemoArgs) -> Result<()> {
-    setup::run(&SetupArgs { purpose: Some(Purpose::Demo) })?;
-    if !util::is_root() {
-        bail!("the agent loads eBPF programs and needs root: run `sudo -E cargo xtask demo`");
-    }
-    step("build the agent (release)");
-    util::run(util::cargo().args(["build", "--release", "-p", "watchscope"]))?;
-    let agent = util::workspace_root().join("target/release/watchscope");
-
-    let stop = Arc::new(AtomicBool::new(false));
-    let s = stop.clone();
-    ctrlc::set_handler(move || s.store(true, Ordering::SeqCst)).context("installing the Ctrl-C handler")?;
+    let (agent, stop) = prepare()?;
 
     let dir = tempfile::Builder::new().prefix("watchscope-demo-").tempdir()?;
     let d = dir.path();

@@ -255,24 +255,11 @@ fn informer_site(insp: &Inspection, p: &Probe, role: Role, program: &'static str
     }
     let mut cfg = WatchProbeConfig { g_in_reg: 1, ..WatchProbeConfig::default() };
     if role == Role::ClientGoReflectorRv {
-        let get = |name: &str| -> Result<&ArgRead, String> {
-            p.args
-                .iter()
-                .find(|a| a.name == name)
-                .ok_or_else(|| format!("the catalog has no `{name}` read for {}", p.symbol))
-        };
+        let get = |name: &str| catalog_read(p, name);
         cfg.args[0] = direct(get("rv_ptr")?)?;
         cfg.args[1] = direct(get("rv_len")?)?;
     }
-    let at = entry_site(insp, &p.symbol, p.address, p.file_offset, p.size)?;
-    cfg.guard = at.guard;
-    Ok(Site {
-        role: role.to_string(),
-        symbol: p.symbol.clone(),
-        program,
-        file_offset: p.file_offset + at.offset,
-        config: SiteConfig::Watch(cfg),
-    })
+    entry_watch_site(insp, p, role, program, cfg)
 }
 
 /// `watchCacheEvent.Type` and `.ResourceVersion` from the binary's type
@@ -302,12 +289,7 @@ fn kube_site(
     type_off: u32,
     rv_off: u32,
 ) -> Result<Site, String> {
-    let get = |name: &str| -> Result<&ArgRead, String> {
-        p.args
-            .iter()
-            .find(|a| a.name == name)
-            .ok_or_else(|| format!("the catalog has no `{name}` read for {}", p.symbol))
-    };
+    let get = |name: &str| catalog_read(p, name);
     let mut cfg = WatchProbeConfig {
         g_in_reg: u32::from(insp.g_register.is_some()),
         cache_event_type_off: type_off,
@@ -330,15 +312,7 @@ fn kube_site(
             cfg.args[1] = loc(&rev.source)?;
         }
     }
-    let at = entry_site(insp, &p.symbol, p.address, p.file_offset, p.size)?;
-    cfg.guard = at.guard;
-    Ok(Site {
-        role: role.to_string(),
-        symbol: p.symbol.clone(),
-        program,
-        file_offset: p.file_offset + at.offset,
-        config: SiteConfig::Watch(cfg),
-    })
+    entry_watch_site(insp, p, role, program, cfg)
 }
 
 /// Evidence that a binary is some etcd server build, if there is any.
@@ -374,12 +348,7 @@ pub fn binary_refusal(insp: &Inspection) -> Option<String> {
 }
 
 fn site(insp: &Inspection, layout: &EtcdLayout, p: &Probe, role: Role, program: &'static str) -> Result<Site, String> {
-    let get = |name: &str| -> Result<&ArgRead, String> {
-        p.args
-            .iter()
-            .find(|a| a.name == name)
-            .ok_or_else(|| format!("the catalog has no `{name}` read for {}", p.symbol))
-    };
+    let get = |name: &str| catalog_read(p, name);
     let fact = |f: Fact| -> Result<u32, String> {
         layout.get(f).ok_or_else(|| format!("{} is not known for this binary", f.describe())).and_then(narrow)
     };
@@ -440,6 +409,22 @@ fn site(insp: &Inspection, layout: &EtcdLayout, p: &Probe, role: Role, program: 
             cfg.events_indirect = 1;
         }
     }
+    entry_watch_site(insp, p, role, program, cfg)
+}
+
+/// The catalog's read `name` of a probed function.
+fn catalog_read<'a>(p: &'a Probe, name: &str) -> Result<&'a ArgRead, String> {
+    p.args.iter().find(|a| a.name == name).ok_or_else(|| format!("the catalog has no `{name}` read for {}", p.symbol))
+}
+
+/// A watch-path site at `p`'s entry probe (see [`entry_site`]) with `cfg`.
+fn entry_watch_site(
+    insp: &Inspection,
+    p: &Probe,
+    role: Role,
+    program: &'static str,
+    mut cfg: WatchProbeConfig,
+) -> Result<Site, String> {
     let at = entry_site(insp, &p.symbol, p.address, p.file_offset, p.size)?;
     cfg.guard = at.guard;
     Ok(Site {
