@@ -29,11 +29,18 @@ pub enum Stage {
     /// for its informer (per process), joined by the object's
     /// resourceVersion as the API server's watch cache saw it.
     CommitToDecode = 7,
+    /// notify → the informer takes the event off its queue and starts
+    /// processing it (`handleDeltas`: its indexer, then the hand-off to the
+    /// user's handlers), per process.
+    CommitToProcess = 8,
+    /// The reflector queued the event → the informer starts processing it:
+    /// the informer queue's wait.
+    DecodeToProcess = 9,
 }
 
 impl Stage {
-    pub const COUNT: u32 = 8;
-    pub const ALL: [Stage; 8] = [
+    pub const COUNT: u32 = 10;
+    pub const ALL: [Stage; 10] = [
         Stage::CommitToEnqueue,
         Stage::EnqueueToSend,
         Stage::CommitToSend,
@@ -42,6 +49,8 @@ impl Stage {
         Stage::CommitToWatcher,
         Stage::CacheToWatcher,
         Stage::CommitToDecode,
+        Stage::CommitToProcess,
+        Stage::DecodeToProcess,
     ];
 
     pub fn name(self) -> &'static str {
@@ -54,6 +63,8 @@ impl Stage {
             Stage::CommitToWatcher => "commit_to_watcher",
             Stage::CacheToWatcher => "cache_to_watcher",
             Stage::CommitToDecode => "commit_to_decode",
+            Stage::CommitToProcess => "commit_to_process",
+            Stage::DecodeToProcess => "decode_to_process",
         }
     }
 }
@@ -76,17 +87,21 @@ pub enum Side {
     /// Events a client-go reflector decoded and queued for its informer
     /// (bookmarks apart).
     Informer = 5,
+    /// Events an informer took off its queue that its reflector had queued
+    /// (joined by object).
+    InformerProcessed = 6,
 }
 
 impl Side {
-    pub const COUNT: u32 = 6;
-    pub const ALL: [Side; 6] = [
+    pub const COUNT: u32 = 7;
+    pub const ALL: [Side; 7] = [
         Side::Server,
         Side::Client,
         Side::ApiserverCache,
         Side::ApiserverWatcher,
         Side::ApiserverReplay,
         Side::Informer,
+        Side::InformerProcessed,
     ];
 
     /// The `side` label.
@@ -98,6 +113,7 @@ impl Side {
             Side::ApiserverWatcher => "apiserver_watcher",
             Side::ApiserverReplay => "apiserver_replayed",
             Side::Informer => "informer",
+            Side::InformerProcessed => "informer_processed",
         }
     }
 }
@@ -156,7 +172,9 @@ pub enum Reg {
 /// - its cacheWatcher.nonblockingAdd(event) and .markBookmarkAfterRvSent(event):
 ///   `args[0]` the *cacheWatcher, `args[1]` the *watchCacheEvent;
 /// - client-go's Reflector.setLastSyncResourceVersion(v): `args[0]` v.ptr,
-///   `args[1]` v.len (the FIFO's Add/Update/Delete read nothing).
+///   `args[1]` v.len; the FIFO's Add/Update/Delete(obj): `args[0]` obj's
+///   data word; the informer's handleDeltas / handleBatchDeltas: see
+///   `deltas_boxed`.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 #[cfg_attr(feature = "pod", derive(bytemuck::Pod, bytemuck::Zeroable))]
@@ -197,6 +215,13 @@ pub struct WatchProbeConfig {
     /// length and first byte tell a BOOKMARK) and `ResourceVersion`.
     pub cache_event_type_off: u32,
     pub cache_event_rv_off: u32,
+    /// An informer's deltas: `cache.Delta.Object`'s data word (`Delta` is
+    /// `{Type string; Object interface{}}`), and 1 when `args[0]` is the
+    /// `Deltas` slice boxed in an interface (handleDeltas) rather than the
+    /// slice's pointer and length in `args[0]`, `args[1]` (handleBatchDeltas).
+    /// `event_stride` is `sizeof(Delta)`.
+    pub delta_obj_off: u32,
+    pub deltas_boxed: u32,
 }
 
 /// Entry probes sit on the conditional jump of the function's stack check:
@@ -381,6 +406,37 @@ pub fn parse_rv(buf: &[u8; RV_DIGITS + 1], n: usize) -> Option<i64> {
     i64::try_from(v).ok()
 }
 
+/// An object a reflector queued, by process and the object's address (the
+/// informer's queue keeps the pointer it was given).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct ObjKey {
+    pub tgid: u64,
+    pub obj: u64,
+}
+
+/// When a queued object's event was committed (0: not seen on this node)
+/// and queued, and its revision.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct ObjStamp {
+    pub rev: i64,
+    pub commit_ns: u64,
+    pub queued_ns: u64,
+}
+
+/// A reflector's queue push on one goroutine, waiting for the revision the
+/// reflector records next.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Pending {
+    pub queued_ns: u64,
+    pub obj: u64,
+}
+
+/// Most deltas timed from one informer pop (a bpf_loop bound).
+pub const MAX_DELTAS_PER_POP: u32 = 1024;
+
 /// Index of (slot, stage) in the watch histogram array.
 #[inline(always)]
 pub fn hist_index(slot: u32, stage: Stage) -> u32 {
@@ -394,7 +450,7 @@ pub fn events_index(slot: u32, side: Side) -> u32 {
 }
 
 const _: () = assert!(size_of::<ArgLoc>() == 8);
-const _: () = assert!(size_of::<WatchProbeConfig>() == 88);
+const _: () = assert!(size_of::<WatchProbeConfig>() == 96);
 const _: () = assert!(size_of::<RevKey>() == 16);
 const _: () = assert!(size_of::<WatchRevKey>() == 32);
 const _: () = assert!(size_of::<Stamp<RevKey>>() == 32);

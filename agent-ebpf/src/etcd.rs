@@ -31,8 +31,9 @@ use core::ffi::c_void;
 use agent_common::{
     Counter, Histogram,
     watch::{
-        MAX_EVENTS_PER_RESPONSE, MAX_SLOTS, RV_DIGITS, RevKey, STAMP_ENTRIES, Side, Stage, Stamp, WatchProbeConfig,
-        WatchRecord, WatchRevKey, events_index, guard_taken, hist_index, parse_rv, rev_entry, watch_rev_entry,
+        MAX_DELTAS_PER_POP, MAX_EVENTS_PER_RESPONSE, MAX_SLOTS, ObjKey, ObjStamp, Pending, RV_DIGITS, RevKey,
+        STAMP_ENTRIES, Side, Stage, Stamp, WatchProbeConfig, WatchRecord, WatchRevKey, events_index, guard_taken,
+        hist_index, parse_rv, rev_entry, watch_rev_entry,
     },
 };
 use aya_ebpf::{
@@ -43,7 +44,7 @@ use aya_ebpf::{
         bpf_probe_read_user_buf,
     },
     macros::{map, uprobe},
-    maps::{Array, HashMap, PerCpuArray, RingBuf},
+    maps::{Array, HashMap, LruHashMap, PerCpuArray, RingBuf},
     programs::ProbeContext,
 };
 
@@ -554,13 +555,18 @@ fn try_kube_watcher(ctx: &ProbeContext) -> Option<()> {
 // ---- client-go: a reflector decodes an event and queues it for its informer ----
 
 /// Goroutines (by `g`) whose reflector just queued a watch event into the
-/// informer's FIFO, and when. The reflector then records the event's
-/// resourceVersion on the same goroutine; bookmarks and lists record one
-/// without queueing anything, so they find no entry here and are never
+/// informer's FIFO: when, and which object. The reflector then records the
+/// event's resourceVersion on the same goroutine; bookmarks and lists record
+/// one without queueing anything, so they find no entry here and are never
 /// counted as events. Entries are replaced per goroutine, so the map holds
 /// at most one per reflector.
 #[map(name = "WS_INFORMER_PENDING")]
-static INFORMER_PENDING: HashMap<u64, u64> = HashMap::with_max_entries(4096, 0);
+static INFORMER_PENDING: HashMap<u64, Pending> = HashMap::with_max_entries(4096, 0);
+
+/// Objects a reflector queued, until the informer takes them off its queue.
+/// LRU: an object an informer never pops (it stopped) is evicted in time.
+#[map(name = "WS_INFORMER_OBJS")]
+static INFORMER_OBJS: LruHashMap<ObjKey, ObjStamp> = LruHashMap::with_max_entries(16384, 0);
 
 /// The running goroutine, when this binary keeps it in a register.
 #[inline(always)]
@@ -582,7 +588,8 @@ pub fn informer_queue(ctx: ProbeContext) -> u32 {
 fn try_informer_queue(ctx: &ProbeContext) -> Option<()> {
     let c = begin(ctx)?;
     let g = goroutine(ctx, &c.cfg)?;
-    if INFORMER_PENDING.insert(g, c.now, 0).is_err() {
+    let obj = arg(ctx, &c.cfg.args[0])?;
+    if INFORMER_PENDING.insert(g, Pending { queued_ns: c.now, obj }, 0).is_err() {
         count(Counter::MapFull);
     }
     Some(())
@@ -616,7 +623,7 @@ fn try_informer_rv(ctx: &ProbeContext) -> Option<()> {
     let c = begin(ctx)?;
     let g = goroutine(ctx, &c.cfg)?;
     // SAFETY: the value is copied out before the entry is removed.
-    let queued = unsafe { *INFORMER_PENDING.get(g)? };
+    let p = unsafe { *INFORMER_PENDING.get(g)? };
     let _ = INFORMER_PENDING.remove(g);
     add(&WATCH_EVENTS, events_index(c.slot, Side::Informer), 1);
     let ptr = arg(ctx, &c.cfg.args[0])?;
@@ -625,10 +632,82 @@ fn try_informer_rv(ctx: &ProbeContext) -> Option<()> {
         count(Counter::RvUnreadable);
         return Some(());
     };
-    match stamp_of(&COMMIT_TS, &RevKey { id: NODE_CLUSTER, rev }) {
+    let commit = stamp_of(&COMMIT_TS, &RevKey { id: NODE_CLUSTER, rev });
+    match commit {
         // Timed at the queueing, which the reflector did just before.
-        Some(t) => observe(&WATCH_HIST, hist_index(c.slot, Stage::CommitToDecode), queued.saturating_sub(t)),
+        Some(t) => observe(&WATCH_HIST, hist_index(c.slot, Stage::CommitToDecode), p.queued_ns.saturating_sub(t)),
         None => count(Counter::DecodeCommitMiss),
     }
+    let stamp = ObjStamp { rev, commit_ns: commit.unwrap_or(0), queued_ns: p.queued_ns };
+    if INFORMER_OBJS.insert(ObjKey { tgid: c.tgid as u64, obj: p.obj }, stamp, 0).is_err() {
+        count(Counter::MapFull);
+    }
     Some(())
+}
+
+/// State of one informer pop's per-delta loop.
+#[repr(C)]
+struct DeltaLoop {
+    tgid: u32,
+    slot: u32,
+    now: u64,
+    ptr: u64,
+    stride: u64,
+    obj_off: u64,
+    /// Deltas that were queued events.
+    n: u64,
+}
+
+#[uprobe]
+pub fn informer_process(ctx: ProbeContext) -> u32 {
+    let _ = try_informer_process(&ctx);
+    0
+}
+
+#[inline(always)]
+fn try_informer_process(ctx: &ProbeContext) -> Option<()> {
+    let c = begin(ctx)?;
+    let (ptr, len) = if c.cfg.deltas_boxed != 0 {
+        // handleDeltas(obj interface{}): obj's data word points at the
+        // `Deltas` slice header.
+        let hdr = arg(ctx, &c.cfg.args[0])?;
+        (read_u64(hdr)?, read_u64(hdr.wrapping_add(8))?)
+    } else {
+        (arg(ctx, &c.cfg.args[0])?, arg(ctx, &c.cfg.args[1])?)
+    };
+    let n = if len > MAX_DELTAS_PER_POP as u64 { MAX_DELTAS_PER_POP as u64 } else { len };
+    if len > n {
+        add_counter(Counter::EventsOverCap, len - n);
+    }
+    let mut st = DeltaLoop {
+        tgid: c.tgid,
+        slot: c.slot,
+        now: c.now,
+        ptr,
+        stride: c.cfg.event_stride as u64,
+        obj_off: c.cfg.delta_obj_off as u64,
+        n: 0,
+    };
+    // SAFETY: the callback only touches `st` through the pointer the kernel
+    // passes back, during this call.
+    unsafe { bpf_loop(n as u32, process_delta as *mut c_void, (&mut st as *mut DeltaLoop).cast(), 0) };
+    add(&WATCH_EVENTS, events_index(st.slot, Side::InformerProcessed), st.n);
+    Some(())
+}
+
+#[inline(never)]
+unsafe extern "C" fn process_delta(i: u64, ctx: *mut c_void) -> i64 {
+    // SAFETY: `ctx` is the caller's DeltaLoop.
+    let st = unsafe { &mut *(ctx as *mut DeltaLoop) };
+    let Some(obj) = read_u64(st.ptr.wrapping_add(i * st.stride).wrapping_add(st.obj_off)) else { return 0 };
+    let key = ObjKey { tgid: st.tgid as u64, obj };
+    // SAFETY: the value is copied out before the entry is removed.
+    let Some(stamp) = (unsafe { INFORMER_OBJS.get(key) }).copied() else { return 0 };
+    let _ = INFORMER_OBJS.remove(key);
+    st.n += 1;
+    if stamp.commit_ns != 0 {
+        observe(&WATCH_HIST, hist_index(st.slot, Stage::CommitToProcess), st.now.saturating_sub(stamp.commit_ns));
+    }
+    observe(&WATCH_HIST, hist_index(st.slot, Stage::DecodeToProcess), st.now.saturating_sub(stamp.queued_ns));
+    0
 }

@@ -43,6 +43,9 @@ struct Counts {
     dispatch: f64,
     informer: f64,
     commit_to_decode: f64,
+    processed: f64,
+    commit_to_process: f64,
+    decode_to_process: f64,
 }
 
 impl Counts {
@@ -57,6 +60,9 @@ impl Counts {
             dispatch: events(text, "client", API),
             informer: events(text, "informer", OPERATOR),
             commit_to_decode: stage(text, "commit_to_decode", OPERATOR).count(),
+            processed: events(text, "informer_processed", OPERATOR),
+            commit_to_process: stage(text, "commit_to_process", OPERATOR).count(),
+            decode_to_process: stage(text, "decode_to_process", OPERATOR).count(),
         }
     }
 }
@@ -138,6 +144,10 @@ fn every_update_is_timed_from_commit_to_cache_and_to_each_watcher() {
     assert_eq!(events(&text, "informer", "wsk-kubectl"), 0.0);
     assert_eq!(after.informer - before.informer, n, "{after:?} {before:?}");
     assert_eq!(after.commit_to_decode - before.commit_to_decode, n, "{after:?} {before:?}");
+    // ... and its informer took each off the queue once, joined by object.
+    assert_eq!(after.processed - before.processed, n, "{after:?} {before:?}");
+    assert_eq!(after.commit_to_process - before.commit_to_process, n, "{after:?} {before:?}");
+    assert_eq!(after.decode_to_process - before.decode_to_process, n, "{after:?} {before:?}");
     assert_eq!(after.replayed, before.replayed, "no watch started: nothing replayed");
     for reason in [
         "cache_commit_miss",
@@ -206,6 +216,8 @@ fn a_stopped_operator_shows_in_its_decode_stage_and_not_in_the_api_server() {
     // The one new decode took at least D; the API server's part did not.
     assert_eq!(decode(&text).from_bucket_of(D) - decode(&text0).from_bucket_of(D), 1.0, "{text}");
     assert_eq!(decode(&text).count() - decode(&text0).count(), 1.0);
+    let process = |t: &str| stage(t, "commit_to_process", OPERATOR);
+    assert_eq!(process(&text).from_bucket_of(D) - process(&text0).from_bucket_of(D), 1.0, "{text}");
     assert_eq!(watcher(&text).below(D) - watcher(&text0).below(D), 1.0, "{text}");
 }
 

@@ -54,6 +54,7 @@ pub const UPROBE_PROGRAMS: &[&str] = &[
     "kube_watcher",
     "informer_queue",
     "informer_rv",
+    "informer_process",
     "go_entry",
     "go_ret",
     "go_sched",

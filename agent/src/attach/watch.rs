@@ -236,7 +236,9 @@ fn plan_informer(insp: &Inspection, plan: &mut WatchPlan) {
             plan.statuses.push(status);
         }
     }
-    if !ok {
+    if ok {
+        plan_informer_process(insp, plan);
+    } else {
         plan.sites.truncate(first);
         for st in plan.statuses.iter_mut().filter(|st| INFORMER_ROLES.iter().any(|(r, _)| *r == st.role)) {
             if st.planned {
@@ -246,6 +248,62 @@ fn plan_informer(insp: &Inspection, plan: &mut WatchPlan) {
             }
         }
     }
+}
+
+/// The informer's pops (`handleDeltas`, `handleBatchDeltas`), where the
+/// objects its reflector queued come off the queue: timed by object, so only
+/// with the binary's own `cache.Delta` layout.
+fn plan_informer_process(insp: &Inspection, plan: &mut WatchPlan) {
+    let layout = delta_layout(insp);
+    for p in insp.probes_for(Role::ClientGoHandleDeltas) {
+        let result = layout.clone().and_then(|(stride, obj_off)| {
+            let mut cfg =
+                WatchProbeConfig { event_stride: stride, delta_obj_off: obj_off, ..WatchProbeConfig::default() };
+            if p.symbol.ends_with(").handleDeltas") {
+                // `obj interface{}` boxes the Deltas slice: its data word.
+                cfg.args[0] = loc(&catalog_read(p, "deltas")?.source)?;
+                cfg.deltas_boxed = 1;
+            } else if p.symbol.ends_with(").handleBatchDeltas") {
+                cfg.args[0] = direct(catalog_read(p, "deltas_ptr")?)?;
+                cfg.args[1] = direct(catalog_read(p, "deltas")?)?;
+            } else {
+                return Err(format!("{}: no verified signature for the informer's pops", p.symbol));
+            }
+            entry_watch_site(insp, p, Role::ClientGoHandleDeltas, "informer_process", cfg)
+        });
+        let mut status = SiteStatus {
+            role: Role::ClientGoHandleDeltas,
+            symbol: Some(p.symbol.clone()),
+            file_offset: None,
+            planned: false,
+            reason: None,
+        };
+        match result {
+            Ok(s) => {
+                status.file_offset = Some(s.file_offset);
+                status.planned = true;
+                plan.sites.push(s);
+            }
+            Err(why) => status.reason = Some(why),
+        }
+        plan.statuses.push(status);
+    }
+}
+
+/// `sizeof(cache.Delta)` and where its `Object`'s data word is, from the
+/// binary's type descriptor.
+fn delta_layout(insp: &Inspection) -> Result<(u32, u32), String> {
+    let l = insp
+        .struct_layout_in("cache.Delta", Some("k8s.io/client-go/tools/cache"))
+        .map_err(|e| format!("no readable type descriptor for cache.Delta ({e}): its layout is not identified"))?;
+    let obj = l.field("Object").ok_or("cache.Delta has no field Object in this binary")?;
+    if obj.size != 16 || !obj.type_name.starts_with("interface") {
+        return Err(format!(
+            "cache.Delta.Object is a {} of {} bytes in this binary, not an interface",
+            obj.type_name, obj.size
+        ));
+    }
+    Ok((narrow(l.size)?, narrow(obj.offset + 8)?))
 }
 
 fn informer_site(insp: &Inspection, p: &Probe, role: Role, program: &'static str) -> Result<Site, String> {
@@ -258,6 +316,8 @@ fn informer_site(insp: &Inspection, p: &Probe, role: Role, program: &'static str
         let get = |name: &str| catalog_read(p, name);
         cfg.args[0] = direct(get("rv_ptr")?)?;
         cfg.args[1] = direct(get("rv_len")?)?;
+    } else {
+        cfg.args[0] = direct(catalog_read(p, "obj")?)?;
     }
     entry_watch_site(insp, p, role, program, cfg)
 }

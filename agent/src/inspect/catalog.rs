@@ -364,7 +364,10 @@ const TRACEFS_CG036_WATCH: &str = "client-go 0.36.4 (Debian sid)/go1.27.3 amd64:
 
 /// `func (f *RealFIFO) Add(obj interface{}) error` (and Update, Delete;
 /// DeltaFIFO's likewise): what a reflector calls for each watch event.
-static FIFO_QUEUE: Signature = Signature { params: &[p("f", WORD), p("obj", IFACE)], reads: &[] };
+static FIFO_QUEUE: Signature = Signature {
+    params: &[p("f", WORD), p("obj", IFACE)],
+    reads: &[read_v("obj", "obj.data", &[], TRACEFS_CG036_WATCH)],
+};
 
 /// `func (r *Reflector) setLastSyncResourceVersion(v string)`: called after
 /// every watch event (and bookmark, and list) with its resourceVersion.
@@ -401,7 +404,10 @@ static HANDLE_DELTAS_LOGGER: Signature = Signature {
 /// objects' deltas and `handleDeltas` for a pop of one.
 static HANDLE_BATCH_DELTAS: Signature = Signature {
     params: &[p("s", WORD), p("logger", LOGR), p("deltas", SLICE)],
-    reads: &[read_v("deltas", "deltas.len", &[], TRACEFS_CG036)],
+    reads: &[
+        read_v("deltas", "deltas.len", &[], TRACEFS_CG036),
+        read_v("deltas_ptr", "deltas.ptr", &[], TRACEFS_CG036_WATCH),
+    ],
 };
 
 /// `func (f *DeltaFIFO) Pop(process PopProcessFunc) (interface{}, error)`
