@@ -90,11 +90,15 @@ pub enum Side {
     /// Events an informer took off its queue that its reflector had queued
     /// (joined by object).
     InformerProcessed = 6,
+    /// Watchers an API server terminated for being unresponsive (their
+    /// queue stayed full past the dispatch budget): not events, exported in
+    /// their own family.
+    ApiserverTerminated = 7,
 }
 
 impl Side {
-    pub const COUNT: u32 = 7;
-    pub const ALL: [Side; 7] = [
+    pub const COUNT: u32 = 8;
+    pub const ALL: [Side; 8] = [
         Side::Server,
         Side::Client,
         Side::ApiserverCache,
@@ -102,6 +106,7 @@ impl Side {
         Side::ApiserverReplay,
         Side::Informer,
         Side::InformerProcessed,
+        Side::ApiserverTerminated,
     ];
 
     /// The `side` label.
@@ -114,6 +119,7 @@ impl Side {
             Side::ApiserverReplay => "apiserver_replayed",
             Side::Informer => "informer",
             Side::InformerProcessed => "informer_processed",
+            Side::ApiserverTerminated => "apiserver_terminated",
         }
     }
 }

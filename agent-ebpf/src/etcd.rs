@@ -552,6 +552,17 @@ fn try_kube_watcher(ctx: &ProbeContext) -> Option<()> {
     Some(())
 }
 
+/// The cacher gives up on a watcher whose queue stayed full past its
+/// dispatch budget (`cacheWatcher.add`'s close function): one call per
+/// watcher terminated for unresponsiveness.
+#[uprobe]
+pub fn kube_terminated(ctx: ProbeContext) -> u32 {
+    if let Some(c) = begin(&ctx) {
+        add(&WATCH_EVENTS, events_index(c.slot, Side::ApiserverTerminated), 1);
+    }
+    0
+}
+
 // ---- client-go: a reflector decodes an event and queues it for its informer ----
 
 /// Goroutines (by `g`) whose reflector just queued a watch event into the

@@ -179,6 +179,37 @@ impl ApiServer {
         resource_version(&body)
     }
 
+    /// Sets `spec.size` of `name` and a `spec.blob` of `bytes` bytes (a
+    /// large event); the body goes through a file, past argv's limits.
+    pub fn patch_blob(&self, name: &str, size: u64, bytes: usize) -> u64 {
+        let body = self.dir.path().join("blob.json");
+        std::fs::write(&body, format!(r#"{{"spec":{{"size":{size},"blob":"{}"}}}}"#, "x".repeat(bytes))).expect("body");
+        let (code, out) = self.request(
+            "PATCH",
+            &format!("{}/{name}", self.collection()),
+            Some(("application/merge-patch+json", &format!("@{}", body.display()))),
+        );
+        assert_eq!(code, 200, "patching {name}: {}", &out[..out.len().min(500)]);
+        resource_version(&out)
+    }
+
+    /// The API server's own count of watchers it terminated for being
+    /// unresponsive (`apiserver_terminated_watchers_total`, all resources).
+    pub fn terminated_watchers(&self) -> f64 {
+        let (code, text) = self.request("GET", "/metrics", None);
+        assert_eq!(code, 200, "GET /metrics");
+        text.lines()
+            .filter(|l| l.starts_with("apiserver_terminated_watchers_total"))
+            .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+            .sum()
+    }
+
+    /// A plain HTTP/1.1 watch, as [`ApiServer::watch`]: one TCP stream per
+    /// watch, so a stopped client's buffers fill and stay full.
+    pub fn watch_http1(&self, comm: &str, rv: u64) -> LineReader {
+        self.watch_with(comm, rv, &["--http1.1"])
+    }
+
     /// The operator fixture as `comm`, with extra flags, once it has synced.
     pub fn operator(&self, comm: &str, flags: &[&str]) -> LineReader {
         let bin = copy_binary(clientgo::operator(), self.dir.path(), comm);
@@ -205,10 +236,15 @@ impl ApiServer {
     /// A plain HTTP watch of the collection from `rv`, run as `comm` (a
     /// copy of curl): one JSON event per line.
     pub fn watch(&self, comm: &str, rv: u64) -> LineReader {
+        self.watch_with(comm, rv, &[])
+    }
+
+    fn watch_with(&self, comm: &str, rv: u64, flags: &[&str]) -> LineReader {
         let curl = copy_binary(which("curl"), self.dir.path(), comm);
         let d = self.dir.path();
         lines_of(
             Command::new(curl)
+                .args(flags)
                 .args(["-skN", "--cert"])
                 .arg(d.join("admin.crt"))
                 .arg("--key")

@@ -315,3 +315,44 @@ fn a_binary_with_the_api_servers_names_and_another_layout_is_refused_naming_the_
     assert!(!text.contains("side=\"apiserver_"), "{text}");
     assert!(!text.contains("stage=\"commit_to_cache\""), "{text}");
 }
+
+/// A watcher that stops reading (SIGSTOP) while large updates flow: its
+/// stream, then its queues fill, and the API server terminates it. The
+/// agent counts every termination the API server's own
+/// `apiserver_terminated_watchers_total` reports.
+#[test]
+fn a_watcher_the_api_server_terminates_for_unresponsiveness_is_counted() {
+    const BLOB: usize = 256 * 1024;
+    let agent = Agent::start(&["--comm", &format!("wse-k8s,{API}")]);
+    let etcd = Etcd::start_build(Build::Sid3530, "wse-k8s", "wsc-k8sctl");
+    let api = ApiServer::start(&etcd, API);
+    wait_attached(&agent, &[etcd.pid(), api.pid()]);
+    let rv0 = api.create("main");
+    let slow = api.watch_http1("wsk-slow", rv0);
+    api.patch_size("main", 1);
+    let modified = |l: &str| event_type(l).as_deref() == Some("MODIFIED");
+    assert_eq!(slow.wait_count(modified, 1, Duration::from_secs(20)), 1, "{:?}", slow.lines());
+    let terminated = || agent.sample(&format!("watchscope_apiserver_watchers_terminated_total{{comm=\"{API}\"}}"));
+    assert_eq!(terminated(), 0.0);
+    assert_eq!(api.terminated_watchers(), 0.0);
+
+    // SAFETY: kill(2) on our own child.
+    assert_eq!(unsafe { libc::kill(slow.pid() as i32, libc::SIGSTOP) }, 0);
+    let mut n = 0;
+    while api.terminated_watchers() == 0.0 {
+        n += 1;
+        assert!(n <= 300, "the API server never gave up on the stopped watcher:\n{}", api.log());
+        api.patch_blob("main", n, BLOB);
+    }
+    // SAFETY: as above.
+    assert_eq!(unsafe { libc::kill(slow.pid() as i32, libc::SIGCONT) }, 0);
+    let truth = api.terminated_watchers();
+    eprintln!("the API server terminated {truth} watcher(s) after {n} updates of {BLOB} bytes");
+    assert!(wait_until(Duration::from_secs(10), || terminated() >= truth), "{}", agent.metrics());
+    assert_eq!(terminated(), truth, "after {n} updates of {BLOB} bytes");
+    // Terminations are watchers, never events.
+    assert_eq!(
+        agent.sample(&format!("watchscope_watch_events_total{{side=\"apiserver_terminated\",comm=\"{API}\"}}")),
+        0.0
+    );
+}

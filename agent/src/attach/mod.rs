@@ -52,6 +52,7 @@ pub const UPROBE_PROGRAMS: &[&str] = &[
     "kube_cache",
     "kube_queue",
     "kube_watcher",
+    "kube_terminated",
     "informer_queue",
     "informer_rv",
     "informer_process",

@@ -190,6 +190,28 @@ fn plan_kube(insp: &Inspection, plan: &mut WatchPlan) {
         }
         plan.statuses.push(status);
     }
+    if planned == KUBE_ROLES.len()
+        && let Some(p) = insp.probes_for(Role::KubeWatcherTerminated).next()
+    {
+        // Optional: counted when present, nothing read.
+        let mut status = SiteStatus {
+            role: Role::KubeWatcherTerminated,
+            symbol: Some(p.symbol.clone()),
+            file_offset: None,
+            planned: false,
+            reason: None,
+        };
+        let cfg = WatchProbeConfig { g_in_reg: u32::from(insp.g_register.is_some()), ..WatchProbeConfig::default() };
+        match entry_watch_site(insp, p, Role::KubeWatcherTerminated, "kube_terminated", cfg) {
+            Ok(s) => {
+                status.file_offset = Some(s.file_offset);
+                status.planned = true;
+                plan.sites.push(s);
+            }
+            Err(why) => status.reason = Some(why),
+        }
+        plan.statuses.push(status);
+    }
     // The queue and result-channel probes only make sense together (an
     // event is live when it was queued): all three sites or none.
     if planned != KUBE_ROLES.len() {

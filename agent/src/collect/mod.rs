@@ -309,6 +309,7 @@ pub struct Snapshot {
     /// Watch events by side and process.
     pub watch_events: Vec<LabelledCount>,
     pub watch_progress: Vec<LabelledCount>,
+    pub watchers_terminated: Vec<LabelledCount>,
     /// Proxy crossing histograms (direction, process) with observations.
     pub sidecar: Vec<LabelledHistogram>,
     pub sidecar_crossings: Vec<LabelledCount>,
@@ -414,6 +415,14 @@ impl Snapshot {
             }
             for side in Side::ALL {
                 let name = side.name();
+                if side == Side::ApiserverTerminated {
+                    // Watchers, not events: their own family.
+                    let n = maps.watch_events(*slot, side);
+                    if n > 0 {
+                        s.watchers_terminated.push(LabelledCount::new(who.pairs(&[]), n));
+                    }
+                    continue;
+                }
                 let n = maps.watch_events(*slot, side);
                 if n > 0 {
                     s.watch_events.push(LabelledCount::new(who.pairs(&[("side", name.to_string())]), n));
@@ -445,10 +454,11 @@ impl Snapshot {
 
     /// The labelled per-process counter families, by family name
     /// (`process_execs` is capped as it is counted).
-    pub fn count_families(&mut self) -> [(&'static str, &mut Vec<LabelledCount>); 7] {
+    pub fn count_families(&mut self) -> [(&'static str, &mut Vec<LabelledCount>); 8] {
         [
             (fam::WATCH_EVENTS.name, &mut self.watch_events),
             (fam::WATCH_PROGRESS.name, &mut self.watch_progress),
+            (fam::WATCHERS_TERMINATED.name, &mut self.watchers_terminated),
             (fam::SIDECAR_CROSSINGS.name, &mut self.sidecar_crossings),
             (fam::SIDECAR_UNMATCHED.name, &mut self.sidecar_unmatched),
             (fam::SIDECAR_RETRANSMITS.name, &mut self.sidecar_retransmits),

@@ -85,6 +85,12 @@ pub const WATCH_PROGRESS: Family = Family {
            progress notifications (periodic, or answers to progress requests such as the API server's), sent or \
            dispatched; and the bookmarks an API server puts in its watchers' result channels.",
 };
+pub const WATCHERS_TERMINATED: Family = Family {
+    name: "apiserver_watchers_terminated",
+    kind: MetricType::Counter,
+    help: "Watchers a Kubernetes API server terminated for being unresponsive (their queue stayed full past the \
+           dispatch budget: \"Forcing ... watcher close due to unresponsiveness\"), by API server process.",
+};
 
 pub const WATCH_CHAINS: Family = Family {
     name: "watch_chains",
@@ -165,6 +171,7 @@ pub const FAMILIES: &[Family] = &[
     WATCH_STAGE_SECONDS,
     WATCH_EVENTS,
     WATCH_PROGRESS,
+    WATCHERS_TERMINATED,
     WATCH_CHAINS,
     SIDECAR_SECONDS,
     SIDECAR_CROSSINGS,
@@ -212,6 +219,7 @@ impl Collector for SnapshotCollector {
         histograms(&mut enc, &WATCH_STAGE_SECONDS, &s.watch_stages)?;
         counts(&mut enc, &WATCH_EVENTS, &s.watch_events)?;
         counts(&mut enc, &WATCH_PROGRESS, &s.watch_progress)?;
+        counts(&mut enc, &WATCHERS_TERMINATED, &s.watchers_terminated)?;
         let chains: Vec<_> = crate::collect::chains::Outcome::ALL
             .iter()
             .map(|o| ([("outcome", o.name())], s.watch_chains.get(*o)))

@@ -46,6 +46,7 @@ pub enum Role {
     KubeCacheProcessEvent,
     KubeWatcherQueue,
     KubeWatcherSent,
+    KubeWatcherTerminated,
     ClientGoHandleDeltas,
     ClientGoQueuePop,
     ClientGoFifoQueue,
@@ -71,6 +72,7 @@ impl Role {
             Role::KubeCacheProcessEvent => "apiserver_cache_process_event",
             Role::KubeWatcherQueue => "apiserver_watcher_queue",
             Role::KubeWatcherSent => "apiserver_watcher_sent",
+            Role::KubeWatcherTerminated => "apiserver_watcher_terminated",
             Role::ClientGoHandleDeltas => "client_go_handle_deltas",
             Role::ClientGoQueuePop => "client_go_queue_pop",
             Role::ClientGoFifoQueue => "client_go_fifo_queue",
@@ -357,6 +359,10 @@ static CACHE_WATCHER_EVENT: Signature = Signature {
     reads: &[read_v("watcher", "c", &[], TRACEFS_AS036), read_v("rev", "event", &[96], TRACEFS_AS036)],
 };
 
+/// `cacheWatcher.add`'s first closure, `closeFunc := func() {...}`: it
+/// reads nothing (its captures are in the closure context).
+static CLOSURE: Signature = Signature { params: &[], reads: &[] };
+
 // ---- client-go ---------------------------------------------------------------
 
 const TRACEFS_CG036_WATCH: &str = "client-go 0.36.4 (Debian sid)/go1.27.3 amd64: tracefs uprobes on an informer \
@@ -566,6 +572,19 @@ pub static CATALOG: &[RoleSpec] = &[
             "k8s.io/apiserver/pkg/storage/cacher.(*cacheWatcher).markBookmarkAfterRvSent",
             "k8s.io/apiserver 0.36 (kube-apiserver 1.36)",
             &CACHE_WATCHER_EVENT,
+            true,
+        )],
+    },
+    RoleSpec {
+        role: Role::KubeWatcherTerminated,
+        component: Component::KubeApiserver,
+        what: "a watcher terminated for unresponsiveness: its queue stayed full past the dispatch budget \
+               (\"Forcing ... watcher close due to unresponsiveness\")",
+        select: Select::First,
+        candidates: &[exact(
+            "k8s.io/apiserver/pkg/storage/cacher.(*cacheWatcher).add.func1",
+            "k8s.io/apiserver 0.36 (kube-apiserver 1.36)",
+            &CLOSURE,
             true,
         )],
     },
