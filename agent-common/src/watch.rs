@@ -228,6 +228,11 @@ pub struct WatchProbeConfig {
     /// `event_stride` is `sizeof(Delta)`.
     pub delta_obj_off: u32,
     pub deltas_boxed: u32,
+    /// 1 on an etcd client's dispatch in a binary whose later stages (a
+    /// Kubernetes API server's watch cache) look the commit up by (process,
+    /// revision): the dispatch then republishes it there.
+    pub publish_commit: u32,
+    pub _pad: u32,
 }
 
 /// Entry probes sit on the conditional jump of the function's stack check:
@@ -456,7 +461,7 @@ pub fn events_index(slot: u32, side: Side) -> u32 {
 }
 
 const _: () = assert!(size_of::<ArgLoc>() == 8);
-const _: () = assert!(size_of::<WatchProbeConfig>() == 96);
+const _: () = assert!(size_of::<WatchProbeConfig>() == 104);
 const _: () = assert!(size_of::<RevKey>() == 16);
 const _: () = assert!(size_of::<WatchRevKey>() == 32);
 const _: () = assert!(size_of::<Stamp<RevKey>>() == 32);

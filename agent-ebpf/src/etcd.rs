@@ -412,8 +412,11 @@ unsafe extern "C" fn dispatch_event(i: u64, ctx: *mut c_void) -> i64 {
         Some(t) => {
             observe(&WATCH_HIST, hist_index(st.slot, Stage::CommitToDispatch), st.now.saturating_sub(t));
             // For the stages later in this process (a Kubernetes API
-            // server's watch cache), which know the revision only.
-            insert_first(&NOTIFY_TS, &RevKey { id: st.tgid as u64, rev }, t);
+            // server's watch cache), which know the revision only. Only
+            // there: every other client's entries would crowd the ring.
+            if st.cfg.publish_commit != 0 {
+                insert_first(&NOTIFY_TS, &RevKey { id: st.tgid as u64, rev }, t);
+            }
             rec.commit_ns = t;
         }
         None => count(Counter::DispatchCommitMiss),

@@ -145,6 +145,15 @@ pub fn plan(insp: &Inspection) -> WatchPlan {
     }
     if kube_found {
         plan_kube(insp, &mut plan);
+        // The watch cache finds commit times through this binary's own etcd
+        // client: only then does its dispatch republish them.
+        if plan.sites.iter().any(|s| s.program == "kube_cache") {
+            for s in plan.sites.iter_mut().filter(|s| s.program == "etcd_dispatch") {
+                if let SiteConfig::Watch(c) = &mut s.config {
+                    c.publish_commit = 1;
+                }
+            }
+        }
     }
     if informer_found {
         plan_informer(insp, &mut plan);
