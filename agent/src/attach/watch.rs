@@ -69,6 +69,39 @@ pub struct WatchPlan {
 }
 
 impl WatchPlan {
+    /// Records one role's outcome at `symbol`: its site, or why it has none.
+    /// True when the site is planned.
+    fn record(&mut self, role: Role, symbol: Option<String>, result: Result<Site, String>) -> bool {
+        let mut status = SiteStatus { role, symbol, file_offset: None, planned: false, reason: None };
+        let planned = match result {
+            Ok(s) => {
+                status.file_offset = Some(s.file_offset);
+                status.planned = true;
+                self.sites.push(s);
+                true
+            }
+            Err(why) => {
+                status.reason = Some(why);
+                false
+            }
+        };
+        self.statuses.push(status);
+        planned
+    }
+
+    /// Takes back the planned sites of a group of roles that only work
+    /// together, once one of them could not be planned, saying `why`.
+    fn withdraw(&mut self, group: &[(Role, &str)], why: &str) {
+        self.sites.retain(|s| !group.iter().any(|(_, program)| s.program == *program));
+        for st in self.statuses.iter_mut().filter(|st| group.iter().any(|(r, _)| *r == st.role)) {
+            if st.planned {
+                st.planned = false;
+                st.file_offset = None;
+                st.reason = Some(why.into());
+            }
+        }
+    }
+
     /// True for binaries with none of the watch path's functions.
     pub fn is_unrelated(&self) -> bool {
         self.statuses.iter().all(|s| s.symbol.is_none())
@@ -176,50 +209,22 @@ fn plan_kube(insp: &Inspection, plan: &mut WatchPlan) {
     let mut planned = 0;
     for (role, program) in KUBE_ROLES {
         let probe = insp.probes_for(role).next();
-        let mut status = SiteStatus {
-            role,
-            symbol: probe.map(|p| p.symbol.clone()),
-            file_offset: None,
-            planned: false,
-            reason: None,
-        };
         let result = match (probe, &layout) {
             (None, _) => Err("not in this binary".to_string()),
             (Some(_), Err(why)) => Err(why.clone()),
             (Some(p), Ok((type_off, rv_off))) => kube_site(insp, p, role, program, *type_off, *rv_off),
         };
-        match result {
-            Ok(s) => {
-                status.file_offset = Some(s.file_offset);
-                status.planned = true;
-                planned += 1;
-                plan.sites.push(s);
-            }
-            Err(why) => status.reason = Some(why),
+        if plan.record(role, probe.map(|p| p.symbol.clone()), result) {
+            planned += 1;
         }
-        plan.statuses.push(status);
     }
     if planned == KUBE_ROLES.len()
         && let Some(p) = insp.probes_for(Role::KubeWatcherTerminated).next()
     {
         // Optional: counted when present, nothing read.
-        let mut status = SiteStatus {
-            role: Role::KubeWatcherTerminated,
-            symbol: Some(p.symbol.clone()),
-            file_offset: None,
-            planned: false,
-            reason: None,
-        };
         let cfg = WatchProbeConfig { g_in_reg: u32::from(insp.g_register.is_some()), ..WatchProbeConfig::default() };
-        match entry_watch_site(insp, p, Role::KubeWatcherTerminated, "kube_terminated", cfg) {
-            Ok(s) => {
-                status.file_offset = Some(s.file_offset);
-                status.planned = true;
-                plan.sites.push(s);
-            }
-            Err(why) => status.reason = Some(why),
-        }
-        plan.statuses.push(status);
+        let site = entry_watch_site(insp, p, Role::KubeWatcherTerminated, "kube_terminated", cfg);
+        plan.record(Role::KubeWatcherTerminated, Some(p.symbol.clone()), site);
     }
     // The queue and result-channel probes only make sense together (an
     // event is live when it was queued): all three sites or none.
@@ -233,51 +238,23 @@ fn plan_kube(insp: &Inspection, plan: &mut WatchPlan) {
                 format!("{}: {}", st.role, st.reason.clone().unwrap_or_else(|| "not planned".into()))
             });
         }
-        plan.sites.retain(|s| !KUBE_ROLES.iter().any(|(_, program)| s.program == *program));
-        for st in plan.statuses.iter_mut().filter(|st| KUBE_ROLES.iter().any(|(r, _)| *r == st.role)) {
-            if st.planned {
-                st.planned = false;
-                st.file_offset = None;
-                st.reason = Some("the API server's other watch-path functions cannot be probed".into());
-            }
-        }
+        plan.withdraw(&KUBE_ROLES, "the API server's other watch-path functions cannot be probed");
     }
 }
 
 /// A client-go reflector's queue pushes (every variant present) and its
 /// resourceVersion updates, joined per goroutine: both kinds or none.
 fn plan_informer(insp: &Inspection, plan: &mut WatchPlan) {
-    let first = plan.sites.len();
     let mut ok = true;
     for (role, program) in INFORMER_ROLES {
         for p in insp.probes_for(role) {
-            let mut status =
-                SiteStatus { role, symbol: Some(p.symbol.clone()), file_offset: None, planned: false, reason: None };
-            match informer_site(insp, p, role, program) {
-                Ok(s) => {
-                    status.file_offset = Some(s.file_offset);
-                    status.planned = true;
-                    plan.sites.push(s);
-                }
-                Err(why) => {
-                    ok = false;
-                    status.reason = Some(why);
-                }
-            }
-            plan.statuses.push(status);
+            ok &= plan.record(role, Some(p.symbol.clone()), informer_site(insp, p, role, program));
         }
     }
     if ok {
         plan_informer_process(insp, plan);
     } else {
-        plan.sites.truncate(first);
-        for st in plan.statuses.iter_mut().filter(|st| INFORMER_ROLES.iter().any(|(r, _)| *r == st.role)) {
-            if st.planned {
-                st.planned = false;
-                st.file_offset = None;
-                st.reason = Some("the reflector's other functions cannot be probed".into());
-            }
-        }
+        plan.withdraw(&INFORMER_ROLES, "the reflector's other functions cannot be probed");
     }
 }
 
@@ -302,22 +279,7 @@ fn plan_informer_process(insp: &Inspection, plan: &mut WatchPlan) {
             }
             entry_watch_site(insp, p, Role::ClientGoHandleDeltas, "informer_process", cfg)
         });
-        let mut status = SiteStatus {
-            role: Role::ClientGoHandleDeltas,
-            symbol: Some(p.symbol.clone()),
-            file_offset: None,
-            planned: false,
-            reason: None,
-        };
-        match result {
-            Ok(s) => {
-                status.file_offset = Some(s.file_offset);
-                status.planned = true;
-                plan.sites.push(s);
-            }
-            Err(why) => status.reason = Some(why),
-        }
-        plan.statuses.push(status);
+        plan.record(Role::ClientGoHandleDeltas, Some(p.symbol.clone()), result);
     }
 }
 
