@@ -36,11 +36,19 @@ pub enum Stage {
     /// The reflector queued the event → the informer starts processing it:
     /// the informer queue's wait.
     DecodeToProcess = 9,
+    /// notify → one of the informer's handlers starts on the event (client-go's
+    /// `ResourceEventHandlerFuncs`: the user's add/update/delete function),
+    /// per handler, joined by object.
+    CommitToHandler = 10,
+    /// The informer started processing the event → the handler starts on
+    /// it: the wait in the handler's listener queue (a slow handler makes
+    /// the next events wait here).
+    ProcessToHandler = 11,
 }
 
 impl Stage {
-    pub const COUNT: u32 = 10;
-    pub const ALL: [Stage; 10] = [
+    pub const COUNT: u32 = 12;
+    pub const ALL: [Stage; 12] = [
         Stage::CommitToEnqueue,
         Stage::EnqueueToSend,
         Stage::CommitToSend,
@@ -51,6 +59,8 @@ impl Stage {
         Stage::CommitToDecode,
         Stage::CommitToProcess,
         Stage::DecodeToProcess,
+        Stage::CommitToHandler,
+        Stage::ProcessToHandler,
     ];
 
     pub fn name(self) -> &'static str {
@@ -65,6 +75,8 @@ impl Stage {
             Stage::CommitToDecode => "commit_to_decode",
             Stage::CommitToProcess => "commit_to_process",
             Stage::DecodeToProcess => "decode_to_process",
+            Stage::CommitToHandler => "commit_to_handler",
+            Stage::ProcessToHandler => "process_to_handler",
         }
     }
 }
@@ -94,11 +106,14 @@ pub enum Side {
     /// queue stayed full past the dispatch budget): not events, exported in
     /// their own family.
     ApiserverTerminated = 7,
+    /// Events an informer's handler started on (per handler), joined by
+    /// object to one its reflector queued.
+    InformerHandled = 8,
 }
 
 impl Side {
-    pub const COUNT: u32 = 8;
-    pub const ALL: [Side; 8] = [
+    pub const COUNT: u32 = 9;
+    pub const ALL: [Side; 9] = [
         Side::Server,
         Side::Client,
         Side::ApiserverCache,
@@ -107,6 +122,7 @@ impl Side {
         Side::Informer,
         Side::InformerProcessed,
         Side::ApiserverTerminated,
+        Side::InformerHandled,
     ];
 
     /// The `side` label.
@@ -120,6 +136,7 @@ impl Side {
             Side::Informer => "informer",
             Side::InformerProcessed => "informer_processed",
             Side::ApiserverTerminated => "apiserver_terminated",
+            Side::InformerHandled => "informer_handled",
         }
     }
 }

@@ -716,12 +716,55 @@ unsafe extern "C" fn process_delta(i: u64, ctx: *mut c_void) -> i64 {
     let Some(obj) = read_u64(st.ptr.wrapping_add(i * st.stride).wrapping_add(st.obj_off)) else { return 0 };
     let key = ObjKey { tgid: st.tgid as u64, obj };
     // SAFETY: the value is copied out before the entry is removed.
-    let Some(stamp) = (unsafe { INFORMER_OBJS.get(key) }).copied() else { return 0 };
+    let Some(stamp) = (unsafe { INFORMER_OBJS.get(key) }).copied() else {
+        // A delta no watch event queued (a resync or a relist): the handlers
+        // get this object again, and must not time it from the revision of
+        // the event that last carried it.
+        let _ = INFORMER_HANDOFF.remove(key);
+        return 0;
+    };
     let _ = INFORMER_OBJS.remove(key);
     st.n += 1;
     if stamp.commit_ns != 0 {
         observe(&WATCH_HIST, hist_index(st.slot, Stage::CommitToProcess), st.now.saturating_sub(stamp.commit_ns));
     }
     observe(&WATCH_HIST, hist_index(st.slot, Stage::DecodeToProcess), st.now.saturating_sub(stamp.queued_ns));
+    let handoff = ObjStamp { queued_ns: st.now, ..stamp };
+    if INFORMER_HANDOFF.insert(key, handoff, 0).is_err() {
+        count(Counter::MapFull);
+    }
     0
+}
+
+// ---- client-go: the informer's listener hands the event to a handler --------
+
+/// Objects an informer processed, handed to its listeners: the stamp's
+/// `queued_ns` is when the informer took the object off its queue. Kept
+/// (not removed at the first handler) because every listener of the
+/// informer runs its own handler on the same object; a later delta of the
+/// same object that no watch event queued removes it, and the LRU ages out
+/// the rest.
+#[map(name = "WS_INFORMER_HANDOFF")]
+static INFORMER_HANDOFF: LruHashMap<ObjKey, ObjStamp> = LruHashMap::with_max_entries(16384, 0);
+
+/// A listener calls its handler (`ResourceEventHandlerFuncs.OnAdd`,
+/// `OnUpdate`, `OnDelete`) with the object the informer processed.
+#[uprobe]
+pub fn informer_handler(ctx: ProbeContext) -> u32 {
+    let _ = try_informer_handler(&ctx);
+    0
+}
+
+#[inline(always)]
+fn try_informer_handler(ctx: &ProbeContext) -> Option<()> {
+    let c = begin(ctx)?;
+    let obj = arg(ctx, &c.cfg.args[0])?;
+    // SAFETY: the value is copied out at once.
+    let stamp = (unsafe { INFORMER_HANDOFF.get(ObjKey { tgid: c.tgid as u64, obj }) }).copied()?;
+    add(&WATCH_EVENTS, events_index(c.slot, Side::InformerHandled), 1);
+    if stamp.commit_ns != 0 {
+        observe(&WATCH_HIST, hist_index(c.slot, Stage::CommitToHandler), c.now.saturating_sub(stamp.commit_ns));
+    }
+    observe(&WATCH_HIST, hist_index(c.slot, Stage::ProcessToHandler), c.now.saturating_sub(stamp.queued_ns));
+    Some(())
 }

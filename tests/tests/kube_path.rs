@@ -46,6 +46,9 @@ struct Counts {
     processed: f64,
     commit_to_process: f64,
     decode_to_process: f64,
+    handled: f64,
+    commit_to_handler: f64,
+    process_to_handler: f64,
 }
 
 impl Counts {
@@ -63,6 +66,9 @@ impl Counts {
             processed: events(text, "informer_processed", OPERATOR),
             commit_to_process: stage(text, "commit_to_process", OPERATOR).count(),
             decode_to_process: stage(text, "decode_to_process", OPERATOR).count(),
+            handled: events(text, "informer_handled", OPERATOR),
+            commit_to_handler: stage(text, "commit_to_handler", OPERATOR).count(),
+            process_to_handler: stage(text, "process_to_handler", OPERATOR).count(),
         }
     }
 }
@@ -148,6 +154,10 @@ fn every_update_is_timed_from_commit_to_cache_and_to_each_watcher() {
     assert_eq!(after.processed - before.processed, n, "{after:?} {before:?}");
     assert_eq!(after.commit_to_process - before.commit_to_process, n, "{after:?} {before:?}");
     assert_eq!(after.decode_to_process - before.decode_to_process, n, "{after:?} {before:?}");
+    // ... and its one handler started on each once, joined by object.
+    assert_eq!(after.handled - before.handled, n, "{after:?} {before:?}");
+    assert_eq!(after.commit_to_handler - before.commit_to_handler, n, "{after:?} {before:?}");
+    assert_eq!(after.process_to_handler - before.process_to_handler, n, "{after:?} {before:?}");
     assert_eq!(after.replayed, before.replayed, "no watch started: nothing replayed");
     for reason in [
         "cache_commit_miss",
@@ -219,6 +229,75 @@ fn a_stopped_operator_shows_in_its_decode_stage_and_not_in_the_api_server() {
     let process = |t: &str| stage(t, "commit_to_process", OPERATOR);
     assert_eq!(process(&text).from_bucket_of(D) - process(&text0).from_bucket_of(D), 1.0, "{text}");
     assert_eq!(watcher(&text).below(D) - watcher(&text0).below(D), 1.0, "{text}");
+}
+
+/// Ground truth: the operator's update handler sleeps `D` per call, and
+/// two objects are updated at once. The listener hands the second event to
+/// the handler only when the first call returned: its `commit_to_handler`
+/// and `process_to_handler` hold `D` (less the time between the two
+/// commits, which the test measures), the first's do not, the handler
+/// window (`main.handleUpdate`) holds `D` for both, and the API server put
+/// both in the operator's result channel at once.
+#[test]
+fn a_slow_handler_shows_in_the_handler_stages_and_its_window_not_in_the_api_server() {
+    const D: f64 = 0.5;
+    let agent = Agent::start(&[
+        "--comm",
+        &format!("wse-k8s,{API},{OPERATOR}"),
+        "--go-comm",
+        OPERATOR,
+        "--window",
+        "update=main.handleUpdate",
+    ]);
+    let etcd = Etcd::start_build(Build::Sid3530, "wse-k8s", "wsc-k8sctl");
+    let api = ApiServer::start(&etcd, API);
+    api.create("a");
+    api.create("b");
+    let delay = format!("-delay-us={}", (D * 1e6) as u64);
+    let op = api.operator(OPERATOR, &[&delay]);
+    wait_attached(&agent, &[etcd.pid(), api.pid(), op.pid()]);
+    let handled = |l: &str| l.starts_with("handled update ");
+    api.patch_size("a", 1);
+    assert_eq!(op.wait_count(handled, 1, Duration::from_secs(20)), 1, "{:?}", op.lines());
+    let before = settled(&agent);
+    let text0 = agent.metrics();
+
+    // Both commits happen inside `spread`: each PATCH answers after its
+    // commit, and neither starts before `start`.
+    let start = std::time::Instant::now();
+    std::thread::scope(|s| {
+        s.spawn(|| api.patch_size("a", 2));
+        s.spawn(|| api.patch_size("b", 2));
+    });
+    let spread = start.elapsed().as_secs_f64();
+    assert!(spread < D / 2.0, "two PATCHes took {spread} s: no ground truth for D = {D}");
+    assert_eq!(op.wait_count(handled, 3, Duration::from_secs(20)), 3, "{:?}", op.lines());
+    assert!(wait_until(Duration::from_secs(10), || Counts::of(&agent.metrics()).handled >= before.handled + 2.0));
+    let after = settled(&agent);
+    let text = agent.metrics();
+    eprintln!("before {before:?}\nafter  {after:?}\nspread {spread:.3} s");
+    assert_eq!(after.handled - before.handled, 2.0, "{after:?}");
+    assert_eq!(after.watcher - before.watcher, 2.0, "{after:?}");
+    let new = |t: &str, name: &str, f: &dyn Fn(&Buckets) -> f64| {
+        f(&stage(t, name, OPERATOR)) - f(&stage(&text0, name, OPERATOR))
+    };
+    for name in ["commit_to_handler", "process_to_handler"] {
+        assert_eq!(new(&text, name, &|b| b.count()), 2.0, "{name}");
+        // The second waited for the first call: at least D − spread (less
+        // the few ms from a PATCH's answer to the informer's pop).
+        assert_eq!(new(&text, name, &|b| b.from_bucket_of(D - spread - 0.05)), 1.0, "{name}: {text}");
+        // ... and not for two calls.
+        assert_eq!(new(&text, name, &|b| b.below(2.0 * D)), 2.0, "{name}: {text}");
+    }
+    // The informer itself took both off its queue at once.
+    assert_eq!(new(&text, "commit_to_process", &|b| b.below(D / 2.0)), 2.0, "{text}");
+    // Each handler window slept D.
+    let window =
+        |t: &str| Buckets::parse(t, "watchscope_window_seconds", &format!("window=\"update\",comm=\"{OPERATOR}\""));
+    assert_eq!(window(&text).from_bucket_of(D) - window(&text0).from_bucket_of(D), 2.0, "{text}");
+    // The API server's part stayed short.
+    let watcher = |t: &str| stage(t, "commit_to_watcher", API).below(D / 4.0);
+    assert_eq!(watcher(&text) - watcher(&text0), 2.0, "{text}");
 }
 
 /// The API server restarted between two batches of updates: the new

@@ -56,6 +56,7 @@ pub const UPROBE_PROGRAMS: &[&str] = &[
     "informer_queue",
     "informer_rv",
     "informer_process",
+    "informer_handler",
     "go_entry",
     "go_ret",
     "go_sched",

@@ -263,6 +263,7 @@ fn plan_informer(insp: &Inspection, plan: &mut WatchPlan) {
 /// with the binary's own `cache.Delta` layout.
 fn plan_informer_process(insp: &Inspection, plan: &mut WatchPlan) {
     let layout = delta_layout(insp);
+    let mut planned = false;
     for p in insp.probes_for(Role::ClientGoHandleDeltas) {
         let result = layout.clone().and_then(|(stride, obj_off)| {
             let mut cfg =
@@ -279,7 +280,24 @@ fn plan_informer_process(insp: &Inspection, plan: &mut WatchPlan) {
             }
             entry_watch_site(insp, p, Role::ClientGoHandleDeltas, "informer_process", cfg)
         });
-        plan.record(Role::ClientGoHandleDeltas, Some(p.symbol.clone()), result);
+        planned |= plan.record(Role::ClientGoHandleDeltas, Some(p.symbol.clone()), result);
+    }
+    if planned {
+        plan_informer_handlers(insp, plan);
+    }
+}
+
+/// The listeners' calls of the user's handlers, timed by the object the
+/// informer processed: only behind a planned pop, which hands the object
+/// over.
+fn plan_informer_handlers(insp: &Inspection, plan: &mut WatchPlan) {
+    for p in insp.probes_for(Role::ClientGoHandler) {
+        let result = catalog_read(p, "obj").and_then(direct).and_then(|obj| {
+            let mut cfg = WatchProbeConfig::default();
+            cfg.args[0] = obj;
+            entry_watch_site(insp, p, Role::ClientGoHandler, "informer_handler", cfg)
+        });
+        plan.record(Role::ClientGoHandler, Some(p.symbol.clone()), result);
     }
 }
 

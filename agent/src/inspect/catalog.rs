@@ -51,6 +51,7 @@ pub enum Role {
     ClientGoQueuePop,
     ClientGoFifoQueue,
     ClientGoReflectorRv,
+    ClientGoHandler,
     GoMapAssign,
     GoMapAccess,
     GoMapDelete,
@@ -77,6 +78,7 @@ impl Role {
             Role::ClientGoQueuePop => "client_go_queue_pop",
             Role::ClientGoFifoQueue => "client_go_fifo_queue",
             Role::ClientGoReflectorRv => "client_go_reflector_rv",
+            Role::ClientGoHandler => "client_go_handler",
             Role::GoMapAssign => "go_map_assign",
             Role::GoMapAccess => "go_map_access",
             Role::GoMapDelete => "go_map_delete",
@@ -422,6 +424,25 @@ static FIFO_POP: Signature = Signature { params: &[p("f", WORD), p("process", WO
 static FIFO_POP_BATCH: Signature =
     Signature { params: &[p("f", WORD), p("processBatch", WORD), p("processSingle", WORD)], reads: &[] };
 
+const DISASM_CG036_HANDLER: &str = "client-go 0.36.4 (Debian sid)/go1.27.3 amd64: disassembly of the pointer \
+     wrapper (receiver in RAX, the objects' words after it) and uprobes on an informer's handlers fed a known \
+     number of updates";
+
+/// `func (r *ResourceEventHandlerFuncs) OnAdd(obj interface{}, isInInitialList bool)`:
+/// the pointer-receiver wrapper the compiler makes for the value method,
+/// which is what a listener calls through the `ResourceEventHandler`
+/// interface (the struct of three funcs is boxed behind a pointer). Before
+/// client-go 0.27 there is no `isInInitialList`; `obj` is where it was.
+static HANDLER_ADD: Signature = Signature {
+    params: &[p("r", WORD), p("obj", IFACE)],
+    reads: &[read_v("obj", "obj.data", &[], DISASM_CG036_HANDLER)],
+};
+/// `func (r *ResourceEventHandlerFuncs) OnUpdate(oldObj, newObj interface{})`
+static HANDLER_UPDATE: Signature = Signature {
+    params: &[p("r", WORD), p("oldObj", IFACE), p("newObj", IFACE)],
+    reads: &[read_v("obj", "newObj.data", &[], DISASM_CG036_HANDLER)],
+};
+
 // ---- Go runtime --------------------------------------------------------------
 
 /// `func mapassign(t *maptype, h *hmap, key unsafe.Pointer) unsafe.Pointer`
@@ -654,6 +675,54 @@ pub static CATALOG: &[RoleSpec] = &[
             &REFLECTOR_RV,
             true,
         )],
+    },
+    RoleSpec {
+        role: Role::ClientGoHandler,
+        component: Component::ClientGo,
+        what: "an informer's listener starts a user's handler: one call per handler and event (OnDelete has \
+               OnAdd's shape)",
+        select: Select::All,
+        // The pointer wrappers only: a listener calls through the interface.
+        // Not `FilteringResourceEventHandler`, which calls one of these (it
+        // would count the event twice).
+        candidates: &[
+            exact(
+                "k8s.io/client-go/tools/cache.(*ResourceEventHandlerFuncs).OnAdd",
+                "client-go (all)",
+                &HANDLER_ADD,
+                true,
+            ),
+            exact(
+                "k8s.io/client-go/tools/cache.(*ResourceEventHandlerFuncs).OnUpdate",
+                "client-go (all)",
+                &HANDLER_UPDATE,
+                true,
+            ),
+            exact(
+                "k8s.io/client-go/tools/cache.(*ResourceEventHandlerFuncs).OnDelete",
+                "client-go (all)",
+                &HANDLER_ADD,
+                true,
+            ),
+            exact(
+                "k8s.io/client-go/tools/cache.(*ResourceEventHandlerDetailedFuncs).OnAdd",
+                "client-go 0.27+",
+                &HANDLER_ADD,
+                false,
+            ),
+            exact(
+                "k8s.io/client-go/tools/cache.(*ResourceEventHandlerDetailedFuncs).OnUpdate",
+                "client-go 0.27+",
+                &HANDLER_UPDATE,
+                false,
+            ),
+            exact(
+                "k8s.io/client-go/tools/cache.(*ResourceEventHandlerDetailedFuncs).OnDelete",
+                "client-go 0.27+",
+                &HANDLER_ADD,
+                false,
+            ),
+        ],
     },
     RoleSpec {
         role: Role::GoMapAssign,
