@@ -44,11 +44,15 @@ pub enum Counter {
     /// A reflector's resourceVersion was not a decimal revision (or could
     /// not be read): the event is counted, never guessed at.
     RvUnreadable = 14,
+    /// An event was written to a watcher's HTTP stream without its commit
+    /// time (the API server's etcd client did not see the commit, or its
+    /// stamp aged out).
+    WriteCommitMiss = 15,
 }
 
 impl Counter {
     /// Number of slots the counter array must have (keep in sync with the enum).
-    pub const COUNT: u32 = 15;
+    pub const COUNT: u32 = 16;
 
     pub const ALL: [Counter; Self::COUNT as usize] = [
         Counter::ExecSeen,
@@ -66,6 +70,7 @@ impl Counter {
         Counter::WatcherCacheMiss,
         Counter::DecodeCommitMiss,
         Counter::RvUnreadable,
+        Counter::WriteCommitMiss,
     ];
 
     /// The `reason` label this counter is exported under in
@@ -87,6 +92,7 @@ impl Counter {
             Counter::WatcherCacheMiss => "watcher_cache_miss",
             Counter::DecodeCommitMiss => "decode_commit_miss",
             Counter::RvUnreadable => "rv_unreadable",
+            Counter::WriteCommitMiss => "write_commit_miss",
         })
     }
 }

@@ -44,11 +44,19 @@ pub enum Stage {
     /// it: the wait in the handler's listener queue (a slow handler makes
     /// the next events wait here).
     ProcessToHandler = 11,
+    /// notify → the API server has written the event to one watcher's HTTP
+    /// stream (the watch handler's encoder returned: the bytes are in the
+    /// response, and in the socket unless the connection is blocked), per
+    /// watcher.
+    CommitToWrite = 12,
+    /// watch cache → written to one watcher's HTTP stream, per watcher (also
+    /// when the commit happened on another node).
+    CacheToWrite = 13,
 }
 
 impl Stage {
-    pub const COUNT: u32 = 12;
-    pub const ALL: [Stage; 12] = [
+    pub const COUNT: u32 = 14;
+    pub const ALL: [Stage; 14] = [
         Stage::CommitToEnqueue,
         Stage::EnqueueToSend,
         Stage::CommitToSend,
@@ -61,6 +69,8 @@ impl Stage {
         Stage::DecodeToProcess,
         Stage::CommitToHandler,
         Stage::ProcessToHandler,
+        Stage::CommitToWrite,
+        Stage::CacheToWrite,
     ];
 
     pub fn name(self) -> &'static str {
@@ -77,6 +87,8 @@ impl Stage {
             Stage::DecodeToProcess => "decode_to_process",
             Stage::CommitToHandler => "commit_to_handler",
             Stage::ProcessToHandler => "process_to_handler",
+            Stage::CommitToWrite => "commit_to_write",
+            Stage::CacheToWrite => "cache_to_write",
         }
     }
 }
@@ -109,11 +121,14 @@ pub enum Side {
     /// Events an informer's handler started on (per handler), joined by
     /// object to one its reflector queued.
     InformerHandled = 8,
+    /// Events an API server wrote to a watcher's HTTP stream (per watcher),
+    /// joined by object to a live event its cacher dispatched.
+    ApiserverWritten = 9,
 }
 
 impl Side {
-    pub const COUNT: u32 = 9;
-    pub const ALL: [Side; 9] = [
+    pub const COUNT: u32 = 10;
+    pub const ALL: [Side; 10] = [
         Side::Server,
         Side::Client,
         Side::ApiserverCache,
@@ -123,6 +138,7 @@ impl Side {
         Side::InformerProcessed,
         Side::ApiserverTerminated,
         Side::InformerHandled,
+        Side::ApiserverWritten,
     ];
 
     /// The `side` label.
@@ -137,6 +153,7 @@ impl Side {
             Side::InformerProcessed => "informer_processed",
             Side::ApiserverTerminated => "apiserver_terminated",
             Side::InformerHandled => "informer_handled",
+            Side::ApiserverWritten => "apiserver_written",
         }
     }
 }
@@ -249,7 +266,13 @@ pub struct WatchProbeConfig {
     /// Kubernetes API server's watch cache) look the commit up by (process,
     /// revision): the dispatch then republishes it there.
     pub publish_commit: u32,
-    pub _pad: u32,
+    /// `watchCacheEvent.Object` and `.PrevObject` (interfaces: type word,
+    /// then data word), read by the per-watcher queue probe when
+    /// `publish_sent` is 1: the watch handler's writes are then joined to
+    /// the dispatched event by object.
+    pub cache_event_obj_off: u32,
+    pub cache_event_prev_off: u32,
+    pub publish_sent: u32,
 }
 
 /// Entry probes sit on the conditional jump of the function's stack check:
@@ -434,8 +457,10 @@ pub fn parse_rv(buf: &[u8; RV_DIGITS + 1], n: usize) -> Option<i64> {
     i64::try_from(v).ok()
 }
 
-/// An object a reflector queued, by process and the object's address (the
-/// informer's queue keeps the pointer it was given).
+/// An address in one process: an object (a reflector queued it, the
+/// informer's queue keeps the pointer it was given; the cacher dispatched
+/// it) or a goroutine (`g`: Go heaps are laid out alike, so two processes
+/// can have goroutines at the same address).
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct ObjKey {
@@ -443,14 +468,31 @@ pub struct ObjKey {
     pub obj: u64,
 }
 
-/// When a queued object's event was committed (0: not seen on this node)
-/// and queued, and its revision.
+/// An object's join not made yet: the informer took the object off its
+/// queue before its reflector recorded the event's revision.
+pub const REV_PENDING: i64 = -1;
+/// The reflector's resourceVersion was not a decimal revision.
+pub const REV_UNREADABLE: i64 = -2;
+
+/// An object's event: its revision (or `REV_PENDING`, `REV_UNREADABLE`),
+/// when it was committed (0: not seen on this node), and a time whose
+/// meaning is the map's (when the informer took it off its queue).
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct ObjStamp {
     pub rev: i64,
     pub commit_ns: u64,
     pub queued_ns: u64,
+}
+
+/// An object the cacher dispatched (a `cachingObject`, shared by every
+/// watcher of the event): the interface's type word, which the watch
+/// handler's write must show too, and the event's revision.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct SentObj {
+    pub itab: u64,
+    pub rev: i64,
 }
 
 /// A reflector's queue push on one goroutine, waiting for the revision the
@@ -478,7 +520,8 @@ pub fn events_index(slot: u32, side: Side) -> u32 {
 }
 
 const _: () = assert!(size_of::<ArgLoc>() == 8);
-const _: () = assert!(size_of::<WatchProbeConfig>() == 104);
+const _: () = assert!(size_of::<WatchProbeConfig>() == 112);
+const _: () = assert!(size_of::<SentObj>() == 16);
 const _: () = assert!(size_of::<RevKey>() == 16);
 const _: () = assert!(size_of::<WatchRevKey>() == 32);
 const _: () = assert!(size_of::<Stamp<RevKey>>() == 32);

@@ -31,14 +31,14 @@ use core::ffi::c_void;
 use agent_common::{
     Counter, Histogram,
     watch::{
-        MAX_DELTAS_PER_POP, MAX_EVENTS_PER_RESPONSE, MAX_SLOTS, ObjKey, ObjStamp, Pending, RV_DIGITS, RevKey,
-        STAMP_ENTRIES, Side, Stage, Stamp, WatchProbeConfig, WatchRecord, WatchRevKey, events_index, guard_taken,
-        hist_index, parse_rv, rev_entry, watch_rev_entry,
+        MAX_DELTAS_PER_POP, MAX_EVENTS_PER_RESPONSE, MAX_SLOTS, ObjKey, ObjStamp, Pending, REV_PENDING, REV_UNREADABLE,
+        RV_DIGITS, RevKey, STAMP_ENTRIES, SentObj, Side, Stage, Stamp, WatchProbeConfig, WatchRecord, WatchRevKey,
+        events_index, guard_taken, hist_index, parse_rv, rev_entry, watch_rev_entry,
     },
 };
 use aya_ebpf::{
     EbpfContext,
-    bindings::BPF_RB_NO_WAKEUP,
+    bindings::{BPF_NOEXIST, BPF_RB_NO_WAKEUP},
     helpers::{
         bpf_get_attach_cookie, bpf_get_current_pid_tgid, bpf_ktime_get_ns, bpf_loop, bpf_probe_read_user,
         bpf_probe_read_user_buf,
@@ -468,25 +468,34 @@ fn try_kube_cache(ctx: &ProbeContext) -> Option<()> {
 /// revisions, and the first commit time would win.
 const NODE_CLUSTER: u64 = 0;
 
-/// A `watchCacheEvent`'s revision, or `None` for a BOOKMARK (the cacher's
-/// progress events: `watch.Bookmark` is the only 8-byte type starting
-/// with 'B'; MODIFIED is the other 8-byte one).
+/// What the watcher probes read of a `watchCacheEvent`.
+struct CacheEvent {
+    rev: i64,
+    /// A DELETED event: its watchers are sent `PrevObject`, not `Object`.
+    deleted: bool,
+}
+
+/// A `watchCacheEvent`'s revision and kind, or `None` for a BOOKMARK (the
+/// cacher's progress events: `watch.Bookmark` is the only 8-byte type
+/// starting with 'B', MODIFIED the other 8-byte one; DELETED the only
+/// 7-byte one starting with 'D').
 #[inline(always)]
-fn cache_event(cfg: &WatchProbeConfig, ev: u64) -> Option<Option<i64>> {
+fn cache_event(cfg: &WatchProbeConfig, ev: u64) -> Option<Option<CacheEvent>> {
     let ty = read_u64(ev.wrapping_add(cfg.cache_event_type_off as u64))?;
     let ty_len = read_u64(ev.wrapping_add(cfg.cache_event_type_off as u64 + 8))?;
-    if ty_len == 8 {
-        // SAFETY: bpf_probe_read_user faults safely on bad addresses.
-        match unsafe { bpf_probe_read_user(ty as *const u8) } {
-            Ok(b'B') => return Some(None),
-            Ok(_) => {}
-            Err(_) => {
-                count(Counter::ReadError);
-                return None;
-            }
+    // SAFETY: bpf_probe_read_user faults safely on bad addresses.
+    let first = match unsafe { bpf_probe_read_user(ty as *const u8) } {
+        Ok(b) => b,
+        Err(_) => {
+            count(Counter::ReadError);
+            return None;
         }
+    };
+    if ty_len == 8 && first == b'B' {
+        return Some(None);
     }
-    Some(Some(read_u64(ev.wrapping_add(cfg.cache_event_rv_off as u64))? as i64))
+    let rev = read_u64(ev.wrapping_add(cfg.cache_event_rv_off as u64))? as i64;
+    Some(Some(CacheEvent { rev, deleted: ty_len == 7 && first == b'D' }))
 }
 
 /// (watcher, event) as a key of the per-watcher queue ring: a cacheWatcher
@@ -508,13 +517,106 @@ fn try_kube_queue(ctx: &ProbeContext) -> Option<()> {
     let c = begin(ctx)?;
     let watcher = arg(ctx, &c.cfg.args[0])?;
     let ev = arg(ctx, &c.cfg.args[1])?;
-    let rev = cache_event(&c.cfg, ev)??;
+    let e = cache_event(&c.cfg, ev)??;
     // The first offer wins: `add` offers again (and then blocks) when the
     // queue was full. An entry pushed out of the ring here is not counted
     // as lost: events a watcher's filter rejects never reach its result
     // channel, so their entries are left to age out.
-    let key = queue_key(c.tgid, watcher, rev, ev);
+    let key = queue_key(c.tgid, watcher, e.rev, ev);
     let _ = stamps::insert_first(&ENQ_TS, watch_rev_entry(&key), &key, c.now);
+    if c.cfg.publish_sent != 0 {
+        publish_sent(&c, ev, &e);
+    }
+    Some(())
+}
+
+/// Objects the cacher dispatched, by (API server, object): the object the
+/// watch handler will write, so its write is joined to the event's
+/// revision. Published at the queue offer (before the watcher's goroutine
+/// can take the event, so the writer never races ahead of it); every
+/// watcher of an event shares the object, so only the first offer writes.
+/// The handler's write checks the interface's type word too: a deep copy
+/// (an event replayed from the cache's history, a bookmark) that the
+/// allocator put at a freed object's address is another type's, never a
+/// `cachingObject`'s. LRU: an object no watcher writes ages out.
+#[map(name = "WS_KUBE_SENT")]
+static KUBE_SENT: LruHashMap<ObjKey, SentObj> = LruHashMap::with_max_entries(16384, 0);
+
+/// Watch handlers (by process and goroutine) that started writing a
+/// dispatched event: its revision, until the write returns.
+#[map(name = "WS_KUBE_WRITING")]
+static KUBE_WRITING: LruHashMap<ObjKey, i64> = LruHashMap::with_max_entries(16384, 0);
+
+#[inline(always)]
+fn publish_sent(c: &Call, ev: u64, e: &CacheEvent) -> Option<()> {
+    let off = if e.deleted { c.cfg.cache_event_prev_off } else { c.cfg.cache_event_obj_off } as u64;
+    let itab = read_u64(ev.wrapping_add(off))?;
+    let obj = read_u64(ev.wrapping_add(off + 8))?;
+    if obj == 0 {
+        return None;
+    }
+    let key = ObjKey { tgid: c.tgid as u64, obj };
+    let sent = SentObj { itab, rev: e.rev };
+    // SAFETY: the value is copied out at once.
+    if unsafe { KUBE_SENT.get(key) }.copied() != Some(sent) && KUBE_SENT.insert(key, sent, 0).is_err() {
+        count(Counter::MapFull);
+    }
+    Some(())
+}
+
+/// The watch handler starts encoding an event for its client
+/// (`watchEncoder.Encode(event)`, on the handler's goroutine).
+#[uprobe]
+pub fn kube_encode(ctx: ProbeContext) -> u32 {
+    let _ = try_kube_encode(&ctx);
+    0
+}
+
+#[inline(always)]
+fn try_kube_encode(ctx: &ProbeContext) -> Option<()> {
+    let c = begin(ctx)?;
+    let g = goroutine(ctx, &c.cfg)?;
+    let key = ObjKey { tgid: c.tgid as u64, obj: g };
+    // Whatever this goroutine encoded before is over (an encode that
+    // failed ended the watch without a write).
+    let _ = KUBE_WRITING.remove(key);
+    let itab = arg(ctx, &c.cfg.args[0])?;
+    let obj = arg(ctx, &c.cfg.args[1])?;
+    // SAFETY: the value is copied out at once.
+    let sent = (unsafe { KUBE_SENT.get(ObjKey { tgid: c.tgid as u64, obj }) }).copied()?;
+    if sent.itab != itab {
+        return None;
+    }
+    if KUBE_WRITING.insert(key, sent.rev, 0).is_err() {
+        count(Counter::MapFull);
+    }
+    Some(())
+}
+
+/// The encoded event is written (`watchEventMetricsRecorder.RecordEvent`,
+/// called once the encoder returned without error).
+#[uprobe]
+pub fn kube_write(ctx: ProbeContext) -> u32 {
+    let _ = try_kube_write(&ctx);
+    0
+}
+
+#[inline(always)]
+fn try_kube_write(ctx: &ProbeContext) -> Option<()> {
+    let c = begin(ctx)?;
+    let g = goroutine(ctx, &c.cfg)?;
+    let key = ObjKey { tgid: c.tgid as u64, obj: g };
+    // SAFETY: the value is copied out before the entry is removed.
+    let rev = (unsafe { KUBE_WRITING.get(key) }).copied()?;
+    let _ = KUBE_WRITING.remove(key);
+    add(&WATCH_EVENTS, events_index(c.slot, Side::ApiserverWritten), 1);
+    match stamp_of(&NOTIFY_TS, &RevKey { id: c.tgid as u64, rev }) {
+        Some(t) => observe(&WATCH_HIST, hist_index(c.slot, Stage::CommitToWrite), c.now.saturating_sub(t)),
+        None => count(Counter::WriteCommitMiss),
+    }
+    if let Some(t) = stamp_of(&NOTIFY_TS, &cache_key(c.tgid, rev)) {
+        observe(&WATCH_HIST, hist_index(c.slot, Stage::CacheToWrite), c.now.saturating_sub(t));
+    }
     Some(())
 }
 
@@ -529,7 +631,7 @@ fn try_kube_watcher(ctx: &ProbeContext) -> Option<()> {
     let c = begin(ctx)?;
     let watcher = arg(ctx, &c.cfg.args[0])?;
     let ev = arg(ctx, &c.cfg.args[1])?;
-    let Some(rev) = cache_event(&c.cfg, ev)? else {
+    let Some(CacheEvent { rev, .. }) = cache_event(&c.cfg, ev)? else {
         add(&WATCH_PROGRESS, events_index(c.slot, Side::ApiserverWatcher), 1);
         return Some(());
     };
@@ -575,12 +677,23 @@ pub fn kube_terminated(ctx: ProbeContext) -> u32 {
 /// counted as events. Entries are replaced per goroutine, so the map holds
 /// at most one per reflector.
 #[map(name = "WS_INFORMER_PENDING")]
-static INFORMER_PENDING: HashMap<u64, Pending> = HashMap::with_max_entries(4096, 0);
+static INFORMER_PENDING: HashMap<ObjKey, Pending> = HashMap::with_max_entries(4096, 0);
 
-/// Objects a reflector queued, until the informer takes them off its queue.
-/// LRU: an object an informer never pops (it stopped) is evicted in time.
+/// Objects a reflector queued (when), until the informer takes them off its
+/// queue. LRU: an object an informer never pops (it stopped) is evicted in
+/// time.
 #[map(name = "WS_INFORMER_OBJS")]
-static INFORMER_OBJS: LruHashMap<ObjKey, ObjStamp> = LruHashMap::with_max_entries(16384, 0);
+static INFORMER_OBJS: LruHashMap<ObjKey, u64> = LruHashMap::with_max_entries(16384, 0);
+
+/// The half of an object's join that came first. The reflector queues the
+/// object, then records its revision; the informer's pop runs on another
+/// goroutine and can take the object in between. Whichever of the two
+/// comes second finds the other's half (an insert that must not exist is
+/// the handshake: the map's update is atomic) and completes the join, so
+/// neither order loses the event: the reflector's half is
+/// `{rev, commit_ns, 0}`, the pop's `{REV_PENDING, 0, popped_ns}`.
+#[map(name = "WS_INFORMER_JOIN")]
+static INFORMER_JOIN: LruHashMap<ObjKey, ObjStamp> = LruHashMap::with_max_entries(16384, 0);
 
 /// The running goroutine, when this binary keeps it in a register.
 #[inline(always)]
@@ -603,7 +716,9 @@ fn try_informer_queue(ctx: &ProbeContext) -> Option<()> {
     let c = begin(ctx)?;
     let g = goroutine(ctx, &c.cfg)?;
     let obj = arg(ctx, &c.cfg.args[0])?;
-    if INFORMER_PENDING.insert(g, Pending { queued_ns: c.now, obj }, 0).is_err() {
+    if INFORMER_PENDING.insert(ObjKey { tgid: c.tgid as u64, obj: g }, Pending { queued_ns: c.now, obj }, 0).is_err()
+        || INFORMER_OBJS.insert(ObjKey { tgid: c.tgid as u64, obj }, c.now, 0).is_err()
+    {
         count(Counter::MapFull);
     }
     Some(())
@@ -636,25 +751,56 @@ pub fn informer_rv(ctx: ProbeContext) -> u32 {
 fn try_informer_rv(ctx: &ProbeContext) -> Option<()> {
     let c = begin(ctx)?;
     let g = goroutine(ctx, &c.cfg)?;
+    let key = ObjKey { tgid: c.tgid as u64, obj: g };
     // SAFETY: the value is copied out before the entry is removed.
-    let p = unsafe { *INFORMER_PENDING.get(g)? };
-    let _ = INFORMER_PENDING.remove(g);
+    let p = unsafe { *INFORMER_PENDING.get(key)? };
+    let _ = INFORMER_PENDING.remove(key);
     add(&WATCH_EVENTS, events_index(c.slot, Side::Informer), 1);
     let ptr = arg(ctx, &c.cfg.args[0])?;
     let len = arg(ctx, &c.cfg.args[1])?;
-    let Some(rev) = read_rv(ptr, len) else {
-        count(Counter::RvUnreadable);
-        return Some(());
-    };
-    let commit = stamp_of(&COMMIT_TS, &RevKey { id: NODE_CLUSTER, rev });
-    match commit {
-        // Timed at the queueing, which the reflector did just before.
-        Some(t) => observe(&WATCH_HIST, hist_index(c.slot, Stage::CommitToDecode), p.queued_ns.saturating_sub(t)),
-        None => count(Counter::DecodeCommitMiss),
+    let mut half = ObjStamp { rev: REV_UNREADABLE, commit_ns: 0, queued_ns: 0 };
+    match read_rv(ptr, len) {
+        Some(rev) => {
+            half.rev = rev;
+            match stamp_of(&COMMIT_TS, &RevKey { id: NODE_CLUSTER, rev }) {
+                // Timed at the queueing, which the reflector did just before.
+                Some(t) => {
+                    observe(&WATCH_HIST, hist_index(c.slot, Stage::CommitToDecode), p.queued_ns.saturating_sub(t));
+                    half.commit_ns = t;
+                }
+                None => count(Counter::DecodeCommitMiss),
+            }
+        }
+        None => count(Counter::RvUnreadable),
     }
-    let stamp = ObjStamp { rev, commit_ns: commit.unwrap_or(0), queued_ns: p.queued_ns };
-    if INFORMER_OBJS.insert(ObjKey { tgid: c.tgid as u64, obj: p.obj }, stamp, 0).is_err() {
-        count(Counter::MapFull);
+    let key = ObjKey { tgid: c.tgid as u64, obj: p.obj };
+    if INFORMER_JOIN.insert(key, half, BPF_NOEXIST as u64).is_ok() {
+        return Some(());
+    }
+    // SAFETY: the value is copied out before the entry is removed.
+    match (unsafe { INFORMER_JOIN.get(key) }).copied() {
+        // The informer popped the object first: complete its join.
+        Some(popped) if popped.rev == REV_PENDING => {
+            let _ = INFORMER_JOIN.remove(key);
+            if half.commit_ns != 0 {
+                let t = popped.queued_ns.saturating_sub(half.commit_ns);
+                observe(&WATCH_HIST, hist_index(c.slot, Stage::CommitToProcess), t);
+            }
+            // The pop handed the object over without its revision.
+            // SAFETY: as above.
+            if let Some(h) = (unsafe { INFORMER_HANDOFF.get(key) }).copied()
+                && h.rev == REV_PENDING
+            {
+                let _ = INFORMER_HANDOFF.insert(key, ObjStamp { queued_ns: h.queued_ns, ..half }, 0);
+            }
+        }
+        // A stale half of an earlier event at the same address, never
+        // popped: replaced.
+        _ => {
+            if INFORMER_JOIN.insert(key, half, 0).is_err() {
+                count(Counter::MapFull);
+            }
+        }
     }
     Some(())
 }
@@ -716,7 +862,7 @@ unsafe extern "C" fn process_delta(i: u64, ctx: *mut c_void) -> i64 {
     let Some(obj) = read_u64(st.ptr.wrapping_add(i * st.stride).wrapping_add(st.obj_off)) else { return 0 };
     let key = ObjKey { tgid: st.tgid as u64, obj };
     // SAFETY: the value is copied out before the entry is removed.
-    let Some(stamp) = (unsafe { INFORMER_OBJS.get(key) }).copied() else {
+    let Some(queued) = (unsafe { INFORMER_OBJS.get(key) }).copied() else {
         // A delta no watch event queued (a resync or a relist): the handlers
         // get this object again, and must not time it from the revision of
         // the event that last carried it.
@@ -725,11 +871,29 @@ unsafe extern "C" fn process_delta(i: u64, ctx: *mut c_void) -> i64 {
     };
     let _ = INFORMER_OBJS.remove(key);
     st.n += 1;
-    if stamp.commit_ns != 0 {
-        observe(&WATCH_HIST, hist_index(st.slot, Stage::CommitToProcess), st.now.saturating_sub(stamp.commit_ns));
-    }
-    observe(&WATCH_HIST, hist_index(st.slot, Stage::DecodeToProcess), st.now.saturating_sub(stamp.queued_ns));
-    let handoff = ObjStamp { queued_ns: st.now, ..stamp };
+    observe(&WATCH_HIST, hist_index(st.slot, Stage::DecodeToProcess), st.now.saturating_sub(queued));
+    let popped = ObjStamp { rev: REV_PENDING, commit_ns: 0, queued_ns: st.now };
+    let handoff = if INFORMER_JOIN.insert(key, popped, BPF_NOEXIST as u64).is_ok() {
+        // The reflector records the revision later and completes the join.
+        popped
+    } else {
+        // SAFETY: the value is copied out before the entry is removed.
+        match (unsafe { INFORMER_JOIN.get(key) }).copied() {
+            Some(rv) if rv.rev != REV_PENDING => {
+                let _ = INFORMER_JOIN.remove(key);
+                if rv.commit_ns != 0 {
+                    let t = st.now.saturating_sub(rv.commit_ns);
+                    observe(&WATCH_HIST, hist_index(st.slot, Stage::CommitToProcess), t);
+                }
+                ObjStamp { queued_ns: st.now, ..rv }
+            }
+            // A stale pop of an earlier object at the same address.
+            _ => {
+                let _ = INFORMER_JOIN.insert(key, popped, 0);
+                popped
+            }
+        }
+    };
     if INFORMER_HANDOFF.insert(key, handoff, 0).is_err() {
         count(Counter::MapFull);
     }

@@ -208,13 +208,23 @@ fn apiserver_layout_text(insp: &Inspection) -> Option<String> {
     if !kube.iter().any(|r| insp.probes_for(*r).next().is_some()) {
         return None;
     }
-    Some(match watchscope::attach::watch::cache_event_layout(insp) {
+    let mut text = match watchscope::attach::watch::cache_event_layout(insp) {
         Ok((ty, rv)) => format!(
             "\nAPI server watch-cache layout (the apiserver_* roles read it): from the binary's type descriptor\n  \
              cacher.watchCacheEvent.Type                {ty:>4}\n  cacher.watchCacheEvent.ResourceVersion     {rv:>4}\n"
         ),
-        Err(why) => format!("\nAPI server watch-cache layout\n  REFUSED: {why}; no apiserver role is attached\n"),
-    })
+        Err(why) => {
+            return Some(format!("\nAPI server watch-cache layout\n  REFUSED: {why}; no apiserver role is attached\n"));
+        }
+    };
+    // The watch handler's writes join by the dispatched object.
+    text += &match watchscope::attach::watch::cache_event_objects(insp) {
+        Ok((obj, prev)) => format!(
+            "  cacher.watchCacheEvent.Object              {obj:>4}\n  cacher.watchCacheEvent.PrevObject          {prev:>4}\n"
+        ),
+        Err(why) => format!("  REFUSED for the watch handler's writes: {why}\n"),
+    };
+    Some(text)
 }
 
 /// The etcd layout the watch roles read: which profile, how it was chosen,

@@ -239,6 +239,22 @@ impl ApiServer {
         self.watch_with(comm, rv, &[])
     }
 
+    /// A plain HTTP/1.1 watch from `rv` by a Python client whose socket
+    /// receive buffer is fixed at `rcvbuf` bytes (no autotuning): once it
+    /// stops reading (SIGSTOP), the API server's writes to it block after a
+    /// few events, not after megabytes. One JSON event per line.
+    pub fn watch_small_window(&self, rv: u64, rcvbuf: u32) -> LineReader {
+        let d = self.dir.path();
+        lines_of(Command::new("python3").args(["-u", "-c", SMALL_WINDOW_WATCH]).args([
+            "127.0.0.1".to_string(),
+            self.port.to_string(),
+            format!("{}?watch=1&resourceVersion={rv}", self.collection()),
+            d.join("admin.crt").display().to_string(),
+            d.join("admin.key").display().to_string(),
+            rcvbuf.to_string(),
+        ]))
+    }
+
     fn watch_with(&self, comm: &str, rv: u64, flags: &[&str]) -> LineReader {
         let curl = copy_binary(which("curl"), self.dir.path(), comm);
         let d = self.dir.path();
@@ -264,6 +280,33 @@ impl Drop for ApiServer {
 
 /// `cmd` started with its stdout collected line by line (stdin and stderr
 /// closed).
+/// A watch client with a fixed receive buffer: the buffer is set before
+/// `connect`, so the window it advertises stays that small; the body's
+/// chunked framing is undone, events go to stdout as they arrive.
+const SMALL_WINDOW_WATCH: &str = r#"
+import socket, ssl, sys
+host, port, path, crt, key, rcvbuf = sys.argv[1], int(sys.argv[2]), sys.argv[3], sys.argv[4], sys.argv[5], int(sys.argv[6])
+ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+ctx.check_hostname = False
+ctx.verify_mode = ssl.CERT_NONE
+ctx.load_cert_chain(crt, key)
+s = socket.socket()
+s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, rcvbuf)
+s.connect((host, port))
+t = ctx.wrap_socket(s)
+t.sendall(("GET %s HTTP/1.1\r\nHost: %s\r\nAccept: application/json\r\n\r\n" % (path, host)).encode())
+f = t.makefile("rb")
+while f.readline() not in (b"\r\n", b""):
+    pass
+while True:
+    size = int(f.readline().strip() or b"0", 16)
+    if size == 0:
+        break
+    sys.stdout.buffer.write(f.read(size))
+    sys.stdout.flush()
+    f.readline()
+"#;
+
 fn lines_of(cmd: &mut Command) -> LineReader {
     let child = cmd
         .stdin(Stdio::null())

@@ -49,6 +49,9 @@ struct Counts {
     handled: f64,
     commit_to_handler: f64,
     process_to_handler: f64,
+    written: f64,
+    commit_to_write: f64,
+    cache_to_write: f64,
 }
 
 impl Counts {
@@ -69,6 +72,9 @@ impl Counts {
             handled: events(text, "informer_handled", OPERATOR),
             commit_to_handler: stage(text, "commit_to_handler", OPERATOR).count(),
             process_to_handler: stage(text, "process_to_handler", OPERATOR).count(),
+            written: events(text, "apiserver_written", API),
+            commit_to_write: stage(text, "commit_to_write", API).count(),
+            cache_to_write: stage(text, "cache_to_write", API).count(),
         }
     }
 }
@@ -144,6 +150,11 @@ fn every_update_is_timed_from_commit_to_cache_and_to_each_watcher() {
     assert_eq!(after.watcher - before.watcher, 4.0 * n, "{after:?} {before:?}");
     assert_eq!(after.commit_to_watcher - before.commit_to_watcher, 4.0 * n, "{after:?} {before:?}");
     assert_eq!(after.cache_to_watcher - before.cache_to_watcher, 4.0 * n, "{after:?} {before:?}");
+    // ... and written to each one's HTTP stream (HTTP/1.1 for curl, HTTP/2
+    // for client-go), joined by the object the cacher dispatched.
+    assert_eq!(after.written - before.written, 4.0 * n, "{after:?} {before:?}");
+    assert_eq!(after.commit_to_write - before.commit_to_write, 4.0 * n, "{after:?} {before:?}");
+    assert_eq!(after.cache_to_write - before.cache_to_write, 4.0 * n, "{after:?} {before:?}");
     // The operator's reflector decoded and queued each update once; its
     // objects are Unstructured, yet every one is timed from its commit.
     // kubectl watches without an informer: nothing of it counts there.
@@ -165,7 +176,9 @@ fn every_update_is_timed_from_commit_to_cache_and_to_each_watcher() {
         "watcher_cache_miss",
         "decode_commit_miss",
         "rv_unreadable",
+        "write_commit_miss",
         "read_error",
+        "map_full",
     ] {
         assert_eq!(dropped(&text, reason), 0.0, "{reason}: {text}");
     }
@@ -181,6 +194,10 @@ fn every_update_is_timed_from_commit_to_cache_and_to_each_watcher() {
     assert_eq!(replay.replayed - after.replayed, 1.0 + n, "{replay:?}");
     assert_eq!(replay.watcher, after.watcher, "{replay:?}");
     assert_eq!(replay.commit_to_watcher, after.commit_to_watcher, "{replay:?}");
+    // Its replayed events are written too, but are no live events: none
+    // joins (they are copies of the cache's objects).
+    assert_eq!(replay.written, after.written, "{replay:?}");
+    assert_eq!(replay.commit_to_write, after.commit_to_write, "{replay:?}");
 }
 
 /// Ground truth: the operator is stopped (SIGSTOP) for `D` while one update
@@ -298,6 +315,85 @@ fn a_slow_handler_shows_in_the_handler_stages_and_its_window_not_in_the_api_serv
     // The API server's part stayed short.
     let watcher = |t: &str| stage(t, "commit_to_watcher", API).below(D / 4.0);
     assert_eq!(watcher(&text) - watcher(&text0), 2.0, "{text}");
+}
+
+/// Ground truth: one of two watchers stops reading (SIGSTOP; a 16 KB receive
+/// buffer, so the API server's writes to it block after a few events) while
+/// `K` large updates are committed, for `D` after the last commit. Every
+/// write to it that was still pending when it resumed lands at ≥ `D` in
+/// `commit_to_write`; every other write (all of the reading watcher's, and
+/// the stopped one's that fitted in the socket buffers) stays under `D`/2,
+/// and the cacher put every event in both result channels at once.
+#[test]
+fn a_watcher_that_stops_reading_shows_in_its_writes_and_not_in_the_others() {
+    const D: f64 = 2.0;
+    const BLOB: u64 = 256 << 10;
+    // Enough to fill the API server's socket send buffer at its largest
+    // (`tcp_wmem`'s maximum: the kernel grows it on its own) and the
+    // client's 16 KB: then writes block. The cacher's queues for the watcher
+    // (10 events each at least) hold the rest, so it is not terminated.
+    let wmem_max: u64 = std::fs::read_to_string("/proc/sys/net/ipv4/tcp_wmem")
+        .ok()
+        .and_then(|s| s.split_whitespace().nth(2).and_then(|v| v.parse().ok()))
+        .expect("tcp_wmem");
+    let k = wmem_max.div_ceil(BLOB) + 2;
+    assert!(k <= 24, "tcp_wmem's maximum {wmem_max} needs {k} events: the watcher would be terminated first");
+    let agent = Agent::start(&["--comm", &format!("wse-k8s,{API}")]);
+    let etcd = Etcd::start_build(Build::Sid3530, "wse-k8s", "wsc-k8sctl");
+    let api = ApiServer::start(&etcd, API);
+    wait_attached(&agent, &[etcd.pid(), api.pid()]);
+    let rv0 = api.create("main");
+    let fast = api.watch("wsk-watch1", rv0);
+    let slow = api.watch_small_window(rv0, 16 << 10);
+    // The first update may reach a watch that registered after its commit
+    // as a replayed event; once both printed it, both are registered.
+    let modified = |l: &str| event_type(l).as_deref() == Some("MODIFIED");
+    for size in [1, 2] {
+        api.patch_size("main", size);
+        for w in [&fast, &slow] {
+            let n = size as usize;
+            assert_eq!(w.wait_count(modified, n, Duration::from_secs(20)), n, "{:?}\n{}", w.lines(), api.log());
+        }
+    }
+    let before = settled(&agent);
+    let text0 = agent.metrics();
+
+    // SAFETY: kill(2) on our own child.
+    assert_eq!(unsafe { libc::kill(slow.pid() as i32, libc::SIGSTOP) }, 0);
+    for i in 0..k {
+        api.patch_blob("main", 3 + i, BLOB as usize);
+    }
+    // Every commit happened before this instant (each PATCH answered after it).
+    let committed = std::time::Instant::now();
+    assert_eq!(fast.wait_count(modified, 2 + k as usize, Duration::from_secs(30)), 2 + k as usize);
+    assert!(wait_until(Duration::from_secs(10), || Counts::of(&agent.metrics()).written >= before.written + k as f64));
+    while committed.elapsed() < Duration::from_secs_f64(D) {
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    // The writes done while the client was stopped; the rest wait for it.
+    let held = Counts::of(&agent.metrics());
+    let pending = 2.0 * k as f64 - (held.written - before.written);
+    assert!(pending >= 1.0, "no write to the stopped watcher blocked (socket buffers held it all): {held:?}");
+    // SAFETY: as above.
+    assert_eq!(unsafe { libc::kill(slow.pid() as i32, libc::SIGCONT) }, 0);
+    assert_eq!(slow.wait_count(modified, 2 + k as usize, Duration::from_secs(30)), 2 + k as usize);
+    assert!(wait_until(Duration::from_secs(10), || {
+        Counts::of(&agent.metrics()).written >= before.written + 2.0 * k as f64
+    }));
+    let after = settled(&agent);
+    let text = agent.metrics();
+    eprintln!("before {before:?}\nheld   {held:?}\nafter  {after:?}\npending {pending}");
+    let k2 = 2.0 * k as f64;
+    assert_eq!(after.written - before.written, k2, "{after:?}");
+    assert_eq!(after.commit_to_write - before.commit_to_write, k2, "{after:?}");
+    let write = |t: &str| stage(t, "commit_to_write", API);
+    assert_eq!(write(&text).from_bucket_of(D) - write(&text0).from_bucket_of(D), pending, "{text}");
+    assert_eq!(write(&text).below(D / 2.0) - write(&text0).below(D / 2.0), k2 - pending, "{text}");
+    // The cacher's part was quick for both: the result channels had room.
+    let watcher = |t: &str| stage(t, "commit_to_watcher", API).below(D / 2.0);
+    assert_eq!(watcher(&text) - watcher(&text0), k2, "{text}");
+    let terminated = format!("watchscope_apiserver_watchers_terminated_total{{comm=\"{API}\"}}");
+    assert_eq!(sample_value(&text, &terminated).unwrap_or(0.0), 0.0, "{text}");
 }
 
 /// The API server restarted between two batches of updates: the new

@@ -53,6 +53,8 @@ pub const UPROBE_PROGRAMS: &[&str] = &[
     "kube_queue",
     "kube_watcher",
     "kube_terminated",
+    "kube_encode",
+    "kube_write",
     "informer_queue",
     "informer_rv",
     "informer_process",

@@ -42,6 +42,11 @@ const KUBE_ROLES: [(Role, &str); 3] = [
     (Role::KubeWatcherSent, "kube_watcher"),
 ];
 
+/// The API server's HTTP watch handler: an event's encoding starts, then
+/// its write is recorded, on the handler's goroutine: both or neither.
+const KUBE_WRITE_ROLES: [(Role, &str); 2] =
+    [(Role::KubeWatchEncode, "kube_encode"), (Role::KubeWatchWritten, "kube_write")];
+
 /// client-go's reflector → informer queue: both roles or neither.
 const INFORMER_ROLES: [(Role, &str); 2] =
     [(Role::ClientGoFifoQueue, "informer_queue"), (Role::ClientGoReflectorRv, "informer_rv")];
@@ -218,6 +223,9 @@ fn plan_kube(insp: &Inspection, plan: &mut WatchPlan) {
             planned += 1;
         }
     }
+    if planned == KUBE_ROLES.len() {
+        plan_kube_write(insp, plan);
+    }
     if planned == KUBE_ROLES.len()
         && let Some(p) = insp.probes_for(Role::KubeWatcherTerminated).next()
     {
@@ -240,6 +248,73 @@ fn plan_kube(insp: &Inspection, plan: &mut WatchPlan) {
         }
         plan.withdraw(&KUBE_ROLES, "the API server's other watch-path functions cannot be probed");
     }
+}
+
+/// The watch handler's writes, joined to the dispatched event by the object
+/// the cacher hands every watcher: the per-watcher queue probe then
+/// publishes that object (`publish_sent`), at `watchCacheEvent` offsets
+/// from the binary's type descriptor.
+fn plan_kube_write(insp: &Inspection, plan: &mut WatchPlan) {
+    let objects = cache_event_objects(insp);
+    let mut ok = true;
+    for (role, program) in KUBE_WRITE_ROLES {
+        let probe = insp.probes_for(role).next();
+        let result = match (probe, &objects) {
+            (None, _) => Err("not in this binary".to_string()),
+            (Some(_), Err(why)) => Err(why.clone()),
+            (Some(_), Ok(_)) if insp.g_register.is_none() => {
+                // Encode and its write are joined by goroutine.
+                Err("the goroutine is not in a register in this binary (stack ABI)".to_string())
+            }
+            (Some(p), Ok(_)) => {
+                let mut cfg = WatchProbeConfig { g_in_reg: 1, ..WatchProbeConfig::default() };
+                let args = if role == Role::KubeWatchEncode {
+                    catalog_read(p, "obj_type").and_then(direct).and_then(|t| {
+                        cfg.args[0] = t;
+                        catalog_read(p, "obj").and_then(direct)
+                    })
+                } else {
+                    Ok(ArgLoc::default())
+                };
+                args.and_then(|obj| {
+                    cfg.args[1] = obj;
+                    entry_watch_site(insp, p, role, program, cfg)
+                })
+            }
+        };
+        ok &= plan.record(role, probe.map(|p| p.symbol.clone()), result);
+    }
+    match (ok, objects) {
+        (true, Ok((obj_off, prev_off))) => {
+            for s in plan.sites.iter_mut().filter(|s| s.program == "kube_queue") {
+                if let SiteConfig::Watch(c) = &mut s.config {
+                    c.publish_sent = 1;
+                    c.cache_event_obj_off = obj_off;
+                    c.cache_event_prev_off = prev_off;
+                }
+            }
+        }
+        _ => plan.withdraw(&KUBE_WRITE_ROLES, "the watch handler's other function cannot be probed"),
+    }
+}
+
+/// `watchCacheEvent.Object` and `.PrevObject`, both `runtime.Object`
+/// interfaces, from the binary's type descriptor.
+pub fn cache_event_objects(insp: &Inspection) -> Result<(u32, u32), String> {
+    let l = insp.struct_layout_in(CACHE_EVENT_TYPE, Some(CACHE_EVENT_PKG)).map_err(|e| {
+        format!("no readable type descriptor for {CACHE_EVENT_TYPE} ({e}): its layout is not identified")
+    })?;
+    let field = |name: &str| -> Result<u32, String> {
+        let f = l.field(name).ok_or_else(|| format!("{CACHE_EVENT_TYPE} has no field {name} in this binary"))?;
+        if f.type_name != "runtime.Object" || f.size != 16 {
+            return Err(format!(
+                "{CACHE_EVENT_TYPE}.{name} is a {} of {} bytes in this binary, not a runtime.Object",
+                f.type_name, f.size
+            ));
+        }
+        narrow(f.offset)
+    };
+    Ok((field("Object")?, field("PrevObject")?))
 }
 
 /// A client-go reflector's queue pushes (every variant present) and its

@@ -67,7 +67,7 @@ pub const WATCH_STAGE_SECONDS: Family = Family {
     kind: MetricType::Histogram,
     help: "Time each watch event spent per stage, from etcd's commit (notify) to per-watcher enqueue, gRPC send \
            and dispatch in an etcd client on this node; in a Kubernetes API server to its watch cache and to each \
-           watcher's result channel; in a client-go reflector to its informer's queue, to the informer's processing and \
+           watcher's result channel and HTTP stream; in a client-go reflector to its informer's queue, to the informer's processing and \
            to each handler's start; by stage and process.",
 };
 pub const WATCH_EVENTS: Family = Family {
@@ -75,7 +75,7 @@ pub const WATCH_EVENTS: Family = Family {
     kind: MetricType::Counter,
     help: "Watch events (not responses): sent by etcd to each watcher, dispatched by an etcd client, taken by an \
            API server's watch cache, put in each of its watchers' result channels (live) or replayed from its \
-           history to a new watch, queued by a client-go reflector, taken off the queue by its informer, started on by \
+           history to a new watch, written to each watcher's HTTP stream (live), queued by a client-go reflector, taken off the queue by its informer, started on by \
            each of its handlers; by side and process.",
 };
 pub const WATCH_PROGRESS: Family = Family {

@@ -47,6 +47,8 @@ pub enum Role {
     KubeWatcherQueue,
     KubeWatcherSent,
     KubeWatcherTerminated,
+    KubeWatchEncode,
+    KubeWatchWritten,
     ClientGoHandleDeltas,
     ClientGoQueuePop,
     ClientGoFifoQueue,
@@ -74,6 +76,8 @@ impl Role {
             Role::KubeWatcherQueue => "apiserver_watcher_queue",
             Role::KubeWatcherSent => "apiserver_watcher_sent",
             Role::KubeWatcherTerminated => "apiserver_watcher_terminated",
+            Role::KubeWatchEncode => "apiserver_watch_encode",
+            Role::KubeWatchWritten => "apiserver_watch_written",
             Role::ClientGoHandleDeltas => "client_go_handle_deltas",
             Role::ClientGoQueuePop => "client_go_queue_pop",
             Role::ClientGoFifoQueue => "client_go_fifo_queue",
@@ -365,6 +369,28 @@ static CACHE_WATCHER_EVENT: Signature = Signature {
 /// reads nothing (its captures are in the closure context).
 static CLOSURE: Signature = Signature { params: &[], reads: &[] };
 
+const DISASM_AS036_WRITE: &str = "k8s.io/apiserver 0.36.4 (Debian sid)/go1.27.3 amd64, apiextensions-apiserver: \
+     disassembly of WatchServer.HandleHTTP's calls (the event's words in RBX, RCX, RDI, RSI; the recorder in RAX) \
+     and uprobes while N patches reached four HTTP watchers";
+
+/// `func (e *watchEncoder) Encode(event watch.Event) error`: the watch
+/// handler's encoder, called once per event it takes from the watcher's
+/// result channel (bookmarks too).
+static WATCH_ENCODE: Signature = Signature {
+    params: &[
+        p("e", WORD),
+        p("event", &[f("Type.ptr", 8), f("Type.len", 8), f("Object.type", 8), f("Object.data", 8)]),
+    ],
+    reads: &[
+        read_v("obj_type", "event.Object.type", &[], DISASM_AS036_WRITE),
+        read_v("obj", "event.Object.data", &[], DISASM_AS036_WRITE),
+    ],
+};
+
+/// `func (c *watchEventMetricsRecorder) RecordEvent()`: called by the watch
+/// handler right after the encoder wrote an event, on the same goroutine.
+static WATCH_RECORD_EVENT: Signature = Signature { params: &[p("c", WORD)], reads: &[] };
+
 // ---- client-go ---------------------------------------------------------------
 
 const TRACEFS_CG036_WATCH: &str = "client-go 0.36.4 (Debian sid)/go1.27.3 amd64: tracefs uprobes on an informer \
@@ -606,6 +632,31 @@ pub static CATALOG: &[RoleSpec] = &[
             "k8s.io/apiserver/pkg/storage/cacher.(*cacheWatcher).add.func1",
             "k8s.io/apiserver 0.36 (kube-apiserver 1.36)",
             &CLOSURE,
+            true,
+        )],
+    },
+    RoleSpec {
+        role: Role::KubeWatchEncode,
+        component: Component::KubeApiserver,
+        what: "HTTP watch handler: one call per event (or bookmark) taken from a watcher's result channel, \
+               encoded for its client",
+        select: Select::First,
+        candidates: &[exact(
+            "k8s.io/apiserver/pkg/endpoints/handlers.(*watchEncoder).Encode",
+            "k8s.io/apiserver 0.36 (kube-apiserver 1.36)",
+            &WATCH_ENCODE,
+            true,
+        )],
+    },
+    RoleSpec {
+        role: Role::KubeWatchWritten,
+        component: Component::KubeApiserver,
+        what: "HTTP watch handler: one call per event written to a watcher's stream",
+        select: Select::First,
+        candidates: &[exact(
+            "k8s.io/apiserver/pkg/endpoints/handlers.(*watchEventMetricsRecorder).RecordEvent",
+            "k8s.io/apiserver 0.36 (kube-apiserver 1.36)",
+            &WATCH_RECORD_EVENT,
             true,
         )],
     },
