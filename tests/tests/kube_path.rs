@@ -396,6 +396,81 @@ fn a_watcher_that_stops_reading_shows_in_its_writes_and_not_in_the_others() {
     assert_eq!(sample_value(&text, &terminated).unwrap_or(0.0), 0.0, "{text}");
 }
 
+/// The incident, reproduced: two operators handle the same updates, one
+/// growing its `map[int][256]byte` by `K_SMALL` keys per update, the other
+/// by `K_LARGE`. Every update reaches both handlers (exact window counts);
+/// the handler window's map-growth time rises with K, and for the large
+/// one it is the largest part of what the window spent inside, as `run`
+/// measures it by default (map growth and GC assist; with `--go-sched` the
+/// run-queue share was 0.6-0.8 of the growth here: the GC's mark worker
+/// taking the handler's P, on 2 CPUs).
+#[test]
+fn the_handlers_map_growth_rises_with_its_growth_and_dominates_the_window() {
+    const N: u64 = 10;
+    const K_SMALL: u64 = 1_000;
+    const K_LARGE: u64 = 16_000;
+    const SMALL: &str = "wsk-op-small";
+    const LARGE: &str = "wsk-op-large";
+    let agent = Agent::start(&[
+        "--comm",
+        &format!("wse-k8s,{API},{SMALL},{LARGE}"),
+        "--go-comm",
+        &format!("{SMALL},{LARGE}"),
+        "--window",
+        "update=main.handleUpdate",
+    ]);
+    let etcd = Etcd::start_build(Build::Sid3530, "wse-k8s", "wsc-k8sctl");
+    let api = ApiServer::start(&etcd, API);
+    api.create("main");
+    let handled = |l: &str| l.starts_with("handled update main ");
+    let text0 = agent.metrics();
+    // One operator after the other, so that neither waits for a CPU the
+    // other holds; one update at a time, so each window holds one update's
+    // growth.
+    for (comm, k) in [(SMALL, K_SMALL), (LARGE, K_LARGE)] {
+        let op = api.operator(comm, &[&format!("-grow={k}")]);
+        wait_attached(&agent, &[etcd.pid(), api.pid(), op.pid()]);
+        for i in 0..N as usize {
+            api.patch_size("main", (i + 1) as u64);
+            assert_eq!(op.wait_count(handled, i + 1, Duration::from_secs(30)), i + 1, "{:?}", op.lines());
+        }
+        drop(op);
+    }
+    let windows = |comm: &str| {
+        let labels = format!("window=\"update\",comm=\"{comm}\"");
+        Buckets::parse(&agent.metrics(), "watchscope_window_seconds", &labels).count()
+            - Buckets::parse(&text0, "watchscope_window_seconds", &labels).count()
+    };
+    assert!(wait_until(Duration::from_secs(10), || windows(SMALL) >= N as f64 && windows(LARGE) >= N as f64));
+    let text = agent.metrics();
+    let sum = |fam: &str, labels: &str| {
+        let at = |t: &str| sample_value(t, &format!("{fam}_sum{{{labels}}}")).unwrap_or(0.0);
+        at(&text) - at(&text0)
+    };
+    let inner = |comm: &str, kind: &str| {
+        sum("watchscope_window_inner_seconds", &format!("window=\"update\",inner=\"{kind}\",comm=\"{comm}\""))
+    };
+    for comm in [SMALL, LARGE] {
+        let total = sum("watchscope_window_seconds", &format!("window=\"update\",comm=\"{comm}\""));
+        eprintln!(
+            "{comm}: {} windows, {total:.4} s; map_grow {:.4} s, gc_assist {:.4} s, off_cpu {:.4} s, runqueue {:.4} s",
+            windows(comm),
+            inner(comm, "map_grow"),
+            inner(comm, "gc_assist"),
+            inner(comm, "off_cpu"),
+            inner(comm, "runqueue"),
+        );
+    }
+    assert_eq!(windows(SMALL), N as f64, "{text}");
+    assert_eq!(windows(LARGE), N as f64, "{text}");
+    let (grow_small, grow_large) = (inner(SMALL, "map_grow"), inner(LARGE, "map_grow"));
+    assert!(grow_large > 2.0 * grow_small, "map growth {grow_large} s at K={K_LARGE}, {grow_small} s at K={K_SMALL}");
+    let gc = inner(LARGE, "gc_assist");
+    assert!(grow_large > gc, "map_grow {grow_large} s vs gc_assist {gc} s");
+    // Not measured without the scheduler probes: no series, not zeros.
+    assert!(!text.contains("inner=\"runqueue\""), "{text}");
+}
+
 /// The API server restarted between two batches of updates: the new
 /// process is picked up (same binary, probes kept) and counts stay exact.
 #[test]
