@@ -142,6 +142,24 @@ fn emit(rec: WatchRecord) {
     }
 }
 
+/// A Kubernetes hop's record (for `watchscope record`'s chains): joined
+/// there by revision alone, as the API server and its clients know it.
+/// `enqueue_ns` holds the hop's per-hop start: the watch cache's time for
+/// a result channel or a write, the decode for a pop, the pop for a
+/// handler.
+#[inline(always)]
+fn emit_hop(rec: WatchRecord) {
+    if record_on() {
+        emit(WatchRecord { member: NODE_CLUSTER, ..rec });
+    }
+}
+
+/// A hop's record without goroutine, watcher or per-hop start.
+#[inline(always)]
+fn hop(side: Side, tgid: u32, rev: i64, commit_ns: u64, at_ns: u64) -> WatchRecord {
+    WatchRecord { side: side as u32, tgid, rev, commit_ns, at_ns, ..WatchRecord::default() }
+}
+
 /// Address of event `i` of a slice, and the event's `kv.ModRevision`.
 #[inline(always)]
 fn event_at(cfg: &WatchProbeConfig, base: u64, i: u32) -> Option<(u64, i64)> {
@@ -448,7 +466,8 @@ fn try_kube_cache(ctx: &ProbeContext) -> Option<()> {
     let c = begin(ctx)?;
     let rev = arg(ctx, &c.cfg.args[0])? as i64;
     add(&WATCH_EVENTS, events_index(c.slot, Side::ApiserverCache), 1);
-    match stamp_of(&NOTIFY_TS, &RevKey { id: c.tgid as u64, rev }) {
+    let commit = stamp_of(&NOTIFY_TS, &RevKey { id: c.tgid as u64, rev });
+    match commit {
         Some(t) => {
             observe(&WATCH_HIST, hist_index(c.slot, Stage::CommitToCache), c.now.saturating_sub(t));
             // For the API server's clients on this node (operators,
@@ -458,6 +477,7 @@ fn try_kube_cache(ctx: &ProbeContext) -> Option<()> {
         None => count(Counter::CacheCommitMiss),
     }
     insert_first(&NOTIFY_TS, &cache_key(c.tgid, rev), c.now);
+    emit_hop(hop(Side::ApiserverCache, c.tgid, rev, commit.unwrap_or(0), c.now));
     Some(())
 }
 
@@ -610,13 +630,20 @@ fn try_kube_write(ctx: &ProbeContext) -> Option<()> {
     let rev = (unsafe { KUBE_WRITING.get(key) }).copied()?;
     let _ = KUBE_WRITING.remove(key);
     add(&WATCH_EVENTS, events_index(c.slot, Side::ApiserverWritten), 1);
-    match stamp_of(&NOTIFY_TS, &RevKey { id: c.tgid as u64, rev }) {
+    let commit = stamp_of(&NOTIFY_TS, &RevKey { id: c.tgid as u64, rev });
+    match commit {
         Some(t) => observe(&WATCH_HIST, hist_index(c.slot, Stage::CommitToWrite), c.now.saturating_sub(t)),
         None => count(Counter::WriteCommitMiss),
     }
-    if let Some(t) = stamp_of(&NOTIFY_TS, &cache_key(c.tgid, rev)) {
+    let cached = stamp_of(&NOTIFY_TS, &cache_key(c.tgid, rev));
+    if let Some(t) = cached {
         observe(&WATCH_HIST, hist_index(c.slot, Stage::CacheToWrite), c.now.saturating_sub(t));
     }
+    emit_hop(WatchRecord {
+        g,
+        enqueue_ns: cached.unwrap_or(0),
+        ..hop(Side::ApiserverWritten, c.tgid, rev, commit.unwrap_or(0), c.now)
+    });
     Some(())
 }
 
@@ -646,14 +673,23 @@ fn try_kube_watcher(ctx: &ProbeContext) -> Option<()> {
     };
     stamps::remove(&ENQ_TS, idx);
     add(&WATCH_EVENTS, events_index(c.slot, Side::ApiserverWatcher), 1);
-    match stamp_of(&NOTIFY_TS, &RevKey { id: c.tgid as u64, rev }) {
+    let commit = stamp_of(&NOTIFY_TS, &RevKey { id: c.tgid as u64, rev });
+    match commit {
         Some(t) => observe(&WATCH_HIST, hist_index(c.slot, Stage::CommitToWatcher), c.now.saturating_sub(t)),
         None => count(Counter::WatcherCommitMiss),
     }
-    match stamp_of(&NOTIFY_TS, &cache_key(c.tgid, rev)) {
+    let cached = stamp_of(&NOTIFY_TS, &cache_key(c.tgid, rev));
+    match cached {
         Some(t) => observe(&WATCH_HIST, hist_index(c.slot, Stage::CacheToWatcher), c.now.saturating_sub(t)),
         None => count(Counter::WatcherCacheMiss),
     }
+    let g = goroutine(ctx, &c.cfg).unwrap_or(0);
+    emit_hop(WatchRecord {
+        g,
+        watch_id: watcher as i64,
+        enqueue_ns: cached.unwrap_or(0),
+        ..hop(Side::ApiserverWatcher, c.tgid, rev, commit.unwrap_or(0), c.now)
+    });
     Some(())
 }
 
@@ -773,6 +809,9 @@ fn try_informer_rv(ctx: &ProbeContext) -> Option<()> {
         }
         None => count(Counter::RvUnreadable),
     }
+    if half.rev >= 0 {
+        emit_hop(WatchRecord { g, ..hop(Side::Informer, c.tgid, half.rev, half.commit_ns, p.queued_ns) });
+    }
     let key = ObjKey { tgid: c.tgid as u64, obj: p.obj };
     if INFORMER_JOIN.insert(key, half, BPF_NOEXIST as u64).is_ok() {
         return Some(());
@@ -785,6 +824,12 @@ fn try_informer_rv(ctx: &ProbeContext) -> Option<()> {
             if half.commit_ns != 0 {
                 let t = popped.queued_ns.saturating_sub(half.commit_ns);
                 observe(&WATCH_HIST, hist_index(c.slot, Stage::CommitToProcess), t);
+            }
+            if half.rev >= 0 {
+                emit_hop(WatchRecord {
+                    enqueue_ns: p.queued_ns,
+                    ..hop(Side::InformerProcessed, c.tgid, half.rev, half.commit_ns, popped.queued_ns)
+                });
             }
             // The pop handed the object over without its revision.
             // SAFETY: as above.
@@ -885,6 +930,12 @@ unsafe extern "C" fn process_delta(i: u64, ctx: *mut c_void) -> i64 {
                     let t = st.now.saturating_sub(rv.commit_ns);
                     observe(&WATCH_HIST, hist_index(st.slot, Stage::CommitToProcess), t);
                 }
+                if rv.rev >= 0 {
+                    emit_hop(WatchRecord {
+                        enqueue_ns: queued,
+                        ..hop(Side::InformerProcessed, st.tgid, rv.rev, rv.commit_ns, st.now)
+                    });
+                }
                 ObjStamp { queued_ns: st.now, ..rv }
             }
             // A stale pop of an earlier object at the same address.
@@ -928,6 +979,14 @@ fn try_informer_handler(ctx: &ProbeContext) -> Option<()> {
     add(&WATCH_EVENTS, events_index(c.slot, Side::InformerHandled), 1);
     if stamp.commit_ns != 0 {
         observe(&WATCH_HIST, hist_index(c.slot, Stage::CommitToHandler), c.now.saturating_sub(stamp.commit_ns));
+    }
+    if stamp.rev >= 0 {
+        let g = goroutine(ctx, &c.cfg).unwrap_or(0);
+        emit_hop(WatchRecord {
+            g,
+            enqueue_ns: stamp.queued_ns,
+            ..hop(Side::InformerHandled, c.tgid, stamp.rev, stamp.commit_ns, c.now)
+        });
     }
     observe(&WATCH_HIST, hist_index(c.slot, Stage::ProcessToHandler), c.now.saturating_sub(stamp.queued_ns));
     Some(())

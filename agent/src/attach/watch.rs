@@ -368,7 +368,9 @@ fn plan_informer_process(insp: &Inspection, plan: &mut WatchPlan) {
 fn plan_informer_handlers(insp: &Inspection, plan: &mut WatchPlan) {
     for p in insp.probes_for(Role::ClientGoHandler) {
         let result = catalog_read(p, "obj").and_then(direct).and_then(|obj| {
-            let mut cfg = WatchProbeConfig::default();
+            // The goroutine joins a record of the handler's start to the
+            // user's window that runs on it.
+            let mut cfg = WatchProbeConfig { g_in_reg: u32::from(insp.g_register.is_some()), ..Default::default() };
             cfg.args[0] = obj;
             entry_watch_site(insp, p, Role::ClientGoHandler, "informer_handler", cfg)
         });

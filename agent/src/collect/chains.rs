@@ -164,6 +164,84 @@ pub struct DispatchHop {
     pub window: Option<WindowSpan>,
 }
 
+/// A hop of the Kubernetes watch path, from a record joined by revision
+/// alone (the API server and its clients know no etcd member).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
+pub enum KubeKind {
+    /// The API server's watch cache took the event.
+    Cache,
+    /// In one watcher's result channel.
+    Watcher,
+    /// Written to one watcher's HTTP stream.
+    Write,
+    /// A client-go reflector decoded and queued it.
+    Decode,
+    /// Its informer took it off the queue.
+    Process,
+    /// One of the informer's handlers started on it.
+    Handler,
+}
+
+impl KubeKind {
+    pub fn of(side: u32) -> Option<KubeKind> {
+        Some(match side {
+            s if s == Side::ApiserverCache as u32 => KubeKind::Cache,
+            s if s == Side::ApiserverWatcher as u32 => KubeKind::Watcher,
+            s if s == Side::ApiserverWritten as u32 => KubeKind::Write,
+            s if s == Side::Informer as u32 => KubeKind::Decode,
+            s if s == Side::InformerProcessed as u32 => KubeKind::Process,
+            s if s == Side::InformerHandled as u32 => KubeKind::Handler,
+            _ => return None,
+        })
+    }
+
+    /// Its column in `VIEW_STAGES`.
+    fn column(self) -> usize {
+        match self {
+            KubeKind::Cache => 3,
+            KubeKind::Watcher => 4,
+            KubeKind::Write => 5,
+            KubeKind::Decode => 6,
+            KubeKind::Process => 7,
+            KubeKind::Handler => HANDLER,
+        }
+    }
+
+    /// The per-hop stage a record's `enqueue_ns` starts (the kernel puts
+    /// the hop's own start there).
+    fn hop_stage(self) -> Option<Stage> {
+        match self {
+            KubeKind::Watcher => Some(Stage::CacheToWatcher),
+            KubeKind::Write => Some(Stage::CacheToWrite),
+            KubeKind::Process => Some(Stage::DecodeToProcess),
+            KubeKind::Handler => Some(Stage::ProcessToHandler),
+            _ => None,
+        }
+    }
+
+    /// The stage whose per-event maximum a record of this hop gives.
+    fn stage(self) -> Stage {
+        match self {
+            KubeKind::Cache => Stage::CommitToCache,
+            KubeKind::Watcher => Stage::CommitToWatcher,
+            KubeKind::Write => Stage::CommitToWrite,
+            KubeKind::Decode => Stage::CommitToDecode,
+            KubeKind::Process => Stage::CommitToProcess,
+            KubeKind::Handler => Stage::CommitToHandler,
+        }
+    }
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct KubeHop {
+    pub kind: KubeKind,
+    pub tgid: u32,
+    pub g: u64,
+    /// The watcher (`cacheWatcher` address) of a `Watcher` hop, else 0.
+    pub watcher: i64,
+    pub at_ns: u64,
+}
+
 /// A dispatch that was expected and did not arrive.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Missing {
@@ -183,6 +261,8 @@ pub struct Chain {
     pub origin_ns: u64,
     pub sends: Vec<SendHop>,
     pub dispatches: Vec<DispatchHop>,
+    /// The Kubernetes path's hops, in arrival order.
+    pub kube: Vec<KubeHop>,
     pub missing: Vec<Missing>,
     pub outcome: Outcome,
 }
@@ -198,8 +278,21 @@ pub struct StageView {
     pub mark: Mark,
 }
 
-/// Columns of the chain view, in path order.
-pub const VIEW_STAGES: [&str; 4] = ["enqueue", "send", "dispatch", "handler"];
+/// Columns of the chain view, in path order: etcd's, then the Kubernetes
+/// path's (through an API server to its clients), then the handler (etcd
+/// client's dispatch window, or an informer's handler start).
+pub const VIEW_STAGES: [&str; 9] =
+    ["enqueue", "send", "dispatch", "cache", "watcher", "write", "decode", "process", "handler"];
+/// The columns only the Kubernetes path fills.
+const KUBE_COLUMNS: std::ops::Range<usize> = 3..8;
+const HANDLER: usize = 8;
+
+/// The `VIEW_STAGES` columns a table of these chains shows: etcd's always,
+/// the Kubernetes path's when one of them went through an API server.
+pub fn view_columns(chains: &[&Chain]) -> Vec<usize> {
+    let kube = chains.iter().any(|c| !c.kube.is_empty());
+    (0..VIEW_STAGES.len()).filter(|i| kube || !KUBE_COLUMNS.contains(i)).collect()
+}
 
 impl Chain {
     fn mark(hop: u64, s: &ChainSettings) -> Mark {
@@ -213,8 +306,8 @@ impl Chain {
     }
 
     /// One `StageView` per `VIEW_STAGES`.
-    pub fn view(&self, s: &ChainSettings) -> [StageView; 4] {
-        let mut v = [StageView::default(); 4];
+    pub fn view(&self, s: &ChainSettings) -> [StageView; 9] {
+        let mut v = [StageView::default(); 9];
         let rel = |t: u64| t.saturating_sub(self.origin_ns);
         let mut put = |i: usize, at: u64, hop: Option<u64>| {
             let e: &mut StageView = &mut v[i];
@@ -245,13 +338,56 @@ impl Chain {
                 .or(commit);
             put(2, d.at_ns, sent.map(|p| d.at_ns.saturating_sub(p)));
             if let Some(w) = d.window {
-                put(3, w.end_ns, Some(w.end_ns.saturating_sub(w.start_ns)));
+                put(HANDLER, w.end_ns, Some(w.end_ns.saturating_sub(w.start_ns)));
             }
+        }
+        // Each Kubernetes hop starts at the latest earlier hop it follows
+        // from (in the same process where the path stays in one), else at
+        // the commit. A write is not tied to one watcher (the handler's
+        // goroutine is not the cacher's), so it starts at the process's
+        // latest result-channel send before it: never longer than it was.
+        let latest = |kind: KubeKind, tgid: Option<u32>, before: u64| {
+            self.kube
+                .iter()
+                .filter(|h| h.kind == kind && tgid.is_none_or(|t| h.tgid == t) && h.at_ns <= before)
+                .map(|h| h.at_ns)
+                .max()
+        };
+        for h in &self.kube {
+            let (at, me) = (h.at_ns, Some(h.tgid));
+            let from = match h.kind {
+                KubeKind::Cache => {
+                    self.dispatches.iter().filter(|d| d.stream.0 == h.tgid && d.at_ns <= at).map(|d| d.at_ns).max()
+                }
+                KubeKind::Watcher => latest(KubeKind::Cache, me, at),
+                KubeKind::Write => latest(KubeKind::Watcher, me, at).or_else(|| latest(KubeKind::Cache, me, at)),
+                KubeKind::Decode => latest(KubeKind::Write, None, at)
+                    .or_else(|| latest(KubeKind::Watcher, None, at))
+                    .or_else(|| latest(KubeKind::Cache, None, at)),
+                KubeKind::Process => latest(KubeKind::Decode, me, at),
+                KubeKind::Handler => latest(KubeKind::Process, me, at),
+            }
+            .or(commit);
+            put(h.kind.column(), at, from.map(|f| at.saturating_sub(f)));
         }
         if !self.missing.is_empty() {
             v[2].mark = Mark::Broken;
         }
         v
+    }
+
+    /// Watchers the event went to on this node: etcd's sends and an API
+    /// server's result channels.
+    pub fn watchers(&self) -> usize {
+        self.sends.len() + self.kube.iter().filter(|h| h.kind == KubeKind::Watcher).count()
+    }
+
+    /// Clients that received it on this node: etcd client streams that
+    /// dispatched it, and client-go processes that decoded it.
+    pub fn clients(&self) -> usize {
+        let streams: BTreeSet<Stream> = self.dispatches.iter().map(|d| d.stream).collect();
+        let decoders: BTreeSet<u32> = self.kube.iter().filter(|h| h.kind == KubeKind::Decode).map(|h| h.tgid).collect();
+        streams.len() + decoders.len()
     }
 
     /// Worst mark over the whole chain.
@@ -266,6 +402,7 @@ impl Chain {
             .iter()
             .map(|x| x.at_ns)
             .chain(self.dispatches.iter().map(|d| d.window.map_or(d.at_ns, |w| w.end_ns.max(d.at_ns))))
+            .chain(self.kube.iter().map(|h| h.at_ns))
             .max()
             .unwrap_or(self.origin_ns);
         last.saturating_sub(self.origin_ns)
@@ -319,6 +456,10 @@ pub struct Chains {
     judged_order: VecDeque<(u64, i64)>,
     /// server stream → client stream, learned from joined events.
     pairs: HashMap<Stream, Stream>,
+    /// Revision → the member of its chain (pending or judged), for records
+    /// that know only the revision (the Kubernetes path). One cluster per
+    /// node, as in the kernel.
+    by_rev: HashMap<i64, u64>,
     orphan_windows: VecDeque<(Stream, WindowSpan)>,
     /// Dispatches still waiting for their window, by the dispatching stream,
     /// ordered by time: (dispatch time, member, rev). A window takes the
@@ -343,6 +484,7 @@ impl Chains {
             judged: HashSet::new(),
             judged_order: VecDeque::new(),
             pairs: HashMap::new(),
+            by_rev: HashMap::new(),
             orphan_windows: VecDeque::new(),
             awaiting_window: HashMap::new(),
             counts: ChainCounts::default(),
@@ -389,7 +531,15 @@ impl Chains {
 
     /// One record of `WS_WATCH_RECORDS`.
     pub fn on_watch(&mut self, r: &WatchRecord) {
-        let key = (r.member, r.rev);
+        let kube = KubeKind::of(r.side);
+        // A Kubernetes hop joins the chain of its revision, whichever etcd
+        // member it came through; without one (etcd runs on another node)
+        // it starts a chain of its own at the first stage seen here.
+        let member = match kube {
+            Some(_) => self.by_rev.get(&r.rev).copied().unwrap_or(r.member),
+            None => r.member,
+        };
+        let key = (member, r.rev);
         if !self.closed {
             self.note_max(r);
         }
@@ -407,16 +557,18 @@ impl Chains {
             let origin = if r.commit_ns != 0 { r.commit_ns } else { r.at_ns };
             let deadline = origin.saturating_add(self.settings.timeout_ns);
             let chain = Chain {
-                member: r.member,
+                member,
                 rev: r.rev,
                 commit_ns: r.commit_ns,
                 origin_ns: origin,
                 sends: Vec::new(),
                 dispatches: Vec::new(),
+                kube: Vec::new(),
                 missing: Vec::new(),
                 outcome: Outcome::Complete,
             };
             self.pending.insert(key, Pending { chain, deadline });
+            self.by_rev.entry(r.rev).or_insert(member);
             self.order.insert((deadline, key.0, key.1), ());
         }
         let Some(p) = self.pending.get_mut(&key) else { return };
@@ -428,6 +580,14 @@ impl Chains {
             c.origin_ns = c.origin_ns.min(r.commit_ns);
         }
         let stream = (r.tgid, r.g);
+        if let Some(kind) = kube {
+            if c.kube.len() < MAX_HOPS {
+                c.kube.push(KubeHop { kind, tgid: r.tgid, g: r.g, watcher: r.watch_id, at_ns: r.at_ns });
+            } else {
+                self.counts.hops_dropped += 1;
+            }
+            return;
+        }
         if r.side == Side::Server as u32 {
             if c.sends.len() < MAX_HOPS {
                 c.sends.push(SendHop { stream, watch_id: r.watch_id, enqueue_ns: r.enqueue_ns, at_ns: r.at_ns });
@@ -510,7 +670,12 @@ impl Chains {
                 m[i] = m[i].max(to - from);
             }
         };
-        if r.side == Side::Server as u32 {
+        if let Some(kind) = KubeKind::of(r.side) {
+            put(kind.stage(), r.commit_ns, r.at_ns);
+            if let Some(s) = kind.hop_stage() {
+                put(s, r.enqueue_ns, r.at_ns);
+            }
+        } else if r.side == Side::Server as u32 {
             put(Stage::CommitToEnqueue, r.commit_ns, r.enqueue_ns);
             put(Stage::EnqueueToSend, r.enqueue_ns, r.at_ns);
             put(Stage::CommitToSend, r.commit_ns, r.at_ns);
@@ -604,6 +769,7 @@ impl Chains {
                 && let Some(old) = self.judged_order.pop_front()
             {
                 self.judged.remove(&old);
+                self.forget_rev(old);
             }
         }
         if self.settings.keep > 0 {
@@ -623,7 +789,14 @@ impl Chains {
             if let Some(p) = self.pending.remove(&(m, r)) {
                 self.forget_dispatches(&p.chain);
             }
+            self.forget_rev((m, r));
             self.counts.evicted += 1;
+        }
+    }
+
+    fn forget_rev(&mut self, (member, rev): (u64, i64)) {
+        if self.by_rev.get(&rev) == Some(&member) {
+            self.by_rev.remove(&rev);
         }
     }
 
@@ -868,10 +1041,10 @@ mod tests {
         assert_eq!(k[0].rev, 1);
         assert_eq!(k[0].outcome, Outcome::Slow, "300 ms in the handler");
         let v = k[0].view(c.settings());
-        assert_eq!(v[3].mark, Mark::Warn);
-        assert_eq!(v[3].hop_ns, 300 * MS + 10);
+        assert_eq!(v[8].mark, Mark::Warn);
+        assert_eq!(v[8].hop_ns, 300 * MS + 10);
         // Commit time 0 = not seen: stages are relative to the first record (the send at 1 ms).
-        assert_eq!(v[3].at_ns, Some(301 * MS));
+        assert_eq!(v[8].at_ns, Some(301 * MS));
         let w2 = k[1].dispatches[0].window.expect("joined");
         assert_eq!((w2.start_ns, w2.end_ns), (20 * MS, 21 * MS));
         assert_eq!(c.record_max().windows[&DISPATCH_WINDOW], 300 * MS + 10);
@@ -928,5 +1101,76 @@ mod tests {
         assert_eq!(c.counts().complete, 2);
         c.expire(u64::MAX, ALIVE);
         assert_eq!(c.counts().broken, 1);
+    }
+
+    /// A Kubernetes hop's record: the revision only (member 0).
+    fn hop(side: Side, tgid: u32, rev: i64, commit: u64, at: u64) -> WatchRecord {
+        WatchRecord {
+            side: side as u32,
+            tgid,
+            member: 0,
+            rev,
+            watch_id: 0,
+            commit_ns: commit,
+            enqueue_ns: 0,
+            at_ns: at,
+            g: 0,
+        }
+    }
+
+    #[test]
+    fn the_kubernetes_path_joins_the_etcd_chain_of_its_revision() {
+        const API: u32 = 300;
+        const OP: u32 = 400;
+        let mut c = Chains::new(settings());
+        // etcd sends to the API server's etcd client, which dispatches.
+        c.on_watch(&send(SERVER, 7, 0, 0, MS / 2, MS));
+        c.on_watch(&dispatch((API, 0x30), 7, 0, 0, 2 * MS));
+        c.on_watch(&hop(Side::ApiserverCache, API, 7, 0, 3 * MS));
+        c.on_watch(&hop(Side::ApiserverWatcher, API, 7, 0, 4 * MS));
+        c.on_watch(&hop(Side::ApiserverWatcher, API, 7, 0, 4 * MS + 10));
+        c.on_watch(&hop(Side::ApiserverWritten, API, 7, 0, 5 * MS));
+        // The second watcher's client stopped reading: its write is late.
+        c.on_watch(&hop(Side::ApiserverWritten, API, 7, 0, 1_500 * MS));
+        c.on_watch(&hop(Side::Informer, OP, 7, 0, 6 * MS));
+        c.on_watch(&hop(Side::InformerProcessed, OP, 7, 0, 7 * MS));
+        c.on_watch(&hop(Side::InformerHandled, OP, 7, 0, 8 * MS));
+        assert_eq!(c.pending(), 1, "one chain for the revision");
+        c.expire(u64::MAX, ALIVE);
+        let k = c.kept();
+        assert_eq!(k.len(), 1);
+        let ch = &k[0];
+        assert_eq!((ch.member, ch.outcome), (M, Outcome::Slow));
+        assert_eq!((ch.watchers(), ch.clients()), (1 + 2, 1 + 1), "etcd's send and two result channels; two clients");
+        let v = ch.view(&settings());
+        // No commit seen: times are relative to the first record (the send at 1 ms).
+        let at = |i: usize| v[i].at_ns.map(|t| t + MS);
+        assert_eq!(at(3), Some(3 * MS), "cache");
+        assert_eq!(at(4), Some(4 * MS + 10), "the latest watcher");
+        assert_eq!((at(5), v[5].mark), (Some(1_500 * MS), Mark::Error), "the late write, from its result channel");
+        assert_eq!(v[5].hop_ns, 1_500 * MS - (4 * MS + 10));
+        assert_eq!((at(6), at(7), at(8)), (Some(6 * MS), Some(7 * MS), Some(8 * MS)));
+        // The decode follows the latest write before it, not the late one.
+        assert_eq!(v[6].hop_ns, MS);
+        assert_eq!(view_columns(&[ch]).len(), 9);
+        assert_eq!(c.record_max().stages[Stage::CommitToWrite as usize], 0, "no commit time in these records");
+    }
+
+    #[test]
+    fn a_revision_committed_on_another_node_starts_at_the_api_server() {
+        let mut c = Chains::new(settings());
+        c.on_watch(&hop(Side::ApiserverCache, 300, 9, 0, 10 * MS));
+        c.on_watch(&hop(Side::ApiserverWatcher, 300, 9, 0, 11 * MS));
+        c.expire(u64::MAX, ALIVE);
+        let k = c.kept();
+        assert_eq!((k.len(), k[0].member, k[0].origin_ns, k[0].outcome), (1, 0, 10 * MS, Outcome::Complete));
+        // A late record of it joins no second chain.
+        c.on_watch(&hop(Side::Informer, 400, 9, 0, 12 * MS));
+        assert_eq!((c.pending(), c.counts().late), (0, 1));
+        // etcd-only chains keep etcd's columns.
+        let mut e = Chains::new(settings());
+        event(&mut e, 1, 0);
+        e.expire(u64::MAX, ALIVE);
+        assert_eq!(view_columns(&[&e.kept()[0]]), vec![0, 1, 2, 8]);
     }
 }

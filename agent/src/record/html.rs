@@ -6,7 +6,7 @@ use std::fmt::Write as _;
 use agent_common::{NBUCKETS, goruntime::Inner, hist};
 
 use super::report::{Report, Row, RowKind, drop_list, edge_label, fmt_ns, stage_text};
-use crate::collect::chains::{Mark, VIEW_STAGES};
+use crate::collect::chains::{Mark, VIEW_STAGES, view_columns};
 
 const CSS: &str = r#"
 body { font: 14px/1.4 system-ui, -apple-system, "Segoe UI", sans-serif; margin: 24px; color: #1f2328; background: #fff; }
@@ -202,12 +202,12 @@ pub fn render_html(r: &Report, top: usize) -> String {
         c.complete + c.slow + c.broken
     );
     o.push_str("<table class=\"chains\"><tr><th>rev</th><th class=\"l\">outcome</th><th>watchers</th><th>clients</th>");
-    for s in VIEW_STAGES {
-        let _ = write!(o, "<th class=\"l\">{s}</th>");
+    let columns = view_columns(&shown);
+    for &i in &columns {
+        let _ = write!(o, "<th class=\"l\">{}</th>", VIEW_STAGES[i]);
     }
     o.push_str("</tr>");
     for ch in shown {
-        let clients: std::collections::BTreeSet<_> = ch.dispatches.iter().map(|d| d.stream).collect();
         let worst = ch.worst(&r.settings);
         let _ = write!(
             o,
@@ -215,10 +215,11 @@ pub fn render_html(r: &Report, top: usize) -> String {
             ch.rev,
             class(worst),
             ch.outcome.name(),
-            ch.sends.len(),
-            clients.len()
+            ch.watchers(),
+            ch.clients()
         );
-        for s in ch.view(&r.settings) {
+        let v = ch.view(&r.settings);
+        for s in columns.iter().map(|&i| v[i]) {
             let _ = write!(o, "<td class=\"l mono {}\">{}</td>", class(s.mark), esc(&stage_text(&s, "–")));
         }
         o.push_str("</tr>");

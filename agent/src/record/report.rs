@@ -10,7 +10,7 @@ use agent_common::{Counter, Histogram, NBUCKETS, goruntime::Inner, hist, watch::
 
 use crate::collect::{
     LabelledHistogram, Snapshot,
-    chains::{Chain, ChainCounts, ChainSettings, Mark, RecordMax, StageView, VIEW_STAGES},
+    chains::{Chain, ChainCounts, ChainSettings, Mark, RecordMax, StageView, VIEW_STAGES, view_columns},
 };
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -351,17 +351,18 @@ pub fn render_text(r: &Report, top: usize, color: bool) -> String {
         "{}",
         bold(&format!("slowest chains ({} of {}; time since commit)", shown.len(), c.complete + c.slow + c.broken))
     );
-    let head = format!(
-        "{:>10} {:<9} {:>8} {:>8}  {:<18}{:<18}{:<18}{:<18}",
-        "rev", "outcome", "watchers", "clients", VIEW_STAGES[0], VIEW_STAGES[1], VIEW_STAGES[2], VIEW_STAGES[3]
-    );
+    let columns = view_columns(&shown);
+    let mut head = format!("{:>10} {:<9} {:>8} {:>8}  ", "rev", "outcome", "watchers", "clients");
+    for &i in &columns {
+        head.push_str(&format!("{:<18}", VIEW_STAGES[i]));
+    }
     let _ = writeln!(o, "{}", head.trim_end());
     for ch in shown {
         let v = ch.view(&r.settings);
-        let clients: std::collections::BTreeSet<_> = ch.dispatches.iter().map(|d| d.stream).collect();
         let outcome = paint(&format!("{:<9}", ch.outcome.name()), ch.worst(&r.settings));
-        let mut l = format!("{:>10} {outcome} {:>8} {:>8}  ", ch.rev, ch.sends.len(), clients.len());
-        for s in v {
+        let mut l = format!("{:>10} {outcome} {:>8} {:>8}  ", ch.rev, ch.watchers(), ch.clients());
+        for &i in &columns {
+            let s = v[i];
             l.push_str(&paint(&format!("{:<18}", stage_text(&s, "-")), s.mark));
         }
         let _ = writeln!(o, "{}", l.trim_end());
@@ -472,6 +473,7 @@ pub(crate) mod tests {
             origin_ns: 1_000 * MS,
             sends: vec![SendHop { stream: (1, 2), watch_id: 0, enqueue_ns: 1_000 * MS + 30_000, at_ns: 5_100 * MS }],
             dispatches: vec![DispatchHop { stream: (3, 4), watch_id: 0, at_ns: 5_101 * MS, window: None }],
+            kube: vec![],
             missing: vec![],
             outcome: Outcome::Slow,
         };
