@@ -10,6 +10,8 @@ use std::{
 use anyhow::{Context, Result, bail};
 use clap::{Args, ValueEnum};
 
+use watchscope_integration_tests as harness;
+
 use crate::{
     setup::{self, Purpose, SetupArgs},
     util::{self, step},
@@ -50,6 +52,11 @@ pub enum Bench {
     /// empty program at the same sites (the floor) vs bpftrace; and the
     /// throughput of map growth under the default `growth` mode.
     Gomap,
+    /// Custom-resource updates through a real Kubernetes API server (etcd
+    /// 3.5.30, apiextensions-apiserver 0.36, an operator with an informer)
+    /// with and without the agent: throughput, the API server's and the
+    /// operator's CPU per update, and the in-kernel cost per probe hit.
+    K8s,
 }
 
 pub fn run(args: &BenchArgs) -> Result<()> {
@@ -61,6 +68,7 @@ pub fn run(args: &BenchArgs) -> Result<()> {
         Bench::Etcd => etcd(args),
         Bench::Sidecar => sidecar(args),
         Bench::Gomap => gomap(args),
+        Bench::K8s => k8s(args),
     }
 }
 
@@ -257,17 +265,7 @@ fn etcd(args: &BenchArgs) -> Result<()> {
     util::run(util::cargo().args(["build", "--release", "-p", "watchscope"]))?;
     let root = util::workspace_root();
     let agent = root.join("target/release/watchscope");
-    let loadgen: PathBuf = root.join("target/bench/etcd-load");
-    util::run(
-        Command::new("/usr/lib/go-1.19/bin/go")
-            .args(["build", "-o"])
-            .arg(&loadgen)
-            .arg(".")
-            .current_dir(root.join("xtask/bench/etcd-load"))
-            .env("GOTOOLCHAIN", "local")
-            .env("GOPROXY", "off")
-            .env("GOFLAGS", "-buildvcs=false"),
-    )?;
+    let loadgen = build_loadgen("etcd")?;
 
     // etcd's data on tmpfs: fsync to this machine's disk swings put
     // throughput by ±20% between identical rounds, which would drown the
@@ -327,28 +325,7 @@ fn etcd(args: &BenchArgs) -> Result<()> {
                 pins.rest(&agent).args(["run", "--listen", &format!("127.0.0.1:{aport}")]).args(&args.agent_args),
             )?;
             let pid = a.0.id();
-            let url = format!("http://127.0.0.1:{aport}/debug/probes");
-            let deadline = Instant::now() + Duration::from_secs(20);
-            let ours = [_etcd.0.id(), _watch.0.id()];
-            let attached = |url: &str| {
-                let v: serde_json::Value =
-                    serde_json::from_str(&util::output(Command::new("curl").args(["-s", url]))).unwrap_or_default();
-                let bins = v["binaries"].as_array().cloned().unwrap_or_default();
-                ours.iter().all(|pid| {
-                    bins.iter().any(|b| {
-                        b["attached"] == true
-                            && b["processes"]
-                                .as_array()
-                                .is_some_and(|p| p.iter().any(|p| p.as_u64() == Some(u64::from(*pid))))
-                    })
-                })
-            };
-            while !attached(&url) {
-                if Instant::now() > deadline {
-                    bail!("agent did not attach to etcd and etcdctl");
-                }
-                std::thread::sleep(Duration::from_millis(100));
-            }
+            wait_attached(aport, &[_etcd.0.id(), _watch.0.id()])?;
             let cpu0 = cpu_seconds(pid);
             let t0 = Instant::now();
             // Scrape once a second during the round, as Prometheus would.
@@ -413,6 +390,183 @@ fn etcd(args: &BenchArgs) -> Result<()> {
         }
     }
     Ok(())
+}
+
+/// Builds the load generator `name` (`xtask/bench/load/<name>`, standard
+/// library only) into `target/bench/<name>-load`.
+fn build_loadgen(name: &str) -> Result<PathBuf> {
+    let root = util::workspace_root();
+    let out = root.join(format!("target/bench/{name}-load"));
+    util::run(
+        Command::new("/usr/lib/go-1.19/bin/go")
+            .args(["build", "-o"])
+            .arg(&out)
+            .arg(format!("./{name}"))
+            .current_dir(root.join("xtask/bench/load"))
+            .env("GOTOOLCHAIN", "local")
+            .env("GOPROXY", "off")
+            .env("GOFLAGS", "-buildvcs=false"),
+    )?;
+    Ok(out)
+}
+
+/// Waits until the agent listening on `port` has probes on every one of
+/// `pids` (its `/debug/probes`).
+fn wait_attached(port: u16, pids: &[u32]) -> Result<()> {
+    let url = format!("http://127.0.0.1:{port}/debug/probes");
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let attached = || {
+        let v: serde_json::Value =
+            serde_json::from_str(&util::output(Command::new("curl").args(["-s", &url]))).unwrap_or_default();
+        let bins = v["binaries"].as_array().cloned().unwrap_or_default();
+        pids.iter().all(|pid| {
+            bins.iter().any(|b| {
+                b["attached"] == true
+                    && b["processes"].as_array().is_some_and(|p| p.iter().any(|p| p.as_u64() == Some(u64::from(*pid))))
+            })
+        })
+    };
+    while !attached() {
+        if Instant::now() > deadline {
+            bail!("the agent did not attach to processes {pids:?}");
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    Ok(())
+}
+
+/// One round of `bench k8s`.
+#[derive(Debug, Default, Clone, Copy)]
+struct K8sRound {
+    updates_per_s: f64,
+    p99_ms: f64,
+    apiserver_cpu_us: f64,
+    operator_cpu_us: f64,
+}
+
+fn k8s_load(
+    loadgen: &Path,
+    api: &harness::kube::ApiServer,
+    workers: u32,
+    seconds: u64,
+    pids: (u32, u32),
+) -> Result<K8sRound> {
+    let (a0, o0) = (cpu_seconds(pids.0), cpu_seconds(pids.1));
+    let d = api.dir.path();
+    let out = Command::new(loadgen)
+        .arg(format!("-server=https://127.0.0.1:{}", api.port))
+        .arg(format!("-collection={}", api.collection()))
+        .arg(format!("-cert={}", d.join("admin.crt").display()))
+        .arg(format!("-key={}", d.join("admin.key").display()))
+        .arg(format!("-workers={workers}"))
+        .arg(format!("-duration={seconds}s"))
+        .output()
+        .context("running the load generator")?;
+    let text = String::from_utf8_lossy(&out.stdout);
+    if !out.status.success() {
+        bail!("load generator failed: {text} {}", String::from_utf8_lossy(&out.stderr));
+    }
+    let v: serde_json::Value =
+        serde_json::from_str(text.trim()).with_context(|| format!("load generator said: {text}"))?;
+    let n = v["updates"].as_f64().unwrap_or(f64::NAN);
+    Ok(K8sRound {
+        updates_per_s: n / seconds as f64,
+        p99_ms: v["p99_ms"].as_f64().unwrap_or(f64::NAN),
+        apiserver_cpu_us: (cpu_seconds(pids.0) - a0) * 1e6 / n,
+        operator_cpu_us: (cpu_seconds(pids.1) - o0) * 1e6 / n,
+    })
+}
+
+/// Custom-resource updates through the real API server, ABBA rounds with
+/// and without the agent (`watchscope run` with its defaults).
+fn k8s(args: &BenchArgs) -> Result<()> {
+    const WORKERS: u32 = 4;
+    setup::run(&SetupArgs { purpose: Some(Purpose::Test) })?;
+    if !util::is_root() {
+        bail!("the benchmark loads eBPF programs and needs root");
+    }
+    step("build the agent (release) and the load generator");
+    util::run(util::cargo().args(["build", "--release", "-p", "watchscope"]))?;
+    let root = util::workspace_root();
+    let agent = root.join("target/release/watchscope");
+    let loadgen = build_loadgen("k8s")?;
+    step("start etcd 3.5.30, the API server (built on first use: minutes) and the operator");
+    let etcd = harness::etcd::Etcd::start_build(harness::etcd::Build::Sid3530, "etcd", "etcdctl");
+    let api = harness::kube::ApiServer::start(&etcd, "kube-apiserver");
+    for w in 0..WORKERS {
+        api.create(&format!("w{w}"));
+    }
+    let operator = api.operator("operator", &[]);
+    let pids = (api.pid(), operator.pid());
+    let _ = std::fs::write("/proc/sys/kernel/bpf_stats_enabled", "1");
+    step("warm-up round");
+    k8s_load(&loadgen, &api, WORKERS, 3, pids)?;
+    let aport = 24020u16;
+    let (mut without, mut with) = (Vec::new(), Vec::new());
+    let (mut agent_cpu, mut agent_wall) = (0.0, 0.0);
+    let mut costs = Vec::new();
+    for r in 0..args.rounds {
+        let order = if r % 2 == 0 { [false, true] } else { [true, false] };
+        for with_agent in order {
+            if !with_agent {
+                let m = k8s_load(&loadgen, &api, WORKERS, args.seconds, pids)?;
+                println!("    round {r} without agent: {}", m.line());
+                without.push(m);
+                continue;
+            }
+            let a = spawn_quiet(
+                Command::new(&agent).args(["run", "--listen", &format!("127.0.0.1:{aport}")]).args(&args.agent_args),
+            )?;
+            wait_attached(aport, &[etcd.pid(), pids.0, pids.1])?;
+            let (cpu0, t0) = (cpu_seconds(a.0.id()), Instant::now());
+            let m = k8s_load(&loadgen, &api, WORKERS, args.seconds, pids)?;
+            agent_cpu += cpu_seconds(a.0.id()) - cpu0;
+            agent_wall += t0.elapsed().as_secs_f64();
+            costs = bpf_prog_costs(|n| {
+                n.starts_with("kube_") || n.starts_with("informer_") || n.starts_with("etcd_") || n.starts_with("go_")
+            });
+            println!("    round {r} with agent:    {}", m.line());
+            with.push(m);
+            drop(a);
+        }
+    }
+    let _ = std::fs::write("/proc/sys/kernel/bpf_stats_enabled", "0");
+    let medians =
+        |f: fn(&K8sRound) -> f64| (median(with.iter().map(f).collect()), median(without.iter().map(f).collect()));
+    let verdict = |ok: bool| if ok { "PASS" } else { "FAIL" };
+    step("results (medians)");
+    let (tw, to) = medians(|m| m.updates_per_s);
+    println!(
+        "    updates/s through the API server: {tw:.0} with, {to:.0} without: ratio {:.3} (target >= 0.95) {}",
+        tw / to,
+        verdict(tw / to >= 0.95)
+    );
+    let (pw, po) = medians(|m| m.p99_ms);
+    println!("    p99 PATCH latency: {pw:.2} ms with, {po:.2} without: ratio {:.3} (diagnostic)", pw / po);
+    let (aw, ao) = medians(|m| m.apiserver_cpu_us);
+    println!("    API server CPU per update: {aw:.0} µs with, {ao:.0} without: +{:.0} µs (diagnostic)", aw - ao);
+    let (ow, oo) = medians(|m| m.operator_cpu_us);
+    println!("    operator CPU per update: {ow:.1} µs with, {oo:.1} without: +{:.1} µs, ratio {:.3}", ow - oo, ow / oo);
+    println!("    agent CPU: {:.2}% of one core (diagnostic)", 100.0 * agent_cpu / agent_wall);
+    for (name, ns, cnt) in costs {
+        if cnt > 0 {
+            println!(
+                "    in-kernel cost of {name}: {:.0} ns per hit over {cnt} hits (charged to the probed program)",
+                ns as f64 / cnt as f64
+            );
+        }
+    }
+    drop((operator, api, etcd));
+    Ok(())
+}
+
+impl K8sRound {
+    fn line(&self) -> String {
+        format!(
+            "{:.0} updates/s, p99 {:.2} ms, API server {:.0} µs CPU/update, operator {:.1}",
+            self.updates_per_s, self.p99_ms, self.apiserver_cpu_us, self.operator_cpu_us
+        )
+    }
 }
 
 /// Requests/s and p99 (ms) from wrk's output.

@@ -491,11 +491,18 @@ impl Tracker {
                 // user was promised nothing would be attached to it) and for
                 // the programs the user named.
                 let recognised = !watch.sites.is_empty() && watch.refusal.is_none();
+                // Not for servers (etcd, a Kubernetes API server) unless
+                // named: their map growth is per request, and a probe hit
+                // per growth call cost the API server 2.2 ms of CPU per
+                // custom-resource update (`cargo xtask bench k8s`: 0.57 of
+                // its throughput). Their watch-path stages are timed anyway;
+                // the clients' handler windows are where the incident is.
+                let server = watch.sites.iter().any(|s| s.program == "etcd_notify" || s.program == "kube_cache");
                 if !related && !go_named {
                     // A Go program without any watch-path role, not named by --go-*.
                     None
                 } else {
-                    let mut go = if recognised || go_named {
+                    let mut go = if (recognised && !server) || go_named {
                         goruntime::plan(&insp, self.go.maps, &self.go.windows, self.go.sched)
                     } else {
                         goruntime::GoPlan::default()

@@ -1,3 +1,0 @@
-module watchscope.dev/bench/etcdload
-
-go 1.19

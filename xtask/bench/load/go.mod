@@ -1,0 +1,3 @@
+module watchscope.dev/bench/load
+
+go 1.19
