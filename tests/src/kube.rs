@@ -90,10 +90,20 @@ impl ApiServer {
     /// and waits until the custom resource's watch cache serves watches
     /// again (until then they are refused: "storage is (re)initializing").
     pub fn restart(&mut self) {
+        self.restart_spawn();
+        self.wait_serving();
+    }
+
+    /// Stops the API server and starts a new one, without waiting for it.
+    pub fn restart_spawn(&mut self) {
         if let Some(mut c) = self.child.take() {
             stop_child(&mut c);
         }
         self.spawn();
+    }
+
+    /// Waits until a (re)started API server serves watches again.
+    pub fn wait_serving(&self) {
         let ok = wait_until(Duration::from_secs(30), || {
             let (code, body) = self.request("GET", &format!("{}?watch=1&timeoutSeconds=1", self.collection()), None);
             code == 200 && !body.contains("TooManyRequests")
@@ -212,11 +222,19 @@ impl ApiServer {
 
     /// The operator fixture as `comm`, with extra flags, once it has synced.
     pub fn operator(&self, comm: &str, flags: &[&str]) -> LineReader {
-        let bin = copy_binary(clientgo::operator(), self.dir.path(), comm);
-        let op =
-            lines_of(Command::new(bin).arg(format!("-kubeconfig={}", self.kubeconfig_path().display())).args(flags));
+        let op = self.operator_spawn(comm, flags);
         assert!(op.wait_for(|l| l == "synced", Duration::from_secs(30)), "operator never synced: {:?}", op.lines());
         op
+    }
+
+    /// The operator fixture as `comm`, started (not yet synced). A restart
+    /// runs the same file again, as a restarted pod does.
+    pub fn operator_spawn(&self, comm: &str, flags: &[&str]) -> LineReader {
+        let mut bin = self.dir.path().join(comm);
+        if !bin.exists() {
+            bin = copy_binary(clientgo::operator(), self.dir.path(), comm);
+        }
+        lines_of(Command::new(bin).arg(format!("-kubeconfig={}", self.kubeconfig_path().display())).args(flags))
     }
 
     /// `kubectl get etcdclusters --watch-only -o name` (sid's kubectl 1.36:

@@ -471,17 +471,30 @@ fn the_handlers_map_growth_rises_with_its_growth_and_dominates_the_window() {
     assert!(!text.contains("inner=\"runqueue\""), "{text}");
 }
 
-/// The API server restarted between two batches of updates: the new
-/// process is picked up (same binary, probes kept) and counts stay exact.
+/// The API server and the operator restarted between two batches of
+/// updates: each new process is picked up within a second of its start
+/// (same binaries, probes kept) and counts stay exact.
 #[test]
-fn an_api_server_restart_is_picked_up_and_counts_stay_exact() {
+fn an_api_server_and_operator_restart_are_picked_up_within_a_second_and_counts_stay_exact() {
     const N: u64 = 10;
-    let agent = Agent::start(&["--comm", &format!("wse-k8s,{API}")]);
+    let agent = Agent::start(&["--comm", &format!("wse-k8s,{API},{OPERATOR}")]);
     let etcd = Etcd::start_build(Build::Sid3530, "wse-k8s", "wsc-k8sctl");
     let mut api = ApiServer::start(&etcd, API);
     let rv = api.create("main");
     wait_attached(&agent, &[etcd.pid(), api.pid()]);
+    let mut op = api.operator(OPERATOR, &[]);
+    wait_attached(&agent, &[op.pid()]);
     let modified = |l: &str| event_type(l).as_deref() == Some("MODIFIED");
+    let handled = |l: &str| l.starts_with("handled update main ");
+    // Picked up: the agent reports probes on `pid` within a second.
+    let within_a_second = |pid: u32| {
+        let t0 = std::time::Instant::now();
+        let ok = wait_until(Duration::from_secs(1), || {
+            watchscope_integration_tests::probes_cover(&watchscope_integration_tests::debug_probes(&agent), &[pid])
+        });
+        assert!(ok, "process {pid} not attached within a second:\n{}", agent.log_text());
+        t0.elapsed()
+    };
     let mut rv = rv;
     let mut total = 0.0;
     for round in 0..2 {
@@ -491,28 +504,52 @@ fn an_api_server_restart_is_picked_up_and_counts_stay_exact() {
         // next N are counted.
         rv = api.patch_size("main", 1000);
         assert_eq!(w.wait_count(modified, 1, Duration::from_secs(20)), 1, "round {round}: {:?}", w.lines());
+        assert_eq!(op.wait_count(handled, 1, Duration::from_secs(20)), 1, "round {round}: {:?}", op.lines());
         let mid = settled(&agent);
         for i in 0..N {
             rv = api.patch_size("main", i);
         }
         assert_eq!(w.wait_count(modified, 1 + N as usize, Duration::from_secs(20)), 1 + N as usize);
-        assert!(wait_until(Duration::from_secs(10), || Counts::of(&agent.metrics()).watcher >= mid.watcher + N as f64));
+        assert_eq!(op.wait_count(handled, 1 + N as usize, Duration::from_secs(20)), 1 + N as usize);
+        assert!(wait_until(Duration::from_secs(10), || {
+            let c = Counts::of(&agent.metrics());
+            c.watcher >= mid.watcher + 2.0 * N as f64 && c.handled >= mid.handled + N as f64
+        }));
         let after = settled(&agent);
-        assert_eq!(after.cache - mid.cache, N as f64, "round {round}: {after:?} {mid:?}");
-        assert_eq!(after.watcher - mid.watcher, N as f64, "round {round}: {after:?} {mid:?}");
-        assert_eq!(after.commit_to_watcher - mid.commit_to_watcher, N as f64, "round {round}: {after:?} {mid:?}");
+        let n = N as f64;
+        assert_eq!(after.cache - mid.cache, n, "round {round}: {after:?} {mid:?}");
+        // Two watchers: curl and the operator's reflector.
+        assert_eq!(after.watcher - mid.watcher, 2.0 * n, "round {round}: {after:?} {mid:?}");
+        assert_eq!(after.commit_to_watcher - mid.commit_to_watcher, 2.0 * n, "round {round}: {after:?} {mid:?}");
+        assert_eq!(after.written - mid.written, 2.0 * n, "round {round}: {after:?} {mid:?}");
+        for (what, d) in [
+            ("informer", after.informer - mid.informer),
+            ("commit_to_decode", after.commit_to_decode - mid.commit_to_decode),
+            ("processed", after.processed - mid.processed),
+            ("handled", after.handled - mid.handled),
+            ("commit_to_handler", after.commit_to_handler - mid.commit_to_handler),
+        ] {
+            assert_eq!(d, n, "round {round} {what}: {after:?} {mid:?}");
+        }
         total += after.cache - before.cache;
         drop(w);
         if round == 0 {
             let old = api.pid();
-            api.restart();
+            api.restart_spawn();
             assert_ne!(api.pid(), old);
-            wait_attached(&agent, &[api.pid()]);
+            let api_pickup = within_a_second(api.pid());
+            api.wait_serving();
+            drop(op);
+            op = api.operator_spawn(OPERATOR, &[]);
+            let op_pickup = within_a_second(op.pid());
+            assert!(op.wait_for(|l| l == "synced", Duration::from_secs(30)), "{:?}", op.lines());
+            eprintln!("picked up: API server after {api_pickup:?}, operator after {op_pickup:?}");
         }
     }
     assert_eq!(total, 2.0 * (N as f64 + 1.0));
     let text = agent.metrics();
-    for reason in ["cache_commit_miss", "watcher_commit_miss", "watcher_cache_miss", "read_error"] {
+    for reason in ["cache_commit_miss", "watcher_commit_miss", "watcher_cache_miss", "decode_commit_miss", "read_error"]
+    {
         assert_eq!(dropped(&text, reason), 0.0, "{reason}: {text}");
     }
 }

@@ -413,8 +413,8 @@ fn a_stopped_client_breaks_exactly_the_chains_it_did_not_dispatch(build: Build) 
 }
 
 /// `record` across processes: `N` updates of a custom resource go from a
-/// real etcd 3.5.30 through a real API server to a curl watcher and the
-/// operator. Each revision is one chain: etcd's enqueue and send, the API
+/// real etcd 3.5.30 through a real API server to a curl watcher, kubectl
+/// and the operator. Each revision is one chain: etcd's enqueue and send, the API
 /// server's etcd dispatch, watch cache, result channels and writes, the
 /// operator's decode, processing and handler start, every column filled.
 /// The per-event records agree with the histograms: each stage's slowest
@@ -431,8 +431,10 @@ fn record_chains_follow_each_revision_through_the_api_server_to_the_operators_ha
     let rv0 = api.create("main");
     let op = api.operator(OP, &[]);
     let w = api.watch("wsk-watch1", rv0);
-    let mut rec = Recording::start("10m", &format!("wse-k8s,{API},{OP}"), &["--top", "20", "--chain-timeout", "2s"]);
-    rec.wait_attached(&[etcd.pid(), api.pid(), op.pid()]);
+    let kubectl = api.kubectl_watch("wsk-kubectl");
+    let mut rec =
+        Recording::start("10m", &format!("wse-k8s,{API},{OP},wsk-kubectl"), &["--top", "20", "--chain-timeout", "2s"]);
+    rec.wait_attached(&[etcd.pid(), api.pid(), op.pid(), kubectl.pid()]);
     for i in 0..N {
         api.patch_size("main", i + 1);
     }
@@ -440,20 +442,22 @@ fn record_chains_follow_each_revision_through_the_api_server_to_the_operators_ha
     assert_eq!(op.wait_count(handled, N as usize, Duration::from_secs(30)), N as usize, "{:?}", op.lines());
     let modified = |l: &str| event_type(l).as_deref() == Some("MODIFIED");
     assert_eq!(w.wait_count(modified, N as usize, Duration::from_secs(30)), N as usize);
+    assert_eq!(kubectl.wait_count(|l| l.contains("main"), N as usize, Duration::from_secs(30)), N as usize);
     rec.stop_after_chains(N, Duration::from_secs(30));
     let report = rec.finish(Duration::from_secs(40));
     println!("{report}");
 
-    // Two watchers of the API server (curl, the operator's reflector).
+    // Three watchers of the API server (curl, kubectl, the operator's
+    // reflector); kubectl has no informer.
     for (stage, n) in [
         ("commit_to_cache", N),
-        ("commit_to_watcher", 2 * N),
-        ("commit_to_write", 2 * N),
+        ("commit_to_watcher", 3 * N),
+        ("commit_to_write", 3 * N),
         ("commit_to_decode", N),
         ("commit_to_process", N),
         ("commit_to_handler", N),
-        ("cache_to_watcher", 2 * N),
-        ("cache_to_write", 2 * N),
+        ("cache_to_watcher", 3 * N),
+        ("cache_to_write", 3 * N),
         ("decode_to_process", N),
         ("process_to_handler", N),
     ] {
@@ -475,8 +479,15 @@ fn record_chains_follow_each_revision_through_the_api_server_to_the_operators_ha
     assert_eq!(rows.len(), N as usize, "{report}");
     let header = report.lines().find(|l| l.trim_start().starts_with("rev ")).expect("chain header");
     assert!(header.contains("cache") && header.contains("write") && header.contains("process"), "{header}");
+    assert!(!report.contains("another node"), "etcd runs here: {report}");
     for (rev, outcome, cells) in &rows {
         assert_eq!(cells.len(), 9, "rev {rev} {outcome}: {cells:?}");
+        // etcd's send to the API server and its three result channels; the
+        // API server's etcd client and the operator (kubectl decodes
+        // without an informer's queue).
+        let line = report.lines().find(|l| l.split_whitespace().next() == Some(&rev.to_string())).expect("row");
+        let t: Vec<&str> = line.split_whitespace().collect();
+        assert_eq!((t[2], t[3]), ("4", "2"), "rev {rev}: watchers and clients: {line}");
         assert!(cells.iter().all(|c| c.0.is_some()), "rev {rev}: every stage reached: {cells:?}\n{report}");
         // Path order: each column is reached no earlier than the cache.
         let t: Vec<f64> = cells.iter().filter_map(|c| c.0).collect();

@@ -422,6 +422,9 @@ pub struct ChainCounts {
     pub windows_evicted: u64,
     /// Sends or dispatches past a chain's MAX_HOPS (counted, not kept).
     pub hops_dropped: u64,
+    /// Judged chains whose commit this node did not see (etcd runs on
+    /// another node): they begin at the first stage seen here.
+    pub elsewhere: u64,
 }
 
 impl ChainCounts {
@@ -762,6 +765,9 @@ impl Chains {
             Outcome::Slow => self.counts.slow += 1,
             Outcome::Broken => self.counts.broken += 1,
         }
+        if c.commit_ns == 0 {
+            self.counts.elsewhere += 1;
+        }
         let key = (c.member, c.rev);
         if self.judged.insert(key) {
             self.judged_order.push_back(key);
@@ -944,7 +950,8 @@ mod tests {
         c.expire(5_005 * MS, ALIVE);
         assert_eq!(c.counts().broken, 4, "revs 2..5: deadline 5.002..5.005 s");
         c.expire(7_000 * MS, ALIVE);
-        assert_eq!(c.counts(), ChainCounts { complete: 1, broken: 5, ..ChainCounts::default() });
+        // rev 1, committed at 0 here, reads as "commit not seen".
+        assert_eq!(c.counts(), ChainCounts { complete: 1, broken: 5, elsewhere: 1, ..ChainCounts::default() });
         let k = c.kept();
         assert_eq!(k[0].outcome, Outcome::Broken);
         assert_eq!(k[0].missing, vec![Missing { client: CLIENT, watch_id: 0, count: 1 }]);
@@ -965,7 +972,8 @@ mod tests {
         // A client on this node whose server runs elsewhere: nothing here to miss.
         c.on_watch(&WatchRecord { member: 77, ..dispatch((300, 0x4000), 9, 0, 0, 50 * MS) });
         c.expire(60_000 * MS, ALIVE);
-        assert_eq!(c.counts(), ChainCounts { complete: 5, ..ChainCounts::default() });
+        // rev 1 at 0 and the dispatch of rev 9, whose server runs elsewhere.
+        assert_eq!(c.counts(), ChainCounts { complete: 5, elsewhere: 2, ..ChainCounts::default() });
     }
 
     #[test]
@@ -1164,6 +1172,7 @@ mod tests {
         c.expire(u64::MAX, ALIVE);
         let k = c.kept();
         assert_eq!((k.len(), k[0].member, k[0].origin_ns, k[0].outcome), (1, 0, 10 * MS, Outcome::Complete));
+        assert_eq!(c.counts().elsewhere, 1, "counted as begun elsewhere");
         // A late record of it joins no second chain.
         c.on_watch(&hop(Side::Informer, 400, 9, 0, 12 * MS));
         assert_eq!((c.pending(), c.counts().late), (0, 1));

@@ -100,6 +100,13 @@ pub const WATCH_CHAINS: Family = Family {
            did not dispatch this one within 5 s).",
 };
 
+pub const WATCH_CHAINS_ELSEWHERE: Family = Family {
+    name: "watch_chains_elsewhere",
+    kind: MetricType::Counter,
+    help: "Of the judged watch event chains, those whose commit this node did not see (etcd runs on another \
+           node): they begin at the first stage seen here (an API server's watch cache, a client's decode).",
+};
+
 pub const SIDECAR_SECONDS: Family = Family {
     name: "sidecar_seconds",
     kind: MetricType::Histogram,
@@ -173,6 +180,7 @@ pub const FAMILIES: &[Family] = &[
     WATCH_PROGRESS,
     WATCHERS_TERMINATED,
     WATCH_CHAINS,
+    WATCH_CHAINS_ELSEWHERE,
     SIDECAR_SECONDS,
     SIDECAR_CROSSINGS,
     SIDECAR_UNMATCHED,
@@ -225,6 +233,7 @@ impl Collector for SnapshotCollector {
             .map(|o| ([("outcome", o.name())], s.watch_chains.get(*o)))
             .collect();
         counter(&mut enc, &WATCH_CHAINS, &chains.iter().map(|(l, n)| (&l[..], *n)).collect::<Vec<_>>())?;
+        counter(&mut enc, &WATCH_CHAINS_ELSEWHERE, &[(&[], s.watch_chains.elsewhere)])?;
         histograms(&mut enc, &GO_MAP_SECONDS, &s.go_maps)?;
         histograms(&mut enc, &GO_GC_ASSIST_SECONDS, &s.gc_assist)?;
         counts(&mut enc, &GO_MAP_GROW_EVENTS, &s.grow_events)?;

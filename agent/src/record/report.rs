@@ -278,9 +278,11 @@ pub fn render_text(r: &Report, top: usize, color: bool) -> String {
     let mut o = String::new();
     let c = &r.counts;
     let _ = writeln!(o, "{}", bold(&format!("watchscope record: {:.1}s", r.duration.as_secs_f64())));
+    let elsewhere =
+        if c.elsewhere > 0 { format!(", {} of them committed on another node", c.elsewhere) } else { String::new() };
     let _ = writeln!(
         o,
-        "chains: {} complete, {} slow, {} broken  (warn > {}, error > {}, broken: not dispatched within {})",
+        "chains: {} complete, {} slow, {} broken{elsewhere}  (warn > {}, error > {}, broken: not dispatched within {})",
         c.complete,
         c.slow,
         c.broken,
