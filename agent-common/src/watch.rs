@@ -124,11 +124,15 @@ pub enum Side {
     /// Events an API server wrote to a watcher's HTTP stream (per watcher),
     /// joined by object to a live event its cacher dispatched.
     ApiserverWritten = 9,
+    /// Events an API server's cacher offered to a watcher's queue (per
+    /// watcher, first offers): more than reach the result channels when a
+    /// watcher's filter rejects some, or the watcher is terminated.
+    ApiserverOffered = 10,
 }
 
 impl Side {
-    pub const COUNT: u32 = 10;
-    pub const ALL: [Side; 10] = [
+    pub const COUNT: u32 = 11;
+    pub const ALL: [Side; 11] = [
         Side::Server,
         Side::Client,
         Side::ApiserverCache,
@@ -139,6 +143,7 @@ impl Side {
         Side::ApiserverTerminated,
         Side::InformerHandled,
         Side::ApiserverWritten,
+        Side::ApiserverOffered,
     ];
 
     /// The `side` label.
@@ -154,6 +159,7 @@ impl Side {
             Side::ApiserverTerminated => "apiserver_terminated",
             Side::InformerHandled => "informer_handled",
             Side::ApiserverWritten => "apiserver_written",
+            Side::ApiserverOffered => "apiserver_offered",
         }
     }
 }
@@ -199,6 +205,9 @@ pub enum Reg {
     R10 = 7,
     R11 = 8,
     R14 = 9,
+    /// A closure's context register (its captured variables): RDX on
+    /// amd64, R26 on arm64.
+    Rdx = 10,
 }
 
 /// What one attached watch-path probe reads. Indexed by the uprobe's attach
@@ -273,6 +282,12 @@ pub struct WatchProbeConfig {
     pub cache_event_obj_off: u32,
     pub cache_event_prev_off: u32,
     pub publish_sent: u32,
+    /// On the cacher's close of an unresponsive watcher (a closure): where
+    /// the closure's context (`args[0]`) holds the captured `*cacheWatcher`,
+    /// so the record names the watcher. Only set when the binary's code was
+    /// seen to load it from there.
+    pub closure_watcher_off: u32,
+    pub _pad: u32,
 }
 
 /// Entry probes sit on the conditional jump of the function's stack check:
@@ -520,7 +535,7 @@ pub fn events_index(slot: u32, side: Side) -> u32 {
 }
 
 const _: () = assert!(size_of::<ArgLoc>() == 8);
-const _: () = assert!(size_of::<WatchProbeConfig>() == 112);
+const _: () = assert!(size_of::<WatchProbeConfig>() == 120);
 const _: () = assert!(size_of::<SentObj>() == 16);
 const _: () = assert!(size_of::<RevKey>() == 16);
 const _: () = assert!(size_of::<WatchRevKey>() == 32);

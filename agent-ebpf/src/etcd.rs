@@ -31,9 +31,9 @@ use core::ffi::c_void;
 use agent_common::{
     Counter, Histogram,
     watch::{
-        MAX_DELTAS_PER_POP, MAX_EVENTS_PER_RESPONSE, MAX_SLOTS, ObjKey, ObjStamp, Pending, REV_PENDING, REV_UNREADABLE,
-        RV_DIGITS, RevKey, STAMP_ENTRIES, SentObj, Side, Stage, Stamp, WatchProbeConfig, WatchRecord, WatchRevKey,
-        events_index, guard_taken, hist_index, parse_rv, rev_entry, watch_rev_entry,
+        ARG_NONE, MAX_DELTAS_PER_POP, MAX_EVENTS_PER_RESPONSE, MAX_SLOTS, ObjKey, ObjStamp, Pending, REV_PENDING,
+        REV_UNREADABLE, RV_DIGITS, RevKey, STAMP_ENTRIES, SentObj, Side, Stage, Stamp, WatchProbeConfig, WatchRecord,
+        WatchRevKey, events_index, guard_taken, hist_index, parse_rv, rev_entry, watch_rev_entry,
     },
 };
 use aya_ebpf::{
@@ -95,7 +95,10 @@ struct Call {
     tgid: u32,
     slot: u32,
     now: u64,
-    cfg: WatchProbeConfig,
+    /// The attachment's configuration, in place in its map (a copy would
+    /// take stack the per-event loops need: the verifier allows 512 bytes
+    /// for a program and its callback together).
+    cfg: &'static WatchProbeConfig,
 }
 
 #[inline(always)]
@@ -106,7 +109,7 @@ fn begin(ctx: &ProbeContext) -> Option<Call> {
     let slot = current_slot(tgid)?;
     // SAFETY: the helper reads the cookie of the current attachment.
     let cookie = unsafe { bpf_get_attach_cookie(ctx.as_ptr()) } as u32;
-    let cfg = *CONFIG.get(cookie)?;
+    let cfg = CONFIG.get(cookie)?;
     // On a stack-check jump: skip the pass that goes to morestack (the
     // function re-enters and this probe fires again).
     // SAFETY: the probe's own register context.
@@ -262,7 +265,7 @@ fn try_enqueue(ctx: &ProbeContext) -> Option<()> {
         tgid: c.tgid,
         slot: c.slot,
         now: c.now,
-        cfg: c.cfg,
+        cfg: *c.cfg,
         events,
         member: 0,
         watch_id,
@@ -349,9 +352,9 @@ fn response(cfg: &WatchProbeConfig, m: u64) -> Option<Response> {
 fn response_loop(ctx: &ProbeContext, side: Side) -> Option<(EventLoop, u64)> {
     let c = begin(ctx)?;
     let m = arg(ctx, &c.cfg.args[0])?;
-    let r = response(&c.cfg, m)?;
+    let r = response(c.cfg, m)?;
     if r.len == 0 {
-        if is_progress(&c.cfg, m) {
+        if is_progress(c.cfg, m) {
             add(&WATCH_PROGRESS, events_index(c.slot, side), 1);
         }
         return None;
@@ -360,7 +363,7 @@ fn response_loop(ctx: &ProbeContext, side: Side) -> Option<(EventLoop, u64)> {
         tgid: c.tgid,
         slot: c.slot,
         now: c.now,
-        cfg: c.cfg,
+        cfg: *c.cfg,
         events: r.events,
         member: r.member,
         watch_id: r.watch_id,
@@ -537,13 +540,19 @@ fn try_kube_queue(ctx: &ProbeContext) -> Option<()> {
     let c = begin(ctx)?;
     let watcher = arg(ctx, &c.cfg.args[0])?;
     let ev = arg(ctx, &c.cfg.args[1])?;
-    let e = cache_event(&c.cfg, ev)??;
+    let e = cache_event(c.cfg, ev)??;
     // The first offer wins: `add` offers again (and then blocks) when the
     // queue was full. An entry pushed out of the ring here is not counted
     // as lost: events a watcher's filter rejects never reach its result
     // channel, so their entries are left to age out.
     let key = queue_key(c.tgid, watcher, e.rev, ev);
-    let _ = stamps::insert_first(&ENQ_TS, watch_rev_entry(&key), &key, c.now);
+    if matches!(
+        stamps::insert_first(&ENQ_TS, watch_rev_entry(&key), &key, c.now),
+        Some(Inserted::New | Inserted::Evicted)
+    ) {
+        add(&WATCH_EVENTS, events_index(c.slot, Side::ApiserverOffered), 1);
+        emit_hop(WatchRecord { watch_id: watcher as i64, ..hop(Side::ApiserverOffered, c.tgid, e.rev, 0, c.now) });
+    }
     if c.cfg.publish_sent != 0 {
         publish_sent(&c, ev, &e);
     }
@@ -595,7 +604,7 @@ pub fn kube_encode(ctx: ProbeContext) -> u32 {
 #[inline(always)]
 fn try_kube_encode(ctx: &ProbeContext) -> Option<()> {
     let c = begin(ctx)?;
-    let g = goroutine(ctx, &c.cfg)?;
+    let g = goroutine(ctx, c.cfg)?;
     let key = ObjKey { tgid: c.tgid as u64, obj: g };
     // Whatever this goroutine encoded before is over (an encode that
     // failed ended the watch without a write).
@@ -624,7 +633,7 @@ pub fn kube_write(ctx: ProbeContext) -> u32 {
 #[inline(always)]
 fn try_kube_write(ctx: &ProbeContext) -> Option<()> {
     let c = begin(ctx)?;
-    let g = goroutine(ctx, &c.cfg)?;
+    let g = goroutine(ctx, c.cfg)?;
     let key = ObjKey { tgid: c.tgid as u64, obj: g };
     // SAFETY: the value is copied out before the entry is removed.
     let rev = (unsafe { KUBE_WRITING.get(key) }).copied()?;
@@ -658,7 +667,7 @@ fn try_kube_watcher(ctx: &ProbeContext) -> Option<()> {
     let c = begin(ctx)?;
     let watcher = arg(ctx, &c.cfg.args[0])?;
     let ev = arg(ctx, &c.cfg.args[1])?;
-    let Some(CacheEvent { rev, .. }) = cache_event(&c.cfg, ev)? else {
+    let Some(CacheEvent { rev, .. }) = cache_event(c.cfg, ev)? else {
         add(&WATCH_PROGRESS, events_index(c.slot, Side::ApiserverWatcher), 1);
         return Some(());
     };
@@ -683,7 +692,7 @@ fn try_kube_watcher(ctx: &ProbeContext) -> Option<()> {
         Some(t) => observe(&WATCH_HIST, hist_index(c.slot, Stage::CacheToWatcher), c.now.saturating_sub(t)),
         None => count(Counter::WatcherCacheMiss),
     }
-    let g = goroutine(ctx, &c.cfg).unwrap_or(0);
+    let g = goroutine(ctx, c.cfg).unwrap_or(0);
     emit_hop(WatchRecord {
         g,
         watch_id: watcher as i64,
@@ -700,6 +709,14 @@ fn try_kube_watcher(ctx: &ProbeContext) -> Option<()> {
 pub fn kube_terminated(ctx: ProbeContext) -> u32 {
     if let Some(c) = begin(&ctx) {
         add(&WATCH_EVENTS, events_index(c.slot, Side::ApiserverTerminated), 1);
+        // Which watcher, for the chains of the events it will never get;
+        // no revision (the record is about the watcher, not one event).
+        if c.cfg.args[0].kind != ARG_NONE
+            && let Some(closure) = arg(&ctx, &c.cfg.args[0])
+            && let Some(watcher) = read_u64(closure.wrapping_add(c.cfg.closure_watcher_off as u64))
+        {
+            emit_hop(WatchRecord { watch_id: watcher as i64, ..hop(Side::ApiserverTerminated, c.tgid, 0, 0, c.now) });
+        }
     }
     0
 }
@@ -750,7 +767,7 @@ pub fn informer_queue(ctx: ProbeContext) -> u32 {
 #[inline(always)]
 fn try_informer_queue(ctx: &ProbeContext) -> Option<()> {
     let c = begin(ctx)?;
-    let g = goroutine(ctx, &c.cfg)?;
+    let g = goroutine(ctx, c.cfg)?;
     let obj = arg(ctx, &c.cfg.args[0])?;
     if INFORMER_PENDING.insert(ObjKey { tgid: c.tgid as u64, obj: g }, Pending { queued_ns: c.now, obj }, 0).is_err()
         || INFORMER_OBJS.insert(ObjKey { tgid: c.tgid as u64, obj }, c.now, 0).is_err()
@@ -786,7 +803,7 @@ pub fn informer_rv(ctx: ProbeContext) -> u32 {
 #[inline(always)]
 fn try_informer_rv(ctx: &ProbeContext) -> Option<()> {
     let c = begin(ctx)?;
-    let g = goroutine(ctx, &c.cfg)?;
+    let g = goroutine(ctx, c.cfg)?;
     let key = ObjKey { tgid: c.tgid as u64, obj: g };
     // SAFETY: the value is copied out before the entry is removed.
     let p = unsafe { *INFORMER_PENDING.get(key)? };
@@ -981,7 +998,7 @@ fn try_informer_handler(ctx: &ProbeContext) -> Option<()> {
         observe(&WATCH_HIST, hist_index(c.slot, Stage::CommitToHandler), c.now.saturating_sub(stamp.commit_ns));
     }
     if stamp.rev >= 0 {
-        let g = goroutine(ctx, &c.cfg).unwrap_or(0);
+        let g = goroutine(ctx, c.cfg).unwrap_or(0);
         emit_hop(WatchRecord {
             g,
             enqueue_ns: stamp.queued_ns,

@@ -42,7 +42,8 @@ pub fn arg(ctx: &ProbeContext, loc: &ArgLoc) -> Option<u64> {
 #[cfg(bpf_target_arch = "x86_64")]
 #[inline(always)]
 pub fn reg(regs: &aya_ebpf::bindings::pt_regs, slot: u32) -> Option<u64> {
-    // Go's amd64 register ABI: RAX, RBX, RCX, RDI, RSI, R8, R9, R10, R11; g in R14.
+    // Go's amd64 register ABI: RAX, RBX, RCX, RDI, RSI, R8, R9, R10, R11; g
+    // in R14; a closure's context in RDX.
     // Every candidate is loaded at its fixed offset first: a `match` compiles
     // to one load at a computed context offset, which the verifier forbids.
     // SAFETY: fields of the probe's own register context.
@@ -58,6 +59,7 @@ pub fn reg(regs: &aya_ebpf::bindings::pt_regs, slot: u32) -> Option<u64> {
             read_volatile(&regs.r10),
             read_volatile(&regs.r11),
             read_volatile(&regs.r14),
+            read_volatile(&regs.rdx),
         ]
     };
     vals.get(slot as usize).copied()
@@ -87,7 +89,8 @@ pub fn stack_pointer(regs: &aya_ebpf::bindings::pt_regs) -> u64 {
 #[cfg(bpf_target_arch = "aarch64")]
 #[inline(always)]
 pub fn reg(regs: &aya_ebpf::bindings::user_pt_regs, slot: u32) -> Option<u64> {
-    // Go's arm64 register ABI: R0–R8 in order (the same slots as amd64); g in R28.
+    // Go's arm64 register ABI: R0–R8 in order (the same slots as amd64); g in
+    // R28; a closure's context in R26.
     // Copied out at fixed offsets first (see the x86_64 variant).
     // SAFETY: fields of the probe's own register context.
     let vals = unsafe {
@@ -102,6 +105,7 @@ pub fn reg(regs: &aya_ebpf::bindings::user_pt_regs, slot: u32) -> Option<u64> {
             read_volatile(&regs.regs[7]),
             read_volatile(&regs.regs[8]),
             read_volatile(&regs.regs[28]),
+            read_volatile(&regs.regs[26]),
         ]
     };
     vals.get(slot as usize).copied()

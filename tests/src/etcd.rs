@@ -415,6 +415,20 @@ impl LineReader {
         }
     }
 
+    /// Waits until the child has exited (its stdout then has every line).
+    pub fn wait_exit(&mut self, timeout: Duration) -> bool {
+        let deadline = Instant::now() + timeout;
+        while Instant::now() < deadline {
+            if matches!(self.child.try_wait(), Ok(Some(_))) {
+                // The reader thread drains the pipe to its end.
+                std::thread::sleep(Duration::from_millis(50));
+                return true;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        false
+    }
+
     /// Sends a command line to the child's stdin.
     pub fn send(&mut self, line: &str) {
         if let Some(s) = self.stdin.as_mut() {

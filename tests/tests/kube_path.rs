@@ -50,6 +50,7 @@ struct Counts {
     commit_to_handler: f64,
     process_to_handler: f64,
     written: f64,
+    offered: f64,
     commit_to_write: f64,
     cache_to_write: f64,
 }
@@ -73,6 +74,7 @@ impl Counts {
             commit_to_handler: stage(text, "commit_to_handler", OPERATOR).count(),
             process_to_handler: stage(text, "process_to_handler", OPERATOR).count(),
             written: events(text, "apiserver_written", API),
+            offered: events(text, "apiserver_offered", API),
             commit_to_write: stage(text, "commit_to_write", API).count(),
             cache_to_write: stage(text, "cache_to_write", API).count(),
         }
@@ -148,6 +150,8 @@ fn every_update_is_timed_from_commit_to_cache_and_to_each_watcher() {
     assert_eq!(after.commit_to_cache - before.commit_to_cache, n, "{after:?} {before:?}");
     // Four watchers: two curl, kubectl, the operator's informer.
     assert_eq!(after.watcher - before.watcher, 4.0 * n, "{after:?} {before:?}");
+    // No watcher filters: each was offered each event once.
+    assert_eq!(after.offered - before.offered, 4.0 * n, "{after:?} {before:?}");
     assert_eq!(after.commit_to_watcher - before.commit_to_watcher, 4.0 * n, "{after:?} {before:?}");
     assert_eq!(after.cache_to_watcher - before.cache_to_watcher, 4.0 * n, "{after:?} {before:?}");
     // ... and written to each one's HTTP stream (HTTP/1.1 for curl, HTTP/2

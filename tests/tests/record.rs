@@ -494,3 +494,73 @@ fn record_chains_follow_each_revision_through_the_api_server_to_the_operators_ha
         assert!(t[3..].iter().all(|x| *x >= t[3]), "rev {rev}: {t:?}");
     }
 }
+
+/// A watcher the API server terminates for unresponsiveness (stopped while
+/// 256 KB updates flow): the events the cacher offered to it that never
+/// reached its result channel end their chains `broken` at the `watcher`
+/// stage. Ground truth from the watcher itself: once continued, it reads
+/// everything the API server had put in its stream, and the broken
+/// revisions are exactly the ones after the last it received, consecutive;
+/// none before it is broken.
+#[test]
+fn a_terminated_api_server_watcher_breaks_exactly_the_chains_it_never_got() {
+    use watchscope_integration_tests::kube::{ApiServer, event_type};
+    const BLOB: usize = 256 * 1024;
+    const API: &str = "wsk-apiserver";
+    let etcd = Etcd::start_build(Build::Sid3530, "wse-k8s", "wsc-k8sctl");
+    let api = ApiServer::start(&etcd, API);
+    let rv0 = api.create("main");
+    let mut slow = api.watch_http1("wsk-slow", rv0);
+    let fast = api.watch("wsk-watch1", rv0);
+    let mut rec = Recording::start("10m", &format!("wse-k8s,{API}"), &["--top", "400"]);
+    rec.wait_attached(&[etcd.pid(), api.pid()]);
+    let modified = |l: &str| event_type(l).as_deref() == Some("MODIFIED");
+    let first = api.patch_size("main", 1);
+    for w in [&slow, &fast] {
+        assert_eq!(w.wait_count(modified, 1, Duration::from_secs(20)), 1, "{:?}", w.lines());
+    }
+    // SAFETY: kill(2) on our own child.
+    assert_eq!(unsafe { libc::kill(slow.pid() as i32, libc::SIGSTOP) }, 0);
+    let mut n = 0;
+    let mut last = first;
+    while api.terminated_watchers() == 0.0 {
+        n += 1;
+        assert!(n <= 300, "the API server never gave up on the stopped watcher:\n{}", api.log());
+        last = api.patch_blob("main", n, BLOB);
+    }
+    // SAFETY: as above.
+    assert_eq!(unsafe { libc::kill(slow.pid() as i32, libc::SIGCONT) }, 0);
+    // It reads what the API server wrote, then its stream ends.
+    assert!(slow.wait_exit(Duration::from_secs(60)), "the terminated watch never ended");
+    let rv_of = |l: &String| -> Option<i64> {
+        let v: serde_json::Value = serde_json::from_str(l).ok()?;
+        v["object"]["metadata"]["resourceVersion"].as_str()?.parse().ok()
+    };
+    let got: Vec<i64> = slow.lines().iter().filter(|l| modified(l)).filter_map(rv_of).collect();
+    let received = *got.last().expect("the slow watcher received the first update");
+    assert_eq!(fast.wait_count(modified, 1 + n as usize, Duration::from_secs(30)), 1 + n as usize);
+    rec.stop_after_chains(1 + n, Duration::from_secs(60));
+    let report = rec.finish(Duration::from_secs(40));
+    println!("{report}");
+    let rows = chain_rows(&report);
+    assert_eq!(rows.len(), 1 + n as usize, "every update listed: {report}");
+    let broken: Vec<i64> = {
+        let mut b: Vec<i64> = rows.iter().filter(|r| r.1 == "broken").map(|r| r.0).collect();
+        b.sort();
+        b
+    };
+    println!("{n} updates (revisions {first}..={last}); the watcher received up to {received}; broken: {broken:?}");
+    assert!(!broken.is_empty(), "{report}");
+    let expected: Vec<i64> = (received + 1..received + 1 + broken.len() as i64).collect();
+    assert_eq!(broken, expected, "the revisions right after the last one it received: {report}");
+    assert!(*broken.last().unwrap() <= last as i64);
+    for (rev, outcome, cells) in &rows {
+        if outcome == "broken" {
+            assert_eq!(cells[4].1, "broken", "rev {rev}: broken at the watcher stage: {cells:?}");
+        } else {
+            assert!(*rev <= received || *rev > *broken.last().unwrap(), "rev {rev} {outcome}: {report}");
+        }
+    }
+    let (_, _, b) = chain_counts(&report);
+    assert_eq!(b, broken.len() as u64, "{report}");
+}

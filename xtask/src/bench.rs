@@ -257,15 +257,7 @@ fn spread(v: &[f64]) -> String {
 }
 
 fn etcd(args: &BenchArgs) -> Result<()> {
-    setup::run(&SetupArgs { purpose: Some(Purpose::Test) })?;
-    if !util::is_root() {
-        bail!("the benchmark loads eBPF programs and needs root");
-    }
-    step("build the agent (release) and the load generator");
-    util::run(util::cargo().args(["build", "--release", "-p", "watchscope"]))?;
-    let root = util::workspace_root();
-    let agent = root.join("target/release/watchscope");
-    let loadgen = build_loadgen("etcd")?;
+    let (agent, loadgen) = prepare_load("etcd")?;
 
     // etcd's data on tmpfs: fsync to this machine's disk swings put
     // throughput by ±20% between identical rounds, which would drown the
@@ -392,6 +384,18 @@ fn etcd(args: &BenchArgs) -> Result<()> {
     Ok(())
 }
 
+/// What a load benchmark needs: the test programs, root, the release
+/// agent and load generator `name`; (agent, load generator).
+fn prepare_load(name: &str) -> Result<(PathBuf, PathBuf)> {
+    setup::run(&SetupArgs { purpose: Some(Purpose::Test) })?;
+    if !util::is_root() {
+        bail!("the benchmark loads eBPF programs and needs root");
+    }
+    step("build the agent (release) and the load generator");
+    util::run(util::cargo().args(["build", "--release", "-p", "watchscope"]))?;
+    Ok((util::workspace_root().join("target/release/watchscope"), build_loadgen(name)?))
+}
+
 /// Builds the load generator `name` (`xtask/bench/load/<name>`, standard
 /// library only) into `target/bench/<name>-load`.
 fn build_loadgen(name: &str) -> Result<PathBuf> {
@@ -481,15 +485,7 @@ fn k8s_load(
 /// and without the agent (`watchscope run` with its defaults).
 fn k8s(args: &BenchArgs) -> Result<()> {
     const WORKERS: u32 = 4;
-    setup::run(&SetupArgs { purpose: Some(Purpose::Test) })?;
-    if !util::is_root() {
-        bail!("the benchmark loads eBPF programs and needs root");
-    }
-    step("build the agent (release) and the load generator");
-    util::run(util::cargo().args(["build", "--release", "-p", "watchscope"]))?;
-    let root = util::workspace_root();
-    let agent = root.join("target/release/watchscope");
-    let loadgen = build_loadgen("k8s")?;
+    let (agent, loadgen) = prepare_load("k8s")?;
     step("start etcd 3.5.30, the API server (built on first use: minutes) and the operator");
     let etcd = harness::etcd::Etcd::start_build(harness::etcd::Build::Sid3530, "etcd", "etcdctl");
     let api = harness::kube::ApiServer::start(&etcd, "kube-apiserver");

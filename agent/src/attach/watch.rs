@@ -13,7 +13,7 @@
 //! address* would land a breakpoint mid-instruction and crash etcd: neither
 //! is ever guessed.
 
-use agent_common::watch::{ARG_REG, ARG_STACK, ArgLoc, WatchProbeConfig};
+use agent_common::watch::{ARG_REG, ARG_STACK, ArgLoc, Reg as WatchReg, WatchProbeConfig};
 use serde::Serialize;
 
 use super::uprobes::{Site, SiteConfig};
@@ -50,6 +50,10 @@ const KUBE_WRITE_ROLES: [(Role, &str); 2] =
 /// client-go's reflector → informer queue: both roles or neither.
 const INFORMER_ROLES: [(Role, &str); 2] =
     [(Role::ClientGoFifoQueue, "informer_queue"), (Role::ClientGoReflectorRv, "informer_rv")];
+
+/// Where a Go closure's context holds its first captured variable (after
+/// the function pointer).
+const CLOSURE_FIRST_CAPTURE: u64 = 8;
 
 /// The cacher's per-event struct, whose fields the watcher probes read.
 const CACHE_EVENT_TYPE: &str = "cacher.watchCacheEvent";
@@ -229,8 +233,20 @@ fn plan_kube(insp: &Inspection, plan: &mut WatchPlan) {
     if planned == KUBE_ROLES.len()
         && let Some(p) = insp.probes_for(Role::KubeWatcherTerminated).next()
     {
-        // Optional: counted when present, nothing read.
-        let cfg = WatchProbeConfig { g_in_reg: u32::from(insp.g_register.is_some()), ..WatchProbeConfig::default() };
+        // Optional: counted when present. It names the watcher it closes
+        // (for the chains of the events that watcher will never get) only
+        // where this binary's code was seen to load the closure's first
+        // capture, `c *cacheWatcher`, from the context register.
+        let mut cfg =
+            WatchProbeConfig { g_in_reg: u32::from(insp.g_register.is_some()), ..WatchProbeConfig::default() };
+        let code = insp.bytes_at(p.file_offset, p.size.clamp(1, 64) as usize);
+        if insp.arch == Arch::X86_64
+            && insp.abi == Some(Abi::Register)
+            && code.is_some_and(|c| prologue::amd64_loads_context(c, p.address, CLOSURE_FIRST_CAPTURE))
+        {
+            cfg.args[0] = ArgLoc { kind: ARG_REG, off: WatchReg::Rdx as u32 };
+            cfg.closure_watcher_off = CLOSURE_FIRST_CAPTURE as u32;
+        }
         let site = entry_watch_site(insp, p, Role::KubeWatcherTerminated, "kube_terminated", cfg);
         plan.record(Role::KubeWatcherTerminated, Some(p.symbol.clone()), site);
     }

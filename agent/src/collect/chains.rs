@@ -170,6 +170,9 @@ pub struct DispatchHop {
 pub enum KubeKind {
     /// The API server's watch cache took the event.
     Cache,
+    /// Offered to one watcher's queue (not shown: it says which watchers
+    /// should have received the event).
+    Offer,
     /// In one watcher's result channel.
     Watcher,
     /// Written to one watcher's HTTP stream.
@@ -186,6 +189,7 @@ impl KubeKind {
     pub fn of(side: u32) -> Option<KubeKind> {
         Some(match side {
             s if s == Side::ApiserverCache as u32 => KubeKind::Cache,
+            s if s == Side::ApiserverOffered as u32 => KubeKind::Offer,
             s if s == Side::ApiserverWatcher as u32 => KubeKind::Watcher,
             s if s == Side::ApiserverWritten as u32 => KubeKind::Write,
             s if s == Side::Informer as u32 => KubeKind::Decode,
@@ -195,16 +199,17 @@ impl KubeKind {
         })
     }
 
-    /// Its column in `VIEW_STAGES`.
-    fn column(self) -> usize {
-        match self {
+    /// Its column in `VIEW_STAGES` (none for an offer).
+    fn column(self) -> Option<usize> {
+        Some(match self {
+            KubeKind::Offer => return None,
             KubeKind::Cache => 3,
-            KubeKind::Watcher => 4,
+            KubeKind::Watcher => WATCHER,
             KubeKind::Write => 5,
             KubeKind::Decode => 6,
             KubeKind::Process => 7,
             KubeKind::Handler => HANDLER,
-        }
+        })
     }
 
     /// The per-hop stage a record's `enqueue_ns` starts (the kernel puts
@@ -220,15 +225,16 @@ impl KubeKind {
     }
 
     /// The stage whose per-event maximum a record of this hop gives.
-    fn stage(self) -> Stage {
-        match self {
+    fn stage(self) -> Option<Stage> {
+        Some(match self {
+            KubeKind::Offer => return None,
             KubeKind::Cache => Stage::CommitToCache,
             KubeKind::Watcher => Stage::CommitToWatcher,
             KubeKind::Write => Stage::CommitToWrite,
             KubeKind::Decode => Stage::CommitToDecode,
             KubeKind::Process => Stage::CommitToProcess,
             KubeKind::Handler => Stage::CommitToHandler,
-        }
+        })
     }
 }
 
@@ -242,12 +248,17 @@ pub struct KubeHop {
     pub at_ns: u64,
 }
 
-/// A dispatch that was expected and did not arrive.
+/// A dispatch (or an API server watcher's result-channel send) that was
+/// expected and did not arrive.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Missing {
+    /// The client stream; for an API server watcher, (API server, 0).
     pub client: Stream,
+    /// etcd's watch id, or the API server's watcher address.
     pub watch_id: i64,
     pub count: u32,
+    /// The `VIEW_STAGES` column the chain broke at.
+    pub column: usize,
 }
 
 /// One watch event's path through this node.
@@ -285,6 +296,8 @@ pub const VIEW_STAGES: [&str; 9] =
     ["enqueue", "send", "dispatch", "cache", "watcher", "write", "decode", "process", "handler"];
 /// The columns only the Kubernetes path fills.
 const KUBE_COLUMNS: std::ops::Range<usize> = 3..8;
+const DISPATCH: usize = 2;
+const WATCHER: usize = 4;
 const HANDLER: usize = 8;
 
 /// The `VIEW_STAGES` columns a table of these chains shows: etcd's always,
@@ -354,8 +367,10 @@ impl Chain {
                 .max()
         };
         for h in &self.kube {
+            let Some(column) = h.kind.column() else { continue };
             let (at, me) = (h.at_ns, Some(h.tgid));
             let from = match h.kind {
+                KubeKind::Offer => None,
                 KubeKind::Cache => {
                     self.dispatches.iter().filter(|d| d.stream.0 == h.tgid && d.at_ns <= at).map(|d| d.at_ns).max()
                 }
@@ -368,10 +383,10 @@ impl Chain {
                 KubeKind::Handler => latest(KubeKind::Process, me, at),
             }
             .or(commit);
-            put(h.kind.column(), at, from.map(|f| at.saturating_sub(f)));
+            put(column, at, from.map(|f| at.saturating_sub(f)));
         }
-        if !self.missing.is_empty() {
-            v[2].mark = Mark::Broken;
+        for m in &self.missing {
+            v[m.column].mark = Mark::Broken;
         }
         v
     }
@@ -459,6 +474,10 @@ pub struct Chains {
     judged_order: VecDeque<(u64, i64)>,
     /// server stream → client stream, learned from joined events.
     pairs: HashMap<Stream, Stream>,
+    /// API server watchers (API server, watcher address) the API server
+    /// terminated for being unresponsive, oldest first: the events offered
+    /// to them that they never sent are lost.
+    terminated: VecDeque<(u32, i64)>,
     /// Revision → the member of its chain (pending or judged), for records
     /// that know only the revision (the Kubernetes path). One cluster per
     /// node, as in the kernel.
@@ -488,6 +507,7 @@ impl Chains {
             judged_order: VecDeque::new(),
             pairs: HashMap::new(),
             by_rev: HashMap::new(),
+            terminated: VecDeque::new(),
             orphan_windows: VecDeque::new(),
             awaiting_window: HashMap::new(),
             counts: ChainCounts::default(),
@@ -534,6 +554,14 @@ impl Chains {
 
     /// One record of `WS_WATCH_RECORDS`.
     pub fn on_watch(&mut self, r: &WatchRecord) {
+        if r.side == Side::ApiserverTerminated as u32 {
+            // About a watcher, not one event.
+            if self.terminated.len() >= MAX_PAIRS {
+                self.terminated.pop_front();
+            }
+            self.terminated.push_back((r.tgid, r.watch_id));
+            return;
+        }
         let kube = KubeKind::of(r.side);
         // A Kubernetes hop joins the chain of its revision, whichever etcd
         // member it came through; without one (etcd runs on another node)
@@ -674,7 +702,9 @@ impl Chains {
             }
         };
         if let Some(kind) = KubeKind::of(r.side) {
-            put(kind.stage(), r.commit_ns, r.at_ns);
+            if let Some(s) = kind.stage() {
+                put(s, r.commit_ns, r.at_ns);
+            }
             if let Some(s) = kind.hop_stage() {
                 put(s, r.enqueue_ns, r.at_ns);
             }
@@ -743,10 +773,31 @@ impl Chains {
                 *n -= 1;
             }
         }
-        want.into_iter()
+        let mut missing: Vec<Missing> = want
+            .into_iter()
             .filter(|(_, n)| *n > 0)
-            .map(|((client, watch_id), n)| Missing { client, watch_id, count: n as u32 })
-            .collect()
+            .map(|((client, watch_id), n)| Missing { client, watch_id, count: n as u32, column: DISPATCH })
+            .collect();
+        // An API server watcher it terminated: the events offered to it that
+        // never reached its result channel. (A watcher whose filter rejects
+        // an event is offered it too, and never sends it: only a terminated
+        // one counts.)
+        let sent: BTreeSet<(u32, i64)> =
+            c.kube.iter().filter(|h| h.kind == KubeKind::Watcher).map(|h| (h.tgid, h.watcher)).collect();
+        let lost: BTreeSet<(u32, i64)> = c
+            .kube
+            .iter()
+            .filter(|h| h.kind == KubeKind::Offer)
+            .map(|h| (h.tgid, h.watcher))
+            .filter(|w| !sent.contains(w) && self.terminated.contains(w))
+            .collect();
+        missing.extend(lost.into_iter().map(|(tgid, w)| Missing {
+            client: (tgid, 0),
+            watch_id: w,
+            count: 1,
+            column: WATCHER,
+        }));
+        missing
     }
 
     fn judge(&mut self, p: Pending) {
@@ -954,7 +1005,7 @@ mod tests {
         assert_eq!(c.counts(), ChainCounts { complete: 1, broken: 5, elsewhere: 1, ..ChainCounts::default() });
         let k = c.kept();
         assert_eq!(k[0].outcome, Outcome::Broken);
-        assert_eq!(k[0].missing, vec![Missing { client: CLIENT, watch_id: 0, count: 1 }]);
+        assert_eq!(k[0].missing, vec![Missing { client: CLIENT, watch_id: 0, count: 1, column: DISPATCH }]);
         assert_eq!(k[0].view(c.settings())[2].mark, Mark::Broken);
         assert_eq!(k[0].view(c.settings())[2].at_ns, None);
     }
@@ -1181,5 +1232,39 @@ mod tests {
         event(&mut e, 1, 0);
         e.expire(u64::MAX, ALIVE);
         assert_eq!(view_columns(&[&e.kept()[0]]), vec![0, 1, 2, 8]);
+    }
+
+    #[test]
+    fn an_event_offered_to_a_watcher_the_api_server_terminated_breaks_its_chain() {
+        const API: u32 = 300;
+        let offer =
+            |rev: i64, w: i64, at: u64| WatchRecord { watch_id: w, ..hop(Side::ApiserverOffered, API, rev, 0, at) };
+        let sent =
+            |rev: i64, w: i64, at: u64| WatchRecord { watch_id: w, ..hop(Side::ApiserverWatcher, API, rev, 0, at) };
+        let mut c = Chains::new(settings());
+        for rev in [1, 2] {
+            let t = rev as u64 * MS;
+            c.on_watch(&hop(Side::ApiserverCache, API, rev, 0, t));
+            // Three watchers offered the event: 0xa sends it, 0xb filters
+            // it out (never sends), 0xc is stuck and is terminated.
+            for w in [0xa, 0xb, 0xc] {
+                c.on_watch(&offer(rev, w, t + 1));
+            }
+            c.on_watch(&sent(rev, 0xa, t + 2));
+        }
+        c.on_watch(&WatchRecord { watch_id: 0xc, ..hop(Side::ApiserverTerminated, API, 0, 0, 3 * MS) });
+        // Offered to 0xc after its termination? Not offered at all: not broken.
+        c.on_watch(&hop(Side::ApiserverCache, API, 3, 0, 4 * MS));
+        c.on_watch(&offer(3, 0xa, 4 * MS + 1));
+        c.on_watch(&sent(3, 0xa, 4 * MS + 2));
+        c.expire(u64::MAX, ALIVE);
+        assert_eq!((c.counts().broken, c.counts().complete), (2, 1));
+        let k = c.kept();
+        let broken: Vec<i64> = k.iter().filter(|ch| ch.outcome == Outcome::Broken).map(|ch| ch.rev).collect();
+        assert_eq!(broken, vec![1, 2]);
+        assert_eq!(k[0].missing, vec![Missing { client: (API, 0), watch_id: 0xc, count: 1, column: WATCHER }]);
+        let v = k[0].view(&settings());
+        assert_eq!((v[WATCHER].mark, v[WATCHER].at_ns.is_some()), (Mark::Broken, true));
+        assert_eq!(k[0].watchers(), 1, "offers are not watchers reached");
     }
 }

@@ -195,6 +195,48 @@ pub fn arm64_probe_site(code: &[u8]) -> Result<ProbeSite, PrologueError> {
     Err(PrologueError::Unrecognised(format!("{first:#010x} not followed by b.ls")))
 }
 
+/// Whether a closure's code loads a 64-bit word from its context register
+/// (RDX) at `disp` before anything else writes RDX, branches or calls:
+/// how Go reads the closure's first captured variable. Scans at most the
+/// first 16 instructions, past the stack-check branch (which falls through
+/// on the normal path).
+pub fn amd64_loads_context(code: &[u8], entry: u64, disp: u64) -> bool {
+    let mut dec = Decoder::with_ip(64, code, entry, DecoderOptions::NONE);
+    let mut ins = Instruction::default();
+    for _ in 0..16 {
+        if !dec.can_decode() {
+            return false;
+        }
+        dec.decode_out(&mut ins);
+        if ins.is_invalid() {
+            return false;
+        }
+        let load = ins.mnemonic() == Mnemonic::Mov
+            && ins.op_count() == 2
+            && ins.op0_kind() == OpKind::Register
+            && ins.op0_register().size() == 8
+            && ins.op1_kind() == OpKind::Memory
+            && ins.memory_base() == Register::RDX
+            && ins.memory_index() == Register::None
+            && ins.memory_displacement64() == disp;
+        if load {
+            return true;
+        }
+        match ins.flow_control() {
+            // The stack check's branch to morestack: the body follows.
+            FlowControl::ConditionalBranch | FlowControl::Next => {}
+            _ => return false,
+        }
+        if ins.op_count() > 0
+            && ins.op0_kind() == OpKind::Register
+            && ins.op0_register().full_register() == Register::RDX
+        {
+            return false;
+        }
+    }
+    false
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -267,5 +309,25 @@ mod tests {
         }
         assert_eq!(arm64_probe_site(&code), Ok(ProbeSite { offset: 8, guard: GUARD_ARM64_LS }));
         assert_eq!(arm64_probe_site(&0xd65f_03c0u32.to_le_bytes()), Ok(ProbeSite::ENTRY));
+    }
+
+    /// k8s.io/apiserver 0.36.4's `cacheWatcher.add.func1` (Go 1.27):
+    /// `lea r12,[rsp-0x48]; cmp r12,[r14+0x10]; jbe ...; push rbp; mov
+    /// rbp,rsp; sub rsp,0xc0; mov rdx,[rdx+8]; mov [rsp+...],rdx`.
+    #[test]
+    fn a_closure_that_loads_its_first_capture_is_recognised() {
+        let code = [
+            0x4c, 0x8d, 0x64, 0x24, 0xb8, 0x4d, 0x3b, 0x66, 0x10, 0x0f, 0x86, 0xe2, 0x02, 0x00, 0x00, 0x55, 0x48, 0x89,
+            0xe5, 0x48, 0x81, 0xec, 0xc0, 0x00, 0x00, 0x00, 0x48, 0x8b, 0x52, 0x08, 0x48, 0x89, 0x94, 0x24,
+        ];
+        assert!(amd64_loads_context(&code, 0x2339880, 8));
+        assert!(!amd64_loads_context(&code, 0x2339880, 16), "another capture");
+        // RDX overwritten first (`xor edx,edx`), then the same load: not the context.
+        let clobbered = [0x31, 0xd2, 0x48, 0x8b, 0x52, 0x08];
+        assert!(!amd64_loads_context(&clobbered, 0, 8));
+        // A call before it: the context may be gone.
+        let call = [0xe8, 0x00, 0x00, 0x00, 0x00, 0x48, 0x8b, 0x52, 0x08];
+        assert!(!amd64_loads_context(&call, 0, 8));
+        assert!(!amd64_loads_context(&[], 0, 8));
     }
 }

@@ -482,7 +482,7 @@ pub(crate) mod tests {
         let broken = Chain {
             rev: 43,
             dispatches: vec![],
-            missing: vec![crate::collect::chains::Missing { client: (3, 4), watch_id: 0, count: 1 }],
+            missing: vec![crate::collect::chains::Missing { client: (3, 4), watch_id: 0, count: 1, column: 2 }],
             outcome: Outcome::Broken,
             ..slow.clone()
         };
