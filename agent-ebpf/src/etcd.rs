@@ -838,16 +838,7 @@ fn try_informer_rv(ctx: &ProbeContext) -> Option<()> {
         // The informer popped the object first: complete its join.
         Some(popped) if popped.rev == REV_PENDING => {
             let _ = INFORMER_JOIN.remove(key);
-            if half.commit_ns != 0 {
-                let t = popped.queued_ns.saturating_sub(half.commit_ns);
-                observe(&WATCH_HIST, hist_index(c.slot, Stage::CommitToProcess), t);
-            }
-            if half.rev >= 0 {
-                emit_hop(WatchRecord {
-                    enqueue_ns: p.queued_ns,
-                    ..hop(Side::InformerProcessed, c.tgid, half.rev, half.commit_ns, popped.queued_ns)
-                });
-            }
+            join_processed(c.slot, c.tgid, &half, popped.queued_ns, p.queued_ns);
             // The pop handed the object over without its revision.
             // SAFETY: as above.
             if let Some(h) = (unsafe { INFORMER_HANDOFF.get(key) }).copied()
@@ -865,6 +856,23 @@ fn try_informer_rv(ctx: &ProbeContext) -> Option<()> {
         }
     }
     Some(())
+}
+
+/// An object's join is complete, in whichever order its halves came: `rv`
+/// is the reflector's half (revision or `REV_UNREADABLE`, commit time),
+/// `popped_ns` when the informer took the object off its queue,
+/// `decoded_ns` when the reflector queued it.
+#[inline(always)]
+fn join_processed(slot: u32, tgid: u32, rv: &ObjStamp, popped_ns: u64, decoded_ns: u64) {
+    if rv.commit_ns != 0 {
+        observe(&WATCH_HIST, hist_index(slot, Stage::CommitToProcess), popped_ns.saturating_sub(rv.commit_ns));
+    }
+    if rv.rev >= 0 {
+        emit_hop(WatchRecord {
+            enqueue_ns: decoded_ns,
+            ..hop(Side::InformerProcessed, tgid, rv.rev, rv.commit_ns, popped_ns)
+        });
+    }
 }
 
 /// State of one informer pop's per-delta loop.
@@ -943,16 +951,7 @@ unsafe extern "C" fn process_delta(i: u64, ctx: *mut c_void) -> i64 {
         match (unsafe { INFORMER_JOIN.get(key) }).copied() {
             Some(rv) if rv.rev != REV_PENDING => {
                 let _ = INFORMER_JOIN.remove(key);
-                if rv.commit_ns != 0 {
-                    let t = st.now.saturating_sub(rv.commit_ns);
-                    observe(&WATCH_HIST, hist_index(st.slot, Stage::CommitToProcess), t);
-                }
-                if rv.rev >= 0 {
-                    emit_hop(WatchRecord {
-                        enqueue_ns: queued,
-                        ..hop(Side::InformerProcessed, st.tgid, rv.rev, rv.commit_ns, st.now)
-                    });
-                }
+                join_processed(st.slot, st.tgid, &rv, st.now, queued);
                 ObjStamp { queued_ns: st.now, ..rv }
             }
             // A stale pop of an earlier object at the same address.

@@ -362,6 +362,8 @@ pub struct LineReader {
     child: Child,
     stdin: Option<ChildStdin>,
     lines: Arc<Mutex<Vec<String>>>,
+    /// The thread collecting stdout: done once the pipe reached its end.
+    reader: Option<std::thread::JoinHandle<()>>,
 }
 
 impl LineReader {
@@ -370,13 +372,13 @@ impl LineReader {
         let lines = Arc::new(Mutex::new(Vec::new()));
         let stdout = child.stdout.take().expect("piped stdout");
         let sink = lines.clone();
-        std::thread::spawn(move || {
+        let reader = std::thread::spawn(move || {
             for line in BufReader::new(stdout).lines().map_while(Result::ok) {
                 sink.lock().expect("lines").push(line);
             }
         });
         let stdin = child.stdin.take();
-        Self { child, stdin, lines }
+        Self { child, stdin, lines, reader: Some(reader) }
     }
 
     pub fn pid(&self) -> u32 {
@@ -420,8 +422,10 @@ impl LineReader {
         let deadline = Instant::now() + timeout;
         while Instant::now() < deadline {
             if matches!(self.child.try_wait(), Ok(Some(_))) {
-                // The reader thread drains the pipe to its end.
-                std::thread::sleep(Duration::from_millis(50));
+                // Every line is in once the reader reached the pipe's end.
+                if let Some(r) = self.reader.take() {
+                    let _ = r.join();
+                }
                 return true;
             }
             std::thread::sleep(Duration::from_millis(20));

@@ -229,26 +229,7 @@ fn plan_kube(insp: &Inspection, plan: &mut WatchPlan) {
     }
     if planned == KUBE_ROLES.len() {
         plan_kube_write(insp, plan);
-    }
-    if planned == KUBE_ROLES.len()
-        && let Some(p) = insp.probes_for(Role::KubeWatcherTerminated).next()
-    {
-        // Optional: counted when present. It names the watcher it closes
-        // (for the chains of the events that watcher will never get) only
-        // where this binary's code was seen to load the closure's first
-        // capture, `c *cacheWatcher`, from the context register.
-        let mut cfg =
-            WatchProbeConfig { g_in_reg: u32::from(insp.g_register.is_some()), ..WatchProbeConfig::default() };
-        let code = insp.bytes_at(p.file_offset, p.size.clamp(1, 64) as usize);
-        if insp.arch == Arch::X86_64
-            && insp.abi == Some(Abi::Register)
-            && code.is_some_and(|c| prologue::amd64_loads_context(c, p.address, CLOSURE_FIRST_CAPTURE))
-        {
-            cfg.args[0] = ArgLoc { kind: ARG_REG, off: WatchReg::Rdx as u32 };
-            cfg.closure_watcher_off = CLOSURE_FIRST_CAPTURE as u32;
-        }
-        let site = entry_watch_site(insp, p, Role::KubeWatcherTerminated, "kube_terminated", cfg);
-        plan.record(Role::KubeWatcherTerminated, Some(p.symbol.clone()), site);
+        plan_kube_terminated(insp, plan);
     }
     // The queue and result-channel probes only make sense together (an
     // event is live when it was queued): all three sites or none.
@@ -264,6 +245,26 @@ fn plan_kube(insp: &Inspection, plan: &mut WatchPlan) {
         }
         plan.withdraw(&KUBE_ROLES, "the API server's other watch-path functions cannot be probed");
     }
+}
+
+/// The cacher's close of an unresponsive watcher. Optional: counted when
+/// present. It names the watcher it closes (for the chains of the events
+/// that watcher will never get) only where this binary's code was seen to
+/// load the closure's first capture, `c *cacheWatcher`, from the context
+/// register.
+fn plan_kube_terminated(insp: &Inspection, plan: &mut WatchPlan) {
+    let Some(p) = insp.probes_for(Role::KubeWatcherTerminated).next() else { return };
+    let mut cfg = WatchProbeConfig { g_in_reg: u32::from(insp.g_register.is_some()), ..WatchProbeConfig::default() };
+    let code = insp.bytes_at(p.file_offset, p.size.clamp(1, 64) as usize);
+    if insp.arch == Arch::X86_64
+        && insp.abi == Some(Abi::Register)
+        && code.is_some_and(|c| prologue::amd64_loads_context(c, p.address, CLOSURE_FIRST_CAPTURE))
+    {
+        cfg.args[0] = ArgLoc { kind: ARG_REG, off: WatchReg::Rdx as u32 };
+        cfg.closure_watcher_off = CLOSURE_FIRST_CAPTURE as u32;
+    }
+    let site = entry_watch_site(insp, p, Role::KubeWatcherTerminated, "kube_terminated", cfg);
+    plan.record(Role::KubeWatcherTerminated, Some(p.symbol.clone()), site);
 }
 
 /// The watch handler's writes, joined to the dispatched event by the object
@@ -283,19 +284,7 @@ fn plan_kube_write(insp: &Inspection, plan: &mut WatchPlan) {
                 Err("the goroutine is not in a register in this binary (stack ABI)".to_string())
             }
             (Some(p), Ok(_)) => {
-                let mut cfg = WatchProbeConfig { g_in_reg: 1, ..WatchProbeConfig::default() };
-                let args = if role == Role::KubeWatchEncode {
-                    catalog_read(p, "obj_type").and_then(direct).and_then(|t| {
-                        cfg.args[0] = t;
-                        catalog_read(p, "obj").and_then(direct)
-                    })
-                } else {
-                    Ok(ArgLoc::default())
-                };
-                args.and_then(|obj| {
-                    cfg.args[1] = obj;
-                    entry_watch_site(insp, p, role, program, cfg)
-                })
+                kube_write_config(p, role).and_then(|cfg| entry_watch_site(insp, p, role, program, cfg))
             }
         };
         ok &= plan.record(role, probe.map(|p| p.symbol.clone()), result);
@@ -312,25 +301,6 @@ fn plan_kube_write(insp: &Inspection, plan: &mut WatchPlan) {
         }
         _ => plan.withdraw(&KUBE_WRITE_ROLES, "the watch handler's other function cannot be probed"),
     }
-}
-
-/// `watchCacheEvent.Object` and `.PrevObject`, both `runtime.Object`
-/// interfaces, from the binary's type descriptor.
-pub fn cache_event_objects(insp: &Inspection) -> Result<(u32, u32), String> {
-    let l = insp.struct_layout_in(CACHE_EVENT_TYPE, Some(CACHE_EVENT_PKG)).map_err(|e| {
-        format!("no readable type descriptor for {CACHE_EVENT_TYPE} ({e}): its layout is not identified")
-    })?;
-    let field = |name: &str| -> Result<u32, String> {
-        let f = l.field(name).ok_or_else(|| format!("{CACHE_EVENT_TYPE} has no field {name} in this binary"))?;
-        if f.type_name != "runtime.Object" || f.size != 16 {
-            return Err(format!(
-                "{CACHE_EVENT_TYPE}.{name} is a {} of {} bytes in this binary, not a runtime.Object",
-                f.type_name, f.size
-            ));
-        }
-        narrow(f.offset)
-    };
-    Ok((field("Object")?, field("PrevObject")?))
 }
 
 /// A client-go reflector's queue pushes (every variant present) and its
@@ -429,10 +399,38 @@ fn informer_site(insp: &Inspection, p: &Probe, role: Role, program: &'static str
 /// `watchCacheEvent.Type` and `.ResourceVersion` from the binary's type
 /// descriptor, checked for the field types the kernel reads.
 pub fn cache_event_layout(insp: &Inspection) -> Result<(u32, u32), String> {
+    let [ty, rv] = cache_event_fields(insp, [("Type", "watch.EventType", 16), ("ResourceVersion", "uint64", 8)])?;
+    Ok((ty, rv))
+}
+
+/// What the watch handler's probes read: `Encode` the event's object (its
+/// interface words), the write nothing; both the goroutine.
+fn kube_write_config(p: &Probe, role: Role) -> Result<WatchProbeConfig, String> {
+    let mut cfg = WatchProbeConfig { g_in_reg: 1, ..WatchProbeConfig::default() };
+    if role == Role::KubeWatchEncode {
+        cfg.args[0] = direct(catalog_read(p, "obj_type")?)?;
+        cfg.args[1] = direct(catalog_read(p, "obj")?)?;
+    }
+    Ok(cfg)
+}
+
+/// `watchCacheEvent.Object` and `.PrevObject`, both `runtime.Object`
+/// interfaces, from the binary's type descriptor.
+pub fn cache_event_objects(insp: &Inspection) -> Result<(u32, u32), String> {
+    let [obj, prev] =
+        cache_event_fields(insp, [("Object", "runtime.Object", 16), ("PrevObject", "runtime.Object", 16)])?;
+    Ok((obj, prev))
+}
+
+/// The offsets of `watchCacheEvent` fields (name, Go type, size) from the
+/// binary's type descriptor, each checked to have the type and size the
+/// kernel reads.
+fn cache_event_fields<const N: usize>(insp: &Inspection, want: [(&str, &str, u64); N]) -> Result<[u32; N], String> {
     let l = insp.struct_layout_in(CACHE_EVENT_TYPE, Some(CACHE_EVENT_PKG)).map_err(|e| {
         format!("no readable type descriptor for {CACHE_EVENT_TYPE} ({e}): its layout is not identified")
     })?;
-    let field = |name: &str, type_name: &str, size: u64| -> Result<u32, String> {
+    let mut out = [0; N];
+    for (o, (name, type_name, size)) in out.iter_mut().zip(want) {
         let f = l.field(name).ok_or_else(|| format!("{CACHE_EVENT_TYPE} has no field {name} in this binary"))?;
         if f.type_name != type_name || f.size != size {
             return Err(format!(
@@ -440,9 +438,9 @@ pub fn cache_event_layout(insp: &Inspection) -> Result<(u32, u32), String> {
                 f.type_name, f.size
             ));
         }
-        narrow(f.offset)
-    };
-    Ok((field("Type", "watch.EventType", 16)?, field("ResourceVersion", "uint64", 8)?))
+        *o = narrow(f.offset)?;
+    }
+    Ok(out)
 }
 
 fn kube_site(

@@ -475,9 +475,11 @@ pub struct Chains {
     /// server stream → client stream, learned from joined events.
     pairs: HashMap<Stream, Stream>,
     /// API server watchers (API server, watcher address) the API server
-    /// terminated for being unresponsive, oldest first: the events offered
-    /// to them that they never sent are lost.
-    terminated: VecDeque<(u32, i64)>,
+    /// terminated for being unresponsive: the events offered to them that
+    /// they never sent are lost. Looked up per offer when a chain is
+    /// judged; `terminated_order` bounds it, oldest out first.
+    terminated: HashSet<(u32, i64)>,
+    terminated_order: VecDeque<(u32, i64)>,
     /// Revision → the member of its chain (pending or judged), for records
     /// that know only the revision (the Kubernetes path). One cluster per
     /// node, as in the kernel.
@@ -507,7 +509,8 @@ impl Chains {
             judged_order: VecDeque::new(),
             pairs: HashMap::new(),
             by_rev: HashMap::new(),
-            terminated: VecDeque::new(),
+            terminated: HashSet::new(),
+            terminated_order: VecDeque::new(),
             orphan_windows: VecDeque::new(),
             awaiting_window: HashMap::new(),
             counts: ChainCounts::default(),
@@ -556,10 +559,15 @@ impl Chains {
     pub fn on_watch(&mut self, r: &WatchRecord) {
         if r.side == Side::ApiserverTerminated as u32 {
             // About a watcher, not one event.
-            if self.terminated.len() >= MAX_PAIRS {
-                self.terminated.pop_front();
+            let w = (r.tgid, r.watch_id);
+            if self.terminated.insert(w) {
+                self.terminated_order.push_back(w);
+                if self.terminated_order.len() > MAX_PAIRS
+                    && let Some(old) = self.terminated_order.pop_front()
+                {
+                    self.terminated.remove(&old);
+                }
             }
-            self.terminated.push_back((r.tgid, r.watch_id));
             return;
         }
         let kube = KubeKind::of(r.side);
