@@ -35,9 +35,10 @@ pub fn informer() -> &'static Path {
     B.get_or_init(|| build("informer", "wsc-informer"))
 }
 
-/// `tests/fixtures/go-k8s/src/operator`: a dynamic informer on the custom
-/// resource whose update handler grows a `map[int][256]byte`, built
-/// stripped as `wsk-operator`.
+/// `tests/fixtures/go-k8s/src/operator`: an informer on the custom
+/// resource (typed `EtcdCluster` objects; Unstructured with `-dynamic`)
+/// whose update handler grows a `map[int][256]byte`, built stripped as
+/// `wsk-operator`.
 pub fn operator() -> &'static Path {
     static B: OnceLock<PathBuf> = OnceLock::new();
     B.get_or_init(|| build("operator", "wsk-operator"))

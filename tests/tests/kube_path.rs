@@ -18,6 +18,7 @@ use watchscope_integration_tests::{
 const FAMILY: &str = "watchscope_watch_stage_seconds";
 const API: &str = "wsk-apiserver";
 const OPERATOR: &str = "wsk-operator";
+const DYNAMIC_OPERATOR: &str = "wsk-dynop";
 
 fn events(text: &str, side: &str, comm: &str) -> f64 {
     sample_value(text, &format!("watchscope_watch_events_total{{side=\"{side}\",comm=\"{comm}\"}}")).unwrap_or(0.0)
@@ -41,14 +42,11 @@ struct Counts {
     commit_to_watcher: f64,
     cache_to_watcher: f64,
     dispatch: f64,
-    informer: f64,
-    commit_to_decode: f64,
-    processed: f64,
-    commit_to_process: f64,
-    decode_to_process: f64,
-    handled: f64,
-    commit_to_handler: f64,
-    process_to_handler: f64,
+    /// The operator's informer (typed objects).
+    op: Informer,
+    /// A second operator's dynamic informer (Unstructured objects), where
+    /// a test starts one.
+    dynop: Informer,
     written: f64,
     offered: f64,
     commit_to_write: f64,
@@ -65,18 +63,69 @@ impl Counts {
             commit_to_watcher: stage(text, "commit_to_watcher", API).count(),
             cache_to_watcher: stage(text, "cache_to_watcher", API).count(),
             dispatch: events(text, "client", API),
-            informer: events(text, "informer", OPERATOR),
-            commit_to_decode: stage(text, "commit_to_decode", OPERATOR).count(),
-            processed: events(text, "informer_processed", OPERATOR),
-            commit_to_process: stage(text, "commit_to_process", OPERATOR).count(),
-            decode_to_process: stage(text, "decode_to_process", OPERATOR).count(),
-            handled: events(text, "informer_handled", OPERATOR),
-            commit_to_handler: stage(text, "commit_to_handler", OPERATOR).count(),
-            process_to_handler: stage(text, "process_to_handler", OPERATOR).count(),
+            op: Informer::of(text, OPERATOR),
+            dynop: Informer::of(text, DYNAMIC_OPERATOR),
             written: events(text, "apiserver_written", API),
             offered: events(text, "apiserver_offered", API),
             commit_to_write: stage(text, "commit_to_write", API).count(),
             cache_to_write: stage(text, "cache_to_write", API).count(),
+        }
+    }
+}
+
+/// What one client-go informer's stages have counted so far.
+#[derive(Debug, Clone, Copy, PartialEq)]
+struct Informer {
+    informer: f64,
+    commit_to_decode: f64,
+    processed: f64,
+    commit_to_process: f64,
+    decode_to_process: f64,
+    handled: f64,
+    commit_to_handler: f64,
+    process_to_handler: f64,
+}
+
+impl Informer {
+    fn of(text: &str, comm: &str) -> Informer {
+        Informer {
+            informer: events(text, "informer", comm),
+            commit_to_decode: stage(text, "commit_to_decode", comm).count(),
+            processed: events(text, "informer_processed", comm),
+            commit_to_process: stage(text, "commit_to_process", comm).count(),
+            decode_to_process: stage(text, "decode_to_process", comm).count(),
+            handled: events(text, "informer_handled", comm),
+            commit_to_handler: stage(text, "commit_to_handler", comm).count(),
+            process_to_handler: stage(text, "process_to_handler", comm).count(),
+        }
+    }
+
+    /// Each count of `self` less the one of `before`.
+    fn since(&self, before: &Informer) -> Informer {
+        Informer {
+            informer: self.informer - before.informer,
+            commit_to_decode: self.commit_to_decode - before.commit_to_decode,
+            processed: self.processed - before.processed,
+            commit_to_process: self.commit_to_process - before.commit_to_process,
+            decode_to_process: self.decode_to_process - before.decode_to_process,
+            handled: self.handled - before.handled,
+            commit_to_handler: self.commit_to_handler - before.commit_to_handler,
+            process_to_handler: self.process_to_handler - before.process_to_handler,
+        }
+    }
+
+    /// `n` of each: every event decoded, processed and handled once, and
+    /// timed at each stage.
+    fn each(n: f64) -> Informer {
+        Informer {
+            informer: n,
+            commit_to_decode: n,
+            processed: n,
+            commit_to_process: n,
+            decode_to_process: n,
+            handled: n,
+            commit_to_handler: n,
+            process_to_handler: n,
         }
     }
 }
@@ -99,27 +148,31 @@ fn settled(agent: &Agent) -> Counts {
 #[test]
 fn every_update_is_timed_from_commit_to_cache_and_to_each_watcher() {
     const N: u64 = 20;
-    let agent = Agent::start(&["--comm", &format!("wse-k8s,{API},{OPERATOR},wsk-kubectl")]);
+    let agent = Agent::start(&["--comm", &format!("wse-k8s,{API},{OPERATOR},{DYNAMIC_OPERATOR},wsk-kubectl")]);
     let etcd = Etcd::start_build(Build::Sid3530, "wse-k8s", "wsc-k8sctl");
     let api = ApiServer::start(&etcd, API);
     wait_attached(&agent, &[etcd.pid(), api.pid()]);
 
     let rv0 = api.create("main");
-    // Three watchers: two plain HTTP watches from the creation's revision
-    // and the operator's informer (list, then watch). The first update
-    // tells that all are registered with the cacher.
+    // Five watchers: two plain HTTP watches from the creation's revision,
+    // kubectl, and two operators' informers (list, then watch), one typed
+    // and one dynamic. The first update tells that all are registered
+    // with the cacher.
     let w1 = api.watch("wsk-watch1", rv0);
     let w2 = api.watch("wsk-watch2", rv0);
     let op = api.operator(OPERATOR, &["-grow=64"]);
+    let dynop = api.operator(DYNAMIC_OPERATOR, &["-dynamic"]);
     let kubectl = api.kubectl_watch("wsk-kubectl");
-    wait_attached(&agent, &[op.pid()]);
+    wait_attached(&agent, &[op.pid(), dynop.pid()]);
     api.patch_size("main", 1000);
     let modified = |l: &str| event_type(l).as_deref() == Some("MODIFIED");
     let handled = |l: &str| l.starts_with("handled update main ");
     for w in [&w1, &w2] {
         assert_eq!(w.wait_count(modified, 1, Duration::from_secs(20)), 1, "{:?}\n{}", w.lines(), api.log());
     }
-    assert_eq!(op.wait_count(handled, 1, Duration::from_secs(20)), 1, "{:?}", op.lines());
+    for o in [&op, &dynop] {
+        assert_eq!(o.wait_count(handled, 1, Duration::from_secs(20)), 1, "{:?}", o.lines());
+    }
     // kubectl lists, then watches from the list's revision: the first
     // update may reach it live or replayed, but once it printed it, its
     // watch is registered.
@@ -133,10 +186,12 @@ fn every_update_is_timed_from_commit_to_cache_and_to_each_watcher() {
     for w in [&w1, &w2] {
         assert_eq!(w.wait_count(modified, 1 + N as usize, Duration::from_secs(30)), 1 + N as usize);
     }
-    assert_eq!(op.wait_count(handled, 1 + N as usize, Duration::from_secs(30)), 1 + N as usize);
+    for o in [&op, &dynop] {
+        assert_eq!(o.wait_count(handled, 1 + N as usize, Duration::from_secs(30)), 1 + N as usize);
+    }
     assert_eq!(kubectl.wait_count(|l| l.contains("main"), 1 + N as usize, Duration::from_secs(30)), 1 + N as usize);
     assert!(wait_until(Duration::from_secs(10), || {
-        Counts::of(&agent.metrics()).watcher >= before.watcher + 4.0 * N as f64
+        Counts::of(&agent.metrics()).watcher >= before.watcher + 5.0 * N as f64
     }));
     let after = settled(&agent);
     let text = agent.metrics();
@@ -148,31 +203,27 @@ fn every_update_is_timed_from_commit_to_cache_and_to_each_watcher() {
     assert_eq!(after.dispatch - before.dispatch, n, "{after:?} {before:?}");
     assert_eq!(after.cache - before.cache, n, "{after:?} {before:?}");
     assert_eq!(after.commit_to_cache - before.commit_to_cache, n, "{after:?} {before:?}");
-    // Four watchers: two curl, kubectl, the operator's informer.
-    assert_eq!(after.watcher - before.watcher, 4.0 * n, "{after:?} {before:?}");
+    // Five watchers: two curl, kubectl, the operators' informers.
+    assert_eq!(after.watcher - before.watcher, 5.0 * n, "{after:?} {before:?}");
     // No watcher filters: each was offered each event once.
-    assert_eq!(after.offered - before.offered, 4.0 * n, "{after:?} {before:?}");
-    assert_eq!(after.commit_to_watcher - before.commit_to_watcher, 4.0 * n, "{after:?} {before:?}");
-    assert_eq!(after.cache_to_watcher - before.cache_to_watcher, 4.0 * n, "{after:?} {before:?}");
+    assert_eq!(after.offered - before.offered, 5.0 * n, "{after:?} {before:?}");
+    assert_eq!(after.commit_to_watcher - before.commit_to_watcher, 5.0 * n, "{after:?} {before:?}");
+    assert_eq!(after.cache_to_watcher - before.cache_to_watcher, 5.0 * n, "{after:?} {before:?}");
     // ... and written to each one's HTTP stream (HTTP/1.1 for curl, HTTP/2
     // for client-go), joined by the object the cacher dispatched.
-    assert_eq!(after.written - before.written, 4.0 * n, "{after:?} {before:?}");
-    assert_eq!(after.commit_to_write - before.commit_to_write, 4.0 * n, "{after:?} {before:?}");
-    assert_eq!(after.cache_to_write - before.cache_to_write, 4.0 * n, "{after:?} {before:?}");
-    // The operator's reflector decoded and queued each update once; its
-    // objects are Unstructured, yet every one is timed from its commit.
-    // kubectl watches without an informer: nothing of it counts there.
+    assert_eq!(after.written - before.written, 5.0 * n, "{after:?} {before:?}");
+    assert_eq!(after.commit_to_write - before.commit_to_write, 5.0 * n, "{after:?} {before:?}");
+    assert_eq!(after.cache_to_write - before.cache_to_write, 5.0 * n, "{after:?} {before:?}");
+    // Each operator's reflector decoded and queued each update once, its
+    // informer took each off the queue once (joined by object) and its one
+    // handler started on each once: the typed operator's `EtcdCluster`
+    // objects and the dynamic one's Unstructured alike, every one timed
+    // from its commit (the revision is read from the reflector, never
+    // from the object). kubectl watches without an informer: nothing of
+    // it counts there.
     assert_eq!(events(&text, "informer", "wsk-kubectl"), 0.0);
-    assert_eq!(after.informer - before.informer, n, "{after:?} {before:?}");
-    assert_eq!(after.commit_to_decode - before.commit_to_decode, n, "{after:?} {before:?}");
-    // ... and its informer took each off the queue once, joined by object.
-    assert_eq!(after.processed - before.processed, n, "{after:?} {before:?}");
-    assert_eq!(after.commit_to_process - before.commit_to_process, n, "{after:?} {before:?}");
-    assert_eq!(after.decode_to_process - before.decode_to_process, n, "{after:?} {before:?}");
-    // ... and its one handler started on each once, joined by object.
-    assert_eq!(after.handled - before.handled, n, "{after:?} {before:?}");
-    assert_eq!(after.commit_to_handler - before.commit_to_handler, n, "{after:?} {before:?}");
-    assert_eq!(after.process_to_handler - before.process_to_handler, n, "{after:?} {before:?}");
+    assert_eq!(after.op.since(&before.op), Informer::each(n), "typed: {after:?} {before:?}");
+    assert_eq!(after.dynop.since(&before.dynop), Informer::each(n), "dynamic: {after:?} {before:?}");
     assert_eq!(after.replayed, before.replayed, "no watch started: nothing replayed");
     for reason in [
         "cache_commit_miss",
@@ -237,10 +288,10 @@ fn a_stopped_operator_shows_in_its_decode_stage_and_not_in_the_api_server() {
     // SAFETY: as above.
     assert_eq!(unsafe { libc::kill(op.pid() as i32, libc::SIGCONT) }, 0);
     assert_eq!(op.wait_count(handled, 2, Duration::from_secs(20)), 2, "{:?}", op.lines());
-    assert!(wait_until(Duration::from_secs(10), || Counts::of(&agent.metrics()).informer > before.informer));
+    assert!(wait_until(Duration::from_secs(10), || Counts::of(&agent.metrics()).op.informer > before.op.informer));
     let after = settled(&agent);
     let text = agent.metrics();
-    assert_eq!(after.informer - before.informer, 1.0, "{after:?}");
+    assert_eq!(after.op.informer - before.op.informer, 1.0, "{after:?}");
     assert_eq!(after.watcher - before.watcher, 1.0, "{after:?}");
     let decode = |t: &str| stage(t, "commit_to_decode", OPERATOR);
     let watcher = |t: &str| stage(t, "commit_to_watcher", API);
@@ -293,11 +344,11 @@ fn a_slow_handler_shows_in_the_handler_stages_and_its_window_not_in_the_api_serv
     let spread = start.elapsed().as_secs_f64();
     assert!(spread < D / 2.0, "two PATCHes took {spread} s: no ground truth for D = {D}");
     assert_eq!(op.wait_count(handled, 3, Duration::from_secs(20)), 3, "{:?}", op.lines());
-    assert!(wait_until(Duration::from_secs(10), || Counts::of(&agent.metrics()).handled >= before.handled + 2.0));
+    assert!(wait_until(Duration::from_secs(10), || Counts::of(&agent.metrics()).op.handled >= before.op.handled + 2.0));
     let after = settled(&agent);
     let text = agent.metrics();
     eprintln!("before {before:?}\nafter  {after:?}\nspread {spread:.3} s");
-    assert_eq!(after.handled - before.handled, 2.0, "{after:?}");
+    assert_eq!(after.op.handled - before.op.handled, 2.0, "{after:?}");
     assert_eq!(after.watcher - before.watcher, 2.0, "{after:?}");
     let new = |t: &str, name: &str, f: &dyn Fn(&Buckets) -> f64| {
         f(&stage(t, name, OPERATOR)) - f(&stage(&text0, name, OPERATOR))
@@ -517,7 +568,7 @@ fn an_api_server_and_operator_restart_are_picked_up_within_a_second_and_counts_s
         assert_eq!(op.wait_count(handled, 1 + N as usize, Duration::from_secs(20)), 1 + N as usize);
         assert!(wait_until(Duration::from_secs(10), || {
             let c = Counts::of(&agent.metrics());
-            c.watcher >= mid.watcher + 2.0 * N as f64 && c.handled >= mid.handled + N as f64
+            c.watcher >= mid.watcher + 2.0 * N as f64 && c.op.handled >= mid.op.handled + N as f64
         }));
         let after = settled(&agent);
         let n = N as f64;
@@ -527,11 +578,11 @@ fn an_api_server_and_operator_restart_are_picked_up_within_a_second_and_counts_s
         assert_eq!(after.commit_to_watcher - mid.commit_to_watcher, 2.0 * n, "round {round}: {after:?} {mid:?}");
         assert_eq!(after.written - mid.written, 2.0 * n, "round {round}: {after:?} {mid:?}");
         for (what, d) in [
-            ("informer", after.informer - mid.informer),
-            ("commit_to_decode", after.commit_to_decode - mid.commit_to_decode),
-            ("processed", after.processed - mid.processed),
-            ("handled", after.handled - mid.handled),
-            ("commit_to_handler", after.commit_to_handler - mid.commit_to_handler),
+            ("informer", after.op.informer - mid.op.informer),
+            ("commit_to_decode", after.op.commit_to_decode - mid.op.commit_to_decode),
+            ("processed", after.op.processed - mid.op.processed),
+            ("handled", after.op.handled - mid.op.handled),
+            ("commit_to_handler", after.op.commit_to_handler - mid.op.commit_to_handler),
         ] {
             assert_eq!(d, n, "round {round} {what}: {after:?} {mid:?}");
         }

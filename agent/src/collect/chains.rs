@@ -2,8 +2,11 @@
 //! closed windows of `WS_WINDOW_RECORDS`, joined per revision into one path
 //! per watch event — commit → enqueue → send (per watcher, on a server on
 //! this node) → dispatch (per client process on this node) → handler window
-//! (the `etcd_dispatch` window on the dispatching goroutine) — and judged
-//! `complete`, `slow` or `broken`.
+//! (the `etcd_dispatch` window on the dispatching goroutine) — and on through
+//! a Kubernetes API server to each client-go informer's handler, whose user
+//! window (`--window`) joins the handler call it ran in (the latest handler
+//! start on its goroutine: a listener runs its handlers one at a time) —
+//! and judged `complete`, `slow` or `broken`.
 //!
 //! Pure logic: no kernel, no clock of its own (every call takes `now` in
 //! CLOCK_MONOTONIC nanoseconds, the clock of `bpf_ktime_get_ns`), so it is
@@ -246,6 +249,9 @@ pub struct KubeHop {
     /// The watcher (`cacheWatcher` address) of a `Watcher` hop, else 0.
     pub watcher: i64,
     pub at_ns: u64,
+    /// A `Handler` hop's user window (`--window`) that ran inside that
+    /// handler call, the longest where several did.
+    pub window: Option<WindowSpan>,
 }
 
 /// A dispatch (or an API server watcher's result-channel send) that was
@@ -384,6 +390,10 @@ impl Chain {
             }
             .or(commit);
             put(column, at, from.map(|f| at.saturating_sub(f)));
+            // The handler's own work, as an etcd client's dispatch window.
+            if let Some(w) = h.window {
+                put(HANDLER, w.end_ns, Some(w.end_ns.saturating_sub(w.start_ns)));
+            }
         }
         for m in &self.missing {
             v[m.column].mark = Mark::Broken;
@@ -417,7 +427,7 @@ impl Chain {
             .iter()
             .map(|x| x.at_ns)
             .chain(self.dispatches.iter().map(|d| d.window.map_or(d.at_ns, |w| w.end_ns.max(d.at_ns))))
-            .chain(self.kube.iter().map(|h| h.at_ns))
+            .chain(self.kube.iter().map(|h| h.window.map_or(h.at_ns, |w| w.end_ns.max(h.at_ns))))
             .max()
             .unwrap_or(self.origin_ns);
         last.saturating_sub(self.origin_ns)
@@ -491,6 +501,10 @@ pub struct Chains {
     /// pending chain (that pass cost the agent 38 % of a core at 2,500
     /// events/s in `cargo xtask bench etcd`).
     awaiting_window: HashMap<Stream, BTreeSet<(u64, u64, i64)>>,
+    /// Per informer listener goroutine, its latest handler call in a
+    /// pending chain: (start, chain key). At most one per goroutine, gone
+    /// when the chain is judged.
+    handler_calls: HashMap<Stream, (u64, (u64, i64))>,
     counts: ChainCounts,
     /// The worst judged chains (at most `settings.keep`).
     kept: Vec<Chain>,
@@ -513,6 +527,7 @@ impl Chains {
             terminated_order: VecDeque::new(),
             orphan_windows: VecDeque::new(),
             awaiting_window: HashMap::new(),
+            handler_calls: HashMap::new(),
             counts: ChainCounts::default(),
             kept: Vec::new(),
             max: RecordMax::default(),
@@ -621,7 +636,16 @@ impl Chains {
         let stream = (r.tgid, r.g);
         if let Some(kind) = kube {
             if c.kube.len() < MAX_HOPS {
-                c.kube.push(KubeHop { kind, tgid: r.tgid, g: r.g, watcher: r.watch_id, at_ns: r.at_ns });
+                c.kube.push(KubeHop { kind, tgid: r.tgid, g: r.g, watcher: r.watch_id, at_ns: r.at_ns, window: None });
+                // The latest handler call on its goroutine: a user window
+                // that starts on it from now on ran inside this call
+                // (a listener runs its handlers one after another).
+                if kind == KubeKind::Handler
+                    && r.g != 0
+                    && self.handler_calls.get(&stream).is_none_or(|(at, _)| *at <= r.at_ns)
+                {
+                    self.handler_calls.insert(stream, (r.at_ns, key));
+                }
             } else {
                 self.counts.hops_dropped += 1;
             }
@@ -665,11 +689,12 @@ impl Chains {
         let d = w.end_ns.saturating_sub(w.start_ns);
         let m = self.max.windows.entry(w.window).or_default();
         *m = (*m).max(d);
-        if w.window != DISPATCH_WINDOW {
-            return;
-        }
         let stream = (w.tgid, w.g);
         let span = WindowSpan { start_ns: w.start_ns, end_ns: w.end_ns, inner: w.inner };
+        if w.window != DISPATCH_WINDOW {
+            self.join_handler_window(stream, span);
+            return;
+        }
         // Its dispatches may already be in pending chains (the usual order).
         // A window that ends before it starts (a corrupt record: the kernel
         // stamps both with one monotonic clock) contains no dispatch, and
@@ -698,6 +723,24 @@ impl Chains {
                 self.counts.windows_evicted += 1;
             }
             self.orphan_windows.push_back((stream, span));
+        }
+    }
+
+    /// A user window joins the informer handler call it ran in: the latest
+    /// handler hop on its goroutine that started before it.
+    fn join_handler_window(&mut self, stream: Stream, span: WindowSpan) {
+        let Some(&(at, key)) = self.handler_calls.get(&stream) else { return };
+        if at > span.start_ns || span.start_ns > span.end_ns {
+            return;
+        }
+        let Some(p) = self.pending.get_mut(&key) else { return };
+        let len = |w: &WindowSpan| w.end_ns - w.start_ns;
+        for h in
+            p.chain.kube.iter_mut().filter(|h| h.kind == KubeKind::Handler && (h.tgid, h.g) == stream && h.at_ns == at)
+        {
+            if h.window.is_none_or(|w| len(&w) < len(&span)) {
+                h.window = Some(span);
+            }
         }
     }
 
@@ -810,7 +853,7 @@ impl Chains {
 
     fn judge(&mut self, p: Pending) {
         let mut c = p.chain;
-        self.forget_dispatches(&c);
+        self.forget_windows(&c);
         c.missing = self.missing(&c);
         c.outcome = if !c.missing.is_empty() {
             Outcome::Broken
@@ -852,7 +895,7 @@ impl Chains {
         if let Some((&(d, m, r), _)) = self.order.iter().next() {
             self.order.remove(&(d, m, r));
             if let Some(p) = self.pending.remove(&(m, r)) {
-                self.forget_dispatches(&p.chain);
+                self.forget_windows(&p.chain);
             }
             self.forget_rev((m, r));
             self.counts.evicted += 1;
@@ -865,10 +908,17 @@ impl Chains {
         }
     }
 
-    /// A chain leaves: its dispatches no longer wait for a window.
-    fn forget_dispatches(&mut self, c: &Chain) {
+    /// A chain leaves: its dispatches and handler calls no longer wait for
+    /// a window.
+    fn forget_windows(&mut self, c: &Chain) {
         for d in c.dispatches.iter().filter(|d| d.window.is_none()) {
             self.forget_awaiting(d.stream, (d.at_ns, c.member, c.rev));
+        }
+        for h in c.kube.iter().filter(|h| h.kind == KubeKind::Handler) {
+            let stream = (h.tgid, h.g);
+            if self.handler_calls.get(&stream).is_some_and(|(_, key)| *key == (c.member, c.rev)) {
+                self.handler_calls.remove(&stream);
+            }
         }
     }
 
@@ -1274,5 +1324,47 @@ mod tests {
         let v = k[0].view(&settings());
         assert_eq!((v[WATCHER].mark, v[WATCHER].at_ns.is_some()), (Mark::Broken, true));
         assert_eq!(k[0].watchers(), 1, "offers are not watchers reached");
+    }
+
+    #[test]
+    fn a_user_window_joins_the_informer_handler_call_it_ran_in() {
+        const OP: u32 = 400;
+        const LISTENER: u64 = 0x40;
+        let handler = |rev: i64, at: u64| WatchRecord { g: LISTENER, ..hop(Side::InformerHandled, OP, rev, 0, at) };
+        let user = |start: u64, end: u64, win: u32| WindowRecord { window: win, ..window((OP, LISTENER), start, end) };
+        let mut c = Chains::new(settings());
+        // Rev 1: the handler starts at 5 ms; its `handleUpdate` window runs
+        // 5.1 → 305 ms (an inner window 6 → 7 ms first), then rev 2's
+        // handler starts at 306 ms on the same listener.
+        c.on_watch(&hop(Side::InformerProcessed, OP, 1, MS, 4 * MS));
+        c.on_watch(&handler(1, 5 * MS));
+        c.on_window(&user(6 * MS, 7 * MS, 2));
+        c.on_window(&user(5 * MS + 100, 305 * MS, 1));
+        c.on_watch(&hop(Side::InformerProcessed, OP, 2, 305 * MS, 305 * MS + 1));
+        c.on_watch(&handler(2, 306 * MS));
+        // A window on another goroutine of the operator, or one that began
+        // before the handler call, is not the handler's.
+        c.on_window(&WindowRecord { g: 0x99, ..user(307 * MS, 900 * MS, 1) });
+        c.on_window(&user(305 * MS, 308 * MS, 1));
+        // The etcd client's dispatch window never joins a handler.
+        c.on_window(&user(306 * MS, 2_000 * MS, DISPATCH_WINDOW));
+        c.on_window(&user(306 * MS + 10, 310 * MS, 1));
+        c.expire(u64::MAX, ALIVE);
+        let k = c.kept();
+        let of = |rev: i64| k.iter().find(|ch| ch.rev == rev).expect("chain");
+        let win = |rev: i64| of(rev).kube.iter().find(|h| h.kind == KubeKind::Handler).and_then(|h| h.window);
+        assert_eq!(win(1).map(|w| (w.start_ns, w.end_ns)), Some((5 * MS + 100, 305 * MS)), "the longest window");
+        assert_eq!(win(2).map(|w| (w.start_ns, w.end_ns)), Some((306 * MS + 10, 310 * MS)));
+        // The handler column ends with the window and is marked by its
+        // length: 300 ms is slow (warn at 100 ms), 4 ms is not.
+        let v = of(1).view(&settings());
+        assert_eq!((v[HANDLER].at_ns, v[HANDLER].mark), (Some(304 * MS), Mark::Warn));
+        assert_eq!(v[HANDLER].hop_ns, 300 * MS - 100);
+        assert_eq!(of(1).span_ns(), 304 * MS);
+        let v = of(2).view(&settings());
+        assert_eq!((v[HANDLER].at_ns, v[HANDLER].mark), (Some(5 * MS), Mark::Ok));
+        assert_eq!((of(1).outcome, of(2).outcome), (Outcome::Slow, Outcome::Complete));
+        // Both chains judged: nothing is left waiting for a window.
+        assert!(c.handler_calls.is_empty());
     }
 }

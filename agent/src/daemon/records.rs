@@ -73,43 +73,58 @@ pub async fn records_loop(
 }
 
 fn drain(rings: &mut RecordRings, chains: &Mutex<Chains>, user: &UserCounters) {
-    let mut c = chains.lock().unwrap_or_else(|p| p.into_inner());
+    // The window ring first: a window's record is written when it closes,
+    // after the records of every event inside it (on the same goroutine),
+    // so those are in the watch ring by then and this drain reads them.
+    // Read the other way round, a window that closed between the two reads
+    // would arrive before the hop it contains.
     let mut bad = 0;
-    while let Some(item) = rings.watch.next() {
-        bad += u64::from(!feed_watch(&mut c, &item));
-    }
-    while let Some(item) = rings.windows.next() {
-        bad += u64::from(!feed_window(&mut c, &item));
-    }
+    let windows: Vec<WindowRecord> =
+        std::iter::from_fn(|| rings.windows.next().map(|i| decode_item(&i, "window", decode::record, &mut bad)))
+            .flatten()
+            .collect();
+    let watch: Vec<WatchRecord> =
+        std::iter::from_fn(|| rings.watch.next().map(|i| decode_item(&i, "watch", decode::record, &mut bad)))
+            .flatten()
+            .collect();
+    let mut c = chains.lock().unwrap_or_else(|p| p.into_inner());
+    feed(&mut c, &watch, &windows);
     c.expire(chains::monotonic_now_ns(), &chains::process_alive);
     if bad > 0 {
         user.decode_errors.fetch_add(bad, Ordering::Relaxed);
     }
 }
 
-/// Joins one `WS_WATCH_RECORDS` item into the chains; false when the item is
-/// not a `WatchRecord` (wrong length), which the caller counts.
-fn feed_watch(c: &mut Chains, item: &[u8]) -> bool {
-    match decode::record::<WatchRecord>(item) {
-        Ok(r) => c.on_watch(&r),
+/// One ring item as a `T`, or `None` (counted in `bad`) when it is not one
+/// (wrong length).
+fn decode_item<T>(
+    item: &[u8],
+    ring: &str,
+    decoder: fn(&[u8]) -> Result<T, decode::LengthMismatch>,
+    bad: &mut u64,
+) -> Option<T> {
+    match decoder(item) {
+        Ok(r) => Some(r),
         Err(e) => {
-            tracing::debug!("watch record ring: {e}");
-            return false;
+            tracing::debug!("{ring} record ring: {e}");
+            *bad += 1;
+            None
         }
     }
-    true
 }
 
-/// Joins one `WS_WINDOW_RECORDS` item; false when it is not a `WindowRecord`.
-fn feed_window(c: &mut Chains, item: &[u8]) -> bool {
-    match decode::record::<WindowRecord>(item) {
-        Ok(w) => c.on_window(&w),
-        Err(e) => {
-            tracing::debug!("window record ring: {e}");
-            return false;
+/// Joins watch records and windows into the chains in time order (a
+/// record at its hop, a window at its end): a window then meets every hop
+/// that ran inside it already joined.
+fn feed(c: &mut Chains, watch: &[WatchRecord], windows: &[WindowRecord]) {
+    let mut w = windows.iter().peekable();
+    for r in watch {
+        while let Some(win) = w.next_if(|win| win.end_ns < r.at_ns) {
+            c.on_window(win);
         }
+        c.on_watch(r);
     }
-    true
+    w.for_each(|win| c.on_window(win));
 }
 
 #[cfg(test)]
@@ -177,9 +192,14 @@ mod tests {
                         if round % 2 == 0 { (seed % 4) as u8 } else { seed as u8 }
                     })
                     .collect();
-                for fed in [feed_watch(&mut c, &bytes), feed_window(&mut c, &bytes)] {
-                    if fed { ok += 1 } else { bad += 1 }
-                }
+                let mut n = 0;
+                let watch: Vec<WatchRecord> =
+                    decode_item(&bytes, "watch", decode::record, &mut n).into_iter().collect();
+                let windows: Vec<WindowRecord> =
+                    decode_item(&bytes, "window", decode::record, &mut n).into_iter().collect();
+                feed(&mut c, &watch, &windows);
+                ok += (watch.len() + windows.len()) as u32;
+                bad += n as u32;
             }
             c.expire(seed, &|tgid| tgid % 2 == 0);
             c.finish_ready(&|_| false);
