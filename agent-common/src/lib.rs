@@ -30,6 +30,7 @@ pub mod decode;
 pub mod events;
 pub mod goruntime;
 pub mod hist;
+pub mod jsonscan;
 pub mod sidecar;
 pub mod watch;
 

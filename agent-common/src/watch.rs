@@ -128,11 +128,15 @@ pub enum Side {
     /// watcher, first offers): more than reach the result channels when a
     /// watcher's filter rejects some, or the watcher is terminated.
     ApiserverOffered = 10,
+    /// Watch events a client-go watch client (an informer's reflector,
+    /// kubectl, any user of `Watch`) decoded off its HTTP stream: JSON
+    /// frames of ADDED, MODIFIED and DELETED events, bookmarks apart.
+    ClientDecoded = 11,
 }
 
 impl Side {
-    pub const COUNT: u32 = 11;
-    pub const ALL: [Side; 11] = [
+    pub const COUNT: u32 = 12;
+    pub const ALL: [Side; 12] = [
         Side::Server,
         Side::Client,
         Side::ApiserverCache,
@@ -144,6 +148,7 @@ impl Side {
         Side::InformerHandled,
         Side::ApiserverWritten,
         Side::ApiserverOffered,
+        Side::ClientDecoded,
     ];
 
     /// The `side` label.
@@ -160,6 +165,7 @@ impl Side {
             Side::InformerHandled => "informer_handled",
             Side::ApiserverWritten => "apiserver_written",
             Side::ApiserverOffered => "apiserver_offered",
+            Side::ClientDecoded => "client_decoded",
         }
     }
 }
@@ -288,6 +294,15 @@ pub struct WatchProbeConfig {
     /// seen to load it from there.
     pub closure_watcher_off: u32,
     pub _pad: u32,
+    /// A probe that only counts when called from one function (a JSON
+    /// decode of a watch frame, not every JSON decode): the probed
+    /// instruction's address in the file's own layout, and the caller's
+    /// range there, `[caller_lo, caller_hi)`. The kernel compares the
+    /// return address less the load bias (the probe's runtime address
+    /// less `site_addr`). 0s: any caller.
+    pub site_addr: u64,
+    pub caller_lo: u64,
+    pub caller_hi: u64,
 }
 
 /// Entry probes sit on the conditional jump of the function's stack check:
@@ -535,7 +550,7 @@ pub fn events_index(slot: u32, side: Side) -> u32 {
 }
 
 const _: () = assert!(size_of::<ArgLoc>() == 8);
-const _: () = assert!(size_of::<WatchProbeConfig>() == 120);
+const _: () = assert!(size_of::<WatchProbeConfig>() == 144);
 const _: () = assert!(size_of::<SentObj>() == 16);
 const _: () = assert!(size_of::<RevKey>() == 16);
 const _: () = assert!(size_of::<WatchRevKey>() == 32);

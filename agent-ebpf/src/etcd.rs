@@ -30,6 +30,7 @@ use core::ffi::c_void;
 
 use agent_common::{
     Counter, Histogram,
+    jsonscan::{Frame, FrameScan, SCAN_MAX},
     watch::{
         ARG_NONE, MAX_DELTAS_PER_POP, MAX_EVENTS_PER_RESPONSE, MAX_SLOTS, ObjKey, ObjStamp, Pending, REV_PENDING,
         REV_UNREADABLE, RV_DIGITS, RevKey, STAMP_ENTRIES, SentObj, Side, Stage, Stamp, WatchProbeConfig, WatchRecord,
@@ -50,7 +51,7 @@ use aya_ebpf::{
 
 use crate::{
     maps::{add, count, current_slot, observe, record_on},
-    regs::{G_SLOT, arg, flags, read_u64, reg},
+    regs::{G_SLOT, arg, entry_return_address, flags, instruction_pointer, read_u64, reg},
     stamps::{self, Inserted},
 };
 
@@ -721,6 +722,113 @@ pub fn kube_terminated(ctx: ProbeContext) -> u32 {
     0
 }
 
+// ---- client-go: any watch client decodes a frame off its HTTP stream ----
+
+/// A frame's first bytes and their scan, per CPU. The scan lives here, not
+/// on the stack: the verifier follows values on the stack exactly, and
+/// would verify the per-byte callback once per depth, key and flag the
+/// scan can reach (past its million-instruction budget); a map value's
+/// contents are unknown to it, so the callback is verified once.
+#[repr(C)]
+struct FrameArea {
+    scan: FrameScan,
+    buf: [u8; SCAN_MAX],
+}
+
+#[map(name = "WS_FRAME_BUF")]
+static FRAME_BUF: PerCpuArray<FrameArea> = PerCpuArray::with_max_entries(1, 0);
+
+/// (process, revision) of frames a watch stream of that process decoded
+/// and timed (`commit_to_decode`): the process's reflector then queues the
+/// event without a second observation of the same decode. A set (two
+/// informers of one process on one resource decode a revision twice, both
+/// timed here, and both reflectors skip it); LRU, so a plain watch client's
+/// entries (kubectl has no reflector) are evicted in time. A revision one
+/// informer of a process got as JSON and another as protobuf would be
+/// timed once: the cost of a set over a count the BPF target cannot keep
+/// atomically.
+#[map(name = "WS_STREAM_DECODED")]
+static STREAM_DECODED: LruHashMap<ObjKey, u8> = LruHashMap::with_max_entries(16384, 0);
+
+/// The per-byte callback's context: this CPU's frame area.
+#[repr(C)]
+struct ScanLoop {
+    area: *mut FrameArea,
+}
+
+// SAFETY: `ctx` is the caller's ScanLoop (see try_client_decode).
+unsafe extern "C" fn scan_byte(i: u64, ctx: *mut c_void) -> i64 {
+    // SAFETY: `area` is this CPU's FRAME_BUF entry, alive for the probe's run.
+    let a = unsafe { &mut *(*(ctx as *mut ScanLoop)).area };
+    let b = a.buf[(i as usize) & (SCAN_MAX - 1)];
+    if a.scan.step(b) { 0 } else { 1 }
+}
+
+#[uprobe]
+pub fn client_decode(ctx: ProbeContext) -> u32 {
+    let _ = try_client_decode(&ctx);
+    0
+}
+
+#[inline(always)]
+fn try_client_decode(ctx: &ProbeContext) -> Option<()> {
+    let c = begin(ctx)?;
+    // SAFETY: the probe's own register context.
+    let regs = unsafe { &*ctx.regs };
+    if c.cfg.caller_hi != 0 {
+        // The file's own addresses: less the load bias the probed
+        // instruction shows.
+        let bias = instruction_pointer(regs).wrapping_sub(c.cfg.site_addr);
+        let from = entry_return_address(regs)?.wrapping_sub(bias);
+        if from < c.cfg.caller_lo || from >= c.cfg.caller_hi {
+            return None;
+        }
+    }
+    let ptr = arg(ctx, &c.cfg.args[0])?;
+    let len = arg(ctx, &c.cfg.args[1])?;
+    let area = FRAME_BUF.get_ptr_mut(0)?;
+    let n = if len > SCAN_MAX as u64 { SCAN_MAX } else { len as usize };
+    // SAFETY: this CPU's entry, not shared while the program runs.
+    let a = unsafe { &mut *area };
+    // SAFETY: bpf_probe_read_user faults safely on bad addresses.
+    if unsafe { bpf_probe_read_user_buf(ptr as *const u8, &mut a.buf[..n]) }.is_err() {
+        count(Counter::ReadError);
+        return None;
+    }
+    a.scan = FrameScan::new();
+    let mut l = ScanLoop { area };
+    // SAFETY: the callback only touches `l` through the pointer the kernel
+    // passes back, during this call.
+    unsafe { bpf_loop(n as u32, scan_byte as *mut c_void, (&mut l as *mut ScanLoop).cast(), 0) };
+    // SAFETY: as above; the loop is over.
+    let Frame::Event(rv) = (unsafe { &*area }).scan.frame() else { return Some(()) };
+    add(&WATCH_EVENTS, events_index(c.slot, Side::ClientDecoded), 1);
+    let Some(rev) = rv else {
+        // Protobuf never comes here (another serializer); a JSON frame
+        // whose revision is past SCAN_MAX or not a plain decimal does.
+        count(Counter::RvUnreadable);
+        return Some(());
+    };
+    if STREAM_DECODED.insert(ObjKey { tgid: c.tgid as u64, obj: rev as u64 }, 1, 0).is_err() {
+        count(Counter::MapFull);
+    }
+    match stamp_of(&COMMIT_TS, &RevKey { id: NODE_CLUSTER, rev }) {
+        Some(t) => {
+            observe(&WATCH_HIST, hist_index(c.slot, Stage::CommitToDecode), c.now.saturating_sub(t));
+            let g = goroutine(ctx, c.cfg).unwrap_or(0);
+            emit_hop(WatchRecord { g, ..hop(Side::ClientDecoded, c.tgid, rev, t, c.now) });
+        }
+        None => count(Counter::DecodeCommitMiss),
+    }
+    Some(())
+}
+
+/// Whether a watch stream of this process decoded (and timed) `rev`.
+#[inline(always)]
+fn stream_decoded(tgid: u32, rev: i64) -> bool {
+    STREAM_DECODED.get_ptr(ObjKey { tgid: tgid as u64, obj: rev as u64 }).is_some()
+}
+
 // ---- client-go: a reflector decodes an event and queues it for its informer ----
 
 /// Goroutines (by `g`) whose reflector just queued a watch event into the
@@ -812,21 +920,28 @@ fn try_informer_rv(ctx: &ProbeContext) -> Option<()> {
     let ptr = arg(ctx, &c.cfg.args[0])?;
     let len = arg(ctx, &c.cfg.args[1])?;
     let mut half = ObjStamp { rev: REV_UNREADABLE, commit_ns: 0, queued_ns: 0 };
+    // The decode was timed at its watch stream (a JSON frame), or it is
+    // timed here, at the queueing the reflector did just before (protobuf).
+    let mut streamed = false;
     match read_rv(ptr, len) {
         Some(rev) => {
             half.rev = rev;
+            streamed = stream_decoded(c.tgid, rev);
             match stamp_of(&COMMIT_TS, &RevKey { id: NODE_CLUSTER, rev }) {
-                // Timed at the queueing, which the reflector did just before.
                 Some(t) => {
-                    observe(&WATCH_HIST, hist_index(c.slot, Stage::CommitToDecode), p.queued_ns.saturating_sub(t));
+                    if !streamed {
+                        let d = p.queued_ns.saturating_sub(t);
+                        observe(&WATCH_HIST, hist_index(c.slot, Stage::CommitToDecode), d);
+                    }
                     half.commit_ns = t;
                 }
-                None => count(Counter::DecodeCommitMiss),
+                None if !streamed => count(Counter::DecodeCommitMiss),
+                None => {}
             }
         }
         None => count(Counter::RvUnreadable),
     }
-    if half.rev >= 0 {
+    if half.rev >= 0 && !streamed {
         emit_hop(WatchRecord { g, ..hop(Side::Informer, c.tgid, half.rev, half.commit_ns, p.queued_ns) });
     }
     let key = ObjKey { tgid: c.tgid as u64, obj: p.obj };

@@ -86,6 +86,39 @@ pub fn stack_pointer(regs: &aya_ebpf::bindings::pt_regs) -> u64 {
     unsafe { read_volatile(&regs.rsp) }
 }
 
+/// Where the probed function returns to, read at its entry (before its
+/// prologue moves the stack): amd64 keeps it at the stack pointer.
+#[cfg(bpf_target_arch = "x86_64")]
+#[inline(always)]
+pub fn entry_return_address(regs: &aya_ebpf::bindings::pt_regs) -> Option<u64> {
+    read_u64(stack_pointer(regs))
+}
+
+/// Where the probed function returns to, read at its entry: arm64 keeps it
+/// in the link register.
+#[cfg(bpf_target_arch = "aarch64")]
+#[inline(always)]
+pub fn entry_return_address(regs: &aya_ebpf::bindings::user_pt_regs) -> Option<u64> {
+    // SAFETY: a field of the probe's own register context.
+    Some(unsafe { read_volatile(&regs.regs[30]) })
+}
+
+/// The probed instruction's runtime address (the kernel sets it before
+/// running the program).
+#[cfg(bpf_target_arch = "x86_64")]
+#[inline(always)]
+pub fn instruction_pointer(regs: &aya_ebpf::bindings::pt_regs) -> u64 {
+    // SAFETY: a field of the probe's own register context.
+    unsafe { read_volatile(&regs.rip) }
+}
+
+#[cfg(bpf_target_arch = "aarch64")]
+#[inline(always)]
+pub fn instruction_pointer(regs: &aya_ebpf::bindings::user_pt_regs) -> u64 {
+    // SAFETY: a field of the probe's own register context.
+    unsafe { read_volatile(&regs.pc) }
+}
+
 #[cfg(bpf_target_arch = "aarch64")]
 #[inline(always)]
 pub fn reg(regs: &aya_ebpf::bindings::user_pt_regs, slot: u32) -> Option<u64> {

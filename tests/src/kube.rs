@@ -203,6 +203,22 @@ impl ApiServer {
         resource_version(&out)
     }
 
+    /// Sets annotation `ws.example.com/pad` of `name` to `bytes` bytes: its
+    /// frames then carry that much before `metadata.resourceVersion`
+    /// (annotations sort first in a custom resource's JSON).
+    pub fn patch_annotation(&self, name: &str, bytes: usize) -> u64 {
+        let body = self.dir.path().join("annotation.json");
+        let patch = format!(r#"{{"metadata":{{"annotations":{{"ws.example.com/pad":"{}"}}}}}}"#, "p".repeat(bytes));
+        std::fs::write(&body, patch).expect("body");
+        let (code, out) = self.request(
+            "PATCH",
+            &format!("{}/{name}", self.collection()),
+            Some(("application/merge-patch+json", &format!("@{}", body.display()))),
+        );
+        assert_eq!(code, 200, "annotating {name}: {}", &out[..out.len().min(500)]);
+        resource_version(&out)
+    }
+
     /// The API server's own count of watchers it terminated for being
     /// unresponsive (`apiserver_terminated_watchers_total`, all resources).
     pub fn terminated_watchers(&self) -> f64 {

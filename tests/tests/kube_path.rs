@@ -19,6 +19,7 @@ const FAMILY: &str = "watchscope_watch_stage_seconds";
 const API: &str = "wsk-apiserver";
 const OPERATOR: &str = "wsk-operator";
 const DYNAMIC_OPERATOR: &str = "wsk-dynop";
+const KUBECTL: &str = "wsk-kubectl";
 
 fn events(text: &str, side: &str, comm: &str) -> f64 {
     sample_value(text, &format!("watchscope_watch_events_total{{side=\"{side}\",comm=\"{comm}\"}}")).unwrap_or(0.0)
@@ -47,6 +48,8 @@ struct Counts {
     /// A second operator's dynamic informer (Unstructured objects), where
     /// a test starts one.
     dynop: Informer,
+    /// kubectl's watch (no informer), where a test starts one.
+    kubectl: Informer,
     written: f64,
     offered: f64,
     commit_to_write: f64,
@@ -65,6 +68,7 @@ impl Counts {
             dispatch: events(text, "client", API),
             op: Informer::of(text, OPERATOR),
             dynop: Informer::of(text, DYNAMIC_OPERATOR),
+            kubectl: Informer::of(text, KUBECTL),
             written: events(text, "apiserver_written", API),
             offered: events(text, "apiserver_offered", API),
             commit_to_write: stage(text, "commit_to_write", API).count(),
@@ -76,6 +80,8 @@ impl Counts {
 /// What one client-go informer's stages have counted so far.
 #[derive(Debug, Clone, Copy, PartialEq)]
 struct Informer {
+    /// Frames its watch streams decoded (any client-go watch client).
+    client_decoded: f64,
     informer: f64,
     commit_to_decode: f64,
     processed: f64,
@@ -89,6 +95,7 @@ struct Informer {
 impl Informer {
     fn of(text: &str, comm: &str) -> Informer {
         Informer {
+            client_decoded: events(text, "client_decoded", comm),
             informer: events(text, "informer", comm),
             commit_to_decode: stage(text, "commit_to_decode", comm).count(),
             processed: events(text, "informer_processed", comm),
@@ -103,6 +110,7 @@ impl Informer {
     /// Each count of `self` less the one of `before`.
     fn since(&self, before: &Informer) -> Informer {
         Informer {
+            client_decoded: self.client_decoded - before.client_decoded,
             informer: self.informer - before.informer,
             commit_to_decode: self.commit_to_decode - before.commit_to_decode,
             processed: self.processed - before.processed,
@@ -118,6 +126,7 @@ impl Informer {
     /// timed at each stage.
     fn each(n: f64) -> Informer {
         Informer {
+            client_decoded: n,
             informer: n,
             commit_to_decode: n,
             processed: n,
@@ -148,7 +157,7 @@ fn settled(agent: &Agent) -> Counts {
 #[test]
 fn every_update_is_timed_from_commit_to_cache_and_to_each_watcher() {
     const N: u64 = 20;
-    let agent = Agent::start(&["--comm", &format!("wse-k8s,{API},{OPERATOR},{DYNAMIC_OPERATOR},wsk-kubectl")]);
+    let agent = Agent::start(&["--comm", &format!("wse-k8s,{API},{OPERATOR},{DYNAMIC_OPERATOR},{KUBECTL}")]);
     let etcd = Etcd::start_build(Build::Sid3530, "wse-k8s", "wsc-k8sctl");
     let api = ApiServer::start(&etcd, API);
     wait_attached(&agent, &[etcd.pid(), api.pid()]);
@@ -162,8 +171,8 @@ fn every_update_is_timed_from_commit_to_cache_and_to_each_watcher() {
     let w2 = api.watch("wsk-watch2", rv0);
     let op = api.operator(OPERATOR, &["-grow=64"]);
     let dynop = api.operator(DYNAMIC_OPERATOR, &["-dynamic"]);
-    let kubectl = api.kubectl_watch("wsk-kubectl");
-    wait_attached(&agent, &[op.pid(), dynop.pid()]);
+    let kubectl = api.kubectl_watch(KUBECTL);
+    wait_attached(&agent, &[op.pid(), dynop.pid(), kubectl.pid()]);
     api.patch_size("main", 1000);
     let modified = |l: &str| event_type(l).as_deref() == Some("MODIFIED");
     let handled = |l: &str| l.starts_with("handled update main ");
@@ -214,16 +223,20 @@ fn every_update_is_timed_from_commit_to_cache_and_to_each_watcher() {
     assert_eq!(after.written - before.written, 5.0 * n, "{after:?} {before:?}");
     assert_eq!(after.commit_to_write - before.commit_to_write, 5.0 * n, "{after:?} {before:?}");
     assert_eq!(after.cache_to_write - before.cache_to_write, 5.0 * n, "{after:?} {before:?}");
-    // Each operator's reflector decoded and queued each update once, its
-    // informer took each off the queue once (joined by object) and its one
-    // handler started on each once: the typed operator's `EtcdCluster`
-    // objects and the dynamic one's Unstructured alike, every one timed
-    // from its commit (the revision is read from the reflector, never
-    // from the object). kubectl watches without an informer: nothing of
-    // it counts there.
-    assert_eq!(events(&text, "informer", "wsk-kubectl"), 0.0);
+    // Each operator's watch stream decoded each update's frame once (timed
+    // from its commit there, by the revision in the frame), its reflector
+    // queued each once (no second decode observation), its informer took
+    // each off the queue once (joined by object) and its one handler
+    // started on each once: the typed operator's `EtcdCluster` objects and
+    // the dynamic one's Unstructured alike, the revision read from the
+    // frame and the reflector, never from the object.
     assert_eq!(after.op.since(&before.op), Informer::each(n), "typed: {after:?} {before:?}");
     assert_eq!(after.dynop.since(&before.dynop), Informer::each(n), "dynamic: {after:?} {before:?}");
+    // kubectl watches without an informer: each frame decoded and timed,
+    // nothing counted at the informer's stages.
+    let k = after.kubectl.since(&before.kubectl);
+    assert_eq!((k.client_decoded, k.commit_to_decode), (n, n), "kubectl: {after:?} {before:?}");
+    assert_eq!(after.kubectl.informer + after.kubectl.processed + after.kubectl.handled, 0.0, "{after:?}");
     assert_eq!(after.replayed, before.replayed, "no watch started: nothing replayed");
     for reason in [
         "cache_commit_miss",
@@ -253,6 +266,26 @@ fn every_update_is_timed_from_commit_to_cache_and_to_each_watcher() {
     // joins (they are copies of the cache's objects).
     assert_eq!(replay.written, after.written, "{replay:?}");
     assert_eq!(replay.commit_to_write, after.commit_to_write, "{replay:?}");
+
+    // A frame whose resourceVersion lies past the 4 KiB the kernel scans (a
+    // 5 KB annotation sorts before it): each client-go client decodes it
+    // and says it could not read the revision; kubectl's decode is then not
+    // timed, never guessed, while each informer times it at its reflector,
+    // which read the revision from the object's own field.
+    api.patch_annotation("main", 5000);
+    for o in [&op, &dynop] {
+        assert_eq!(o.wait_count(handled, 2 + N as usize, Duration::from_secs(30)), 2 + N as usize);
+    }
+    assert_eq!(kubectl.wait_count(|l| l.contains("main"), 2 + N as usize, Duration::from_secs(30)), 2 + N as usize);
+    let unreadable = settled(&agent);
+    let text = agent.metrics();
+    assert_eq!(dropped(&text, "rv_unreadable"), 3.0, "typed, dynamic and kubectl: {text}");
+    for (who, now, then) in [("typed", unreadable.op, replay.op), ("dynamic", unreadable.dynop, replay.dynop)] {
+        assert_eq!(now.since(&then), Informer::each(1.0), "{who}: {unreadable:?}");
+    }
+    let k = unreadable.kubectl.since(&replay.kubectl);
+    assert_eq!((k.client_decoded, k.commit_to_decode), (1.0, 0.0), "kubectl: {unreadable:?}");
+    assert_eq!(dropped(&text, "decode_commit_miss"), 0.0, "{text}");
 }
 
 /// Ground truth: the operator is stopped (SIGSTOP) for `D` while one update

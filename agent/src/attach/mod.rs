@@ -59,6 +59,7 @@ pub const UPROBE_PROGRAMS: &[&str] = &[
     "informer_rv",
     "informer_process",
     "informer_handler",
+    "client_decode",
     "go_entry",
     "go_ret",
     "go_sched",

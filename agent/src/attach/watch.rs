@@ -19,7 +19,7 @@ use serde::Serialize;
 use super::uprobes::{Site, SiteConfig};
 use crate::inspect::{
     Inspection, Probe,
-    catalog::{Abi, ArgRead, ArgSource, Reg, Role},
+    catalog::{Abi, ArgRead, ArgSource, Reg, Role, STREAMING_DECODE},
     elf::Arch,
     layout::{EtcdLayout, Fact},
     prologue,
@@ -123,8 +123,9 @@ pub fn plan(insp: &Inspection) -> WatchPlan {
     let found: Vec<Option<&Probe>> = ROLES.iter().map(|(role, _, _)| insp.probes_for(*role).next()).collect();
     let kube_found = KUBE_ROLES.iter().any(|(role, _)| insp.probes_for(*role).next().is_some());
     let informer_found = INFORMER_ROLES.iter().all(|(role, _)| insp.probes_for(*role).next().is_some());
+    let decode_found = insp.probes_for(Role::ClientGoWatchDecode).next().is_some();
     let etcd_found = found.iter().any(Option::is_some);
-    if !etcd_found && !kube_found && !informer_found {
+    if !etcd_found && !kube_found && !informer_found && !decode_found {
         // Nothing known resolved. A binary that nonetheless looks like etcd
         // is a build the catalog does not cover yet: say so (once, in the
         // log and in /debug/probes) rather than ignore it silently.
@@ -199,6 +200,9 @@ pub fn plan(insp: &Inspection) -> WatchPlan {
     }
     if informer_found {
         plan_informer(insp, &mut plan);
+    }
+    if decode_found {
+        plan_watch_decode(insp, kube_found, &mut plan);
     }
     if let Some(why) = &refusal {
         plan.refusal = Some(why.clone());
@@ -362,6 +366,44 @@ fn plan_informer_handlers(insp: &Inspection, plan: &mut WatchPlan) {
         });
         plan.record(Role::ClientGoHandler, Some(p.symbol.clone()), result);
     }
+}
+
+/// Any client-go watch client's frames (an informer's reflector, kubectl,
+/// any user of `Watch`), read where the JSON serializer starts on one. The
+/// serializer decodes every JSON body of the process (lists, gets, and in an
+/// API server every request): the kernel counts a call only when its return
+/// address is in the streaming decoder, which reads watch frames alone.
+fn plan_watch_decode(insp: &Inspection, api_server: bool, plan: &mut WatchPlan) {
+    for p in insp.probes_for(Role::ClientGoWatchDecode) {
+        let result = if api_server {
+            // Its own loopback watches are not the path timed; every request
+            // body it decodes would cost a probe hit.
+            Err("a Kubernetes API server: its JSON decodes are requests".to_string())
+        } else {
+            watch_decode_site(insp, p)
+        };
+        plan.record(Role::ClientGoWatchDecode, Some(p.symbol.clone()), result);
+    }
+}
+
+fn watch_decode_site(insp: &Inspection, p: &Probe) -> Result<Site, String> {
+    if insp.arch != Arch::X86_64 {
+        return Err("the caller check reads the return address at the stack pointer (amd64 only)".into());
+    }
+    let caller = insp.function(STREAMING_DECODE).ok_or_else(|| {
+        format!("{STREAMING_DECODE} is not in this binary: watch frames cannot be told from other JSON")
+    })?;
+    let at = entry_site(insp, &p.symbol, p.address, p.file_offset, p.size)?;
+    let mut cfg = WatchProbeConfig {
+        g_in_reg: u32::from(insp.g_register.is_some()),
+        site_addr: p.address + at.offset,
+        caller_lo: caller.address,
+        caller_hi: caller.address + caller.size,
+        ..WatchProbeConfig::default()
+    };
+    cfg.args[0] = direct(catalog_read(p, "frame_ptr")?)?;
+    cfg.args[1] = direct(catalog_read(p, "frame_len")?)?;
+    entry_watch_site(insp, p, Role::ClientGoWatchDecode, "client_decode", cfg)
 }
 
 /// `sizeof(cache.Delta)` and where its `Object`'s data word is, from the

@@ -180,7 +180,8 @@ pub enum KubeKind {
     Watcher,
     /// Written to one watcher's HTTP stream.
     Write,
-    /// A client-go reflector decoded and queued it.
+    /// A client-go watch client decoded it off its stream (an informer's
+    /// reflector queued it, where the frame was not JSON).
     Decode,
     /// Its informer took it off the queue.
     Process,
@@ -195,7 +196,8 @@ impl KubeKind {
             s if s == Side::ApiserverOffered as u32 => KubeKind::Offer,
             s if s == Side::ApiserverWatcher as u32 => KubeKind::Watcher,
             s if s == Side::ApiserverWritten as u32 => KubeKind::Write,
-            s if s == Side::Informer as u32 => KubeKind::Decode,
+            // A watch stream's frame, or (protobuf) the reflector's queueing.
+            s if s == Side::Informer as u32 || s == Side::ClientDecoded as u32 => KubeKind::Decode,
             s if s == Side::InformerProcessed as u32 => KubeKind::Process,
             s if s == Side::InformerHandled as u32 => KubeKind::Handler,
             _ => return None,

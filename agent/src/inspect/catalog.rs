@@ -54,6 +54,7 @@ pub enum Role {
     ClientGoFifoQueue,
     ClientGoReflectorRv,
     ClientGoHandler,
+    ClientGoWatchDecode,
     GoMapAssign,
     GoMapAccess,
     GoMapDelete,
@@ -83,6 +84,7 @@ impl Role {
             Role::ClientGoFifoQueue => "client_go_fifo_queue",
             Role::ClientGoReflectorRv => "client_go_reflector_rv",
             Role::ClientGoHandler => "client_go_handler",
+            Role::ClientGoWatchDecode => "client_go_watch_decode",
             Role::GoMapAssign => "go_map_assign",
             Role::GoMapAccess => "go_map_access",
             Role::GoMapDelete => "go_map_delete",
@@ -469,6 +471,23 @@ static HANDLER_UPDATE: Signature = Signature {
     reads: &[read_v("obj", "newObj.data", &[], DISASM_CG036_HANDLER)],
 };
 
+/// `func (s *Serializer) Decode(originalData []byte, gvk *schema.GroupVersionKind,
+/// into runtime.Object) (runtime.Object, *schema.GroupVersionKind, error)`:
+/// apimachinery's JSON serializer, which a watch client's streaming decoder
+/// calls with each whole frame (`{"type":...,"object":...}`).
+static JSON_DECODE: Signature = Signature {
+    params: &[p("s", WORD), p("data", SLICE), p("gvk", WORD), p("into", IFACE)],
+    reads: &[
+        read_v("frame_ptr", "data.ptr", &[], COUNTED_CG036_FRAMES),
+        read_v("frame_len", "data.len", &[], COUNTED_CG036_FRAMES),
+    ],
+};
+const COUNTED_CG036_FRAMES: &str = "apimachinery 0.36.4 (Debian sid)/go1.27.3 amd64, in kubectl 1.36.4 and a client-go \
+     operator: every frame of N updates read at entry and counted exactly (tests/tests/kube_path.rs)";
+
+/// The function whose calls of `JSON_DECODE` are watch frames.
+pub const STREAMING_DECODE: &str = "k8s.io/apimachinery/pkg/runtime/serializer/streaming.(*decoder).Decode";
+
 // ---- Go runtime --------------------------------------------------------------
 
 /// `func mapassign(t *maptype, h *hmap, key unsafe.Pointer) unsafe.Pointer`
@@ -774,6 +793,19 @@ pub static CATALOG: &[RoleSpec] = &[
                 false,
             ),
         ],
+    },
+    RoleSpec {
+        role: Role::ClientGoWatchDecode,
+        component: Component::ClientGo,
+        what: "a client-go watch client (informer or not) decodes a JSON frame off its HTTP stream: one call per \
+               event and bookmark, told from other JSON by its caller",
+        select: Select::First,
+        candidates: &[exact(
+            "k8s.io/apimachinery/pkg/runtime/serializer/json.(*Serializer).Decode",
+            "apimachinery (all)",
+            &JSON_DECODE,
+            true,
+        )],
     },
     RoleSpec {
         role: Role::GoMapAssign,
