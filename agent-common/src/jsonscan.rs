@@ -376,7 +376,11 @@ mod tests {
                 let bytes: Vec<u8> = (0..len)
                     .map(|_| {
                         seed = crate::watch::mix(seed.wrapping_add(0x9e37_79b9_7f4a_7c15));
-                        if seed.is_multiple_of(3) { seed as u8 } else { alphabet[(seed >> 8) as usize % alphabet.len()] }
+                        if seed.is_multiple_of(3) {
+                            seed as u8
+                        } else {
+                            alphabet[(seed >> 8) as usize % alphabet.len()]
+                        }
                     })
                     .collect();
                 let _ = scan(&bytes);

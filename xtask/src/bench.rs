@@ -519,7 +519,11 @@ fn k8s(args: &BenchArgs) -> Result<()> {
             agent_cpu += cpu_seconds(a.0.id()) - cpu0;
             agent_wall += t0.elapsed().as_secs_f64();
             costs = bpf_prog_costs(|n| {
-                n.starts_with("kube_") || n.starts_with("informer_") || n.starts_with("etcd_") || n.starts_with("go_")
+                n.starts_with("kube_")
+                    || n.starts_with("informer_")
+                    || n.starts_with("client_")
+                    || n.starts_with("etcd_")
+                    || n.starts_with("go_")
             });
             println!("    round {r} with agent:    {}", m.line());
             with.push(m);
