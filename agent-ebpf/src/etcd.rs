@@ -23,7 +23,7 @@
 //!
 //! Each event is timed by its own `kv.ModRevision`, not the response header's
 //! revision, so catch-up responses that batch several revisions still join.
-//! Latencies go straight into per-CPU histograms; nothing per event crosses
+//! Latencies go straight into in-kernel histograms; nothing per event crosses
 //! to user space unless a recorder switched the record stream on.
 
 use core::ffi::c_void;
@@ -76,16 +76,16 @@ static ENQ_TS: Array<Stamp<WatchRevKey>> = Array::with_max_entries(STAMP_ENTRIES
 
 /// Stage histograms, indexed by `hist_index(slot, stage)`.
 #[map(name = "WS_WATCH_HIST")]
-static WATCH_HIST: PerCpuArray<Histogram> = PerCpuArray::with_max_entries(MAX_SLOTS * Stage::COUNT, 0);
+static WATCH_HIST: Array<Histogram> = Array::with_max_entries(MAX_SLOTS * Stage::COUNT, 0);
 
 /// Watch events counted per (slot, side).
 #[map(name = "WS_WATCH_EVENTS")]
-static WATCH_EVENTS: PerCpuArray<u64> = PerCpuArray::with_max_entries(MAX_SLOTS * Side::COUNT, 0);
+static WATCH_EVENTS: Array<u64> = Array::with_max_entries(MAX_SLOTS * Side::COUNT, 0);
 
 /// Progress notifications (responses without events that neither create,
 /// cancel nor compact a watch) per (slot, side): never watch events.
 #[map(name = "WS_WATCH_PROGRESS")]
-static WATCH_PROGRESS: PerCpuArray<u64> = PerCpuArray::with_max_entries(MAX_SLOTS * Side::COUNT, 0);
+static WATCH_PROGRESS: Array<u64> = Array::with_max_entries(MAX_SLOTS * Side::COUNT, 0);
 
 /// Per-event records for `watchscope record`; histograms never depend on it.
 #[map(name = "WS_WATCH_RECORDS")]
@@ -754,7 +754,7 @@ static FRAME_BUF: PerCpuArray<FrameArea> = PerCpuArray::with_max_entries(1, 0);
 /// timed once: the cost of a set over a count the BPF target cannot keep
 /// atomically.
 #[map(name = "WS_STREAM_DECODED")]
-static STREAM_DECODED: LruHashMap<ObjKey, u8> = LruHashMap::with_max_entries(16384, 0);
+static STREAM_DECODED: LruHashMap<ObjKey, u8> = LruHashMap::with_max_entries(4096, 0);
 
 /// The per-byte callback's context: this CPU's frame area.
 #[repr(C)]

@@ -24,7 +24,7 @@ use aya_ebpf::{
     EbpfContext,
     helpers::{bpf_get_attach_cookie, bpf_get_current_pid_tgid, bpf_ktime_get_ns},
     macros::{map, uprobe},
-    maps::{Array, LruHashMap, PerCpuArray, RingBuf},
+    maps::{Array, LruHashMap, RingBuf},
     programs::ProbeContext,
 };
 
@@ -65,26 +65,26 @@ pub(crate) static THREAD_G: LruHashMap<u32, GoroutineKey> = LruHashMap::with_max
 /// Inner events per window, by `inner_index(slot, window, inner)`: map
 /// calls, parks, thread switches... (the counts behind the inner time).
 #[map(name = "WS_WINDOW_INNER_EVENTS")]
-static INNER_EVENTS: PerCpuArray<u64> = PerCpuArray::with_max_entries(MAX_GO_SLOTS * MAX_WINDOWS * Inner::COUNT, 0);
+static INNER_EVENTS: Array<u64> = Array::with_max_entries(MAX_GO_SLOTS * MAX_WINDOWS * Inner::COUNT, 0);
 
 /// Map operation and GC assist durations, by `class_index(slot, class)`.
 #[map(name = "WS_GO_HIST")]
-static GO_HIST: PerCpuArray<Histogram> = PerCpuArray::with_max_entries(MAX_GO_SLOTS * GoClass::TIMED, 0);
+static GO_HIST: Array<Histogram> = Array::with_max_entries(MAX_GO_SLOTS * GoClass::TIMED, 0);
 
 /// Window durations, by `window_index(slot, window)`.
 #[map(name = "WS_WINDOW_HIST")]
-static WINDOW_HIST: PerCpuArray<Histogram> = PerCpuArray::with_max_entries(MAX_GO_SLOTS * MAX_WINDOWS, 0);
+static WINDOW_HIST: Array<Histogram> = Array::with_max_entries(MAX_GO_SLOTS * MAX_WINDOWS, 0);
 
 /// What each window spent inside, by `inner_index(slot, window, inner)`:
 /// one observation per window per inner kind (zeros included), so every
 /// inner histogram has the window histogram's count, bucket for bucket.
 #[map(name = "WS_WINDOW_INNER_HIST")]
-static INNER_HIST: PerCpuArray<Histogram> = PerCpuArray::with_max_entries(MAX_GO_SLOTS * MAX_WINDOWS * Inner::COUNT, 0);
+static INNER_HIST: Array<Histogram> = Array::with_max_entries(MAX_GO_SLOTS * MAX_WINDOWS * Inner::COUNT, 0);
 
 /// Entries of map growth functions (every call, nested ones too): the
 /// count a tracer counting the same offsets sees.
 #[map(name = "WS_GO_GROW_EVENTS")]
-static GROW_EVENTS: PerCpuArray<u64> = PerCpuArray::with_max_entries(MAX_GO_SLOTS, 0);
+static GROW_EVENTS: Array<u64> = Array::with_max_entries(MAX_GO_SLOTS, 0);
 
 /// Closed windows for `watchscope record` (only while `WS_RECORD_ON`).
 #[map(name = "WS_WINDOW_RECORDS")]

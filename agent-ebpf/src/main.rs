@@ -5,6 +5,11 @@
 //! state (self-counters, the event ring buffer) lives in `maps`.
 #![no_std]
 #![no_main]
+// The BPF target has no `core::sync::atomic` integers: the histograms' shared
+// adds use the intrinsic the atomic types are built on (BPF_ATOMIC add).
+// The kernel crate builds with -Z build-std, so on RUSTC_BOOTSTRAP anyway.
+#![allow(internal_features)]
+#![feature(core_intrinsics)]
 
 mod discover;
 mod etcd;

@@ -4,13 +4,15 @@ use agent_common::Counter;
 use agent_common::{Histogram, watch::MAX_SLOTS};
 use aya_ebpf::{
     macros::map,
-    maps::{Array, HashMap, PerCpuArray, RingBuf},
+    maps::{Array, HashMap, RingBuf},
 };
 
-/// Self-counters, one slot per `agent_common::Counter`; per-CPU so that the
-/// hot path never contends on a cache line.
+/// Self-counters, one slot per `agent_common::Counter`: shared by every
+/// CPU (atomic adds), like every counter and histogram array of the object,
+/// so the agent's kernel memory does not grow with the CPU count; they
+/// count rare events (drops, misses), never a hot path's every hit.
 #[map(name = "WS_COUNTERS")]
-pub static COUNTERS: PerCpuArray<u64> = PerCpuArray::with_max_entries(Counter::COUNT, 0);
+pub static COUNTERS: Array<u64> = Array::with_max_entries(Counter::COUNT, 0);
 
 /// Rare events for user space (exec today). 256 KiB holds about 900 exec
 /// events, far more than a node produces between two polls; when it is full
@@ -20,14 +22,7 @@ pub static EVENTS: RingBuf = RingBuf::with_byte_size(256 * 1024, 0);
 
 #[inline(always)]
 pub fn count(c: Counter) {
-    if let Some(slot) = COUNTERS.get_ptr_mut(c as u32) {
-        // A plain add on this CPU's own slot. Tracing programs do not nest on
-        // one CPU (the kernel's recursion guard skips the inner one and counts
-        // it as a miss), so the read-modify-write is not interleaved there;
-        // the BPF target offers no 64-bit atomics in `core` anyway.
-        // SAFETY: the pointer comes from the map and stays valid for the run.
-        unsafe { *slot += 1 };
-    }
+    add(&COUNTERS, c as u32, 1);
 }
 
 /// Most processes watched at once (etcd servers and clients, Go programs).
@@ -50,26 +45,40 @@ pub fn current_slot(tgid: u32) -> Option<u32> {
 
 /// Adds one duration to histogram `idx` of `hists`.
 #[inline(always)]
-pub fn observe(hists: &PerCpuArray<Histogram>, idx: u32, ns: u64) {
+pub fn observe(hists: &Array<Histogram>, idx: u32, ns: u64) {
     if let Some(h) = hists.get_ptr_mut(idx) {
         let b = agent_common::hist::bucket_index(ns) as usize;
-        // SAFETY: per-CPU value owned by the map; the bound check keeps the
-        // verifier (and us) inside the array.
+        // SAFETY: a value of the map, valid for the program's run; the bound
+        // check keeps the verifier (and us) inside the array.
         unsafe {
             if b < agent_common::NBUCKETS {
-                (*h).buckets[b] += 1;
+                atomic_add(&raw mut (*h).buckets[b], 1);
             }
-            (*h).sum_ns += ns;
+            atomic_add(&raw mut (*h).sum_ns, ns);
         }
     }
 }
 
-/// Adds `n` to slot `idx` of a per-CPU counter array.
+/// `*p += v` as one atomic instruction. Histograms are shared by every CPU,
+/// so their memory does not grow with the CPU count (a per-CPU histogram
+/// array would: 856 bytes per histogram and CPU).
+///
+/// # Safety
+/// `p` points into a map value.
 #[inline(always)]
-pub fn add(counters: &PerCpuArray<u64>, idx: u32, n: u64) {
+unsafe fn atomic_add(p: *mut u64, v: u64) {
+    use core::intrinsics::{AtomicOrdering, atomic_xadd};
+    // SAFETY: per the caller; the result (the old value) is unused, so the
+    // backend emits the plain atomic add every BPF kernel has.
+    let _ = unsafe { atomic_xadd::<u64, u64, { AtomicOrdering::Relaxed }>(p, v) };
+}
+
+/// Adds `n` to slot `idx` of a counter array (shared: an atomic add).
+#[inline(always)]
+pub fn add(counters: &Array<u64>, idx: u32, n: u64) {
     if let Some(c) = counters.get_ptr_mut(idx) {
-        // SAFETY: see `count`.
-        unsafe { *c += n };
+        // SAFETY: a value of the map, valid for the program's run.
+        unsafe { atomic_add(c, n) };
     }
 }
 

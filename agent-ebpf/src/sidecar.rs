@@ -38,7 +38,7 @@ use agent_common::{
 use aya_ebpf::{
     helpers::{bpf_get_current_pid_tgid, bpf_ktime_get_ns, bpf_probe_read_kernel, bpf_probe_read_user},
     macros::{map, raw_tracepoint, tracepoint},
-    maps::{HashMap, LruHashMap, PerCpuArray},
+    maps::{Array, HashMap, LruHashMap},
     programs::{RawTracePointContext, TracePointContext},
 };
 
@@ -51,7 +51,7 @@ static SIDECAR_SLOT: HashMap<u32, u32> = HashMap::with_max_entries(4096, 0);
 /// Role and phase of each proxy socket. LRU: sockets of processes that died
 /// without closing them age out.
 #[map(name = "WS_SIDECAR_FD")]
-static FDS: LruHashMap<FdKey, FdState> = LruHashMap::with_max_entries(65536, 0);
+static FDS: LruHashMap<FdKey, FdState> = LruHashMap::with_max_entries(32768, 0);
 
 /// Crossings in progress, per thread.
 #[map(name = "WS_SIDECAR_THREAD")]
@@ -67,10 +67,10 @@ static PEERS: LruHashMap<PeerKey, u32> = LruHashMap::with_max_entries(8192, 0);
 static LISTEN: HashMap<u16, u32> = HashMap::with_max_entries(1024, 0);
 
 #[map(name = "WS_SIDECAR_HIST")]
-static HIST: PerCpuArray<Histogram> = PerCpuArray::with_max_entries(MAX_SIDECAR_SLOTS * Direction::COUNT, 0);
+static HIST: Array<Histogram> = Array::with_max_entries(MAX_SIDECAR_SLOTS * Direction::COUNT, 0);
 
 #[map(name = "WS_SIDECAR_COUNTS")]
-static COUNTS: PerCpuArray<u64> = PerCpuArray::with_max_entries(MAX_SIDECAR_SLOTS * SidecarCount::COUNT, 0);
+static COUNTS: Array<u64> = Array::with_max_entries(MAX_SIDECAR_SLOTS * SidecarCount::COUNT, 0);
 
 /// The early filter: (pid_tgid, slot) of a watched proxy, None otherwise.
 #[inline(always)]

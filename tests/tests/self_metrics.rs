@@ -39,3 +39,39 @@ fn bpf_stats_can_be_turned_off() {
     assert!(text.contains("# TYPE watchscope_program_runs_total counter"), "the family is declared");
     assert!(!text.contains("watchscope_program_runs_total{"), "no series without statistics:\n{text}");
 }
+
+/// The agent's map memory, as the kernel accounts it, is what `check`
+/// projects for this node from the object's map definitions (within 3 %),
+/// and stays within the design bound projected to 96 CPUs.
+#[test]
+fn the_map_memory_reported_is_what_check_projects_and_stays_bounded() {
+    use watchscope::collect::mapmem;
+    let agent = Agent::start(&["--comm", "wsnone", "--sidecar-comm", "wsnone"]);
+    let text = agent.metrics();
+    let maps: Vec<(String, f64)> = text
+        .lines()
+        .filter_map(|l| l.strip_prefix("watchscope_bpf_map_bytes{map=\""))
+        .filter_map(|l| {
+            let (name, rest) = l.split_once("\"}")?;
+            Some((name.to_string(), rest.trim().parse::<f64>().ok()?))
+        })
+        .collect();
+    let defs = mapmem::agent_maps().expect("the agent's object");
+    // Every map of the object is held (names are cut to the kernel's 15
+    // bytes), plus what the log ring and loader add.
+    for d in &defs {
+        let short: String = d.name.chars().take(15).collect();
+        assert!(maps.iter().any(|(n, _)| *n == short), "{short} not reported: {maps:?}");
+    }
+    let measured: f64 =
+        maps.iter().filter(|(n, _)| defs.iter().any(|d| d.name.starts_with(n.as_str()))).map(|m| m.1).sum();
+    let cpus = std::fs::read_to_string("/sys/devices/system/cpu/possible")
+        .ok()
+        .as_deref()
+        .and_then(mapmem::possible_cpus)
+        .expect("possible CPUs");
+    let projected = defs.iter().map(|d| mapmem::projected(d, cpus)).sum::<u64>() as f64;
+    assert!((measured - projected).abs() / measured < 0.03, "measured {measured}, projected {projected}");
+    let at96 = defs.iter().map(|d| mapmem::projected(d, 96)).sum::<u64>();
+    assert!(at96 <= mapmem::BOUND_AT_96_CPUS, "{at96} bytes at 96 CPUs");
+}

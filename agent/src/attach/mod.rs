@@ -25,7 +25,7 @@ use crate::host::{
 };
 
 /// The kernel object built from `agent-ebpf`, embedded at build time.
-static OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/watchscope"));
+pub(crate) static OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/watchscope"));
 
 /// A tracepoint a kernel program attaches to.
 #[derive(Clone, Copy, Debug)]

@@ -111,6 +111,7 @@ pub fn run(root: &HostRoot) -> Report {
     tracefs_items(root, &mut items);
     cap_items(root, &mut items);
     memlock_item(root, kernel, &mut items);
+    map_memory_item(root, &mut items);
     Report { items }
 }
 
@@ -291,6 +292,35 @@ fn cap_items(root: &HostRoot, items: &mut Vec<Item>) {
         };
         items.push(Item::new(cap.name(), status, detail, fix));
     }
+}
+
+/// The kernel memory the agent's maps will hold on this node, projected
+/// from the embedded object for its possible CPUs (what per-CPU maps are
+/// sized by), and at 96 for comparison with the design bound.
+fn map_memory_item(root: &HostRoot, items: &mut Vec<Item>) {
+    use crate::collect::mapmem;
+    let path = root.path("/sys/devices/system/cpu/possible");
+    let cpus = std::fs::read_to_string(&path).ok().as_deref().and_then(mapmem::possible_cpus);
+    let maps = match mapmem::agent_maps() {
+        Ok(m) => m,
+        Err(e) => {
+            items.push(Item::new("map memory", Status::Missing, e.to_string(), "rebuild the agent"));
+            return;
+        }
+    };
+    let at = |n: u64| maps.iter().map(|m| mapmem::projected(m, n)).sum::<u64>();
+    let per_cpu = maps.iter().filter(|m| mapmem::per_cpu(m)).map(|m| m.name.as_str()).collect::<Vec<_>>().join(", ");
+    let mib = |b: u64| b as f64 / (1 << 20) as f64;
+    let at96 = format!("{:.1} MiB at 96 CPUs (bound {} MiB)", mib(at(96)), mapmem::BOUND_AT_96_CPUS >> 20);
+    items.push(match cpus {
+        Some(n) => Item::new(
+            "map memory",
+            Status::Ok,
+            format!("{:.1} MiB on this node's {n} possible CPUs, {at96}; per CPU: {per_cpu}", mib(at(n))),
+            "",
+        ),
+        None => Item::new("map memory", Status::Warn, format!("cannot read {}; {at96}", path.display()), ""),
+    });
 }
 
 fn memlock_item(root: &HostRoot, kernel: Option<KernelVersion>, items: &mut Vec<Item>) {

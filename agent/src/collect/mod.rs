@@ -1,8 +1,9 @@
 //! The "collect" stage: read what the kernel aggregated, plus what user space
 //! counted, into one [`Snapshot`] per scrape. Nothing here is on a hot path:
-//! the kernel already aggregated per CPU; we only sum the CPUs.
+//! the kernel already aggregated, in arrays shared by the CPUs; we only read.
 
 pub mod chains;
+pub mod mapmem;
 pub mod series;
 pub mod stats;
 
@@ -21,7 +22,7 @@ use agent_common::{
 };
 use aya::{
     Ebpf,
-    maps::{MapData, PerCpuArray},
+    maps::{Array, MapData},
 };
 use thiserror::Error;
 
@@ -34,44 +35,44 @@ pub enum CollectError {
     MissingMap(&'static str),
     #[error("map `{name}`: {source}")]
     Map { name: &'static str, source: aya::maps::MapError },
-    #[error("cannot tell the number of CPUs: {0}")]
-    Cpus(std::io::Error),
 }
 
 /// Handles on the kernel maps read at scrape time.
 pub struct KernelMaps {
-    counters: PerCpuArray<MapData, u64>,
-    watch_hist: PerCpuArray<MapData, Histogram>,
-    watch_events: PerCpuArray<MapData, u64>,
-    watch_progress: PerCpuArray<MapData, u64>,
-    sidecar_hist: PerCpuArray<MapData, Histogram>,
-    sidecar_counts: PerCpuArray<MapData, u64>,
-    go_hist: PerCpuArray<MapData, Histogram>,
-    window_hist: PerCpuArray<MapData, Histogram>,
-    inner_hist: PerCpuArray<MapData, Histogram>,
-    inner_events: PerCpuArray<MapData, u64>,
-    grow_events: PerCpuArray<MapData, u64>,
+    counters: Array<MapData, u64>,
+    watch_hist: Array<MapData, Histogram>,
+    watch_events: Array<MapData, u64>,
+    watch_progress: Array<MapData, u64>,
+    sidecar_hist: Array<MapData, Histogram>,
+    sidecar_counts: Array<MapData, u64>,
+    go_hist: Array<MapData, Histogram>,
+    window_hist: Array<MapData, Histogram>,
+    inner_hist: Array<MapData, Histogram>,
+    inner_events: Array<MapData, u64>,
+    grow_events: Array<MapData, u64>,
 }
 
-fn take_per_cpu<V: aya::Pod>(ebpf: &mut Ebpf, name: &'static str) -> Result<PerCpuArray<MapData, V>, CollectError> {
+/// A counter or histogram array, shared by every CPU (the kernel adds
+/// atomically: its memory does not grow with the CPU count).
+fn take_shared<V: aya::Pod>(ebpf: &mut Ebpf, name: &'static str) -> Result<Array<MapData, V>, CollectError> {
     let map = ebpf.take_map(name).ok_or(CollectError::MissingMap(name))?;
-    PerCpuArray::try_from(map).map_err(|source| CollectError::Map { name, source })
+    Array::try_from(map).map_err(|source| CollectError::Map { name, source })
 }
 
 impl KernelMaps {
     pub fn take(ebpf: &mut Ebpf) -> Result<Self, CollectError> {
         Ok(Self {
-            counters: take_per_cpu(ebpf, "WS_COUNTERS")?,
-            watch_hist: take_per_cpu(ebpf, "WS_WATCH_HIST")?,
-            watch_events: take_per_cpu(ebpf, "WS_WATCH_EVENTS")?,
-            watch_progress: take_per_cpu(ebpf, "WS_WATCH_PROGRESS")?,
-            sidecar_hist: take_per_cpu(ebpf, "WS_SIDECAR_HIST")?,
-            sidecar_counts: take_per_cpu(ebpf, "WS_SIDECAR_COUNTS")?,
-            go_hist: take_per_cpu(ebpf, "WS_GO_HIST")?,
-            window_hist: take_per_cpu(ebpf, "WS_WINDOW_HIST")?,
-            inner_hist: take_per_cpu(ebpf, "WS_WINDOW_INNER_HIST")?,
-            inner_events: take_per_cpu(ebpf, "WS_WINDOW_INNER_EVENTS")?,
-            grow_events: take_per_cpu(ebpf, "WS_GO_GROW_EVENTS")?,
+            counters: take_shared(ebpf, "WS_COUNTERS")?,
+            watch_hist: take_shared(ebpf, "WS_WATCH_HIST")?,
+            watch_events: take_shared(ebpf, "WS_WATCH_EVENTS")?,
+            watch_progress: take_shared(ebpf, "WS_WATCH_PROGRESS")?,
+            sidecar_hist: take_shared(ebpf, "WS_SIDECAR_HIST")?,
+            sidecar_counts: take_shared(ebpf, "WS_SIDECAR_COUNTS")?,
+            go_hist: take_shared(ebpf, "WS_GO_HIST")?,
+            window_hist: take_shared(ebpf, "WS_WINDOW_HIST")?,
+            inner_hist: take_shared(ebpf, "WS_WINDOW_INNER_HIST")?,
+            inner_events: take_shared(ebpf, "WS_WINDOW_INNER_EVENTS")?,
+            grow_events: take_shared(ebpf, "WS_GO_GROW_EVENTS")?,
         })
     }
 
@@ -95,13 +96,11 @@ impl KernelMaps {
         summed(&self.sidecar_counts, agent_common::sidecar::count_index(slot, c))
     }
 
-    /// Kernel self-counters summed over CPUs, indexed by `Counter as usize`.
+    /// Kernel self-counters, indexed by `Counter as usize`.
     pub fn counters(&self) -> [u64; Counter::COUNT as usize] {
         let mut out = [0u64; Counter::COUNT as usize];
         for c in Counter::ALL {
-            if let Ok(per_cpu) = self.counters.get(&(c as u32), 0) {
-                out[c as usize] = per_cpu.iter().copied().fold(0u64, u64::wrapping_add);
-            }
+            out[c as usize] = summed(&self.counters, c as u32);
         }
         out
     }
@@ -199,37 +198,28 @@ impl KernelMaps {
 }
 
 /// Zeroes the entries of `slot` in an array laid out slot-major (every
-/// `*_index(slot, ..)` in agent-common is `slot * per_slot + ..`), on every CPU.
-fn zero_range<V: aya::Pod + Default + Clone>(
-    map: &mut PerCpuArray<MapData, V>,
+/// `*_index(slot, ..)` in agent-common is `slot * per_slot + ..`).
+fn zero_range<V: aya::Pod + Default>(
+    map: &mut Array<MapData, V>,
     name: &'static str,
     slot: u32,
     slots: u32,
 ) -> Result<(), CollectError> {
     let per_slot = map.len() / slots;
-    let cpus = aya::util::nr_cpus().map_err(|(_, e)| CollectError::Cpus(e))?;
     for idx in slot * per_slot..(slot + 1) * per_slot {
-        let zeros = aya::maps::PerCpuValues::try_from(vec![V::default(); cpus])
-            .map_err(|e| CollectError::Cpus(std::io::Error::other(e)))?;
-        map.set(idx, zeros, 0).map_err(|source| CollectError::Map { name, source })?;
+        map.set(idx, V::default(), 0).map_err(|source| CollectError::Map { name, source })?;
     }
     Ok(())
 }
 
-/// One histogram of a per-CPU array, its CPUs merged.
-fn merged(map: &PerCpuArray<MapData, Histogram>, idx: u32) -> Histogram {
-    let mut h = Histogram::ZERO;
-    if let Ok(per_cpu) = map.get(&idx, 0) {
-        for cpu in per_cpu.iter() {
-            h.merge(cpu);
-        }
-    }
-    h
+/// One histogram of a shared array (zero if it cannot be read).
+fn merged(map: &Array<MapData, Histogram>, idx: u32) -> Histogram {
+    map.get(&idx, 0).unwrap_or(Histogram::ZERO)
 }
 
-/// One counter of a per-CPU array, its CPUs summed.
-fn summed(map: &PerCpuArray<MapData, u64>, idx: u32) -> u64 {
-    map.get(&idx, 0).map(|v| v.iter().copied().fold(0u64, u64::wrapping_add)).unwrap_or(0)
+/// One counter of a shared array (zero if it cannot be read).
+fn summed(map: &Array<MapData, u64>, idx: u32) -> u64 {
+    map.get(&idx, 0).unwrap_or(0)
 }
 
 /// Per-label counts with a cap on the number of series: past the cap a new
@@ -333,6 +323,8 @@ pub struct Snapshot {
     pub probes_attached: Vec<(&'static str, u64)>,
     /// Per-program kernel statistics (empty with --bpf-stats=false).
     pub programs: Vec<ProgramStats>,
+    /// The agent's maps and the kernel memory each holds.
+    pub map_bytes: Vec<mapmem::MapBytes>,
     /// Watch event chains judged so far (`chains::Chains`).
     pub watch_chains: chains::ChainCounts,
 }

@@ -97,6 +97,7 @@ impl MetricsSource for Agent {
             ("uprobe", self.status.uprobes_attached.load(Ordering::Relaxed) as u64),
         ];
         snap.programs = self.stats.read();
+        snap.map_bytes = crate::collect::mapmem::measured();
         snap.watch_chains = self.chains.lock().unwrap_or_else(|p| p.into_inner()).counts();
         snap
     }

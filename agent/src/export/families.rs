@@ -59,6 +59,12 @@ pub const PROGRAM_RUN_SECONDS: Family = Family {
     kind: MetricType::Counter,
     help: "Time each of the agent's eBPF programs ran in total, from the kernel's BPF statistics.",
 };
+pub const BPF_MAP_BYTES: Family = Family {
+    name: "bpf_map_bytes",
+    kind: MetricType::Gauge,
+    help: "Kernel memory each of the agent's eBPF maps holds, as the kernel accounts it (memlock in the map's \
+           fdinfo). Counter and histogram arrays are shared by the CPUs: little of it grows with them.",
+};
 pub const BUILD_INFO: Family =
     Family { name: "build_info", kind: MetricType::Gauge, help: "Always 1; labels give the agent's version." };
 
@@ -190,6 +196,7 @@ pub const FAMILIES: &[Family] = &[
     PROBES_ATTACHED,
     PROGRAM_RUNS,
     PROGRAM_RUN_SECONDS,
+    BPF_MAP_BYTES,
     BUILD_INFO,
 ];
 
@@ -264,6 +271,12 @@ impl Collector for SnapshotCollector {
         for p in &s.programs {
             ConstCounter::new(p.run_ns as f64 * 1e-9).encode(m.encode_family(&[("program", p.program.as_str())])?)?;
         }
+        let maps: Vec<_> = s
+            .map_bytes
+            .iter()
+            .map(|m| ([("map", m.name.as_str())], i64::try_from(m.bytes).unwrap_or(i64::MAX)))
+            .collect();
+        gauge(&mut enc, &BPF_MAP_BYTES, &maps.iter().map(|(l, n)| (&l[..], *n)).collect::<Vec<_>>())?;
         gauge(&mut enc, &BUILD_INFO, &[(&[("version", env!("CARGO_PKG_VERSION"))], 1)])?;
         Ok(())
     }
