@@ -144,7 +144,7 @@ pub fn run(args: &DemoArgs) -> Result<()> {
     println!("    https://127.0.0.1:{}  (kubeconfig: {})", api.port, api.kubeconfig_path().display());
     api.create("demo");
     step(&format!(
-        "start the operator (dynamic informer; its update handler adds {} map[int][256]byte keys)",
+        "start the operator (a typed informer on EtcdCluster; its update handler adds {} map[int][256]byte keys)",
         args.grow
     ));
     let operator = api.operator("operator", &[&format!("-grow={}", args.grow)]);
