@@ -1,4 +1,4 @@
-//! Indices of the kernel's self-counters (a per-CPU array of u64). Every place
+//! Indices of the kernel's self-counters (an array of u64). Every place
 //! a kernel program can lose or skip something has its own counter, so that
 //! nothing is lost silently; user space exports them by name.
 
@@ -105,6 +105,43 @@ mod tests {
     fn all_lists_every_counter_in_index_order() {
         for (i, c) in Counter::ALL.iter().enumerate() {
             assert_eq!(*c as usize, i);
+        }
+    }
+}
+
+/// The kernel's ring buffers: how large each is, and the index of its
+/// high-water mark (`WS_RING_FILL`, the most bytes seen waiting in it
+/// right after a record was submitted).
+#[repr(u32)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Ring {
+    /// Process exec and exit events.
+    Events = 0,
+    /// Per-event watch records (while recording).
+    Watch = 1,
+    /// Closed windows (while recording).
+    Windows = 2,
+}
+
+impl Ring {
+    pub const COUNT: u32 = 3;
+    pub const ALL: [Ring; Self::COUNT as usize] = [Ring::Events, Ring::Watch, Ring::Windows];
+
+    /// The `ring` label.
+    pub fn name(self) -> &'static str {
+        match self {
+            Ring::Events => "events",
+            Ring::Watch => "watch_records",
+            Ring::Windows => "window_records",
+        }
+    }
+
+    /// Its size in bytes (a power of two, as the kernel requires).
+    pub const fn bytes(self) -> u32 {
+        match self {
+            Ring::Events => 256 * 1024,
+            Ring::Watch => 1 << 20,
+            Ring::Windows => 256 * 1024,
         }
     }
 }

@@ -4,6 +4,7 @@
 
 use agent_common::{
     Counter, ExecEvent,
+    counters::Ring,
     events::{COMM_LEN, EVENT_EXEC, EVENT_EXIT, EXEC_FILENAME_LEN, ExitEvent},
 };
 use aya_ebpf::{
@@ -13,7 +14,7 @@ use aya_ebpf::{
     programs::TracePointContext,
 };
 
-use crate::maps::{EVENTS, PROC_SLOT, count};
+use crate::maps::{EVENTS, PROC_SLOT, count, note_fill};
 
 /// Offsets into the sched_process_exec record, read from tracefs' `format`
 /// file by user space at load time (they have been stable for years, but the
@@ -61,6 +62,7 @@ fn try_sched_process_exec(ctx: &TracePointContext) -> Result<(), i64> {
         }
     }
     entry.submit(0);
+    note_fill(&EVENTS, Ring::Events);
     Ok(())
 }
 
@@ -84,6 +86,7 @@ pub fn sched_process_exit(_ctx: TracePointContext) -> u32 {
         Some(mut entry) => {
             entry.write(ExitEvent { kind: EVENT_EXIT, tgid, ktime_ns: unsafe { bpf_ktime_get_ns() } });
             entry.submit(0);
+            note_fill(&EVENTS, Ring::Events);
         }
         None => count(Counter::ExitRingbufFull),
     }

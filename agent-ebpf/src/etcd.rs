@@ -30,6 +30,7 @@ use core::ffi::c_void;
 
 use agent_common::{
     Counter, Histogram,
+    counters::Ring,
     jsonscan::{Frame, FrameScan, SCAN_MAX},
     watch::{
         ARG_NONE, MAX_DELTAS_PER_POP, MAX_EVENTS_PER_RESPONSE, MAX_SLOTS, ObjKey, ObjStamp, Pending, REV_PENDING,
@@ -50,7 +51,7 @@ use aya_ebpf::{
 };
 
 use crate::{
-    maps::{add, count, current_slot, observe, record_on},
+    maps::{add, count, current_slot, note_fill, observe, record_on},
     regs::{G_SLOT, arg, entry_return_address, flags, instruction_pointer, read_u64, reg},
     stamps::{self, Inserted},
 };
@@ -89,7 +90,7 @@ static WATCH_PROGRESS: Array<u64> = Array::with_max_entries(MAX_SLOTS * Side::CO
 
 /// Per-event records for `watchscope record`; histograms never depend on it.
 #[map(name = "WS_WATCH_RECORDS")]
-static RECORDS: RingBuf = RingBuf::with_byte_size(1 << 20, 0);
+static RECORDS: RingBuf = RingBuf::with_byte_size(Ring::Watch.bytes(), 0);
 
 /// What every watch probe starts from: who is running, and how to read.
 struct Call {
@@ -141,6 +142,7 @@ fn emit(rec: WatchRecord) {
         // User space drains on a timer, never waits on the ring: a wakeup
         // would only queue an irq_work (a self-IPI, a VM exit here).
         e.submit(BPF_RB_NO_WAKEUP as u64);
+        note_fill(&RECORDS, Ring::Watch);
     } else {
         count(Counter::EventsRingbufFull);
     }

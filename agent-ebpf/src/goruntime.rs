@@ -14,6 +14,7 @@
 
 use agent_common::{
     Counter, Histogram,
+    counters::Ring,
     goruntime::{
         GoCall, GoCallKey, GoClass, GoProbeConfig, GoroutineKey, Inner, MAX_GO_SLOTS, MAX_WINDOWS, SCHED_PARKED,
         SCHED_RUNNABLE, SCHED_RUNNING, SchedPoint, Window, WindowRecord, class_index, inner_index, window_index,
@@ -29,7 +30,7 @@ use aya_ebpf::{
 };
 
 use crate::{
-    maps::{add, count, current_slot, observe, record_on},
+    maps::{add, count, current_slot, note_fill, observe, record_on},
     regs::{G_SLOT, flags, reg},
 };
 
@@ -88,7 +89,7 @@ static GROW_EVENTS: Array<u64> = Array::with_max_entries(MAX_GO_SLOTS, 0);
 
 /// Closed windows for `watchscope record` (only while `WS_RECORD_ON`).
 #[map(name = "WS_WINDOW_RECORDS")]
-static WINDOW_RECORDS: RingBuf = RingBuf::with_byte_size(256 * 1024, 0);
+static WINDOW_RECORDS: RingBuf = RingBuf::with_byte_size(Ring::Windows.bytes(), 0);
 
 struct Hit {
     slot: u32,
@@ -324,6 +325,7 @@ fn close_window(gk: &GoroutineKey, now: u64, d: u64) {
             });
             // Drained on a timer (see etcd.rs `emit`): no wakeup.
             e.submit(aya_ebpf::bindings::BPF_RB_NO_WAKEUP as u64);
+            note_fill(&WINDOW_RECORDS, Ring::Windows);
         } else {
             count(Counter::EventsRingbufFull);
         }

@@ -1,10 +1,11 @@
 //! Maps shared by every program in the object.
 
-use agent_common::Counter;
+use agent_common::{Counter, counters::Ring};
 use agent_common::{Histogram, watch::MAX_SLOTS};
 use aya_ebpf::{
+    bindings::BPF_RB_AVAIL_DATA,
     macros::map,
-    maps::{Array, HashMap, RingBuf},
+    maps::{Array, HashMap, PerCpuArray, RingBuf},
 };
 
 /// Self-counters, one slot per `agent_common::Counter`: shared by every
@@ -18,7 +19,28 @@ pub static COUNTERS: Array<u64> = Array::with_max_entries(Counter::COUNT, 0);
 /// events, far more than a node produces between two polls; when it is full
 /// the event is counted in `EventsRingbufFull`, never dropped silently.
 #[map(name = "WS_EVENTS")]
-pub static EVENTS: RingBuf = RingBuf::with_byte_size(256 * 1024, 0);
+pub static EVENTS: RingBuf = RingBuf::with_byte_size(Ring::Events.bytes(), 0);
+
+/// Per ring (`agent_common::counters::Ring`), the most bytes seen waiting
+/// in it right after a submit: how close it came to full between two
+/// drains. Per CPU, so the max needs no compare-and-swap (user space takes
+/// the largest); three words per CPU.
+#[map(name = "WS_RING_FILL")]
+pub static RING_FILL: PerCpuArray<u64> = PerCpuArray::with_max_entries(Ring::COUNT, 0);
+
+/// Notes how full `ring` is now (call right after a submit to it).
+#[inline(always)]
+pub fn note_fill(ring: &RingBuf, which: Ring) {
+    let waiting = ring.query(BPF_RB_AVAIL_DATA as u64);
+    if let Some(m) = RING_FILL.get_ptr_mut(which as u32) {
+        // SAFETY: this CPU's value; programs do not nest on one CPU.
+        unsafe {
+            if waiting > *m {
+                *m = waiting;
+            }
+        }
+    }
+}
 
 #[inline(always)]
 pub fn count(c: Counter) {

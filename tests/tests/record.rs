@@ -454,6 +454,14 @@ fn record_chains_follow_each_revision_through_the_api_server_to_the_operators_ha
     let modified = |l: &str| event_type(l).as_deref() == Some("MODIFIED");
     assert_eq!(w.wait_count(modified, N as usize, Duration::from_secs(30)), N as usize);
     assert_eq!(kubectl.wait_count(|l| l.contains("main"), N as usize, Duration::from_secs(30)), N as usize);
+    // The record rings held at least one record (64 bytes and the ring's
+    // 8-byte header; a window record is 72) and never came near full.
+    let text = rec.metrics();
+    for (ring, one) in [("watch_records", 72.0), ("window_records", 80.0)] {
+        let size = sample_value(&text, &format!("watchscope_ringbuf_size_bytes{{ring=\"{ring}\"}}"));
+        let high = sample_value(&text, &format!("watchscope_ringbuf_high_water_bytes{{ring=\"{ring}\"}}"));
+        assert!(high.is_some_and(|h| h >= one && h < size.unwrap_or(0.0) / 2.0), "{ring}: {high:?} of {size:?}");
+    }
     rec.stop_after_chains(N, Duration::from_secs(30));
     let report = rec.finish(Duration::from_secs(40));
     println!("{report}");

@@ -7,7 +7,8 @@
 //! definitions (type, key and value size, entries), with the kernel's
 //! per-element costs, for `watchscope check` and the design bound (every
 //! counter and histogram array is shared by the CPUs, so only the frame scan
-//! buffer grows with them; see README, "What the agent costs").
+//! buffer and the rings' high-water marks grow with them; see README, "The
+//! agent's own metrics and what they cost").
 
 use aya_obj::Object;
 

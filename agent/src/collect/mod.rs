@@ -17,12 +17,13 @@ use std::{
 
 use agent_common::{
     Counter, Histogram,
+    counters::Ring,
     sidecar::{Direction, SidecarCount},
     watch::{Side, Stage, events_index, hist_index},
 };
 use aya::{
     Ebpf,
-    maps::{Array, MapData},
+    maps::{Array, MapData, PerCpuArray},
 };
 use thiserror::Error;
 
@@ -50,6 +51,8 @@ pub struct KernelMaps {
     inner_hist: Array<MapData, Histogram>,
     inner_events: Array<MapData, u64>,
     grow_events: Array<MapData, u64>,
+    /// Per ring, per CPU: the most bytes seen waiting after a submit.
+    ring_fill: PerCpuArray<MapData, u64>,
 }
 
 /// A counter or histogram array, shared by every CPU (the kernel adds
@@ -73,6 +76,11 @@ impl KernelMaps {
             inner_hist: take_shared(ebpf, "WS_WINDOW_INNER_HIST")?,
             inner_events: take_shared(ebpf, "WS_WINDOW_INNER_EVENTS")?,
             grow_events: take_shared(ebpf, "WS_GO_GROW_EVENTS")?,
+            ring_fill: {
+                let name = "WS_RING_FILL";
+                let map = ebpf.take_map(name).ok_or(CollectError::MissingMap(name))?;
+                PerCpuArray::try_from(map).map_err(|source| CollectError::Map { name, source })?
+            },
         })
     }
 
@@ -94,6 +102,18 @@ impl KernelMaps {
 
     pub fn sidecar_count(&self, slot: u32, c: SidecarCount) -> u64 {
         summed(&self.sidecar_counts, agent_common::sidecar::count_index(slot, c))
+    }
+
+    /// Each ring buffer's high-water mark in bytes (the largest of the
+    /// CPUs' own), by ring.
+    pub fn ring_fill(&self) -> Vec<(Ring, u64)> {
+        Ring::ALL
+            .iter()
+            .map(|&r| {
+                let max = self.ring_fill.get(&(r as u32), 0).map(|v| v.iter().copied().max().unwrap_or(0));
+                (r, max.unwrap_or(0))
+            })
+            .collect()
     }
 
     /// Kernel self-counters, indexed by `Counter as usize`.
@@ -325,6 +345,8 @@ pub struct Snapshot {
     pub programs: Vec<ProgramStats>,
     /// The agent's maps and the kernel memory each holds.
     pub map_bytes: Vec<mapmem::MapBytes>,
+    /// Each ring buffer's high-water mark in bytes.
+    pub ring_fill: Vec<(Ring, u64)>,
     /// Watch event chains judged so far (`chains::Chains`).
     pub watch_chains: chains::ChainCounts,
 }
@@ -349,6 +371,7 @@ impl Snapshot {
             }
         };
         s.kernel = maps.counters();
+        s.ring_fill = maps.ring_fill();
         s.watched_execs = watched_execs;
         s.series_dropped = vec![(fam::PROCESS_EXECS.name, overflow)];
         s.decode_errors = user.decode_errors.load(Ordering::Relaxed);

@@ -65,6 +65,14 @@ pub const BPF_MAP_BYTES: Family = Family {
     help: "Kernel memory each of the agent's eBPF maps holds, as the kernel accounts it (memlock in the map's \
            fdinfo). Counter and histogram arrays are shared by the CPUs: little of it grows with them.",
 };
+pub const RINGBUF_HIGH_WATER: Family = Family {
+    name: "ringbuf_high_water_bytes",
+    kind: MetricType::Gauge,
+    help: "The most bytes seen waiting in each of the agent's ring buffers right after a record was submitted \
+           (since the agent started): how close it came to full between two drains (full: dropped_total).",
+};
+pub const RINGBUF_SIZE: Family =
+    Family { name: "ringbuf_size_bytes", kind: MetricType::Gauge, help: "Each of the agent's ring buffers' size." };
 pub const BUILD_INFO: Family =
     Family { name: "build_info", kind: MetricType::Gauge, help: "Always 1; labels give the agent's version." };
 
@@ -197,6 +205,8 @@ pub const FAMILIES: &[Family] = &[
     PROGRAM_RUNS,
     PROGRAM_RUN_SECONDS,
     BPF_MAP_BYTES,
+    RINGBUF_HIGH_WATER,
+    RINGBUF_SIZE,
     BUILD_INFO,
 ];
 
@@ -277,6 +287,13 @@ impl Collector for SnapshotCollector {
             .map(|m| ([("map", m.name.as_str())], i64::try_from(m.bytes).unwrap_or(i64::MAX)))
             .collect();
         gauge(&mut enc, &BPF_MAP_BYTES, &maps.iter().map(|(l, n)| (&l[..], *n)).collect::<Vec<_>>())?;
+        let rings: Vec<_> = s
+            .ring_fill
+            .iter()
+            .map(|(r, n)| ([("ring", r.name())], i64::try_from(*n).unwrap_or(i64::MAX), i64::from(r.bytes())))
+            .collect();
+        gauge(&mut enc, &RINGBUF_HIGH_WATER, &rings.iter().map(|(l, n, _)| (&l[..], *n)).collect::<Vec<_>>())?;
+        gauge(&mut enc, &RINGBUF_SIZE, &rings.iter().map(|(l, _, b)| (&l[..], *b)).collect::<Vec<_>>())?;
         gauge(&mut enc, &BUILD_INFO, &[(&[("version", env!("CARGO_PKG_VERSION"))], 1)])?;
         Ok(())
     }
