@@ -296,6 +296,20 @@ impl Etcd {
         self.watch_with(prefix, &[])
     }
 
+    /// Watchers etcd itself has registered (`etcd_debugging_mvcc_watcher_total`
+    /// on its /metrics): what a test waits on before it writes, instead of
+    /// sleeping while a client sets its watches up.
+    pub fn watchers(&self) -> u64 {
+        let text = crate::http_get(&format!("{}/metrics", self.endpoint())).map(|(_, b)| b).unwrap_or_default();
+        crate::sample_value(&text, "etcd_debugging_mvcc_watcher_total").unwrap_or(0.0) as u64
+    }
+
+    /// Waits until etcd has at least `n` watchers registered.
+    pub fn wait_watchers(&self, n: u64, timeout: Duration) {
+        let ok = crate::wait_until(timeout, || self.watchers() >= n);
+        assert!(ok, "etcd has {} watchers, not {n}, after {timeout:?}", self.watchers());
+    }
+
     /// `etcdctl watch` with extra flags (e.g. `--progress-notify`).
     pub fn watch_with(&self, prefix: &str, flags: &[&str]) -> LineReader {
         let child = self

@@ -50,7 +50,7 @@ fn counts_are_exact_for_puts_and_a_txn(build: Build) {
     let etcd = Etcd::start_build(build, server, client);
     let watch = etcd.watch("/count/");
     wait_attached(&agent, &[etcd.pid(), watch.pid()]);
-    std::thread::sleep(Duration::from_millis(500));
+    etcd.wait_watchers(1, Duration::from_secs(10));
 
     for i in 0..N {
         etcd.put(&format!("/count/{i}"), "v");
@@ -213,7 +213,7 @@ fn etcd_restart_and_upgrade_are_picked_up_and_counts_stay_exact(build: Build) {
     let mut etcd = Etcd::start_build(build, server, client);
     let watch = etcd.watch("/r/");
     wait_attached(&agent, &[etcd.pid(), watch.pid()]);
-    std::thread::sleep(Duration::from_millis(300));
+    etcd.wait_watchers(1, Duration::from_secs(10));
     for i in 0..5 {
         etcd.put(&format!("/r/a{i}"), "v");
     }
@@ -242,8 +242,8 @@ fn etcd_restart_and_upgrade_are_picked_up_and_counts_stay_exact(build: Build) {
         let took = started.elapsed();
         assert!(took < Duration::from_secs(1), "re-attached {took:?} after etcd was up (upgrade={upgrade})");
     }
-    // etcdctl reconnects by itself; give it the moment it needs.
-    std::thread::sleep(Duration::from_secs(2));
+    // etcdctl reconnects by itself: once the new etcd has its watcher.
+    etcd.wait_watchers(1, Duration::from_secs(20));
     for i in 0..5 {
         etcd.put(&format!("/r/b{i}"), "v");
     }

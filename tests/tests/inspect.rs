@@ -6,7 +6,6 @@
 
 use std::{
     collections::HashMap,
-    io::Write as _,
     os::unix::fs::FileExt as _,
     path::{Path, PathBuf},
     process::{Command, Stdio},
@@ -17,7 +16,7 @@ use std::{
 use serde_json::Value;
 use watchscope::inspect::{self, Abi, Arch, Cache, Inspection, PclnVersion, Role};
 use watchscope_integration_tests::{
-    etcd::Etcd,
+    etcd::{Etcd, LineReader},
     go::{self, Fixture, fixture, fixtures, gdb, inspect_json, nm, objdump_rets},
     require_root,
     tracefs::{self, Uprobes},
@@ -336,25 +335,27 @@ fn etcd_arg_reads_match_tracefs() {
     }
     up.enable();
 
-    // Three watchers on one stream: ids 0, 1, 2 in creation order.
-    let mut watch = Command::new(&etcd.ctl)
-        .args([&format!("--endpoints={}", etcd.endpoint()), "watch", "-i", "-w", "json"])
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::null())
-        .spawn()
-        .expect("etcdctl watch -i");
-    let mut stdin = watch.stdin.take().unwrap();
-    stdin.write_all(b"watch a\nwatch b\nwatch c\n").unwrap();
-    stdin.flush().unwrap();
-    std::thread::sleep(Duration::from_millis(1500));
+    // Three watchers on one stream: ids 0, 1, 2 in creation order, all
+    // registered by etcd before the writes.
+    let mut watch = LineReader::new(
+        Command::new(&etcd.ctl)
+            .args([&format!("--endpoints={}", etcd.endpoint()), "watch", "-i", "-w", "json"])
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("etcdctl watch -i"),
+    );
+    let before = etcd.watchers();
+    for key in ["a", "b", "c"] {
+        watch.send(&format!("watch {key}"));
+    }
+    etcd.wait_watchers(before + 3, Duration::from_secs(10));
     etcd.put("c", "1");
     etcd.put("b", "1");
-    std::thread::sleep(Duration::from_millis(1000));
-    drop(stdin);
-    let _ = watch.kill();
-    let out = watch.wait_with_output().expect("watch output");
-    let text = String::from_utf8_lossy(&out.stdout);
+    let is_json = |l: &str| serde_json::from_str::<Value>(l).is_ok();
+    assert_eq!(watch.wait_count(is_json, 2, Duration::from_secs(10)), 2, "{:?}", watch.lines());
+    let text = watch.lines().join("\n");
     let responses: Vec<Value> = text.lines().filter_map(|l| serde_json::from_str(l).ok()).collect();
     let header = &responses.first().unwrap_or_else(|| panic!("no watch output: {text}"))["Header"];
     let member = format!("{:#x}", header["member_id"].as_u64().unwrap());
