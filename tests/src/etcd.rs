@@ -304,6 +304,29 @@ impl Etcd {
         crate::sample_value(&text, "etcd_debugging_mvcc_watcher_total").unwrap_or(0.0) as u64
     }
 
+    /// etcd's current revision (`etcd_debugging_mvcc_current_revision`).
+    pub fn revision(&self) -> i64 {
+        let text = crate::http_get(&format!("{}/metrics", self.endpoint())).map(|(_, b)| b).unwrap_or_default();
+        crate::sample_value(&text, "etcd_debugging_mvcc_current_revision").unwrap_or(0.0) as i64
+    }
+
+    /// `etcdctl watch -i`, its stdin and stdout piped: watches are added by
+    /// writing `watch ...` lines.
+    pub fn spawn_interactive(&self) -> Child {
+        self.ctl()
+            .args(["watch", "-i"])
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("etcdctl watch -i")
+    }
+
+    /// An `etcdctl` command against this etcd, to add arguments to.
+    pub fn ctl_command(&self) -> Command {
+        self.ctl()
+    }
+
     /// Waits until etcd has at least `n` watchers registered.
     pub fn wait_watchers(&self, n: u64, timeout: Duration) {
         let ok = crate::wait_until(timeout, || self.watchers() >= n);
@@ -328,15 +351,7 @@ impl Etcd {
     /// `progress` then sends one progress request on the watch stream, the
     /// request the API server sends while a read waits for its cache.
     pub fn watch_interactive(&self, prefix: &str) -> LineReader {
-        let child = self
-            .ctl()
-            .args(["watch", "-i"])
-            .stdin(Stdio::piped())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::null())
-            .spawn()
-            .expect("etcdctl watch -i");
-        let mut r = LineReader::new(child);
+        let mut r = LineReader::new(self.spawn_interactive());
         r.send(&format!("watch --prefix {prefix}"));
         r
     }

@@ -8,6 +8,7 @@ pub mod etcd;
 pub mod go;
 pub mod kube;
 pub mod proxy;
+pub mod soak;
 pub mod tracefs;
 
 use std::{

@@ -395,7 +395,10 @@ fn per_operation_probes_detach_after_the_window() {
     let name = "wsg-mapwin";
     let dir = tempfile::tempdir().expect("tmp");
     let bin = build(go119(), dir.path(), name);
-    let agent = Agent::start(&["--go-comm", name, "--go-maps", "all", "--go-maps-window", "3s"]);
+    // Only the fixture: the probe count below is the agent's total, which
+    // an etcd running elsewhere on the machine (watched by default) would
+    // add to.
+    let agent = Agent::start(&["--comm", "wsnone", "--go-comm", name, "--go-maps", "all", "--go-maps-window", "3s"]);
     let mut fx = Fixture::start(&bin, &["grow", "200000"]);
     let sites = go_sites(&agent, &bin);
     let per_op = sites

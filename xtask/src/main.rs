@@ -7,6 +7,7 @@ mod debcache;
 mod demo;
 mod fuzz;
 mod setup;
+mod soak;
 mod test;
 mod util;
 
@@ -33,8 +34,12 @@ enum Task {
     Demo(demo::DemoArgs),
     /// Benchmarks: speed goals live here, never in unit tests.
     Bench(bench::BenchArgs),
-    /// Run the cargo-fuzz targets of the binary parsers and the ring record decoder.
+    /// Run the cargo-fuzz targets of the binary parsers, the ring record
+    /// decoder and the watch frame scanner.
     Fuzz(fuzz::FuzzArgs),
+    /// Minutes of etcd under puts, many watches and process churn, watched
+    /// by the agent; fails unless every event and exec is accounted for.
+    Soak(soak::SoakArgs),
 }
 
 fn main() -> Result<()> {
@@ -46,5 +51,6 @@ fn main() -> Result<()> {
         Task::Demo(a) => demo::run(&a),
         Task::Bench(a) => bench::run(&a),
         Task::Fuzz(a) => fuzz::run(&a),
+        Task::Soak(a) => soak::run(&a),
     }
 }
