@@ -255,6 +255,7 @@ pub fn run(cfg: SoakConfig, server: &str, client: &str) -> SoakResult {
     });
     assert!(settled, "the agent's counts kept moving");
     let text = agent.metrics();
+    let timed = stages(&text);
     let family = |name: &str, label: &str| -> Vec<(String, f64)> {
         crate::samples(&text, name)
             .into_iter()
@@ -270,9 +271,9 @@ pub fn run(cfg: SoakConfig, server: &str, client: &str) -> SoakResult {
         server_events: side(&text, "server", server) - server0,
         client_events: side(&text, "client", client) - client0,
         process_execs: execs_of(&text) - execs0,
-        commit_to_send: stages(&text)[0] - stages0[0],
-        enqueue_to_send: stages(&text)[1] - stages0[1],
-        commit_to_dispatch: stages(&text)[2] - stages0[2],
+        commit_to_send: timed[0] - stages0[0],
+        enqueue_to_send: timed[1] - stages0[1],
+        commit_to_dispatch: timed[2] - stages0[2],
         dropped: family("watchscope_dropped_total", "reason").into_iter().filter(|(_, v)| *v > 0.0).collect(),
         ring_high_water: family("watchscope_ringbuf_high_water_bytes", "ring"),
         agent_cpu_seconds: cpu_seconds(agent.pid()) - cpu0,

@@ -21,6 +21,8 @@ pub struct MapBytes {
 
 /// Every BPF map this process holds a file descriptor of, with the kernel's
 /// accounting of its memory. Maps whose name cannot be read are named by id.
+/// Read once after the object is loaded: every map is created then, and
+/// preallocated, so its memory does not change while the agent runs.
 pub fn measured() -> Vec<MapBytes> {
     let Ok(dir) = std::fs::read_dir("/proc/self/fdinfo") else { return Vec::new() };
     let mut seen = std::collections::BTreeMap::new();
@@ -43,10 +45,10 @@ pub fn measured() -> Vec<MapBytes> {
 
 /// (map id, memlock bytes) of a map fd's fdinfo; `None` for other fds.
 fn parse_fdinfo(text: &str) -> Option<(u32, u64)> {
-    let field = |key: &str| text.lines().find_map(|l| l.strip_prefix(key)).and_then(|v| v.trim().parse::<u64>().ok());
-    field("map_type:")?;
-    let id = u32::try_from(field("map_id:")?).ok()?;
-    Some((id, field("memlock:")?))
+    let field = |key: &str| super::stats::fdinfo_field(text, key);
+    field("map_type")?;
+    let id = u32::try_from(field("map_id")?).ok()?;
+    Some((id, field("memlock")?))
 }
 
 /// A map as the object defines it.

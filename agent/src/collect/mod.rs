@@ -55,32 +55,32 @@ pub struct KernelMaps {
     ring_fill: PerCpuArray<MapData, u64>,
 }
 
-/// A counter or histogram array, shared by every CPU (the kernel adds
-/// atomically: its memory does not grow with the CPU count).
-fn take_shared<V: aya::Pod>(ebpf: &mut Ebpf, name: &'static str) -> Result<Array<MapData, V>, CollectError> {
+/// Takes map `name` out of the object as its typed handle. The counter and
+/// histogram arrays are shared by every CPU (the kernel adds atomically:
+/// their memory does not grow with the CPU count).
+fn take<M: TryFrom<aya::maps::Map, Error = aya::maps::MapError>>(
+    ebpf: &mut Ebpf,
+    name: &'static str,
+) -> Result<M, CollectError> {
     let map = ebpf.take_map(name).ok_or(CollectError::MissingMap(name))?;
-    Array::try_from(map).map_err(|source| CollectError::Map { name, source })
+    M::try_from(map).map_err(|source| CollectError::Map { name, source })
 }
 
 impl KernelMaps {
     pub fn take(ebpf: &mut Ebpf) -> Result<Self, CollectError> {
         Ok(Self {
-            counters: take_shared(ebpf, "WS_COUNTERS")?,
-            watch_hist: take_shared(ebpf, "WS_WATCH_HIST")?,
-            watch_events: take_shared(ebpf, "WS_WATCH_EVENTS")?,
-            watch_progress: take_shared(ebpf, "WS_WATCH_PROGRESS")?,
-            sidecar_hist: take_shared(ebpf, "WS_SIDECAR_HIST")?,
-            sidecar_counts: take_shared(ebpf, "WS_SIDECAR_COUNTS")?,
-            go_hist: take_shared(ebpf, "WS_GO_HIST")?,
-            window_hist: take_shared(ebpf, "WS_WINDOW_HIST")?,
-            inner_hist: take_shared(ebpf, "WS_WINDOW_INNER_HIST")?,
-            inner_events: take_shared(ebpf, "WS_WINDOW_INNER_EVENTS")?,
-            grow_events: take_shared(ebpf, "WS_GO_GROW_EVENTS")?,
-            ring_fill: {
-                let name = "WS_RING_FILL";
-                let map = ebpf.take_map(name).ok_or(CollectError::MissingMap(name))?;
-                PerCpuArray::try_from(map).map_err(|source| CollectError::Map { name, source })?
-            },
+            counters: take(ebpf, "WS_COUNTERS")?,
+            watch_hist: take(ebpf, "WS_WATCH_HIST")?,
+            watch_events: take(ebpf, "WS_WATCH_EVENTS")?,
+            watch_progress: take(ebpf, "WS_WATCH_PROGRESS")?,
+            sidecar_hist: take(ebpf, "WS_SIDECAR_HIST")?,
+            sidecar_counts: take(ebpf, "WS_SIDECAR_COUNTS")?,
+            go_hist: take(ebpf, "WS_GO_HIST")?,
+            window_hist: take(ebpf, "WS_WINDOW_HIST")?,
+            inner_hist: take(ebpf, "WS_WINDOW_INNER_HIST")?,
+            inner_events: take(ebpf, "WS_WINDOW_INNER_EVENTS")?,
+            grow_events: take(ebpf, "WS_GO_GROW_EVENTS")?,
+            ring_fill: take(ebpf, "WS_RING_FILL")?,
         })
     }
 

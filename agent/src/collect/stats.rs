@@ -82,9 +82,12 @@ fn sysctl_on() -> bool {
 
 /// `run_cnt` and `run_time_ns` out of a BPF program fd's fdinfo text.
 fn parse_fdinfo(text: &str) -> Option<(u64, u64)> {
-    let field =
-        |key: &str| text.lines().find_map(|l| l.strip_prefix(key)?.strip_prefix(':')?.trim().parse::<u64>().ok());
-    Some((field("run_cnt")?, field("run_time_ns")?))
+    Some((fdinfo_field(text, "run_cnt")?, fdinfo_field(text, "run_time_ns")?))
+}
+
+/// A numeric `key:\tvalue` line of a BPF object fd's fdinfo text.
+pub(super) fn fdinfo_field(text: &str, key: &str) -> Option<u64> {
+    text.lines().find_map(|l| l.strip_prefix(key)?.strip_prefix(':')?.trim().parse::<u64>().ok())
 }
 
 #[cfg(test)]

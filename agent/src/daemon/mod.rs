@@ -70,6 +70,8 @@ struct Agent {
     tracepoints: Vec<AttachedProbe>,
     status: Arc<Status>,
     chains: Arc<Mutex<Chains>>,
+    /// The maps' kernel memory, measured once they all exist.
+    map_bytes: Vec<crate::collect::mapmem::MapBytes>,
 }
 
 impl MetricsSource for Agent {
@@ -97,7 +99,7 @@ impl MetricsSource for Agent {
             ("uprobe", self.status.uprobes_attached.load(Ordering::Relaxed) as u64),
         ];
         snap.programs = self.stats.read();
-        snap.map_bytes = crate::collect::mapmem::measured();
+        snap.map_bytes = self.map_bytes.clone();
         snap.watch_chains = self.chains.lock().unwrap_or_else(|p| p.into_inner()).counts();
         snap
     }
@@ -203,6 +205,7 @@ impl Pipeline {
             tracepoints,
             status,
             chains: chains.clone(),
+            map_bytes: crate::collect::mapmem::measured(),
         });
         // The initial scan: processes that were running before the agent.
         tracker.reconcile();

@@ -89,8 +89,9 @@ pub const WATCH_EVENTS: Family = Family {
     kind: MetricType::Counter,
     help: "Watch events (not responses): sent by etcd to each watcher, dispatched by an etcd client, taken by an \
            API server's watch cache, put in each of its watchers' result channels (live) or replayed from its \
-           history to a new watch, written to each watcher's HTTP stream (live), decoded off its stream by a client-go watch client, queued by a client-go reflector, taken off the queue by its informer, started on by \
-           each of its handlers; by side and process.",
+           history to a new watch, written to each watcher's HTTP stream (live), decoded off its stream by a \
+           client-go watch client, queued by a client-go reflector, taken off the queue by its informer, started \
+           on by each of its handlers; by side and process.",
 };
 pub const WATCH_PROGRESS: Family = Family {
     name: "watch_progress",
