@@ -1,30 +1,270 @@
-//! The one bucket layout every watchscope timing histogram uses.
+//! The one bucket layout every watchscope timing histogram uses: the
+//! Prometheus native-histogram schema 2, computed exactly in the kernel.
 //!
-//! Log-linear: below 1 µs everything lands in bucket 0; from 1 µs up, each
-//! power of two of microseconds is split into four equal sub-buckets, up to
-//! 2^26 µs (about 67 s); anything longer lands in the last (+Inf) bucket. The
-//! upper bounds are exact binary fractions of a microsecond (1, 1.25, 1.5,
-//! 1.75, 2, 2.5, 3, 3.5, 4, 5, ... µs), so every exported family lines up
-//! bucket for bucket and a panel can put any two side by side.
+//! Schema 2 has four buckets per power of two: native bucket `b` holds the
+//! durations in (2^((b-1)/4), 2^(b/4)] seconds. Every histogram of every
+//! family, process, node and watchscope version has the same bounds, so any
+//! two line up bucket for bucket and Prometheus can merge them (that is what
+//! a native histogram is). A bucket is 19 % wide (2^(1/4) = 1.189): a
+//! quantile read from it is off by at most that factor, and by at most
+//! ±9 % from the bucket's geometric middle.
 //!
-//! The index is computed in the kernel from nanoseconds, with integer
-//! arithmetic only (one division by a constant and a fixed bit scan, which
-//! the verifier accepts without loops).
+//! Why schema 2 and not 3: eight buckets per octave would double every
+//! histogram's kernel memory (shared arrays, ~2,700 histograms) for a
+//! resolution finer than the jitter of what is measured (a uprobe hit costs
+//! ~1 µs, a scheduler tick 4 ms).
+//!
+//! Layout of the kernel's array, [`NBUCKETS`] counts:
+//! - index 0 is the native *zero bucket*: durations ≤ 2^-20 s (953.67 ns),
+//!   the zero threshold;
+//! - index `i` ≥ 1 is native bucket `i - 80`: the first, (2^-20, 2^-19.75] s,
+//!   is just over 1 µs; the last, (2^34, 2^34.25] s, holds u64::MAX ns, so no
+//!   duration overflows and no `+Inf` bucket is needed in the native form
+//!   (the classic exposition adds its own `+Inf`).
+//!
+//! Durations are integer nanoseconds, so a duration `ns` is in bucket `i`
+//! exactly when `UPPER_NS[i-1] < ns <= UPPER_NS[i]`, where `UPPER_NS[i]` is
+//! floor(2^((i-80)/4) · 10^9), computed with exact integer arithmetic (the
+//! unit tests check every entry against big-integer fourth roots). The
+//! kernel finds the index with a fixed eight-step binary search over that
+//! table: integer compares only, no loop for the verifier to walk.
 
-/// Sub-buckets per power of two.
-pub const SUB_BUCKETS: u32 = 4;
-/// Powers of two of microseconds covered: [1 µs, 2^26 µs).
-pub const OCTAVES: u32 = 26;
-/// Total buckets: underflow, log-linear part, overflow.
-pub const NBUCKETS: usize = 1 + (OCTAVES * SUB_BUCKETS) as usize + 1;
+/// The native-histogram schema: 2^SCHEMA buckets per power of two.
+pub const SCHEMA: i32 = 2;
+/// Native index of the kernel's bucket 1; bucket `i` ≥ 1 is native `i + NATIVE_OFFSET`.
+pub const NATIVE_OFFSET: i32 = -80;
+/// Total buckets: the zero bucket and native buckets -79..=137.
+pub const NBUCKETS: usize = 218;
+/// The zero bucket's threshold: 2^-20 s (953.674 ns), the bound of bucket 0.
+pub const ZERO_THRESHOLD_SECONDS: f64 = 1.0 / 1_048_576.0;
 
-/// Nanoseconds in one quarter of a microsecond: the unit the index works in,
-/// so that the four sub-buckets of the first octave are exact too.
-const QUARTER_US_NS: u64 = 250;
+/// Inclusive upper bound of each bucket in nanoseconds: floor(2^((i-80)/4) s
+/// in ns); the last is u64::MAX (its true bound, 2^34.25 s, is larger).
+pub static UPPER_NS: [u64; NBUCKETS] = [
+    953,
+    1_134,
+    1_348,
+    1_603,
+    1_907,
+    2_268,
+    2_697,
+    3_207,
+    3_814,
+    4_536,
+    5_394,
+    6_415,
+    7_629,
+    9_072,
+    10_789,
+    12_831,
+    15_258,
+    18_145,
+    21_579,
+    25_662,
+    30_517,
+    36_291,
+    43_158,
+    51_324,
+    61_035,
+    72_583,
+    86_316,
+    102_648,
+    122_070,
+    145_166,
+    172_633,
+    205_296,
+    244_140,
+    290_333,
+    345_266,
+    410_593,
+    488_281,
+    580_667,
+    690_533,
+    821_187,
+    976_562,
+    1_161_335,
+    1_381_067,
+    1_642_375,
+    1_953_125,
+    2_322_670,
+    2_762_135,
+    3_284_751,
+    3_906_250,
+    4_645_340,
+    5_524_271,
+    6_569_503,
+    7_812_500,
+    9_290_680,
+    11_048_543,
+    13_139_006,
+    15_625_000,
+    18_581_361,
+    22_097_086,
+    26_278_012,
+    31_250_000,
+    37_162_722,
+    44_194_173,
+    52_556_025,
+    62_500_000,
+    74_325_444,
+    88_388_347,
+    105_112_051,
+    125_000_000,
+    148_650_889,
+    176_776_695,
+    210_224_103,
+    250_000_000,
+    297_301_778,
+    353_553_390,
+    420_448_207,
+    500_000_000,
+    594_603_557,
+    707_106_781,
+    840_896_415,
+    1_000_000_000,
+    1_189_207_115,
+    1_414_213_562,
+    1_681_792_830,
+    2_000_000_000,
+    2_378_414_230,
+    2_828_427_124,
+    3_363_585_661,
+    4_000_000_000,
+    4_756_828_460,
+    5_656_854_249,
+    6_727_171_322,
+    8_000_000_000,
+    9_513_656_920,
+    11_313_708_498,
+    13_454_342_644,
+    16_000_000_000,
+    19_027_313_840,
+    22_627_416_997,
+    26_908_685_288,
+    32_000_000_000,
+    38_054_627_680,
+    45_254_833_995,
+    53_817_370_576,
+    64_000_000_000,
+    76_109_255_360,
+    90_509_667_991,
+    107_634_741_152,
+    128_000_000_000,
+    152_218_510_720,
+    181_019_335_983,
+    215_269_482_304,
+    256_000_000_000,
+    304_437_021_440,
+    362_038_671_967,
+    430_538_964_609,
+    512_000_000_000,
+    608_874_042_881,
+    724_077_343_935,
+    861_077_929_219,
+    1_024_000_000_000,
+    1_217_748_085_762,
+    1_448_154_687_870,
+    1_722_155_858_439,
+    2_048_000_000_000,
+    2_435_496_171_525,
+    2_896_309_375_740,
+    3_444_311_716_879,
+    4_096_000_000_000,
+    4_870_992_343_051,
+    5_792_618_751_480,
+    6_888_623_433_758,
+    8_192_000_000_000,
+    9_741_984_686_102,
+    11_585_237_502_960,
+    13_777_246_867_516,
+    16_384_000_000_000,
+    19_483_969_372_204,
+    23_170_475_005_920,
+    27_554_493_735_033,
+    32_768_000_000_000,
+    38_967_938_744_409,
+    46_340_950_011_841,
+    55_108_987_470_067,
+    65_536_000_000_000,
+    77_935_877_488_818,
+    92_681_900_023_683,
+    110_217_974_940_134,
+    131_072_000_000_000,
+    155_871_754_977_636,
+    185_363_800_047_366,
+    220_435_949_880_269,
+    262_144_000_000_000,
+    311_743_509_955_273,
+    370_727_600_094_732,
+    440_871_899_760_539,
+    524_288_000_000_000,
+    623_487_019_910_546,
+    741_455_200_189_465,
+    881_743_799_521_078,
+    1_048_576_000_000_000,
+    1_246_974_039_821_093,
+    1_482_910_400_378_930,
+    1_763_487_599_042_157,
+    2_097_152_000_000_000,
+    2_493_948_079_642_186,
+    2_965_820_800_757_861,
+    3_526_975_198_084_315,
+    4_194_304_000_000_000,
+    4_987_896_159_284_372,
+    5_931_641_601_515_722,
+    7_053_950_396_168_631,
+    8_388_608_000_000_000,
+    9_975_792_318_568_745,
+    11_863_283_203_031_444,
+    14_107_900_792_337_263,
+    16_777_216_000_000_000,
+    19_951_584_637_137_491,
+    23_726_566_406_062_888,
+    28_215_801_584_674_527,
+    33_554_432_000_000_000,
+    39_903_169_274_274_983,
+    47_453_132_812_125_776,
+    56_431_603_169_349_054,
+    67_108_864_000_000_000,
+    79_806_338_548_549_967,
+    94_906_265_624_251_552,
+    112_863_206_338_698_109,
+    134_217_728_000_000_000,
+    159_612_677_097_099_935,
+    189_812_531_248_503_105,
+    225_726_412_677_396_219,
+    268_435_456_000_000_000,
+    319_225_354_194_199_870,
+    379_625_062_497_006_211,
+    451_452_825_354_792_438,
+    536_870_912_000_000_000,
+    638_450_708_388_399_741,
+    759_250_124_994_012_423,
+    902_905_650_709_584_876,
+    1_073_741_824_000_000_000,
+    1_276_901_416_776_799_483,
+    1_518_500_249_988_024_846,
+    1_805_811_301_419_169_752,
+    2_147_483_648_000_000_000,
+    2_553_802_833_553_598_966,
+    3_037_000_499_976_049_692,
+    3_611_622_602_838_339_504,
+    4_294_967_296_000_000_000,
+    5_107_605_667_107_197_932,
+    6_074_000_999_952_099_384,
+    7_223_245_205_676_679_009,
+    8_589_934_592_000_000_000,
+    10_215_211_334_214_395_865,
+    12_148_001_999_904_198_769,
+    14_446_490_411_353_358_019,
+    17_179_869_184_000_000_000,
+    18_446_744_073_709_551_615,
+];
 
-/// A histogram as the kernel keeps it (one per CPU in a per-CPU array).
-/// `sum_ns` lets the exporter publish an exact `_sum`; the count is the sum
-/// of the buckets, so it can never disagree with them.
+/// A histogram as the kernel keeps it (one per slot, shared by every CPU,
+/// updated with atomic adds). `sum_ns` lets the exporter publish an exact
+/// `_sum`; the count is the sum of the buckets, so it can never disagree
+/// with them.
 #[repr(C)]
 #[derive(Clone, Copy, Debug)]
 #[cfg_attr(feature = "pod", derive(bytemuck::Pod, bytemuck::Zeroable))]
@@ -37,7 +277,7 @@ impl Histogram {
     pub const ZERO: Histogram = Histogram { buckets: [0; NBUCKETS], sum_ns: 0 };
 
     /// Adds one observation. Used in unit tests and by user-space aggregation;
-    /// the kernel does the same with atomic adds on its per-CPU copy.
+    /// the kernel does the same with atomic adds.
     pub fn observe(&mut self, ns: u64) {
         let i = bucket_index(ns) as usize;
         if let Some(b) = self.buckets.get_mut(i) {
@@ -50,7 +290,7 @@ impl Histogram {
         self.buckets.iter().sum()
     }
 
-    /// Adds another histogram into this one (merging per-CPU copies).
+    /// Adds another histogram into this one.
     pub fn merge(&mut self, other: &Histogram) {
         for (a, b) in self.buckets.iter_mut().zip(other.buckets.iter()) {
             *a = a.wrapping_add(*b);
@@ -59,8 +299,9 @@ impl Histogram {
     }
 }
 
-/// 106 buckets and the sum: 856 bytes per histogram per CPU.
-const _: () = assert!(size_of::<Histogram>() == 856);
+/// 218 buckets and the sum: 1,752 bytes per histogram (not per CPU).
+const _: () = assert!(size_of::<Histogram>() == 1_752);
+const _: () = assert!(NBUCKETS <= 256, "the binary search takes eight steps");
 
 #[cfg(feature = "user")]
 aya_pod!(Histogram);
@@ -71,73 +312,47 @@ impl Default for Histogram {
     }
 }
 
-/// Position of the highest set bit (floor(log2(v))) for v > 0, written as a
-/// fixed binary search so the BPF verifier sees straight-line code.
-#[inline(always)]
-pub fn log2_u64(mut v: u64) -> u32 {
-    let mut r = 0;
-    if v >= 1 << 32 {
-        v >>= 32;
-        r += 32;
-    }
-    if v >= 1 << 16 {
-        v >>= 16;
-        r += 16;
-    }
-    if v >= 1 << 8 {
-        v >>= 8;
-        r += 8;
-    }
-    if v >= 1 << 4 {
-        v >>= 4;
-        r += 4;
-    }
-    if v >= 1 << 2 {
-        v >>= 2;
-        r += 2;
-    }
-    if v >= 1 << 1 {
-        r += 1;
-    }
-    r
-}
-
-/// The bucket a duration of `ns` nanoseconds falls in: always < NBUCKETS.
+/// The bucket a duration of `ns` nanoseconds falls in: the smallest `i` with
+/// `ns <= UPPER_NS[i]`, always < NBUCKETS.
 #[inline(always)]
 pub fn bucket_index(ns: u64) -> u32 {
-    let q = ns / QUARTER_US_NS;
-    if q < 4 {
-        return 0;
+    // pos = how many bounds are below ns, found 128, 64, ..., 1 at a time.
+    let mut pos = 0usize;
+    let mut step = 128usize;
+    while step > 0 {
+        let probe = pos + step - 1;
+        if probe < NBUCKETS && UPPER_NS[probe] < ns {
+            pos += step;
+        }
+        step >>= 1;
     }
-    // q in [4·2^k, 8·2^k) is the octave [2^k, 2^(k+1)) µs.
-    let k = log2_u64(q) - 2;
-    if k >= OCTAVES {
-        return NBUCKETS as u32 - 1;
-    }
-    let sub = ((q >> k) & 3) as u32;
-    1 + k * SUB_BUCKETS + sub
+    pos as u32
 }
 
-/// Upper bound of bucket `i` in seconds (`le` in Prometheus terms); the last
-/// bucket's bound is +Inf. Bucket `i` holds durations in
-/// [upper(i-1), upper(i)).
+/// The native-histogram bucket index of kernel bucket `i`; None for the zero
+/// bucket.
+pub fn native_index(i: usize) -> Option<i32> {
+    (i > 0 && i < NBUCKETS).then(|| i as i32 + NATIVE_OFFSET)
+}
+
+/// 2^(b/4) as the nearest f64 to the true bound, exact when b is a multiple
+/// of 4: a power of two times one of four constants.
+pub fn native_upper_bound_seconds(b: i32) -> f64 {
+    const FRACTIONS: [f64; 4] = [1.0, 1.189_207_115_002_721, core::f64::consts::SQRT_2, 1.681_792_830_507_429];
+    // rem_euclid keeps the fraction in 0..4 for negative b too; 2^e is
+    // built from its exponent bits (no powi in core), e is within ±40.
+    let e = b.div_euclid(4);
+    let pow2 = f64::from_bits(((e + 1023) as u64) << 52);
+    FRACTIONS[b.rem_euclid(4) as usize] * pow2
+}
+
+/// Upper bound of bucket `i` in seconds (`le` in Prometheus terms): bucket
+/// `i` holds durations in (upper(i-1), upper(i)].
 pub fn bucket_upper_bound_seconds(i: usize) -> f64 {
-    if i == 0 {
-        return 1e-6;
-    }
-    if i >= NBUCKETS - 1 {
-        return f64::INFINITY;
-    }
-    let j = (i - 1) as u32;
-    let k = j / SUB_BUCKETS;
-    let sub = j % SUB_BUCKETS;
-    // 2^k · (4 + sub + 1) / 4 µs
-    let quarters = (1u64 << k) * (SUB_BUCKETS + sub + 1) as u64;
-    // One correctly rounded division, so bounds print as 1.25e-06, not 1.2499999e-06.
-    quarters as f64 / 4_000_000.0
+    native_upper_bound_seconds(i.min(NBUCKETS - 1) as i32 + NATIVE_OFFSET)
 }
 
-/// Lower bound of bucket `i` in seconds (0 for the first bucket).
+/// Lower (exclusive) bound of bucket `i` in seconds (0 for the zero bucket).
 pub fn bucket_lower_bound_seconds(i: usize) -> f64 {
     if i == 0 { 0.0 } else { bucket_upper_bound_seconds(i - 1) }
 }
@@ -145,67 +360,104 @@ pub fn bucket_lower_bound_seconds(i: usize) -> f64 {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use num_bigint::BigUint;
 
-    #[test]
-    fn log2_matches_leading_zeros() {
-        for shift in 0..64 {
-            for v in [1u64 << shift, (1u64 << shift) | 1, (1u64 << shift).wrapping_mul(3)] {
-                if v == 0 {
+    /// 2^b · 10^36 compared with v^4, as (left, right) big integers with the
+    /// power of two moved to the side where it is a whole number.
+    fn sides(v: u64, b: i32) -> (BigUint, BigUint) {
+        let v4 = BigUint::from(v).pow(4);
+        let e36 = BigUint::from(10u32).pow(36);
+        if b >= 0 { (v4, e36 << b as usize) } else { (v4 << (-b) as usize, e36) }
+    }
+
+    /// The exact bucket of `ns` from the definition, without the table: the
+    /// smallest native b with ns · 10^-9 <= 2^(b/4), i.e. ns^4 <= 2^b · 10^36.
+    fn exact_bucket(ns: u64) -> usize {
+        let (lo, hi) = sides(ns, NATIVE_OFFSET);
+        if lo <= hi {
+            return 0;
+        }
+        // Start from the f64 estimate and settle it exactly.
+        let mut b = ((ns as f64 * 1e-9).log2() * 4.0).ceil() as i32 - 2;
+        loop {
+            let (l, h) = sides(ns, b);
+            if l <= h {
+                let (l, h) = sides(ns, b - 1);
+                if l <= h {
+                    b -= 1;
                     continue;
                 }
-                assert_eq!(log2_u64(v), 63 - v.leading_zeros(), "v={v}");
+                return (b - NATIVE_OFFSET) as usize;
             }
+            b += 1;
         }
-        assert_eq!(log2_u64(u64::MAX), 63);
     }
 
     #[test]
-    fn layout_covers_1us_to_over_60s_with_4_per_octave() {
-        assert_eq!(NBUCKETS, 106);
-        assert_eq!(bucket_upper_bound_seconds(0), 1e-6);
-        assert!(bucket_upper_bound_seconds(NBUCKETS - 2) >= 60.0);
-        assert!(bucket_upper_bound_seconds(NBUCKETS - 1).is_infinite());
-        // Four sub-buckets between consecutive powers of two.
-        assert_eq!(bucket_upper_bound_seconds(4), 2e-6);
-        assert_eq!(bucket_upper_bound_seconds(8), 4e-6);
-        assert_eq!(bucket_upper_bound_seconds(1), 1.25e-6);
+    fn table_is_the_exact_floor_of_each_bound() {
+        for (i, &t) in UPPER_NS.iter().enumerate().take(NBUCKETS - 1) {
+            let b = i as i32 + NATIVE_OFFSET;
+            let (l, h) = sides(t, b);
+            assert!(l <= h, "bucket {i}: {t} is above 2^({b}/4) s");
+            let (l, h) = sides(t + 1, b);
+            assert!(l > h, "bucket {i}: {t} + 1 is not above 2^({b}/4) s");
+        }
+        // The last bucket's true bound, 2^34.25 s, is beyond every u64.
+        let (l, h) = sides(u64::MAX, NBUCKETS as i32 - 1 + NATIVE_OFFSET);
+        assert!(l <= h);
     }
 
     #[test]
-    fn bounds_are_strictly_increasing() {
+    fn layout_is_schema_2_from_the_zero_bucket_to_every_u64() {
+        assert_eq!(UPPER_NS[0], 953, "zero threshold 2^-20 s");
+        assert_eq!(bucket_upper_bound_seconds(0), ZERO_THRESHOLD_SECONDS);
+        assert_eq!(native_index(0), None);
+        assert_eq!(native_index(1), Some(-79));
+        // Powers of two of seconds are bounds: 1 s is native bucket 0, 2 s is 4.
+        assert_eq!(bucket_index(1_000_000_000) as usize, 80);
+        assert_eq!(native_index(80), Some(0));
+        assert_eq!(bucket_upper_bound_seconds(80), 1.0);
+        assert_eq!(bucket_upper_bound_seconds(84), 2.0);
+        assert_eq!(bucket_upper_bound_seconds(76), 0.5);
+        // 1 µs is in the first native bucket, 60 s well inside the range.
+        assert_eq!(bucket_index(1_000), 1);
+        assert!(bucket_index(60_000_000_000) < NBUCKETS as u32 - 100);
+        assert_eq!(bucket_index(u64::MAX) as usize, NBUCKETS - 1);
+    }
+
+    #[test]
+    fn every_boundary_plus_and_minus_one_ns_lands_in_its_exact_bucket() {
+        for (i, &t) in UPPER_NS.iter().enumerate().take(NBUCKETS - 1) {
+            for v in [t - 1, t, t + 1] {
+                assert_eq!(bucket_index(v) as usize, exact_bucket(v), "bucket {i}, v = {v} ns");
+            }
+            assert_eq!(bucket_index(t) as usize, i);
+            assert_eq!(bucket_index(t + 1) as usize, i + 1);
+        }
+        for v in [0, 1, u64::MAX - 1, u64::MAX] {
+            assert_eq!(bucket_index(v) as usize, exact_bucket(v), "v = {v} ns");
+        }
+    }
+
+    #[test]
+    fn values_between_boundaries_agree_with_the_definition() {
+        // Dense at the low end, geometric after, to past 60 s.
+        let mut v: u64 = 0;
+        while v < 200_000_000_000 {
+            assert_eq!(bucket_index(v) as usize, exact_bucket(v), "v = {v} ns");
+            v = if v < 20_000 { v + 3 } else { v + v / 211 };
+        }
+    }
+
+    #[test]
+    fn float_bounds_match_the_table() {
         for i in 1..NBUCKETS {
             assert!(bucket_upper_bound_seconds(i) > bucket_upper_bound_seconds(i - 1));
         }
-    }
-
-    #[test]
-    fn every_value_lands_inside_its_bucket() {
-        // Walk values densely at the low end and geometrically after.
-        let mut v: u64 = 0;
-        while v < 200_000_000_000 {
-            let i = bucket_index(v) as usize;
-            assert!(i < NBUCKETS);
-            let secs = v as f64 * 1e-9;
-            assert!(secs >= bucket_lower_bound_seconds(i) - 1e-15, "v={v} i={i}");
-            if i < NBUCKETS - 1 {
-                assert!(secs < bucket_upper_bound_seconds(i) + 1e-15, "v={v} i={i}");
-            }
-            v = if v < 100_000 { v + 7 } else { v + v / 97 };
+        for (i, &t) in UPPER_NS.iter().enumerate().take(NBUCKETS - 1) {
+            let f = bucket_upper_bound_seconds(i) * 1e9;
+            assert!(f >= t as f64 && f < t as f64 + 1.0 + f * 1e-15, "bucket {i}: {f} vs {t}");
         }
-    }
-
-    #[test]
-    fn boundaries_map_exactly() {
-        assert_eq!(bucket_index(999), 0);
-        assert_eq!(bucket_index(1_000), 1);
-        assert_eq!(bucket_index(1_249), 1);
-        assert_eq!(bucket_index(1_250), 2);
-        assert_eq!(bucket_index(2_000), 5);
-        // 20 ms = 20_000 µs lies in octave 2^14 µs = 16384 µs, sub 0 ([16.384, 20.48) ms).
-        assert_eq!(bucket_index(20_000_000), 1 + 14 * 4);
-        assert_eq!(bucket_index(u64::MAX), NBUCKETS as u32 - 1);
-        assert_eq!(bucket_index(67_108_864_000), NBUCKETS as u32 - 1);
-        assert_eq!(bucket_index(67_108_863_999), NBUCKETS as u32 - 2);
     }
 
     #[test]
@@ -218,5 +470,6 @@ mod tests {
         b.merge(&a);
         assert_eq!(b.count(), 3);
         assert_eq!(b.sum_ns, 5_000_005_001);
+        assert_eq!(b.buckets[0], 1, "1 ns is in the zero bucket");
     }
 }

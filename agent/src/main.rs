@@ -122,6 +122,12 @@ struct RunArgs {
     /// `auto` (the PMU, then tracefs from its first refusal on).
     #[arg(long, env = "WATCHSCOPE_UPROBE_ATTACH", value_enum, default_value = "auto")]
     uprobe_attach: watchscope::attach::uprobes::UprobeMode,
+    /// The classic `le` buckets of every histogram, for text scrapers and
+    /// Prometheus without native histograms: `fine` (four per power of two,
+    /// 0.95 µs to 64 s: 106 series per histogram) or `coarse` (one per power
+    /// of two: 28). Native histograms (protobuf) always carry every bucket.
+    #[arg(long, env = "WATCHSCOPE_CLASSIC_BUCKETS", value_enum, default_value = "fine")]
+    classic_buckets: watchscope::export::ClassicBuckets,
 }
 
 fn main() -> ExitCode {
@@ -172,6 +178,7 @@ fn dispatch(command: Command) -> Result<ExitCode> {
                 web: web_config(args.web_config_file.as_deref())?,
                 bpf_stats: args.bpf_stats,
                 uprobe_mode: args.uprobe_attach,
+                classic_buckets: args.classic_buckets,
             };
             let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build()?;
             rt.block_on(daemon::run(cfg))?;

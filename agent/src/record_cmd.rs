@@ -92,6 +92,7 @@ pub fn run(args: RecordArgs) -> Result<ExitCode> {
             web: crate::web_config(args.web_config_file.as_deref())?,
             bpf_stats: false,
             uprobe_mode: args.uprobe_attach,
+            classic_buckets: Default::default(),
         },
         duration: args.duration,
         warn: args.warn,

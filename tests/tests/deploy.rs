@@ -539,12 +539,20 @@ fn dashboard_is_aligned_and_every_heatmap_uses_the_bucket_layout() {
             (&json!(false), &json!("le"), &json!("s")),
             "{t}"
         );
+        // The classic bucket rates and their native-histogram twin.
         let targets = p["targets"].as_array().expect("targets");
-        assert_eq!(targets.len(), 1, "{t}");
-        let tg = &targets[0];
-        assert_eq!((&tg["format"], &tg["legendFormat"]), (&json!("heatmap"), &json!("{{le}}")), "{t}");
-        let expr = tg["expr"].as_str().expect("expr");
+        assert_eq!(targets.len(), 2, "{t}");
+        for tg in targets {
+            assert_eq!((&tg["format"], &tg["legendFormat"]), (&json!("heatmap"), &json!("{{le}}")), "{t}");
+        }
+        let expr = targets[0]["expr"].as_str().expect("expr");
         let caps = heat_re.captures(expr).unwrap_or_else(|| panic!("{t}: not a bucket-rate heatmap: {expr}"));
+        let native = format!(
+            "sum(rate({}{{{}}}[$__rate_interval]))",
+            caps[1].strip_suffix("_bucket").expect("_bucket"),
+            &caps[2]
+        );
+        assert_eq!(targets[1]["expr"].as_str(), Some(native.as_str()), "{t}");
         let fixed: Vec<&str> = caps[2].split(", ").filter(|m| !m.contains('$')).collect();
         assert!(fixed.len() <= 1, "{t}: {fixed:?}");
         for var in ["namespace=~\"$namespace\"", "pod=~\"$pod\"", "comm=~\"$comm\""] {
@@ -606,9 +614,51 @@ fn dashboard_is_aligned_and_every_heatmap_uses_the_bucket_layout() {
     assert!(titles.iter().any(|t| t.starts_with("Dropped events")) && titles.contains(&"Probes attached"));
 }
 
+/// The classic form of a native-histogram query, as the dashboard pairs them.
+fn classic_of(native: &str) -> String {
+    let sum = Regex::new(r"histogram_sum\(rate\((watchscope_\w+_seconds)(\{[^}]*\}\[\$__rate_interval\])\)\)").unwrap();
+    let count =
+        Regex::new(r"histogram_count\(rate\((watchscope_\w+_seconds)(\{[^}]*\}\[\$__rate_interval\])\)\)").unwrap();
+    let by = Regex::new(r"sum by \(([^)]*)\) \(rate\((watchscope_\w+_seconds)\{").unwrap();
+    let plain = Regex::new(r"sum\(rate\((watchscope_\w+_seconds)\{").unwrap();
+    let e = sum.replace_all(native, "rate(${1}_sum$2)").to_string();
+    let e = count.replace_all(&e, "rate(${1}_count$2)").to_string();
+    if e != native {
+        return e;
+    }
+    let e = by.replace_all(&e, "sum by (le, $1) (rate(${2}_bucket{").to_string();
+    plain.replace_all(&e, "sum by (le) (rate(${1}_bucket{").to_string()
+}
+
+#[test]
+fn every_histogram_query_has_its_native_twin() {
+    let classic_re = Regex::new(r"watchscope_\w+_seconds_(bucket|sum|count)\b").expect("regex");
+    let mut pairs = 0;
+    for p in panels(&dashboard()) {
+        let exprs: Vec<&str> =
+            p["targets"].as_array().into_iter().flatten().filter_map(|t| t["expr"].as_str()).collect();
+        for (i, e) in exprs.iter().enumerate() {
+            if classic_re.is_match(e) {
+                let twin = exprs.get(i + 1).unwrap_or_else(|| panic!("{}: {e} has no native twin", p["title"]));
+                assert!(!classic_re.is_match(twin), "{}: {twin}", p["title"]);
+                assert_eq!(classic_of(twin), *e, "{}", p["title"]);
+                pairs += 1;
+            }
+        }
+    }
+    assert!(pairs >= 20, "{pairs}");
+}
+
 #[test]
 fn dashboard_queries_only_metrics_the_agent_exports() {
-    let exported: BTreeSet<String> = FAMILIES.iter().flat_map(|f| f.sample_names()).collect();
+    let mut exported: BTreeSet<String> = FAMILIES.iter().flat_map(|f| f.sample_names()).collect();
+    // Native histograms are one series under the family's own name.
+    exported.extend(
+        FAMILIES
+            .iter()
+            .filter(|f| f.sample_names().iter().any(|n| n.ends_with("_bucket")))
+            .map(|f| format!("watchscope_{}", f.name)),
+    );
     assert!(
         exported.contains("watchscope_watch_stage_seconds_bucket") && exported.contains("watchscope_dropped_total")
     );

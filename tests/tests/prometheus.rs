@@ -4,7 +4,7 @@
 
 use std::{
     io::Write as _,
-    process::{Child, Command, Stdio},
+    process::{Command, Stdio},
     sync::{
         Arc,
         atomic::{AtomicBool, Ordering},
@@ -12,7 +12,13 @@ use std::{
     time::{Duration, Instant},
 };
 
-use watchscope_integration_tests::{Agent, etcd::Etcd, free_port, http_get, stop_child, wait_attached, wait_until};
+use watchscope_integration_tests::{
+    Agent,
+    etcd::Etcd,
+    http_get,
+    prom::{Flavour, Prometheus},
+    wait_attached, wait_until,
+};
 
 /// etcd, an `etcdctl watch` on `/p/`, and the agent watching both: every
 /// put then shows in all four stages.
@@ -63,82 +69,10 @@ fn promtool_finds_nothing_wrong_in_the_text_format() {
     assert!(out.status.success() && report.trim().is_empty(), "promtool check metrics:\n{report}");
 }
 
-/// A Prometheus server on loopback, its TSDB in a temporary directory.
-struct Prometheus {
-    child: Child,
-    port: u16,
-    _dir: tempfile::TempDir,
-}
-
-impl Prometheus {
-    fn start(target_port: u16) -> Prometheus {
-        let dir = tempfile::tempdir().expect("temp dir");
-        let config = dir.path().join("prometheus.yml");
-        std::fs::write(
-            &config,
-            format!(
-                "global:\n  scrape_interval: 1s\n  evaluation_interval: 1s\nscrape_configs:\n  - job_name: watchscope\n    \
-                 static_configs:\n      - targets: ['127.0.0.1:{target_port}']\n"
-            ),
-        )
-        .expect("write config");
-        let port = free_port();
-        let log = std::fs::File::create(dir.path().join("prometheus.log")).expect("log");
-        let child = Command::new("prometheus")
-            .arg(format!("--config.file={}", config.display()))
-            .arg(format!("--storage.tsdb.path={}", dir.path().join("data").display()))
-            .arg(format!("--web.listen-address=127.0.0.1:{port}"))
-            .stdin(Stdio::null())
-            .stdout(log.try_clone().expect("log"))
-            .stderr(log)
-            .spawn()
-            .expect("prometheus (apt-get install prometheus)");
-        let p = Prometheus { child, port, _dir: dir };
-        assert!(
-            wait_until(Duration::from_secs(30), || matches!(http_get(&p.url("/-/ready")), Ok((200, _)))),
-            "prometheus not ready:\n{}",
-            p.log()
-        );
-        p
-    }
-
-    fn url(&self, path: &str) -> String {
-        format!("http://127.0.0.1:{}{path}", self.port)
-    }
-
-    fn log(&self) -> String {
-        std::fs::read_to_string(self._dir.path().join("prometheus.log")).unwrap_or_default()
-    }
-
-    /// An instant query; the result vector.
-    fn query(&self, promql: &str) -> Vec<serde_json::Value> {
-        let url = format!("{}?query={}", self.url("/api/v1/query"), encode(promql));
-        let Ok((200, body)) = http_get(&url) else { return Vec::new() };
-        let v: serde_json::Value = serde_json::from_str(&body).unwrap_or_default();
-        v["data"]["result"].as_array().cloned().unwrap_or_default()
-    }
-}
-
-impl Drop for Prometheus {
-    fn drop(&mut self) {
-        stop_child(&mut self.child);
-    }
-}
-
-/// Percent-encodes a query parameter.
-fn encode(s: &str) -> String {
-    s.bytes()
-        .map(|b| match b {
-            b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'-' | b'_' | b'.' | b'~' => (b as char).to_string(),
-            _ => format!("%{b:02X}"),
-        })
-        .collect()
-}
-
 #[test]
 fn a_prometheus_server_scrapes_the_agent_and_answers_the_p99_query() {
     let (agent, etcd, watch) = workload("wsp-prom", "wspc-prom");
-    let prom = Prometheus::start(agent.port);
+    let prom = Prometheus::start(Flavour::Bookworm, agent.port);
 
     // Puts go on in the background while Prometheus scrapes every second.
     let stop = Arc::new(AtomicBool::new(false));
@@ -195,4 +129,180 @@ fn a_prometheus_server_scrapes_the_agent_and_answers_the_p99_query() {
     let events = kind("watchscope_watch_events").or_else(|| kind("watchscope_watch_events_total"));
     assert_eq!(events.as_deref(), Some("counter"), "{meta}");
     assert_eq!(kind("watchscope_watch_stage_seconds").as_deref(), Some("histogram"), "{meta}");
+}
+
+/// The newest sample of the one native histogram series `selector` picks in
+/// the last 10 s: (timestamp, count).
+fn latest_native(prom: &Prometheus, selector: &str) -> Option<(f64, f64)> {
+    let r = prom.query(&format!("{selector}[10s]"));
+    let last = r.first()?["histograms"].as_array()?.last()?.clone();
+    Some((last[0].as_f64()?, last[1]["count"].as_str()?.parse().ok()?))
+}
+
+/// Prometheus 3.5 with native histograms scrapes the agent over protobuf
+/// while watch events flow through etcd and requests through a delaying
+/// proxy; a second Prometheus 3.5 scrapes the same agent's classic buckets
+/// as text. The native stage histograms count every event (N puts, with
+/// `histogram_count(increase(..))`), their p99 agrees with the classic one
+/// within a bucket, an injected delay lands in the native bucket that holds
+/// it, and the native TSDB holds a fraction of the classic one's series.
+#[test]
+fn prometheus_3_scrapes_native_histograms_that_count_every_event() {
+    use watchscope_integration_tests::{
+        prom::{native_histogram, value},
+        proxy::{Backend, Proxy, requests},
+    };
+    const N: usize = 50;
+    const REQUESTS: usize = 40;
+    const D: f64 = 0.020;
+    let (server, client) = ("wsn-etcd", "wsnc-watch");
+    let backend = Backend::start(0.0, 64);
+    let proxy = Proxy::delay(backend.port, D * 1000.0);
+    let agent = Agent::start(&[
+        "--comm",
+        &format!("{server},{client}"),
+        "--sidecar-comm",
+        "none",
+        "--sidecar-pid",
+        &proxy.pid().to_string(),
+    ]);
+    let etcd = Etcd::start(server, client);
+    let watch = etcd.watch("/p/");
+    wait_attached(&agent, &[etcd.pid(), watch.pid()]);
+    etcd.wait_watchers(1, Duration::from_secs(10));
+    let sidecar_watched = wait_until(Duration::from_secs(10), || {
+        http_get(&agent.url("/debug/probes"))
+            .ok()
+            .and_then(|(_, b)| serde_json::from_str::<serde_json::Value>(&b).ok())
+            .is_some_and(|v| v["sidecars"].as_array().is_some_and(|s| s.iter().any(|p| p["pid"] == proxy.pid())))
+    });
+    assert!(sidecar_watched, "proxy not watched:\n{}", agent.log_text());
+
+    // One put first, so every stage's series exists before the N counted ones.
+    etcd.put("/p/first", "v");
+    assert_eq!(watch.wait_count(|l| l == "PUT", 1, Duration::from_secs(10)), 1);
+    let stages = ["commit_to_enqueue", "enqueue_to_send", "commit_to_send", "commit_to_dispatch"];
+    let all_at =
+        |want: f64| wait_until(Duration::from_secs(10), || stages.iter().all(|s| stage_count(&agent, s) >= want));
+    assert!(all_at(1.0), "{}", agent.metrics());
+
+    let native = Prometheus::start(Flavour::Native3, agent.port);
+    let classic = Prometheus::start(Flavour::Classic3, agent.port);
+    let sel = |stage: &str| format!("watchscope_watch_stage_seconds{{stage=\"{stage}\"}}");
+    // t0: a scrape of the native histograms that saw the first put only.
+    let mut t0 = None;
+    let scraped = wait_until(Duration::from_secs(30), || {
+        t0 = latest_native(&native, &sel("commit_to_dispatch")).filter(|(_, c)| *c == 1.0).map(|(t, _)| t);
+        t0.is_some()
+    });
+    assert!(scraped, "no native histogram scraped:\n{}", native.log());
+    let t0 = t0.unwrap_or_default();
+
+    for i in 0..N {
+        etcd.put(&format!("/p/{i}"), "v");
+    }
+    assert_eq!(watch.wait_count(|l| l == "PUT", N + 1, Duration::from_secs(30)), N + 1);
+    assert!(all_at((N + 1) as f64), "{}", agent.metrics());
+    requests(proxy.port, REQUESTS, true, 0);
+
+    // t1: a later scrape that saw everything (the requests included).
+    let mut t1 = None;
+    let scraped = wait_until(Duration::from_secs(30), || {
+        let req = "watchscope_sidecar_seconds{direction=\"request\"}";
+        let done = latest_native(&native, req).is_some_and(|(_, c)| c == REQUESTS as f64);
+        t1 = latest_native(&native, &sel("commit_to_dispatch"))
+            .filter(|(_, c)| done && *c == (N + 1) as f64)
+            .map(|(t, _)| t);
+        t1.is_some()
+    });
+    assert!(scraped, "the native scrapes never saw {N} + 1 events and {REQUESTS} requests:\n{}", native.log());
+    let t1 = t1.unwrap_or_default();
+
+    // Evaluated at t1 over a range that starts 1 ms before t0, increase()
+    // spans exactly the two scrapes: it extrapolates by that 1 ms only
+    // (N · 0.001 / (t1 - t0) of an event, under 0.5), never by a scrape
+    // interval.
+    let range_ms = ((t1 - t0) * 1000.0).round() as u64 + 1;
+    for stage in stages {
+        let q = format!("histogram_count(increase({}[{range_ms}ms]))", sel(stage));
+        let got = native.query_at(&q, Some(t1)).first().and_then(value);
+        let got = got.unwrap_or_else(|| panic!("{q}: no answer"));
+        // Prometheus' own extrapolation, exactly: N · (S + 1 ms) / S.
+        let extrapolated = N as f64 * (t1 - t0 + 0.001) / (t1 - t0);
+        assert!(got.round() == N as f64 && (got - extrapolated).abs() < 1e-6, "{stage}: {q} = {got}, want {N}");
+        let total = native.query_at(&format!("histogram_count({})", sel(stage)), Some(t1));
+        assert_eq!(total.first().and_then(value), Some((N + 1) as f64), "{stage}");
+
+        // p99 of everything, native and classic: within one native bucket
+        // (the classic bounds are native bounds), so within a factor 2^(1/4).
+        let qn = native.query_at(&format!("histogram_quantile(0.99, {})", sel(stage)), Some(t1));
+        let qc = classic
+            .query(&format!("histogram_quantile(0.99, watchscope_watch_stage_seconds_bucket{{stage=\"{stage}\"}})"));
+        let (qn, qc) = (qn.first().and_then(value), qc.first().and_then(value));
+        let (Some(qn), Some(qc)) = (qn, qc) else { panic!("{stage}: p99 native {qn:?}, classic {qc:?}") };
+        let width = 2f64.powf(0.25);
+        assert!(qn > 0.0 && qc > 0.0 && qn / qc <= width && qc / qn <= width, "{stage}: p99 native {qn}, classic {qc}");
+    }
+
+    // The injected delay: every request at least D, so in D's native bucket
+    // (2^(-5.75), 2^(-5.5)] s = (18.6, 22.1] ms or above; nearly all in it.
+    let req = native.query_at("watchscope_sidecar_seconds{direction=\"request\"}", Some(t1));
+    let sample = req.first().and_then(native_histogram).expect("native request histogram");
+    assert_eq!(sample.count, REQUESTS as f64);
+    let buckets = sample.buckets;
+    let (lo, hi) = (2f64.powf(-5.75), 2f64.powf(-5.5));
+    let holding = buckets.iter().find(|(l, u, _)| *l < D && D <= *u).map(|b| b.2).unwrap_or(0.0);
+    assert!(buckets.iter().all(|(_, u, _)| *u > D), "requests under {D} s: {buckets:?}");
+    assert!(buckets.iter().any(|(l, u, _)| (*l - lo).abs() < 1e-12 && (*u - hi).abs() < 1e-12), "{buckets:?}");
+    assert!(holding >= 0.9 * REQUESTS as f64, "{holding} of {REQUESTS} in D's bucket: {buckets:?}");
+
+    // Series: one per native histogram against ~108 per classic one.
+    let histogram_series = |p: &Prometheus, re: &str| {
+        p.query(&format!("count({{__name__=~\"{re}\"}})")).first().and_then(value).unwrap_or(0.0)
+    };
+    let n_hist = histogram_series(&native, "watchscope_.*_seconds");
+    let c_hist = histogram_series(&classic, "watchscope_.*_seconds_(bucket|sum|count)");
+    let (n_head, c_head) = (native.head_series(), classic.head_series());
+    eprintln!(
+        "series: histograms {c_hist} classic / {n_hist} native = {:.0}x; TSDB head {c_head} / {n_head} = {:.1}x",
+        c_hist / n_hist,
+        c_head as f64 / n_head as f64
+    );
+    assert!(n_hist >= 6.0 && c_hist >= 20.0 * n_hist, "histogram series: classic {c_hist}, native {n_hist}");
+    assert!(c_head > n_head, "TSDB head: classic {c_head}, native {n_head}");
+
+    // The dashboard's queries of what this workload fills answer: the
+    // native forms on the native Prometheus, the classic ones on the other.
+    let dashboard: serde_json::Value = serde_json::from_str(
+        &std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/../deploy/grafana/watchscope.json"))
+            .expect("dashboard"),
+    )
+    .expect("dashboard JSON");
+    let mut asked = 0;
+    for panel in dashboard["panels"]
+        .as_array()
+        .expect("panels")
+        .iter()
+        .flat_map(|p| std::iter::once(p).chain(p["panels"].as_array().into_iter().flatten()))
+    {
+        for target in panel["targets"].as_array().into_iter().flatten() {
+            let Some(expr) = target["expr"].as_str() else { continue };
+            let ours = expr.contains("watchscope_sidecar_seconds")
+                || (expr.contains("watchscope_watch_stage_seconds")
+                    && (!expr.contains("stage=\"") || stages.iter().any(|s| expr.contains(&format!("stage=\"{s}\"")))));
+            if !ours {
+                continue;
+            }
+            let q = expr
+                .replace("$__rate_interval", "1m")
+                .replace("$namespace", ".*")
+                .replace("$pod", ".*")
+                .replace("$comm", ".*");
+            let is_classic = ["_seconds_bucket", "_seconds_sum", "_seconds_count"].iter().any(|s| q.contains(s));
+            let prom = if is_classic { &classic } else { &native };
+            assert!(!prom.query(&q).is_empty(), "{}: no answer to {q}", panel["title"]);
+            asked += 1;
+        }
+    }
+    assert!(asked >= 12, "{asked} dashboard queries asked");
 }

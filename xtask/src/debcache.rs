@@ -1,5 +1,5 @@
 //! Real programs from other Debian suites (etcd 3.5 from trixie and sid,
-//! etcd 3.3 from bullseye), for the tests that prove watchscope on the
+//! etcd 3.3 from bullseye, Prometheus 3.5 from sid), for the tests that prove watchscope on the
 //! versions clusters run. They are downloaded with a private apt state and
 //! extracted into a cache directory: the system's apt sources never name
 //! those suites, so no later `apt-get install` can pull sid's libc or
@@ -39,6 +39,9 @@ pub const PACKAGES: &[(&str, &str)] = &[
     // kubectl 1.36: a real, non-informer watch client of the API server
     // the Kubernetes watch-path tests build.
     ("kubectl", "sid"),
+    // Prometheus 3.5: native histograms (protobuf scrapes) and exemplar
+    // storage, next to bookworm's Prometheus 2.42 in the tests.
+    ("prometheus", "sid"),
 ];
 
 const SUITES: &[&str] = &["sid", "trixie", "bullseye"];

@@ -57,6 +57,8 @@ pub struct RunConfig {
     pub bpf_stats: bool,
     /// How uprobes are made (`--uprobe-attach`).
     pub uprobe_mode: crate::attach::uprobes::UprobeMode,
+    /// The classic `le` layout of every histogram (`--classic-buckets`).
+    pub classic_buckets: crate::export::ClassicBuckets,
 }
 
 struct Agent {
@@ -72,6 +74,7 @@ struct Agent {
     chains: Arc<Mutex<Chains>>,
     /// The maps' kernel memory, measured once they all exist.
     map_bytes: Vec<crate::collect::mapmem::MapBytes>,
+    classic_buckets: crate::export::ClassicBuckets,
 }
 
 impl MetricsSource for Agent {
@@ -106,6 +109,10 @@ impl MetricsSource for Agent {
 
     fn ready(&self) -> bool {
         self.status.scanned.load(Ordering::Relaxed)
+    }
+
+    fn classic_buckets(&self) -> crate::export::ClassicBuckets {
+        self.classic_buckets
     }
 
     fn probes_json(&self) -> serde_json::Value {
@@ -206,6 +213,7 @@ impl Pipeline {
             status,
             chains: chains.clone(),
             map_bytes: crate::collect::mapmem::measured(),
+            classic_buckets: cfg.classic_buckets,
         });
         // The initial scan: processes that were running before the agent.
         tracker.reconcile();

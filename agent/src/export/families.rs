@@ -5,11 +5,15 @@
 use agent_common::{Counter, hist};
 use prometheus_client::{
     collector::Collector,
-    encoding::{DescriptorEncoder, EncodeMetric, MetricEncoder, NoLabelSet},
+    encoding::{
+        DescriptorEncoder, EncodeMetric, MetricEncoder, NativeHistogram, NativeHistogramBuckets, NoLabelSet,
+        prometheus_protobuf,
+    },
     metrics::{MetricType, counter::ConstCounter, gauge::ConstGauge},
     registry::Registry,
 };
 
+use super::buckets::{self, ClassicBuckets};
 use crate::collect::{LabelledCount, LabelledHistogram, Snapshot};
 
 /// A metric family's declaration. `name` is without the `watchscope_` prefix
@@ -225,21 +229,40 @@ impl Family {
 
 type Labels<'a> = [(&'static str, &'a str)];
 
-/// Renders a snapshot as OpenMetrics text.
-pub fn render(snapshot: Snapshot) -> Result<String, std::fmt::Error> {
-    let mut registry = Registry::with_prefix(PREFIX);
-    registry.register_collector(Box::new(SnapshotCollector(snapshot)));
+/// Renders a snapshot as OpenMetrics text: histograms in classic buckets.
+pub fn render(snapshot: Snapshot, classic: ClassicBuckets) -> Result<String, std::fmt::Error> {
     let mut out = String::new();
-    prometheus_client::encoding::text::encode(&mut out, &registry)?;
+    prometheus_client::encoding::text::encode(&mut out, &registry(snapshot, classic))?;
     Ok(out)
 }
 
+/// Renders a snapshot as length-delimited Prometheus protobuf: histograms
+/// native (schema 2, every kernel bucket) and classic side by side.
+pub fn render_protobuf(
+    snapshot: Snapshot,
+    classic: ClassicBuckets,
+) -> Result<Vec<u8>, prometheus_protobuf::EncodeError> {
+    prometheus_protobuf::encode_to_vec(&registry(snapshot, classic))
+}
+
+fn registry(snapshot: Snapshot, classic: ClassicBuckets) -> Registry {
+    let mut registry = Registry::with_prefix(PREFIX);
+    registry.register_collector(Box::new(SnapshotCollector { snapshot, classic }));
+    registry
+}
+
 #[derive(Debug)]
-struct SnapshotCollector(Snapshot);
+struct SnapshotCollector {
+    snapshot: Snapshot,
+    classic: ClassicBuckets,
+}
 
 impl Collector for SnapshotCollector {
     fn encode(&self, mut enc: DescriptorEncoder) -> Result<(), std::fmt::Error> {
-        let s = &self.0;
+        let s = &self.snapshot;
+        let histograms = |enc: &mut DescriptorEncoder, fam: &Family, series: &[LabelledHistogram]| {
+            histograms(enc, fam, series, self.classic)
+        };
         counter(&mut enc, &EXECS, &[(&[], s.kernel(Counter::ExecSeen))])?;
         counts(&mut enc, &PROCESS_EXECS, &s.watched_execs)?;
         histograms(&mut enc, &WATCH_STAGE_SECONDS, &s.watch_stages)?;
@@ -300,19 +323,34 @@ impl Collector for SnapshotCollector {
     }
 }
 
-/// Histograms in the one bucket layout (agent_common::hist): `le` bounds in
-/// seconds, `_sum` in seconds, `_count` = the sum of the buckets.
-fn histograms(enc: &mut DescriptorEncoder, fam: &Family, series: &[LabelledHistogram]) -> Result<(), std::fmt::Error> {
+/// Histograms in the one bucket layout (agent_common::hist), in seconds:
+/// native (protobuf only; the text encoder writes the classic part) and
+/// classic `le` buckets chosen by `classic`; `_count` = the sum of the
+/// buckets.
+fn histograms(
+    enc: &mut DescriptorEncoder,
+    fam: &Family,
+    series: &[LabelledHistogram],
+    classic: ClassicBuckets,
+) -> Result<(), std::fmt::Error> {
     let mut m = enc.encode_descriptor(fam.name, fam.help, None, fam.kind)?;
     for h in series {
         let labels: Vec<(&str, &str)> = h.labels.iter().map(|(k, v)| (*k, v.as_str())).collect();
-        let buckets: Vec<(f64, u64)> =
-            h.hist.buckets.iter().enumerate().map(|(i, n)| (hist::bucket_upper_bound_seconds(i), *n)).collect();
-        m.encode_family(&labels)?.encode_histogram::<NoLabelSet>(
+        let sparse = buckets::native(&h.hist);
+        let native = NativeHistogram {
+            schema: hist::SCHEMA,
+            zero_threshold: hist::ZERO_THRESHOLD_SECONDS,
+            zero_count: h.hist.buckets[0],
+            negative: NativeHistogramBuckets { spans: &[], deltas: &[] },
+            positive: NativeHistogramBuckets { spans: &sparse.spans, deltas: &sparse.deltas },
+            created: None,
+        };
+        m.encode_family(&labels)?.encode_histogram_with_native::<NoLabelSet>(
             h.hist.sum_ns as f64 * 1e-9,
             h.hist.count(),
-            &buckets,
+            &classic.buckets(&h.hist),
             None,
+            native,
         )?;
     }
     Ok(())
@@ -395,7 +433,7 @@ mod tests {
 
     #[test]
     fn renders_every_family_with_help_and_values() {
-        let text = render(snapshot()).unwrap();
+        let text = render(snapshot(), ClassicBuckets::Fine).unwrap();
         for f in FAMILIES {
             assert!(text.contains(&format!("# HELP {PREFIX}_{} ", f.name)), "{}", f.name);
         }
@@ -414,15 +452,49 @@ mod tests {
         let l = format!("stage=\"commit_to_send\",{WHO}");
         assert_eq!(sample_value(&text, &format!("{h}_count{{{l}}}")), Some(2.0));
         assert_eq!(sample_value(&text, &format!("{h}_sum{{{l}}}")), Some(3.0000015));
-        // Cumulative buckets; 1.5 µs lands in [1.5, 1.75) µs.
-        assert_eq!(sample_value(&text, &format!("{h}_bucket{{le=\"0.00000125\",{l}}}")), Some(0.0));
-        assert_eq!(sample_value(&text, &format!("{h}_bucket{{le=\"0.0000015\",{l}}}")), Some(0.0));
-        assert_eq!(sample_value(&text, &format!("{h}_bucket{{le=\"0.00000175\",{l}}}")), Some(1.0));
+        // Cumulative buckets; 1.5 µs lands in (2^-19.5, 2^-19.25] s = (1.349, 1.604] µs.
+        let bucket = |le: f64| {
+            text.lines().find_map(|line| {
+                let rest = line.strip_prefix(&format!("{h}_bucket{{le=\""))?;
+                let (bound, rest) = rest.split_once('"')?;
+                let value = rest.strip_prefix(&format!(",{l}}} "))?;
+                (bound.parse::<f64>().ok()? == le).then(|| value.parse::<f64>().ok())?
+            })
+        };
+        assert_eq!(bucket(hist::bucket_upper_bound_seconds(2)), Some(0.0));
+        assert_eq!(bucket(hist::bucket_upper_bound_seconds(3)), Some(1.0));
+        assert_eq!(bucket(4.0), Some(2.0), "3 s is in (2, 4] s");
         assert_eq!(sample_value(&text, &format!("{h}_bucket{{le=\"+Inf\",{l}}}")), Some(2.0));
-        assert_eq!(text.matches(&format!("{h}_bucket{{le=")).count(), agent_common::NBUCKETS);
+        assert_eq!(text.matches(&format!("{h}_bucket{{le=")).count(), 106);
+        let coarse = render(snapshot(), ClassicBuckets::Coarse).unwrap();
+        assert_eq!(coarse.matches(&format!("{h}_bucket{{le=")).count(), 28);
         assert_eq!(sample_value(&text, &format!("watchscope_watch_events_total{{side=\"server\",{WHO}}}")), Some(2.0));
         assert_eq!(sample_value(&text, "watchscope_watch_chains_total{outcome=\"broken\"}"), Some(7.0));
         assert_eq!(sample_value(&text, "watchscope_watch_chains_total{outcome=\"complete\"}"), Some(0.0));
+    }
+
+    #[test]
+    fn protobuf_carries_native_and_classic_buckets() {
+        use prost::Message;
+        let bytes = render_protobuf(snapshot(), ClassicBuckets::Coarse).unwrap();
+        let mut buf = &bytes[..];
+        let mut families = vec![];
+        while !buf.is_empty() {
+            families.push(
+                prometheus_protobuf::prometheus_data_model::MetricFamily::decode_length_delimited(&mut buf).unwrap(),
+            );
+        }
+        let stage = families.iter().find(|f| f.name == "watchscope_watch_stage_seconds").unwrap();
+        let h = stage.metric[0].histogram.as_ref().unwrap();
+        assert_eq!((h.sample_count, h.sample_sum), (2, 3.0000015));
+        assert_eq!((h.schema, h.zero_threshold, h.zero_count), (2, hist::ZERO_THRESHOLD_SECONDS, 0));
+        // 1.5 µs is native bucket -77, 3 s is native bucket 7: (2^1.5, 2^1.75] s.
+        let spans: Vec<_> = h.positive_span.iter().map(|s| (s.offset, s.length)).collect();
+        assert_eq!(spans, vec![(-77, 1), (83, 1)]);
+        assert_eq!(h.positive_delta, vec![1, 0]);
+        assert_eq!(h.bucket.len(), 28, "coarse classic buckets ride along");
+        let counter = families.iter().find(|f| f.name == "watchscope_execs_total").unwrap();
+        assert_eq!(counter.metric[0].counter.as_ref().unwrap().value, 12.0);
     }
 
     #[test]

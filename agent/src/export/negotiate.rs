@@ -1,4 +1,6 @@
-//! Content negotiation on `/metrics`: OpenMetrics 1.0 for a scraper that
+//! Content negotiation on `/metrics`: the Prometheus protobuf format (the
+//! only one that carries native histograms) for a scraper that asks for it
+//! (Prometheus with native histograms on), OpenMetrics 1.0 for a scraper that
 //! asks for it in `Accept` (Prometheus does by default), the Prometheus text
 //! format 0.0.4 for everyone else (curl, older scrapers, `promtool check
 //! metrics`).
@@ -15,10 +17,14 @@
 
 pub const OPENMETRICS_CONTENT_TYPE: &str = "application/openmetrics-text; version=1.0.0; charset=utf-8";
 pub const TEXT_CONTENT_TYPE: &str = "text/plain; version=0.0.4; charset=utf-8";
+pub const PROTOBUF_CONTENT_TYPE: &str =
+    "application/vnd.google.protobuf; proto=io.prometheus.client.MetricFamily; encoding=delimited";
 
 /// The exposition formats `/metrics` serves.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Format {
+    /// Length-delimited `io.prometheus.client.MetricFamily` messages.
+    Protobuf,
     OpenMetrics,
     Text004,
 }
@@ -26,30 +32,37 @@ pub enum Format {
 impl Format {
     pub fn content_type(self) -> &'static str {
         match self {
+            Format::Protobuf => PROTOBUF_CONTENT_TYPE,
             Format::OpenMetrics => OPENMETRICS_CONTENT_TYPE,
             Format::Text004 => TEXT_CONTENT_TYPE,
         }
     }
 }
 
-/// The format for an `Accept` header: OpenMetrics when a media range names
-/// `application/openmetrics-text` with a non-zero q (any version we can
-/// serve: 1.0.0, or none given), else the 0.0.4 text. Prometheus sends e.g.
-/// `application/openmetrics-text;version=1.0.0;q=0.5,text/plain;version=0.0.4;q=0.4,*/*;q=0.1`;
-/// the higher-q range wins, OpenMetrics on a tie.
+/// The format for an `Accept` header: protobuf when a media range names
+/// `application/vnd.google.protobuf` for `io.prometheus.client.MetricFamily`
+/// delimited, OpenMetrics when one names `application/openmetrics-text` (any
+/// version we can serve: 1.0.0, or none given), each with a non-zero q,
+/// else the 0.0.4 text. Prometheus sends e.g.
+/// `application/openmetrics-text;version=1.0.0;q=0.5,text/plain;version=0.0.4;q=0.4,*/*;q=0.1`,
+/// and with native histograms on it puts the protobuf range first. The
+/// highest q wins; on a tie protobuf, then OpenMetrics.
 pub fn choose(accept: Option<&str>) -> Format {
     let Some(accept) = accept else { return Format::Text004 };
-    let (mut om, mut text) = (None::<f32>, None::<f32>);
+    let (mut pb, mut om, mut text) = (None::<f32>, None::<f32>, None::<f32>);
     for range in accept.split(',') {
         let mut parts = range.split(';').map(str::trim);
         let media = parts.next().unwrap_or_default().to_ascii_lowercase();
         let mut q = 1.0f32;
-        let mut version = None;
+        let (mut version, mut proto, mut encoding) = (None, None, None);
         for p in parts {
             if let Some((k, v)) = p.split_once('=') {
+                let v = Some(v.trim().to_string());
                 match k.trim().to_ascii_lowercase().as_str() {
-                    "q" => q = v.trim().parse().unwrap_or(0.0),
-                    "version" => version = Some(v.trim().to_string()),
+                    "q" => q = v.and_then(|v| v.parse().ok()).unwrap_or(0.0),
+                    "version" => version = v,
+                    "proto" => proto = v,
+                    "encoding" => encoding = v,
                     _ => {}
                 }
             }
@@ -58,6 +71,12 @@ pub fn choose(accept: Option<&str>) -> Format {
             continue;
         }
         match media.as_str() {
+            "application/vnd.google.protobuf"
+                if proto.as_deref() == Some("io.prometheus.client.MetricFamily")
+                    && encoding.as_deref() == Some("delimited") =>
+            {
+                pb = Some(pb.map_or(q, |p| p.max(q)));
+            }
             "application/openmetrics-text" if version.as_deref().is_none_or(|v| v.starts_with("1.0")) => {
                 om = Some(om.map_or(q, |o| o.max(q)));
             }
@@ -65,10 +84,13 @@ pub fn choose(accept: Option<&str>) -> Format {
             _ => {}
         }
     }
-    match (om, text) {
-        (Some(o), Some(t)) if t > o => Format::Text004,
-        (Some(_), _) => Format::OpenMetrics,
-        _ => Format::Text004,
+    let best = |q: Option<f32>, others: &[Option<f32>]| q.is_some_and(|q| others.iter().flatten().all(|o| q >= *o));
+    if best(pb, &[om, text]) {
+        Format::Protobuf
+    } else if best(om, &[text]) {
+        Format::OpenMetrics
+    } else {
+        Format::Text004
     }
 }
 
@@ -130,6 +152,23 @@ mod tests {
         assert_eq!(choose(Some("application/openmetrics-text;q=0")), Format::Text004);
         assert_eq!(choose(Some("application/openmetrics-text;version=2.0.0")), Format::Text004);
         assert_eq!(choose(Some("text/plain;q=0.9, application/openmetrics-text;q=0.1")), Format::Text004);
+        // What Prometheus 3 sends with native histograms on.
+        let native = "application/vnd.google.protobuf;proto=io.prometheus.client.MetricFamily;encoding=delimited;q=0.5,\
+                      application/openmetrics-text;version=1.0.0;q=0.4,text/plain;version=0.0.4;q=0.3,*/*;q=0.2";
+        assert_eq!(choose(Some(native)), Format::Protobuf);
+        // A protobuf range for another message or encoding is not ours.
+        assert_eq!(choose(Some("application/vnd.google.protobuf;proto=x.Y;encoding=delimited")), Format::Text004);
+        assert_eq!(
+            choose(Some("application/vnd.google.protobuf;proto=io.prometheus.client.MetricFamily;encoding=text")),
+            Format::Text004
+        );
+        assert_eq!(
+            choose(Some(
+                "application/vnd.google.protobuf;proto=io.prometheus.client.MetricFamily;encoding=delimited;q=0.1,\
+                 application/openmetrics-text;q=0.5"
+            )),
+            Format::OpenMetrics
+        );
     }
 
     #[test]
@@ -152,7 +191,7 @@ mod tests {
             watch_events: vec![LabelledCount::new(who.pairs(&[("side", "server".into())]), 5)],
             ..Snapshot::default()
         };
-        let om = render(s).unwrap();
+        let om = render(s, crate::export::ClassicBuckets::Fine).unwrap();
         assert!(om.ends_with("# EOF\n"));
         assert!(om.contains("# TYPE watchscope_watch_events counter\n"));
         let text = to_text_004(&om);

@@ -1,4 +1,5 @@
-//! HTTP endpoints: `/metrics` (OpenMetrics or Prometheus text, by `Accept`),
+//! HTTP endpoints: `/metrics` (Prometheus protobuf with native histograms,
+//! OpenMetrics or Prometheus text, by `Accept`),
 //! `/healthz`, `/readyz`, `/debug/probes`; optionally over TLS and behind
 //! basic auth (`--web-config-file`, see [`super::web_config`]).
 
@@ -30,6 +31,10 @@ pub trait MetricsSource: Send + Sync + 'static {
     /// Ready once the kernel programs are loaded and the node's processes
     /// have been scanned once (the DaemonSet's readiness probe).
     fn ready(&self) -> bool;
+    /// The classic `le` layout histograms are exposed in.
+    fn classic_buckets(&self) -> super::ClassicBuckets {
+        super::ClassicBuckets::Fine
+    }
 }
 
 pub fn router(source: Arc<dyn MetricsSource>) -> Router {
@@ -44,12 +49,17 @@ pub fn router(source: Arc<dyn MetricsSource>) -> Router {
 async fn metrics(State(src): State<Arc<dyn MetricsSource>>, req: Request) -> Response {
     let accept = req.headers().get(header::ACCEPT).and_then(|v| v.to_str().ok());
     let format = negotiate::choose(accept);
-    match super::render(src.snapshot()) {
-        Ok(body) => {
-            let body = if format == Format::Text004 { negotiate::to_text_004(&body) } else { body };
-            ([(header::CONTENT_TYPE, format.content_type())], body).into_response()
-        }
-        Err(_) => (StatusCode::INTERNAL_SERVER_ERROR, "encoding metrics failed\n").into_response(),
+    let (snapshot, classic) = (src.snapshot(), src.classic_buckets());
+    let body = match format {
+        Format::Protobuf => super::render_protobuf(snapshot, classic).map_err(|e| e.to_string()),
+        Format::OpenMetrics => super::render(snapshot, classic).map(String::into_bytes).map_err(|e| e.to_string()),
+        Format::Text004 => super::render(snapshot, classic)
+            .map(|om| negotiate::to_text_004(&om).into_bytes())
+            .map_err(|e| e.to_string()),
+    };
+    match body {
+        Ok(body) => ([(header::CONTENT_TYPE, format.content_type())], body).into_response(),
+        Err(e) => (StatusCode::INTERNAL_SERVER_ERROR, format!("encoding metrics failed: {e}\n")).into_response(),
     }
 }
 
