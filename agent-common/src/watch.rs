@@ -537,6 +537,61 @@ pub struct Pending {
 /// Most deltas timed from one informer pop (a bpf_loop bound).
 pub const MAX_DELTAS_PER_POP: u32 = 1024;
 
+/// The slowest observation of one stage histogram (same index) in the
+/// current exemplar interval: what `/metrics` attaches to that series as an
+/// exemplar, so a spike on a panel names its event's revision.
+///
+/// The kernel writes it without a lock (one program run is a few
+/// instructions; a lock would cost every observation): `check` is cleared
+/// first and written last as a checksum of the other fields, so a reader
+/// that copies the entry while a writer is halfway, or while two CPUs write
+/// it at once, sees a mismatch and takes no exemplar rather than a wrong
+/// one. User space closes an interval by bumping the epoch in
+/// `WS_EXEMPLAR_EPOCH`; an entry of an older epoch is overwritten by the
+/// next observation whatever its length.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+#[cfg_attr(feature = "pod", derive(bytemuck::Pod, bytemuck::Zeroable))]
+pub struct StageExemplar {
+    pub epoch: u64,
+    pub ns: u64,
+    pub rev: i64,
+    /// The watcher, when the stage has one: etcd's watch id, or the API
+    /// server's `*cacheWatcher` (see `flags`).
+    pub watcher: u64,
+    /// When the observation ended (bpf_ktime_get_ns: CLOCK_MONOTONIC).
+    pub at_ns: u64,
+    pub flags: u64,
+    pub check: u64,
+}
+
+const _: () = assert!(size_of::<StageExemplar>() == 56);
+
+impl StageExemplar {
+    /// `watcher` holds an etcd watch id.
+    pub const WATCH_ID: u64 = 1;
+    /// `watcher` holds an API server's `*cacheWatcher` address.
+    pub const CACHE_WATCHER: u64 = 2;
+
+    /// A checksum of the fields, never 0 (0 marks an entry being written).
+    #[inline(always)]
+    pub fn checksum(epoch: u64, ns: u64, rev: i64, watcher: u64, at_ns: u64, flags: u64) -> u64 {
+        // Multiply-xor mixing: a field from another write changes it.
+        let mut h = 0x9e37_79b9_7f4a_7c15u64;
+        for v in [epoch, ns, rev as u64, watcher, at_ns, flags] {
+            h = (h ^ v).wrapping_mul(0x1000_0000_01b3);
+            h ^= h >> 29;
+        }
+        h | 1
+    }
+
+    /// Whether the entry is whole (not torn by a concurrent write).
+    pub fn is_whole(&self) -> bool {
+        self.check != 0
+            && self.check == Self::checksum(self.epoch, self.ns, self.rev, self.watcher, self.at_ns, self.flags)
+    }
+}
+
 /// Index of (slot, stage) in the watch histogram array.
 #[inline(always)]
 pub fn hist_index(slot: u32, stage: Stage) -> u32 {
@@ -559,7 +614,7 @@ const _: () = assert!(size_of::<Stamp<WatchRevKey>>() == 48);
 const _: () = assert!(size_of::<WatchRecord>() == 64);
 
 #[cfg(feature = "user")]
-aya_pod!(WatchProbeConfig, RevKey, WatchRevKey, WatchRecord);
+aya_pod!(WatchProbeConfig, RevKey, WatchRevKey, WatchRecord, StageExemplar);
 
 #[cfg(test)]
 mod tests {

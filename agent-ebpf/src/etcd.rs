@@ -34,8 +34,8 @@ use agent_common::{
     jsonscan::{Frame, FrameScan, SCAN_MAX},
     watch::{
         ARG_NONE, MAX_DELTAS_PER_POP, MAX_EVENTS_PER_RESPONSE, MAX_SLOTS, ObjKey, ObjStamp, Pending, REV_PENDING,
-        REV_UNREADABLE, RV_DIGITS, RevKey, STAMP_ENTRIES, SentObj, Side, Stage, Stamp, WatchProbeConfig, WatchRecord,
-        WatchRevKey, events_index, guard_taken, hist_index, parse_rv, rev_entry, watch_rev_entry,
+        REV_UNREADABLE, RV_DIGITS, RevKey, STAMP_ENTRIES, SentObj, Side, Stage, StageExemplar, Stamp, WatchProbeConfig,
+        WatchRecord, WatchRevKey, events_index, guard_taken, hist_index, parse_rv, rev_entry, watch_rev_entry,
     },
 };
 use aya_ebpf::{
@@ -78,6 +78,54 @@ static ENQ_TS: Array<Stamp<WatchRevKey>> = Array::with_max_entries(STAMP_ENTRIES
 /// Stage histograms, indexed by `hist_index(slot, stage)`.
 #[map(name = "WS_WATCH_HIST")]
 static WATCH_HIST: Array<Histogram> = Array::with_max_entries(MAX_SLOTS * Stage::COUNT, 0);
+
+/// The slowest observation per stage histogram in the current exemplar
+/// interval (same index as `WATCH_HIST`).
+#[map(name = "WS_WATCH_EXEMPLAR")]
+static EXEMPLARS: Array<StageExemplar> = Array::with_max_entries(MAX_SLOTS * Stage::COUNT, 0);
+
+/// The current exemplar interval; user space bumps it to close one.
+#[map(name = "WS_EXEMPLAR_EPOCH")]
+static EXEMPLAR_EPOCH: Array<u64> = Array::with_max_entries(1, 0);
+
+/// No watcher to name in an exemplar.
+const NO_WATCHER: (u64, u64) = (0, 0);
+
+/// An API server's watcher (`*cacheWatcher`) to name in an exemplar.
+#[inline(always)]
+fn cache_watcher(watcher: u64) -> (u64, u64) {
+    (watcher, StageExemplar::CACHE_WATCHER)
+}
+
+/// Adds one stage duration of revision `rev`'s event, which ended at `at`,
+/// to its histogram, and keeps it as the stage's exemplar when it is the
+/// slowest of the interval. `watcher`: (id, `StageExemplar` flag).
+#[inline(always)]
+fn observe_stage(slot: u32, stage: Stage, ns: u64, rev: i64, watcher: (u64, u64), at: u64) {
+    let idx = hist_index(slot, stage);
+    observe(&WATCH_HIST, idx, ns);
+    if rev < 0 {
+        return;
+    }
+    let epoch = EXEMPLAR_EPOCH.get(0).copied().unwrap_or(0);
+    let Some(e) = EXEMPLARS.get_ptr_mut(idx) else { return };
+    // SAFETY: a value of the map, valid for the program's run. Volatile
+    // stores keep `check` cleared before the fields and set after them.
+    unsafe {
+        if (*e).check != 0 && (*e).epoch == epoch && ns <= (*e).ns {
+            return;
+        }
+        core::ptr::write_volatile(&raw mut (*e).check, 0);
+        (*e).epoch = epoch;
+        (*e).ns = ns;
+        (*e).rev = rev;
+        (*e).watcher = watcher.0;
+        (*e).at_ns = at;
+        (*e).flags = watcher.1;
+        let sum = StageExemplar::checksum(epoch, ns, rev, watcher.0, at, watcher.1);
+        core::ptr::write_volatile(&raw mut (*e).check, sum);
+    }
+}
 
 /// Watch events counted per (slot, side).
 #[map(name = "WS_WATCH_EVENTS")]
@@ -214,6 +262,12 @@ struct EventLoop {
 }
 
 impl EventLoop {
+    /// The watch an exemplar of this response's events names.
+    #[inline(always)]
+    fn watcher(&self) -> (u64, u64) {
+        (self.watch_id as u64, StageExemplar::WATCH_ID)
+    }
+
     /// Counts one more event of a response and starts its record.
     #[inline(always)]
     fn next_record(&mut self, side: Side, rev: i64) -> WatchRecord {
@@ -297,7 +351,7 @@ unsafe extern "C" fn enqueue_event(i: u64, ctx: *mut c_void) -> i64 {
         Some(Inserted::Exists) | None => return 0,
     }
     match stamp_of(&NOTIFY_TS, &RevKey { id: st.tgid as u64, rev }) {
-        Some(t) => observe(&WATCH_HIST, hist_index(st.slot, Stage::CommitToEnqueue), st.now.saturating_sub(t)),
+        Some(t) => observe_stage(st.slot, Stage::CommitToEnqueue, st.now.saturating_sub(t), rev, st.watcher(), st.now),
         None => count(Counter::EnqueueCommitMiss),
     }
     0
@@ -395,7 +449,7 @@ unsafe extern "C" fn send_event(i: u64, ctx: *mut c_void) -> i64 {
     let mut rec = st.next_record(Side::Server, rev);
     match stamp_of(&NOTIFY_TS, &RevKey { id: st.tgid as u64, rev }) {
         Some(t) => {
-            observe(&WATCH_HIST, hist_index(st.slot, Stage::CommitToSend), st.now.saturating_sub(t));
+            observe_stage(st.slot, Stage::CommitToSend, st.now.saturating_sub(t), rev, st.watcher(), st.now);
             // Publish the commit time for clients on this node.
             insert_first(&COMMIT_TS, &RevKey { id: st.member, rev }, t);
             rec.commit_ns = t;
@@ -405,7 +459,7 @@ unsafe extern "C" fn send_event(i: u64, ctx: *mut c_void) -> i64 {
     let key = WatchRevKey { tgid: st.tgid as u64, watch_id: st.watch_id, rev, event_addr: addr };
     match stamps::find(&ENQ_TS, watch_rev_entry(&key), &key) {
         Some((idx, t)) => {
-            observe(&WATCH_HIST, hist_index(st.slot, Stage::EnqueueToSend), st.now.saturating_sub(t));
+            observe_stage(st.slot, Stage::EnqueueToSend, st.now.saturating_sub(t), rev, st.watcher(), st.now);
             // Each watcher's copy is sent once: free the entry now.
             stamps::remove(&ENQ_TS, idx);
             rec.enqueue_ns = t;
@@ -434,7 +488,7 @@ unsafe extern "C" fn dispatch_event(i: u64, ctx: *mut c_void) -> i64 {
     let mut rec = st.next_record(Side::Client, rev);
     match stamp_of(&COMMIT_TS, &RevKey { id: st.member, rev }) {
         Some(t) => {
-            observe(&WATCH_HIST, hist_index(st.slot, Stage::CommitToDispatch), st.now.saturating_sub(t));
+            observe_stage(st.slot, Stage::CommitToDispatch, st.now.saturating_sub(t), rev, st.watcher(), st.now);
             // For the stages later in this process (a Kubernetes API
             // server's watch cache), which know the revision only. Only
             // there: every other client's entries would crowd the ring.
@@ -475,7 +529,7 @@ fn try_kube_cache(ctx: &ProbeContext) -> Option<()> {
     let commit = stamp_of(&NOTIFY_TS, &RevKey { id: c.tgid as u64, rev });
     match commit {
         Some(t) => {
-            observe(&WATCH_HIST, hist_index(c.slot, Stage::CommitToCache), c.now.saturating_sub(t));
+            observe_stage(c.slot, Stage::CommitToCache, c.now.saturating_sub(t), rev, NO_WATCHER, c.now);
             // For the API server's clients on this node (operators,
             // kubectl), which know only the revision.
             insert_first(&COMMIT_TS, &RevKey { id: NODE_CLUSTER, rev }, t);
@@ -644,12 +698,12 @@ fn try_kube_write(ctx: &ProbeContext) -> Option<()> {
     add(&WATCH_EVENTS, events_index(c.slot, Side::ApiserverWritten), 1);
     let commit = stamp_of(&NOTIFY_TS, &RevKey { id: c.tgid as u64, rev });
     match commit {
-        Some(t) => observe(&WATCH_HIST, hist_index(c.slot, Stage::CommitToWrite), c.now.saturating_sub(t)),
+        Some(t) => observe_stage(c.slot, Stage::CommitToWrite, c.now.saturating_sub(t), rev, NO_WATCHER, c.now),
         None => count(Counter::WriteCommitMiss),
     }
     let cached = stamp_of(&NOTIFY_TS, &cache_key(c.tgid, rev));
     if let Some(t) = cached {
-        observe(&WATCH_HIST, hist_index(c.slot, Stage::CacheToWrite), c.now.saturating_sub(t));
+        observe_stage(c.slot, Stage::CacheToWrite, c.now.saturating_sub(t), rev, NO_WATCHER, c.now);
     }
     emit_hop(WatchRecord {
         g,
@@ -687,12 +741,16 @@ fn try_kube_watcher(ctx: &ProbeContext) -> Option<()> {
     add(&WATCH_EVENTS, events_index(c.slot, Side::ApiserverWatcher), 1);
     let commit = stamp_of(&NOTIFY_TS, &RevKey { id: c.tgid as u64, rev });
     match commit {
-        Some(t) => observe(&WATCH_HIST, hist_index(c.slot, Stage::CommitToWatcher), c.now.saturating_sub(t)),
+        Some(t) => {
+            observe_stage(c.slot, Stage::CommitToWatcher, c.now.saturating_sub(t), rev, cache_watcher(watcher), c.now)
+        }
         None => count(Counter::WatcherCommitMiss),
     }
     let cached = stamp_of(&NOTIFY_TS, &cache_key(c.tgid, rev));
     match cached {
-        Some(t) => observe(&WATCH_HIST, hist_index(c.slot, Stage::CacheToWatcher), c.now.saturating_sub(t)),
+        Some(t) => {
+            observe_stage(c.slot, Stage::CacheToWatcher, c.now.saturating_sub(t), rev, cache_watcher(watcher), c.now)
+        }
         None => count(Counter::WatcherCacheMiss),
     }
     let g = goroutine(ctx, c.cfg).unwrap_or(0);
@@ -832,7 +890,7 @@ fn try_client_decode(ctx: &ProbeContext) -> Option<()> {
     }
     match stamp_of(&COMMIT_TS, &RevKey { id: NODE_CLUSTER, rev }) {
         Some(t) => {
-            observe(&WATCH_HIST, hist_index(c.slot, Stage::CommitToDecode), c.now.saturating_sub(t));
+            observe_stage(c.slot, Stage::CommitToDecode, c.now.saturating_sub(t), rev, NO_WATCHER, c.now);
             let g = goroutine(ctx, c.cfg).unwrap_or(0);
             emit_hop(WatchRecord { g, ..hop(Side::ClientDecoded, c.tgid, rev, t, c.now) });
         }
@@ -949,7 +1007,7 @@ fn try_informer_rv(ctx: &ProbeContext) -> Option<()> {
                 Some(t) => {
                     if !streamed {
                         let d = p.queued_ns.saturating_sub(t);
-                        observe(&WATCH_HIST, hist_index(c.slot, Stage::CommitToDecode), d);
+                        observe_stage(c.slot, Stage::CommitToDecode, d, rev, NO_WATCHER, p.queued_ns);
                     }
                     half.commit_ns = t;
                 }
@@ -998,7 +1056,8 @@ fn try_informer_rv(ctx: &ProbeContext) -> Option<()> {
 #[inline(always)]
 fn join_processed(slot: u32, tgid: u32, rv: &ObjStamp, popped_ns: u64, decoded_ns: u64) {
     if rv.commit_ns != 0 {
-        observe(&WATCH_HIST, hist_index(slot, Stage::CommitToProcess), popped_ns.saturating_sub(rv.commit_ns));
+        let d = popped_ns.saturating_sub(rv.commit_ns);
+        observe_stage(slot, Stage::CommitToProcess, d, rv.rev, NO_WATCHER, popped_ns);
     }
     if rv.rev >= 0 {
         emit_hop(WatchRecord {
@@ -1074,7 +1133,8 @@ unsafe extern "C" fn process_delta(i: u64, ctx: *mut c_void) -> i64 {
     };
     let _ = INFORMER_OBJS.remove(key);
     st.n += 1;
-    observe(&WATCH_HIST, hist_index(st.slot, Stage::DecodeToProcess), st.now.saturating_sub(queued));
+    // The revision joins later: no exemplar for this stage.
+    observe_stage(st.slot, Stage::DecodeToProcess, st.now.saturating_sub(queued), REV_UNREADABLE, NO_WATCHER, st.now);
     let popped = ObjStamp { rev: REV_PENDING, commit_ns: 0, queued_ns: st.now };
     let handoff = if INFORMER_JOIN.insert(key, popped, BPF_NOEXIST as u64).is_ok() {
         // The reflector records the revision later and completes the join.
@@ -1127,7 +1187,8 @@ fn try_informer_handler(ctx: &ProbeContext) -> Option<()> {
     let stamp = (unsafe { INFORMER_HANDOFF.get(ObjKey { tgid: c.tgid as u64, obj }) }).copied()?;
     add(&WATCH_EVENTS, events_index(c.slot, Side::InformerHandled), 1);
     if stamp.commit_ns != 0 {
-        observe(&WATCH_HIST, hist_index(c.slot, Stage::CommitToHandler), c.now.saturating_sub(stamp.commit_ns));
+        let d = c.now.saturating_sub(stamp.commit_ns);
+        observe_stage(c.slot, Stage::CommitToHandler, d, stamp.rev, NO_WATCHER, c.now);
     }
     if stamp.rev >= 0 {
         let g = goroutine(ctx, c.cfg).unwrap_or(0);
@@ -1137,6 +1198,7 @@ fn try_informer_handler(ctx: &ProbeContext) -> Option<()> {
             ..hop(Side::InformerHandled, c.tgid, stamp.rev, stamp.commit_ns, c.now)
         });
     }
-    observe(&WATCH_HIST, hist_index(c.slot, Stage::ProcessToHandler), c.now.saturating_sub(stamp.queued_ns));
+    let d = c.now.saturating_sub(stamp.queued_ns);
+    observe_stage(c.slot, Stage::ProcessToHandler, d, stamp.rev, NO_WATCHER, c.now);
     Some(())
 }

@@ -128,6 +128,11 @@ struct RunArgs {
     /// of two: 28). Native histograms (protobuf) always carry every bucket.
     #[arg(long, env = "WATCHSCOPE_CLASSIC_BUCKETS", value_enum, default_value = "fine")]
     classic_buckets: watchscope::export::ClassicBuckets,
+    /// How long each watch stage series keeps its slowest event as its
+    /// exemplar against faster ones: at least the scrape interval, so every
+    /// scraper sees each slow event.
+    #[arg(long, env = "WATCHSCOPE_EXEMPLAR_WINDOW", default_value = "30s", value_parser = humantime::parse_duration)]
+    exemplar_window: std::time::Duration,
 }
 
 fn main() -> ExitCode {
@@ -179,6 +184,7 @@ fn dispatch(command: Command) -> Result<ExitCode> {
                 bpf_stats: args.bpf_stats,
                 uprobe_mode: args.uprobe_attach,
                 classic_buckets: args.classic_buckets,
+                exemplar_window: args.exemplar_window,
             };
             let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build()?;
             rt.block_on(daemon::run(cfg))?;

@@ -93,6 +93,7 @@ pub fn run(args: RecordArgs) -> Result<ExitCode> {
             bpf_stats: false,
             uprobe_mode: args.uprobe_attach,
             classic_buckets: Default::default(),
+            exemplar_window: watchscope::collect::exemplars::DEFAULT_WINDOW,
         },
         duration: args.duration,
         warn: args.warn,

@@ -18,7 +18,8 @@ pub enum Flavour {
     /// Prometheus 3.5 with native histograms and exemplar storage on, asking
     /// for protobuf only (so every histogram comes in native).
     Native3,
-    /// Prometheus 3.5 as it ships: text formats, classic histograms.
+    /// Prometheus 3.5 with exemplar storage on, scraping as it ships: text
+    /// formats (OpenMetrics first), classic histograms.
     Classic3,
 }
 
@@ -62,11 +63,13 @@ impl Prometheus {
         cmd.arg(format!("--config.file={}", config.display()))
             .arg(format!("--storage.tsdb.path={}", dir.path().join("data").display()))
             .arg(format!("--web.listen-address=127.0.0.1:{port}"));
-        if flavour == Flavour::Native3 {
+        match flavour {
             // Releases from 3.8 on take `scrape_native_histograms: true` in
             // the scrape config instead.
-            cmd.arg("--enable-feature=native-histograms,exemplar-storage");
-        }
+            Flavour::Native3 => cmd.arg("--enable-feature=native-histograms,exemplar-storage"),
+            Flavour::Classic3 => cmd.arg("--enable-feature=exemplar-storage"),
+            Flavour::Bookworm => &mut cmd,
+        };
         let child = cmd
             .stdin(Stdio::null())
             .stdout(log.try_clone().expect("log"))
@@ -104,6 +107,31 @@ impl Prometheus {
         let Ok((200, body)) = http_get(&url) else { return Vec::new() };
         let v: serde_json::Value = serde_json::from_str(&body).unwrap_or_default();
         v["data"]["result"].as_array().cloned().unwrap_or_default()
+    }
+
+    /// The newest sample of the one native histogram series `selector`
+    /// picks in the last 10 s: (timestamp, count).
+    pub fn latest_native(&self, selector: &str) -> Option<(f64, f64)> {
+        let r = self.query(&format!("{selector}[10s]"));
+        let last = r.first()?["histograms"].as_array()?.last()?.clone();
+        Some((last[0].as_f64()?, last[1]["count"].as_str()?.parse().ok()?))
+    }
+
+    /// The exemplars stored for `selector` between `start` and `end` (Unix
+    /// seconds): (labels, value, timestamp) of every series' exemplars.
+    pub fn exemplars(&self, selector: &str, start: f64, end: f64) -> Vec<(serde_json::Value, f64, f64)> {
+        let url =
+            format!("{}?query={}&start={start:.3}&end={end:.3}", self.url("/api/v1/query_exemplars"), encode(selector));
+        let Ok((200, body)) = http_get(&url) else { return Vec::new() };
+        let v: serde_json::Value = serde_json::from_str(&body).unwrap_or_default();
+        let mut out = Vec::new();
+        for series in v["data"].as_array().into_iter().flatten() {
+            for e in series["exemplars"].as_array().into_iter().flatten() {
+                let value = e["value"].as_str().and_then(|v| v.parse().ok()).unwrap_or(f64::NAN);
+                out.push((e["labels"].clone(), value, e["timestamp"].as_f64().unwrap_or(0.0)));
+            }
+        }
+        out
     }
 
     /// The number of series in the TSDB head (`/api/v1/status/tsdb`).

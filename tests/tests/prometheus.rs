@@ -131,14 +131,6 @@ fn a_prometheus_server_scrapes_the_agent_and_answers_the_p99_query() {
     assert_eq!(kind("watchscope_watch_stage_seconds").as_deref(), Some("histogram"), "{meta}");
 }
 
-/// The newest sample of the one native histogram series `selector` picks in
-/// the last 10 s: (timestamp, count).
-fn latest_native(prom: &Prometheus, selector: &str) -> Option<(f64, f64)> {
-    let r = prom.query(&format!("{selector}[10s]"));
-    let last = r.first()?["histograms"].as_array()?.last()?.clone();
-    Some((last[0].as_f64()?, last[1]["count"].as_str()?.parse().ok()?))
-}
-
 /// Prometheus 3.5 with native histograms scrapes the agent over protobuf
 /// while watch events flow through etcd and requests through a delaying
 /// proxy; a second Prometheus 3.5 scrapes the same agent's classic buckets
@@ -192,7 +184,7 @@ fn prometheus_3_scrapes_native_histograms_that_count_every_event() {
     // t0: a scrape of the native histograms that saw the first put only.
     let mut t0 = None;
     let scraped = wait_until(Duration::from_secs(30), || {
-        t0 = latest_native(&native, &sel("commit_to_dispatch")).filter(|(_, c)| *c == 1.0).map(|(t, _)| t);
+        t0 = native.latest_native(&sel("commit_to_dispatch")).filter(|(_, c)| *c == 1.0).map(|(t, _)| t);
         t0.is_some()
     });
     assert!(scraped, "no native histogram scraped:\n{}", native.log());
@@ -209,8 +201,9 @@ fn prometheus_3_scrapes_native_histograms_that_count_every_event() {
     let mut t1 = None;
     let scraped = wait_until(Duration::from_secs(30), || {
         let req = "watchscope_sidecar_seconds{direction=\"request\"}";
-        let done = latest_native(&native, req).is_some_and(|(_, c)| c == REQUESTS as f64);
-        t1 = latest_native(&native, &sel("commit_to_dispatch"))
+        let done = native.latest_native(req).is_some_and(|(_, c)| c == REQUESTS as f64);
+        t1 = native
+            .latest_native(&sel("commit_to_dispatch"))
             .filter(|(_, c)| done && *c == (N + 1) as f64)
             .map(|(t, _)| t);
         t1.is_some()
@@ -255,6 +248,11 @@ fn prometheus_3_scrapes_native_histograms_that_count_every_event() {
     assert!(buckets.iter().all(|(_, u, _)| *u > D), "requests under {D} s: {buckets:?}");
     assert!(buckets.iter().any(|(l, u, _)| (*l - lo).abs() < 1e-12 && (*u - hi).abs() < 1e-12), "{buckets:?}");
     assert!(holding >= 0.9 * REQUESTS as f64, "{holding} of {REQUESTS} in D's bucket: {buckets:?}");
+
+    // Every sample of every scrape was taken: no series twice in one scrape.
+    for p in [&native, &classic] {
+        assert!(!p.log().contains("Error on ingesting"), "{}", p.log());
+    }
 
     // Series: one per native histogram against ~108 per classic one.
     let histogram_series = |p: &Prometheus, re: &str| {

@@ -589,3 +589,76 @@ fn a_terminated_api_server_watcher_breaks_exactly_the_chains_it_never_got() {
     let (_, _, b) = chain_counts(&report);
     assert_eq!(b, broken.len() as u64, "{report}");
 }
+
+/// The exemplar Prometheus 3 stores for the slowest event of a run names
+/// the revision `watchscope record` lists as its slowest chain: a panel's
+/// spike leads to the chain. One event is made slow on purpose: its watcher
+/// is stopped for D while etcd commits it.
+#[test]
+fn prometheus_3_exemplars_name_the_revision_record_shows_slowest() {
+    use watchscope_integration_tests::prom::{Flavour, Prometheus};
+    const BEFORE: usize = 10;
+    const AFTER: usize = 10;
+    const D: Duration = Duration::from_millis(400);
+    let (server, client) = ("wse-exemplar", "wsc-exemplar");
+    let etcd = Etcd::start(server, client);
+    let watch = etcd.watch("/x/");
+    let mut rec = Recording::start("10m", &format!("{server},{client}"), &[]);
+    rec.wait_attached(&[etcd.pid(), watch.pid()]);
+    etcd.wait_watchers(1, Duration::from_secs(10));
+    let prom = Prometheus::start(Flavour::Native3, rec.port);
+    let text = Prometheus::start(Flavour::Classic3, rec.port);
+    let start =
+        std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_secs_f64()).unwrap_or(0.0);
+
+    for i in 0..BEFORE {
+        etcd.put(&format!("/x/{i}"), "v");
+    }
+    assert_eq!(watch.wait_count(|l| l == "PUT", BEFORE, Duration::from_secs(10)), BEFORE);
+    // SAFETY: kill(2) on our own child.
+    unsafe { libc::kill(watch.pid() as i32, libc::SIGSTOP) };
+    etcd.put("/x/slow", "v");
+    let slow_rev = etcd.revision();
+    // The injected delay, not a wait for state: the watcher stays stopped.
+    std::thread::sleep(D);
+    // SAFETY: as above.
+    unsafe { libc::kill(watch.pid() as i32, libc::SIGCONT) };
+    for i in 0..AFTER {
+        etcd.put(&format!("/x/after/{i}"), "v");
+    }
+    let total = BEFORE + 1 + AFTER;
+    assert_eq!(watch.wait_count(|l| l == "PUT", total, Duration::from_secs(20)), total);
+
+    // Prometheus has scraped every dispatch.
+    let sel = "watchscope_watch_stage_seconds{stage=\"commit_to_dispatch\"}";
+    let scraped =
+        wait_until(Duration::from_secs(30), || prom.latest_native(sel).is_some_and(|(_, c)| c == total as f64));
+    assert!(scraped, "Prometheus never saw {total} dispatches:\n{}", prom.log());
+    let end =
+        std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_secs_f64()).unwrap_or(0.0);
+    let mut stored = Vec::new();
+    let found = wait_until(Duration::from_secs(10), || {
+        stored = prom.exemplars(sel, start - 60.0, end + 60.0);
+        stored.iter().any(|(_, v, _)| *v >= D.as_secs_f64())
+    });
+    assert!(found, "no exemplar of the slow dispatch: {stored:?}\n{}", prom.log());
+    let (labels, value, _) = stored.iter().max_by(|a, b| a.1.total_cmp(&b.1)).cloned().expect("exemplars");
+    // The same exemplar through the OpenMetrics text, on a classic bucket.
+    let mut classic = Vec::new();
+    let found = wait_until(Duration::from_secs(30), || {
+        classic = text.exemplars(&sel.replace("seconds{", "seconds_bucket{"), start - 60.0, end + 60.0);
+        classic.iter().any(|(_, v, _)| *v >= D.as_secs_f64())
+    });
+    assert!(found, "no exemplar of the slow dispatch over OpenMetrics: {classic:?}\n{}", text.log());
+    let (text_labels, text_value, _) = classic.iter().max_by(|a, b| a.1.total_cmp(&b.1)).cloned().expect("exemplars");
+    assert_eq!((&text_labels, text_value), (&labels, value));
+
+    rec.stop_after_chains(total as u64, Duration::from_secs(30));
+    let report = rec.finish(Duration::from_secs(40));
+    let rows = chain_rows(&report);
+    assert_eq!(rows.first().map(|r| r.0), Some(slow_rev), "slowest chain first:\n{report}");
+    assert_eq!(labels["revision"].as_str(), Some(slow_rev.to_string().as_str()), "{labels} ({value} s)\n{report}");
+    // etcd's watch id on the client side names the watcher.
+    assert!(labels["watcher"].as_str().is_some_and(|w| w.parse::<i64>().is_ok()), "{labels}");
+    assert!(value >= D.as_secs_f64() && value < 10.0, "{value}");
+}

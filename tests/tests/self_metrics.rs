@@ -57,14 +57,17 @@ fn the_map_memory_reported_is_what_check_projects_and_stays_bounded() {
         })
         .collect();
     let defs = mapmem::agent_maps().expect("the agent's object");
-    // Every map of the object is held (names are cut to the kernel's 15
-    // bytes), plus what the log ring and loader add.
+    // Every map of the object is held, under its own full name (the kernel
+    // keeps 15 bytes of it: two maps would share one), once; plus what the
+    // loader adds (.rodata).
     for d in &defs {
-        let short: String = d.name.chars().take(15).collect();
-        assert!(maps.iter().any(|(n, _)| *n == short), "{short} not reported: {maps:?}");
+        assert_eq!(maps.iter().filter(|(n, _)| *n == d.name).count(), 1, "{} not reported once: {maps:?}", d.name);
     }
-    let measured: f64 =
-        maps.iter().filter(|(n, _)| defs.iter().any(|d| d.name.starts_with(n.as_str()))).map(|m| m.1).sum();
+    let mut names: Vec<&String> = maps.iter().map(|(n, _)| n).collect();
+    names.sort();
+    names.dedup();
+    assert_eq!(names.len(), maps.len(), "a map name twice: {maps:?}");
+    let measured: f64 = maps.iter().filter(|(n, _)| defs.iter().any(|d| d.name == *n)).map(|m| m.1).sum();
     let cpus = std::fs::read_to_string("/sys/devices/system/cpu/possible")
         .ok()
         .as_deref()

@@ -32,16 +32,37 @@ pub fn measured() -> Vec<MapBytes> {
         // One map may have several fds (a duplicate held for statistics).
         seen.entry(id).or_insert(bytes);
     }
+    let defs = agent_maps().unwrap_or_default();
     seen.into_iter()
         .map(|(id, bytes)| {
             let name = aya::maps::MapInfo::from_id(id)
                 .ok()
-                .and_then(|i| i.name_as_str().map(str::to_string))
+                .and_then(|i| {
+                    let short = i.name_as_str()?;
+                    Some(full_name(&defs, short, i.key_size(), i.value_size()).unwrap_or(short).to_string())
+                })
                 .unwrap_or_else(|| format!("id_{id}"));
             MapBytes { name, bytes }
         })
         .collect()
 }
+
+/// The object's name of a map the kernel names `short`: the kernel keeps 15
+/// bytes of a name, so `WS_WINDOW_INNER_HIST` and `WS_WINDOW_INNER_EVENTS`
+/// both come back as `WS_WINDOW_INNER`; the key and value sizes tell them
+/// apart. `None` when no definition, or more than one, fits.
+fn full_name<'a>(defs: &'a [MapDef], short: &str, key_size: u32, value_size: u32) -> Option<&'a str> {
+    let mut fits = defs.iter().filter(|d| {
+        d.name.get(..KERNEL_NAME_MAX).unwrap_or(&d.name) == short
+            && d.key_size == key_size
+            && d.value_size == value_size
+    });
+    let one = fits.next()?;
+    fits.next().is_none().then_some(one.name.as_str())
+}
+
+/// The bytes of a map name the kernel keeps (BPF_OBJ_NAME_LEN less the NUL).
+const KERNEL_NAME_MAX: usize = 15;
 
 /// (map id, memlock bytes) of a map fd's fdinfo; `None` for other fds.
 fn parse_fdinfo(text: &str) -> Option<(u32, u64)> {
@@ -154,6 +175,21 @@ pub const BOUND_AT_96_CPUS: u64 = 32 << 20;
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn truncated_kernel_names_map_back_to_the_objects_names() {
+        let defs = agent_maps().unwrap();
+        let hist = size_of::<agent_common::Histogram>() as u32;
+        assert_eq!(full_name(&defs, "WS_WINDOW_INNER", 4, hist), Some("WS_WINDOW_INNER_HIST"));
+        assert_eq!(full_name(&defs, "WS_WINDOW_INNER", 4, 8), Some("WS_WINDOW_INNER_EVENTS"));
+        assert_eq!(full_name(&defs, "WS_COUNTERS", 4, 8), Some("WS_COUNTERS"));
+        assert_eq!(full_name(&defs, "WS_NOT_OURS", 4, 8), None);
+        // No two of the agent's maps share a kernel name, key and value size.
+        for d in &defs {
+            let short = d.name.get(..KERNEL_NAME_MAX).unwrap_or(&d.name);
+            assert_eq!(full_name(&defs, short, d.key_size, d.value_size), Some(d.name.as_str()), "{}", d.name);
+        }
+    }
 
     #[test]
     fn possible_cpu_lists_are_counted() {

@@ -3,6 +3,7 @@
 //! the kernel already aggregated, in arrays shared by the CPUs; we only read.
 
 pub mod chains;
+pub mod exemplars;
 pub mod mapmem;
 pub mod series;
 pub mod stats;
@@ -53,6 +54,7 @@ pub struct KernelMaps {
     grow_events: Array<MapData, u64>,
     /// Per ring, per CPU: the most bytes seen waiting after a submit.
     ring_fill: PerCpuArray<MapData, u64>,
+    exemplars: exemplars::ExemplarMaps,
 }
 
 /// Takes map `name` out of the object as its typed handle. The counter and
@@ -67,7 +69,8 @@ fn take<M: TryFrom<aya::maps::Map, Error = aya::maps::MapError>>(
 }
 
 impl KernelMaps {
-    pub fn take(ebpf: &mut Ebpf) -> Result<Self, CollectError> {
+    /// `exemplar_window`: how long a stage series keeps its slowest event.
+    pub fn take(ebpf: &mut Ebpf, exemplar_window: std::time::Duration) -> Result<Self, CollectError> {
         Ok(Self {
             counters: take(ebpf, "WS_COUNTERS")?,
             watch_hist: take(ebpf, "WS_WATCH_HIST")?,
@@ -81,7 +84,18 @@ impl KernelMaps {
             inner_events: take(ebpf, "WS_WINDOW_INNER_EVENTS")?,
             grow_events: take(ebpf, "WS_GO_GROW_EVENTS")?,
             ring_fill: take(ebpf, "WS_RING_FILL")?,
+            exemplars: exemplars::ExemplarMaps::new(
+                take(ebpf, "WS_WATCH_EXEMPLAR")?,
+                take(ebpf, "WS_EXEMPLAR_EPOCH")?,
+                exemplar_window,
+            ),
         })
+    }
+
+    /// Ends the exemplar interval: each stage series' slowest event since
+    /// the last call becomes its exemplar (see [`exemplars`]).
+    pub fn close_exemplar_interval(&mut self) {
+        self.exemplars.close_interval();
     }
 
     pub fn watch_histogram(&self, slot: u32, stage: Stage) -> Histogram {
@@ -149,8 +163,12 @@ impl KernelMaps {
                     continue;
                 }
                 match class.map_op() {
-                    Some(op) => out.maps.push(LabelledHistogram { labels: who.pairs(&[("op", op.into())]), hist }),
-                    None => out.gc_assist.push(LabelledHistogram { labels: who.pairs(&[]), hist }),
+                    Some(op) => out.maps.push(LabelledHistogram {
+                        labels: who.pairs(&[("op", op.into())]),
+                        hist,
+                        exemplar: None,
+                    }),
+                    None => out.gc_assist.push(LabelledHistogram { labels: who.pairs(&[]), hist, exemplar: None }),
                 }
             }
             let grows = summed(&self.grow_events, *slot);
@@ -163,7 +181,11 @@ impl KernelMaps {
                 if hist.count() == 0 {
                     continue;
                 }
-                out.windows.push(LabelledHistogram { labels: who.pairs(&[("window", name.clone())]), hist });
+                out.windows.push(LabelledHistogram {
+                    labels: who.pairs(&[("window", name.clone())]),
+                    hist,
+                    exemplar: None,
+                });
                 for inner in Inner::ALL {
                     let idx = inner_index(*slot, w, inner as u32);
                     let hist = merged(&self.inner_hist, idx);
@@ -176,6 +198,7 @@ impl KernelMaps {
                     out.window_inner.push(LabelledHistogram {
                         labels: who.pairs(&[("window", name.clone()), ("inner", inner.name().into())]),
                         hist,
+                        exemplar: None,
                     });
                     out.window_inner_events.push(LabelledCount::new(
                         who.pairs(&[("window", name.clone()), ("inner", inner.name().into())]),
@@ -206,6 +229,7 @@ impl KernelMaps {
         zero_range(&mut self.watch_hist, "WS_WATCH_HIST", slot, MAX_SLOTS)?;
         zero_range(&mut self.watch_events, "WS_WATCH_EVENTS", slot, MAX_SLOTS)?;
         zero_range(&mut self.watch_progress, "WS_WATCH_PROGRESS", slot, MAX_SLOTS)?;
+        self.exemplars.zero_slot(slot)?;
         if slot < MAX_GO_SLOTS {
             zero_range(&mut self.go_hist, "WS_GO_HIST", slot, MAX_GO_SLOTS)?;
             zero_range(&mut self.window_hist, "WS_WINDOW_HIST", slot, MAX_GO_SLOTS)?;
@@ -300,6 +324,8 @@ impl UserCounters {
 pub struct LabelledHistogram {
     pub labels: series::Labels,
     pub hist: Histogram,
+    /// The series' slowest recent event (watch stages only).
+    pub exemplar: Option<exemplars::Exemplar>,
 }
 
 /// The kernel's run count and run time of one eBPF program.
@@ -405,7 +431,7 @@ impl Snapshot {
                 let n = maps.sidecar_count(*slot, count);
                 let labels = who.pairs(&[("direction", dir.name().to_string())]);
                 if hist.count() > 0 {
-                    s.sidecar.push(LabelledHistogram { labels: labels.clone(), hist });
+                    s.sidecar.push(LabelledHistogram { labels: labels.clone(), hist, exemplar: None });
                 }
                 if n > 0 {
                     s.sidecar_crossings.push(LabelledCount::new(labels, n));
@@ -424,8 +450,11 @@ impl Snapshot {
                 let hist = maps.watch_histogram(*slot, stage);
                 // A series appears with its first observation.
                 if hist.count() > 0 {
-                    s.watch_stages
-                        .push(LabelledHistogram { labels: who.pairs(&[("stage", stage.name().to_string())]), hist });
+                    s.watch_stages.push(LabelledHistogram {
+                        labels: who.pairs(&[("stage", stage.name().to_string())]),
+                        hist,
+                        exemplar: maps.exemplars.get(hist_index(*slot, stage)).cloned(),
+                    });
                 }
             }
             for side in Side::ALL {

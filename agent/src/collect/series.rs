@@ -141,7 +141,7 @@ fn merge_hists(series: &mut Vec<LabelledHistogram>, kept: &HashMap<Labels, Histo
     for (labels, hist) in sorted {
         match series.iter_mut().find(|h| h.labels == *labels) {
             Some(live) => live.hist.merge(hist),
-            None => series.push(LabelledHistogram { labels: labels.clone(), hist: *hist }),
+            None => series.push(LabelledHistogram { labels: labels.clone(), hist: *hist, exemplar: None }),
         }
     }
 }

@@ -59,6 +59,8 @@ pub struct RunConfig {
     pub uprobe_mode: crate::attach::uprobes::UprobeMode,
     /// The classic `le` layout of every histogram (`--classic-buckets`).
     pub classic_buckets: crate::export::ClassicBuckets,
+    /// How long a stage series keeps its slowest event as its exemplar.
+    pub exemplar_window: std::time::Duration,
 }
 
 struct Agent {
@@ -89,7 +91,9 @@ impl MetricsSource for Agent {
         let slots = self.slots.lock().unwrap_or_else(|p| p.into_inner());
         let live: Vec<_> = slots.all().map(|(i, l)| (i, l.clone())).collect();
         let mut snap = {
-            let maps = self.maps.lock().unwrap_or_else(|p| p.into_inner());
+            let mut maps = self.maps.lock().unwrap_or_else(|p| p.into_inner());
+            // Each read of /metrics ends an exemplar interval.
+            maps.close_exemplar_interval();
             Snapshot::take(&maps, &self.user, &live, &sidecar_slots, &self.windows)
         };
         self.series.lock().unwrap_or_else(|p| p.into_inner()).apply(&mut snap);
@@ -153,7 +157,7 @@ impl Pipeline {
     /// Starts everything but the HTTP server; call inside a tokio runtime.
     pub fn start(cfg: &RunConfig, chain_settings: ChainSettings) -> Result<Pipeline> {
         let mut probes = Probes::load_and_attach(&cfg.root, cfg.go.sched).context("attaching the kernel programs")?;
-        let maps = KernelMaps::take(&mut probes.ebpf).context("opening the kernel maps")?;
+        let maps = KernelMaps::take(&mut probes.ebpf, cfg.exemplar_window).context("opening the kernel maps")?;
         let events = probes.ebpf.take_map("WS_EVENTS").context("the eBPF object has no WS_EVENTS map")?;
         let events = RingBuf::try_from(events).context("opening the event ring buffer")?;
         let records = records::RecordRings::take(&mut probes.ebpf)?;

@@ -30,6 +30,13 @@ impl ClassicBuckets {
         }
     }
 
+    /// The classic bucket a duration of `ns` falls in (same folding as
+    /// [`Self::buckets`], from the kernel's exact index: no float compare).
+    pub fn index_of(self, ns: u64) -> usize {
+        let i = hist::bucket_index(ns) as usize;
+        if i > TOP { TOP / self.step() + 1 } else { i.div_ceil(self.step()) }
+    }
+
     /// (upper bound in seconds, count) per classic bucket, not cumulative, in
     /// ascending order with `+Inf` last; the counts add up to the histogram's.
     pub fn buckets(self, h: &agent_common::Histogram) -> Vec<(f64, u64)> {
@@ -42,6 +49,7 @@ impl ClassicBuckets {
         let last = out.len() - 1;
         for (i, n) in h.buckets.iter().enumerate() {
             let slot = if i > TOP { last } else { i.div_ceil(step) };
+            debug_assert!(i > TOP || slot < last);
             if let Some(b) = out.get_mut(slot) {
                 b.1 += n;
             }
@@ -125,6 +133,13 @@ mod tests {
         }
         assert_eq!(at(&coarse, 2.0), Some(1), "(1, 2] s holds 2 s only");
         assert_eq!(at(&coarse, 4.0), Some(1));
+        // index_of agrees with where buckets() puts each value.
+        for layout in [ClassicBuckets::Fine, ClassicBuckets::Coarse] {
+            for v in [1, 953, 954, 1_500, 1_000_000_000, 1_000_000_001, 64_000_000_000, 64_000_000_001, u64::MAX] {
+                let b = layout.buckets(&hist(&[v]));
+                assert_eq!(b.iter().position(|(_, n)| *n == 1), Some(layout.index_of(v)), "{layout:?} {v}");
+            }
+        }
     }
 
     #[test]

@@ -14,7 +14,7 @@ use prometheus_client::{
 };
 
 use super::buckets::{self, ClassicBuckets};
-use crate::collect::{LabelledCount, LabelledHistogram, Snapshot};
+use crate::collect::{LabelledCount, LabelledHistogram, Snapshot, exemplars::Exemplar};
 
 /// A metric family's declaration. `name` is without the `watchscope_` prefix
 /// and, for counters, without the `_total` suffix the encoder adds.
@@ -236,13 +236,127 @@ pub fn render(snapshot: Snapshot, classic: ClassicBuckets) -> Result<String, std
     Ok(out)
 }
 
+/// Why a snapshot could not be encoded.
+#[derive(Debug, thiserror::Error)]
+pub enum RenderError {
+    #[error("encoding metrics: {0}")]
+    Fmt(#[from] std::fmt::Error),
+    #[error("encoding protobuf: {0}")]
+    Protobuf(#[from] prost::EncodeError),
+}
+
+/// A watch stage series that carries an exemplar: (series position in the
+/// family, labels, exemplar).
+type StageExemplar = (usize, Vec<(String, String)>, Exemplar);
+
+fn stage_exemplars(snapshot: &Snapshot) -> Vec<StageExemplar> {
+    snapshot
+        .watch_stages
+        .iter()
+        .enumerate()
+        .filter_map(|(i, h)| {
+            let labels = h.labels.iter().map(|(k, v)| (k.to_string(), v.clone())).collect();
+            Some((i, labels, h.exemplar.clone()?))
+        })
+        .collect()
+}
+
+/// Renders a snapshot as OpenMetrics text with exemplars: each watch stage
+/// series' slowest recent event on the classic bucket it fell in.
+///
+/// prometheus-client writes exemplars only for histograms it owns (its
+/// `Exemplar` has no public constructor), so they are added to its output
+/// here: the family's series come out in snapshot order, each as `_sum`,
+/// `_count`, then its buckets in order, which places an exemplar by
+/// position alone. If the text does not have that shape, no exemplar is
+/// written rather than one on the wrong series.
+pub fn render_openmetrics(snapshot: Snapshot, classic: ClassicBuckets) -> Result<String, std::fmt::Error> {
+    let exemplars = stage_exemplars(&snapshot);
+    let series = snapshot.watch_stages.len();
+    let text = render(snapshot, classic)?;
+    if exemplars.is_empty() {
+        return Ok(text);
+    }
+    let base = format!("{PREFIX}_{}", WATCH_STAGE_SECONDS.name);
+    let (sum, bucket) = (format!("{base}_sum{{"), format!("{base}_bucket{{"));
+    if text.lines().filter(|l| l.starts_with(&sum)).count() != series {
+        return Ok(text);
+    }
+    let mut out = String::with_capacity(text.len() + 128 * exemplars.len());
+    let (mut k, mut j) = (None::<usize>, 0usize);
+    for line in text.lines() {
+        out.push_str(line);
+        if line.starts_with(&sum) {
+            k = Some(k.map_or(0, |k| k + 1));
+            j = 0;
+        } else if line.starts_with(&bucket) {
+            let here = k.and_then(|k| exemplars.iter().find(|(i, _, _)| *i == k));
+            if let Some((_, _, x)) = here.filter(|(_, _, x)| classic.index_of(x.value_ns) == j) {
+                out.push_str(&openmetrics_exemplar(x));
+            }
+            j += 1;
+        }
+        out.push('\n');
+    }
+    Ok(out)
+}
+
+/// ` # {revision="..",watcher=".."} <seconds> <unix seconds>`.
+fn openmetrics_exemplar(x: &Exemplar) -> String {
+    let labels: Vec<String> = x.labels().iter().map(|(k, v)| format!("{k}=\"{v}\"")).collect();
+    let at = x.at.duration_since(std::time::UNIX_EPOCH).map(|d| d.as_secs_f64()).unwrap_or(0.0);
+    // One correctly rounded division: 0.026921, not 0.026921000000000002.
+    format!(" # {{{}}} {} {at:.3}", labels.join(","), x.value_ns as f64 / 1e9)
+}
+
 /// Renders a snapshot as length-delimited Prometheus protobuf: histograms
-/// native (schema 2, every kernel bucket) and classic side by side.
-pub fn render_protobuf(
-    snapshot: Snapshot,
-    classic: ClassicBuckets,
-) -> Result<Vec<u8>, prometheus_protobuf::EncodeError> {
-    prometheus_protobuf::encode_to_vec(&registry(snapshot, classic))
+/// native (schema 2, every kernel bucket) and classic side by side; watch
+/// stage series carry their exemplar on the classic bucket it fell in and
+/// in the native histogram's own list (Prometheus takes a native
+/// histogram's exemplars from there, timestamps required).
+pub fn render_protobuf(snapshot: Snapshot, classic: ClassicBuckets) -> Result<Vec<u8>, RenderError> {
+    use prometheus_protobuf::prometheus_data_model as pb;
+    use prost::Message;
+    let exemplars = stage_exemplars(&snapshot);
+    let mut families = prometheus_protobuf::encode(&registry(snapshot, classic))?;
+    let base = format!("{PREFIX}_{}", WATCH_STAGE_SECONDS.name);
+    for m in families.iter_mut().filter(|f| f.name == base).flat_map(|f| f.metric.iter_mut()) {
+        let labels: Vec<(String, String)> = m.label.iter().map(|l| (l.name.clone(), l.value.clone())).collect();
+        let Some((_, _, x)) = exemplars.iter().find(|(_, l, _)| *l == labels) else { continue };
+        let Some(h) = m.histogram.as_mut() else { continue };
+        let at = x.at.duration_since(std::time::UNIX_EPOCH).unwrap_or_default();
+        let e = pb::Exemplar {
+            label: x.labels().into_iter().map(|(k, v)| pb::LabelPair { name: k.to_string(), value: v }).collect(),
+            value: x.value_ns as f64 / 1e9,
+            timestamp: Some(prost_types::Timestamp { seconds: at.as_secs() as i64, nanos: at.subsec_nanos() as i32 }),
+        };
+        if let Some(b) = h.bucket.get_mut(classic.index_of(x.value_ns)) {
+            b.exemplar = Some(e.clone());
+        }
+        h.exemplars.push(e);
+    }
+    // Prometheus (3.5) reads a native histogram's exemplars by a position
+    // it resets per family, not per series: only the first series of a
+    // family would keep its exemplar. So each stage series that carries one
+    // goes out as a family of its own (same name, help and type; the format
+    // allows a name to repeat), the rest together.
+    let mut out = Vec::new();
+    for mut f in families {
+        if f.name == base && f.metric.iter().any(|m| m.histogram.as_ref().is_some_and(|h| !h.exemplars.is_empty())) {
+            let (with, without): (Vec<_>, Vec<_>) = std::mem::take(&mut f.metric)
+                .into_iter()
+                .partition(|m| m.histogram.as_ref().is_some_and(|h| !h.exemplars.is_empty()));
+            for m in with {
+                pb::MetricFamily { metric: vec![m], ..f.clone() }.encode_length_delimited(&mut out)?;
+            }
+            if !without.is_empty() {
+                pb::MetricFamily { metric: without, ..f }.encode_length_delimited(&mut out)?;
+            }
+            continue;
+        }
+        f.encode_length_delimited(&mut out)?;
+    }
+    Ok(out)
 }
 
 fn registry(snapshot: Snapshot, classic: ClassicBuckets) -> Registry {
@@ -424,8 +538,11 @@ mod tests {
         let mut h = agent_common::Histogram::ZERO;
         h.observe(1_500); // 1.5 µs: bucket (1.5, 1.75] µs
         h.observe(3_000_000_000);
-        s.watch_stages =
-            vec![LabelledHistogram { labels: who("etcd").pairs(&[("stage", "commit_to_send".into())]), hist: h }];
+        s.watch_stages = vec![LabelledHistogram {
+            labels: who("etcd").pairs(&[("stage", "commit_to_send".into())]),
+            hist: h,
+            exemplar: None,
+        }];
         s.watch_events = vec![LabelledCount::new(who("etcd").pairs(&[("side", "server".into())]), 2)];
         s.watch_chains.broken = 7;
         s
@@ -495,6 +612,58 @@ mod tests {
         assert_eq!(h.bucket.len(), 28, "coarse classic buckets ride along");
         let counter = families.iter().find(|f| f.name == "watchscope_execs_total").unwrap();
         assert_eq!(counter.metric[0].counter.as_ref().unwrap().value, 12.0);
+    }
+
+    fn with_exemplar() -> Snapshot {
+        let mut s = snapshot();
+        s.watch_stages[0].exemplar = Some(Exemplar {
+            value_ns: 3_000_000_000,
+            revision: 42,
+            watcher: Some("7".into()),
+            at: std::time::UNIX_EPOCH + std::time::Duration::from_millis(1_700_000_000_250),
+        });
+        s
+    }
+
+    #[test]
+    fn openmetrics_puts_the_exemplar_on_its_bucket_only() {
+        let text = render_openmetrics(with_exemplar(), ClassicBuckets::Fine).unwrap();
+        let lines: Vec<&str> = text.lines().filter(|l| l.contains(" # {")).collect();
+        assert_eq!(lines.len(), 1, "{text}");
+        // 3 s is in (2^1.5, 2^1.75] s: the bucket whose bound is 2^1.75.
+        let le = hist::bucket_upper_bound_seconds(hist::bucket_index(3_000_000_000) as usize);
+        assert!(lines[0].starts_with(&format!("watchscope_watch_stage_seconds_bucket{{le=\"{le}")), "{}", lines[0]);
+        assert!(lines[0].ends_with(" 2 # {revision=\"42\",watcher=\"7\"} 3 1700000000.250"), "{}", lines[0]);
+        // Without exemplars the text is what render() writes; 0.0.4 never has them.
+        assert_eq!(
+            render_openmetrics(snapshot(), ClassicBuckets::Fine).unwrap(),
+            render(snapshot(), ClassicBuckets::Fine).unwrap()
+        );
+    }
+
+    #[test]
+    fn protobuf_carries_the_exemplar_on_the_native_and_classic_histogram() {
+        use prost::Message;
+        let bytes = render_protobuf(with_exemplar(), ClassicBuckets::Coarse).unwrap();
+        let mut buf = &bytes[..];
+        let mut stage = None;
+        while !buf.is_empty() {
+            let f =
+                prometheus_protobuf::prometheus_data_model::MetricFamily::decode_length_delimited(&mut buf).unwrap();
+            if f.name == "watchscope_watch_stage_seconds" {
+                stage = Some(f);
+            }
+        }
+        let h = stage.unwrap().metric[0].histogram.clone().unwrap();
+        assert_eq!(h.exemplars.len(), 1);
+        let e = &h.exemplars[0];
+        assert_eq!(e.value, 3.0);
+        let labels: Vec<(&str, &str)> = e.label.iter().map(|l| (l.name.as_str(), l.value.as_str())).collect();
+        assert_eq!(labels, vec![("revision", "42"), ("watcher", "7")]);
+        assert_eq!(e.timestamp.map(|t| (t.seconds, t.nanos)), Some((1_700_000_000, 250_000_000)));
+        // Coarse classic: (2, 4] s holds 3 s.
+        let with: Vec<f64> = h.bucket.iter().filter(|b| b.exemplar.is_some()).map(|b| b.upper_bound).collect();
+        assert_eq!(with, vec![4.0]);
     }
 
     #[test]

@@ -8,4 +8,4 @@ pub mod server;
 pub mod web_config;
 
 pub use buckets::ClassicBuckets;
-pub use families::{FAMILIES, Family, render, render_protobuf};
+pub use families::{FAMILIES, Family, render, render_openmetrics, render_protobuf};

@@ -187,7 +187,11 @@ mod tests {
         let who =
             LabelSet { namespace: "ns".into(), pod: "p".into(), container: "c".into(), comm: "etcd".into(), pid: None };
         let s = Snapshot {
-            watch_stages: vec![LabelledHistogram { labels: who.pairs(&[("stage", "commit_to_send".into())]), hist: h }],
+            watch_stages: vec![LabelledHistogram {
+                labels: who.pairs(&[("stage", "commit_to_send".into())]),
+                hist: h,
+                exemplar: None,
+            }],
             watch_events: vec![LabelledCount::new(who.pairs(&[("side", "server".into())]), 5)],
             ..Snapshot::default()
         };

@@ -52,7 +52,9 @@ async fn metrics(State(src): State<Arc<dyn MetricsSource>>, req: Request) -> Res
     let (snapshot, classic) = (src.snapshot(), src.classic_buckets());
     let body = match format {
         Format::Protobuf => super::render_protobuf(snapshot, classic).map_err(|e| e.to_string()),
-        Format::OpenMetrics => super::render(snapshot, classic).map(String::into_bytes).map_err(|e| e.to_string()),
+        Format::OpenMetrics => {
+            super::render_openmetrics(snapshot, classic).map(String::into_bytes).map_err(|e| e.to_string())
+        }
         Format::Text004 => super::render(snapshot, classic)
             .map(|om| negotiate::to_text_004(&om).into_bytes())
             .map_err(|e| e.to_string()),
