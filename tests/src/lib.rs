@@ -7,6 +7,7 @@ pub mod debcache;
 pub mod etcd;
 pub mod go;
 pub mod kube;
+pub mod pod;
 pub mod prom;
 pub mod proxy;
 pub mod soak;

@@ -3,6 +3,8 @@
 //! per put (each put is its own `etcdctl`), all watched by the agent. At the
 //! end every family is accounted for against independent counts: etcd's own
 //! revision counter, what each watcher printed, the execs the soak made.
+//! On top, processes start and exit at a fixed rate (a watched copy of
+//! `/bin/true`), each to be counted as one exec.
 //! The integration test runs a short form; `cargo xtask soak` the long one.
 
 use std::{
@@ -30,6 +32,13 @@ pub struct SoakConfig {
     pub watches_per_stream: usize,
     /// Threads running `etcdctl put` one after another.
     pub writers: usize,
+    /// Short-lived processes started per second besides the puts (a watched
+    /// copy of `/bin/true`, paced: behind schedule, the next starts at once).
+    pub execs_per_second: u32,
+    /// Run those processes in a pod's cgroup, with the agent pointed at a
+    /// kubelet that accepts connections and never answers: every new
+    /// process's pod lookup meets a hung kubelet.
+    pub stalled_kubelet: bool,
 }
 
 /// What the soak counted, independently of the agent and by it.
@@ -44,6 +53,11 @@ pub struct SoakResult {
     pub received: u64,
     /// `etcdctl put` processes the soak started (failed ones included).
     pub execs: u64,
+    /// Paced processes started, and counted by the agent.
+    pub churn_execs: u64,
+    pub churn_counted: f64,
+    /// Connections the agent opened to the hung kubelet.
+    pub kubelet_connections: u64,
     /// The agent's counts.
     pub server_events: f64,
     pub client_events: f64,
@@ -84,6 +98,8 @@ impl SoakResult {
             ("sends counted = revisions x watches", sent == (self.revisions * w) as f64),
             ("dispatches counted = events printed", self.client_events == self.received as f64),
             ("execs counted = processes started", self.process_execs == self.execs as f64),
+            ("paced execs counted = paced processes started", self.churn_counted == self.churn_execs as f64),
+            ("the hung kubelet was asked", !cfg.stalled_kubelet || self.kubelet_connections > 0),
             (
                 "commit_to_send + send_commit_miss = sends",
                 self.commit_to_send + self.dropped("send_commit_miss") == sent,
@@ -166,10 +182,119 @@ pub fn peak_rss_kib(pid: u32) -> u64 {
         .unwrap_or(0)
 }
 
+/// A kubelet that accepts connections and never answers, holding them open:
+/// what an agent meets when its node's kubelet hangs.
+struct HungKubelet {
+    port: u16,
+    accepted: Arc<AtomicU64>,
+    stop: Arc<AtomicBool>,
+}
+
+impl HungKubelet {
+    fn start() -> HungKubelet {
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+        let port = listener.local_addr().expect("addr").port();
+        let (accepted, stop) = (Arc::new(AtomicU64::new(0)), Arc::new(AtomicBool::new(false)));
+        let (a, s) = (accepted.clone(), stop.clone());
+        std::thread::spawn(move || {
+            let mut held = Vec::new();
+            for conn in listener.incoming() {
+                if s.load(Ordering::SeqCst) {
+                    return;
+                }
+                if let Ok(c) = conn {
+                    held.push(c);
+                    a.fetch_add(1, Ordering::Relaxed);
+                }
+            }
+        });
+        HungKubelet { port, accepted, stop }
+    }
+}
+
+impl Drop for HungKubelet {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::SeqCst);
+        let _ = std::net::TcpStream::connect(("127.0.0.1", self.port));
+    }
+}
+
+/// Starts `rate` copies of `bin` per second until `stop`, each waited for;
+/// returns how many were started. Paced against the start time, so a slow
+/// spawn is made up by the next ones rather than lowering the rate. With
+/// `cgroup_procs`, each child moves itself into that cgroup before its exec.
+fn churn(
+    bin: std::path::PathBuf,
+    rate: u32,
+    stop: Arc<AtomicBool>,
+    cgroup_procs: Option<std::path::PathBuf>,
+) -> std::thread::JoinHandle<u64> {
+    let procs = cgroup_procs.map(|p| std::ffi::CString::new(p.into_os_string().into_encoded_bytes()).expect("path"));
+    std::thread::spawn(move || {
+        let started = Instant::now();
+        let mut n = 0u64;
+        while !stop.load(Ordering::Relaxed) {
+            let due = started + Duration::from_secs_f64(n as f64 / f64::from(rate.max(1)));
+            if let Some(wait) = due.checked_duration_since(Instant::now()) {
+                // Pacing to a rate, not a wait for state.
+                std::thread::sleep(wait);
+            }
+            let mut cmd = std::process::Command::new(&bin);
+            cmd.stdout(Stdio::null()).stderr(Stdio::null());
+            if let Some(procs) = procs.clone() {
+                use std::os::unix::process::CommandExt as _;
+                // SAFETY: between fork and exec only open, write and close
+                // run (async-signal-safe), on a path built before the fork.
+                unsafe {
+                    cmd.pre_exec(move || {
+                        let fd = libc::open(procs.as_ptr(), libc::O_WRONLY | libc::O_CLOEXEC);
+                        let ok = fd >= 0 && libc::write(fd, b"0".as_ptr().cast(), 1) == 1;
+                        if fd >= 0 {
+                            libc::close(fd);
+                        }
+                        if ok { Ok(()) } else { Err(std::io::Error::last_os_error()) }
+                    });
+                }
+            }
+            // Counted once it ran: a refused spawn is no exec.
+            if cmd.status().is_ok() {
+                n += 1;
+            }
+        }
+        n
+    })
+}
+
+/// The comm of the paced short-lived processes.
+pub const CHURN_COMM: &str = "wsx-soak-churn";
+
 /// Runs the soak; `server`/`client` are the comms etcd and etcdctl run as.
 pub fn run(cfg: SoakConfig, server: &str, client: &str) -> SoakResult {
     const PREFIX: &str = "/soak/";
-    let agent = Agent::start(&["--comm", &format!("{server},{client}")]);
+    let dir = tempfile::tempdir().expect("temp dir");
+    let churn_bin = crate::etcd::copy_binary("/bin/true", dir.path(), CHURN_COMM);
+    let kubelet = cfg.stalled_kubelet.then(HungKubelet::start);
+    let pod = cfg.stalled_kubelet.then(|| {
+        let id = std::process::id();
+        crate::pod::PodCgroup::create(
+            &format!("50a4c0de-0000-4000-8000-{id:012x}"),
+            &format!("{:064x}", u128::from(id) * 7919),
+        )
+    });
+    let token = dir.path().join("token");
+    std::fs::write(&token, "soak-token").expect("token");
+    let comms = format!("{server},{client},{CHURN_COMM}");
+    let mut args = vec!["--comm".to_string(), comms];
+    if let Some(k) = &kubelet {
+        args.extend([
+            "--kubelet-url".to_string(),
+            format!("https://127.0.0.1:{}", k.port),
+            "--kubelet-insecure-skip-verify=true".into(),
+            "--kubelet-token-file".into(),
+            token.display().to_string(),
+        ]);
+    }
+    let agent = Agent::start(&args.iter().map(String::as_str).collect::<Vec<_>>());
     let etcd = Arc::new(Etcd::start_build(Build::Bookworm3423, server, client));
     let streams: Vec<Stream> = (0..cfg.streams).map(|_| Stream::start(&etcd, PREFIX, cfg.watches_per_stream)).collect();
     let mut pids = vec![etcd.pid()];
@@ -184,6 +309,9 @@ pub fn run(cfg: SoakConfig, server: &str, client: &str) -> SoakResult {
     };
     let execs_of =
         |text: &str| sample_value(text, &format!("watchscope_process_execs_total{{comm=\"{client}\"}}")).unwrap_or(0.0);
+    let churned_of = |text: &str| {
+        sample_value(text, &format!("watchscope_process_execs_total{{comm=\"{CHURN_COMM}\"}}")).unwrap_or(0.0)
+    };
     let stage = |text: &str, stage: &str, comm: &str| {
         crate::Buckets::parse(text, "watchscope_watch_stage_seconds", &format!("stage=\"{stage}\",comm=\"{comm}\""))
             .count()
@@ -196,6 +324,7 @@ pub fn run(cfg: SoakConfig, server: &str, client: &str) -> SoakResult {
         ]
     };
     let (server0, client0, execs0) = (side(&text, "server", server), side(&text, "client", client), execs_of(&text));
+    let churned0 = churned_of(&text);
     let stages0 = stages(&text);
     let rev0 = etcd.revision();
     let cpu0 = cpu_seconds(agent.pid());
@@ -225,6 +354,7 @@ pub fn run(cfg: SoakConfig, server: &str, client: &str) -> SoakResult {
             })
         })
         .collect();
+    let churner = churn(churn_bin, cfg.execs_per_second, stop.clone(), pod.as_ref().map(|p| p.procs_file()));
     while started.elapsed() < Duration::from_secs(cfg.seconds) {
         std::thread::sleep(Duration::from_millis(100));
     }
@@ -232,6 +362,7 @@ pub fn run(cfg: SoakConfig, server: &str, client: &str) -> SoakResult {
     for w in writers {
         let _ = w.join();
     }
+    let churn_execs = churner.join().unwrap_or(0);
     let seconds = started.elapsed().as_secs_f64();
     let puts = puts.load(Ordering::Relaxed);
     let revisions = etcd.revision() - rev0;
@@ -246,6 +377,8 @@ pub fn run(cfg: SoakConfig, server: &str, client: &str) -> SoakResult {
     let received: u64 = streams.iter().map(Stream::received).sum();
     // The agent's counts reach theirs; then nothing more may come.
     wait_until(Duration::from_secs(60), || side(&agent.metrics(), "client", client) - client0 >= received as f64);
+    // Every exec is counted off the exec ring as the agent drains it.
+    wait_until(Duration::from_secs(30), || churned_of(&agent.metrics()) - churned0 >= churn_execs as f64);
     let settled = wait_until(Duration::from_secs(30), || {
         let a = agent.metrics();
         std::thread::sleep(Duration::from_millis(500));
@@ -271,6 +404,9 @@ pub fn run(cfg: SoakConfig, server: &str, client: &str) -> SoakResult {
         server_events: side(&text, "server", server) - server0,
         client_events: side(&text, "client", client) - client0,
         process_execs: execs_of(&text) - execs0,
+        churn_execs,
+        churn_counted: churned_of(&text) - churned0,
+        kubelet_connections: kubelet.as_ref().map_or(0, |k| k.accepted.load(Ordering::Relaxed)),
         commit_to_send: timed[0] - stages0[0],
         enqueue_to_send: timed[1] - stages0[1],
         commit_to_dispatch: timed[2] - stages0[2],

@@ -7,7 +7,6 @@
 use std::{
     io::{BufRead, BufReader, Write},
     net::{TcpListener, TcpStream},
-    path::PathBuf,
     sync::{
         Arc, Mutex,
         atomic::{AtomicBool, Ordering},
@@ -15,7 +14,7 @@ use std::{
     time::Duration,
 };
 
-use watchscope_integration_tests::{Agent, debug_probes, etcd::Etcd, wait_until};
+use watchscope_integration_tests::{Agent, debug_probes, etcd::Etcd, pod::PodCgroup, wait_until};
 
 const TOKEN: &str = "watchscope-labels-test-token";
 
@@ -108,47 +107,6 @@ fn pod_list(pods: &[(&str, &str, &str, &str, &str)]) -> String {
         })
         .collect();
     serde_json::json!({"kind": "PodList", "apiVersion": "v1", "items": items}).to_string()
-}
-
-/// A cgroup at kubepods/burstable/pod<uid>/<container id>, as the kubelet's
-/// cgroupfs driver makes them; removed (after its processes are gone) on drop.
-struct PodCgroup {
-    dirs: Vec<PathBuf>,
-}
-
-impl PodCgroup {
-    fn create(uid: &str, cid: &str) -> PodCgroup {
-        // cgroup v1 (the pids hierarchy), or v2 mounted alone or beside v1.
-        let base = ["/sys/fs/cgroup/pids", "/sys/fs/cgroup", "/sys/fs/cgroup/unified"]
-            .iter()
-            .map(PathBuf::from)
-            .find(|b| b.join("cgroup.procs").exists())
-            .expect("a cgroup hierarchy to create the pod's cgroup in");
-        let dirs = vec![
-            base.join("kubepods"),
-            base.join("kubepods/burstable"),
-            base.join(format!("kubepods/burstable/pod{uid}")),
-            base.join(format!("kubepods/burstable/pod{uid}/{cid}")),
-        ];
-        for d in &dirs {
-            let _ = std::fs::create_dir(d);
-        }
-        PodCgroup { dirs }
-    }
-
-    fn enter(&self, pid: u32) {
-        let procs = self.dirs.last().expect("dirs").join("cgroup.procs");
-        std::fs::write(&procs, pid.to_string()).unwrap_or_else(|e| panic!("move {pid} into {}: {e}", procs.display()));
-    }
-}
-
-impl Drop for PodCgroup {
-    fn drop(&mut self) {
-        for d in self.dirs.iter().rev() {
-            // Shared parents stay while other tests' pods use them.
-            let _ = std::fs::remove_dir(d);
-        }
-    }
 }
 
 #[test]

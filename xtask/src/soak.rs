@@ -25,6 +25,14 @@ pub struct SoakArgs {
     /// watched process that starts and exits).
     #[arg(long, default_value_t = 4)]
     pub writers: usize,
+    /// Other watched processes started (and exiting) per second.
+    #[arg(long, default_value_t = 200)]
+    pub execs_per_second: u32,
+    /// Run those processes in a pod whose kubelet accepts connections and
+    /// never answers (`--stalled-kubelet=false`: no kubelet at all).
+    #[arg(long, default_value_t = true, action = clap::ArgAction::Set, num_args = 0..=1, require_equals = true,
+          default_missing_value = "true")]
+    pub stalled_kubelet: bool,
 }
 
 pub fn run(args: &SoakArgs) -> Result<()> {
@@ -41,13 +49,16 @@ pub fn run(args: &SoakArgs) -> Result<()> {
         streams: args.streams,
         watches_per_stream: args.watches,
         writers: args.writers,
+        execs_per_second: args.execs_per_second,
+        stalled_kubelet: args.stalled_kubelet,
     };
     step(&format!(
-        "soak for {} s: {} watches on {} streams, {} writers, each put its own etcdctl",
+        "soak for {} s: {} watches on {} streams, {} writers, each put its own etcdctl, {} other execs/s",
         cfg.seconds,
         cfg.streams * cfg.watches_per_stream,
         cfg.streams,
-        cfg.writers
+        cfg.writers,
+        cfg.execs_per_second
     ));
     let r = soak::run(cfg, "wse-soak", "wsc-soak");
     step("results");
@@ -62,6 +73,15 @@ pub fn run(args: &SoakArgs) -> Result<()> {
         r.received, r.server_events, r.client_events
     );
     println!("    execs: started {}, counted {}", r.execs, r.process_execs);
+    println!(
+        "    paced execs: started {} ({:.0}/s), counted {}",
+        r.churn_execs,
+        r.churn_execs as f64 / r.seconds,
+        r.churn_counted
+    );
+    if cfg.stalled_kubelet {
+        println!("    the hung kubelet: {} connections from the agent, none answered", r.kubelet_connections);
+    }
     println!("    dropped: {:?}", r.dropped);
     println!("    ring high-water marks (bytes): {:?}", r.ring_high_water);
     println!(
