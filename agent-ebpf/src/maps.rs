@@ -21,14 +21,17 @@ pub static COUNTERS: Array<u64> = Array::with_max_entries(Counter::COUNT, 0);
 #[map(name = "WS_EVENTS")]
 pub static EVENTS: RingBuf = RingBuf::with_byte_size(Ring::Events.bytes(), 0);
 
-/// Per ring (`agent_common::counters::Ring`), the most bytes seen waiting
-/// in it right after a submit: how close it came to full between two
-/// drains. Per CPU, so the max needs no compare-and-swap (user space takes
-/// the largest); three words per CPU.
+/// Per ring (`agent_common::counters::Ring`), per CPU: at `ring`, the most
+/// bytes seen waiting in it right after a submit (how close it came to full
+/// between two drains); at `Ring::COUNT + ring`, the records submitted to it.
+/// User space counts the records it reads, so a test (or an operator) can
+/// tell that everything the kernel produced so far has been consumed. Per
+/// CPU, so neither the max nor the count needs an atomic; six words per CPU.
 #[map(name = "WS_RING_FILL")]
-pub static RING_FILL: PerCpuArray<u64> = PerCpuArray::with_max_entries(Ring::COUNT, 0);
+pub static RING_FILL: PerCpuArray<u64> = PerCpuArray::with_max_entries(2 * Ring::COUNT, 0);
 
-/// Notes how full `ring` is now (call right after a submit to it).
+/// Notes how full `ring` is now and counts the record (call right after a
+/// submit to it).
 #[inline(always)]
 pub fn note_fill(ring: &RingBuf, which: Ring) {
     let waiting = ring.query(BPF_RB_AVAIL_DATA as u64);
@@ -39,6 +42,10 @@ pub fn note_fill(ring: &RingBuf, which: Ring) {
                 *m = waiting;
             }
         }
+    }
+    if let Some(n) = RING_FILL.get_ptr_mut(Ring::COUNT + which as u32) {
+        // SAFETY: as above.
+        unsafe { *n += 1 }
     }
 }
 

@@ -258,6 +258,36 @@ impl Agent {
         }
     }
 
+    /// Waits until the agent has read every record its kernel programs had
+    /// submitted to its ring buffers when this was called (exec and exit
+    /// events; watch and window records while recording), as
+    /// `/debug/probes` reports them: a scrape then includes everything the
+    /// workload produced until now. The barrier for counts user space
+    /// makes from ring records; kernel-side counts need none.
+    pub fn wait_drained(&self) {
+        let rings = |j: &serde_json::Value| -> Vec<(String, u64, u64)> {
+            j["rings"]
+                .as_array()
+                .map(|a| {
+                    a.iter()
+                        .map(|r| {
+                            let n = |k: &str| r[k].as_u64().unwrap_or(0);
+                            (r["ring"].as_str().unwrap_or("").to_string(), n("submitted"), n("read"))
+                        })
+                        .collect()
+                })
+                .unwrap_or_default()
+        };
+        let want = rings(&debug_probes(self));
+        assert!(!want.is_empty(), "/debug/probes lists no rings: {}", debug_probes(self));
+        let mut last = Vec::new();
+        let ok = wait_until(Duration::from_secs(20), || {
+            last = rings(&debug_probes(self));
+            want.iter().all(|(name, submitted, _)| last.iter().any(|(n, _, read)| n == name && read >= submitted))
+        });
+        assert!(ok, "rings not drained: submitted then {want:?}, now {last:?}\n{}", self.log_text());
+    }
+
     pub fn log_text(&self) -> String {
         std::fs::read_to_string(self.log.path()).unwrap_or_default()
     }

@@ -84,8 +84,12 @@ impl Proxy {
         if let Some(mut c) = self.child.take() {
             stop_child(&mut c);
         }
-        // Let the kernel release the listening port.
-        std::thread::sleep(Duration::from_millis(200));
+        // Until the kernel has released the listening port (a proxy's
+        // workers may hold it a moment after the master exits).
+        let free = crate::wait_until(Duration::from_secs(10), || {
+            std::net::TcpListener::bind(("127.0.0.1", self.port)).is_ok()
+        });
+        assert!(free, "port {} still held after the proxy stopped", self.port);
         self.spawn();
     }
 

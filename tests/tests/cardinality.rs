@@ -33,15 +33,15 @@ fn ten_thousand_processes_stay_within_the_cap_and_the_overflow_is_exact() {
 
     let dropped = format!("{PREFIX}_series_dropped_total{{family=\"process_execs\"}}");
     let want_dropped = (EXECS - CAP) as f64;
-    let got = agent.wait_for_sample(&dropped, want_dropped, Duration::from_secs(30));
-    std::thread::sleep(Duration::from_millis(500));
+    // Every exec event read (the loop has finished): the counts are final.
+    agent.wait_drained();
     let text = agent.metrics();
     assert_eq!(
         agent.sample(&format!("{PREFIX}_dropped_total{{reason=\"ringbuf_full\"}}")),
         0.0,
         "exec events were lost: the ground truth below cannot hold"
     );
-    assert_eq!(agent.sample(&dropped), want_dropped, "first poll saw {got}");
+    assert_eq!(agent.sample(&dropped), want_dropped, "{text}");
 
     // The cap holds for every family, and process_execs is full: every one
     // of its series is one of our processes, counted once.
@@ -110,8 +110,13 @@ fn label_slots_are_recycled_as_processes_come_and_go() {
         );
         drop(watch);
     }
-    // Let the last slots be recycled too, then check every series.
-    std::thread::sleep(Duration::from_secs(4));
+    // Let the last slots be recycled too (every exit read, no slot left
+    // idle), then check every series.
+    agent.wait_drained();
+    let recycled = watchscope_integration_tests::wait_until(Duration::from_secs(30), || {
+        watchscope_integration_tests::debug_probes(&agent)["label_slots"]["idle"] == 0
+    });
+    assert!(recycled, "slots never recycled: {}", watchscope_integration_tests::debug_probes(&agent)["label_slots"]);
     let text = agent.metrics();
     for (i, (pid, truth)) in pids.iter().enumerate() {
         assert_eq!(events(*pid), *truth, "watcher {i} (pid {pid})\n{text}");

@@ -11,7 +11,7 @@ use serde_json::Value;
 use watchscope_integration_tests::{
     Agent, Buckets, Piped, clientgo, require_root,
     tracefs::{Uprobes, fetch},
-    wait_attached, watchscope_bin,
+    wait_attached, wait_until, watchscope_bin,
 };
 
 const HANDLE_DELTAS: &str = "k8s.io/client-go/tools/cache.(*sharedIndexInformer).handleDeltas";
@@ -192,7 +192,9 @@ fn informer_window_counts_every_handled_pop() {
     let (before, short_before) = (w0.count(), w0.below(delay));
     let handled = inf.command(&format!("serial {N}"));
     assert_eq!(handled, 1 + N);
-    std::thread::sleep(Duration::from_millis(300));
+    // The last window closes when its pop returns, after the handler
+    // answered: wait for the count, then it must be exact.
+    wait_until(Duration::from_secs(10), || windows().count() >= before + N as f64);
     let w = windows();
     assert_eq!(w.count() - before, N as f64, "windows before {before}, after {}:\n{}", w.count(), agent.metrics());
     assert_eq!(w.below(delay), short_before, "a window shorter than the index delay: {:?}", w.cumulative);
@@ -204,9 +206,11 @@ fn informer_window_counts_every_handled_pop() {
     up.enable();
     let before_burst = windows().count();
     assert_eq!(inf.command(&format!("burst {BURST}")), 1 + N + BURST);
-    std::thread::sleep(Duration::from_millis(300));
+    // Every pop had entered its function before its handler answered, so
+    // the tracefs hits are complete; the windows close as the pops return.
     let (singles, batches) = (up.hits("single").len(), up.hits("batch").len());
     assert!(batches > 0, "the burst was never popped as a batch");
+    wait_until(Duration::from_secs(10), || windows().count() >= before_burst + (singles + batches) as f64);
     let w = windows();
     assert_eq!(
         w.count() - before_burst,

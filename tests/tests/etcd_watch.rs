@@ -62,8 +62,10 @@ fn counts_are_exact_for_puts_and_a_txn(build: Build) {
 
     let want = (N + K) as f64;
     assert_eq!(watch.wait_count(|l| l == "PUT", N + K, Duration::from_secs(10)), N + K, "etcdctl saw every event");
-    wait_until(Duration::from_secs(5), || events(&agent, "client", client) >= want);
-    std::thread::sleep(Duration::from_millis(300));
+    // etcd counted each event before sending it; the client counts and
+    // times its dispatch as the dispatch returns, which may be after it
+    // printed: wait for that, then every count must be exact.
+    dispatched(&agent, client, want);
 
     let text = agent.metrics();
     assert_eq!(events(&agent, "server", server), want, "{text}");
@@ -248,13 +250,24 @@ fn etcd_restart_and_upgrade_are_picked_up_and_counts_stay_exact(build: Build) {
         etcd.put(&format!("/r/b{i}"), "v");
     }
     assert_eq!(watch.wait_count(|l| l == "PUT", 10, Duration::from_secs(20)), 10);
-    wait_until(Duration::from_secs(5), || events(&agent, "client", client) >= 10.0);
-    std::thread::sleep(Duration::from_millis(300));
+    dispatched(&agent, client, 10.0);
     let text = agent.metrics();
     assert_eq!(events(&agent, "server", server), 10.0, "{text}");
     assert_eq!(events(&agent, "client", client), 10.0, "{text}");
     let b = Buckets::parse(&text, FAMILY, &stage_labels("commit_to_send", server));
     assert_eq!(b.count(), 10.0, "{text}");
+}
+
+/// Waits until `client` has counted and timed `want` dispatches.
+fn dispatched(agent: &Agent, client: &str, want: f64) {
+    let ok = wait_until(Duration::from_secs(10), || {
+        let text = agent.metrics();
+        let timed = Buckets::parse(&text, FAMILY, &stage_labels("commit_to_dispatch", client)).count();
+        sample_value(&text, &format!("watchscope_watch_events_total{{side=\"client\",comm=\"{client}\"}}"))
+            .is_some_and(|n| n >= want)
+            && timed >= want
+    });
+    assert!(ok, "{client} did not count {want} dispatches:\n{}", agent.metrics());
 }
 
 fn bpftool_json(what: &str) -> Vec<serde_json::Value> {

@@ -598,7 +598,7 @@ fn inspect_by_pid() {
         .stderr(Stdio::null())
         .spawn()
         .expect("etcdctl");
-    std::thread::sleep(Duration::from_millis(300));
+    // spawn() returns once the exec succeeded: /proc/<pid>/exe is etcdctl.
     let out = Command::new(watchscope_integration_tests::watchscope_bin())
         .args(["inspect", "--json", "--pid", &child.id().to_string()])
         .output()

@@ -146,7 +146,7 @@ fn watch_series_get_the_pod_labels_once_the_kubelet_lists_the_pod() {
         })
     });
     assert!(attached, "{}", agent.log_text());
-    std::thread::sleep(Duration::from_millis(300));
+    etcd.wait_watchers(1, Duration::from_secs(10));
 
     // The kubelet does not list the pod yet: the labels stay empty.
     let bare = format!("watchscope_watch_events_total{{side=\"server\",comm=\"{server}\"}}");
@@ -170,7 +170,9 @@ fn watch_series_get_the_pod_labels_once_the_kubelet_lists_the_pod() {
         agent.sample(&in_pod) >= 1.0
     });
     assert!(labelled, "no pod labels after {puts} puts:\n{}\n{}", agent.metrics(), agent.log_text());
-    std::thread::sleep(Duration::from_millis(300));
+    // etcd sends (and counts) an event after the put returns: once the
+    // watcher printed every put, the counts are final.
+    assert_eq!(watch.wait_count(|l| l == "PUT", puts, Duration::from_secs(10)), puts);
     let (before_pod, before_bare) = (agent.sample(&in_pod), agent.sample(&bare));
     for i in 0..N {
         etcd.put(&format!("/k/c{i}"), "v");
@@ -178,7 +180,6 @@ fn watch_series_get_the_pod_labels_once_the_kubelet_lists_the_pod() {
     let total = (puts + N) as f64;
     assert_eq!(watch.wait_count(|l| l == "PUT", puts + N, Duration::from_secs(10)), puts + N);
     agent.wait_for_sample(&in_pod, before_pod + N as f64, Duration::from_secs(5));
-    std::thread::sleep(Duration::from_millis(300));
     let text = agent.metrics();
     assert_eq!(agent.sample(&in_pod), before_pod + N as f64, "{text}");
     assert_eq!(agent.sample(&bare), before_bare, "the old series stops growing: {text}");

@@ -139,18 +139,21 @@ impl Informer {
     }
 }
 
-/// Waits until two scrapes a little apart agree (the agent has nothing
-/// left in flight) and returns the counts.
+/// The counts once nothing is left in flight. Every client-side stage
+/// counts before the client prints the event (a frame's decode, the
+/// reflector, the pop, a handler's start), so callers first wait for the
+/// clients' output. The API server records a write when it returns, which
+/// may be after the client read it: so wait until every live event it
+/// offered a watcher has been put in that watcher's result channel and
+/// written to its stream (replayed events are counted apart and never
+/// offered).
 fn settled(agent: &Agent) -> Counts {
     let mut last = Counts::of(&agent.metrics());
     let ok = wait_until(Duration::from_secs(10), || {
-        std::thread::sleep(Duration::from_millis(300));
-        let now = Counts::of(&agent.metrics());
-        let same = now == last;
-        last = now;
-        same
+        last = Counts::of(&agent.metrics());
+        last.watcher == last.offered && last.written == last.offered
     });
-    assert!(ok, "counts never settled: {last:?}");
+    assert!(ok, "the API server never caught up with the events it offered: {last:?}");
     last
 }
 

@@ -374,7 +374,7 @@ fn a_stopped_client_breaks_exactly_the_chains_it_did_not_dispatch(build: Build) 
         })
     });
     assert!(ok, "not attached: {}", agent.log_text());
-    std::thread::sleep(Duration::from_millis(500));
+    etcd.wait_watchers(1, Duration::from_secs(20));
     // One event the client dispatches: it pairs etcd's stream with this client.
     etcd.put("/b/first", "v");
     assert_eq!(watch.wait_count(|l| l == "PUT", 1, Duration::from_secs(10)), 1);
@@ -401,8 +401,9 @@ fn a_stopped_client_breaks_exactly_the_chains_it_did_not_dispatch(build: Build) 
         }
         std::thread::sleep(Duration::from_millis(100));
     };
-    // Nothing more is judged afterwards.
-    std::thread::sleep(Duration::from_millis(500));
+    // Every chain judged: nothing more can be judged afterwards.
+    let judged = wait_until(Duration::from_secs(20), || debug_probes(&agent)["chains_pending"] == 0);
+    assert!(judged, "chains still pending: {}", debug_probes(&agent));
     let text = agent.metrics();
     // SAFETY: as above.
     unsafe { libc::kill(watch.pid() as i32, libc::SIGCONT) };

@@ -34,7 +34,9 @@ fn bpf_stats_can_be_turned_off() {
     for _ in 0..10 {
         assert!(Command::new("/bin/true").status().expect("run true").success());
     }
-    std::thread::sleep(Duration::from_millis(300));
+    // The exec programs ran (they are done when exec returns), and their
+    // events have been read.
+    agent.wait_drained();
     let text = agent.metrics();
     assert!(text.contains("# TYPE watchscope_program_runs_total counter"), "the family is declared");
     assert!(!text.contains("watchscope_program_runs_total{"), "no series without statistics:\n{text}");

@@ -246,8 +246,13 @@ fn retransmits_on_the_proxys_sockets_are_counted() {
         "1",
         "drop",
     ]);
-    // Wait until the agent knows haproxy's listening port.
-    std::thread::sleep(Duration::from_millis(1500));
+    // Wait until the agent has registered haproxy's listening port.
+    let listens = wait_until(Duration::from_secs(20), || {
+        watchscope_integration_tests::debug_probes(&agent)["sidecars"].as_array().is_some_and(|s| {
+            s.iter().any(|p| p["ports"].as_array().is_some_and(|ports| ports.iter().any(|x| *x == port)))
+        })
+    });
+    assert!(listens, "port {port} never registered: {}", watchscope_integration_tests::debug_probes(&agent));
     let retransmits = || {
         std::fs::read_to_string(inst.join("trace"))
             .unwrap_or_default()
@@ -272,12 +277,19 @@ fn retransmits_on_the_proxys_sockets_are_counted() {
             break;
         }
     }
-    std::thread::sleep(Duration::from_millis(500));
+    // The closing connections' timers may retransmit a little longer: the
+    // agent and the trace see the same kernel events, so wait until they
+    // agree (or time out and report both).
+    let seen = || agent.sample(&format!("watchscope_sidecar_retransmits_total{{comm=\"{comm}\"}}"));
+    let (mut truth, mut counted) = (0, 0.0);
+    wait_until(Duration::from_secs(20), || {
+        truth = retransmits();
+        counted = seen();
+        counted == truth as f64 && truth == retransmits()
+    });
     std::fs::write(ev.join("enable"), "0").expect("disable");
     let trace = std::fs::read_to_string(inst.join("trace")).unwrap_or_default();
     let _ = std::fs::remove_dir(&inst);
-    let truth = trace.lines().filter(|l| l.contains("tcp_retransmit_skb")).count() as f64;
-    let seen = agent.sample(&format!("watchscope_sidecar_retransmits_total{{comm=\"{comm}\"}}"));
-    assert!(truth > 0.0, "no retransmission happened; the drop rules did not bite:\n{trace}");
-    assert_eq!(seen, truth, "watchscope counted {seen}, the kernel reported {truth}");
+    assert!(truth > 0, "no retransmission happened; the drop rules did not bite:\n{trace}");
+    assert_eq!(counted, truth as f64, "watchscope counted {counted}, the kernel reported {truth}");
 }

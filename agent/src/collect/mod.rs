@@ -130,6 +130,15 @@ impl KernelMaps {
             .collect()
     }
 
+    /// Records each ring buffer has been given so far (summed over CPUs),
+    /// by ring: with `UserCounters::ring_read`, what is still waiting.
+    pub fn ring_submitted(&self) -> Vec<(Ring, u64)> {
+        Ring::ALL
+            .iter()
+            .map(|&r| (r, self.ring_fill.get(&(Ring::COUNT + r as u32), 0).map(|v| v.iter().sum()).unwrap_or(0)))
+            .collect()
+    }
+
     /// Kernel self-counters, indexed by `Counter as usize`.
     pub fn counters(&self) -> [u64; Counter::COUNT as usize] {
         let mut out = [0u64; Counter::COUNT as usize];
@@ -311,11 +320,23 @@ pub struct UserCounters {
     pub watched_execs: Mutex<CappedCounts>,
     /// Ring buffer records that did not decode.
     pub decode_errors: AtomicU64,
+    /// Records read from each ring buffer (decoded or not), indexed by
+    /// `Ring as usize`.
+    pub ring_read: [AtomicU64; Ring::COUNT as usize],
 }
 
 impl UserCounters {
     pub fn new(max_series: usize) -> Self {
-        Self { watched_execs: Mutex::new(CappedCounts::new(max_series)), decode_errors: AtomicU64::new(0) }
+        Self {
+            watched_execs: Mutex::new(CappedCounts::new(max_series)),
+            decode_errors: AtomicU64::new(0),
+            ring_read: Default::default(),
+        }
+    }
+
+    /// Counts `n` records read from `ring`.
+    pub fn read_from(&self, ring: Ring, n: u64) {
+        self.ring_read[ring as usize].fetch_add(n, std::sync::atomic::Ordering::Relaxed);
     }
 }
 

@@ -11,7 +11,10 @@ use std::{
     time::Duration,
 };
 
-use agent_common::events::{EVENT_EXEC, EVENT_EXIT};
+use agent_common::{
+    counters::Ring,
+    events::{EVENT_EXEC, EVENT_EXIT},
+};
 use anyhow::{Context, Result};
 use aya::maps::{MapData, RingBuf};
 use tokio::{io::unix::AsyncFd, signal::unix::SignalKind};
@@ -79,6 +82,24 @@ struct Agent {
     classic_buckets: crate::export::ClassicBuckets,
 }
 
+impl Agent {
+    /// Per ring buffer, the records the kernel submitted and user space
+    /// read: when `read` has caught up with `submitted`, everything the
+    /// kernel produced until then has been consumed (tests wait on this
+    /// rather than on time).
+    fn rings_json(&self) -> serde_json::Value {
+        let submitted = self.maps.lock().unwrap_or_else(|p| p.into_inner()).ring_submitted();
+        let rings: Vec<_> = submitted
+            .iter()
+            .map(|(r, n)| {
+                let read = self.user.ring_read[*r as usize].load(Ordering::Relaxed);
+                serde_json::json!({"ring": r.name(), "submitted": n, "read": read})
+            })
+            .collect();
+        serde_json::Value::Array(rings)
+    }
+}
+
 impl MetricsSource for Agent {
     fn snapshot(&self) -> Snapshot {
         let list = |m: &Mutex<Slots>| -> Vec<(u32, crate::attach::slots::LabelSet)> {
@@ -124,10 +145,18 @@ impl MetricsSource for Agent {
             Ok(b) => b.values().cloned().collect(),
             Err(p) => p.into_inner().values().cloned().collect(),
         };
-        let sidecars: Vec<_> = match self.status.sidecars.lock() {
-            Ok(s) => s.iter().map(|(pid, comm)| serde_json::json!({"pid": pid, "comm": comm})).collect(),
-            Err(_) => Vec::new(),
-        };
+        // Proxies found by name, and forked workers the kernel added (whose
+        // ports are registered too): each with the ports timed for it.
+        let ports = self.status.sidecar_ports.lock().map(|p| p.clone()).unwrap_or_default();
+        let comms = self.status.sidecars.lock().map(|s| s.clone()).unwrap_or_default();
+        let pids: std::collections::BTreeSet<u32> = comms.keys().chain(ports.keys()).copied().collect();
+        let sidecars: Vec<_> = pids
+            .iter()
+            .map(|pid| {
+                let listening: Vec<u16> = ports.get(pid).map(|p| p.iter().copied().collect()).unwrap_or_default();
+                serde_json::json!({"pid": pid, "comm": comms.get(pid), "ports": listening})
+            })
+            .collect();
         serde_json::json!({
             "probes": self.tracepoints,
             "uprobes_attached": self.status.uprobes_attached.load(Ordering::Relaxed),
@@ -137,6 +166,10 @@ impl MetricsSource for Agent {
             "binaries": binaries,
             "sidecars": sidecars,
             "label_slots": self.slots.lock().unwrap_or_else(|p| p.into_inner()).usage(),
+            "rings": self.rings_json(),
+            // Chains of watch events not judged yet (each is, at the latest,
+            // when its timeout passes).
+            "chains_pending": self.chains.lock().unwrap_or_else(|p| p.into_inner()).pending(),
         })
     }
 }
@@ -366,6 +399,7 @@ async fn event_loop(
                 let ring = guard.get_inner_mut();
                 while let Some(item) = ring.next() {
                     handle_record(&item, &filter, &user, &mut tracker);
+                    user.read_from(Ring::Events, 1);
                 }
                 guard.clear_ready();
             }

@@ -14,7 +14,7 @@ use std::{
     time::Duration,
 };
 
-use agent_common::{decode, goruntime::WindowRecord, watch::WatchRecord};
+use agent_common::{counters::Ring, decode, goruntime::WindowRecord, watch::WatchRecord};
 use anyhow::{Context, Result};
 use aya::{
     Ebpf,
@@ -79,20 +79,33 @@ fn drain(rings: &mut RecordRings, chains: &Mutex<Chains>, user: &UserCounters) {
     // Read the other way round, a window that closed between the two reads
     // would arrive before the hop it contains.
     let mut bad = 0;
-    let windows: Vec<WindowRecord> =
-        std::iter::from_fn(|| rings.windows.next().map(|i| decode_item(&i, "window", decode::record, &mut bad)))
-            .flatten()
-            .collect();
-    let watch: Vec<WatchRecord> =
-        std::iter::from_fn(|| rings.watch.next().map(|i| decode_item(&i, "watch", decode::record, &mut bad)))
-            .flatten()
-            .collect();
+    let windows: Vec<WindowRecord> = read_ring(&mut rings.windows, Ring::Windows, decode::record, user, &mut bad);
+    let watch: Vec<WatchRecord> = read_ring(&mut rings.watch, Ring::Watch, decode::record, user, &mut bad);
     let mut c = chains.lock().unwrap_or_else(|p| p.into_inner());
     feed(&mut c, &watch, &windows);
     c.expire(chains::monotonic_now_ns(), &chains::process_alive);
     if bad > 0 {
         user.decode_errors.fetch_add(bad, Ordering::Relaxed);
     }
+}
+
+/// Every record waiting in `ring` that decodes as a `T` (the others are
+/// counted in `bad`); each one read is counted for `/debug/probes`.
+fn read_ring<T>(
+    ring: &mut RingBuf<MapData>,
+    which: Ring,
+    decoder: fn(&[u8]) -> Result<T, decode::LengthMismatch>,
+    user: &UserCounters,
+    bad: &mut u64,
+) -> Vec<T> {
+    let mut read = 0;
+    let mut out = Vec::new();
+    while let Some(item) = ring.next() {
+        read += 1;
+        out.extend(decode_item(&item, which.name(), decoder, bad));
+    }
+    user.read_from(which, read);
+    out
 }
 
 /// One ring item as a `T`, or `None` (counted in `bad`) when it is not one

@@ -83,6 +83,9 @@ pub struct Status {
     pub sched_tracepoints: AtomicUsize,
     /// Proxy processes watched (pid → comm).
     pub sidecars: Mutex<BTreeMap<u32, String>>,
+    /// The listening ports registered for each watched proxy process
+    /// (forked workers included): a connection to one is timed.
+    pub sidecar_ports: Mutex<BTreeMap<u32, std::collections::BTreeSet<u16>>>,
     /// The first /proc scan is done (what /readyz waits for).
     pub scanned: std::sync::atomic::AtomicBool,
 }
@@ -577,7 +580,10 @@ impl Tracker {
         };
         for (pid, slot) in slots {
             let ports = crate::discover::sockets::listening_ports(&self.root, pid);
-            self.sidecar.listen_ports(ports, slot);
+            self.sidecar.listen_ports(ports.iter().copied(), slot);
+            if let Ok(mut known) = self.status.sidecar_ports.lock() {
+                known.insert(pid, ports);
+            }
         }
     }
 
@@ -589,6 +595,9 @@ impl Tracker {
             Err(_) => return,
         };
         known.retain(|pid, _| alive.contains(pid));
+        if let Ok(mut ports) = self.status.sidecar_ports.lock() {
+            ports.retain(|pid, _| alive.contains(pid));
+        }
         self.sidecar_labels.retain(|pid, _| alive.contains(pid));
         for pid in self.sidecar.watched() {
             if !alive.contains(&pid) {
