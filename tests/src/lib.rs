@@ -245,6 +245,13 @@ impl Agent {
         sample_value(&self.metrics(), sample).unwrap_or(0.0)
     }
 
+    /// A sample that must exist, as a negative assertion needs it to: a zero
+    /// read from a series that is not there (renamed, never exported) would
+    /// pass for the wrong reason. Panics with the scrape when it is absent.
+    pub fn sample_present(&self, sample: &str) -> f64 {
+        present(&self.metrics(), sample)
+    }
+
     /// Polls until `sample` reaches at least `want` or the timeout passes;
     /// returns the last value seen.
     pub fn wait_for_sample(&self, sample: &str, want: f64, timeout: Duration) -> f64 {
@@ -321,6 +328,12 @@ impl Drop for Agent {
             self.stop_with(libc::SIGTERM, Duration::from_secs(30));
         }
     }
+}
+
+/// `sample`'s value in `text`, which must hold it (see
+/// [`Agent::sample_present`]).
+pub fn present(text: &str, sample: &str) -> f64 {
+    sample_value(text, sample).unwrap_or_else(|| panic!("no sample {sample} in the scrape:\n{text}"))
 }
 
 /// Finds `sample` (`name` or `name{label="value",...}`) in exposition text.

@@ -23,7 +23,7 @@ fn events(agent: &Agent, side: &str, comm: &str) -> f64 {
 }
 
 fn dropped(text: &str, reason: &str) -> f64 {
-    sample_value(text, &format!("watchscope_dropped_total{{reason=\"{reason}\"}}")).unwrap_or(0.0)
+    watchscope_integration_tests::present(text, &format!("watchscope_dropped_total{{reason=\"{reason}\"}}"))
 }
 
 on_builds!(
@@ -376,7 +376,7 @@ fn an_unknown_etcd_build_is_reported_once_and_left_alone() {
     );
     // Only the two tracepoints: nothing attached to the unknown build.
     assert_eq!(agent.sample("watchscope_probes_attached{kind=\"tracepoint\"}"), 2.0);
-    assert_eq!(agent.sample("watchscope_probes_attached{kind=\"uprobe\"}"), 0.0);
+    assert_eq!(agent.sample_present("watchscope_probes_attached{kind=\"uprobe\"}"), 0.0);
     let log = agent.log_text();
     assert_eq!(log.matches("etcd build watchscope does not know").count(), 1, "reported once:\n{log}");
 }

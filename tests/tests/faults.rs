@@ -56,7 +56,9 @@ fn counts(agent: &Agent, server: &str, client: &str) -> Counts {
         ],
         dropped: DROPS
             .iter()
-            .map(|r| sample_value(&text, &format!("watchscope_dropped_total{{reason=\"{r}\"}}")).unwrap_or(0.0))
+            .map(|r| {
+                watchscope_integration_tests::present(&text, &format!("watchscope_dropped_total{{reason=\"{r}\"}}"))
+            })
             .sum(),
     }
 }

@@ -30,7 +30,7 @@ fn stage(text: &str, stage: &str, comm: &str) -> Buckets {
 }
 
 fn dropped(text: &str, reason: &str) -> f64 {
-    sample_value(text, &format!("watchscope_dropped_total{{reason=\"{reason}\"}}")).unwrap_or(0.0)
+    watchscope_integration_tests::present(text, &format!("watchscope_dropped_total{{reason=\"{reason}\"}}"))
 }
 
 /// What the API server's stages have counted so far.
@@ -688,7 +688,7 @@ fn a_binary_with_the_api_servers_names_and_another_layout_is_refused_naming_the_
     drop(stdin);
     let _ = child.wait();
     assert!(refused, "not refused for its layout: {}", agent.log_text());
-    assert_eq!(agent.sample("watchscope_probes_attached{kind=\"uprobe\"}"), 0.0);
+    assert_eq!(agent.sample_present("watchscope_probes_attached{kind=\"uprobe\"}"), 0.0);
     let text = agent.metrics();
     assert!(!text.contains("side=\"apiserver_"), "{text}");
     assert!(!text.contains("stage=\"commit_to_cache\""), "{text}");

@@ -17,7 +17,7 @@ fn crossings(agent: &Agent, dir: &str, comm: &str) -> f64 {
 }
 
 fn unmatched(agent: &Agent, comm: &str) -> f64 {
-    agent.sample(&format!("watchscope_sidecar_unmatched_total{{comm=\"{comm}\"}}"))
+    agent.sample_present(&format!("watchscope_sidecar_unmatched_total{{comm=\"{comm}\"}}"))
 }
 
 /// Keep-alive GETs, new-connection GETs, and POSTs with bodies larger than
