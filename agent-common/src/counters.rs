@@ -48,11 +48,16 @@ pub enum Counter {
     /// time (the API server's etcd client did not see the commit, or its
     /// stamp aged out).
     WriteCommitMiss = 15,
+    /// A client-go handler started on an event that cannot be timed from
+    /// its commit: the commit was not seen on this node, or the informer
+    /// popped the object before its reflector recorded the revision and
+    /// another listener's early start was already waiting for it.
+    HandlerCommitMiss = 16,
 }
 
 impl Counter {
     /// Number of slots the counter array must have (keep in sync with the enum).
-    pub const COUNT: u32 = 16;
+    pub const COUNT: u32 = 17;
 
     pub const ALL: [Counter; Self::COUNT as usize] = [
         Counter::ExecSeen,
@@ -71,6 +76,7 @@ impl Counter {
         Counter::DecodeCommitMiss,
         Counter::RvUnreadable,
         Counter::WriteCommitMiss,
+        Counter::HandlerCommitMiss,
     ];
 
     /// The `reason` label this counter is exported under in
@@ -93,6 +99,7 @@ impl Counter {
             Counter::DecodeCommitMiss => "decode_commit_miss",
             Counter::RvUnreadable => "rv_unreadable",
             Counter::WriteCommitMiss => "write_commit_miss",
+            Counter::HandlerCommitMiss => "handler_commit_miss",
         })
     }
 }

@@ -515,6 +515,20 @@ pub struct ObjStamp {
     pub queued_ns: u64,
 }
 
+/// A handler that started on an object whose revision its reflector had not
+/// recorded yet (the informer popped it first): timed when the revision
+/// arrives.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct EarlyHandler {
+    /// When the handler started.
+    pub start_ns: u64,
+    /// Its goroutine (a window on it joins the handler's hop).
+    pub g: u64,
+    /// When the informer took the object off its queue.
+    pub popped_ns: u64,
+}
+
 /// An object the cacher dispatched (a `cachingObject`, shared by every
 /// watcher of the event): the interface's type word, which the watch
 /// handler's write must show too, and the event's revision.
@@ -607,6 +621,7 @@ pub fn events_index(slot: u32, side: Side) -> u32 {
 const _: () = assert!(size_of::<ArgLoc>() == 8);
 const _: () = assert!(size_of::<WatchProbeConfig>() == 144);
 const _: () = assert!(size_of::<SentObj>() == 16);
+const _: () = assert!(size_of::<EarlyHandler>() == 24);
 const _: () = assert!(size_of::<RevKey>() == 16);
 const _: () = assert!(size_of::<WatchRevKey>() == 32);
 const _: () = assert!(size_of::<Stamp<RevKey>>() == 32);

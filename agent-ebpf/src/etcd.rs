@@ -33,9 +33,10 @@ use agent_common::{
     counters::Ring,
     jsonscan::{Frame, FrameScan, SCAN_MAX},
     watch::{
-        ARG_NONE, MAX_DELTAS_PER_POP, MAX_EVENTS_PER_RESPONSE, MAX_SLOTS, ObjKey, ObjStamp, Pending, REV_PENDING,
-        REV_UNREADABLE, RV_DIGITS, RevKey, STAMP_ENTRIES, SentObj, Side, Stage, StageExemplar, Stamp, WatchProbeConfig,
-        WatchRecord, WatchRevKey, events_index, guard_taken, hist_index, parse_rv, rev_entry, watch_rev_entry,
+        ARG_NONE, EarlyHandler, MAX_DELTAS_PER_POP, MAX_EVENTS_PER_RESPONSE, MAX_SLOTS, ObjKey, ObjStamp, Pending,
+        REV_PENDING, REV_UNREADABLE, RV_DIGITS, RevKey, STAMP_ENTRIES, SentObj, Side, Stage, StageExemplar, Stamp,
+        WatchProbeConfig, WatchRecord, WatchRevKey, events_index, guard_taken, hist_index, parse_rv, rev_entry,
+        watch_rev_entry,
     },
 };
 use aya_ebpf::{
@@ -1037,6 +1038,12 @@ fn try_informer_rv(ctx: &ProbeContext) -> Option<()> {
             {
                 let _ = INFORMER_HANDOFF.insert(key, ObjStamp { queued_ns: h.queued_ns, ..half }, 0);
             }
+            // A listener may already have started its handler on it.
+            // SAFETY: as above.
+            if let Some(early) = (unsafe { HANDLER_EARLY.get(key) }).copied() {
+                let _ = HANDLER_EARLY.remove(key);
+                handler_started(c.slot, c.tgid, &half, &early);
+            }
         }
         // A stale half of an earlier event at the same address, never
         // popped: replaced.
@@ -1184,21 +1191,52 @@ fn try_informer_handler(ctx: &ProbeContext) -> Option<()> {
     let c = begin(ctx)?;
     let obj = arg(ctx, &c.cfg.args[0])?;
     // SAFETY: the value is copied out at once.
-    let stamp = (unsafe { INFORMER_HANDOFF.get(ObjKey { tgid: c.tgid as u64, obj }) }).copied()?;
+    let key = ObjKey { tgid: c.tgid as u64, obj };
+    // SAFETY: the value is copied out at once.
+    let stamp = (unsafe { INFORMER_HANDOFF.get(key) }).copied()?;
     add(&WATCH_EVENTS, events_index(c.slot, Side::InformerHandled), 1);
-    if stamp.commit_ns != 0 {
-        let d = c.now.saturating_sub(stamp.commit_ns);
-        observe_stage(c.slot, Stage::CommitToHandler, d, stamp.rev, NO_WATCHER, c.now);
-    }
-    if stamp.rev >= 0 {
-        let g = goroutine(ctx, c.cfg).unwrap_or(0);
-        emit_hop(WatchRecord {
-            g,
-            enqueue_ns: stamp.queued_ns,
-            ..hop(Side::InformerHandled, c.tgid, stamp.rev, stamp.commit_ns, c.now)
-        });
+    let g = goroutine(ctx, c.cfg).unwrap_or(0);
+    let early = EarlyHandler { start_ns: c.now, g, popped_ns: stamp.queued_ns };
+    if stamp.rev == REV_PENDING {
+        // The informer popped the object before its reflector recorded the
+        // revision, and a listener runs its handler already: the
+        // reflector's half times it when it comes (it always comes, with
+        // the revision or as unreadable).
+        if HANDLER_EARLY.insert(key, early, BPF_NOEXIST as u64).is_err() {
+            count(Counter::HandlerCommitMiss);
+        }
+    } else {
+        handler_started(c.slot, c.tgid, &stamp, &early);
     }
     let d = c.now.saturating_sub(stamp.queued_ns);
     observe_stage(c.slot, Stage::ProcessToHandler, d, stamp.rev, NO_WATCHER, c.now);
     Some(())
+}
+
+/// Handlers that started before their object's revision was known, by
+/// object: taken by the reflector's half of the join.
+#[map(name = "WS_HANDLER_EARLY")]
+static HANDLER_EARLY: LruHashMap<ObjKey, EarlyHandler> = LruHashMap::with_max_entries(1024, 0);
+
+/// A handler started on an event whose revision and commit time (`rv`) are
+/// known: its `commit_to_handler` and its hop.
+#[inline(always)]
+fn handler_started(slot: u32, tgid: u32, rv: &ObjStamp, h: &EarlyHandler) {
+    if rv.rev == REV_UNREADABLE {
+        // Counted as rv_unreadable where the reflector read it.
+        return;
+    }
+    if rv.commit_ns != 0 {
+        let d = h.start_ns.saturating_sub(rv.commit_ns);
+        observe_stage(slot, Stage::CommitToHandler, d, rv.rev, NO_WATCHER, h.start_ns);
+    } else {
+        count(Counter::HandlerCommitMiss);
+    }
+    if rv.rev >= 0 {
+        emit_hop(WatchRecord {
+            g: h.g,
+            enqueue_ns: h.popped_ns,
+            ..hop(Side::InformerHandled, tgid, rv.rev, rv.commit_ns, h.start_ns)
+        });
+    }
 }

@@ -248,6 +248,7 @@ fn every_update_is_timed_from_commit_to_cache_and_to_each_watcher() {
         "decode_commit_miss",
         "rv_unreadable",
         "write_commit_miss",
+        "handler_commit_miss",
         "read_error",
         "map_full",
     ] {
