@@ -1190,7 +1190,6 @@ pub fn informer_handler(ctx: ProbeContext) -> u32 {
 fn try_informer_handler(ctx: &ProbeContext) -> Option<()> {
     let c = begin(ctx)?;
     let obj = arg(ctx, &c.cfg.args[0])?;
-    // SAFETY: the value is copied out at once.
     let key = ObjKey { tgid: c.tgid as u64, obj };
     // SAFETY: the value is copied out at once.
     let stamp = (unsafe { INFORMER_HANDOFF.get(key) }).copied()?;

@@ -36,7 +36,7 @@ impl PodCgroup {
     }
 
     pub fn enter(&self, pid: u32) {
-        let procs = self.dirs.last().expect("dirs").join("cgroup.procs");
+        let procs = self.procs_file();
         std::fs::write(&procs, pid.to_string()).unwrap_or_else(|e| panic!("move {pid} into {}: {e}", procs.display()));
     }
 }

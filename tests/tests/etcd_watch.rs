@@ -62,9 +62,10 @@ fn counts_are_exact_for_puts_and_a_txn(build: Build) {
 
     let want = (N + K) as f64;
     assert_eq!(watch.wait_count(|l| l == "PUT", N + K, Duration::from_secs(10)), N + K, "etcdctl saw every event");
-    // etcd counted each event before sending it; the client counts and
-    // times its dispatch as the dispatch returns, which may be after it
-    // printed: wait for that, then every count must be exact.
+    // etcd counted each event before sending it, and the client as its
+    // dispatch began, before it printed: the counts should be final now.
+    // The bounded wait only turns a missing count into a clear message;
+    // then every count must be exact.
     dispatched(&agent, client, want);
 
     let text = agent.metrics();

@@ -109,13 +109,19 @@ impl SidecarProbes {
     }
 
     /// Registers the ports a proxy listens on (its downstream side), so
-    /// retransmissions on its accepted sockets are attributed to it.
-    pub fn listen_ports(&mut self, ports: impl IntoIterator<Item = u16>, slot: u32) {
-        for port in ports {
-            if let Err(e) = self.listen.insert(port, slot, 0) {
-                tracing::debug!(port, "cannot register a proxy's listening port: {e}");
-            }
-        }
+    /// retransmissions on its accepted sockets are attributed to it; returns
+    /// the ports the kernel took.
+    pub fn listen_ports(&mut self, ports: impl IntoIterator<Item = u16>, slot: u32) -> std::collections::BTreeSet<u16> {
+        ports
+            .into_iter()
+            .filter(|&port| match self.listen.insert(port, slot, 0) {
+                Ok(()) => true,
+                Err(e) => {
+                    tracing::debug!(port, "cannot register a proxy's listening port: {e}");
+                    false
+                }
+            })
+            .collect()
     }
 
     /// Forgets a proxy process.

@@ -580,9 +580,9 @@ impl Tracker {
         };
         for (pid, slot) in slots {
             let ports = crate::discover::sockets::listening_ports(&self.root, pid);
-            self.sidecar.listen_ports(ports.iter().copied(), slot);
+            let registered = self.sidecar.listen_ports(ports, slot);
             if let Ok(mut known) = self.status.sidecar_ports.lock() {
-                known.insert(pid, ports);
+                known.insert(pid, registered);
             }
         }
     }
