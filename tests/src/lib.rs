@@ -319,12 +319,38 @@ impl Agent {
     }
 }
 
+impl Agent {
+    /// Sends `signal` and returns the exit status and how long the exit
+    /// took, measured by a blocking wait (no poll interval in it).
+    pub fn stop_timed(&mut self, signal: i32, timeout: Duration) -> (ExitStatus, Duration) {
+        let mut child = self.child.take().expect("agent running");
+        let pid = child.id() as i32;
+        let (tx, rx) = std::sync::mpsc::channel();
+        let start = Instant::now();
+        // SAFETY: kill(2) on our own child.
+        unsafe { libc::kill(pid, signal) };
+        std::thread::spawn(move || {
+            let status = child.wait();
+            let _ = tx.send((status, start.elapsed()));
+        });
+        match rx.recv_timeout(timeout) {
+            Ok((Ok(status), took)) => (status, took),
+            Ok((Err(e), _)) => panic!("waiting for watchscope: {e}"),
+            Err(_) => {
+                // SAFETY: kill(2) on our own child, not reaped yet.
+                unsafe { libc::kill(pid, libc::SIGKILL) };
+                panic!("watchscope did not exit within {timeout:?} of signal {signal}");
+            }
+        }
+    }
+}
+
 impl Drop for Agent {
     fn drop(&mut self) {
         if self.child.is_some() {
-            // Unregistering uprobes waits for RCU grace periods (about 0.1 s
-            // per probe on this VM), so an agent with many probes takes a few
-            // seconds to stop cleanly.
+            // Unregistering uprobes waits for RCU grace periods: with one
+            // perf link per site (`--uprobe-attach perf`), about 0.1 s per
+            // site on this VM, one after another.
             self.stop_with(libc::SIGTERM, Duration::from_secs(30));
         }
     }

@@ -64,6 +64,8 @@ fn this_node_is_ready() {
     assert_eq!(code, 0, "{out}");
     assert!(out.contains("ready: this node can run watchscope"), "{out}");
     assert!(line(&out, "tracepoint sched:sched_process_exec").starts_with("ok"));
+    // Kernel 6.18 here: a test program and link prove uprobe_multi.
+    assert!(line(&out, "uprobe_multi links").starts_with("ok"), "{out}");
 }
 
 #[test]

@@ -35,6 +35,11 @@ on_builds!(
     sigkill_with_tracefs_uprobes_leaves_nothing_attached_and_the_next_agent_cleans_up,
 ]);
 
+// The Go runtime probes need the register ABI (Go 1.17+): not 3.3.25.
+on_builds!([stop_3_4_23, Bookworm3423], [stop_3_5_16, Trixie3516], [stop_3_5_30, Sid3530]: [
+    sigterm_stops_within_half_a_second_and_takes_every_probe_away,
+]);
+
 // Progress requests arrived in etcd 3.4 (3.3's etcdctl has no `progress`).
 on_builds!([progress_3_4_23, Bookworm3423], [progress_3_5_16, Trixie3516], [progress_3_5_30, Sid3530]: [
     progress_notifications_are_counted_apart_from_events,
@@ -329,6 +334,153 @@ fn sigkill_leaves_no_probe_behind(build: Build, mechanism: &str, server: &str, c
         assert_eq!(uprobe_events_of(pid), Vec::<String>::new(), "the next agent deletes a killed one's definitions");
     }
     etcd.put("/kill/after", "still serving");
+}
+
+/// The bpf objects agent `pid` holds, by kernel id: (programs, links), from
+/// the `prog_id` and `link_id` lines of its fds' fdinfo.
+fn bpf_ids_of(pid: u32) -> (Vec<u64>, Vec<u64>) {
+    let (mut progs, mut links) = (Vec::new(), Vec::new());
+    let dir = std::fs::read_dir(format!("/proc/{pid}/fdinfo")).expect("agent fdinfo");
+    for entry in dir.flatten() {
+        let text = std::fs::read_to_string(entry.path()).unwrap_or_default();
+        for line in text.lines() {
+            let id = |key: &str| line.strip_prefix(key).and_then(|v| v.trim().parse::<u64>().ok());
+            if let Some(id) = id("link_id:") {
+                links.push(id);
+            } else if let Some(id) = id("prog_id:")
+                && !text.contains("link_id:")
+            {
+                progs.push(id);
+            }
+        }
+    }
+    progs.sort_unstable();
+    progs.dedup();
+    (progs, links)
+}
+
+/// Which of `ids` bpftool still lists among `what` (prog or link).
+fn still_listed(what: &str, ids: &[u64]) -> Vec<u64> {
+    bpftool_json(what).iter().filter_map(|o| o["id"].as_u64()).filter(|id| ids.contains(id)).collect()
+}
+
+/// The byte process `pid` has in memory at `file_offset` of its executable:
+/// a uprobe shows as its breakpoint (0xCC) there, in every process that maps
+/// the file.
+fn text_byte(pid: u32, file_offset: u64) -> u8 {
+    use std::os::unix::fs::FileExt as _;
+    let exe = std::fs::read_link(format!("/proc/{pid}/exe")).expect("exe");
+    let maps = std::fs::read_to_string(format!("/proc/{pid}/maps")).expect("maps");
+    let vaddr = maps
+        .lines()
+        .filter_map(|l| {
+            let f: Vec<&str> = l.split_whitespace().collect();
+            (f.len() >= 6 && std::path::Path::new(f[5]) == exe && f[1].contains('x')).then_some(())?;
+            let (start, end) = f[0].split_once('-')?;
+            let (start, end) = (u64::from_str_radix(start, 16).ok()?, u64::from_str_radix(end, 16).ok()?);
+            let off = u64::from_str_radix(f[2], 16).ok()?;
+            (off..off + (end - start)).contains(&file_offset).then_some(start + (file_offset - off))
+        })
+        .next()
+        .unwrap_or_else(|| panic!("offset {file_offset:#x} is not in {}'s text:\n{maps}", exe.display()));
+    let mem = std::fs::File::open(format!("/proc/{pid}/mem")).expect("open mem");
+    let mut b = [0u8];
+    mem.read_exact_at(&mut b, vaddr).expect("read mem");
+    b[0]
+}
+
+/// The planned file offsets of `pid`'s binary: watch-path sites and Go
+/// runtime entries.
+fn planned_offsets(probes: &serde_json::Value, pid: u32) -> Vec<u64> {
+    let bins = probes["binaries"].as_array().cloned().unwrap_or_default();
+    let bin = bins
+        .iter()
+        .find(|b| b["processes"].as_array().is_some_and(|p| p.iter().any(|p| p.as_u64() == Some(u64::from(pid)))))
+        .unwrap_or_else(|| panic!("no binary for {pid}: {probes}"));
+    let planned = |key: &str, field: &str| -> Vec<u64> {
+        bin[key]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .filter(|s| s["planned"] == true)
+            .filter_map(|s| s[field].as_u64())
+            .collect::<Vec<_>>()
+    };
+    let mut offsets = planned("sites", "file_offset");
+    let runtime = planned("go_runtime", "entry_offset");
+    assert!(!runtime.is_empty(), "no Go runtime probe planned for {pid}: {bin}");
+    offsets.extend(runtime);
+    offsets
+}
+
+/// SIGTERM with the watch path and the Go runtime probes on etcd and two
+/// etcdctl watchers: the agent exits within 0.5 s, and nothing of it is
+/// left: no link, no program, no breakpoint in the watched processes'
+/// text. One uprobe_multi link per binary and program makes this possible:
+/// with a perf link per site the kernel releases them one after another
+/// behind an RCU grace period each (5.9 s for these 56 sites here).
+fn sigterm_stops_within_half_a_second_and_takes_every_probe_away(build: Build) {
+    const N: usize = 5;
+    let (server, client) = (build.comm("wse-stop"), build.comm("wsc-stop"));
+    let (server, client) = (server.as_str(), client.as_str());
+    let etcd = Etcd::start_build(build, server, client);
+    let comms = format!("{server},{client}");
+    let mut agent = Agent::start(&["--comm", &comms, "--go-comm", &comms]);
+    let (first, second) = (etcd.watch("/stop/"), etcd.watch("/stop/"));
+    let pids = [etcd.pid(), first.pid(), second.pid()];
+    wait_attached(&agent, &pids);
+    etcd.wait_watchers(2, Duration::from_secs(10));
+    let probes = debug_probes(&agent);
+    assert_eq!(probes["uprobe_mechanism"], "uprobe-multi", "{probes}");
+    let (sites, links) =
+        (probes["uprobes_attached"].as_u64().unwrap_or(0), probes["uprobe_links"].as_u64().unwrap_or(0));
+    assert!(links > 0 && sites >= 4 * links, "{sites} sites in {links} links: {probes}");
+
+    // The probes placed through multi links time every event.
+    for i in 0..N {
+        etcd.put(&format!("/stop/{i}"), "v");
+    }
+    for w in [&first, &second] {
+        assert_eq!(w.wait_count(|l| l == "PUT", N, Duration::from_secs(10)), N);
+    }
+    dispatched(&agent, client, (2 * N) as f64);
+    assert_eq!(events(&agent, "server", server), (2 * N) as f64, "{}", agent.metrics());
+    assert_eq!(events(&agent, "client", client), (2 * N) as f64, "{}", agent.metrics());
+    // The programs loaded for multi links are the ones whose runs are counted.
+    let runs = agent.sample("watchscope_program_runs_total{program=\"etcd_notify\"}");
+    assert!(runs >= N as f64, "{}", agent.metrics());
+
+    // Every planned site is a breakpoint in each process's text now.
+    let offsets: Vec<(u32, u64, u8)> = pids
+        .iter()
+        .flat_map(|&pid| {
+            let file = std::fs::read(format!("/proc/{pid}/exe")).expect("read exe");
+            planned_offsets(&probes, pid).into_iter().map(move |o| (pid, o, file[o as usize]))
+        })
+        .collect();
+    for &(pid, offset, _) in &offsets {
+        assert_eq!(text_byte(pid, offset), 0xCC, "no breakpoint at {offset:#x} in {pid}");
+    }
+    let (progs, links) = bpf_ids_of(agent.pid());
+    assert!(progs.len() >= 5 && !links.is_empty(), "programs {progs:?}, links {links:?}");
+
+    let (status, took) = agent.stop_timed(libc::SIGTERM, Duration::from_secs(30));
+    eprintln!("SIGTERM to exit: {took:?} ({sites} uprobe sites; {n} bpf links)", n = links.len());
+    assert!(status.success(), "{status:?}\n{}", agent.log_text());
+    assert!(took < Duration::from_millis(500), "stop took {took:?}\n{}", agent.log_text());
+
+    // A link is gone when its release returns (before the exit); a program
+    // is freed after a further grace period (seconds on a loaded machine).
+    assert_eq!(still_listed("link", &links), Vec::<u64>::new());
+    let freed = wait_until(Duration::from_secs(30), || still_listed("prog", &progs).is_empty());
+    assert!(freed, "programs left: {:?}", still_listed("prog", &progs));
+    for &(pid, offset, original) in &offsets {
+        assert_eq!(text_byte(pid, offset), original, "{offset:#x} in {pid} not restored");
+    }
+    assert_eq!(uprobe_events_of(agent.pid()), Vec::<String>::new());
+    // The watched programs go on serving.
+    etcd.put("/stop/after", "v");
+    assert_eq!(first.wait_count(|l| l == "PUT", N + 1, Duration::from_secs(10)), N + 1);
 }
 
 fn sigkill_leaves_no_probe_behind_and_etcd_keeps_serving(build: Build) {

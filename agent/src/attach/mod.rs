@@ -5,6 +5,7 @@
 //! in the kernel, not even after SIGKILL.
 
 pub mod goruntime;
+pub mod multi;
 pub mod probe_events;
 pub mod sched;
 pub mod sidecar;
@@ -70,6 +71,8 @@ pub const UPROBE_PROGRAMS: &[&str] = &[
 pub enum AttachError {
     #[error("loading uprobe program `{program}`: {source}")]
     Uprobe { program: &'static str, source: Box<aya::programs::ProgramError> },
+    #[error("uprobe_multi links (--uprobe-attach=uprobe-multi, Linux 6.6+): {0}")]
+    Multi(#[source] Box<multi::MultiError>),
     #[error("this binary was built without its eBPF object (AYA_BUILD_SKIP); rebuild it normally")]
     NoObject,
     #[error(transparent)]
@@ -99,13 +102,17 @@ pub struct AttachedProbe {
 pub struct Probes {
     pub ebpf: Ebpf,
     pub attached: Vec<AttachedProbe>,
+    /// The uprobe programs loaded for uprobe_multi links (`None`: the
+    /// kernel has none, or another mechanism was asked for; aya's copies
+    /// are loaded then).
+    pub multi: Option<multi::MultiPrograms>,
 }
 
 impl Probes {
     /// Loads the object and attaches every tracepoint in [`TRACEPOINTS`].
     /// `go_sched`: whether windows get scheduler probes (their off-CPU and
     /// run-queue shares are observed only then).
-    pub fn load_and_attach(root: &HostRoot, go_sched: bool) -> Result<Self, AttachError> {
+    pub fn load_and_attach(root: &HostRoot, go_sched: bool, mode: uprobes::UprobeMode) -> Result<Self, AttachError> {
         if OBJECT.is_empty() {
             return Err(AttachError::NoObject);
         }
@@ -141,7 +148,23 @@ impl Probes {
                 target: format!("{}:{}", spec.category, spec.name),
             });
         }
-        for name in UPROBE_PROGRAMS {
+        let multi = match mode {
+            uprobes::UprobeMode::Auto | uprobes::UprobeMode::Multi => {
+                match multi::MultiPrograms::load(OBJECT, &ebpf, UPROBE_PROGRAMS) {
+                    Ok(m) => Some(m),
+                    Err(e) if mode == uprobes::UprobeMode::Auto => {
+                        info!("no uprobe_multi links on this kernel ({e}); one perf link per uprobe site");
+                        None
+                    }
+                    Err(e) => return Err(AttachError::Multi(Box::new(e))),
+                }
+            }
+            uprobes::UprobeMode::Perf | uprobes::UprobeMode::Tracefs => None,
+        };
+        // With multi links, aya's copies of the programs are not loaded
+        // (each load is a verifier run); they would be if a forced mode
+        // ever needs them.
+        for name in UPROBE_PROGRAMS.iter().filter(|_| multi.is_none()) {
             let prog: &mut UProbe = ebpf
                 .program_mut(name)
                 .ok_or(AttachError::MissingProgram(name))?
@@ -149,8 +172,12 @@ impl Probes {
                 .map_err(|e| AttachError::Uprobe { program: name, source: Box::new(e) })?;
             prog.load().map_err(|e| AttachError::Uprobe { program: name, source: Box::new(e) })?;
         }
-        info!(probes = attached.len(), "eBPF programs attached");
-        Ok(Self { ebpf, attached })
+        info!(
+            probes = attached.len(),
+            uprobes = if multi.is_some() { "uprobe_multi" } else { "one perf link per site" },
+            "eBPF programs attached"
+        );
+        Ok(Self { ebpf, attached, multi })
     }
 }
 

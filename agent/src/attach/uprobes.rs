@@ -4,10 +4,16 @@
 //! the kernel (the `WS_PROC_SLOT` lookup every program does first). When the
 //! last process of a binary exits, its probes are detached.
 //!
-//! Two ways to make a uprobe (`--uprobe-attach`): the uprobe PMU through aya,
-//! or a tracefs uprobe event ([`super::probe_events`]), which works without
-//! CAP_SYS_ADMIN on the kernels that require it for the PMU. `auto` tries
-//! the PMU first and moves to tracefs for good on the first refusal.
+//! Three ways to make uprobes (`--uprobe-attach`):
+//! - uprobe_multi links ([`super::multi`], Linux 6.6+): one link per binary
+//!   and program for all its sites, released with one RCU wait; no
+//!   CAP_SYS_ADMIN needed;
+//! - the uprobe PMU through aya: one perf link per site;
+//! - a tracefs uprobe event per site ([`super::probe_events`]), which works
+//!   without CAP_SYS_ADMIN on the kernels that require it for the PMU.
+//!
+//! `auto` uses uprobe_multi where the kernel loads programs for it, else the
+//! PMU, and moves to tracefs for good on the PMU's first refusal.
 
 use std::{
     collections::{BTreeSet, HashMap},
@@ -26,7 +32,10 @@ use aya::{
 };
 use thiserror::Error;
 
-use super::probe_events::{ProbeEvent, ProbeEventError, ProbeEvents};
+use super::{
+    multi::{MultiError, MultiLink, MultiPrograms},
+    probe_events::{ProbeEvent, ProbeEventError, ProbeEvents},
+};
 use crate::{
     discover::procfs::FileIdent,
     host::{HostRoot, tracefs::Tracefs},
@@ -64,25 +73,59 @@ pub enum UprobeError {
     },
     #[error("uprobes through tracefs: {0}")]
     NoTracefs(#[source] crate::host::tracefs::TracefsError),
+    #[error(transparent)]
+    Multi(#[from] MultiError),
+    #[error("loading uprobe program `{program}`: {source}")]
+    Load {
+        program: &'static str,
+        #[source]
+        source: Box<aya::programs::ProgramError>,
+    },
 }
 
 /// How uprobes are made (`--uprobe-attach`).
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, clap::ValueEnum)]
 pub enum UprobeMode {
-    /// The uprobe PMU, and tracefs from the first permission refusal on.
+    /// uprobe_multi links where the kernel has them (6.6+); else the uprobe
+    /// PMU, and tracefs from its first permission refusal on.
     #[default]
     Auto,
+    /// uprobe_multi links only: one per binary and program (Linux 6.6+).
+    #[value(name = "uprobe-multi")]
+    Multi,
     /// The uprobe PMU only (perf_event_open; CAP_SYS_ADMIN on Linux 6.16+).
     Perf,
     /// tracefs uprobe events only (tracefs must be writable).
     Tracefs,
 }
 
-/// One placed probe: a PMU link owned by its aya program, or a tracefs
-/// event we own.
+impl UprobeMode {
+    /// The mechanism's name, as `/debug/probes` reports it.
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::Auto => "auto",
+            Self::Multi => "uprobe-multi",
+            Self::Perf => "perf",
+            Self::Tracefs => "tracefs",
+        }
+    }
+}
+
+/// Placed probes: a PMU link owned by its aya program, a tracefs event we
+/// own (one site each), or a uprobe_multi link (many sites).
 enum Link {
     Pmu(&'static str, UProbeLinkId),
     Event(ProbeEvent),
+    Multi(MultiLink),
+}
+
+impl Link {
+    fn sites(&self) -> usize {
+        match self {
+            Link::Pmu(..) | Link::Event(_) => 1,
+            Link::Multi(l) => l.sites(),
+        }
+    }
 }
 
 /// A probe taken out of its owner: dropping it detaches.
@@ -90,6 +133,7 @@ enum Link {
 enum Detached {
     Pmu(UProbeLink),
     Event(ProbeEvent),
+    Multi(MultiLink),
 }
 
 /// One probe to place: which program, where in the file, what it reads.
@@ -115,8 +159,9 @@ struct Attached {
     links: Vec<Link>,
     cookies: Vec<Cookie>,
     /// Per-operation map probes (`--go-maps=all`): detached by themselves
-    /// once `--go-maps-window` has passed since they were attached.
-    temporary: Vec<(Link, Cookie)>,
+    /// once `--go-maps-window` has passed since they were attached, with
+    /// their cookies.
+    temporary: Vec<(Link, Vec<Cookie>)>,
     attached_at: std::time::Instant,
     users: BTreeSet<u32>,
     /// Since when no process runs the file (probes are kept a while: a
@@ -144,6 +189,8 @@ pub struct Uprobes {
     root: HostRoot,
     /// Made on first use of tracefs (stale events are deleted then).
     events: Option<ProbeEvents>,
+    /// The uprobe programs loaded for multi links (`Multi` mode only).
+    multi: Option<MultiPrograms>,
 }
 
 impl Uprobes {
@@ -152,7 +199,15 @@ impl Uprobes {
         go_config: Array<MapData, GoProbeConfig>,
         mode: UprobeMode,
         root: HostRoot,
+        multi: Option<MultiPrograms>,
     ) -> Self {
+        // Multi links need the programs loaded for them: with them, that is
+        // the mode; without them, `auto` starts with the PMU.
+        let mode = match (&multi, mode) {
+            (Some(_), _) => UprobeMode::Multi,
+            (None, UprobeMode::Multi) => UprobeMode::Auto,
+            (None, mode) => mode,
+        };
         Self {
             watch_config,
             go_config,
@@ -162,13 +217,22 @@ impl Uprobes {
             mode,
             root,
             events: None,
+            multi,
         }
     }
 
-    /// Whether uprobes are made as tracefs events now (in `auto` mode, from
-    /// the PMU's first refusal on).
-    pub fn through_tracefs(&self) -> bool {
-        self.mode == UprobeMode::Tracefs
+    /// How uprobes are made now (in `auto` mode, tracefs from the PMU's
+    /// first refusal on).
+    pub fn mechanism(&self) -> &'static str {
+        match self.mode {
+            UprobeMode::Auto => UprobeMode::Perf.name(),
+            mode => mode.name(),
+        }
+    }
+
+    /// The programs loaded for multi links, if that is the mode.
+    pub fn multi_programs(&self) -> Option<&MultiPrograms> {
+        self.multi.as_ref()
     }
 
     /// Whether `file` already has its probes.
@@ -196,14 +260,78 @@ impl Uprobes {
             users: BTreeSet::new(),
             idle_since: None,
         };
-        for site in sites {
-            if let Err(e) = self.attach_site(ebpf, open_path, site, &mut done) {
-                self.release(ebpf, done);
-                return Err(e);
-            }
+        let placed = if self.multi.is_some() {
+            self.attach_multi(open_path, sites, &mut done)
+        } else {
+            sites.iter().try_for_each(|site| self.attach_site(ebpf, open_path, site, &mut done))
+        };
+        if let Err(e) = placed {
+            self.release(ebpf, done);
+            return Err(e);
         }
         self.by_file.insert(file, done);
         Ok(())
+    }
+
+    /// Places `sites` with one multi link per program (and one more per
+    /// program for the per-operation map probes, which detach on their own).
+    fn attach_multi(&mut self, open_path: &Path, sites: &[Site], done: &mut Attached) -> Result<(), UprobeError> {
+        let mut groups: Vec<((&'static str, bool), Vec<&Site>)> = Vec::new();
+        for site in sites {
+            let key = (site.program, site.is_map_operation());
+            match groups.iter_mut().find(|(k, _)| *k == key) {
+                Some((_, members)) => members.push(site),
+                None => groups.push((key, vec![site])),
+            }
+        }
+        for ((program, temporary), members) in groups {
+            let mut cookies = Vec::with_capacity(members.len());
+            let mut offsets = Vec::with_capacity(members.len());
+            for site in &members {
+                let cookie = match self.take_cookie(site.config) {
+                    Ok(c) => c,
+                    Err(e) => {
+                        done.cookies.extend(cookies);
+                        return Err(e);
+                    }
+                };
+                cookies.push(cookie);
+                offsets.push(site.file_offset);
+            }
+            let ids: Vec<u64> = cookies.iter().map(|c| u64::from(c.id())).collect();
+            let prog = self.multi.as_ref().and_then(|m| m.fd(program)).ok_or(UprobeError::MissingProgram(program));
+            let link = prog.and_then(|prog| Ok(MultiLink::attach(program, prog, open_path, &offsets, &ids)?));
+            match link {
+                Ok(link) if temporary => done.temporary.push((Link::Multi(link), cookies)),
+                Ok(link) => {
+                    done.links.push(Link::Multi(link));
+                    done.cookies.extend(cookies);
+                }
+                Err(e) => {
+                    done.cookies.extend(cookies);
+                    return Err(e);
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Takes a free cookie for a site and writes its configuration there.
+    fn take_cookie(&mut self, config: SiteConfig) -> Result<Cookie, UprobeError> {
+        let cookie = match config {
+            SiteConfig::Watch(_) => Cookie::Watch(self.free_watch.pop().ok_or(UprobeError::NoCookie)?),
+            SiteConfig::Go(_) => Cookie::Go(self.free_go.pop().ok_or(UprobeError::NoCookie)?),
+        };
+        let written = match (config, cookie) {
+            (SiteConfig::Watch(cfg), Cookie::Watch(c)) => self.watch_config.set(c, cfg, 0),
+            (SiteConfig::Go(cfg), Cookie::Go(c)) => self.go_config.set(c, cfg, 0),
+            _ => Ok(()),
+        };
+        if let Err(e) = written {
+            self.release_cookies(vec![cookie]);
+            return Err(UprobeError::Config(e));
+        }
+        Ok(cookie)
     }
 
     fn attach_site(
@@ -213,26 +341,14 @@ impl Uprobes {
         site: &Site,
         done: &mut Attached,
     ) -> Result<(), UprobeError> {
-        let cookie = match site.config {
-            SiteConfig::Watch(cfg) => {
-                let c = self.free_watch.pop().ok_or(UprobeError::NoCookie)?;
-                // Held at once, so an error below still gives it back.
-                done.cookies.push(Cookie::Watch(c));
-                self.watch_config.set(c, cfg, 0).map_err(UprobeError::Config)?;
-                Cookie::Watch(c)
-            }
-            SiteConfig::Go(cfg) => {
-                let c = self.free_go.pop().ok_or(UprobeError::NoCookie)?;
-                done.cookies.push(Cookie::Go(c));
-                self.go_config.set(c, cfg, 0).map_err(UprobeError::Config)?;
-                Cookie::Go(c)
-            }
-        };
+        let cookie = self.take_cookie(site.config)?;
+        // Held at once, so an error below still gives it back.
+        done.cookies.push(cookie);
         let link = self.place(ebpf, open_path, site, cookie)?;
         if site.is_map_operation() {
             // Its cookie moves with the link: both go when the window ends.
             done.cookies.pop();
-            done.temporary.push((link, cookie));
+            done.temporary.push((link, vec![cookie]));
         } else {
             done.links.push(link);
         }
@@ -242,7 +358,7 @@ impl Uprobes {
     /// Makes one uprobe, the way `mode` says.
     fn place(&mut self, ebpf: &mut Ebpf, open_path: &Path, site: &Site, cookie: Cookie) -> Result<Link, UprobeError> {
         if self.mode != UprobeMode::Tracefs {
-            let prog = program(ebpf, site.program)?;
+            let prog = loaded(ebpf, site.program)?;
             let point = UProbeAttachPoint {
                 location: UProbeAttachLocation::AbsoluteOffset(site.file_offset),
                 cookie: Some(u64::from(cookie.id())),
@@ -279,7 +395,7 @@ impl Uprobes {
         };
         let path = || open_path.display().to_string();
         let (program_name, offset) = (site.program, site.file_offset);
-        let fd = program(ebpf, site.program)?.fd().map_err(|e| UprobeError::Attach {
+        let fd = loaded(ebpf, site.program)?.fd().map_err(|e| UprobeError::Attach {
             program: program_name,
             offset,
             path: path(),
@@ -303,12 +419,12 @@ impl Uprobes {
             }
             for (link, cookie) in a.temporary.drain(..) {
                 ids.push(link);
-                cookies.push(cookie);
+                cookies.extend(cookie);
             }
         }
-        let n = ids.len();
+        let n = ids.iter().map(Link::sites).sum();
         self.release_cookies(cookies);
-        drop_in_background(take_links(ebpf, ids), false);
+        drop(drop_in_background(take_links(ebpf, ids)));
         n
     }
 
@@ -334,30 +450,39 @@ impl Uprobes {
         n
     }
 
-    /// Detaches the probes of files nobody has run for `IDLE_GRACE` (or at
-    /// all, with `all`). Unregistering a uprobe waits for RCU grace periods
-    /// (tens of ms each here), so the links are dropped on a thread of their
-    /// own: the event loop keeps picking up new processes meanwhile.
-    /// Returns the number of probes detached.
-    pub fn detach_idle(&mut self, ebpf: &mut Ebpf, all: bool) -> usize {
+    /// Detaches the probes of files nobody has run for `IDLE_GRACE`.
+    /// Unregistering a uprobe waits for RCU grace periods (tens of ms each
+    /// here), so the links are dropped on threads of their own: the event
+    /// loop keeps picking up new processes meanwhile. Returns the number of
+    /// probes detached.
+    pub fn detach_idle(&mut self, ebpf: &mut Ebpf) -> usize {
         let now = std::time::Instant::now();
-        let idle: Vec<FileIdent> = self
-            .by_file
-            .iter()
-            .filter(|(_, a)| all || a.idle_since.is_some_and(|t| now.duration_since(t) >= IDLE_GRACE))
-            .map(|(f, _)| *f)
-            .collect();
+        let (n, links) = self.take(ebpf, |a| a.idle_since.is_some_and(|t| now.duration_since(t) >= IDLE_GRACE));
+        drop(drop_in_background(links));
+        n
+    }
+
+    /// Starts detaching every probe (shutdown): returns their number and the
+    /// threads releasing them, to join once the rest is released too (all
+    /// releases then share their grace periods).
+    pub fn detach_all(&mut self, ebpf: &mut Ebpf) -> (usize, Vec<std::thread::JoinHandle<()>>) {
+        let (n, links) = self.take(ebpf, |_| true);
+        (n, drop_in_background(links))
+    }
+
+    /// Takes the links of the files `which` selects out of their owners.
+    fn take(&mut self, ebpf: &mut Ebpf, which: impl Fn(&Attached) -> bool) -> (usize, Vec<Detached>) {
+        let files: Vec<FileIdent> = self.by_file.iter().filter(|(_, a)| which(a)).map(|(f, _)| *f).collect();
         let mut ids = Vec::new();
-        for file in idle {
+        for file in files {
             if let Some(a) = self.by_file.remove(&file) {
                 let (links, cookies) = a.into_parts();
                 ids.extend(links);
                 self.release_cookies(cookies);
             }
         }
-        let n = ids.len();
-        drop_in_background(take_links(ebpf, ids), all);
-        n
+        let n = ids.iter().map(Link::sites).sum();
+        (n, take_links(ebpf, ids))
     }
 
     fn release(&mut self, ebpf: &mut Ebpf, a: Attached) {
@@ -375,8 +500,17 @@ impl Uprobes {
         }
     }
 
-    /// Number of uprobes attached now.
+    /// Number of uprobes (sites) attached now.
     pub fn count(&self) -> usize {
+        self.by_file
+            .values()
+            .flat_map(|a| a.links.iter().chain(a.temporary.iter().map(|(l, _)| l)))
+            .map(Link::sites)
+            .sum()
+    }
+
+    /// Number of links (or tracefs events) holding them.
+    pub fn links(&self) -> usize {
         self.by_file.values().map(|a| a.links.len() + a.temporary.len()).sum()
     }
 }
@@ -387,7 +521,7 @@ impl Attached {
         let (mut links, mut cookies) = (self.links, self.cookies);
         for (link, cookie) in self.temporary {
             links.push(link);
-            cookies.push(cookie);
+            cookies.extend(cookie);
         }
         (links, cookies)
     }
@@ -414,6 +548,7 @@ fn take_links(ebpf: &mut Ebpf, ids: Vec<Link>) -> Vec<Detached> {
                 }
             }
             Link::Event(event) => links.push(Detached::Event(event)),
+            Link::Multi(link) => links.push(Detached::Multi(link)),
         }
     }
     links
@@ -434,20 +569,20 @@ pub fn permission_denied(e: &(dyn std::error::Error + 'static)) -> bool {
     false
 }
 
-/// Drops uprobe links off the caller's thread (or waits for them, with
-/// `wait`). Each unregistration waits for a grace period; concurrent
-/// waiters share one, so the links are dropped from several threads at once.
-fn drop_in_background<T: Send + 'static>(mut links: Vec<T>, wait: bool) {
+/// Drops uprobe links off the caller's thread; returns the threads. Each
+/// release waits for a grace period; concurrent waiters share
+/// one, so the links are dropped from several threads at once (multi links
+/// do overlap; the kernel serialises perf-link releases on a lock, about
+/// 100 ms each here, which is why multi links are the default).
+fn drop_in_background<T: Send + 'static>(mut links: Vec<T>) -> Vec<std::thread::JoinHandle<()>> {
+    const THREADS: usize = 32;
+    let per_thread = links.len().div_ceil(THREADS).max(1);
     let mut threads = Vec::new();
     while !links.is_empty() {
-        let chunk: Vec<_> = links.drain(..links.len().min(4)).collect();
+        let chunk: Vec<_> = links.drain(..links.len().min(per_thread)).collect();
         threads.push(std::thread::spawn(move || drop(chunk)));
     }
-    if wait {
-        for t in threads {
-            let _ = t.join();
-        }
-    }
+    threads
 }
 
 impl Site {
@@ -464,4 +599,14 @@ impl Site {
 
 fn program<'a>(ebpf: &'a mut Ebpf, name: &'static str) -> Result<&'a mut UProbe, UprobeError> {
     ebpf.program_mut(name).and_then(|p| <&mut UProbe>::try_from(p).ok()).ok_or(UprobeError::MissingProgram(name))
+}
+
+/// The aya program `name`, loaded now if it was not (with multi links at
+/// start, aya's copies are loaded only if a forced mode ever needs them).
+fn loaded<'a>(ebpf: &'a mut Ebpf, name: &'static str) -> Result<&'a mut UProbe, UprobeError> {
+    let prog = program(ebpf, name)?;
+    if prog.fd().is_err() {
+        prog.load().map_err(|e| UprobeError::Load { program: name, source: Box::new(e) })?;
+    }
+    Ok(prog)
 }

@@ -169,6 +169,20 @@ fn bpf_items(items: &mut Vec<Item>) {
             Err(e) => Item::new(name, Status::Missing, format!("bpf() failed: {e}"), fix),
         });
     }
+    items.push(match crate::attach::multi::supported() {
+        Ok(()) => Item::new(
+            "uprobe_multi links",
+            Status::Ok,
+            "one link per binary and program; a stop releases them together",
+            "",
+        ),
+        Err(e) => Item::new(
+            "uprobe_multi links",
+            Status::Warn,
+            format!("{e}: one perf link per uprobe site, released one after another (about 0.1 s each)"),
+            "Linux 6.6+ has them",
+        ),
+    });
 }
 
 fn jit_item(root: &HostRoot, items: &mut Vec<Item>) {

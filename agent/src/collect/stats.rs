@@ -13,7 +13,9 @@
 
 use std::os::fd::{AsFd, AsRawFd, OwnedFd};
 
-use aya::{Ebpf, programs::ProgramFd};
+use aya::Ebpf;
+
+use crate::attach::multi::MultiPrograms;
 use tracing::{debug, warn};
 
 use super::ProgramStats;
@@ -21,7 +23,7 @@ use super::ProgramStats;
 pub struct BpfStats {
     /// Statistics stay on while this is open.
     _enabled: Option<OwnedFd>,
-    programs: Vec<(String, ProgramFd)>,
+    programs: Vec<(String, OwnedFd)>,
 }
 
 impl std::fmt::Debug for BpfStats {
@@ -32,8 +34,9 @@ impl std::fmt::Debug for BpfStats {
 
 impl BpfStats {
     /// Turns statistics on (when `enable`) and remembers every loaded
-    /// program of `ebpf`. A kernel that refuses only loses these metrics.
-    pub fn enable(ebpf: &Ebpf, enable: bool) -> Self {
+    /// program of `ebpf` and of `multi`. A kernel that refuses only loses
+    /// these metrics.
+    pub fn enable(ebpf: &Ebpf, multi: Option<&MultiPrograms>, enable: bool) -> Self {
         if !enable {
             return Self { _enabled: None, programs: Vec::new() };
         }
@@ -54,7 +57,13 @@ impl BpfStats {
         for (name, prog) in ebpf.programs() {
             // Not loaded (a program this kernel or configuration does not use).
             let Ok(fd) = prog.fd() else { continue };
-            match fd.try_clone() {
+            match fd.as_fd().try_clone_to_owned() {
+                Ok(fd) => programs.push((name.to_string(), fd)),
+                Err(e) => debug!(program = name, "cannot duplicate the program fd: {e}"),
+            }
+        }
+        for (name, fd) in multi.into_iter().flat_map(MultiPrograms::iter) {
+            match fd.try_clone_to_owned() {
                 Ok(fd) => programs.push((name.to_string(), fd)),
                 Err(e) => debug!(program = name, "cannot duplicate the program fd: {e}"),
             }

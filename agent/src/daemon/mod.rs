@@ -160,7 +160,8 @@ impl MetricsSource for Agent {
         serde_json::json!({
             "probes": self.tracepoints,
             "uprobes_attached": self.status.uprobes_attached.load(Ordering::Relaxed),
-            "uprobe_mechanism": if self.status.uprobes_through_tracefs.load(Ordering::Relaxed) { "tracefs" } else { "perf" },
+            "uprobe_mechanism": *self.status.uprobe_mechanism.lock().unwrap_or_else(|p| p.into_inner()),
+            "uprobe_links": self.status.uprobe_links.load(Ordering::Relaxed),
             "sidecar_tracepoints_attached": self.status.sidecar_tracepoints.load(Ordering::Relaxed),
             "sched_tracepoints_attached": self.status.sched_tracepoints.load(Ordering::Relaxed),
             "binaries": binaries,
@@ -189,7 +190,8 @@ pub struct Pipeline {
 impl Pipeline {
     /// Starts everything but the HTTP server; call inside a tokio runtime.
     pub fn start(cfg: &RunConfig, chain_settings: ChainSettings) -> Result<Pipeline> {
-        let mut probes = Probes::load_and_attach(&cfg.root, cfg.go.sched).context("attaching the kernel programs")?;
+        let mut probes = Probes::load_and_attach(&cfg.root, cfg.go.sched, cfg.uprobe_mode)
+            .context("attaching the kernel programs")?;
         let maps = KernelMaps::take(&mut probes.ebpf, cfg.exemplar_window).context("opening the kernel maps")?;
         let events = probes.ebpf.take_map("WS_EVENTS").context("the eBPF object has no WS_EVENTS map")?;
         let events = RingBuf::try_from(events).context("opening the event ring buffer")?;
@@ -234,10 +236,11 @@ impl Pipeline {
             status.clone(),
             labelling,
             cfg.uprobe_mode,
+            probes.multi,
         )?;
         // Every program is loaded by now (uprobe programs are loaded at start
         // and attached per binary later).
-        let stats = BpfStats::enable(tracker.ebpf(), cfg.bpf_stats);
+        let stats = BpfStats::enable(tracker.ebpf(), tracker.multi_programs(), cfg.bpf_stats);
         let agent = Arc::new(Agent {
             maps,
             user: user.clone(),

@@ -76,8 +76,10 @@ pub struct BinaryStatus {
 pub struct Status {
     pub binaries: Mutex<BTreeMap<FileIdent, BinaryStatus>>,
     pub uprobes_attached: AtomicUsize,
-    /// Uprobes are made through tracefs uprobe events (not the uprobe PMU).
-    pub uprobes_through_tracefs: std::sync::atomic::AtomicBool,
+    /// How uprobes are made now: "uprobe-multi", "perf" or "tracefs".
+    pub uprobe_mechanism: Mutex<&'static str>,
+    /// The links (or tracefs events) holding the uprobes.
+    pub uprobe_links: AtomicUsize,
     pub sidecar_tracepoints: AtomicUsize,
     /// sched_switch/sched_wakeup programs attached for window scheduling time.
     pub sched_tracepoints: AtomicUsize,
@@ -212,6 +214,7 @@ impl Tracker {
         status: Arc<Status>,
         labelling: Labelling,
         uprobe_mode: crate::attach::uprobes::UprobeMode,
+        multi: Option<crate::attach::multi::MultiPrograms>,
     ) -> anyhow::Result<Self> {
         use anyhow::Context as _;
         let sc_map = ebpf.take_map("WS_SIDECAR_SLOT").context("the eBPF object has no WS_SIDECAR_SLOT map")?;
@@ -239,6 +242,7 @@ impl Tracker {
                 aya::maps::Array::try_from(go_config).context("WS_GO_CONFIG")?,
                 uprobe_mode,
                 root,
+                multi,
             ),
             proc_slot: BpfHashMap::try_from(proc_slot).context("WS_PROC_SLOT")?,
             slots,
@@ -253,6 +257,11 @@ impl Tracker {
             labelling,
             sidecar_labels: HashMap::new(),
         })
+    }
+
+    /// The uprobe programs loaded for multi links (for their statistics).
+    pub fn multi_programs(&self) -> Option<&crate::attach::multi::MultiPrograms> {
+        self.uprobes.multi_programs()
     }
 
     /// The loaded object (for reading its programs' statistics).
@@ -323,7 +332,7 @@ impl Tracker {
 
     /// Considers every running process; forgets tracked ones that are gone.
     pub fn reconcile(&mut self) {
-        let detached = self.uprobes.detach_idle(&mut self.ebpf, false);
+        let detached = self.uprobes.detach_idle(&mut self.ebpf);
         if detached > 0 {
             info!(probes = detached, "detached the probes of binaries no process has run for a while");
         }
@@ -614,19 +623,40 @@ impl Tracker {
 
     fn publish_count(&self) {
         self.status.uprobes_attached.store(self.uprobes.count(), Ordering::Relaxed);
-        self.status.uprobes_through_tracefs.store(self.uprobes.through_tracefs(), Ordering::Relaxed);
+        *self.status.uprobe_mechanism.lock().unwrap_or_else(|p| p.into_inner()) = self.uprobes.mechanism();
+        self.status.uprobe_links.store(self.uprobes.links(), Ordering::Relaxed);
         self.status.sidecar_tracepoints.store(self.sidecar.attached(), Ordering::Relaxed);
         self.status.sched_tracepoints.store(self.sched.attached(), Ordering::Relaxed);
     }
 
-    /// Detaches everything (shutdown). Dropping the object would too; this
-    /// makes the order explicit and countable.
+    /// Detaches everything (shutdown), and counts it. Every release waits
+    /// for an RCU grace period (about 80 ms here); released one after
+    /// another, 2 tracepoints and 9 multi links took 0.27 s, so all are
+    /// released at once: the uprobe links on their threads, and every
+    /// program (its tracepoint links with it) on one thread each.
     pub fn shutdown(mut self) -> usize {
-        let mut n = self.sidecar.attached() + self.sched.attached();
-        self.sidecar.detach_all(&mut self.ebpf);
-        self.sched.detach(&mut self.ebpf);
-        n += self.uprobes.detach_idle(&mut self.ebpf, true);
-        n
+        let tracepoints = self.sidecar.attached() + self.sched.attached();
+        let (uprobes, releasing) = self.uprobes.detach_all(&mut self.ebpf);
+        std::thread::scope(|s| {
+            for (name, prog) in self.ebpf.programs_mut() {
+                s.spawn(move || {
+                    // Not loaded (unused here) is the only expected refusal.
+                    let unloaded = match prog {
+                        aya::programs::Program::TracePoint(p) => p.unload(),
+                        aya::programs::Program::RawTracePoint(p) => p.unload(),
+                        aya::programs::Program::UProbe(p) => p.unload(),
+                        _ => Ok(()),
+                    };
+                    if let Err(e) = unloaded {
+                        debug!(program = name, "unloading: {e}");
+                    }
+                });
+            }
+        });
+        for t in releasing {
+            let _ = t.join();
+        }
+        tracepoints + uprobes
     }
 }
 
