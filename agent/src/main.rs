@@ -69,8 +69,10 @@ struct RunArgs {
     /// Proxies to measure, by pid (repeatable, or comma-separated).
     #[arg(long = "sidecar-pid", env = "WATCHSCOPE_SIDECAR_PID", value_delimiter = ',')]
     sidecar_pids: Vec<u32>,
-    /// Which Go map operations to time: `growth` (map growth and GC assist,
-    /// cheap) or `all` (every assign, access and delete too; costly).
+    /// Which Go map operations to time: `growth` (where map growths start,
+    /// and GC assist; cheap), `evacuation` (also each incremental evacuation
+    /// of a growing classic map, Go <= 1.23: a probe hit per insert while it
+    /// grows) or `all` (every assign, access and delete too; costly).
     #[arg(long, env = "WATCHSCOPE_GO_MAPS", value_enum, default_value = "growth")]
     go_maps: watchscope::attach::goruntime::GoMaps,
     /// With `--go-maps=all`: how long the per-operation map probes stay

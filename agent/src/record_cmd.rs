@@ -76,7 +76,10 @@ pub fn run(args: RecordArgs) -> Result<ExitCode> {
                 pids: Vec::new(),
             },
             go: daemon::GoSettings {
-                maps: GoMaps::Growth,
+                // An incident recording is bounded in time: it may pay a
+                // probe hit per insert of a growing classic map to time
+                // every evacuation, as it turns on the scheduler probes.
+                maps: GoMaps::Evacuation,
                 maps_window: None,
                 sched: args.go_sched,
                 empty_probes: false,

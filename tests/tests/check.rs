@@ -66,6 +66,10 @@ fn this_node_is_ready() {
     assert!(line(&out, "tracepoint sched:sched_process_exec").starts_with("ok"));
     // Kernel 6.18 here: a test program and link prove uprobe_multi.
     assert!(line(&out, "uprobe_multi links").starts_with("ok"), "{out}");
+    // Its verifier refuses a uprobe program's register writes (a test
+    // program storing to pt_regs.ip): RET sites are single-stepped.
+    let ret = line(&out, "ret sites");
+    assert!(ret.starts_with("ok") && ret.contains("single-step") && ret.contains("refuses"), "{ret}");
 }
 
 #[test]

@@ -20,11 +20,15 @@ use crate::inspect::{
 /// Which map operations to time. Every map operation is a few tens of
 /// nanoseconds and a probe hit costs far more, so by default only growth
 /// (rare, and where the time goes) is probed.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, clap::ValueEnum)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, PartialOrd, Ord, clap::ValueEnum)]
 pub enum GoMaps {
-    /// Map growth and GC assist only.
+    /// Map growth and GC assist: where growths start (a classic map's
+    /// hashGrow, a Swiss table's whole growth), once per growth.
     #[default]
     Growth,
+    /// Also a classic map's incremental evacuations (Go <= 1.23), one probe
+    /// hit per insert while a map grows; `record` turns it on.
+    Evacuation,
     /// Also every map assign, access and delete (costly; bounded by --go-maps-window).
     All,
 }
@@ -123,6 +127,9 @@ pub fn plan(insp: &Inspection, maps: GoMaps, windows: &WindowTable, sched: bool)
     }
     let mut roles: Vec<(Role, GoClass, u32)> =
         vec![(Role::GoMapGrow, GoClass::MapGrow, 0), (Role::GoGcAssist, GoClass::GcAssist, 0)];
+    if maps >= GoMaps::Evacuation {
+        roles.push((Role::GoMapEvacuate, GoClass::MapGrow, 0));
+    }
     if maps == GoMaps::All {
         roles.extend([
             (Role::GoMapAssign, GoClass::MapAssign, 0),

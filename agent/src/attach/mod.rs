@@ -4,6 +4,7 @@
 //! link file descriptors, which detaches everything: nothing is left behind
 //! in the kernel, not even after SIGKILL.
 
+pub mod features;
 pub mod goruntime;
 pub mod multi;
 pub mod probe_events;

@@ -17,7 +17,7 @@
 use std::{
     collections::{HashMap, HashSet},
     ffi::CString,
-    os::fd::{AsFd as _, AsRawFd as _, BorrowedFd, FromRawFd as _, OwnedFd},
+    os::fd::{AsFd as _, AsRawFd as _, BorrowedFd, OwnedFd},
     path::Path,
 };
 
@@ -30,6 +30,8 @@ use aya_obj::{
     generated::{bpf_attach_type, bpf_attr, bpf_cmd, bpf_func_info, bpf_line_info, bpf_prog_type},
 };
 use thiserror::Error;
+
+use super::features::sys_bpf;
 
 #[derive(Debug, Error)]
 pub enum MultiError {
@@ -178,38 +180,6 @@ impl MultiLink {
     }
 }
 
-/// Whether this kernel makes uprobe_multi links, as libbpf probes it: a
-/// two-instruction program loads with the expected attach type (kernels
-/// before 6.6 refuse that type: EINVAL), and a link on `/` is refused as
-/// not a regular file (EBADF) rather than as unknown (EINVAL).
-pub fn supported() -> Result<(), String> {
-    use aya_obj::generated::bpf_insn;
-    // r0 = 0; exit
-    // SAFETY: bpf_insn is plain data; zero is a valid value of every field.
-    let mut insns: [bpf_insn; 2] = unsafe { std::mem::zeroed() };
-    insns[0].code = 0xb7;
-    insns[1].code = 0x95;
-    let license = c"GPL";
-    // SAFETY: bpf_attr is plain data; all-zero is its documented default.
-    let mut attr: bpf_attr = unsafe { std::mem::zeroed() };
-    // SAFETY: writing plain fields of the PROG_LOAD member; the pointers
-    // outlive the syscall.
-    unsafe {
-        let p = &mut attr.__bindgen_anon_3;
-        p.prog_type = bpf_prog_type::BPF_PROG_TYPE_KPROBE as u32;
-        p.expected_attach_type = bpf_attach_type::BPF_TRACE_UPROBE_MULTI as u32;
-        p.insns = insns.as_ptr() as u64;
-        p.insn_cnt = insns.len() as u32;
-        p.license = license.as_ptr() as u64;
-    }
-    let prog = sys_bpf(bpf_cmd::BPF_PROG_LOAD, &mut attr).map_err(|e| format!("a test program was refused: {e}"))?;
-    match MultiLink::attach("probe", prog.as_fd(), Path::new("/"), &[0], &[0]) {
-        Err(MultiError::Attach { source, .. }) if source.raw_os_error() == Some(libc::EBADF) => Ok(()),
-        Err(e) => Err(format!("a test link was refused: {e}")),
-        Ok(_) => Err("a test link on / was accepted".to_string()),
-    }
-}
-
 /// The `MapData` of any map kind (aya gives the fd only through it).
 fn map_data(map: &Map) -> &MapData {
     match map {
@@ -322,18 +292,4 @@ fn load_program(
             Err(_) => Err(MultiError::Load { program: name, source, log }),
         }
     })
-}
-
-/// `bpf(cmd, attr)` for the commands that return a new fd.
-fn sys_bpf(cmd: bpf_cmd, attr: &mut bpf_attr) -> std::io::Result<OwnedFd> {
-    // SAFETY: attr is a valid, initialised bpf_attr of the size given.
-    let ret = unsafe {
-        libc::syscall(libc::SYS_bpf, cmd as libc::c_long, attr as *mut bpf_attr, std::mem::size_of::<bpf_attr>())
-    };
-    if ret < 0 {
-        return Err(std::io::Error::last_os_error());
-    }
-    let fd = i32::try_from(ret).map_err(|_| std::io::Error::from_raw_os_error(libc::EBADF))?;
-    // SAFETY: the kernel just returned this fd to us; nobody else owns it.
-    Ok(unsafe { OwnedFd::from_raw_fd(fd) })
 }

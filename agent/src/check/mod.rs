@@ -169,7 +169,7 @@ fn bpf_items(items: &mut Vec<Item>) {
             Err(e) => Item::new(name, Status::Missing, format!("bpf() failed: {e}"), fix),
         });
     }
-    items.push(match crate::attach::multi::supported() {
+    items.push(match crate::attach::features::uprobe_multi() {
         Ok(()) => Item::new(
             "uprobe_multi links",
             Status::Ok,
@@ -182,6 +182,19 @@ fn bpf_items(items: &mut Vec<Item>) {
             format!("{e}: one perf link per uprobe site, released one after another (about 0.1 s each)"),
             "Linux 6.6+ has them",
         ),
+    });
+    items.push(match crate::attach::features::context_writes() {
+        Ok(mode @ crate::attach::features::RetMode::SingleStep) => Item::new(
+            "ret sites",
+            Status::Ok,
+            format!(
+                "{}: this kernel refuses uprobe programs' register writes, so a RET probe costs two traps",
+                mode.name()
+            ),
+            "",
+        ),
+        Ok(mode) => Item::new("ret sites", Status::Ok, mode.name(), ""),
+        Err(e) => Item::new("ret sites", Status::Warn, e, ""),
     });
 }
 

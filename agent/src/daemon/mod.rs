@@ -162,6 +162,7 @@ impl MetricsSource for Agent {
             "uprobes_attached": self.status.uprobes_attached.load(Ordering::Relaxed),
             "uprobe_mechanism": *self.status.uprobe_mechanism.lock().unwrap_or_else(|p| p.into_inner()),
             "uprobe_links": self.status.uprobe_links.load(Ordering::Relaxed),
+            "ret_sites": self.status.ret_sites.lock().map(|r| r.clone()).unwrap_or_default(),
             "sidecar_tracepoints_attached": self.status.sidecar_tracepoints.load(Ordering::Relaxed),
             "sched_tracepoints_attached": self.status.sched_tracepoints.load(Ordering::Relaxed),
             "binaries": binaries,
@@ -203,6 +204,12 @@ impl Pipeline {
         let sidecar_slots = Arc::new(Mutex::new(Slots::with_capacity(agent_common::sidecar::MAX_SIDECAR_SLOTS)));
         let series = Arc::new(Mutex::new(Series::new(cfg.max_series)));
         let status = Arc::new(Status::default());
+        let ret_sites = match crate::attach::features::context_writes() {
+            Ok(mode) => mode.name().to_string(),
+            Err(e) => format!("single-step ({e})"),
+        };
+        info!(ret_sites = %ret_sites, "how RET probes return");
+        *status.ret_sites.lock().unwrap_or_else(|p| p.into_inner()) = ret_sites;
         let tracepoints = probes.attached.clone();
         let n_tracepoints = tracepoints.len();
         let windows = cfg.go.windows.names().to_vec();

@@ -80,6 +80,8 @@ pub struct Status {
     pub uprobe_mechanism: Mutex<&'static str>,
     /// The links (or tracefs events) holding the uprobes.
     pub uprobe_links: AtomicUsize,
+    /// How RET sites return (`features::RetMode`), probed at start.
+    pub ret_sites: Mutex<String>,
     pub sidecar_tracepoints: AtomicUsize,
     /// sched_switch/sched_wakeup programs attached for window scheduling time.
     pub sched_tracepoints: AtomicUsize,

@@ -59,6 +59,7 @@ pub enum Role {
     GoMapAccess,
     GoMapDelete,
     GoMapGrow,
+    GoMapEvacuate,
     GoGcAssist,
     GoSchedExecute,
     GoSchedPark,
@@ -89,6 +90,7 @@ impl Role {
             Role::GoMapAccess => "go_map_access",
             Role::GoMapDelete => "go_map_delete",
             Role::GoMapGrow => "go_map_grow",
+            Role::GoMapEvacuate => "go_map_evacuate",
             Role::GoGcAssist => "go_gc_assist",
             Role::GoSchedExecute => "go_sched_execute",
             Role::GoSchedPark => "go_sched_park",
@@ -852,10 +854,27 @@ pub static CATALOG: &[RoleSpec] = &[
     RoleSpec {
         role: Role::GoMapGrow,
         component: Component::GoRuntime,
-        what: "map growth: classic bucket maps (Go <= 1.23) and Swiss tables (1.24+)",
+        what: "map growth: where a classic bucket map's growth starts (Go <= 1.23), and Swiss tables' growth (1.24+)",
         select: Select::All,
         candidates: &[
             exact("runtime.hashGrow", "Go <= 1.23", &MAP_CLASSIC_GROW, true),
+            exact("internal/runtime/maps.(*Map).growToSmall", "Go 1.24+", &MAP_SWISS_MAP_GROW, true),
+            exact("internal/runtime/maps.(*Map).growToTable", "Go 1.24+", &MAP_SWISS_MAP_GROW, true),
+            exact("internal/runtime/maps.(*table).rehash", "Go 1.24+", &MAP_SWISS_TABLE_GROW, true),
+            exact("internal/runtime/maps.(*table).grow", "Go 1.24+", &MAP_SWISS_TABLE_GROW, true),
+            exact("internal/runtime/maps.(*table).split", "Go 1.24+", &MAP_SWISS_TABLE_GROW, true),
+        ],
+    },
+    // A classic map grows incrementally: after hashGrow, every assign and
+    // delete evacuates one or two old buckets (growWork → evacuate) until
+    // none is left, so these are hit about once per insert while a map
+    // grows. A Swiss table moves everything inside its growth call.
+    RoleSpec {
+        role: Role::GoMapEvacuate,
+        component: Component::GoRuntime,
+        what: "map growth: a classic bucket map's incremental evacuations (Go <= 1.23)",
+        select: Select::All,
+        candidates: &[
             exact("runtime.growWork", "Go <= 1.23", &MAP_CLASSIC_GROW, true),
             exact("runtime.growWork_fast32", "Go <= 1.23", &MAP_CLASSIC_GROW, true),
             exact("runtime.growWork_fast64", "Go <= 1.23", &MAP_CLASSIC_GROW, true),
@@ -864,11 +883,6 @@ pub static CATALOG: &[RoleSpec] = &[
             exact("runtime.evacuate_fast32", "Go <= 1.23", &MAP_CLASSIC_GROW, true),
             exact("runtime.evacuate_fast64", "Go <= 1.23", &MAP_CLASSIC_GROW, true),
             exact("runtime.evacuate_faststr", "Go <= 1.23", &MAP_CLASSIC_GROW, true),
-            exact("internal/runtime/maps.(*Map).growToSmall", "Go 1.24+", &MAP_SWISS_MAP_GROW, true),
-            exact("internal/runtime/maps.(*Map).growToTable", "Go 1.24+", &MAP_SWISS_MAP_GROW, true),
-            exact("internal/runtime/maps.(*table).rehash", "Go 1.24+", &MAP_SWISS_TABLE_GROW, true),
-            exact("internal/runtime/maps.(*table).grow", "Go 1.24+", &MAP_SWISS_TABLE_GROW, true),
-            exact("internal/runtime/maps.(*table).split", "Go 1.24+", &MAP_SWISS_TABLE_GROW, true),
         ],
     },
     RoleSpec {
