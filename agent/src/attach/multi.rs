@@ -91,9 +91,12 @@ impl MultiPrograms {
             },
             None => None,
         };
-        // As aya does: CO-RE relocations against the running kernel's BTF
-        // (none without it).
-        if let Ok(kernel) = aya_obj::btf::Btf::from_sys_fs() {
+        // As aya does: CO-RE relocations against the running kernel's BTF.
+        // Parsing it costs ~20 MB of peak RSS (aya holds its own copy), so
+        // only when the object has any (ours has none today).
+        if has_core_relocations(object)
+            && let Ok(kernel) = aya_obj::btf::Btf::from_sys_fs()
+        {
             obj.relocate_btf(&kernel).map_err(MultiError::Core)?;
         }
         let text_sections: HashSet<usize> = obj.functions.keys().map(|(section, _)| *section).collect();
@@ -177,6 +180,21 @@ impl MultiLink {
     /// The link's fd (for bpftool-style checks).
     pub fn fd(&self) -> BorrowedFd<'_> {
         self.fd.as_fd()
+    }
+}
+
+/// Whether the object's `.BTF.ext` lists CO-RE relocations: its header's
+/// `core_relo_len` (bytes 28..32, present when `hdr_len` >= 32). Anything
+/// unreadable counts as yes, which only costs the kernel BTF's parse.
+fn has_core_relocations(object: &[u8]) -> bool {
+    use object::{Object as _, ObjectSection as _};
+    let Ok(file) = object::File::parse(object) else { return true };
+    let Some(data) = file.section_by_name(".BTF.ext").and_then(|s| s.data().ok()) else { return false };
+    let word = |at: usize| data.get(at..at + 4).and_then(|b| b.try_into().ok()).map(u32::from_le_bytes);
+    match (word(4), word(28)) {
+        (Some(hdr_len), Some(core_relo_len)) if hdr_len >= 32 => core_relo_len > 0,
+        (Some(hdr_len), _) if hdr_len < 32 => false,
+        _ => true,
     }
 }
 
@@ -292,4 +310,18 @@ fn load_program(
             Err(_) => Err(MultiError::Load { program: name, source, log }),
         }
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_agents_object_has_no_core_relocations_and_junk_counts_as_having_some() {
+        // The object's .BTF.ext lists func and line info only: the kernel's
+        // BTF is not parsed for it.
+        assert!(!crate::attach::OBJECT.is_empty());
+        assert!(!has_core_relocations(crate::attach::OBJECT));
+        assert!(has_core_relocations(b"not an ELF file"));
+    }
 }
