@@ -134,7 +134,8 @@ impl MultiPrograms {
 /// One uprobe_multi link: closing it unregisters every uprobe it placed.
 #[derive(Debug)]
 pub struct MultiLink {
-    fd: OwnedFd,
+    /// Held only to be closed, which detaches.
+    _fd: OwnedFd,
     sites: usize,
 }
 
@@ -169,17 +170,12 @@ impl MultiLink {
             um.cnt = count;
         }
         let fd = sys_bpf(bpf_cmd::BPF_LINK_CREATE, &mut attr).map_err(err)?;
-        Ok(Self { fd, sites: offsets.len() })
+        Ok(Self { _fd: fd, sites: offsets.len() })
     }
 
     /// How many sites the link placed.
     pub fn sites(&self) -> usize {
         self.sites
-    }
-
-    /// The link's fd (for bpftool-style checks).
-    pub fn fd(&self) -> BorrowedFd<'_> {
-        self.fd.as_fd()
     }
 }
 
