@@ -53,11 +53,15 @@ pub enum Counter {
     /// popped the object before its reflector recorded the revision and
     /// another listener's early start was already waiting for it.
     HandlerCommitMiss = 16,
+    /// A window function that ends in its callers (`WINDOW_END_CALLER`)
+    /// was called from no call site the inspector decoded (a function
+    /// value or an interface): that call is not timed.
+    WindowIndirectCall = 17,
 }
 
 impl Counter {
     /// Number of slots the counter array must have (keep in sync with the enum).
-    pub const COUNT: u32 = 17;
+    pub const COUNT: u32 = 18;
 
     pub const ALL: [Counter; Self::COUNT as usize] = [
         Counter::ExecSeen,
@@ -77,6 +81,7 @@ impl Counter {
         Counter::RvUnreadable,
         Counter::WriteCommitMiss,
         Counter::HandlerCommitMiss,
+        Counter::WindowIndirectCall,
     ];
 
     /// The `reason` label this counter is exported under in
@@ -100,6 +105,7 @@ impl Counter {
             Counter::RvUnreadable => "rv_unreadable",
             Counter::WriteCommitMiss => "write_commit_miss",
             Counter::HandlerCommitMiss => "handler_commit_miss",
+            Counter::WindowIndirectCall => "window_indirect_call",
         })
     }
 }

@@ -107,6 +107,29 @@ impl SchedPoint {
     pub const ALL: [SchedPoint; 4] = [SchedPoint::Execute, SchedPoint::Park, SchedPoint::Ready, SchedPoint::Yield];
 }
 
+/// A window ends on a RET of its function (every RET instruction probed,
+/// each hit single-stepped by the kernel: ~4.7 µs here).
+pub const WINDOW_END_RET: u32 = 0;
+/// A window ends without RET probes, in its caller: on the first branch
+/// after each direct call of the function (which the kernel emulates in one
+/// trap), when the goroutine runs there at the depth of the call, which it
+/// can only do once the call has returned. A call from elsewhere (a
+/// function value, an interface) has no such site: its return address is
+/// not in `WS_GO_WINDOW_CALLERS`, and it opens no window.
+pub const WINDOW_END_CALLER: u32 = 1;
+
+/// A direct call site of a window function (`WINDOW_END_CALLER`): the
+/// function's entry site (its config index, one per binary and function)
+/// and the link-time address the call returns to.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+#[cfg_attr(feature = "pod", derive(bytemuck::Pod, bytemuck::Zeroable))]
+pub struct WindowCaller {
+    pub entry: u32,
+    pub _pad: u32,
+    pub return_address: u64,
+}
+
 /// A window goroutine's scheduling state (`Window::sched`).
 pub const SCHED_RUNNING: u32 = 0;
 pub const SCHED_PARKED: u32 = 1;
@@ -146,6 +169,13 @@ pub struct GoProbeConfig {
     pub window: u32,
     /// Entry only: `watch::GUARD_*`.
     pub guard: u32,
+    /// Window sites: `WINDOW_END_*` (on a `WINDOW_END_CALLER` window's
+    /// end sites, `is_ret` is 1 too).
+    pub end: u32,
+    pub _pad: u32,
+    /// Link-time address of the probed instruction: the probe's runtime
+    /// address less this is the load bias (`WINDOW_END_CALLER` entries).
+    pub site_addr: u64,
 }
 
 /// A call in progress on one goroutine: (process, g, class) → start and
@@ -189,7 +219,8 @@ pub struct Window {
     pub start: u64,
     pub window: u32,
     pub slot: u32,
-    pub depth: u32,
+    /// `WINDOW_END_*`.
+    pub end: u32,
     /// `SCHED_*`: the goroutine's state as the runtime probes saw it.
     pub sched: u32,
     /// When `sched` last changed.
@@ -199,6 +230,12 @@ pub struct Window {
     /// Events per `Inner` (map calls, parks, thread switches...).
     pub inner_n: [u32; 5],
     pub _pad: u32,
+    /// `WINDOW_END_CALLER`: how deep the call is, as the distance from the
+    /// top of the goroutine's stack to the slot of its return address
+    /// (`g.stack.hi` - SP at entry: unchanged when the runtime copies the
+    /// stack, which keeps the used part at the top). Code running at a
+    /// smaller depth runs after the call returned.
+    pub frame_depth: u64,
 }
 
 /// A closed window, for `watchscope record` (ring buffer `WS_WINDOW_RECORDS`,
@@ -233,12 +270,13 @@ pub fn inner_index(slot: u32, window: u32, inner: u32) -> u32 {
 }
 
 const _: () = assert!(size_of::<ThreadOff>() == 24);
-const _: () = assert!(size_of::<GoProbeConfig>() == 16);
+const _: () = assert!(size_of::<WindowCaller>() == 16);
+const _: () = assert!(size_of::<GoProbeConfig>() == 32);
 const _: () = assert!(size_of::<GoCallKey>() == 16);
 const _: () = assert!(size_of::<GoroutineKey>() == 16);
 const _: () = assert!(size_of::<GoCall>() == 16);
-const _: () = assert!(size_of::<Window>() == 96);
+const _: () = assert!(size_of::<Window>() == 104);
 const _: () = assert!(size_of::<WindowRecord>() == 72);
 
 #[cfg(feature = "user")]
-aya_pod!(GoProbeConfig, GoCallKey, GoroutineKey, GoCall, Window, WindowRecord, ThreadOff);
+aya_pod!(GoProbeConfig, GoCallKey, GoroutineKey, GoCall, Window, WindowRecord, ThreadOff, WindowCaller);

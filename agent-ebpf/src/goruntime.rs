@@ -10,14 +10,19 @@
 //! on the same thread never gets it. Returns are probed on every RET
 //! instruction the inspector decoded (uretprobes would break on Go's moving
 //! stacks); entries on the stack-check jump, skipping the pass that calls
-//! morestack (see `watch::GUARD_*`).
+//! morestack (see `watch::GUARD_*`). The kernel single-steps a probed RET
+//! (a second trap), so a window ends in its callers where it can
+//! (`WINDOW_END_CALLER`): on the first branch after each direct call, an
+//! instruction the kernel emulates, once the goroutine runs there above the
+//! call's frame.
 
 use agent_common::{
     Counter, Histogram,
     counters::Ring,
     goruntime::{
         GoCall, GoCallKey, GoClass, GoProbeConfig, GoroutineKey, Inner, MAX_GO_SLOTS, MAX_WINDOWS, SCHED_PARKED,
-        SCHED_RUNNABLE, SCHED_RUNNING, SchedPoint, Window, WindowRecord, class_index, inner_index, window_index,
+        SCHED_RUNNABLE, SCHED_RUNNING, SchedPoint, WINDOW_END_CALLER, WINDOW_END_RET, Window, WindowCaller,
+        WindowRecord, class_index, inner_index, window_index,
     },
     watch::guard_taken,
 };
@@ -25,14 +30,18 @@ use aya_ebpf::{
     EbpfContext,
     helpers::{bpf_get_attach_cookie, bpf_get_current_pid_tgid, bpf_ktime_get_ns},
     macros::{map, uprobe},
-    maps::{Array, LruHashMap, RingBuf},
+    maps::{Array, HashMap, LruHashMap, RingBuf},
     programs::ProbeContext,
 };
 
 use crate::{
     maps::{add, count, current_slot, note_fill, observe, record_on},
-    regs::{G_SLOT, flags, reg},
+    regs::{G_SLOT, flags, instruction_pointer, read_u64, reg, stack_pointer},
 };
+
+/// `g.stack.hi`: `runtime.g` starts with `stack struct{ lo, hi uintptr }`
+/// in every Go version.
+const G_STACK_HI: u64 = 8;
 
 #[map(name = "WS_GO_CONFIG")]
 static CONFIG: Array<GoProbeConfig> = Array::with_max_entries(1024, 0);
@@ -43,6 +52,11 @@ static CONFIG: Array<GoProbeConfig> = Array::with_max_entries(1024, 0);
 #[map(name = "WS_GO_CALLS")]
 static CALLS: LruHashMap<GoCallKey, GoCall> =
     LruHashMap::with_max_entries(16384, aya_ebpf::bindings::BPF_F_NO_COMMON_LRU);
+
+/// Direct call sites of `WINDOW_END_CALLER` window functions (written by
+/// the loader): a call returning anywhere else is not timed.
+#[map(name = "WS_GO_WINDOW_CALLERS")]
+static WINDOW_CALLERS: HashMap<WindowCaller, u32> = HashMap::with_max_entries(1024, 0);
 
 /// Open windows, per goroutine.
 #[map(name = "WS_GO_WINDOWS")]
@@ -92,6 +106,7 @@ static GROW_EVENTS: Array<u64> = Array::with_max_entries(MAX_GO_SLOTS, 0);
 static WINDOW_RECORDS: RingBuf = RingBuf::with_byte_size(Ring::Windows.bytes(), 0);
 
 struct Hit {
+    cookie: u32,
     slot: u32,
     tgid: u32,
     g: u64,
@@ -116,7 +131,7 @@ fn begin(ctx: &ProbeContext) -> Option<Hit> {
     let g = reg(regs, G_SLOT)?;
     // SAFETY: no preconditions.
     let now = unsafe { bpf_ktime_get_ns() };
-    Some(Hit { slot, tgid, g, cfg, now })
+    Some(Hit { cookie, slot, tgid, g, cfg, now })
 }
 
 #[uprobe]
@@ -124,6 +139,10 @@ pub fn go_entry(ctx: ProbeContext) -> u32 {
     let Some(h) = begin(&ctx) else { return 0 };
     if h.cfg.class == GoClass::MapGrow as u32 {
         add(&GROW_EVENTS, h.slot, 1);
+    }
+    if h.cfg.class == GoClass::Window as u32 && h.cfg.end == WINDOW_END_CALLER {
+        caller_window_entry(&ctx, &h);
+        return 0;
     }
     let key = GoCallKey { g: h.g, tgid: h.tgid, class: h.cfg.class };
     // Insert first (the common case: no call of this class open on this
@@ -141,23 +160,100 @@ pub fn go_entry(ctx: ProbeContext) -> u32 {
         // SAFETY: lookup of a plain key.
         let gk = GoroutineKey { g: h.g, tgid: h.tgid, _pad: 0 };
         if unsafe { WINDOWS.get(gk) }.is_none() {
-            let w = Window {
-                start: h.now,
-                window: h.cfg.window,
-                slot: h.slot,
-                depth: 1,
-                sched: SCHED_RUNNING,
-                sched_since: h.now,
-                inner: [0; 5],
-                inner_n: [0; 5],
-                _pad: 0,
-            };
-            let _ = WINDOWS.insert(gk, w, 0);
-            // The goroutine is running on this thread right now.
-            let _ = THREAD_G.insert(current_tid(), gk, 0);
+            open_window(&h, gk, WINDOW_END_RET, 0);
         }
     }
     0
+}
+
+#[inline(always)]
+fn open_window(h: &Hit, gk: GoroutineKey, end: u32, frame_depth: u64) {
+    let w = Window {
+        start: h.now,
+        window: h.cfg.window,
+        slot: h.slot,
+        end,
+        sched: SCHED_RUNNING,
+        sched_since: h.now,
+        inner: [0; 5],
+        inner_n: [0; 5],
+        _pad: 0,
+        frame_depth,
+    };
+    let _ = WINDOWS.insert(gk, w, 0);
+    // The goroutine is running on this thread right now (only the
+    // scheduler programs read this).
+    if sched_on() {
+        let _ = THREAD_G.insert(current_tid(), gk, 0);
+    }
+}
+
+/// How deep the frame whose return-address slot is at `sp` sits on
+/// goroutine `g`'s stack, from the top (see `Window::frame_depth`).
+#[inline(always)]
+fn frame_depth(g: u64, sp: u64) -> Option<u64> {
+    Some(read_u64(g.wrapping_add(G_STACK_HI))?.wrapping_sub(sp))
+}
+
+/// The entry of a window that ends in its callers (`WINDOW_END_CALLER`):
+/// opens it if the call comes from a call site with an end site, and
+/// closes a previous call of the same window on this goroutine at the same
+/// or a smaller depth (it must have returned).
+#[inline(always)]
+fn caller_window_entry(ctx: &ProbeContext, h: &Hit) {
+    if h.cfg.window >= MAX_WINDOWS {
+        return;
+    }
+    // SAFETY: the probe's own register context.
+    let regs = unsafe { &*ctx.regs };
+    // At the entry site (the stack-check jump, before the prologue moves
+    // the stack) the stack pointer holds the caller's return address.
+    let sp = stack_pointer(regs);
+    let Some(ret) = read_u64(sp) else { return };
+    let bias = instruction_pointer(regs).wrapping_sub(h.cfg.site_addr);
+    let caller = WindowCaller { entry: h.cookie, _pad: 0, return_address: ret.wrapping_sub(bias) };
+    // SAFETY: lookup of a plain key.
+    if unsafe { WINDOW_CALLERS.get(caller) }.is_none() {
+        count(Counter::WindowIndirectCall);
+        return;
+    }
+    let Some(depth) = frame_depth(h.g, sp) else { return };
+    let gk = GoroutineKey { g: h.g, tgid: h.tgid, _pad: 0 };
+    // SAFETY: lookup of a plain key; the value is copied at once.
+    if let Some(open) = unsafe { WINDOWS.get(gk) }.copied() {
+        if open.end != WINDOW_END_CALLER || open.frame_depth < depth {
+            // A recursive call (deeper), or a call inside another kind of
+            // window: the outer window goes on.
+            return;
+        }
+        let _ = WINDOWS.remove(gk);
+        observe_window(&gk, &open, h.now);
+    }
+    open_window(h, gk, WINDOW_END_CALLER, depth);
+}
+
+/// An end site of a `WINDOW_END_CALLER` window, in a caller after the
+/// call: the goroutine runs there above the window's frame, so the call
+/// has returned. (A deeper activation of the same caller, recursing
+/// through the window, finds its depth too large and leaves it open.)
+#[inline(always)]
+fn caller_window_end(ctx: &ProbeContext, h: &Hit) {
+    let gk = GoroutineKey { g: h.g, tgid: h.tgid, _pad: 0 };
+    // SAFETY: lookup of a plain key; the value is copied at once.
+    let Some(w) = (unsafe { WINDOWS.get(gk) }).copied() else { return };
+    if w.end != WINDOW_END_CALLER || w.window != h.cfg.window {
+        return;
+    }
+    // SAFETY: the probe's own register context.
+    let Some(depth) = frame_depth(h.g, stack_pointer(unsafe { &*ctx.regs })) else { return };
+    if depth >= w.frame_depth {
+        return;
+    }
+    let _ = WINDOWS.remove(gk);
+    observe_window(&gk, &w, h.now);
+    if sched_on() {
+        let _ = THREAD_G.remove(current_tid());
+    }
 }
 
 #[inline(always)]
@@ -249,6 +345,10 @@ pub fn go_sched(ctx: ProbeContext) -> u32 {
 #[uprobe]
 pub fn go_ret(ctx: ProbeContext) -> u32 {
     let Some(h) = begin(&ctx) else { return 0 };
+    if h.cfg.end == WINDOW_END_CALLER {
+        caller_window_end(&ctx, &h);
+        return 0;
+    }
     let key = GoCallKey { g: h.g, tgid: h.tgid, class: h.cfg.class };
     let Some(call) = CALLS.get_ptr_mut(key) else {
         // The call began before the probes were attached.
@@ -267,7 +367,9 @@ pub fn go_ret(ctx: ProbeContext) -> u32 {
     let gk = GoroutineKey { g: h.g, tgid: h.tgid, _pad: 0 };
     if h.cfg.class == GoClass::Window as u32 {
         close_window(&gk, h.now, d);
-        let _ = THREAD_G.remove(current_tid());
+        if sched_on() {
+            let _ = THREAD_G.remove(current_tid());
+        }
         return 0;
     }
     observe(&GO_HIST, class_index(h.slot, h.cfg.class), d);
@@ -289,16 +391,32 @@ pub fn go_ret(ctx: ProbeContext) -> u32 {
 static GO_SCHED: u32 = 1;
 
 #[inline(always)]
+fn sched_on() -> bool {
+    // SAFETY: a plain read of a constant the loader may have rewritten.
+    unsafe { core::ptr::read_volatile(&GO_SCHED) != 0 }
+}
+
+#[inline(always)]
 fn close_window(gk: &GoroutineKey, now: u64, d: u64) {
     // SAFETY: lookup of a plain key; the value is copied at once.
     let Some(w) = (unsafe { WINDOWS.get(gk) }).copied() else { return };
     let _ = WINDOWS.remove(gk);
+    record_window(gk, &w, now, d);
+}
+
+/// Observes a window (already removed from `WINDOWS`) that ends at `now`.
+#[inline(always)]
+fn observe_window(gk: &GoroutineKey, w: &Window, now: u64) {
+    record_window(gk, w, now, now.saturating_sub(w.start));
+}
+
+#[inline(always)]
+fn record_window(gk: &GoroutineKey, w: &Window, now: u64, d: u64) {
     if w.window >= MAX_WINDOWS || w.slot >= MAX_GO_SLOTS {
         return;
     }
     observe(&WINDOW_HIST, window_index(w.slot, w.window), d);
-    // SAFETY: a plain read of a constant the loader may have rewritten.
-    let sched = unsafe { core::ptr::read_volatile(&GO_SCHED) } != 0;
+    let sched = sched_on();
     let mut i = 0;
     while i < Inner::COUNT {
         if !sched && (i == Inner::OffCpu as u32 || i == Inner::Runqueue as u32) {

@@ -64,6 +64,9 @@ pub struct RecordArgs {
     /// How to make uprobes: `perf`, `tracefs` or `auto` (as for `run`).
     #[arg(long, value_enum, default_value = "auto")]
     uprobe_attach: watchscope::attach::uprobes::UprobeMode,
+    /// Where windows end: `auto` or `ret` (as for `run`).
+    #[arg(long, value_enum, default_value = "auto")]
+    window_end: watchscope::attach::goruntime::WindowEnd,
 }
 
 pub fn run(args: RecordArgs) -> Result<ExitCode> {
@@ -83,7 +86,8 @@ pub fn run(args: RecordArgs) -> Result<ExitCode> {
                 maps_window: None,
                 sched: args.go_sched,
                 empty_probes: false,
-                windows: WindowTable::new(&args.windows).map_err(|e| anyhow::anyhow!("--window: {e}"))?,
+                windows: WindowTable::new(&args.windows, args.window_end)
+                    .map_err(|e| anyhow::anyhow!("--window: {e}"))?,
                 comms: args.go_comms,
                 pids: Vec::new(),
             },

@@ -1,5 +1,6 @@
 //! The whole inspection of a file image: ELF headers, segment mapping,
-//! relocations, table search, text start, catalog resolution, report.
+//! relocations, table search, text start, catalog resolution, window end
+//! sites in the callers, report.
 #![no_main]
 
 use std::path::Path;
@@ -12,6 +13,9 @@ fuzz_target!(|data: &[u8]| {
     let _ = i.resolve("main.main");
     for f in i.functions().take(64) {
         let _ = i.resolve(&f.name);
+    }
+    for f in i.functions().take(4) {
+        let _ = i.caller_end_sites(f.address);
     }
     let _ = serde_json::to_string(&i.report(None));
 });

@@ -1,4 +1,5 @@
-//! Return-site scan of one function body (x86-64 decoding, arm64 words).
+//! Return-site scan of one function body (x86-64 decoding, arm64 words),
+//! and the x86 scans for a window's end sites (call sites, first branch).
 #![no_main]
 
 use libfuzzer_sys::fuzz_target;
@@ -15,5 +16,11 @@ fuzz_target!(|data: &[u8]| {
         // Every reported site is inside the body, in order.
         assert!(rets.windows(2).all(|w| w[0] < w[1]));
         assert!(rets.iter().all(|&r| (r as usize) < code.len()));
+    }
+    if arch == Arch::X86_64 {
+        if let Ok(off) = disasm::x86_first_branch(code, addr, 24) {
+            assert!((off as usize) < code.len());
+        }
+        let _ = disasm::x86_calls_at(code, addr, addr.wrapping_add(u64::from(sel)), addr);
     }
 });

@@ -453,3 +453,118 @@ fn per_operation_probes_detach_after_the_window() {
     let grows = agent.sample(&format!("watchscope_go_map_grow_events_total{{comm=\"{name}\"}}"));
     assert!(grows > 0.0, "growth probes must stay: {text}");
 }
+
+/// The window sites `agent` planned on `bin`.
+fn window_site(agent: &Agent, bin: &Path, what: &str) -> serde_json::Value {
+    let sites = go_sites(agent, bin);
+    sites.iter().find(|s| s["what"] == what).cloned().unwrap_or_else(|| panic!("no `{what}` site: {sites:?}"))
+}
+
+/// Windows ending in their caller (one emulated trap on the first branch
+/// after the call) against the same windows ending on their RETs (each
+/// single-stepped), measured at once by two agents on one fixture: each
+/// window holds K map inserts and a 20.48 ms sleep (a park inside the
+/// window, which must not end it). Both count every window, none is
+/// shorter than its sleep, and the caller end is later than the RET by only
+/// the RET's own trap and the few instructions after it.
+fn caller_ends_agree_with_ret_ends(t: &Toolchain, name: &str) {
+    const R: usize = 40;
+    const K: usize = 200;
+    const S_US: usize = 20_480;
+    let dir = tempfile::tempdir().expect("tmp");
+    let bin = build(t, dir.path(), name);
+    let window = "handler=main.window";
+    let by_ret = Agent::start(&["--go-comm", name, "--window", window, "--window-end", "ret"]);
+    let by_caller = Agent::start(&["--go-comm", name, "--window", window]);
+    let mut fx = Fixture::start(&bin, &["window", &R.to_string(), &K.to_string(), &S_US.to_string()]);
+    let c = window_site(&by_caller, &bin, "window handler");
+    assert_eq!(c["ends"], "caller", "{c}");
+    assert!(c["return_offsets"].as_array().is_some_and(Vec::is_empty), "no RET probe: {c}");
+    assert_eq!(c["end_offsets"].as_array().map(Vec::len), Some(1), "one call site, one end site: {c}");
+    let r = window_site(&by_ret, &bin, "window handler");
+    assert_eq!(r["ends"], "ret", "{r}");
+    assert!(r["return_offsets"].as_array().is_some_and(|o| !o.is_empty()), "{r}");
+    assert_eq!(fx.run(), format!("done {}", R * K));
+    // Both ends come before the loop's next iteration, so before `done`.
+    let labels = format!("window=\"handler\",comm=\"{name}\"");
+    let mut sums = Vec::new();
+    for (how, agent) in [("ret", &by_ret), ("caller", &by_caller)] {
+        let text = agent.metrics();
+        let w = Buckets::parse(&text, "watchscope_window_seconds", &labels);
+        assert_eq!(w.count(), R as f64, "{how}: {text}");
+        assert_eq!(w.below(S_US as f64 * 1e-6), 0.0, "{how}: a window shorter than its sleep: {:?}", w.cumulative);
+        let sum =
+            watchscope_integration_tests::sample_value(&text, &format!("watchscope_window_seconds_sum{{{labels}}}"));
+        sums.push(sum.unwrap_or_else(|| panic!("{how}: no sum: {text}")));
+        assert_eq!(
+            agent.sample_present("watchscope_dropped_total{reason=\"window_indirect_call\"}"),
+            0.0,
+            "{how}: every call is direct"
+        );
+    }
+    let later_us = (sums[1] - sums[0]) / R as f64 * 1e6;
+    eprintln!(
+        "{name}: mean window {:.1} µs ending on RETs, {:.1} µs ending in the caller: {later_us:+.2} µs",
+        sums[0] / R as f64 * 1e6,
+        sums[1] / R as f64 * 1e6
+    );
+    // The two agents' entry programs run on one trap, in either order:
+    // their starts differ by well under a microsecond.
+    assert!(later_us > -1.0, "the caller end came before the RET: {later_us} µs per window");
+    // What lies between: the RET's single-step and the caller's next
+    // instructions (~5 µs here), with room for a preemption in 40 windows.
+    assert!(later_us < 100.0, "the caller end came {later_us} µs per window after the RET");
+}
+
+#[test]
+fn windows_ending_in_the_caller_agree_with_ret_ends_go119() {
+    caller_ends_agree_with_ret_ends(go119(), "wsg-end119");
+}
+
+#[test]
+fn windows_ending_in_the_caller_agree_with_ret_ends_go127() {
+    caller_ends_agree_with_ret_ends(go127(), "wsg-end127");
+}
+
+/// A million windows on four goroutines that trade two threads, each
+/// recursing up to 97 deep and every 64th 2000 deep (the stack grows and is
+/// copied under open windows), ended in the caller and on RETs: the
+/// fixture's checksum is the unprobed one, every direct call is one window,
+/// and every call through a function value (1 in 100) is counted as such
+/// when the window ends in the caller (it has no call site to end at), and
+/// timed when it ends on its RETs.
+fn a_million_windows(t: &Toolchain, name: &str) {
+    const W: usize = 1_000_000;
+    let args = ["churn", &W.to_string(), "2000"].map(String::from);
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    let dir = tempfile::tempdir().expect("tmp");
+    let bin = build(t, dir.path(), name);
+    let mut plain = Fixture::start(&bin, &args);
+    let want = plain.run();
+    drop(plain);
+    let indirect = W / 100;
+    for (end, windows, dropped) in [("auto", W - indirect, indirect), ("ret", W, 0)] {
+        let agent =
+            Agent::start(&["--go-comm", name, "--go-sched", "--window", "churn=main.churnWindow", "--window-end", end]);
+        let mut fx = Fixture::start(&bin, &args);
+        let site = window_site(&agent, &bin, "window churn");
+        assert_eq!(site["ends"], if end == "auto" { "caller" } else { "ret" }, "{site}");
+        assert_eq!(fx.run(), want, "{name}, ends {end}: the checksum changed under probes");
+        // Every window ended before its goroutine's next call, so before
+        // the fixture printed.
+        let n = agent.sample(&format!("watchscope_window_seconds_count{{window=\"churn\",comm=\"{name}\"}}"));
+        assert_eq!(n, windows as f64, "{name}, ends {end}");
+        let d = agent.sample_present("watchscope_dropped_total{reason=\"window_indirect_call\"}");
+        assert_eq!(d, dropped as f64, "{name}, ends {end}: calls through the function value");
+    }
+}
+
+#[test]
+fn a_million_windows_through_stack_copies_and_migration_keep_the_checksum_go119() {
+    a_million_windows(go119(), "wsg-churn119");
+}
+
+#[test]
+fn a_million_windows_through_stack_copies_and_migration_keep_the_checksum_go127() {
+    a_million_windows(go127(), "wsg-churn127");
+}

@@ -928,6 +928,26 @@ fn gomap(args: &BenchArgs) -> Result<()> {
     let (t0, t1) = (median(g0.clone()), median(g1.clone()));
     let (u0, u1, u2) = (median(h0.clone()), median(h1.clone()), median(h2.clone()));
 
+    step("window ends: a handler called in a loop, timed as a window ended three ways");
+    // `handle` has a stack check, so its entry probe is an emulated jump,
+    // as on any handler that calls on. The entry alone (`entry`, a hidden
+    // bench mode: each window closes at the next call) is what any window
+    // costs; an end costs what a mode adds to it.
+    const CALLS: u64 = 300_000;
+    let calls_n = CALLS.to_string();
+    let calls = ["calls", calls_n.as_str()];
+    let window = ["--window", "handler=main.handle"];
+    let (mut c0, mut ce, mut cc, mut cr) = (Vec::new(), Vec::new(), Vec::new(), Vec::new());
+    for _ in 0..args.rounds {
+        c0.push(mapwork_run(&stripped, &calls, |_| Ok(()))?);
+        for (mode, v) in [("entry", &mut ce), ("auto", &mut cc), ("ret", &mut cr)] {
+            let extra = [&window[..], &["--window-end", mode]].concat();
+            v.push(mapwork_run(&stripped, &calls, |_| agent_on(&agent, port, &stripped, &extra))?);
+        }
+    }
+    let per_call = |v: &[f64]| (median(v.to_vec()) - median(c0.clone())) / CALLS as f64;
+    let (entry_ns, caller_ns, ret_ns) = (per_call(&ce), per_call(&cc), per_call(&cr));
+
     step("results (medians)");
     let verdict = |ok: bool| if ok { "PASS" } else { "FAIL" };
     println!("    unprobed: {:.1} ns per assign", median(none.clone()) / N as f64);
@@ -976,6 +996,19 @@ fn gomap(args: &BenchArgs) -> Result<()> {
         u2 / 1e6,
         u0 / u2,
         spread(&h2)
+    );
+    println!(
+        "    handler window ({CALLS} calls of a function called in a loop): added per window: entry alone {entry_ns:.0} \
+         ns, ended in the caller {caller_ns:.0} ns, ended on its RET {ret_ns:.0} ns"
+    );
+    let (caller_end, ret_end) = (caller_ns - entry_ns, ret_ns - entry_ns);
+    println!(
+        "    cost per window end: in the caller (one emulated trap) {caller_end:.0} ns (target <= 1500 ns) {}, on the \
+         RET (single-stepped) {ret_end:.0} ns (rounds: entry {}, caller {}, ret {})",
+        verdict(caller_end <= 1500.0),
+        spread(&ce),
+        spread(&cc),
+        spread(&cr)
     );
     Ok(())
 }

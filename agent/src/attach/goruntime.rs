@@ -4,8 +4,14 @@
 //! each timed from its entry (on the stack-check jump) to every RET the
 //! inspector decoded. Functions whose RETs could not all be decoded are
 //! refused: a missed return would leave a call open forever.
+//!
+//! A window ends more cheaply in its callers where the code allows it
+//! (`WindowEnd::Auto`): a probed RET is single-stepped by the kernel (two
+//! traps, ~4.7 µs here), a probe on the first branch after each call is
+//! emulated (one trap). That needs every direct call site to have such a
+//! branch; otherwise the window keeps its RET probes.
 
-use agent_common::goruntime::{GoClass, GoProbeConfig, MAX_WINDOWS, SchedPoint};
+use agent_common::goruntime::{GoClass, GoProbeConfig, MAX_WINDOWS, SchedPoint, WINDOW_END_CALLER};
 use serde::Serialize;
 
 use super::{
@@ -33,11 +39,31 @@ pub enum GoMaps {
     All,
 }
 
-/// A user-named window: `--window NAME=SYMBOL`.
+/// Where windows end.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, clap::ValueEnum)]
+pub enum WindowEnd {
+    /// In the callers, on the first branch after each direct call, where
+    /// every call site has one (calls through a function value or an
+    /// interface are then not timed, and counted as dropped with reason
+    /// `window_indirect_call`); on every RET otherwise.
+    #[default]
+    Auto,
+    /// On every RET of the function (single-stepped: ~4.7 µs more per call).
+    Ret,
+    /// `cargo xtask bench gomap` only: as `auto` without the end sites, so a
+    /// window closes at the next call of its function at the same depth
+    /// (the entry's cost alone, to tell what an end costs).
+    #[value(hide = true)]
+    Entry,
+}
+
+/// A user-named window: `--window NAME=SYMBOL` (`NAME=SYMBOL@ret` to end it
+/// on its RETs).
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct WindowSpec {
     pub name: String,
     pub symbol: String,
+    pub end: WindowEnd,
 }
 
 impl std::str::FromStr for WindowSpec {
@@ -45,13 +71,18 @@ impl std::str::FromStr for WindowSpec {
 
     fn from_str(s: &str) -> Result<Self, String> {
         let (name, symbol) = s.split_once('=').ok_or_else(|| format!("`{s}` is not NAME=SYMBOL"))?;
+        let (symbol, end) = match symbol.rsplit_once('@') {
+            Some((symbol, "ret")) => (symbol, WindowEnd::Ret),
+            Some((_, other)) => return Err(format!("`@{other}`: the only window option is `@ret`")),
+            None => (symbol, WindowEnd::Auto),
+        };
         if name.is_empty() || !name.chars().all(|c| c.is_ascii_alphanumeric() || c == '_') {
             return Err(format!("window name `{name}` must be letters, digits and _"));
         }
         if symbol.is_empty() {
             return Err("the window's symbol is empty".into());
         }
-        Ok(WindowSpec { name: name.into(), symbol: symbol.into() })
+        Ok(WindowSpec { name: name.into(), symbol: symbol.into(), end })
     }
 }
 
@@ -64,10 +95,12 @@ pub const BUILTIN_WINDOWS: &[(Role, &str)] =
 pub struct WindowTable {
     names: Vec<String>,
     user: Vec<WindowSpec>,
+    /// `--window-end`: `Ret` ends every window on its RETs.
+    end: WindowEnd,
 }
 
 impl WindowTable {
-    pub fn new(user: &[WindowSpec]) -> Result<Self, String> {
+    pub fn new(user: &[WindowSpec], end: WindowEnd) -> Result<Self, String> {
         let mut names: Vec<String> = BUILTIN_WINDOWS.iter().map(|(_, n)| n.to_string()).collect();
         for w in user {
             if names.contains(&w.name) {
@@ -78,7 +111,15 @@ impl WindowTable {
         if names.len() as u32 > MAX_WINDOWS {
             return Err(format!("at most {} user windows", MAX_WINDOWS as usize - BUILTIN_WINDOWS.len()));
         }
-        Ok(Self { names, user: user.to_vec() })
+        Ok(Self { names, user: user.to_vec(), end })
+    }
+
+    /// How a window ends: `Ret` where its spec says so, else `--window-end`.
+    fn end_of(&self, name: &str) -> WindowEnd {
+        match self.user.iter().find(|w| w.name == name) {
+            Some(w) if w.end == WindowEnd::Ret => WindowEnd::Ret,
+            _ => self.end,
+        }
     }
 
     pub fn id(&self, name: &str) -> Option<u32> {
@@ -103,6 +144,15 @@ pub struct GoSiteStatus {
     pub entry_offset: Option<u64>,
     pub guard: Option<u32>,
     pub return_offsets: Vec<u64>,
+    /// Windows: "ret" or "caller" (see `WindowEnd`), and why not "caller"
+    /// when it could not be.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub ends: Option<&'static str>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub ends_on_ret_because: Option<String>,
+    /// A "caller" window's end sites (file offsets in its callers).
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub end_offsets: Vec<u64>,
 }
 
 #[derive(Clone, Debug, Default)]
@@ -153,16 +203,23 @@ pub fn plan(insp: &Inspection, maps: GoMaps, windows: &WindowTable, sched: bool)
     }
     for (role, class, window) in roles {
         for p in insp.probes_for(role) {
-            let r = timed(insp, &p.symbol, p.address, p.file_offset, p.size, &p.return_offsets, class, window);
+            let f = Fn { symbol: &p.symbol, address: p.address, file_offset: p.file_offset, size: p.size };
+            let r = if class == GoClass::Window {
+                let end = windows.names.get(window as usize).map_or(WindowEnd::Ret, |n| windows.end_of(n));
+                timed_window(insp, &f, &p.return_offsets, window, end)
+            } else {
+                timed(insp, &f, &p.return_offsets, class, window).map(|s| (s, None))
+            };
             plan.push(role.name(), &p.symbol, p.file_offset, r);
         }
     }
     for w in &windows.user {
         let Some(id) = windows.id(&w.name) else { continue };
         match insp.resolve(&w.symbol) {
-            Ok(f) => {
-                let r = timed(insp, &f.name, f.address, f.file_offset, f.size, &f.return_offsets, GoClass::Window, id);
-                plan.push(&format!("window {}", w.name), &w.symbol, f.file_offset, r);
+            Ok(rf) => {
+                let f = Fn { symbol: &rf.name, address: rf.address, file_offset: rf.file_offset, size: rf.size };
+                let r = timed_window(insp, &f, &rf.return_offsets, id, windows.end_of(&w.name));
+                plan.push(&format!("window {}", w.name), &w.symbol, rf.file_offset, r);
             }
             // A user window names one program's function; other binaries
             // simply do not have it.
@@ -175,6 +232,9 @@ pub fn plan(insp: &Inspection, maps: GoMaps, windows: &WindowTable, sched: bool)
                 entry_offset: None,
                 guard: None,
                 return_offsets: Vec::new(),
+                ends: None,
+                ends_on_ret_because: None,
+                end_offsets: Vec::new(),
             }),
         }
     }
@@ -199,7 +259,7 @@ impl GoPlan {
             && self.sites.iter().any(|s| matches!(s.config, SiteConfig::Go(c) if c.class == GoClass::Sched as u32))
     }
 
-    fn push(&mut self, what: &str, symbol: &str, function_offset: u64, r: Result<Vec<Site>, String>) {
+    fn push(&mut self, what: &str, symbol: &str, function_offset: u64, r: Result<Planned, String>) {
         let mut st = GoSiteStatus {
             what: what.into(),
             symbol: symbol.into(),
@@ -209,19 +269,28 @@ impl GoPlan {
             entry_offset: None,
             guard: None,
             return_offsets: Vec::new(),
+            ends: None,
+            ends_on_ret_because: None,
+            end_offsets: Vec::new(),
         };
         match r {
-            Ok(sites) => {
+            Ok((sites, why_ret)) => {
                 for s in &sites {
                     if let SiteConfig::Go(c) = s.config {
+                        if c.class == GoClass::Window as u32 {
+                            st.ends = Some(if c.end == WINDOW_END_CALLER { "caller" } else { "ret" });
+                        }
                         if c.is_ret == 0 {
                             st.entry_offset = Some(s.file_offset);
                             st.guard = Some(c.guard);
+                        } else if c.end == WINDOW_END_CALLER {
+                            st.end_offsets.push(s.file_offset);
                         } else {
                             st.return_offsets.push(s.file_offset);
                         }
                     }
                 }
+                st.ends_on_ret_because = why_ret;
                 self.sites.extend(sites);
                 st.planned = true;
             }
@@ -248,52 +317,111 @@ fn entry_only(
     file_offset: u64,
     size: u64,
     point: SchedPoint,
-) -> Result<Vec<Site>, String> {
+) -> Result<Planned, String> {
     let at = entry_site(insp, symbol, address, file_offset, size)?;
-    let cfg = GoProbeConfig { class: GoClass::Sched as u32, is_ret: 0, window: point as u32, guard: at.guard };
-    Ok(vec![Site {
-        role: format!("{point:?}"),
-        symbol: symbol.to_string(),
-        program: "go_sched",
-        file_offset: file_offset + at.offset,
-        config: SiteConfig::Go(cfg),
-    }])
+    let cfg = GoProbeConfig {
+        class: GoClass::Sched as u32,
+        window: point as u32,
+        guard: at.guard,
+        site_addr: address + at.offset,
+        ..GoProbeConfig::default()
+    };
+    Ok((
+        vec![Site {
+            role: format!("{point:?}"),
+            symbol: symbol.to_string(),
+            program: "go_sched",
+            file_offset: file_offset + at.offset,
+            config: SiteConfig::Go(cfg),
+            window_callers: Vec::new(),
+        }],
+        None,
+    ))
 }
 
-#[allow(clippy::too_many_arguments)]
-fn timed(
-    insp: &Inspection,
-    symbol: &str,
+/// A function to time.
+struct Fn<'a> {
+    symbol: &'a str,
     address: u64,
     file_offset: u64,
     size: u64,
-    rets: &[u64],
-    class: GoClass,
-    window: u32,
-) -> Result<Vec<Site>, String> {
+}
+
+/// Planned sites, and for a window that ends on its RETs although it was
+/// free to end in its callers, why.
+type Planned = (Vec<Site>, Option<String>);
+
+/// Entry and RET sites of a timed call.
+fn timed(insp: &Inspection, f: &Fn<'_>, rets: &[u64], class: GoClass, window: u32) -> Result<Vec<Site>, String> {
     if rets.is_empty() {
-        return Err(format!("{symbol}: no RET instruction decoded, so its calls cannot be timed"));
+        return Err(format!("{}: no RET instruction decoded, so its calls cannot be timed", f.symbol));
     }
-    let at = entry_site(insp, symbol, address, file_offset, size)?;
-    let cfg = GoProbeConfig { class: class as u32, is_ret: 0, window, guard: at.guard };
-    let role = format!("{class:?}");
-    let mut sites = vec![Site {
-        role: role.clone(),
-        symbol: symbol.to_string(),
-        program: "go_entry",
-        file_offset: file_offset + at.offset,
-        config: SiteConfig::Go(cfg),
-    }];
-    for r in rets {
-        sites.push(Site {
-            role: role.clone(),
-            symbol: symbol.to_string(),
-            program: "go_ret",
-            file_offset: *r,
-            config: SiteConfig::Go(GoProbeConfig { is_ret: 1, guard: 0, ..cfg }),
-        });
+    let at = entry_site(insp, f.symbol, f.address, f.file_offset, f.size)?;
+    let cfg = GoProbeConfig {
+        class: class as u32,
+        window,
+        guard: at.guard,
+        site_addr: f.address + at.offset,
+        ..GoProbeConfig::default()
+    };
+    let site = |program, file_offset, config| Site {
+        role: format!("{class:?}"),
+        symbol: f.symbol.to_string(),
+        program,
+        file_offset,
+        config: SiteConfig::Go(config),
+        window_callers: Vec::new(),
+    };
+    let mut sites = vec![site("go_entry", f.file_offset + at.offset, cfg)];
+    for &r in rets {
+        sites.push(site("go_ret", r, GoProbeConfig { is_ret: 1, guard: 0, site_addr: 0, ..cfg }));
     }
     Ok(sites)
+}
+
+/// A window's sites: ending in its callers where every direct call has an
+/// emulated branch after it (and `end` allows), on its RETs otherwise.
+fn timed_window(insp: &Inspection, f: &Fn<'_>, rets: &[u64], window: u32, end: WindowEnd) -> Result<Planned, String> {
+    if end == WindowEnd::Ret {
+        return timed(insp, f, rets, GoClass::Window, window).map(|s| (s, None));
+    }
+    let callers = match insp.caller_end_sites(f.address) {
+        Ok(c) if c.is_empty() => Err("no direct call of it in the binary".to_string()),
+        other => other,
+    };
+    let callers = match callers {
+        Ok(c) => c,
+        Err(why) => return timed(insp, f, rets, GoClass::Window, window).map(|s| (s, Some(why))),
+    };
+    let at = entry_site(insp, f.symbol, f.address, f.file_offset, f.size)?;
+    let cfg = GoProbeConfig {
+        class: GoClass::Window as u32,
+        window,
+        guard: at.guard,
+        end: WINDOW_END_CALLER,
+        site_addr: f.address + at.offset,
+        ..GoProbeConfig::default()
+    };
+    let role = format!("{:?}", GoClass::Window);
+    let mut sites = vec![Site {
+        role: role.clone(),
+        symbol: f.symbol.to_string(),
+        program: "go_entry",
+        file_offset: f.file_offset + at.offset,
+        config: SiteConfig::Go(cfg),
+        window_callers: callers.iter().map(|c| c.return_address).collect(),
+    }];
+    for c in callers.iter().filter(|_| end != WindowEnd::Entry) {
+        sites.push(Site {
+            role: role.clone(),
+            symbol: c.caller.clone(),
+            program: "go_ret",
+            file_offset: c.site_file_offset,
+            config: SiteConfig::Go(GoProbeConfig { is_ret: 1, guard: 0, site_addr: c.site_address, ..cfg }),
+            window_callers: Vec::new(),
+        });
+    }
+    Ok((sites, None))
 }
 
 #[cfg(test)]
@@ -306,9 +434,19 @@ mod tests {
         assert_eq!(w.symbol, "main.(*cache).apply");
         assert!("nope".parse::<WindowSpec>().is_err());
         assert!("bad name=x".parse::<WindowSpec>().is_err());
-        let t = WindowTable::new(std::slice::from_ref(&w)).unwrap();
+        assert_eq!(w.end, WindowEnd::Auto);
+        let r: WindowSpec = "h2=main.(*cache).apply@ret".parse().unwrap();
+        assert_eq!((r.symbol.as_str(), r.end), ("main.(*cache).apply", WindowEnd::Ret));
+        assert!("h3=main.f@park".parse::<WindowSpec>().is_err());
+        let t = WindowTable::new(&[w.clone(), r.clone()], WindowEnd::Auto).unwrap();
         assert_eq!(t.id("etcd_dispatch"), Some(0));
         assert_eq!(t.id("handler"), Some(BUILTIN_WINDOWS.len() as u32));
-        assert!(WindowTable::new(&[w.clone(), w]).is_err());
+        assert_eq!(
+            (t.end_of("handler"), t.end_of("h2"), t.end_of("etcd_dispatch")),
+            (WindowEnd::Auto, WindowEnd::Ret, WindowEnd::Auto)
+        );
+        let all_ret = WindowTable::new(std::slice::from_ref(&w), WindowEnd::Ret).unwrap();
+        assert_eq!(all_ret.end_of("handler"), WindowEnd::Ret);
+        assert!(WindowTable::new(&[w.clone(), w], WindowEnd::Auto).is_err());
     }
 }

@@ -21,10 +21,13 @@ use std::{
     path::Path,
 };
 
-use agent_common::{goruntime::GoProbeConfig, watch::WatchProbeConfig};
+use agent_common::{
+    goruntime::{GoProbeConfig, WindowCaller},
+    watch::WatchProbeConfig,
+};
 use aya::{
     Ebpf,
-    maps::{Array, MapData},
+    maps::{Array, HashMap as BpfHashMap, MapData},
     programs::{
         UProbe,
         uprobe::{UProbeAttachLocation, UProbeAttachPoint, UProbeLink, UProbeLinkId, UProbeScope},
@@ -146,6 +149,11 @@ pub struct Site {
     pub file_offset: u64,
     #[serde(skip)]
     pub config: SiteConfig,
+    /// A `WINDOW_END_CALLER` window's entry: the link-time return
+    /// addresses of its direct calls (`WS_GO_WINDOW_CALLERS`, keyed by
+    /// this site's cookie).
+    #[serde(skip)]
+    pub window_callers: Vec<u64>,
 }
 
 /// What the kernel program at a site reads: its config array entry.
@@ -158,6 +166,8 @@ pub enum SiteConfig {
 struct Attached {
     links: Vec<Link>,
     cookies: Vec<Cookie>,
+    /// Entries written to `WS_GO_WINDOW_CALLERS` for these sites.
+    callers: Vec<WindowCaller>,
     /// Per-operation map probes (`--go-maps=all`): detached by themselves
     /// once `--go-maps-window` has passed since they were attached, with
     /// their cookies.
@@ -182,6 +192,7 @@ enum Cookie {
 pub struct Uprobes {
     watch_config: Array<MapData, WatchProbeConfig>,
     go_config: Array<MapData, GoProbeConfig>,
+    window_callers: BpfHashMap<MapData, WindowCaller, u32>,
     free_watch: Vec<u32>,
     free_go: Vec<u32>,
     by_file: HashMap<FileIdent, Attached>,
@@ -197,6 +208,7 @@ impl Uprobes {
     pub fn new(
         watch_config: Array<MapData, WatchProbeConfig>,
         go_config: Array<MapData, GoProbeConfig>,
+        window_callers: BpfHashMap<MapData, WindowCaller, u32>,
         mode: UprobeMode,
         root: HostRoot,
         multi: Option<MultiPrograms>,
@@ -211,6 +223,7 @@ impl Uprobes {
         Self {
             watch_config,
             go_config,
+            window_callers,
             free_watch: (0..MAX_WATCH_COOKIES).rev().collect(),
             free_go: (0..MAX_GO_COOKIES).rev().collect(),
             by_file: HashMap::new(),
@@ -255,6 +268,7 @@ impl Uprobes {
         let mut done = Attached {
             links: Vec::new(),
             cookies: Vec::new(),
+            callers: Vec::new(),
             temporary: Vec::new(),
             attached_at: std::time::Instant::now(),
             users: BTreeSet::new(),
@@ -288,7 +302,7 @@ impl Uprobes {
             let mut cookies = Vec::with_capacity(members.len());
             let mut offsets = Vec::with_capacity(members.len());
             for site in &members {
-                let cookie = match self.take_cookie(site.config) {
+                let cookie = match self.take_cookie(site, &mut done.callers) {
                     Ok(c) => c,
                     Err(e) => {
                         done.cookies.extend(cookies);
@@ -316,8 +330,10 @@ impl Uprobes {
         Ok(())
     }
 
-    /// Takes a free cookie for a site and writes its configuration there.
-    fn take_cookie(&mut self, config: SiteConfig) -> Result<Cookie, UprobeError> {
+    /// Takes a free cookie for a site and writes its configuration there
+    /// (and its window callers, noted in `callers`).
+    fn take_cookie(&mut self, site: &Site, callers: &mut Vec<WindowCaller>) -> Result<Cookie, UprobeError> {
+        let config = site.config;
         let cookie = match config {
             SiteConfig::Watch(_) => Cookie::Watch(self.free_watch.pop().ok_or(UprobeError::NoCookie)?),
             SiteConfig::Go(_) => Cookie::Go(self.free_go.pop().ok_or(UprobeError::NoCookie)?),
@@ -331,7 +347,25 @@ impl Uprobes {
             self.release_cookies(vec![cookie]);
             return Err(UprobeError::Config(e));
         }
+        for &return_address in &site.window_callers {
+            let key = WindowCaller { entry: cookie.id(), _pad: 0, return_address };
+            if let Err(e) = self.window_callers.insert(key, 0, 0) {
+                self.release_cookies(vec![cookie]);
+                return Err(UprobeError::Config(e));
+            }
+            callers.push(key);
+        }
         Ok(cookie)
+    }
+
+    /// Removes window callers written for sites that are gone (before their
+    /// cookies can be reused).
+    fn forget_callers(&mut self, callers: Vec<WindowCaller>) {
+        for key in callers {
+            if let Err(e) = self.window_callers.remove(&key) {
+                tracing::warn!("removing a window caller: {e}");
+            }
+        }
     }
 
     fn attach_site(
@@ -341,7 +375,7 @@ impl Uprobes {
         site: &Site,
         done: &mut Attached,
     ) -> Result<(), UprobeError> {
-        let cookie = self.take_cookie(site.config)?;
+        let cookie = self.take_cookie(site, &mut done.callers)?;
         // Held at once, so an error below still gives it back.
         done.cookies.push(cookie);
         let link = self.place(ebpf, open_path, site, cookie)?;
@@ -475,7 +509,8 @@ impl Uprobes {
         let files: Vec<FileIdent> = self.by_file.iter().filter(|(_, a)| which(a)).map(|(f, _)| *f).collect();
         let mut ids = Vec::new();
         for file in files {
-            if let Some(a) = self.by_file.remove(&file) {
+            if let Some(mut a) = self.by_file.remove(&file) {
+                self.forget_callers(std::mem::take(&mut a.callers));
                 let (links, cookies) = a.into_parts();
                 ids.extend(links);
                 self.release_cookies(cookies);
@@ -485,7 +520,8 @@ impl Uprobes {
         (n, take_links(ebpf, ids))
     }
 
-    fn release(&mut self, ebpf: &mut Ebpf, a: Attached) {
+    fn release(&mut self, ebpf: &mut Ebpf, mut a: Attached) {
+        self.forget_callers(std::mem::take(&mut a.callers));
         let (links, cookies) = a.into_parts();
         drop(take_links(ebpf, links));
         self.release_cookies(cookies);

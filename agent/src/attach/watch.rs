@@ -637,6 +637,7 @@ fn entry_watch_site(
         program,
         file_offset: p.file_offset + at.offset,
         config: SiteConfig::Watch(cfg),
+        window_callers: Vec::new(),
     })
 }
 

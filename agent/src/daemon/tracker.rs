@@ -229,6 +229,8 @@ impl Tracker {
         .context("loading the sidecar programs")?;
         let sched = SchedProbes::load(&mut ebpf).context("loading the scheduler programs")?;
         let go_config = ebpf.take_map("WS_GO_CONFIG").context("the eBPF object has no WS_GO_CONFIG map")?;
+        let callers =
+            ebpf.take_map("WS_GO_WINDOW_CALLERS").context("the eBPF object has no WS_GO_WINDOW_CALLERS map")?;
         let config = ebpf.take_map("WS_WATCH_CONFIG").context("the eBPF object has no WS_WATCH_CONFIG map")?;
         let proc_slot = ebpf.take_map("WS_PROC_SLOT").context("the eBPF object has no WS_PROC_SLOT map")?;
         Ok(Self {
@@ -242,6 +244,7 @@ impl Tracker {
             uprobes: Uprobes::new(
                 aya::maps::Array::try_from(config).context("WS_WATCH_CONFIG")?,
                 aya::maps::Array::try_from(go_config).context("WS_GO_CONFIG")?,
+                BpfHashMap::try_from(callers).context("WS_GO_WINDOW_CALLERS")?,
                 uprobe_mode,
                 root,
                 multi,

@@ -144,6 +144,17 @@ pub struct ResolvedFunction {
     pub return_offsets: Vec<u64>,
 }
 
+/// Where one direct call of a function can be seen to have returned: the
+/// first branch (kernel-emulated) after the call, in the caller.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct CallerEndSite {
+    pub caller: String,
+    /// Link-time address the call returns to.
+    pub return_address: u64,
+    pub site_address: u64,
+    pub site_file_offset: u64,
+}
+
 /// A probe the catalog asked for and the binary has.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 pub struct Probe {
@@ -370,6 +381,24 @@ impl Image {
         Ok(Function { name, address, size, size_exact, file_offset })
     }
 
+    /// The function whose code holds `addr` (binary search of the table,
+    /// which is sorted by entry).
+    fn function_containing(&self, addr: u64) -> Option<Function> {
+        let t = self.table();
+        let raw = addr.checked_sub(self.entry_base)?;
+        let (mut lo, mut hi) = (0usize, t.nfunc());
+        while lo < hi {
+            let mid = lo + (hi - lo) / 2;
+            if t.entry_raw(mid).ok()? <= raw {
+                lo = mid + 1;
+            } else {
+                hi = mid;
+            }
+        }
+        let f = self.function(lo.checked_sub(1)?).ok()?;
+        (addr >= f.address && addr - f.address < f.size).then_some(f)
+    }
+
     fn resolve_index(&self, i: usize) -> Result<ResolvedFunction, ResolveError> {
         let f = self.function(i).map_err(|reason| ResolveError::Unusable {
             name: String::from_utf8_lossy(self.name_of(i)).into_owned(),
@@ -515,6 +544,65 @@ impl Inspection {
     /// How many type descriptors are reachable (walks the graph once).
     pub fn type_count(&self) -> Result<usize, TypeError> {
         Ok(self.image.type_index()?.len())
+    }
+
+    /// Where a call of the function at `target` can be seen to have
+    /// returned, without a probe on its RETs: for every direct call of it in
+    /// the binary, the first branch after the call that the kernel emulates
+    /// (see [`disasm::x86_first_branch`]). A call site without one makes
+    /// the whole answer an error: some returns could not be seen. Calls
+    /// through a function value or an interface have no call site here; the
+    /// kernel program recognises them by their return address and leaves
+    /// them untimed (see `agent-ebpf/src/goruntime.rs`). amd64 only.
+    pub fn caller_end_sites(&self, target: u64) -> Result<Vec<CallerEndSite>, String> {
+        if self.arch != Arch::X86_64 {
+            return Err("ends in the caller are decoded on amd64 only".into());
+        }
+        let seg = *self
+            .image
+            .elf
+            .segment_of(target)
+            .filter(|s| s.executable())
+            .ok_or_else(|| format!("{target:#x} is in no executable segment"))?;
+        let start = usize::try_from(seg.offset).map_err(|_| "segment offset overflows".to_string())?;
+        let len = usize::try_from(seg.filesz).map_err(|_| "segment size overflows".to_string())?;
+        let text = self
+            .image
+            .data()
+            .get(start..start.saturating_add(len))
+            .ok_or_else(|| "the executable segment runs past the file".to_string())?;
+        let mut out = Vec::new();
+        for i in memchr::memchr_iter(0xe8, text) {
+            let Some(rel) = text.get(i + 1..i + 5).and_then(|b| <[u8; 4]>::try_from(b).ok()) else { continue };
+            // Addresses from the file's headers: checked, never trusted.
+            let Some((at, ret)) = seg.vaddr.checked_add(i as u64).and_then(|a| Some((a, a.checked_add(5)?))) else {
+                continue;
+            };
+            if ret.wrapping_add_signed(i64::from(i32::from_le_bytes(rel))) != target {
+                continue;
+            }
+            // An E8 byte with the right displacement may sit inside another
+            // instruction: decode the containing function to be sure.
+            let Some(f) = self.image.function_containing(at) else { continue };
+            let Some(f_start) = f.address.checked_sub(seg.vaddr).and_then(|o| usize::try_from(o).ok()) else {
+                continue;
+            };
+            let Some(code) = text.get(f_start..f_start.saturating_add(f.size as usize)) else { continue };
+            if !disasm::x86_calls_at(code, f.address, at, target) {
+                continue;
+            }
+            let rest = code.get((i + 5).saturating_sub(f_start)..).unwrap_or_default();
+            let off = disasm::x86_first_branch(rest, ret, 24).map_err(|e| format!("called from {}: {e}", f.name))?;
+            // Inside `code`, so inside the segment: these cannot overflow.
+            let in_segment = (i + 5) as u64 + off;
+            out.push(CallerEndSite {
+                caller: f.name.clone(),
+                return_address: ret,
+                site_address: seg.vaddr.saturating_add(in_segment),
+                site_file_offset: seg.offset.saturating_add(in_segment),
+            });
+        }
+        Ok(out)
     }
 
     /// The function record only (no disassembly).
