@@ -207,6 +207,18 @@ impl Bytes {
             Bytes::Owned(v) => v,
         }
     }
+
+    /// Unmaps the pages of `len` bytes at `offset` from this process (they
+    /// stay in the page cache): a scan that reads a whole text segment once
+    /// would otherwise leave it all in the agent's RSS (7.6 MB for etcdctl).
+    fn release(&self, offset: usize, len: usize) {
+        if let Bytes::Map(m) = self {
+            // SAFETY: a read-only mapping of a file: a dropped page is read
+            // again from the file on its next access, with the same bytes,
+            // so every slice borrowed from the mapping stays valid.
+            let _ = unsafe { m.unchecked_advise_range(memmap2::UncheckedAdvice::DontNeed, offset, len) };
+        }
+    }
 }
 
 /// The file bytes and everything parsed from them, as offsets.
@@ -572,7 +584,15 @@ impl Inspection {
             .get(start..start.saturating_add(len))
             .ok_or_else(|| "the executable segment runs past the file".to_string())?;
         let mut out = Vec::new();
+        // Scanned pages are let go of behind the cursor, a MB at a time.
+        const RELEASE: usize = 1 << 20;
+        let mut released = 0;
+        let mut failure = None;
         for i in memchr::memchr_iter(0xe8, text) {
+            if i - released >= 2 * RELEASE {
+                self.image.bytes.release(start + released, RELEASE);
+                released += RELEASE;
+            }
             let Some(rel) = text.get(i + 1..i + 5).and_then(|b| <[u8; 4]>::try_from(b).ok()) else { continue };
             // Addresses from the file's headers: checked, never trusted.
             let Some((at, ret)) = seg.vaddr.checked_add(i as u64).and_then(|a| Some((a, a.checked_add(5)?))) else {
@@ -592,7 +612,13 @@ impl Inspection {
                 continue;
             }
             let rest = code.get((i + 5).saturating_sub(f_start)..).unwrap_or_default();
-            let off = disasm::x86_first_branch(rest, ret, 24).map_err(|e| format!("called from {}: {e}", f.name))?;
+            let off = match disasm::x86_first_branch(rest, ret, 24) {
+                Ok(off) => off,
+                Err(e) => {
+                    failure = Some(format!("called from {}: {e}", f.name));
+                    break;
+                }
+            };
             // Inside `code`, so inside the segment: these cannot overflow.
             let in_segment = (i + 5) as u64 + off;
             out.push(CallerEndSite {
@@ -602,7 +628,11 @@ impl Inspection {
                 site_file_offset: seg.offset.saturating_add(in_segment),
             });
         }
-        Ok(out)
+        self.image.bytes.release(start + released, len - released);
+        match failure {
+            Some(why) => Err(why),
+            None => Ok(out),
+        }
     }
 
     /// The function record only (no disassembly).
