@@ -410,6 +410,14 @@ fn planned_offsets(probes: &serde_json::Value, pid: u32) -> Vec<u64> {
     let runtime = planned("go_runtime", "entry_offset");
     assert!(!runtime.is_empty(), "no Go runtime probe planned for {pid}: {bin}");
     offsets.extend(runtime);
+    // And every return site: the RETs, and a window's end sites in its
+    // callers (the client's dispatch window ends there).
+    for list in ["return_offsets", "end_offsets"] {
+        let sites = bin["go_runtime"].as_array().into_iter().flatten().filter(|s| s["planned"] == true);
+        offsets.extend(sites.flat_map(|s| s[list].as_array().into_iter().flatten().filter_map(|o| o.as_u64())));
+    }
+    offsets.sort_unstable();
+    offsets.dedup();
     offsets
 }
 
@@ -453,6 +461,22 @@ fn sigterm_stops_within_half_a_second_and_takes_every_probe_away(build: Build) {
     // The programs loaded for multi links are the ones whose runs are counted.
     let runs = agent.sample("watchscope_program_runs_total{program=\"etcd_notify\"}");
     assert!(runs >= N as f64, "{}", agent.metrics());
+
+    // The client's dispatch window ends in its caller: no RET probe.
+    let dispatch: Vec<serde_json::Value> = probes["binaries"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter(|b| {
+            b["processes"].as_array().is_some_and(|p| p.iter().any(|p| p.as_u64() == Some(u64::from(first.pid()))))
+        })
+        .flat_map(|b| b["go_runtime"].as_array().cloned().unwrap_or_default())
+        .filter(|s| s["what"] == "etcd_client_dispatch")
+        .collect();
+    assert!(
+        !dispatch.is_empty() && dispatch.iter().all(|s| s["ends"] == "caller" && s["end_offsets"].is_array()),
+        "{dispatch:?}"
+    );
 
     // Every planned site is a breakpoint in each process's text now.
     let offsets: Vec<(u32, u64, u8)> = pids

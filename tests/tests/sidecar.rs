@@ -130,8 +130,12 @@ fn an_injected_request_delay_lands_in_its_buckets() {
     // (3 of 40 past 1.1·D while a release build ran alongside).
     assert_eq!(lo, 0.0, "requests measured under 0.9·{D}s:\n{:?}", req.cumulative);
     assert!(around >= 0.9 * N as f64, "{around} of {N} requests in the buckets around {D}s:\n{:?}", req.cumulative);
+    // The delay is the request's: no response is measured anywhere near it,
+    // and nearly all take well under a millisecond (a loaded machine
+    // delayed one python3 response to 1.4 ms once).
     let resp = Buckets::parse(&text, FAMILY, &format!("direction=\"response\",comm=\"{comm}\""));
-    assert_eq!(resp.below(0.001), N as f64, "responses not all under 1 ms: {:?}", resp.cumulative);
+    assert_eq!(resp.below(D * 0.5), N as f64, "a response near the request's delay: {:?}", resp.cumulative);
+    assert!(resp.below(0.001) >= 0.9 * N as f64, "responses over 1 ms: {:?}", resp.cumulative);
 }
 
 /// The check that keeps every other process's cost down must come first:

@@ -2,11 +2,11 @@
 //! through the raw `bpf()` syscall (aya 0.14 has no probe for either).
 
 use std::{
-    os::fd::{AsFd as _, FromRawFd as _, OwnedFd},
+    os::fd::{AsFd as _, AsRawFd as _, BorrowedFd, FromRawFd as _, OwnedFd},
     path::Path,
 };
 
-use aya_obj::generated::{bpf_attach_type, bpf_attr, bpf_cmd, bpf_insn, bpf_prog_type};
+use aya_obj::generated::{bpf_attach_type, bpf_attr, bpf_cmd, bpf_func_info, bpf_insn, bpf_line_info, bpf_prog_type};
 
 use super::multi::{MultiError, MultiLink};
 
@@ -90,22 +90,84 @@ fn insn(code: u8, dst: u8, src: u8, off: i16, imm: i32) -> bpf_insn {
 
 /// Loads a test program of the uprobe kind (`BPF_PROG_TYPE_KPROBE`).
 fn load_kprobe(insns: &[bpf_insn], expected: Option<bpf_attach_type>) -> std::io::Result<OwnedFd> {
-    let license = c"GPL";
-    // SAFETY: bpf_attr is plain data; all-zero is its documented default.
-    let mut attr: bpf_attr = unsafe { std::mem::zeroed() };
-    // SAFETY: writing plain fields of the PROG_LOAD member; the pointers
-    // outlive the syscall.
-    unsafe {
-        let p = &mut attr.__bindgen_anon_3;
-        p.prog_type = bpf_prog_type::BPF_PROG_TYPE_KPROBE as u32;
-        if let Some(t) = expected {
-            p.expected_attach_type = t as u32;
-        }
-        p.insns = insns.as_ptr() as u64;
-        p.insn_cnt = insns.len() as u32;
-        p.license = license.as_ptr() as u64;
+    KprobeLoad { insns, expected, ..KprobeLoad::default() }.load()
+}
+
+/// The BTF a program was compiled with: its object's BTF, loaded, and the
+/// program's function and line records in it (what the verifier log cites).
+pub(super) struct ProgBtf<'a> {
+    pub fd: BorrowedFd<'a>,
+    pub func_info: &'a [bpf_func_info],
+    pub func_info_rec_size: u32,
+    pub line_info: &'a [bpf_line_info],
+    pub line_info_rec_size: u32,
+}
+
+/// One `BPF_PROG_LOAD` of a uprobe-kind program (`BPF_PROG_TYPE_KPROBE`),
+/// the agent's only raw loader: the feature probes' test programs (bare)
+/// and the programs loaded for uprobe_multi links (named, with BTF, and a
+/// verifier log on a second try).
+pub(super) struct KprobeLoad<'a> {
+    pub insns: &'a [bpf_insn],
+    pub license: &'a std::ffi::CStr,
+    pub expected: Option<bpf_attach_type>,
+    /// Cut to the kernel's 15 bytes, as aya does.
+    pub name: &'a str,
+    pub kern_version: u32,
+    pub btf: Option<ProgBtf<'a>>,
+}
+
+impl Default for KprobeLoad<'_> {
+    fn default() -> Self {
+        KprobeLoad { insns: &[], license: c"GPL", expected: None, name: "", kern_version: 0, btf: None }
     }
-    sys_bpf(bpf_cmd::BPF_PROG_LOAD, &mut attr)
+}
+
+impl KprobeLoad<'_> {
+    pub fn load(&self) -> std::io::Result<OwnedFd> {
+        self.load_logged(None)
+    }
+
+    /// Loads with the verifier's log written into `log` (level 1).
+    pub fn load_logged(&self, log: Option<&mut [u8]>) -> std::io::Result<OwnedFd> {
+        // SAFETY: bpf_attr is plain data; all-zero is its documented default.
+        let mut attr: bpf_attr = unsafe { std::mem::zeroed() };
+        // SAFETY: writing plain fields of the PROG_LOAD member; every pointer
+        // outlives the syscall.
+        unsafe {
+            let p = &mut attr.__bindgen_anon_3;
+            p.prog_type = bpf_prog_type::BPF_PROG_TYPE_KPROBE as u32;
+            if let Some(t) = self.expected {
+                p.expected_attach_type = t as u32;
+            }
+            p.insns = self.insns.as_ptr() as u64;
+            p.insn_cnt = self.insns.len() as u32;
+            p.license = self.license.as_ptr() as u64;
+            p.kern_version = self.kern_version;
+            for (dst, src) in p.prog_name.iter_mut().zip(self.name.bytes().take(15)) {
+                *dst = src as libc::c_char;
+            }
+            if let Some(btf) = &self.btf {
+                p.prog_btf_fd = btf.fd.as_raw_fd() as u32;
+                if !btf.func_info.is_empty() {
+                    p.func_info = btf.func_info.as_ptr() as u64;
+                    p.func_info_cnt = btf.func_info.len() as u32;
+                    p.func_info_rec_size = btf.func_info_rec_size;
+                }
+                if !btf.line_info.is_empty() {
+                    p.line_info = btf.line_info.as_ptr() as u64;
+                    p.line_info_cnt = btf.line_info.len() as u32;
+                    p.line_info_rec_size = btf.line_info_rec_size;
+                }
+            }
+            if let Some(log) = log {
+                p.log_level = 1;
+                p.log_buf = log.as_mut_ptr() as u64;
+                p.log_size = log.len() as u32;
+            }
+        }
+        sys_bpf(bpf_cmd::BPF_PROG_LOAD, &mut attr)
+    }
 }
 
 /// `bpf(cmd, attr)` for the commands that return a new fd.

@@ -27,11 +27,11 @@ use aya::{
 };
 use aya_obj::{
     Object,
-    generated::{bpf_attach_type, bpf_attr, bpf_cmd, bpf_func_info, bpf_line_info, bpf_prog_type},
+    generated::{bpf_attach_type, bpf_attr, bpf_cmd},
 };
 use thiserror::Error;
 
-use super::features::sys_bpf;
+use super::features::{KprobeLoad, ProgBtf, sys_bpf};
 
 #[derive(Debug, Error)]
 pub enum MultiError {
@@ -250,46 +250,21 @@ fn load_program(
     func: &aya_obj::Function,
     btf: Option<BorrowedFd<'_>>,
 ) -> Result<OwnedFd, MultiError> {
-    let load = |log: Option<&mut Vec<u8>>| {
-        // SAFETY: bpf_attr is plain data; all-zero is its documented default.
-        let mut attr: bpf_attr = unsafe { std::mem::zeroed() };
-        // SAFETY: writing plain fields of the PROG_LOAD member; every
-        // pointer outlives the syscall.
-        unsafe {
-            let p = &mut attr.__bindgen_anon_3;
-            p.prog_type = bpf_prog_type::BPF_PROG_TYPE_KPROBE as u32;
-            p.expected_attach_type = bpf_attach_type::BPF_TRACE_UPROBE_MULTI as u32;
-            p.insns = func.instructions.as_ptr() as u64;
-            p.insn_cnt = func.instructions.len() as u32;
-            p.license = prog.license.as_ptr() as u64;
-            p.kern_version = prog.kernel_version.unwrap_or(0);
-            // The kernel keeps 15 bytes of a name; aya cuts it the same way.
-            for (dst, src) in p.prog_name.iter_mut().zip(name.bytes().take(15)) {
-                *dst = src as libc::c_char;
-            }
-            if let Some(btf) = btf {
-                p.prog_btf_fd = btf.as_raw_fd() as u32;
-                let fi: &[bpf_func_info] = &func.func_info.func_info;
-                if !fi.is_empty() {
-                    p.func_info = fi.as_ptr() as u64;
-                    p.func_info_cnt = fi.len() as u32;
-                    p.func_info_rec_size = func.func_info_rec_size as u32;
-                }
-                let li: &[bpf_line_info] = &func.line_info.line_info;
-                if !li.is_empty() {
-                    p.line_info = li.as_ptr() as u64;
-                    p.line_info_cnt = li.len() as u32;
-                    p.line_info_rec_size = func.line_info_rec_size as u32;
-                }
-            }
-            if let Some(log) = log {
-                p.log_level = 1;
-                p.log_buf = log.as_mut_ptr() as u64;
-                p.log_size = log.len() as u32;
-            }
-        }
-        sys_bpf(bpf_cmd::BPF_PROG_LOAD, &mut attr)
+    let req = KprobeLoad {
+        insns: &func.instructions,
+        license: &prog.license,
+        expected: Some(bpf_attach_type::BPF_TRACE_UPROBE_MULTI),
+        name,
+        kern_version: prog.kernel_version.unwrap_or(0),
+        btf: btf.map(|fd| ProgBtf {
+            fd,
+            func_info: &func.func_info.func_info,
+            func_info_rec_size: func.func_info_rec_size as u32,
+            line_info: &func.line_info.line_info,
+            line_info_rec_size: func.line_info_rec_size as u32,
+        }),
     };
+    let load = |log: Option<&mut Vec<u8>>| req.load_logged(log.map(|l| l.as_mut_slice()));
     load(None).or_else(|source| {
         let mut log = vec![0u8; 1 << 22];
         let again = load(Some(&mut log));
