@@ -9,7 +9,7 @@ use std::{collections::HashMap, path::Path, process::Command, time::Duration};
 
 use serde_json::Value;
 use watchscope_integration_tests::{
-    Agent, Buckets, Piped, clientgo, require_root,
+    Agent, Buckets, Piped, clientgo, debug_probes, require_root,
     tracefs::{Uprobes, fetch},
     wait_attached, wait_until, watchscope_bin,
 };
@@ -173,7 +173,6 @@ fn handle_deltas_reads_match_tracefs() {
 fn informer_window_counts_every_handled_pop() {
     require_root();
     let bin = clientgo::informer();
-    let j = inspect_json(bin);
     let comm = bin.file_name().and_then(|n| n.to_str()).expect("fixture name");
     let agent = Agent::start(&["--go-comm", comm]);
     // 20.48 ms is a bucket bound, so "no window below it" is an exact check.
@@ -199,23 +198,51 @@ fn informer_window_counts_every_handled_pop() {
     assert_eq!(w.count() - before, N as f64, "windows before {before}, after {}:\n{}", w.count(), agent.metrics());
     assert_eq!(w.below(delay), short_before, "a window shorter than the index delay: {:?}", w.cumulative);
 
+    // The kernel's own uprobes on the agent's entry sites (the stack-check
+    // jump), with the flags: a call that grows its stack runs that jump
+    // twice, and the pass that goes to morestack is not a call (a probe on
+    // the function's first byte once counted such a call twice here).
+    let statuses = debug_probes(&agent)["binaries"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .find(|b| b["path"].as_str() == bin.to_str())
+        .and_then(|b| b["go_runtime"].as_array().cloned())
+        .unwrap_or_default();
+    let entry = |symbol: &str| {
+        let s = statuses.iter().find(|s| s["symbol"] == symbol).unwrap_or_else(|| panic!("{symbol}: {statuses:?}"));
+        (s["entry_offset"].as_u64().expect("entry offset"), s["guard"].as_u64().expect("guard"))
+    };
     let mut up = Uprobes::new("wscg");
+    let mut guards = HashMap::new();
     for (event, symbol) in [("single", HANDLE_DELTAS), ("batch", HANDLE_BATCH_DELTAS)] {
-        up.add(event, bin, probe(&j, symbol)["file_offset"].as_u64().expect("offset"), "");
+        let (offset, guard) = entry(symbol);
+        up.add(event, bin, offset, "fl=%flags:u64");
+        guards.insert(event, guard);
     }
     up.enable();
     let before_burst = windows().count();
     assert_eq!(inf.command(&format!("burst {BURST}")), 1 + N + BURST);
     // Every pop had entered its function before its handler answered, so
     // the tracefs hits are complete; the windows close as the pops return.
-    let (singles, batches) = (up.hits("single").len(), up.hits("batch").len());
+    // GUARD_X86_JBE = 1 jumps on CF|ZF (0x41), GUARD_X86_JB = 2 on CF.
+    let calls = |event: &str| {
+        let mask = match guards[event] {
+            1 => 0x41,
+            2 => 0x1,
+            _ => 0,
+        };
+        up.hits(event).iter().filter(|h| h.get("fl").is_some_and(|fl| fl & mask == 0)).count()
+    };
+    let (singles, batches) = (calls("single"), calls("batch"));
+    let morestack = up.hits("single").len() + up.hits("batch").len() - singles - batches;
     assert!(batches > 0, "the burst was never popped as a batch");
     wait_until(Duration::from_secs(10), || windows().count() >= before_burst + (singles + batches) as f64);
     let w = windows();
     assert_eq!(
         w.count() - before_burst,
         (singles + batches) as f64,
-        "tracefs: {singles} handleDeltas, {batches} handleBatchDeltas"
+        "tracefs: {singles} handleDeltas, {batches} handleBatchDeltas ({morestack} morestack passes)"
     );
     assert_eq!(w.below(delay), short_before, "{:?}", w.cumulative);
     // The buckets that gained windows: (upper bound, windows in it).

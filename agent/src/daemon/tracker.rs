@@ -517,6 +517,7 @@ impl Tracker {
                 let server = watch.sites.iter().any(|s| s.program == "etcd_notify" || s.program == "kube_cache");
                 if !related && !go_named {
                     // A Go program without any watch-path role, not named by --go-*.
+                    insp.release_pages();
                     None
                 } else {
                     let mut go = if (recognised && !server) || go_named {
@@ -527,6 +528,7 @@ impl Tracker {
                     if self.go.empty_probes {
                         go.sites.iter_mut().for_each(|s| s.program = "go_empty");
                     }
+                    insp.release_pages();
                     Some((insp, Arc::new(BinaryPlan { watch, go })))
                 }
             }

@@ -635,6 +635,15 @@ impl Inspection {
         }
     }
 
+    /// Lets go of the file's pages this process has touched (they stay in
+    /// the page cache, and a later read faults them in again): the agent
+    /// maps every binary it inspects, and what an inspection and a plan read
+    /// (tables, prologues, a whole text segment for the window call sites)
+    /// would otherwise stay in its RSS for as long as the binary is cached.
+    pub fn release_pages(&self) {
+        self.image.bytes.release(0, self.image.data().len());
+    }
+
     /// The function record only (no disassembly).
     pub fn function(&self, symbol: &str) -> Option<Function> {
         let i = *self.image.lookup(symbol).first()?;
