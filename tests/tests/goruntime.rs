@@ -568,3 +568,21 @@ fn a_million_windows_through_stack_copies_and_migration_keep_the_checksum_go119(
 fn a_million_windows_through_stack_copies_and_migration_keep_the_checksum_go127() {
     a_million_windows(go127(), "wsg-churn127");
 }
+
+/// A window on a function called from everywhere (`runtime.newobject`:
+/// hundreds of call sites) keeps its RET probes, and says why, rather than
+/// placing a probe after each call.
+#[test]
+fn a_window_called_from_too_many_places_ends_on_its_rets() {
+    let name = "wsg-many119";
+    let dir = tempfile::tempdir().expect("tmp");
+    let bin = build(go119(), dir.path(), name);
+    let agent = Agent::start(&["--go-comm", name, "--window", "alloc=runtime.newobject"]);
+    let fx = Fixture::start(&bin, &["calls", "10"]);
+    let site = window_site(&agent, &bin, "window alloc");
+    assert_eq!(site["ends"], "ret", "{site}");
+    let why = site["ends_on_ret_because"].as_str().unwrap_or_default();
+    assert!(why.contains("direct calls of it"), "{site}");
+    assert!(site["return_offsets"].as_array().is_some_and(|r| !r.is_empty()), "{site}");
+    drop(fx);
+}

@@ -379,13 +379,18 @@ fn timed(insp: &Inspection, f: &Fn<'_>, rets: &[u64], class: GoClass, window: u3
     Ok(sites)
 }
 
+/// Most call sites a window ends at in its callers: each is a probe, and an
+/// entry in `WS_GO_WINDOW_CALLERS` (1,024 for the node). A function called
+/// from more places (a user window on a utility) keeps its RET probes.
+const MAX_CALLER_SITES: usize = 32;
+
 /// A window's sites: ending in its callers where every direct call has an
 /// emulated branch after it (and `end` allows), on its RETs otherwise.
 fn timed_window(insp: &Inspection, f: &Fn<'_>, rets: &[u64], window: u32, end: WindowEnd) -> Result<Planned, String> {
     if end == WindowEnd::Ret {
         return timed(insp, f, rets, GoClass::Window, window).map(|s| (s, None));
     }
-    let callers = match insp.caller_end_sites(f.address) {
+    let callers = match insp.caller_end_sites(f.address, MAX_CALLER_SITES) {
         Ok(c) if c.is_empty() => Err("no direct call of it in the binary".to_string()),
         other => other,
     };

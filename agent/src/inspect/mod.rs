@@ -566,7 +566,9 @@ impl Inspection {
     /// through a function value or an interface have no call site here; the
     /// kernel program recognises them by their return address and leaves
     /// them untimed (see `agent-ebpf/src/goruntime.rs`). amd64 only.
-    pub fn caller_end_sites(&self, target: u64) -> Result<Vec<CallerEndSite>, String> {
+    /// More than `max` direct calls is an error too (each end site is a
+    /// probe).
+    pub fn caller_end_sites(&self, target: u64, max: usize) -> Result<Vec<CallerEndSite>, String> {
         if self.arch != Arch::X86_64 {
             return Err("ends in the caller are decoded on amd64 only".into());
         }
@@ -588,6 +590,7 @@ impl Inspection {
         const RELEASE: usize = 1 << 20;
         let mut released = 0;
         let mut failure = None;
+        let mut calls = 0;
         for i in memchr::memchr_iter(0xe8, text) {
             if i - released >= 2 * RELEASE {
                 self.image.bytes.release(start + released, RELEASE);
@@ -611,12 +614,18 @@ impl Inspection {
             if !disasm::x86_calls_at(code, f.address, at, target) {
                 continue;
             }
+            calls += 1;
+            if calls > max {
+                failure = Some(format!("more than {max} direct calls of it (each would be a probe)"));
+                break;
+            }
             let rest = code.get((i + 5).saturating_sub(f_start)..).unwrap_or_default();
             let off = match disasm::x86_first_branch(rest, ret, 24) {
                 Ok(off) => off,
                 Err(e) => {
-                    failure = Some(format!("called from {}: {e}", f.name));
-                    break;
+                    // Scanning on: too many calls is the better reason.
+                    failure.get_or_insert_with(|| format!("called from {}: {e}", f.name));
+                    continue;
                 }
             };
             // Inside `code`, so inside the segment: these cannot overflow.
