@@ -19,7 +19,7 @@ use super::{
     watch::{binary_refusal, entry_site},
 };
 use crate::inspect::{
-    Inspection,
+    Inspection, Probe,
     catalog::{Abi, Role},
 };
 
@@ -203,7 +203,7 @@ pub fn plan(insp: &Inspection, maps: GoMaps, windows: &WindowTable, sched: bool)
     }
     for (role, class, window) in roles {
         for p in insp.probes_for(role) {
-            let f = Fn { symbol: &p.symbol, address: p.address, file_offset: p.file_offset, size: p.size };
+            let f = Fn::of(p);
             let r = if class == GoClass::Window {
                 let end = windows.names.get(window as usize).map_or(WindowEnd::Ret, |n| windows.end_of(n));
                 timed_window(insp, &f, &p.return_offsets, window, end)
@@ -243,7 +243,8 @@ pub fn plan(insp: &Inspection, maps: GoMaps, windows: &WindowTable, sched: bool)
     if sched && plan.sites.iter().any(|s| matches!(s.config, SiteConfig::Go(c) if c.class == GoClass::Window as u32)) {
         for &(role, point) in SCHED_ROLES {
             for p in insp.probes_for(role) {
-                let r = entry_only(insp, &p.symbol, p.address, p.file_offset, p.size, point);
+                let f = Fn::of(p);
+                let r = entry_only(insp, &f, point);
                 plan.push(role.name(), &p.symbol, p.file_offset, r);
             }
         }
@@ -310,33 +311,9 @@ const SCHED_ROLES: &[(Role, SchedPoint)] = &[
 ];
 
 /// An entry probe alone (scheduler points are events, not spans).
-fn entry_only(
-    insp: &Inspection,
-    symbol: &str,
-    address: u64,
-    file_offset: u64,
-    size: u64,
-    point: SchedPoint,
-) -> Result<Planned, String> {
-    let at = entry_site(insp, symbol, address, file_offset, size)?;
-    let cfg = GoProbeConfig {
-        class: GoClass::Sched as u32,
-        window: point as u32,
-        guard: at.guard,
-        site_addr: address + at.offset,
-        ..GoProbeConfig::default()
-    };
-    Ok((
-        vec![Site {
-            role: format!("{point:?}"),
-            symbol: symbol.to_string(),
-            program: "go_sched",
-            file_offset: file_offset + at.offset,
-            config: SiteConfig::Go(cfg),
-            window_callers: Vec::new(),
-        }],
-        None,
-    ))
+fn entry_only(insp: &Inspection, f: &Fn<'_>, point: SchedPoint) -> Result<Planned, String> {
+    let (cfg, at) = f.entry(insp, GoClass::Sched, point as u32)?;
+    Ok((vec![go_site(format!("{point:?}"), f.symbol, "go_sched", at, cfg)], None))
 }
 
 /// A function to time.
@@ -345,6 +322,38 @@ struct Fn<'a> {
     address: u64,
     file_offset: u64,
     size: u64,
+}
+
+impl<'a> Fn<'a> {
+    fn of(p: &'a Probe) -> Self {
+        Fn { symbol: &p.symbol, address: p.address, file_offset: p.file_offset, size: p.size }
+    }
+
+    /// The entry probe's configuration (on the stack-check jump, see
+    /// `entry_site`) and its file offset.
+    fn entry(&self, insp: &Inspection, class: GoClass, window: u32) -> Result<(GoProbeConfig, u64), String> {
+        let at = entry_site(insp, self.symbol, self.address, self.file_offset, self.size)?;
+        let cfg = GoProbeConfig {
+            class: class as u32,
+            window,
+            guard: at.guard,
+            site_addr: self.address + at.offset,
+            ..GoProbeConfig::default()
+        };
+        Ok((cfg, self.file_offset + at.offset))
+    }
+}
+
+/// A Go runtime probe site.
+fn go_site(role: String, symbol: &str, program: &'static str, file_offset: u64, config: GoProbeConfig) -> Site {
+    Site {
+        role,
+        symbol: symbol.to_string(),
+        program,
+        file_offset,
+        config: SiteConfig::Go(config),
+        window_callers: Vec::new(),
+    }
 }
 
 /// Planned sites, and for a window that ends on its RETs although it was
@@ -356,25 +365,12 @@ fn timed(insp: &Inspection, f: &Fn<'_>, rets: &[u64], class: GoClass, window: u3
     if rets.is_empty() {
         return Err(format!("{}: no RET instruction decoded, so its calls cannot be timed", f.symbol));
     }
-    let at = entry_site(insp, f.symbol, f.address, f.file_offset, f.size)?;
-    let cfg = GoProbeConfig {
-        class: class as u32,
-        window,
-        guard: at.guard,
-        site_addr: f.address + at.offset,
-        ..GoProbeConfig::default()
-    };
-    let site = |program, file_offset, config| Site {
-        role: format!("{class:?}"),
-        symbol: f.symbol.to_string(),
-        program,
-        file_offset,
-        config: SiteConfig::Go(config),
-        window_callers: Vec::new(),
-    };
-    let mut sites = vec![site("go_entry", f.file_offset + at.offset, cfg)];
+    let (cfg, at) = f.entry(insp, class, window)?;
+    let role = format!("{class:?}");
+    let mut sites = vec![go_site(role.clone(), f.symbol, "go_entry", at, cfg)];
     for &r in rets {
-        sites.push(site("go_ret", r, GoProbeConfig { is_ret: 1, guard: 0, site_addr: 0, ..cfg }));
+        let ret = GoProbeConfig { is_ret: 1, guard: 0, site_addr: 0, ..cfg };
+        sites.push(go_site(role.clone(), f.symbol, "go_ret", r, ret));
     }
     Ok(sites)
 }
@@ -398,33 +394,17 @@ fn timed_window(insp: &Inspection, f: &Fn<'_>, rets: &[u64], window: u32, end: W
         Ok(c) => c,
         Err(why) => return timed(insp, f, rets, GoClass::Window, window).map(|s| (s, Some(why))),
     };
-    let at = entry_site(insp, f.symbol, f.address, f.file_offset, f.size)?;
-    let cfg = GoProbeConfig {
-        class: GoClass::Window as u32,
-        window,
-        guard: at.guard,
-        end: WINDOW_END_CALLER,
-        site_addr: f.address + at.offset,
-        ..GoProbeConfig::default()
-    };
+    let (entry, at) = f.entry(insp, GoClass::Window, window)?;
+    let cfg = GoProbeConfig { end: WINDOW_END_CALLER, ..entry };
     let role = format!("{:?}", GoClass::Window);
-    let mut sites = vec![Site {
-        role: role.clone(),
-        symbol: f.symbol.to_string(),
-        program: "go_entry",
-        file_offset: f.file_offset + at.offset,
-        config: SiteConfig::Go(cfg),
-        window_callers: callers.iter().map(|c| c.return_address).collect(),
-    }];
-    for c in callers.iter().filter(|_| end != WindowEnd::Entry) {
-        sites.push(Site {
-            role: role.clone(),
-            symbol: c.caller.clone(),
-            program: "go_ret",
-            file_offset: c.site_file_offset,
-            config: SiteConfig::Go(GoProbeConfig { is_ret: 1, guard: 0, site_addr: c.site_address, ..cfg }),
-            window_callers: Vec::new(),
-        });
+    let mut first = go_site(role.clone(), f.symbol, "go_entry", at, cfg);
+    first.window_callers = callers.iter().map(|c| c.return_address).collect();
+    let mut sites = vec![first];
+    if end != WindowEnd::Entry {
+        for c in &callers {
+            let cfg = GoProbeConfig { is_ret: 1, guard: 0, site_addr: c.site_address, ..cfg };
+            sites.push(go_site(role.clone(), &c.caller, "go_ret", c.site_file_offset, cfg));
+        }
     }
     Ok((sites, None))
 }

@@ -515,9 +515,8 @@ impl Tracker {
                 // its throughput). Their watch-path stages are timed anyway;
                 // the clients' handler windows are where the incident is.
                 let server = watch.sites.iter().any(|s| s.program == "etcd_notify" || s.program == "kube_cache");
-                if !related && !go_named {
+                let plan = if !related && !go_named {
                     // A Go program without any watch-path role, not named by --go-*.
-                    insp.release_pages();
                     None
                 } else {
                     let mut go = if (recognised && !server) || go_named {
@@ -528,9 +527,10 @@ impl Tracker {
                     if self.go.empty_probes {
                         go.sites.iter_mut().for_each(|s| s.program = "go_empty");
                     }
-                    insp.release_pages();
-                    Some((insp, Arc::new(BinaryPlan { watch, go })))
-                }
+                    Some(Arc::new(BinaryPlan { watch, go }))
+                };
+                insp.release_pages();
+                plan.map(|plan| (insp, plan))
             }
         };
         self.plans.insert(key, verdict.clone());
