@@ -57,11 +57,18 @@ pub enum Counter {
     /// was called from no call site the inspector decoded (a function
     /// value or an interface): that call is not timed.
     WindowIndirectCall = 17,
+    /// A thread of a window's goroutine was seen running again (a probe
+    /// hit, or its next switch-out) with no switch-in reported since it
+    /// went off CPU: the kernel emitted neither `sched_wakeup` nor a
+    /// `sched_switch` into it (seen on 6.18 under CPU load, with plain and
+    /// raw tracepoints alike, and by bpftrace too). Its wait is charged up
+    /// to that sighting, the first moment it is known to be running.
+    SchedSwitchInUnseen = 18,
 }
 
 impl Counter {
     /// Number of slots the counter array must have (keep in sync with the enum).
-    pub const COUNT: u32 = 18;
+    pub const COUNT: u32 = 19;
 
     pub const ALL: [Counter; Self::COUNT as usize] = [
         Counter::ExecSeen,
@@ -82,6 +89,7 @@ impl Counter {
         Counter::WriteCommitMiss,
         Counter::HandlerCommitMiss,
         Counter::WindowIndirectCall,
+        Counter::SchedSwitchInUnseen,
     ];
 
     /// The `reason` label this counter is exported under in
@@ -106,6 +114,7 @@ impl Counter {
             Counter::WriteCommitMiss => "write_commit_miss",
             Counter::HandlerCommitMiss => "handler_commit_miss",
             Counter::WindowIndirectCall => "window_indirect_call",
+            Counter::SchedSwitchInUnseen => "sched_switch_in_unseen",
         })
     }
 }

@@ -35,6 +35,7 @@ use aya_ebpf::{
 };
 
 use crate::{
+    gosched::running_unseen,
     maps::{add, count, current_slot, note_fill, observe, record_on},
     regs::{G_SLOT, flags, instruction_pointer, read_u64, reg, stack_pointer},
 };
@@ -219,6 +220,9 @@ fn caller_window_entry(ctx: &ProbeContext, h: &Hit) {
     }
     let Some(depth) = frame_depth(h.g, sp) else { return };
     let gk = GoroutineKey { g: h.g, tgid: h.tgid, _pad: 0 };
+    if sched_on() {
+        running_unseen(current_tid(), h.now);
+    }
     // SAFETY: lookup of a plain key; the value is copied at once.
     if let Some(open) = unsafe { WINDOWS.get(gk) }.copied() {
         if open.end != WINDOW_END_CALLER || open.frame_depth < depth {
@@ -249,6 +253,12 @@ fn caller_window_end(ctx: &ProbeContext, h: &Hit) {
     if depth >= w.frame_depth {
         return;
     }
+    if sched_on() {
+        running_unseen(current_tid(), h.now);
+    }
+    // Copied again: the line above may have charged it.
+    // SAFETY: lookup of a plain key; the value is copied at once.
+    let w = unsafe { WINDOWS.get(gk) }.copied().unwrap_or(w);
     let _ = WINDOWS.remove(gk);
     observe_window(&gk, &w, h.now);
     if sched_on() {
@@ -291,6 +301,8 @@ pub fn go_sched(ctx: ProbeContext) -> u32 {
     // run on the scheduler and take the goroutine as their first argument.
     let gp = if point == SchedPoint::Park as u32 { h.g } else { reg(regs, 0).unwrap_or(0) };
     let gk = GoroutineKey { g: gp, tgid: h.tgid, _pad: 0 };
+    // This thread runs the scheduler now.
+    running_unseen(tid, h.now);
     let w = WINDOWS.get_ptr_mut(gk);
     if point == SchedPoint::Execute as u32 {
         let Some(w) = w else {
@@ -366,6 +378,9 @@ pub fn go_ret(ctx: ProbeContext) -> u32 {
     let d = h.now.saturating_sub(start);
     let gk = GoroutineKey { g: h.g, tgid: h.tgid, _pad: 0 };
     if h.cfg.class == GoClass::Window as u32 {
+        if sched_on() {
+            running_unseen(current_tid(), h.now);
+        }
         close_window(&gk, h.now, d);
         if sched_on() {
             let _ = THREAD_G.remove(current_tid());

@@ -11,7 +11,10 @@
 
 use core::ptr::read_volatile;
 
-use agent_common::goruntime::{GoroutineKey, Inner, SCHED_RUNNING, ThreadOff};
+use agent_common::{
+    counters::Counter,
+    goruntime::{GoroutineKey, Inner, SCHED_RUNNING, ThreadOff},
+};
 use aya_ebpf::{
     helpers::bpf_ktime_get_ns,
     macros::{map, tracepoint},
@@ -19,7 +22,10 @@ use aya_ebpf::{
     programs::TracePointContext,
 };
 
-use crate::goruntime::{THREAD_G, WINDOWS, add_inner};
+use crate::{
+    goruntime::{THREAD_G, WINDOWS, add_inner},
+    maps::count,
+};
 
 // Record layouts, from tracefs at load time (these are the 6.x values).
 #[unsafe(no_mangle)]
@@ -70,6 +76,8 @@ pub fn go_sched_switch(ctx: TracePointContext) -> u32 {
 fn switched_out(ctx: &TracePointContext, tid: u32, now: u64) {
     // SAFETY: lookup of a plain key; the value is copied at once.
     let Some(gk) = (unsafe { THREAD_G.get(tid) }).copied() else { return };
+    // It was running until now: a wait still open was never switched in.
+    running_unseen(tid, now);
     // SAFETY: as above.
     let Some(w) = (unsafe { WINDOWS.get(gk) }) else { return };
     if w.sched != SCHED_RUNNING {
@@ -88,6 +96,21 @@ fn switched_in(tid: u32, now: u64) {
     let Some(off) = (unsafe { THREAD_OFF.get(tid) }).copied() else { return };
     let _ = THREAD_OFF.remove(tid);
     charge(&off, now);
+}
+
+/// `tid` is running now (a probe hit on it, or its switch-out): a wait
+/// still recorded for it ended without the kernel reporting the switch-in
+/// (see `Counter::SchedSwitchInUnseen`). It is charged up to now, the
+/// first moment the thread is known to run again, so no more than the
+/// thread's run since then is counted as waiting; left alone, the whole
+/// wait would vanish from its window.
+#[inline(always)]
+pub(crate) fn running_unseen(tid: u32, now: u64) {
+    // SAFETY: lookup of a plain key; the value is copied at once.
+    let Some(off) = (unsafe { THREAD_OFF.get(tid) }).copied() else { return };
+    let _ = THREAD_OFF.remove(tid);
+    charge(&off, now);
+    count(Counter::SchedSwitchInUnseen);
 }
 
 /// Adds the span since `off.since` to the window still open on its goroutine.
