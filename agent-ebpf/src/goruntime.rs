@@ -35,7 +35,7 @@ use aya_ebpf::{
 };
 
 use crate::{
-    gosched::running_unseen,
+    gosched::{current_task, running_unseen},
     maps::{add, count, current_slot, note_fill, observe, record_on},
     regs::{G_SLOT, flags, instruction_pointer, read_u64, reg, stack_pointer},
 };
@@ -221,7 +221,7 @@ fn caller_window_entry(ctx: &ProbeContext, h: &Hit) {
     let Some(depth) = frame_depth(h.g, sp) else { return };
     let gk = GoroutineKey { g: h.g, tgid: h.tgid, _pad: 0 };
     if sched_on() {
-        running_unseen(current_tid(), h.now);
+        running_unseen(current_task(), h.now);
     }
     // SAFETY: lookup of a plain key; the value is copied at once.
     if let Some(open) = unsafe { WINDOWS.get(gk) }.copied() {
@@ -254,7 +254,7 @@ fn caller_window_end(ctx: &ProbeContext, h: &Hit) {
         return;
     }
     if sched_on() {
-        running_unseen(current_tid(), h.now);
+        running_unseen(current_task(), h.now);
     }
     // Copied again: the line above may have charged it.
     // SAFETY: lookup of a plain key; the value is copied at once.
@@ -302,7 +302,7 @@ pub fn go_sched(ctx: ProbeContext) -> u32 {
     let gp = if point == SchedPoint::Park as u32 { h.g } else { reg(regs, 0).unwrap_or(0) };
     let gk = GoroutineKey { g: gp, tgid: h.tgid, _pad: 0 };
     // This thread runs the scheduler now.
-    running_unseen(tid, h.now);
+    running_unseen(current_task(), h.now);
     let w = WINDOWS.get_ptr_mut(gk);
     if point == SchedPoint::Execute as u32 {
         let Some(w) = w else {
@@ -379,7 +379,7 @@ pub fn go_ret(ctx: ProbeContext) -> u32 {
     let gk = GoroutineKey { g: h.g, tgid: h.tgid, _pad: 0 };
     if h.cfg.class == GoClass::Window as u32 {
         if sched_on() {
-            running_unseen(current_tid(), h.now);
+            running_unseen(current_task(), h.now);
         }
         close_window(&gk, h.now, d);
         if sched_on() {

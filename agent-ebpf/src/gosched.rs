@@ -6,20 +6,30 @@
 //! scheduler) is in `goruntime::go_sched`; `THREAD_G` joins the two.
 //!
 //! Both programs run on every context switch of the node, so each starts
-//! with one lookup keyed by the thread and returns when it misses. They are
-//! attached only while some binary has window probes.
-
-use core::ptr::read_volatile;
+//! with one lookup and returns when it misses. They are attached only while
+//! some binary has window probes.
+//!
+//! They are raw tracepoints (`BPF_RAW_TRACEPOINT_OPEN`), not perf-event
+//! ones: a perf-event tracepoint formats its record before the program
+//! runs, and is skipped whenever any other perf-event or kprobe-type BPF
+//! program, or a bpf() map syscall of the agent itself, holds the CPU's
+//! `bpf_prog_active` (3-5 skipped wake-ups per 300 windows under load
+//! here: their run-queue time was then charged as off-CPU). A raw
+//! tracepoint only guards against its own recursion. Its arguments are the
+//! tracepoint's prototype (`sched_switch(preempt, prev, next, prev_state)`,
+//! Linux 5.18+; `sched_wakeup(p)`), so tasks are known by their
+//! `task_struct` address, which keys `THREAD_OFF`: no field offsets to
+//! read, and `bpf_get_current_task` gives the same key in a uprobe.
 
 use agent_common::{
     counters::Counter,
     goruntime::{GoroutineKey, Inner, SCHED_RUNNING, ThreadOff},
 };
 use aya_ebpf::{
-    helpers::bpf_ktime_get_ns,
-    macros::{map, tracepoint},
+    helpers::{bpf_get_current_pid_tgid, bpf_get_current_task, bpf_ktime_get_ns},
+    macros::{map, raw_tracepoint},
     maps::LruHashMap,
-    programs::TracePointContext,
+    programs::RawTracePointContext,
 };
 
 use crate::{
@@ -27,88 +37,76 @@ use crate::{
     maps::count,
 };
 
-// Record layouts, from tracefs at load time (these are the 6.x values).
-#[unsafe(no_mangle)]
-static SWITCH_PREV_PID_OFFSET: u32 = 24;
-#[unsafe(no_mangle)]
-static SWITCH_PREV_STATE_OFFSET: u32 = 32;
-#[unsafe(no_mangle)]
-static SWITCH_NEXT_PID_OFFSET: u32 = 56;
-#[unsafe(no_mangle)]
-static WAKEUP_PID_OFFSET: u32 = 24;
+/// `prev_state` bits of a task that is gone (`EXIT_DEAD`, `EXIT_ZOMBIE`,
+/// `TASK_DEAD`): it will not run again, so nothing waits for its switch-in.
+const STATE_EXITING: u64 = 0x10 | 0x20 | 0x80;
 
-/// `prev_state` of a task switched out while still runnable: 0, or
-/// TASK_REPORT_MAX (0x100) when it was preempted; sleeping states are the
-/// low bits.
-const STATE_REPORT_MASK: i64 = 0xff;
-
-/// Threads off CPU while running a window's goroutine.
+/// Threads off CPU while running a window's goroutine, by `task_struct`
+/// address.
 #[map(name = "WS_GO_THREAD_OFF")]
-static THREAD_OFF: LruHashMap<u32, ThreadOff> = LruHashMap::with_max_entries(8192, 0);
+static THREAD_OFF: LruHashMap<u64, ThreadOff> = LruHashMap::with_max_entries(8192, 0);
 
-#[inline(always)]
-fn offset(v: &u32) -> usize {
-    // SAFETY: a plain read of a constant the loader may have rewritten.
-    unsafe { read_volatile(v) as usize }
-}
-
-#[tracepoint(category = "sched", name = "sched_switch")]
-pub fn go_sched_switch(ctx: TracePointContext) -> u32 {
-    // SAFETY: offsets come from this tracepoint's format; reads are checked.
-    let (prev, next) = unsafe {
-        (
-            ctx.read_at::<u32>(offset(&SWITCH_PREV_PID_OFFSET)).unwrap_or(0),
-            ctx.read_at::<u32>(offset(&SWITCH_NEXT_PID_OFFSET)).unwrap_or(0),
-        )
-    };
+#[raw_tracepoint(tracepoint = "sched_switch")]
+pub fn go_sched_switch(ctx: RawTracePointContext) -> u32 {
+    let preempt: u64 = ctx.arg(0);
+    let prev: u64 = ctx.arg(1);
+    let next: u64 = ctx.arg(2);
+    let prev_state: u64 = ctx.arg(3);
     // SAFETY: no preconditions.
     let now = unsafe { bpf_ktime_get_ns() };
-    if prev != 0 {
-        switched_out(&ctx, prev, now);
+    // The tracepoint fires on `prev`, before the switch: the current task.
+    let prev_tid = bpf_get_current_pid_tgid() as u32;
+    if prev_tid != 0 {
+        switched_out(prev_tid, prev, preempt & 1 != 0, prev_state, now);
     }
-    if next != 0 {
-        switched_in(next, now);
-    }
+    switched_in(next, now);
     0
 }
 
 #[inline(always)]
-fn switched_out(ctx: &TracePointContext, tid: u32, now: u64) {
+fn switched_out(tid: u32, task: u64, preempt: bool, state: u64, now: u64) {
     // SAFETY: lookup of a plain key; the value is copied at once.
     let Some(gk) = (unsafe { THREAD_G.get(tid) }).copied() else { return };
     // It was running until now: a wait still open was never switched in.
-    running_unseen(tid, now);
+    running_unseen(task, now);
     // SAFETY: as above.
     let Some(w) = (unsafe { WINDOWS.get(gk) }) else { return };
-    if w.sched != SCHED_RUNNING {
+    if w.sched != SCHED_RUNNING || state & STATE_EXITING != 0 {
         return;
     }
-    // SAFETY: offset from the tracepoint's format.
-    let state = unsafe { ctx.read_at::<i64>(offset(&SWITCH_PREV_STATE_OFFSET)) }.unwrap_or(1);
-    let kind = if state & STATE_REPORT_MASK == 0 { Inner::Runqueue } else { Inner::OffCpu };
+    // Preempted, or gave the CPU up while runnable (sched_yield): it waits
+    // for a CPU. Any other state is a block (a syscall, a fault, a lock).
+    let kind = if preempt || state == 0 { Inner::Runqueue } else { Inner::OffCpu };
     let off = ThreadOff { g: gk.g, tgid: gk.tgid, kind: kind as u32, since: now };
-    let _ = THREAD_OFF.insert(tid, off, 0);
+    let _ = THREAD_OFF.insert(task, off, 0);
 }
 
 #[inline(always)]
-fn switched_in(tid: u32, now: u64) {
+fn switched_in(task: u64, now: u64) {
     // SAFETY: lookup of a plain key; the value is copied at once.
-    let Some(off) = (unsafe { THREAD_OFF.get(tid) }).copied() else { return };
-    let _ = THREAD_OFF.remove(tid);
+    let Some(off) = (unsafe { THREAD_OFF.get(task) }).copied() else { return };
+    let _ = THREAD_OFF.remove(task);
     charge(&off, now);
 }
 
-/// `tid` is running now (a probe hit on it, or its switch-out): a wait
+/// The current thread, as `THREAD_OFF` knows it (from a uprobe).
+#[inline(always)]
+pub(crate) fn current_task() -> u64 {
+    // SAFETY: no preconditions.
+    unsafe { bpf_get_current_task() }
+}
+
+/// `task` is running now (a probe hit on it, or its switch-out): a wait
 /// still recorded for it ended without the kernel reporting the switch-in
 /// (see `Counter::SchedSwitchInUnseen`). It is charged up to now, the
 /// first moment the thread is known to run again, so no more than the
 /// thread's run since then is counted as waiting; left alone, the whole
 /// wait would vanish from its window.
 #[inline(always)]
-pub(crate) fn running_unseen(tid: u32, now: u64) {
+pub(crate) fn running_unseen(task: u64, now: u64) {
     // SAFETY: lookup of a plain key; the value is copied at once.
-    let Some(off) = (unsafe { THREAD_OFF.get(tid) }).copied() else { return };
-    let _ = THREAD_OFF.remove(tid);
+    let Some(off) = (unsafe { THREAD_OFF.get(task) }).copied() else { return };
+    let _ = THREAD_OFF.remove(task);
     charge(&off, now);
     count(Counter::SchedSwitchInUnseen);
 }
@@ -123,14 +121,10 @@ fn charge(off: &ThreadOff, now: u64) {
     }
 }
 
-#[tracepoint(category = "sched", name = "sched_wakeup")]
-pub fn go_sched_wakeup(ctx: TracePointContext) -> u32 {
-    // SAFETY: offset from the tracepoint's format.
-    let tid = unsafe { ctx.read_at::<u32>(offset(&WAKEUP_PID_OFFSET)) }.unwrap_or(0);
-    if tid == 0 {
-        return 0;
-    }
-    let Some(off) = THREAD_OFF.get_ptr_mut(tid) else { return 0 };
+#[raw_tracepoint(tracepoint = "sched_wakeup")]
+pub fn go_sched_wakeup(ctx: RawTracePointContext) -> u32 {
+    let task: u64 = ctx.arg(0);
+    let Some(off) = THREAD_OFF.get_ptr_mut(task) else { return 0 };
     // SAFETY: map value valid during this run.
     let o = unsafe { *off };
     if o.kind != Inner::OffCpu as u32 {

@@ -122,17 +122,9 @@ impl Probes {
         // Record layouts come from tracefs, not from constants in the program.
         let filename_off = tracefs.field_offset("sched", "sched_process_exec", "filename")?;
         let old_pid_off = tracefs.field_offset("sched", "sched_process_exec", "old_pid")?;
-        let prev_pid_off = tracefs.field_offset("sched", "sched_switch", "prev_pid")?;
-        let prev_state_off = tracefs.field_offset("sched", "sched_switch", "prev_state")?;
-        let next_pid_off = tracefs.field_offset("sched", "sched_switch", "next_pid")?;
-        let wakeup_pid_off = tracefs.field_offset("sched", "sched_wakeup", "pid")?;
         let mut ebpf = EbpfLoader::new()
             .override_global("EXEC_FILENAME_LOC_OFFSET", &filename_off, true)
             .override_global("EXEC_OLD_PID_OFFSET", &old_pid_off, true)
-            .override_global("SWITCH_PREV_PID_OFFSET", &prev_pid_off, true)
-            .override_global("SWITCH_PREV_STATE_OFFSET", &prev_state_off, true)
-            .override_global("SWITCH_NEXT_PID_OFFSET", &next_pid_off, true)
-            .override_global("WAKEUP_PID_OFFSET", &wakeup_pid_off, true)
             .override_global("GO_SCHED", &u32::from(go_sched), true)
             .load(OBJECT)
             .map_err(Box::new)?;

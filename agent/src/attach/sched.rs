@@ -1,11 +1,12 @@
-//! The kernel-side half of window scheduling time: `sched:sched_switch` and
-//! `sched:sched_wakeup` programs (agent-ebpf `gosched.rs`). They run on every
-//! context switch of the node, so they are attached only while some binary
-//! has window probes, and detached when none is left.
+//! The kernel-side half of window scheduling time: raw tracepoint programs
+//! on `sched_switch` and `sched_wakeup` (agent-ebpf `gosched.rs`, which says
+//! why raw). They run on every context switch of the node, so they are
+//! attached only while some binary has window probes, and detached when
+//! none is left.
 
 use aya::{
     Ebpf,
-    programs::{TracePoint, trace_point::TracePointLinkId},
+    programs::{RawTracePoint, raw_trace_point::RawTracePointLinkId},
 };
 use thiserror::Error;
 
@@ -32,7 +33,7 @@ pub enum SchedError {
 
 #[derive(Default)]
 pub struct SchedProbes {
-    links: Vec<(&'static str, TracePointLinkId)>,
+    links: Vec<(&'static str, RawTracePointLinkId)>,
 }
 
 impl SchedProbes {
@@ -54,7 +55,7 @@ impl SchedProbes {
             return Ok(());
         }
         for spec in SCHED_TRACEPOINTS {
-            match program(ebpf, spec).and_then(|p| p.attach(spec.category, spec.name).map_err(|e| err(spec, e))) {
+            match program(ebpf, spec).and_then(|p| p.attach(spec.name).map_err(|e| err(spec, e))) {
                 Ok(link) => self.links.push((spec.program, link)),
                 Err(e) => {
                     self.detach(ebpf);
@@ -67,7 +68,7 @@ impl SchedProbes {
 
     pub fn detach(&mut self, ebpf: &mut Ebpf) {
         for (name, link) in self.links.drain(..) {
-            if let Some(Ok(p)) = ebpf.program_mut(name).map(<&mut TracePoint>::try_from)
+            if let Some(Ok(p)) = ebpf.program_mut(name).map(<&mut RawTracePoint>::try_from)
                 && let Err(e) = p.detach(link)
             {
                 tracing::warn!("detaching {name}: {e}");
@@ -76,9 +77,9 @@ impl SchedProbes {
     }
 }
 
-fn program<'a>(ebpf: &'a mut Ebpf, spec: &TracepointSpec) -> Result<&'a mut TracePoint, SchedError> {
+fn program<'a>(ebpf: &'a mut Ebpf, spec: &TracepointSpec) -> Result<&'a mut RawTracePoint, SchedError> {
     ebpf.program_mut(spec.program)
-        .and_then(|p| <&mut TracePoint>::try_from(p).ok())
+        .and_then(|p| <&mut RawTracePoint>::try_from(p).ok())
         .ok_or(SchedError::MissingProgram(spec.program))
 }
 
