@@ -217,14 +217,40 @@ fn hop(side: Side, tgid: u32, rev: i64, commit_ns: u64, at_ns: u64) -> WatchReco
 
 /// Address of event `i` of a slice, and the event's `kv.ModRevision`.
 #[inline(always)]
-fn event_at(cfg: &WatchProbeConfig, base: u64, i: u32) -> Option<(u64, i64)> {
-    let mut ev = base.wrapping_add(i as u64 * cfg.event_stride as u64);
-    if cfg.events_indirect != 0 {
+fn event_at(l: &EventLayout, base: u64, i: u32) -> Option<(u64, i64)> {
+    let mut ev = base.wrapping_add(i as u64 * l.stride as u64);
+    if l.indirect != 0 {
         ev = read_u64(ev)?;
     }
-    let kv = read_u64(ev.wrapping_add(cfg.event_kv_off as u64))?;
-    let rev = read_u64(kv.wrapping_add(cfg.kv_mod_rev_off as u64))? as i64;
+    let kv = read_u64(ev.wrapping_add(l.kv_off as u64))?;
+    let rev = read_u64(kv.wrapping_add(l.mod_rev_off as u64))? as i64;
     Some((ev, rev))
+}
+
+/// What the per-event callbacks read of an attachment's configuration:
+/// 20 bytes of its 144, so the loop state leaves stack for the rest (the
+/// verifier allows 512 bytes for a probe and its callback together).
+#[repr(C)]
+#[derive(Clone, Copy)]
+struct EventLayout {
+    stride: u32,
+    indirect: u32,
+    kv_off: u32,
+    mod_rev_off: u32,
+    publish_commit: u32,
+}
+
+impl EventLayout {
+    #[inline(always)]
+    fn of(cfg: &WatchProbeConfig) -> Self {
+        EventLayout {
+            stride: cfg.event_stride,
+            indirect: cfg.events_indirect,
+            kv_off: cfg.event_kv_off,
+            mod_rev_off: cfg.kv_mod_rev_off,
+            publish_commit: cfg.publish_commit,
+        }
+    }
 }
 
 #[uprobe]
@@ -250,7 +276,7 @@ struct EventLoop {
     tgid: u32,
     slot: u32,
     now: u64,
-    cfg: WatchProbeConfig,
+    layout: EventLayout,
     /// Start of the events slice.
     events: u64,
     member: u64,
@@ -323,7 +349,7 @@ fn try_enqueue(ctx: &ProbeContext) -> Option<()> {
         tgid: c.tgid,
         slot: c.slot,
         now: c.now,
-        cfg: *c.cfg,
+        layout: EventLayout::of(c.cfg),
         events,
         member: 0,
         watch_id,
@@ -339,7 +365,7 @@ fn try_enqueue(ctx: &ProbeContext) -> Option<()> {
 unsafe extern "C" fn enqueue_event(i: u64, ctx: *mut c_void) -> i64 {
     // SAFETY: `ctx` is the caller's EventLoop (see for_each_event).
     let st = unsafe { &mut *(ctx as *mut EventLoop) };
-    let Some((addr, rev)) = event_at(&st.cfg, st.events, i as u32) else { return 0 };
+    let Some((addr, rev)) = event_at(&st.layout, st.events, i as u32) else { return 0 };
     st.n += 1;
     let key = WatchRevKey { tgid: st.tgid as u64, watch_id: st.watch_id, rev, event_addr: addr };
     // A retry of a queue-full watcher (a "victim") is the same copy: keep
@@ -371,35 +397,93 @@ struct Response {
     len: u64,
 }
 
+/// The words of a WatchResponse the probes read at once: every field they
+/// use lies in its first 12 words on the identified layouts (header 0,
+/// watch id 8, created and canceled 16 and 17, compact revision 24, the
+/// events slice 56..80). One `bpf_probe_read_user` instead of five to seven:
+/// each is a helper call that copies with page faults disabled, and these
+/// run on every response etcd sends and every client dispatches. A field
+/// outside them (a layout with more fields in front) is read on its own.
+const RESP_WORDS: usize = 12;
+
+/// Where a probe reads a response's first words: a per-CPU scratch value,
+/// not the stack, which the per-event loops' state already nearly fills
+/// (the verifier allows 512 bytes).
+#[map(name = "WS_RESP_HEAD")]
+static RESP_HEAD: PerCpuArray<[u64; RESP_WORDS]> = PerCpuArray::with_max_entries(1, 0);
+
+/// A response's first words, when they can be read in one go (a response
+/// at the very end of a mapping cannot: its fields are then read one by
+/// one, as before).
+struct RespHead {
+    m: u64,
+    words: Option<*const [u64; RESP_WORDS]>,
+}
+
+impl RespHead {
+    #[inline(always)]
+    fn read(m: u64) -> Self {
+        let words = RESP_HEAD.get_ptr_mut(0).and_then(|w| {
+            // SAFETY: bpf_probe_read_user_buf faults safely on bad source
+            // addresses; `w` is this CPU's scratch value, valid for the run
+            // (a probe runs to its end on one CPU).
+            let buf = unsafe { core::slice::from_raw_parts_mut(w.cast::<u8>(), RESP_WORDS * 8) };
+            unsafe { bpf_probe_read_user_buf(m as *const u8, buf) }.ok().map(|()| w.cast_const())
+        });
+        RespHead { m, words }
+    }
+
+    /// The u64 at byte offset `off`: from the head when it lies inside,
+    /// else read alone. (The bound is on the byte offset itself: the
+    /// verifier must see every 8-byte read end inside the value.)
+    #[inline(always)]
+    fn u64_at(&self, off: u32) -> Option<u64> {
+        if let Some(w) = self.words
+            && off <= (RESP_WORDS as u32 - 1) * 8
+        {
+            // SAFETY: inside the scratch value read above.
+            return Some(unsafe { w.cast::<u8>().add(off as usize).cast::<u64>().read_unaligned() });
+        }
+        read_u64(self.m.wrapping_add(off as u64))
+    }
+
+    /// The byte at offset `off`.
+    #[inline(always)]
+    fn u8_at(&self, off: u32) -> Option<u8> {
+        if let Some(w) = self.words
+            && off < RESP_WORDS as u32 * 8
+        {
+            // SAFETY: inside the scratch value read above.
+            return Some(unsafe { *w.cast::<u8>().add(off as usize) });
+        }
+        // SAFETY: bpf_probe_read_user faults safely on bad addresses.
+        unsafe { bpf_probe_read_user(self.m.wrapping_add(off as u64) as *const u8) }.ok()
+    }
+}
+
 /// Whether a response without events is a progress notification: etcd's
 /// periodic ones and the answers to progress requests (which the API server
 /// sends every 100 ms while a read waits for its cache) carry neither the
 /// created nor the canceled flag nor a compact revision.
 #[inline(always)]
-fn is_progress(cfg: &WatchProbeConfig, m: u64) -> bool {
-    let flag = |off: u32| -> Option<u8> {
-        // SAFETY: bpf_probe_read_user faults safely on bad addresses.
-        unsafe { bpf_probe_read_user(m.wrapping_add(off as u64) as *const u8) }.ok()
-    };
-    let (Some(created), Some(canceled), Some(compact)) = (
-        flag(cfg.resp_created_off),
-        flag(cfg.resp_canceled_off),
-        read_u64(m.wrapping_add(cfg.resp_compact_rev_off as u64)),
-    ) else {
+fn is_progress(cfg: &WatchProbeConfig, head: &RespHead) -> bool {
+    let (Some(created), Some(canceled), Some(compact)) =
+        (head.u8_at(cfg.resp_created_off), head.u8_at(cfg.resp_canceled_off), head.u64_at(cfg.resp_compact_rev_off))
+    else {
         return false;
     };
     created == 0 && canceled == 0 && compact == 0
 }
 
 #[inline(always)]
-fn response(cfg: &WatchProbeConfig, m: u64) -> Option<Response> {
-    let header = read_u64(m.wrapping_add(cfg.resp_header_off as u64))?;
+fn response(cfg: &WatchProbeConfig, head: &RespHead) -> Option<Response> {
+    let header = head.u64_at(cfg.resp_header_off)?;
     let member = if header == 0 { 0 } else { read_u64(header.wrapping_add(cfg.hdr_member_off as u64))? };
     Some(Response {
         member,
-        watch_id: read_u64(m.wrapping_add(cfg.resp_watch_id_off as u64))? as i64,
-        events: read_u64(m.wrapping_add(cfg.resp_events_off as u64))?,
-        len: read_u64(m.wrapping_add(cfg.resp_events_off as u64 + 8))?,
+        watch_id: head.u64_at(cfg.resp_watch_id_off)? as i64,
+        events: head.u64_at(cfg.resp_events_off)?,
+        len: head.u64_at(cfg.resp_events_off + 8)?,
     })
 }
 
@@ -409,10 +493,10 @@ fn response(cfg: &WatchProbeConfig, m: u64) -> Option<Response> {
 #[inline(always)]
 fn response_loop(ctx: &ProbeContext, side: Side) -> Option<(EventLoop, u64)> {
     let c = begin(ctx)?;
-    let m = arg(ctx, &c.cfg.args[0])?;
-    let r = response(c.cfg, m)?;
+    let head = RespHead::read(arg(ctx, &c.cfg.args[0])?);
+    let r = response(c.cfg, &head)?;
     if r.len == 0 {
-        if is_progress(c.cfg, m) {
+        if is_progress(c.cfg, &head) {
             add(&WATCH_PROGRESS, events_index(c.slot, side), 1);
         }
         return None;
@@ -421,7 +505,7 @@ fn response_loop(ctx: &ProbeContext, side: Side) -> Option<(EventLoop, u64)> {
         tgid: c.tgid,
         slot: c.slot,
         now: c.now,
-        cfg: *c.cfg,
+        layout: EventLayout::of(c.cfg),
         events: r.events,
         member: r.member,
         watch_id: r.watch_id,
@@ -446,7 +530,7 @@ pub fn etcd_send(ctx: ProbeContext) -> u32 {
 unsafe extern "C" fn send_event(i: u64, ctx: *mut c_void) -> i64 {
     // SAFETY: `ctx` is the caller's EventLoop (see for_each_event).
     let st = unsafe { &mut *(ctx as *mut EventLoop) };
-    let Some((addr, rev)) = event_at(&st.cfg, st.events, i as u32) else { return 0 };
+    let Some((addr, rev)) = event_at(&st.layout, st.events, i as u32) else { return 0 };
     let mut rec = st.next_record(Side::Server, rev);
     match stamp_of(&NOTIFY_TS, &RevKey { id: st.tgid as u64, rev }) {
         Some(t) => {
@@ -485,7 +569,7 @@ pub fn etcd_dispatch(ctx: ProbeContext) -> u32 {
 unsafe extern "C" fn dispatch_event(i: u64, ctx: *mut c_void) -> i64 {
     // SAFETY: `ctx` is the caller's EventLoop (see for_each_event).
     let st = unsafe { &mut *(ctx as *mut EventLoop) };
-    let Some((_, rev)) = event_at(&st.cfg, st.events, i as u32) else { return 0 };
+    let Some((_, rev)) = event_at(&st.layout, st.events, i as u32) else { return 0 };
     let mut rec = st.next_record(Side::Client, rev);
     match stamp_of(&COMMIT_TS, &RevKey { id: st.member, rev }) {
         Some(t) => {
@@ -493,7 +577,7 @@ unsafe extern "C" fn dispatch_event(i: u64, ctx: *mut c_void) -> i64 {
             // For the stages later in this process (a Kubernetes API
             // server's watch cache), which know the revision only. Only
             // there: every other client's entries would crowd the ring.
-            if st.cfg.publish_commit != 0 {
+            if st.layout.publish_commit != 0 {
                 insert_first(&NOTIFY_TS, &RevKey { id: st.tgid as u64, rev }, t);
             }
             rec.commit_ns = t;
