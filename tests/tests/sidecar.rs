@@ -28,14 +28,46 @@ fn mixed_traffic(proxy: &Proxy, n: usize) {
     requests(proxy.port, n, false, 300_000);
 }
 
-fn wait_watched(agent: &Agent, pid: u32) {
-    let ok = wait_until(Duration::from_secs(10), || {
-        watchscope_integration_tests::http_get(&agent.url("/debug/probes"))
+/// Waits until the agent measures the proxy `pid` and every process it
+/// forked (nginx's workers, which accept the connections), each with `port`
+/// registered as its downstream side: until then a worker's connection is
+/// not a crossing yet. (Waiting on the master alone failed once under CPU
+/// load, on the request count; a worker whose ports were not registered
+/// yet is the race this wait closes, unconfirmed as that failure's cause.)
+fn wait_watched(agent: &Agent, pid: u32, port: u16) {
+    let measured = || {
+        let Some(v) = watchscope_integration_tests::http_get(&agent.url("/debug/probes"))
             .ok()
             .and_then(|(_, b)| serde_json::from_str::<serde_json::Value>(&b).ok())
-            .is_some_and(|v| v["sidecars"].as_array().is_some_and(|s| s.iter().any(|p| p["pid"] == pid)))
-    });
-    assert!(ok, "proxy {pid} not watched:\n{}", agent.log_text());
+        else {
+            return false;
+        };
+        let Some(sidecars) = v["sidecars"].as_array() else { return false };
+        let mut pids = children(pid);
+        pids.push(pid);
+        pids.iter().all(|p| {
+            sidecars
+                .iter()
+                .any(|s| s["pid"] == *p && s["ports"].as_array().is_some_and(|ports| ports.iter().any(|x| *x == port)))
+        })
+    };
+    let ok = wait_until(Duration::from_secs(10), measured);
+    assert!(ok, "proxy {pid} and its workers not all measured on port {port}:\n{}", agent.log_text());
+}
+
+/// The processes whose parent is `pid` (from /proc/*/stat).
+fn children(pid: u32) -> Vec<u32> {
+    let Ok(dir) = std::fs::read_dir("/proc") else { return Vec::new() };
+    dir.filter_map(|e| e.ok()?.file_name().to_str()?.parse::<u32>().ok())
+        .filter(|p| {
+            std::fs::read_to_string(format!("/proc/{p}/stat")).ok().is_some_and(|stat| {
+                // The fields after the command (which may hold spaces):
+                // state, then the parent's pid.
+                stat.rsplit_once(')').and_then(|(_, rest)| rest.split_whitespace().nth(1)?.parse::<u32>().ok())
+                    == Some(pid)
+            })
+        })
+        .collect()
 }
 
 fn assert_exact(agent: &Agent, comm: &str, want: f64) {
@@ -57,14 +89,14 @@ fn haproxy_crossings_are_exact_and_survive_a_restart() {
     let backend = Backend::start(2.0, 100_000);
     let agent = Agent::start(&["--sidecar-comm", comm]);
     let mut proxy = Proxy::haproxy(comm, backend.port, 2);
-    wait_watched(&agent, proxy.pid());
+    wait_watched(&agent, proxy.pid(), proxy.port);
     mixed_traffic(&proxy, N);
     assert_exact(&agent, comm, (3 * N) as f64);
 
     // A restarted proxy is a new process: found again, counting goes on,
     // and the new process's reused fd numbers start from a clean state.
     proxy.restart();
-    wait_watched(&agent, proxy.pid());
+    wait_watched(&agent, proxy.pid(), proxy.port);
     mixed_traffic(&proxy, N);
     assert_exact(&agent, comm, (6 * N) as f64);
 }
@@ -82,7 +114,7 @@ fn haproxy_loses_no_crossing_over_50_rounds() {
     let backend = Backend::start(0.0, 100_000);
     let agent = Agent::start(&["--sidecar-comm", comm]);
     let proxy = Proxy::haproxy(comm, backend.port, 2);
-    wait_watched(&agent, proxy.pid());
+    wait_watched(&agent, proxy.pid(), proxy.port);
     for round in 1..=ROUNDS {
         mixed_traffic(&proxy, N);
         let want = (3 * N * round) as f64;
@@ -102,7 +134,7 @@ fn nginx_worker_processes_are_measured_exactly() {
     // forked workers through task_newtask in the kernel.
     let agent = Agent::start(&["--sidecar-comm", comm]);
     let proxy = Proxy::nginx(comm, backend.port, 2);
-    wait_watched(&agent, proxy.pid());
+    wait_watched(&agent, proxy.pid(), proxy.port);
     mixed_traffic(&proxy, N);
     assert_exact(&agent, comm, (3 * N) as f64);
 }
@@ -114,7 +146,7 @@ fn an_injected_request_delay_lands_in_its_buckets() {
     let backend = Backend::start(0.0, 64);
     let proxy = Proxy::delay(backend.port, D * 1000.0);
     let agent = Agent::start(&["--sidecar-comm", "none", "--sidecar-pid", &proxy.pid().to_string()]);
-    wait_watched(&agent, proxy.pid());
+    wait_watched(&agent, proxy.pid(), proxy.port);
     requests(proxy.port, N, true, 0);
     let comm = "python3";
     assert_exact(&agent, comm, N as f64);
@@ -148,7 +180,7 @@ fn the_pid_filter_is_the_first_thing_every_syscall_program_does() {
     let comm = "ws-haproxy-f";
     let agent = Agent::start(&["--sidecar-comm", comm]);
     let proxy = Proxy::haproxy(comm, backend.port, 1);
-    wait_watched(&agent, proxy.pid());
+    wait_watched(&agent, proxy.pid(), proxy.port);
     for prog in ["sc_sys_exit", "sc_close_enter", "sc_task_newtask"] {
         let out = Command::new("bpftool").args(["prog", "dump", "xlated", "name", prog]).output().expect("bpftool");
         let text = String::from_utf8_lossy(&out.stdout);
@@ -203,7 +235,7 @@ fn retransmits_on_the_proxys_sockets_are_counted() {
             .spawn()
             .expect("haproxy"),
     );
-    wait_watched(&agent, hap.0.id());
+    wait_watched(&agent, hap.0.id(), port);
 
     // Ground truth: the kernel's own event, counted in a tracefs instance.
     let inst = std::path::PathBuf::from(format!("/sys/kernel/tracing/instances/wsrt{}", std::process::id()));
