@@ -13,7 +13,7 @@
 //! ones: a perf-event tracepoint formats its record before the program
 //! runs, and is skipped whenever any other perf-event or kprobe-type BPF
 //! program, or a bpf() map syscall of the agent itself, holds the CPU's
-//! `bpf_prog_active` (3-5 skipped wake-ups per 300 windows under load
+//! `bpf_prog_active` (3-7 skipped wake-ups per 300 windows, 4 when idle
 //! here: their run-queue time was then charged as off-CPU). A raw
 //! tracepoint only guards against its own recursion. Its arguments are the
 //! tracepoint's prototype (`sched_switch(preempt, prev, next, prev_state)`,
