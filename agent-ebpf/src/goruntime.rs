@@ -220,9 +220,7 @@ fn caller_window_entry(ctx: &ProbeContext, h: &Hit) {
     }
     let Some(depth) = frame_depth(h.g, sp) else { return };
     let gk = GoroutineKey { g: h.g, tgid: h.tgid, _pad: 0 };
-    if sched_on() {
-        running_unseen(current_task(), h.now);
-    }
+    seen_running(h.now);
     // SAFETY: lookup of a plain key; the value is copied at once.
     if let Some(open) = unsafe { WINDOWS.get(gk) }.copied() {
         if open.end != WINDOW_END_CALLER || open.frame_depth < depth {
@@ -253,9 +251,7 @@ fn caller_window_end(ctx: &ProbeContext, h: &Hit) {
     if depth >= w.frame_depth {
         return;
     }
-    if sched_on() {
-        running_unseen(current_task(), h.now);
-    }
+    seen_running(h.now);
     // Copied again: the line above may have charged it.
     // SAFETY: lookup of a plain key; the value is copied at once.
     let w = unsafe { WINDOWS.get(gk) }.copied().unwrap_or(w);
@@ -378,9 +374,7 @@ pub fn go_ret(ctx: ProbeContext) -> u32 {
     let d = h.now.saturating_sub(start);
     let gk = GoroutineKey { g: h.g, tgid: h.tgid, _pad: 0 };
     if h.cfg.class == GoClass::Window as u32 {
-        if sched_on() {
-            running_unseen(current_task(), h.now);
-        }
+        seen_running(h.now);
         close_window(&gk, h.now, d);
         if sched_on() {
             let _ = THREAD_G.remove(current_tid());
@@ -404,6 +398,16 @@ pub fn go_ret(ctx: ProbeContext) -> u32 {
 /// observed 0 would claim they had none. Set by the loader.
 #[unsafe(no_mangle)]
 static GO_SCHED: u32 = 1;
+
+/// The current thread runs a window's end or entry now: a wait it still
+/// has open was never reported switched in (see `gosched::running_unseen`).
+/// Waits exist only with scheduler probes.
+#[inline(always)]
+fn seen_running(now: u64) {
+    if sched_on() {
+        running_unseen(current_task(), now);
+    }
+}
 
 #[inline(always)]
 fn sched_on() -> bool {
