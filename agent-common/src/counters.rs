@@ -64,11 +64,17 @@ pub enum Counter {
     /// raw tracepoints alike, and by bpftrace too). Its wait is charged up
     /// to that sighting, the first moment it is known to be running.
     SchedSwitchInUnseen = 18,
+    /// A window still open on a goroutine `g` that a probe found running
+    /// a different goroutine (its id changed: the runtime reuses `g`s):
+    /// the goroutine that opened it ended inside it, so it has no end to
+    /// time. Dropped, never observed (windows that end at their loop's
+    /// next call, where the goroutine id is read).
+    WindowStale = 19,
 }
 
 impl Counter {
     /// Number of slots the counter array must have (keep in sync with the enum).
-    pub const COUNT: u32 = 19;
+    pub const COUNT: u32 = 20;
 
     pub const ALL: [Counter; Self::COUNT as usize] = [
         Counter::ExecSeen,
@@ -90,6 +96,7 @@ impl Counter {
         Counter::HandlerCommitMiss,
         Counter::WindowIndirectCall,
         Counter::SchedSwitchInUnseen,
+        Counter::WindowStale,
     ];
 
     /// The `reason` label this counter is exported under in
@@ -115,6 +122,7 @@ impl Counter {
             Counter::HandlerCommitMiss => "handler_commit_miss",
             Counter::WindowIndirectCall => "window_indirect_call",
             Counter::SchedSwitchInUnseen => "sched_switch_in_unseen",
+            Counter::WindowStale => "window_stale",
         })
     }
 }

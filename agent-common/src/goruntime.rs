@@ -172,7 +172,11 @@ pub struct GoProbeConfig {
     /// Window sites: `WINDOW_END_*` (on a `WINDOW_END_CALLER` window's
     /// end sites, `is_ret` is 1 too).
     pub end: u32,
-    pub _pad: u32,
+    /// `WINDOW_END_CALLER` window sites that check the goroutine's id
+    /// (its offset in `runtime.g`; 0: no check): a window opened by a
+    /// goroutine that ended inside it must not be closed by the next
+    /// goroutine the runtime gives the same `g`.
+    pub goid_off: u32,
     /// Link-time address of the probed instruction: the probe's runtime
     /// address less this is the load bias (`WINDOW_END_CALLER` entries).
     pub site_addr: u64,
@@ -229,7 +233,9 @@ pub struct Window {
     pub inner: [u64; 5],
     /// Events per `Inner` (map calls, parks, thread switches...).
     pub inner_n: [u32; 5],
-    pub _pad: u32,
+    /// The low 32 bits of the opening goroutine's id, where its sites
+    /// check it (`GoProbeConfig::goid_off`), else 0.
+    pub goid: u32,
     /// `WINDOW_END_CALLER`: how deep the call is, as the distance from the
     /// top of the goroutine's stack to the slot of its return address
     /// (`g.stack.hi` - SP at entry: unchanged when the runtime copies the

@@ -161,14 +161,14 @@ pub fn go_entry(ctx: ProbeContext) -> u32 {
         // SAFETY: lookup of a plain key.
         let gk = GoroutineKey { g: h.g, tgid: h.tgid, _pad: 0 };
         if unsafe { WINDOWS.get(gk) }.is_none() {
-            open_window(&h, gk, WINDOW_END_RET, 0);
+            open_window(&h, gk, WINDOW_END_RET, 0, 0);
         }
     }
     0
 }
 
 #[inline(always)]
-fn open_window(h: &Hit, gk: GoroutineKey, end: u32, frame_depth: u64) {
+fn open_window(h: &Hit, gk: GoroutineKey, end: u32, frame_depth: u64, goid: u32) {
     let w = Window {
         start: h.now,
         window: h.cfg.window,
@@ -178,7 +178,7 @@ fn open_window(h: &Hit, gk: GoroutineKey, end: u32, frame_depth: u64) {
         sched_since: h.now,
         inner: [0; 5],
         inner_n: [0; 5],
-        _pad: 0,
+        goid,
         frame_depth,
     };
     let _ = WINDOWS.insert(gk, w, 0);
@@ -196,10 +196,35 @@ fn frame_depth(g: u64, sp: u64) -> Option<u64> {
     Some(read_u64(g.wrapping_add(G_STACK_HI))?.wrapping_sub(sp))
 }
 
+/// The low 32 bits of the running goroutine's id, where the site checks it
+/// (`GoProbeConfig::goid_off`), else 0. Ids only grow, so two goroutines a
+/// `g` serves 2^32 goroutines apart are all this could confuse.
+#[inline(always)]
+fn goid_of(h: &Hit) -> u32 {
+    if h.cfg.goid_off == 0 {
+        return 0;
+    }
+    read_u64(h.g.wrapping_add(h.cfg.goid_off as u64)).map_or(0, |id| id as u32)
+}
+
+/// Whether an open window was opened by another goroutine on the same `g`
+/// (which ended inside it): dropped and counted, never observed. Only
+/// where both ids were read (a window whose sites do not check has 0).
+#[inline(always)]
+fn stale(gk: &GoroutineKey, w: &Window, goid: u32) -> bool {
+    if w.goid == 0 || goid == 0 || w.goid == goid {
+        return false;
+    }
+    let _ = WINDOWS.remove(gk);
+    count(Counter::WindowStale);
+    true
+}
+
 /// The entry of a window that ends in its callers (`WINDOW_END_CALLER`):
 /// opens it if the call comes from a call site with an end site, and
 /// closes a previous call of the same window on this goroutine at the same
-/// or a smaller depth (it must have returned).
+/// or a smaller depth (it must have returned), unless another goroutine
+/// opened it.
 #[inline(always)]
 fn caller_window_entry(ctx: &ProbeContext, h: &Hit) {
     if h.cfg.window >= MAX_WINDOWS {
@@ -221,17 +246,21 @@ fn caller_window_entry(ctx: &ProbeContext, h: &Hit) {
     let Some(depth) = frame_depth(h.g, sp) else { return };
     let gk = GoroutineKey { g: h.g, tgid: h.tgid, _pad: 0 };
     seen_running(h.now);
+    let goid = goid_of(h);
     // SAFETY: lookup of a plain key; the value is copied at once.
     if let Some(open) = unsafe { WINDOWS.get(gk) }.copied() {
-        if open.end != WINDOW_END_CALLER || open.frame_depth < depth {
+        if open.end == WINDOW_END_CALLER && stale(&gk, &open, goid) {
+            // Gone with its goroutine: this call opens a fresh one.
+        } else if open.end != WINDOW_END_CALLER || open.frame_depth < depth {
             // A recursive call (deeper), or a call inside another kind of
             // window: the outer window goes on.
             return;
+        } else {
+            let _ = WINDOWS.remove(gk);
+            observe_window(&gk, &open, h.now);
         }
-        let _ = WINDOWS.remove(gk);
-        observe_window(&gk, &open, h.now);
     }
-    open_window(h, gk, WINDOW_END_CALLER, depth);
+    open_window(h, gk, WINDOW_END_CALLER, depth, goid);
 }
 
 /// An end site of a `WINDOW_END_CALLER` window, in a caller after the
@@ -249,6 +278,9 @@ fn caller_window_end(ctx: &ProbeContext, h: &Hit) {
     // SAFETY: the probe's own register context.
     let Some(depth) = frame_depth(h.g, stack_pointer(unsafe { &*ctx.regs })) else { return };
     if depth >= w.frame_depth {
+        return;
+    }
+    if stale(&gk, &w, goid_of(h)) {
         return;
     }
     seen_running(h.now);

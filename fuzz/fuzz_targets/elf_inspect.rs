@@ -15,7 +15,7 @@ fuzz_target!(|data: &[u8]| {
         let _ = i.resolve(&f.name);
     }
     for f in i.functions().take(4) {
-        let _ = i.caller_end_sites(f.address, 32);
+        let _ = i.direct_calls(f.address, 32);
     }
     let _ = serde_json::to_string(&i.report(None));
 });

@@ -163,6 +163,69 @@ fn handle_deltas_reads_match_tracefs() {
     );
 }
 
+/// The informer fixture (index delay `delay_us`) under an agent timing its
+/// Go runtime, attached: (binary, agent, informer, the label set of its
+/// `informer_handle_deltas` window).
+fn watched_informer(delay_us: u64) -> (&'static Path, Agent, Informer, String) {
+    require_root();
+    let bin = clientgo::informer();
+    let comm = bin.file_name().and_then(|n| n.to_str()).expect("fixture name");
+    let agent = Agent::start(&["--go-comm", comm]);
+    let inf = Informer::start(bin, delay_us);
+    wait_attached(&agent, &[inf.0.pid()]);
+    (bin, agent, inf, format!("window=\"informer_handle_deltas\",comm=\"{comm}\""))
+}
+
+/// The delta handler's calls, as the kernel's own uprobes on the agent's
+/// entry sites (the stack-check jump) count them, with the flags: a call
+/// that grows its stack runs that jump twice, and the pass that goes to
+/// morestack is not a call (a probe on the function's first byte once
+/// counted such a call twice here).
+struct Pops {
+    up: Uprobes,
+    guards: HashMap<&'static str, u64>,
+}
+
+impl Pops {
+    fn count(agent: &Agent, bin: &Path) -> Pops {
+        let statuses = debug_probes(agent)["binaries"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .find(|b| b["path"].as_str() == bin.to_str())
+            .and_then(|b| b["go_runtime"].as_array().cloned())
+            .unwrap_or_default();
+        let entry = |symbol: &str| {
+            let s = statuses.iter().find(|s| s["symbol"] == symbol).unwrap_or_else(|| panic!("{symbol}: {statuses:?}"));
+            (s["entry_offset"].as_u64().expect("entry offset"), s["guard"].as_u64().expect("guard"))
+        };
+        let mut up = Uprobes::new("wscg");
+        let mut guards = HashMap::new();
+        for (event, symbol) in [("single", HANDLE_DELTAS), ("batch", HANDLE_BATCH_DELTAS)] {
+            let (offset, guard) = entry(symbol);
+            up.add(event, bin, offset, "fl=%flags:u64");
+            guards.insert(event, guard);
+        }
+        up.enable();
+        Pops { up, guards }
+    }
+
+    /// (handleDeltas calls, handleBatchDeltas calls, morestack passes) so far.
+    fn calls(&self) -> (usize, usize, usize) {
+        // GUARD_X86_JBE = 1 jumps on CF|ZF (0x41), GUARD_X86_JB = 2 on CF.
+        let calls = |event: &str| {
+            let mask = match self.guards[event] {
+                1 => 0x41,
+                2 => 0x1,
+                _ => 0,
+            };
+            self.up.hits(event).iter().filter(|h| h.get("fl").is_some_and(|fl| fl & mask == 0)).count()
+        };
+        let (singles, batches) = (calls("single"), calls("batch"));
+        (singles, batches, self.up.hits("single").len() + self.up.hits("batch").len() - singles - batches)
+    }
+}
+
 /// The built-in `informer_handle_deltas` window: one per pop, each at least
 /// as long as the work the informer did inside it. `serial N` sends each
 /// update after the previous one was handled, so every pop carries one
@@ -171,17 +234,11 @@ fn handle_deltas_reads_match_tracefs() {
 /// equal the pops the kernel's own uprobes saw on both functions.
 #[test]
 fn informer_window_counts_every_handled_pop() {
-    require_root();
-    let bin = clientgo::informer();
-    let comm = bin.file_name().and_then(|n| n.to_str()).expect("fixture name");
-    let agent = Agent::start(&["--go-comm", comm]);
     // 20.48 ms is a bucket bound, so "no window below it" is an exact check.
     const DELAY_US: u64 = 20_480;
     const N: u64 = 8;
     const BURST: u64 = 12;
-    let mut inf = Informer::start(bin, DELAY_US);
-    wait_attached(&agent, &[inf.0.pid()]);
-    let labels = format!("window=\"informer_handle_deltas\",comm=\"{comm}\"");
+    let (bin, agent, mut inf, labels) = watched_informer(DELAY_US);
     let windows = || Buckets::parse(&agent.metrics(), "watchscope_window_seconds", &labels);
     // The agent may or may not have caught the startup pops (the empty
     // list's ReplacedAll, which does no indexing, and the first Added):
@@ -191,51 +248,20 @@ fn informer_window_counts_every_handled_pop() {
     let (before, short_before) = (w0.count(), w0.below(delay));
     let handled = inf.command(&format!("serial {N}"));
     assert_eq!(handled, 1 + N);
-    // The last window closes when its pop returns, after the handler
-    // answered: wait for the count, then it must be exact.
+    // The last window closes when the informer calls Pop again, after the
+    // handler answered: wait for the count, then it must be exact.
     wait_until(Duration::from_secs(10), || windows().count() >= before + N as f64);
     let w = windows();
     assert_eq!(w.count() - before, N as f64, "windows before {before}, after {}:\n{}", w.count(), agent.metrics());
     assert_eq!(w.below(delay), short_before, "a window shorter than the index delay: {:?}", w.cumulative);
 
-    // The kernel's own uprobes on the agent's entry sites (the stack-check
-    // jump), with the flags: a call that grows its stack runs that jump
-    // twice, and the pass that goes to morestack is not a call (a probe on
-    // the function's first byte once counted such a call twice here).
-    let statuses = debug_probes(&agent)["binaries"]
-        .as_array()
-        .into_iter()
-        .flatten()
-        .find(|b| b["path"].as_str() == bin.to_str())
-        .and_then(|b| b["go_runtime"].as_array().cloned())
-        .unwrap_or_default();
-    let entry = |symbol: &str| {
-        let s = statuses.iter().find(|s| s["symbol"] == symbol).unwrap_or_else(|| panic!("{symbol}: {statuses:?}"));
-        (s["entry_offset"].as_u64().expect("entry offset"), s["guard"].as_u64().expect("guard"))
-    };
-    let mut up = Uprobes::new("wscg");
-    let mut guards = HashMap::new();
-    for (event, symbol) in [("single", HANDLE_DELTAS), ("batch", HANDLE_BATCH_DELTAS)] {
-        let (offset, guard) = entry(symbol);
-        up.add(event, bin, offset, "fl=%flags:u64");
-        guards.insert(event, guard);
-    }
-    up.enable();
+    let pops = Pops::count(&agent, bin);
     let before_burst = windows().count();
     assert_eq!(inf.command(&format!("burst {BURST}")), 1 + N + BURST);
     // Every pop had entered its function before its handler answered, so
-    // the tracefs hits are complete; the windows close as the pops return.
-    // GUARD_X86_JBE = 1 jumps on CF|ZF (0x41), GUARD_X86_JB = 2 on CF.
-    let calls = |event: &str| {
-        let mask = match guards[event] {
-            1 => 0x41,
-            2 => 0x1,
-            _ => 0,
-        };
-        up.hits(event).iter().filter(|h| h.get("fl").is_some_and(|fl| fl & mask == 0)).count()
-    };
-    let (singles, batches) = (calls("single"), calls("batch"));
-    let morestack = up.hits("single").len() + up.hits("batch").len() - singles - batches;
+    // the tracefs hits are complete; the windows close as the informer pops
+    // again.
+    let (singles, batches, morestack) = pops.calls();
     assert!(batches > 0, "the burst was never popped as a batch");
     wait_until(Duration::from_secs(10), || windows().count() >= before_burst + (singles + batches) as f64);
     let w = windows();
@@ -253,4 +279,133 @@ fn informer_window_counts_every_handled_pop() {
          batch pops); filled buckets (le s, count) {filled:?}",
         w.count() - before_burst,
     );
+}
+
+/// The informer's delta handler is called by closures that return right
+/// after the call, so its window cannot end in its callers; it ends where
+/// the informer's loop enters the queue's `Pop`/`PopBatch` again (one
+/// emulated trap instead of a single-stepped RET). Measured at once by two
+/// agents on one informer, one ending the windows there and one on the
+/// handler's RETs: both count every pop, none is shorter than the work
+/// injected inside, and the loop end is later than the RET end by only the
+/// RET's own trap and the pop's tail.
+#[test]
+fn informer_window_ends_at_the_next_pop_and_agrees_with_ret_ends() {
+    require_root();
+    let bin = clientgo::informer();
+    let comm = bin.file_name().and_then(|n| n.to_str()).expect("fixture name");
+    let by_ret = Agent::start(&["--go-comm", comm, "--window-end", "ret"]);
+    let by_loop = Agent::start(&["--go-comm", comm]);
+    const DELAY_US: u64 = 20_480;
+    const N: u64 = 10;
+    let mut inf = Informer::start(bin, DELAY_US);
+    wait_attached(&by_ret, &[inf.0.pid()]);
+    wait_attached(&by_loop, &[inf.0.pid()]);
+
+    // Where the loop end sites are: on the queue pops' entries, one in each.
+    let pops: Vec<(u64, u64)> = inspect_json(bin)["probes"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter(|p| p["role"] == "client_go_queue_pop")
+        .map(|p| (p["file_offset"].as_u64().expect("offset"), p["size"].as_u64().expect("size")))
+        .collect();
+    assert!(pops.len() >= 2, "RealFIFO.Pop and PopBatch at least: {pops:?}");
+    let sites = |agent: &Agent| {
+        debug_probes(agent)["binaries"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .find(|b| b["path"].as_str() == bin.to_str())
+            .and_then(|b| b["go_runtime"].as_array().cloned())
+            .unwrap_or_default()
+    };
+    let (loop_sites, ret_sites) = (sites(&by_loop), sites(&by_ret));
+    for symbol in [HANDLE_DELTAS, HANDLE_BATCH_DELTAS] {
+        let find = |all: &[Value]| all.iter().find(|s| s["symbol"] == symbol).cloned().expect("window site");
+        let l = find(&loop_sites);
+        assert_eq!(l["ends"], "loop", "{l}");
+        assert!(l["return_offsets"].as_array().is_some_and(Vec::is_empty), "no RET probe: {l}");
+        let ends: Vec<u64> = l["end_offsets"].as_array().into_iter().flatten().filter_map(Value::as_u64).collect();
+        for &(at, size) in &pops {
+            assert_eq!(ends.iter().filter(|&&e| e >= at && e < at + size).count(), 1, "pop at {at:#x}: {l}");
+        }
+        assert_eq!(ends.len(), pops.len(), "{l}");
+        let r = find(&ret_sites);
+        assert_eq!(r["ends"], "ret", "{r}");
+        assert!(r["return_offsets"].as_array().is_some_and(|o| !o.is_empty()), "{r}");
+    }
+
+    let labels = format!("window=\"informer_handle_deltas\",comm=\"{comm}\"");
+    let read = |agent: &Agent| {
+        let text = agent.metrics();
+        let w = Buckets::parse(&text, "watchscope_window_seconds", &labels);
+        let sum =
+            watchscope_integration_tests::sample_value(&text, &format!("watchscope_window_seconds_sum{{{labels}}}"));
+        (w, sum.unwrap_or(0.0))
+    };
+    // Either agent may or may not have caught the startup pops: counted
+    // from here on.
+    let delay = DELAY_US as f64 * 1e-6;
+    let before = [read(&by_ret), read(&by_loop)];
+    assert_eq!(inf.command(&format!("serial {N}")), 1 + N);
+    let mut means = Vec::new();
+    for ((how, agent), (w0, sum0)) in [("ret", &by_ret), ("loop", &by_loop)].into_iter().zip(&before) {
+        wait_until(Duration::from_secs(10), || read(agent).0.count() >= w0.count() + N as f64);
+        let (w, sum) = read(agent);
+        assert_eq!(w.count() - w0.count(), N as f64, "{how}: {:?}", w.cumulative);
+        assert_eq!(w.below(delay), w0.below(delay), "{how}: a window shorter than the work inside: {:?}", w.cumulative);
+        means.push((sum - sum0) / N as f64 * 1e6);
+    }
+    for reason in ["window_indirect_call", "window_stale"] {
+        let sample = format!("watchscope_dropped_total{{reason=\"{reason}\"}}");
+        assert_eq!(by_loop.sample_present(&sample), 0.0, "{reason}");
+    }
+    let later_us = means[1] - means[0];
+    eprintln!("mean window {:.1} µs ending on RETs, {:.1} µs at the next pop: {later_us:+.2} µs", means[0], means[1]);
+    // The two agents' entry programs run on one trap, in either order.
+    assert!(later_us > -1.0, "the loop end came before the RET: {later_us} µs per window");
+    // Between the two: the other agent's RET trap and single-step, and the
+    // closures' returns, Pop's tail and the loop's context check. The
+    // bound tells a stray end (one that took in the next pop's wait, or
+    // the next window's work) from that.
+    assert!(later_us < DELAY_US as f64 / 2.0, "the loop end came {later_us} µs per window after the RET");
+}
+
+/// An informer stopped while its delta handler runs leaves that window
+/// open: its loop never pops again. The runtime gives the loop's `g` to a
+/// later goroutine, here (on one P, likely) the loop of the next informer,
+/// 500 ms later; its first pop must not close the old window as a
+/// 500 ms-long one. The windows' goroutine ids tell them apart: every pop
+/// that returned is one window, none is longer than its work, and each
+/// interrupted one is dropped as `window_stale` when its `g` comes back.
+#[test]
+fn an_informer_stopped_inside_its_handler_leaves_no_stale_window() {
+    const DELAY_US: u64 = 20_480;
+    const R: u64 = 6;
+    let (bin, agent, mut inf, labels) = watched_informer(DELAY_US);
+    let windows = || Buckets::parse(&agent.metrics(), "watchscope_window_seconds", &labels);
+    let stale = || agent.sample_present("watchscope_dropped_total{reason=\"window_stale\"}");
+    let pops = Pops::count(&agent, bin);
+    let before = windows().count();
+    let reply = inf.command(&format!("restart {R}"));
+    // Each new informer pops its (empty) list and one Added event; the last
+    // one's windows close as its loop pops again.
+    let (singles, batches, _) = pops.calls();
+    let popped = (singles + batches) as u64;
+    assert!(popped >= 3 * R, "{singles} + {batches} pops for {R} restarts");
+    let returned = (popped - R) as f64;
+    wait_until(Duration::from_secs(10), || windows().count() >= before + returned);
+    let w = windows();
+    let dropped = stale();
+    eprintln!(
+        "{R} restarts (reply {reply}): {popped} pops, {} windows, {dropped} stale; buckets {:?}",
+        w.count() - before,
+        w.cumulative
+    );
+    assert_eq!(w.count() - before, returned, "{:?}", w.cumulative);
+    // Two objects' work at most (a pop of the list and an event), far
+    // from the 500 ms a stale window would span.
+    assert_eq!(w.below(0.25), w.count(), "a window longer than 250 ms: {:?}", w.cumulative);
+    assert!(dropped >= 1.0 && dropped <= R as f64, "{dropped} stale windows for {R} interrupted pops");
 }

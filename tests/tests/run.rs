@@ -39,12 +39,15 @@ fn exec_counter_counts_each_exec_of_our_children() {
     agent.wait_drained();
     assert_eq!(agent.sample(&watched), f64::from(N), "{}", agent.metrics());
     // The drain the test waited on is the agent's own account: the kernel
-    // submits an exec event for watched names only (and an exit only for
-    // processes it probes), so exactly the N execs went through the ring.
+    // submits an event for every exec on the node (user space matches the
+    // names), so the N execs and whatever else the machine ran meanwhile
+    // (a fresh CI machine ran 3 more in these few seconds) went through
+    // the ring, and the agent read every one.
     let probes = watchscope_integration_tests::debug_probes(&agent);
     let events = probes["rings"].as_array().and_then(|r| r.iter().find(|r| r["ring"] == "events")).cloned();
     let count = |k: &str| events.as_ref().and_then(|e| e[k].as_u64());
-    assert_eq!((count("submitted"), count("read")), (Some(u64::from(N)), Some(u64::from(N))), "{probes}");
+    let (submitted, read) = (count("submitted").expect("submitted"), count("read").expect("read"));
+    assert!(submitted >= u64::from(N) && read == submitted, "{probes}");
     let all_after = agent.sample("watchscope_execs_total");
     assert!(all_after - all_before >= f64::from(N), "kernel exec counter grew by {} < {N}", all_after - all_before);
     assert_eq!(agent.sample_present("watchscope_dropped_total{reason=\"ringbuf_full\"}"), 0.0);

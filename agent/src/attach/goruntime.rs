@@ -9,7 +9,11 @@
 //! (`WindowEnd::Auto`): a probed RET is single-stepped by the kernel (two
 //! traps, ~4.7 µs here), a probe on the first branch after each call is
 //! emulated (one trap). That needs every direct call site to have such a
-//! branch; otherwise the window keeps its RET probes.
+//! branch. Where the callers are wrappers that return right after the call,
+//! a window called in a loop ends where the loop's next iteration enters a
+//! function the catalog names ([`Role::loop_next`]: client-go's delta
+//! handler ends at the next queue pop); otherwise the window keeps its RET
+//! probes.
 
 use agent_common::goruntime::{GoClass, GoProbeConfig, MAX_WINDOWS, SchedPoint, WINDOW_END_CALLER};
 use serde::Serialize;
@@ -19,7 +23,7 @@ use super::{
     watch::{binary_refusal, entry_site},
 };
 use crate::inspect::{
-    Inspection, Probe,
+    EndSite, Inspection, Probe,
     catalog::{Abi, Role},
 };
 
@@ -43,9 +47,11 @@ pub enum GoMaps {
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, clap::ValueEnum)]
 pub enum WindowEnd {
     /// In the callers, on the first branch after each direct call, where
-    /// every call site has one (calls through a function value or an
-    /// interface are then not timed, and counted as dropped with reason
-    /// `window_indirect_call`); on every RET otherwise.
+    /// every call site has one, or where the loop around the calls enters
+    /// its next call (client-go's delta handler: the next queue pop); calls
+    /// through a function value or an interface are then not timed, and
+    /// counted as dropped with reason `window_indirect_call`. On every RET
+    /// otherwise.
     #[default]
     Auto,
     /// On every RET of the function (single-stepped: ~4.7 µs more per call).
@@ -193,6 +199,7 @@ pub fn plan(insp: &Inspection, maps: GoMaps, windows: &WindowTable, sched: bool)
     // every goroutine switch of the server: +90 µs of etcd CPU per put in
     // `cargo xtask bench etcd`. Clients keep it.
     let server = insp.probes_for(Role::EtcdServerNotify).next().is_some();
+    let mut loop_next: Vec<&Probe> = Vec::new();
     for &(role, name) in BUILTIN_WINDOWS {
         if server && role == Role::EtcdClientDispatch {
             continue;
@@ -206,9 +213,11 @@ pub fn plan(insp: &Inspection, maps: GoMaps, windows: &WindowTable, sched: bool)
             let f = Fn::of(p);
             let r = if class == GoClass::Window {
                 let end = windows.names.get(window as usize).map_or(WindowEnd::Ret, |n| windows.end_of(n));
-                timed_window(insp, &f, &p.return_offsets, window, end)
+                loop_next.clear();
+                loop_next.extend(role.loop_next().into_iter().flat_map(|r| insp.probes_for(r)));
+                timed_window(insp, &f, &p.return_offsets, window, end, &loop_next)
             } else {
-                timed(insp, &f, &p.return_offsets, class, window).map(|s| (s, None))
+                timed(insp, &f, &p.return_offsets, class, window).map(Planned::ret)
             };
             plan.push(role.name(), &p.symbol, p.file_offset, r);
         }
@@ -218,7 +227,7 @@ pub fn plan(insp: &Inspection, maps: GoMaps, windows: &WindowTable, sched: bool)
         match insp.resolve(&w.symbol) {
             Ok(rf) => {
                 let f = Fn { symbol: &rf.name, address: rf.address, file_offset: rf.file_offset, size: rf.size };
-                let r = timed_window(insp, &f, &rf.return_offsets, id, windows.end_of(&w.name));
+                let r = timed_window(insp, &f, &rf.return_offsets, id, windows.end_of(&w.name), &[]);
                 plan.push(&format!("window {}", w.name), &w.symbol, rf.file_offset, r);
             }
             // A user window names one program's function; other binaries
@@ -275,11 +284,11 @@ impl GoPlan {
             end_offsets: Vec::new(),
         };
         match r {
-            Ok((sites, why_ret)) => {
+            Ok(Planned { sites, ends, why_ret }) => {
                 for s in &sites {
                     if let SiteConfig::Go(c) = s.config {
                         if c.class == GoClass::Window as u32 {
-                            st.ends = Some(if c.end == WINDOW_END_CALLER { "caller" } else { "ret" });
+                            st.ends = Some(ends);
                         }
                         if c.is_ret == 0 {
                             st.entry_offset = Some(s.file_offset);
@@ -292,7 +301,19 @@ impl GoPlan {
                     }
                 }
                 st.ends_on_ret_because = why_ret;
-                self.sites.extend(sites);
+                // Two windows ending at one loop's next call share its end
+                // sites (client-go's handleDeltas and handleBatchDeltas at
+                // each pop): one probe each is enough.
+                for s in sites {
+                    let same = |o: &Site| {
+                        o.program == s.program
+                            && o.file_offset == s.file_offset
+                            && matches!((o.config, s.config), (SiteConfig::Go(a), SiteConfig::Go(b)) if a == b)
+                    };
+                    if !self.sites.iter().any(same) {
+                        self.sites.push(s);
+                    }
+                }
                 st.planned = true;
             }
             Err(e) => st.reason = Some(e),
@@ -313,7 +334,7 @@ const SCHED_ROLES: &[(Role, SchedPoint)] = &[
 /// An entry probe alone (scheduler points are events, not spans).
 fn entry_only(insp: &Inspection, f: &Fn<'_>, point: SchedPoint) -> Result<Planned, String> {
     let (cfg, at) = f.entry(insp, GoClass::Sched, point as u32)?;
-    Ok((vec![go_site(format!("{point:?}"), f.symbol, "go_sched", at, cfg)], None))
+    Ok(Planned::ret(vec![go_site(format!("{point:?}"), f.symbol, "go_sched", at, cfg)]))
 }
 
 /// A function to time.
@@ -356,9 +377,27 @@ fn go_site(role: String, symbol: &str, program: &'static str, file_offset: u64, 
     }
 }
 
-/// Planned sites, and for a window that ends on its RETs although it was
-/// free to end in its callers, why.
-type Planned = (Vec<Site>, Option<String>);
+/// Planned sites, and for a window: where it ends (`/debug/probes`
+/// `ends`), and when that is its RETs although it was free to end
+/// elsewhere, why.
+struct Planned {
+    sites: Vec<Site>,
+    ends: &'static str,
+    why_ret: Option<String>,
+}
+
+impl Planned {
+    fn ret(sites: Vec<Site>) -> Self {
+        Planned { sites, ends: ENDS_RET, why_ret: None }
+    }
+}
+
+/// `/debug/probes` `ends` of a window: on its RETs, in its callers (the
+/// first branch after each call), or at the entry of the function its
+/// loop calls next ([`Role::loop_next`]).
+const ENDS_RET: &str = "ret";
+const ENDS_CALLER: &str = "caller";
+const ENDS_LOOP: &str = "loop";
 
 /// Entry and RET sites of a timed call.
 fn timed(insp: &Inspection, f: &Fn<'_>, rets: &[u64], class: GoClass, window: u32) -> Result<Vec<Site>, String> {
@@ -381,32 +420,78 @@ fn timed(insp: &Inspection, f: &Fn<'_>, rets: &[u64], class: GoClass, window: u3
 const MAX_CALLER_SITES: usize = 32;
 
 /// A window's sites: ending in its callers where every direct call has an
-/// emulated branch after it (and `end` allows), on its RETs otherwise.
-fn timed_window(insp: &Inspection, f: &Fn<'_>, rets: &[u64], window: u32, end: WindowEnd) -> Result<Planned, String> {
-    if end == WindowEnd::Ret {
-        return timed(insp, f, rets, GoClass::Window, window).map(|s| (s, None));
-    }
-    let callers = match insp.caller_end_sites(f.address, MAX_CALLER_SITES) {
-        Ok(c) if c.is_empty() => Err("no direct call of it in the binary".to_string()),
-        other => other,
+/// emulated branch after it, else at the entries of `loop_next` (the
+/// functions the loop around the calls enters next, see
+/// [`Role::loop_next`]), else (or where `end` says so) on its RETs.
+fn timed_window(
+    insp: &Inspection,
+    f: &Fn<'_>,
+    rets: &[u64],
+    window: u32,
+    end: WindowEnd,
+    loop_next: &[&Probe],
+) -> Result<Planned, String> {
+    let on_rets = |why: String| {
+        timed(insp, f, rets, GoClass::Window, window).map(|sites| Planned { why_ret: Some(why), ..Planned::ret(sites) })
     };
-    let callers = match callers {
+    if end == WindowEnd::Ret {
+        return timed(insp, f, rets, GoClass::Window, window).map(Planned::ret);
+    }
+    let calls = match insp.direct_calls(f.address, MAX_CALLER_SITES) {
+        Ok(c) if c.is_empty() => return on_rets("no direct call of it in the binary".into()),
         Ok(c) => c,
-        Err(why) => return timed(insp, f, rets, GoClass::Window, window).map(|s| (s, Some(why))),
+        Err(why) => return on_rets(why),
+    };
+    // (symbol, end site) of every end.
+    let (ends, end_sites, goid_off): (&'static str, Vec<(&str, EndSite)>, u32) = match calls
+        .iter()
+        .find_map(|c| c.end.as_ref().err())
+    {
+        None => {
+            (ENDS_CALLER, calls.iter().filter_map(|c| Some((c.caller.as_str(), *c.end.as_ref().ok()?))).collect(), 0)
+        }
+        Some(why) if loop_next.is_empty() => return on_rets(why.clone()),
+        Some(why) => {
+            // A loop's goroutine may end inside a window (its context
+            // cancelled mid-call), and the runtime gives its `g` to a
+            // later goroutine, which may run the same loop: its next
+            // call must not close the old window. The goroutine id
+            // tells them apart.
+            let Some(goid) = insp.goid.and_then(|g| u32::try_from(g.offset).ok()) else {
+                return on_rets(format!(
+                    "{why}, and the goroutine id's offset in runtime.g is not known for this Go version (an end \
+                         at the loop's next call needs it)"
+                ));
+            };
+            let mut sites = Vec::new();
+            for p in loop_next {
+                match entry_site(insp, &p.symbol, p.address, p.file_offset, p.size) {
+                    Ok(at) => sites.push((
+                        p.symbol.as_str(),
+                        EndSite {
+                            address: p.address.saturating_add(at.offset),
+                            file_offset: p.file_offset.saturating_add(at.offset),
+                        },
+                    )),
+                    Err(e) => return on_rets(format!("{why}, and the loop's next call has no entry site: {e}")),
+                }
+            }
+            (ENDS_LOOP, sites, goid)
+        }
     };
     let (entry, at) = f.entry(insp, GoClass::Window, window)?;
-    let cfg = GoProbeConfig { end: WINDOW_END_CALLER, ..entry };
+    let cfg = GoProbeConfig { end: WINDOW_END_CALLER, goid_off, ..entry };
     let role = format!("{:?}", GoClass::Window);
     let mut first = go_site(role.clone(), f.symbol, "go_entry", at, cfg);
-    first.window_callers = callers.iter().map(|c| c.return_address).collect();
+    first.window_callers = calls.iter().map(|c| c.return_address).collect();
     let mut sites = vec![first];
     if end != WindowEnd::Entry {
-        for c in &callers {
-            let cfg = GoProbeConfig { is_ret: 1, guard: 0, site_addr: c.site_address, ..cfg };
-            sites.push(go_site(role.clone(), &c.caller, "go_ret", c.site_file_offset, cfg));
+        for (symbol, e) in end_sites {
+            let cfg = GoProbeConfig { is_ret: 1, guard: 0, site_addr: e.address, ..cfg };
+            sites.push(go_site(role.clone(), symbol, "go_ret", e.file_offset, cfg));
         }
     }
-    Ok((sites, None))
+    Ok(Planned { sites, ends, why_ret: None })
 }
 
 #[cfg(test)]

@@ -100,6 +100,30 @@ impl Role {
     }
 }
 
+impl Role {
+    /// A code-shape fact for windows on this role's functions: the role
+    /// whose function the same goroutine enters next, as soon as a call
+    /// returns, in the loop that makes the calls. A window whose callers
+    /// return right after the call (no branch there to end it on) ends at
+    /// that entry instead of on its single-stepped RETs: the goroutine
+    /// runs it above the window's frame only once the call has returned.
+    ///
+    /// client-go's informer (`controller.processLoop`, every version)
+    /// calls the queue's `Pop` or `PopBatch` again right after the previous
+    /// one returned (a non-blocking check of its context in between), and
+    /// the delta handler only ever runs inside one: in 0.36 `RealFIFO.Pop`
+    /// → `whileProcessing_locked` → a closure → the informer's closure
+    /// that calls `handleDeltas` (`PopBatch` likewise for
+    /// `handleBatchDeltas`); before, `DeltaFIFO.Pop` → the method value
+    /// `HandleDeltas-fm`. Both closures return right after the call.
+    pub fn loop_next(self) -> Option<Role> {
+        match self {
+            Role::ClientGoHandleDeltas => Some(Role::ClientGoQueuePop),
+            _ => None,
+        }
+    }
+}
+
 impl std::fmt::Display for Role {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         // `pad`, so `{:<26}` aligns columns.

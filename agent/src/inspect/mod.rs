@@ -144,15 +144,24 @@ pub struct ResolvedFunction {
     pub return_offsets: Vec<u64>,
 }
 
-/// Where one direct call of a function can be seen to have returned: the
-/// first branch (kernel-emulated) after the call, in the caller.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
-pub struct CallerEndSite {
+/// One direct call of a function: where it returns to and where, in the
+/// caller, its return can be seen without a probe on the callee's RETs.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DirectCall {
     pub caller: String,
     /// Link-time address the call returns to.
     pub return_address: u64,
-    pub site_address: u64,
-    pub site_file_offset: u64,
+    /// The first branch (kernel-emulated) after the call, or why there is
+    /// none (a wrapper that returns right after the call).
+    pub end: Result<EndSite, String>,
+}
+
+/// A probe site that sees a call has returned (link-time address, file
+/// offset).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct EndSite {
+    pub address: u64,
+    pub file_offset: u64,
 }
 
 /// A probe the catalog asked for and the binary has.
@@ -558,17 +567,16 @@ impl Inspection {
         Ok(self.image.type_index()?.len())
     }
 
-    /// Where a call of the function at `target` can be seen to have
-    /// returned, without a probe on its RETs: for every direct call of it in
-    /// the binary, the first branch after the call that the kernel emulates
-    /// (see [`disasm::x86_first_branch`]). A call site without one makes
-    /// the whole answer an error: some returns could not be seen. Calls
-    /// through a function value or an interface have no call site here; the
-    /// kernel program recognises them by their return address and leaves
-    /// them untimed (see `agent-ebpf/src/goruntime.rs`). amd64 only.
-    /// More than `max` direct calls is an error too (each end site is a
-    /// probe).
-    pub fn caller_end_sites(&self, target: u64, max: usize) -> Result<Vec<CallerEndSite>, String> {
+    /// Every direct call of the function at `target` in the binary, each
+    /// with where it can be seen to have returned without a probe on the
+    /// callee's RETs: the first branch after the call that the kernel
+    /// emulates (see [`disasm::x86_first_branch`]). Calls through a
+    /// function value or an interface have no call site here; the kernel
+    /// program recognises them by their return address and leaves them
+    /// untimed (see `agent-ebpf/src/goruntime.rs`). amd64 only. More than
+    /// `max` direct calls is an error (each is a probe, or an entry in the
+    /// kernel's table of call sites).
+    pub fn direct_calls(&self, target: u64, max: usize) -> Result<Vec<DirectCall>, String> {
         if self.arch != Arch::X86_64 {
             return Err("ends in the caller are decoded on amd64 only".into());
         }
@@ -590,7 +598,6 @@ impl Inspection {
         const RELEASE: usize = 1 << 20;
         let mut released = 0;
         let mut failure = None;
-        let mut calls = 0;
         for i in memchr::memchr_iter(0xe8, text) {
             if i - released >= 2 * RELEASE {
                 self.image.bytes.release(start + released, RELEASE);
@@ -614,28 +621,21 @@ impl Inspection {
             if !disasm::x86_calls_at(code, f.address, at, target) {
                 continue;
             }
-            calls += 1;
-            if calls > max {
+            if out.len() == max {
                 failure = Some(format!("more than {max} direct calls of it (each would be a probe)"));
                 break;
             }
             let rest = code.get((i + 5).saturating_sub(f_start)..).unwrap_or_default();
-            let off = match disasm::x86_first_branch(rest, ret, 24) {
-                Ok(off) => off,
-                Err(e) => {
-                    // Scanning on: too many calls is the better reason.
-                    failure.get_or_insert_with(|| format!("called from {}: {e}", f.name));
-                    continue;
+            let end = disasm::x86_first_branch(rest, ret, 24).map(|off| {
+                // Inside `code`, so inside the segment: these cannot overflow.
+                let in_segment = (i + 5) as u64 + off;
+                EndSite {
+                    address: seg.vaddr.saturating_add(in_segment),
+                    file_offset: seg.offset.saturating_add(in_segment),
                 }
-            };
-            // Inside `code`, so inside the segment: these cannot overflow.
-            let in_segment = (i + 5) as u64 + off;
-            out.push(CallerEndSite {
-                caller: f.name.clone(),
-                return_address: ret,
-                site_address: seg.vaddr.saturating_add(in_segment),
-                site_file_offset: seg.offset.saturating_add(in_segment),
             });
+            let end = end.map_err(|e| format!("called from {}: {e}", f.name));
+            out.push(DirectCall { caller: f.name.clone(), return_address: ret, end });
         }
         self.image.bytes.release(start + released, len - released);
         match failure {
