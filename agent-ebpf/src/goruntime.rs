@@ -283,10 +283,14 @@ fn caller_window_end(ctx: &ProbeContext, h: &Hit) {
     if stale(&gk, &w, goid_of(h)) {
         return;
     }
-    seen_running(h.now);
-    // Copied again: the line above may have charged it.
-    // SAFETY: lookup of a plain key; the value is copied at once.
-    let w = unsafe { WINDOWS.get(gk) }.copied().unwrap_or(w);
+    let w = if sched_on() {
+        running_unseen(current_task(), h.now);
+        // Copied again: the line above may have charged it.
+        // SAFETY: lookup of a plain key; the value is copied at once.
+        unsafe { WINDOWS.get(gk) }.copied().unwrap_or(w)
+    } else {
+        w
+    };
     let _ = WINDOWS.remove(gk);
     observe_window(&gk, &w, h.now);
     if sched_on() {
