@@ -2,7 +2,8 @@
 //! client-go 0.36 sources, which `cargo xtask setup --for test` extracts into
 //! one root (`$WATCHSCOPE_CACHE/gopath-k8s`, GOPATH `usr/share/gocode`).
 //! The toolchain is Go 1.27 from PyPI ([`go::go127`]), the version sid
-//! builds client-go with. A build takes about a minute on a cold Go cache,
+//! builds client-go with. The informer is also built against trixie's
+//! client-go 0.32 (`gopath-k8s-032`) with trixie's Go 1.24. A build takes about a minute on a cold Go cache,
 //! so the stripped binary is kept next to the test executables, keyed by a
 //! hash of the fixture's source, the Go version and the list of Debian
 //! packages in the root.
@@ -16,16 +17,36 @@ use std::{
 
 use crate::{debcache, go};
 
-/// The GOPATH root with client-go's sources (panics with the setup command
-/// when it is missing: these tests never pass without the real sources).
+/// A client-go version to build against: its GOPATH root under the cache
+/// and the toolchain its Debian suite builds it with.
+#[derive(Clone, Copy)]
+pub struct ClientGo {
+    root: &'static str,
+    go: fn() -> &'static go::Toolchain,
+}
+
+/// sid's client-go 0.36 (RealFIFO, batch pops, `handleDeltas`), Go 1.27.
+pub const V036: ClientGo = ClientGo { root: "gopath-k8s", go: go::go127 };
+/// trixie's client-go 0.32 (DeltaFIFO, `HandleDeltas`), Go 1.24.
+pub const V032: ClientGo = ClientGo { root: "gopath-k8s-032", go: go::go124 };
+
+/// The GOPATH root with client-go 0.36's sources (panics with the setup
+/// command when it is missing: these tests never pass without the real
+/// sources).
 pub fn gopath_root() -> PathBuf {
-    let root = debcache::root().join("gopath-k8s");
-    assert!(
-        root.join("usr/share/gocode/src/k8s.io/client-go").is_dir(),
-        "client-go sources not under {}: run `cargo xtask setup --for test`",
-        root.display()
-    );
-    root
+    V036.gopath_root()
+}
+
+impl ClientGo {
+    fn gopath_root(self) -> PathBuf {
+        let root = debcache::root().join(self.root);
+        assert!(
+            root.join("usr/share/gocode/src/k8s.io/client-go").is_dir(),
+            "client-go sources not under {}: run `cargo xtask setup --for test`",
+            root.display()
+        );
+        root
+    }
 }
 
 /// `tests/fixtures/go-k8s/src/informer`, built stripped as `wsc-informer`
@@ -33,6 +54,12 @@ pub fn gopath_root() -> PathBuf {
 pub fn informer() -> &'static Path {
     static B: OnceLock<PathBuf> = OnceLock::new();
     B.get_or_init(|| build("informer", "wsc-informer"))
+}
+
+/// The same informer built against client-go 0.32, as `wsc-informer32`.
+pub fn informer_032() -> &'static Path {
+    static B: OnceLock<PathBuf> = OnceLock::new();
+    B.get_or_init(|| build_with(V032, "informer", "wsc-informer32"))
 }
 
 /// `tests/fixtures/go-k8s/src/operator`: an informer on the custom
@@ -58,8 +85,12 @@ fn fixture_gopath() -> PathBuf {
 }
 
 fn build(package: &str, name: &str) -> PathBuf {
-    let root = gopath_root();
-    let t = go::go127();
+    build_with(V036, package, name)
+}
+
+fn build_with(v: ClientGo, package: &str, name: &str) -> PathBuf {
+    let root = v.gopath_root();
+    let t = (v.go)();
     let src = fixture_gopath().join("src").join(package);
     let mut h = DefaultHasher::new();
     t.version.hash(&mut h);

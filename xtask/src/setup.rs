@@ -70,7 +70,8 @@ pub fn run(args: &SetupArgs) -> Result<()> {
     if args.purpose.is_some() {
         pip_packages(PIP_PACKAGES)?;
         crate::debcache::run()?;
-        crate::debcache::gopath_k8s()?;
+        crate::debcache::gopath(&crate::debcache::GOPATH_K8S)?;
+        crate::debcache::gopath(&crate::debcache::GOPATH_K8S_032)?;
     }
     rust_src()?;
     bpf_linker()?;
