@@ -69,6 +69,49 @@ fn deltas_arg(p: &Value) -> &Value {
     a
 }
 
+/// Tracefs fetchargs for a delta handler whose `obj` boxes a `Deltas`
+/// slice: the catalog's `deltas` read (+8(obj.data), the boxed slice
+/// header's len), and through the same header's pointer word the first
+/// `Delta`'s type length and its ConfigMap's name and resourceVersion
+/// lengths. `obj` and `rv_ptr` tell one call from the next: a probe on a
+/// function's entry fires twice for a call that grows its stack (morestack
+/// runs the function again from its entry), with the same arguments.
+fn boxed_deltas_fetchargs(handler: &Value) -> String {
+    let count = fetch(deltas_arg(handler));
+    let header = count.strip_prefix("+8(").and_then(|s| s.strip_suffix(')')).expect("len at +8 of the header");
+    let first = format!("+0({header})");
+    let object = format!("+24({first})");
+    format!(
+        "deltas={count}:s64 type_len=+8({first}):s64 name_len=+40({object}):s64 rv_len=+120({object}):s64 \
+         obj={object}:u64 rv_ptr=+112({object}):u64"
+    )
+}
+
+const SERIAL: u64 = 5;
+const BURST: u64 = 20;
+
+/// Runs the informer through `serial SERIAL` and `burst BURST`, with 2 ms
+/// in the index function per object (the burst queues up behind the first
+/// pops); the handler calls made.
+fn serial_then_burst(bin: &Path) -> u64 {
+    let mut inf = Informer::start(bin, 2000);
+    assert_eq!(inf.command(&format!("serial {SERIAL}")), 1 + SERIAL);
+    let handled = inf.command(&format!("burst {BURST}"));
+    assert_eq!(handled, 1 + SERIAL + BURST);
+    handled
+}
+
+/// The calls among the hits of the `single` event (fetchargs from
+/// [`boxed_deltas_fetchargs`]): a call's second hit after a stack growth
+/// carries the same object and resourceVersion string (the same slice).
+/// Each update is a new object with a new resourceVersion, so two calls
+/// never match.
+fn single_calls(up: &Uprobes) -> Vec<HashMap<String, i64>> {
+    let mut singles = up.hits("single");
+    singles.dedup_by(|b, a| a.get("obj") == b.get("obj") && a.get("rv_ptr") == b.get("rv_ptr"));
+    singles
+}
+
 /// The catalog's `deltas` reads give exactly the deltas the informer
 /// handled. The count alone cannot tell a right read from a wrong one on
 /// `handleDeltas` (RealFIFO passes one delta per call, and what the
@@ -88,19 +131,7 @@ fn handle_deltas_reads_match_tracefs() {
     assert_eq!(single["name_verified"], true);
     assert_eq!(batch["name_verified"], true);
 
-    // handleDeltas: deltas = +8(obj.data) (a boxed slice header); the
-    // header's pointer word is the same chase with 0 as the last offset.
-    let count = fetch(deltas_arg(single));
-    let header = count.strip_prefix("+8(").and_then(|s| s.strip_suffix(')')).expect("len at +8 of the header");
-    let first = format!("+0({header})");
-    let object = format!("+24({first})");
-    // `obj` and `ptr` tell one call from the next: a probe on a function's
-    // entry fires twice for a call that grows its stack (morestack runs the
-    // function again from its entry), with the same arguments.
-    let single_args = format!(
-        "deltas={count}:s64 type_len=+8({first}):s64 name_len=+40({object}):s64 rv_len=+120({object}):s64 \
-         obj={object}:u64 rv_ptr=+112({object}):u64"
-    );
+    let single_args = boxed_deltas_fetchargs(single);
     // handleBatchDeltas: deltas = the []Delta's len register; its pointer
     // is the register before it (the catalog's slice is ptr, len, cap).
     let batch_count = fetch(deltas_arg(batch));
@@ -119,21 +150,9 @@ fn handle_deltas_reads_match_tracefs() {
     );
     up.enable();
 
-    const SERIAL: u64 = 5;
-    const BURST: u64 = 20;
-    // 2 ms in the index function per object: the burst queues up behind
-    // the first pops, so later pops take several objects (handleBatchDeltas).
-    let mut inf = Informer::start(bin, 2000);
-    assert_eq!(inf.command(&format!("serial {SERIAL}")), 1 + SERIAL);
-    let handled = inf.command(&format!("burst {BURST}"));
-    assert_eq!(handled, 1 + SERIAL + BURST);
-    drop(inf);
-
-    // A call's second hit after a stack growth carries the same object and
-    // resourceVersion string (the same slice): one call. (Each update is a
-    // new object with a new resourceVersion, so two calls never match.)
-    let mut singles = up.hits("single");
-    singles.dedup_by(|b, a| a.get("obj") == b.get("obj") && a.get("rv_ptr") == b.get("rv_ptr"));
+    // Later pops of the burst take several objects (handleBatchDeltas).
+    let handled = serial_then_burst(bin);
+    let singles = single_calls(&up);
     let mut batches = up.hits("batch");
     batches.dedup_by(|b, a| a.get("ptr") == b.get("ptr") && a.get("deltas") == b.get("deltas"));
     let get = |h: &HashMap<String, i64>, k: &str| *h.get(k).unwrap_or_else(|| panic!("no {k} in {h:?}"));
@@ -164,6 +183,41 @@ fn handle_deltas_reads_match_tracefs() {
         singles.len(),
         batches.len()
     );
+}
+
+/// The same on client-go 0.32 (DeltaFIFO): `HandleDeltas(obj,
+/// isInInitialList)`, whose `obj` boxes one object's `Deltas`. There is no
+/// `ReplacedAll` at startup (the empty list queues nothing) and no batch
+/// pop: the first hit is the first ConfigMap's Added, then every Updated of
+/// `serial N`, then one Added per object of the burst, one delta each.
+#[test]
+fn handle_deltas_032_reads_match_tracefs() {
+    require_root();
+    let bin = clientgo::informer_032();
+    let j = inspect_json(bin);
+    assert!(j["go_version"].as_str().is_some_and(|v| v.starts_with("go1.24")), "{}", j["go_version"]);
+    let single = probe(&j, HANDLE_DELTAS_032);
+    assert_eq!(single["name_verified"], true);
+    let mut up = Uprobes::new("wscg");
+    up.add("single", bin, single["file_offset"].as_u64().expect("offset"), &boxed_deltas_fetchargs(single));
+    up.enable();
+    let handled = serial_then_burst(bin);
+    let singles = single_calls(&up);
+    let get = |h: &HashMap<String, i64>, k: &str| *h.get(k).unwrap_or_else(|| panic!("no {k} in {h:?}"));
+    let seen: Vec<(i64, i64, i64, i64)> =
+        singles.iter().map(|h| (get(h, "deltas"), get(h, "type_len"), get(h, "name_len"), get(h, "rv_len"))).collect();
+    let added = "Added".len() as i64;
+    let serial = "serial".len() as i64;
+    assert_eq!(seen.len() as u64, handled, "{seen:?}");
+    assert_eq!(seen[0], (1, added, serial, 1), "{seen:?}");
+    for (i, got) in seen[1..=SERIAL as usize].iter().enumerate() {
+        // ResourceVersions 3..=7: one digit.
+        assert_eq!(*got, (1, "Updated".len() as i64, serial, 1), "update {i}: {seen:?}");
+    }
+    for got in &seen[1 + SERIAL as usize..] {
+        // "burst-N", ResourceVersions 8..=27.
+        assert!(got.0 == 1 && got.1 == added && got.2 >= 7 && (1..=2).contains(&got.3), "{seen:?}");
+    }
 }
 
 /// The informer fixture (index delay `delay_us`) under an agent timing its

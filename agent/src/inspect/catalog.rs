@@ -438,11 +438,14 @@ static REFLECTOR_RV: Signature = Signature {
     reads: &[read_v("rv_ptr", "v.ptr", &[], TRACEFS_CG036_WATCH), read_v("rv_len", "v.len", &[], TRACEFS_CG036_WATCH)],
 };
 
+const TRACEFS_CG032: &str =
+    "client-go 0.32.3 (Debian trixie)/go1.24.4 amd64: tracefs uprobe on an informer fed a known number of deltas";
+
 /// `func (s *sharedIndexInformer) HandleDeltas(obj interface{}[, isInInitialList bool]) error`
 /// (client-go before 0.36); `obj` boxes a `Deltas` slice, so its data word
 /// points at a slice header.
 static HANDLE_DELTAS: Signature =
-    Signature { params: &[p("s", WORD), p("obj", IFACE)], reads: &[read("deltas", "obj.data", &[8])] };
+    Signature { params: &[p("s", WORD), p("obj", IFACE)], reads: &[read_v("deltas", "obj.data", &[8], TRACEFS_CG032)] };
 
 /// `klog.Logger` is `logr.Logger{sink LogSink; level int}`, passed by value:
 /// the interface's two words and the int, each in its own register.
@@ -716,9 +719,9 @@ pub static CATALOG: &[RoleSpec] = &[
         candidates: &[
             exact(
                 "k8s.io/client-go/tools/cache.(*sharedIndexInformer).HandleDeltas",
-                "client-go before 0.36",
+                "client-go before 0.36 (found in 0.32.3)",
                 &HANDLE_DELTAS,
-                false,
+                true,
             ),
             exact(
                 "k8s.io/client-go/tools/cache.(*sharedIndexInformer).handleDeltas",
