@@ -207,11 +207,11 @@ fn goid_of(h: &Hit) -> u32 {
     read_u64(h.g.wrapping_add(h.cfg.goid_off as u64)).map_or(0, |id| id as u32)
 }
 
-/// Whether an open window was opened by another goroutine on the same `g`
-/// (which ended inside it): dropped and counted, never observed. Only
-/// where both ids were read (a window whose sites do not check has 0).
+/// Drops an open window another goroutine on the same `g` opened (it ended
+/// inside it), counted and never observed; whether it did. Only where both
+/// ids were read (a window whose sites do not check has 0).
 #[inline(always)]
-fn stale(gk: &GoroutineKey, w: &Window, goid: u32) -> bool {
+fn drop_if_stale(gk: &GoroutineKey, w: &Window, goid: u32) -> bool {
     if w.goid == 0 || goid == 0 || w.goid == goid {
         return false;
     }
@@ -249,13 +249,16 @@ fn caller_window_entry(ctx: &ProbeContext, h: &Hit) {
     let goid = goid_of(h);
     // SAFETY: lookup of a plain key; the value is copied at once.
     if let Some(open) = unsafe { WINDOWS.get(gk) }.copied() {
-        if open.end == WINDOW_END_CALLER && stale(&gk, &open, goid) {
-            // Gone with its goroutine: this call opens a fresh one.
-        } else if open.end != WINDOW_END_CALLER || open.frame_depth < depth {
-            // A recursive call (deeper), or a call inside another kind of
-            // window: the outer window goes on.
+        if open.end != WINDOW_END_CALLER {
+            // A call inside another kind of window: it goes on.
             return;
-        } else {
+        }
+        // One gone with its goroutine is dropped: this call opens afresh.
+        if !drop_if_stale(&gk, &open, goid) {
+            if open.frame_depth < depth {
+                // A recursive call (deeper): the outer window goes on.
+                return;
+            }
             let _ = WINDOWS.remove(gk);
             observe_window(&gk, &open, h.now);
         }
@@ -280,12 +283,11 @@ fn caller_window_end(ctx: &ProbeContext, h: &Hit) {
     if depth >= w.frame_depth {
         return;
     }
-    if stale(&gk, &w, goid_of(h)) {
+    if drop_if_stale(&gk, &w, goid_of(h)) {
         return;
     }
-    let w = if sched_on() {
-        running_unseen(current_task(), h.now);
-        // Copied again: the line above may have charged it.
+    let w = if seen_running(h.now) {
+        // Copied again: it may have been charged.
         // SAFETY: lookup of a plain key; the value is copied at once.
         unsafe { WINDOWS.get(gk) }.copied().unwrap_or(w)
     } else {
@@ -437,12 +439,10 @@ static GO_SCHED: u32 = 1;
 
 /// The current thread runs a window's end or entry now: a wait it still
 /// has open was never reported switched in (see `gosched::running_unseen`).
-/// Waits exist only with scheduler probes.
+/// Waits exist only with scheduler probes. Whether one was charged.
 #[inline(always)]
-fn seen_running(now: u64) {
-    if sched_on() {
-        running_unseen(current_task(), now);
-    }
+fn seen_running(now: u64) -> bool {
+    sched_on() && running_unseen(current_task(), now)
 }
 
 #[inline(always)]

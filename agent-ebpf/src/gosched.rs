@@ -101,14 +101,16 @@ pub(crate) fn current_task() -> u64 {
 /// (see `Counter::SchedSwitchInUnseen`). It is charged up to now, the
 /// first moment the thread is known to run again, so no more than the
 /// thread's run since then is counted as waiting; left alone, the whole
-/// wait would vanish from its window.
+/// wait would vanish from its window. Whether there was one (a window may
+/// have been charged).
 #[inline(always)]
-pub(crate) fn running_unseen(task: u64, now: u64) {
+pub(crate) fn running_unseen(task: u64, now: u64) -> bool {
     // SAFETY: lookup of a plain key; the value is copied at once.
-    let Some(off) = (unsafe { THREAD_OFF.get(task) }).copied() else { return };
+    let Some(off) = (unsafe { THREAD_OFF.get(task) }).copied() else { return false };
     let _ = THREAD_OFF.remove(task);
     charge(&off, now);
     count(Counter::SchedSwitchInUnseen);
+    true
 }
 
 /// Adds the span since `off.since` to the window still open on its goroutine.

@@ -15,7 +15,7 @@ pub mod tracefs;
 
 use std::{
     net::TcpListener,
-    path::PathBuf,
+    path::{Path, PathBuf},
     process::{Child, Command, ExitStatus, Stdio},
     time::{Duration, Instant},
 };
@@ -120,6 +120,26 @@ impl Drop for Piped {
 /// `/debug/probes` of a running agent (null when it cannot be read).
 pub fn debug_probes(agent: &Agent) -> serde_json::Value {
     http_get(&agent.url("/debug/probes")).ok().and_then(|(_, b)| serde_json::from_str(&b).ok()).unwrap_or_default()
+}
+
+/// The Go runtime sites the agent planned for `bin` (`/debug/probes`
+/// `go_runtime`), once it has attached to it.
+pub fn go_sites(agent: &Agent, bin: &Path) -> Vec<serde_json::Value> {
+    let mut sites = Vec::new();
+    let ok = wait_until(Duration::from_secs(10), || {
+        let v = debug_probes(agent);
+        let found = v["binaries"].as_array().and_then(|bins| {
+            bins.iter().find(|b| b["path"].as_str() == bin.to_str() && b["attached"] == true).cloned()
+        });
+        if let Some(b) = found {
+            sites = b["go_runtime"].as_array().cloned().unwrap_or_default();
+            true
+        } else {
+            false
+        }
+    });
+    assert!(ok, "{} not attached:\n{}", bin.display(), agent.log_text());
+    sites
 }
 
 /// A port that was free a moment ago on 127.0.0.1.

@@ -11,7 +11,7 @@ use std::{collections::HashMap, path::Path, process::Command, time::Duration};
 
 use serde_json::Value;
 use watchscope_integration_tests::{
-    Agent, Buckets, Piped, clientgo, debug_probes, require_root,
+    Agent, Buckets, Piped, clientgo, go_sites, require_root,
     tracefs::{Uprobes, fetch},
     wait_attached, wait_until, watchscope_bin,
 };
@@ -245,13 +245,7 @@ struct Pops {
 
 impl Pops {
     fn count(agent: &Agent, bin: &Path) -> Pops {
-        let statuses = debug_probes(agent)["binaries"]
-            .as_array()
-            .into_iter()
-            .flatten()
-            .find(|b| b["path"].as_str() == bin.to_str())
-            .and_then(|b| b["go_runtime"].as_array().cloned())
-            .unwrap_or_default();
+        let statuses = go_sites(agent, bin);
         let entry = |symbol: &str| {
             let s = statuses.iter().find(|s| s["symbol"] == symbol).unwrap_or_else(|| panic!("{symbol}: {statuses:?}"));
             (s["entry_offset"].as_u64().expect("entry offset"), s["guard"].as_u64().expect("guard"))
@@ -379,16 +373,7 @@ fn loop_ends_agree_with_ret_ends(bin: &Path, handlers: &[&str]) {
         .map(|p| (p["file_offset"].as_u64().expect("offset"), p["size"].as_u64().expect("size")))
         .collect();
     assert!(!pops.is_empty(), "no queue pop in {}", bin.display());
-    let sites = |agent: &Agent| {
-        debug_probes(agent)["binaries"]
-            .as_array()
-            .into_iter()
-            .flatten()
-            .find(|b| b["path"].as_str() == bin.to_str())
-            .and_then(|b| b["go_runtime"].as_array().cloned())
-            .unwrap_or_default()
-    };
-    let (loop_sites, ret_sites) = (sites(&by_loop), sites(&by_ret));
+    let (loop_sites, ret_sites) = (go_sites(&by_loop, bin), go_sites(&by_ret, bin));
     for &symbol in handlers {
         let find = |all: &[Value]| all.iter().find(|s| s["symbol"] == symbol).cloned().expect("window site");
         let l = find(&loop_sites);

@@ -14,7 +14,7 @@ use std::{
 use watchscope_integration_tests::{
     Agent, Buckets, Piped, debug_probes,
     go::{Toolchain, go119, go127},
-    http_get, wait_until,
+    go_sites, wait_until,
 };
 
 /// Builds the mapwork fixture, stripped, as `dir/name` (its comm).
@@ -53,28 +53,6 @@ impl Drop for Fixture {
     fn drop(&mut self) {
         self.0.send_quietly("exit");
     }
-}
-
-/// The Go runtime sites the agent planned for `bin`, once attached.
-fn go_sites(agent: &Agent, bin: &Path) -> Vec<serde_json::Value> {
-    let mut sites = Vec::new();
-    let ok = wait_until(Duration::from_secs(10), || {
-        let v: serde_json::Value = http_get(&agent.url("/debug/probes"))
-            .ok()
-            .and_then(|(_, b)| serde_json::from_str(&b).ok())
-            .unwrap_or_default();
-        let found = v["binaries"].as_array().and_then(|bins| {
-            bins.iter().find(|b| b["path"].as_str() == bin.to_str() && b["attached"] == true).cloned()
-        });
-        if let Some(b) = found {
-            sites = b["go_runtime"].as_array().cloned().unwrap_or_default();
-            true
-        } else {
-            false
-        }
-    });
-    assert!(ok, "{} not attached:\n{}", bin.display(), agent.log_text());
-    sites
 }
 
 /// Counts hits of plain tracefs uprobes (the kernel's own, no BPF) at

@@ -7,7 +7,7 @@ use std::{process::Command, time::Duration};
 use watchscope_integration_tests::{
     Agent, Buckets,
     proxy::{Backend, Proxy, requests},
-    wait_until,
+    soak, wait_until,
 };
 
 const FAMILY: &str = "watchscope_sidecar_seconds";
@@ -59,14 +59,7 @@ fn wait_watched(agent: &Agent, pid: u32, port: u16) {
 fn children(pid: u32) -> Vec<u32> {
     let Ok(dir) = std::fs::read_dir("/proc") else { return Vec::new() };
     dir.filter_map(|e| e.ok()?.file_name().to_str()?.parse::<u32>().ok())
-        .filter(|p| {
-            std::fs::read_to_string(format!("/proc/{p}/stat")).ok().is_some_and(|stat| {
-                // The fields after the command (which may hold spaces):
-                // state, then the parent's pid.
-                stat.rsplit_once(')').and_then(|(_, rest)| rest.split_whitespace().nth(1)?.parse::<u32>().ok())
-                    == Some(pid)
-            })
-        })
+        .filter(|&p| soak::stat_fields(p).get(1).and_then(|pp| pp.parse::<u32>().ok()) == Some(pid))
         .collect()
 }
 

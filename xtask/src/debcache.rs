@@ -104,7 +104,7 @@ pub fn run() -> Result<()> {
 /// directory whose `usr/share/gocode` is the GOPATH.
 pub struct GoRoot {
     /// Directory under the cache root.
-    pub dir: &'static str,
+    dir: &'static str,
     suite: &'static str,
     tops: &'static [&'static str],
     what: &'static str,

@@ -71,7 +71,10 @@ pub fn run(args: &SetupArgs) -> Result<()> {
         pip_packages(PIP_PACKAGES)?;
         crate::debcache::run()?;
         crate::debcache::gopath(&crate::debcache::GOPATH_K8S)?;
-        crate::debcache::gopath(&crate::debcache::GOPATH_K8S_032)?;
+        // Only the tests build the pre-0.36 informer.
+        if args.purpose == Some(Purpose::Test) {
+            crate::debcache::gopath(&crate::debcache::GOPATH_K8S_032)?;
+        }
     }
     rust_src()?;
     bpf_linker()?;

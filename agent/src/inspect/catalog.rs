@@ -98,9 +98,7 @@ impl Role {
             Role::GoSchedYield => "go_sched_yield",
         }
     }
-}
 
-impl Role {
     /// A code-shape fact for windows on this role's functions: the role
     /// whose function the same goroutine enters next, as soon as a call
     /// returns, in the loop that makes the calls. A window whose callers
