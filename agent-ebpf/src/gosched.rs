@@ -33,7 +33,7 @@ use aya_ebpf::{
 };
 
 use crate::{
-    goruntime::{THREAD_G, WINDOWS, add_inner},
+    goruntime::{THREAD_G, add_inner, open_window_ptr},
     maps::count,
 };
 
@@ -69,9 +69,9 @@ fn switched_out(tid: u32, task: u64, preempt: bool, state: u64, now: u64) {
     let Some(gk) = (unsafe { THREAD_G.get(tid) }).copied() else { return };
     // It was running until now: a wait still open was never switched in.
     running_unseen(task, now);
-    // SAFETY: as above.
-    let Some(w) = (unsafe { WINDOWS.get(gk) }) else { return };
-    if w.sched != SCHED_RUNNING || state & STATE_EXITING != 0 {
+    let Some(w) = open_window_ptr(&gk) else { return };
+    // SAFETY: map value valid during this run.
+    if unsafe { (*w).sched } != SCHED_RUNNING || state & STATE_EXITING != 0 {
         return;
     }
     // Preempted, or gave the CPU up while runnable (sched_yield): it waits
@@ -117,7 +117,7 @@ pub(crate) fn running_unseen(task: u64, now: u64) -> bool {
 #[inline(always)]
 fn charge(off: &ThreadOff, now: u64) {
     let gk = GoroutineKey { g: off.g, tgid: off.tgid, _pad: 0 };
-    if let Some(w) = WINDOWS.get_ptr_mut(gk) {
+    if let Some(w) = open_window_ptr(&gk) {
         let kind = if off.kind == Inner::OffCpu as u32 { Inner::OffCpu } else { Inner::Runqueue };
         add_inner(w, kind, now.saturating_sub(off.since));
     }

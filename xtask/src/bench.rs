@@ -246,6 +246,64 @@ fn spread(v: &[f64]) -> String {
     format!("{:.0} ({min:.0}–{max:.0})", median(v.to_vec()))
 }
 
+/// The agent's added cost from ABBA rounds, paired round by round (each
+/// round's with-agent run against its own without-agent run, so drift
+/// between rounds cancels): the mean difference and its 95 % confidence
+/// interval (Student's t).
+#[derive(Debug, Clone, Copy, PartialEq)]
+struct Paired {
+    mean: f64,
+    lo: f64,
+    hi: f64,
+    n: usize,
+}
+
+impl Paired {
+    fn of(with: &[f64], without: &[f64]) -> Option<Paired> {
+        let d: Vec<f64> = with.iter().zip(without).map(|(w, o)| w - o).collect();
+        let n = d.len();
+        if n < 2 {
+            return None;
+        }
+        let mean = d.iter().sum::<f64>() / n as f64;
+        let var = d.iter().map(|x| (x - mean).powi(2)).sum::<f64>() / (n - 1) as f64;
+        let half = t975(n - 1) * (var / n as f64).sqrt();
+        Some(Paired { mean, lo: mean - half, hi: mean + half, n })
+    }
+
+    /// Against an upper bound: PASS when the whole interval is under it,
+    /// FAIL when the whole interval is over it, else the rounds cannot tell.
+    fn verdict(&self, target: f64) -> &'static str {
+        if self.hi <= target {
+            "PASS"
+        } else if self.lo > target {
+            "FAIL"
+        } else {
+            "NOT RESOLVED (the interval spans the target: more --rounds)"
+        }
+    }
+
+    fn line(&self, unit: &str) -> String {
+        format!(
+            "{:+.1} {unit} (mean of {} paired rounds, 95% CI {:+.1} to {:+.1})",
+            self.mean, self.n, self.lo, self.hi
+        )
+    }
+}
+
+/// Student's t, two-sided 95 %, for `df` degrees of freedom.
+fn t975(df: usize) -> f64 {
+    const T: [f64; 30] = [
+        12.706, 4.303, 3.182, 2.776, 2.571, 2.447, 2.365, 2.306, 2.262, 2.228, 2.201, 2.179, 2.160, 2.145, 2.131,
+        2.120, 2.110, 2.101, 2.093, 2.086, 2.080, 2.074, 2.069, 2.064, 2.060, 2.056, 2.052, 2.048, 2.045, 2.042,
+    ];
+    match df {
+        0 => f64::INFINITY,
+        1..=30 => T[df - 1],
+        _ => 1.96 + 2.4 / df as f64,
+    }
+}
+
 fn etcd(args: &BenchArgs) -> Result<()> {
     let (agent, loadgen) = prepare_load("etcd")?;
 
@@ -352,14 +410,21 @@ fn etcd(args: &BenchArgs) -> Result<()> {
         pw / po,
         verdict(pw / po <= 1.05)
     );
-    let (cw, co) = medians(|m| m.etcd_cpu_us_per_put);
-    println!(
-        "    etcd CPU per put: {cw:.1} µs with, {co:.1} without: +{:.1} µs, ratio {:.3} (diagnostic)",
-        cw - co,
-        cw / co
-    );
-    let (ww, wo) = medians(|m| m.watcher_cpu_us_per_put);
-    println!("    watcher (etcdctl) CPU per put: {ww:.1} µs with, {wo:.1} without: +{:.1} µs (diagnostic)", ww - wo);
+    // Added CPU per put, paired round by round, against #14's targets.
+    let added = |f: fn(&Round) -> f64, what: &str, target: f64| {
+        let (mw, mo) = medians(f);
+        let col = |v: &[Round]| v.iter().map(f).collect::<Vec<_>>();
+        match Paired::of(&col(&with), &col(&without)) {
+            Some(p) => println!(
+                "    {what} CPU per put: {mw:.1} µs with, {mo:.1} without (medians); added {} (target <= {target} µs) {}",
+                p.line("µs"),
+                p.verdict(target)
+            ),
+            None => println!("    {what} CPU per put: {mw:.1} µs with, {mo:.1} without (one round: no interval)"),
+        }
+    };
+    added(|m| m.etcd_cpu_us_per_put, "etcd", 4.0);
+    added(|m| m.watcher_cpu_us_per_put, "watcher (etcdctl)", 5.0);
     println!("    agent CPU: {cpu_pct:.2}% of one core, scraped every second (target < 2%) {}", verdict(cpu_pct < 2.0));
     println!("    agent peak RSS: {rss:.1} MB (target < 64 MB) {}", verdict(rss < 64.0));
     let _ = std::fs::write("/proc/sys/kernel/bpf_stats_enabled", "0");
@@ -1011,4 +1076,24 @@ fn gomap(args: &BenchArgs) -> Result<()> {
         spread(&cr)
     );
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn paired_rounds_cancel_drift_and_bound_the_mean() {
+        // Rounds drift by 10 each; the agent adds 2 +- 0.5.
+        let without = [100.0, 110.0, 120.0, 130.0];
+        let with = [102.5, 111.5, 122.0, 132.0];
+        let p = Paired::of(&with, &without).expect("four rounds");
+        assert!((p.mean - 2.0).abs() < 1e-9, "{p:?}");
+        // sd of (2.5, 1.5, 2, 2) = 0.408; half-width t(3) * sd / 2 = 0.650.
+        assert!((p.hi - p.mean - 0.650).abs() < 0.01, "{p:?}");
+        assert_eq!(p.verdict(4.0), "PASS");
+        assert_eq!(p.verdict(1.0), "FAIL");
+        assert!(p.verdict(2.2).starts_with("NOT RESOLVED"));
+        assert_eq!(Paired::of(&[1.0], &[0.0]), None);
+    }
 }
