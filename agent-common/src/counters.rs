@@ -70,11 +70,16 @@ pub enum Counter {
     /// time. Dropped, never observed (windows that end at their loop's
     /// next call, where the goroutine id is read).
     WindowStale = 19,
+    /// A window its goroutine left without reaching its end: the
+    /// goroutine called the window function again at the same depth or
+    /// shallower (the first call unwound in a panic that a caller
+    /// recovered). Dropped, never observed: its end is not known.
+    WindowUnended = 20,
 }
 
 impl Counter {
     /// Number of slots the counter array must have (keep in sync with the enum).
-    pub const COUNT: u32 = 20;
+    pub const COUNT: u32 = 21;
 
     pub const ALL: [Counter; Self::COUNT as usize] = [
         Counter::ExecSeen,
@@ -97,6 +102,7 @@ impl Counter {
         Counter::WindowIndirectCall,
         Counter::SchedSwitchInUnseen,
         Counter::WindowStale,
+        Counter::WindowUnended,
     ];
 
     /// The `reason` label this counter is exported under in
@@ -123,6 +129,7 @@ impl Counter {
             Counter::WindowIndirectCall => "window_indirect_call",
             Counter::SchedSwitchInUnseen => "sched_switch_in_unseen",
             Counter::WindowStale => "window_stale",
+            Counter::WindowUnended => "window_unended",
         })
     }
 }

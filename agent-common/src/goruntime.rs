@@ -117,6 +117,10 @@ pub const WINDOW_END_RET: u32 = 0;
 /// function value, an interface) has no such site: its return address is
 /// not in `WS_GO_WINDOW_CALLERS`, and it opens no window.
 pub const WINDOW_END_CALLER: u32 = 1;
+/// `cargo xtask bench gomap` only (`--window-end entry`): no end sites; a
+/// window ends at the goroutine's next call of the function, which prices
+/// the entry alone.
+pub const WINDOW_END_NEXT_ENTRY: u32 = 2;
 
 /// A direct call site of a window function (`WINDOW_END_CALLER`): the
 /// function's entry site (its config index, one per binary and function)
@@ -172,10 +176,14 @@ pub struct GoProbeConfig {
     /// Window sites: `WINDOW_END_*` (on a `WINDOW_END_CALLER` window's
     /// end sites, `is_ret` is 1 too).
     pub end: u32,
-    /// `WINDOW_END_CALLER` window sites that check the goroutine's id
-    /// (its offset in `runtime.g`; 0: no check): a window opened by a
-    /// goroutine that ended inside it must not be closed by the next
-    /// goroutine the runtime gives the same `g`.
+    /// Window sites that check the goroutine's id (its offset in
+    /// `runtime.g`; 0: no check): a window opened by a goroutine that ended
+    /// inside it (`runtime.Goexit`, a cancelled loop) must be neither
+    /// closed nor continued by the next goroutine the runtime gives the
+    /// same `g`. Every window's entry checks, where the offset is known for
+    /// the binary's Go version; of the end sites, only a loop's next call
+    /// (`Role::loop_next`), which a goroutine reaches without entering the
+    /// window first.
     pub goid_off: u32,
     /// Link-time address of the probed instruction: the probe's runtime
     /// address less this is the load bias (`WINDOW_END_CALLER` entries).
@@ -211,8 +219,18 @@ pub struct GoroutineKey {
 #[cfg_attr(feature = "pod", derive(bytemuck::Pod, bytemuck::Zeroable))]
 pub struct GoCall {
     pub start: u64,
+    /// Calls of the class open on the goroutine (0: none; the entry is
+    /// kept for its next call).
     pub depth: u32,
-    pub _pad: u32,
+    /// A RET-ended window's: the low 32 bits of the goroutine id that
+    /// opened it, where the entry site checks it (`GoProbeConfig::goid_off`),
+    /// else 0.
+    pub goid: u32,
+    /// A RET-ended window's: how deep its call is (see
+    /// `Window::frame_depth`); a call of the window at this depth or
+    /// shallower finds the first one gone without its RET (a panic
+    /// recovered above it). 0 for other classes.
+    pub frame_depth: u64,
 }
 
 /// An open window on one goroutine.
@@ -280,7 +298,7 @@ const _: () = assert!(size_of::<WindowCaller>() == 16);
 const _: () = assert!(size_of::<GoProbeConfig>() == 32);
 const _: () = assert!(size_of::<GoCallKey>() == 16);
 const _: () = assert!(size_of::<GoroutineKey>() == 16);
-const _: () = assert!(size_of::<GoCall>() == 16);
+const _: () = assert!(size_of::<GoCall>() == 24);
 const _: () = assert!(size_of::<Window>() == 104);
 const _: () = assert!(size_of::<WindowRecord>() == 72);
 

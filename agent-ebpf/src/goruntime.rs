@@ -21,8 +21,8 @@ use agent_common::{
     counters::Ring,
     goruntime::{
         GoCall, GoCallKey, GoClass, GoProbeConfig, GoroutineKey, Inner, MAX_GO_SLOTS, MAX_WINDOWS, SCHED_PARKED,
-        SCHED_RUNNABLE, SCHED_RUNNING, SchedPoint, WINDOW_END_CALLER, WINDOW_END_RET, Window, WindowCaller,
-        WindowRecord, class_index, inner_index, window_index,
+        SCHED_RUNNABLE, SCHED_RUNNING, SchedPoint, WINDOW_END_CALLER, WINDOW_END_NEXT_ENTRY, WINDOW_END_RET, Window,
+        WindowCaller, WindowRecord, class_index, inner_index, window_index,
     },
     watch::guard_taken,
 };
@@ -179,26 +179,33 @@ pub fn go_entry(ctx: ProbeContext) -> u32 {
     if h.cfg.class == GoClass::MapGrow as u32 {
         add(&GROW_EVENTS, h.slot, 1);
     }
-    if h.cfg.class == GoClass::Window as u32 && h.cfg.end == WINDOW_END_CALLER {
+    let window = h.cfg.class == GoClass::Window as u32;
+    if window && (h.cfg.end == WINDOW_END_CALLER || h.cfg.end == WINDOW_END_NEXT_ENTRY) {
         caller_window_entry(&ctx, &h);
         return 0;
     }
+    // A RET-ended window's call depth (see GoCall::frame_depth).
+    // SAFETY: the probe's own register context.
+    let depth = if window { frame_depth(h.g, stack_pointer(unsafe { &*ctx.regs })).unwrap_or(0) } else { 0 };
     let key = GoCallKey { g: h.g, tgid: h.tgid, class: h.cfg.class };
     match CALLS.get_ptr_mut(key) {
         // The goroutine's entry for this class, kept from its last call
         // (see CALLS): reused in place.
         // SAFETY: map value valid during this run.
         Some(call) => unsafe {
-            if (*call).depth > 0 {
+            let goid = goid_of(&h);
+            if (*call).depth > 0 && !stale_call(&h, call, goid) && !unended_call(&h, call, depth) {
                 // Nested call of the same class: the outermost span is timed.
                 (*call).depth += 1;
                 return 0;
             }
             (*call).start = h.now;
             (*call).depth = 1;
+            (*call).goid = goid;
+            (*call).frame_depth = depth;
         },
         None => {
-            let fresh = GoCall { start: h.now, depth: 1, _pad: 0 };
+            let fresh = GoCall { start: h.now, depth: 1, goid: goid_of(&h), frame_depth: depth };
             if CALLS.insert(key, fresh, 0).is_err() {
                 return 0;
             }
@@ -262,6 +269,47 @@ fn goid_of(h: &Hit) -> u32 {
     read_u64(h.g.wrapping_add(h.cfg.goid_off as u64)).map_or(0, |id| id as u32)
 }
 
+/// Whether an open RET-ended window call on this `g` is another
+/// goroutine's, which ended inside it (its RET will never come): then its
+/// window is dropped, counted, never observed, and the call starts afresh.
+/// Without this the new goroutine's calls would only nest in it and none
+/// would be timed until the LRU evicted the entry.
+///
+/// # Safety
+/// `call` is a value of `CALLS`, valid during this run.
+#[inline(always)]
+unsafe fn stale_call(h: &Hit, call: *mut GoCall, goid: u32) -> bool {
+    // SAFETY: per the caller.
+    let was = unsafe { (*call).goid };
+    if was == 0 || goid == 0 || was == goid {
+        return false;
+    }
+    mark_closed(&GoroutineKey { g: h.g, tgid: h.tgid, _pad: 0 });
+    count(Counter::WindowStale);
+    true
+}
+
+/// Whether an open RET-ended window call on this goroutine is gone without
+/// its RET: the goroutine calls the window again at the same depth or
+/// shallower (a deeper call is a recursion), so the first call unwound in
+/// a panic recovered above it. Its window is dropped, counted, never
+/// observed, and the call starts afresh; without this the goroutine's calls
+/// would only nest in it and never be timed again.
+///
+/// # Safety
+/// `call` is a value of `CALLS`, valid during this run.
+#[inline(always)]
+unsafe fn unended_call(h: &Hit, call: *mut GoCall, depth: u64) -> bool {
+    // SAFETY: per the caller.
+    let was = unsafe { (*call).frame_depth };
+    if was == 0 || depth == 0 || depth > was {
+        return false;
+    }
+    mark_closed(&GoroutineKey { g: h.g, tgid: h.tgid, _pad: 0 });
+    count(Counter::WindowUnended);
+    true
+}
+
 /// Drops an open window another goroutine on the same `g` opened (it ended
 /// inside it), counted and never observed; whether it did. Only where both
 /// ids were read (a window whose sites do not check has 0).
@@ -276,10 +324,12 @@ fn drop_if_stale(gk: &GoroutineKey, w: &Window, goid: u32) -> bool {
 }
 
 /// The entry of a window that ends in its callers (`WINDOW_END_CALLER`):
-/// opens it if the call comes from a call site with an end site, and
-/// closes a previous call of the same window on this goroutine at the same
-/// or a smaller depth (it must have returned), unless another goroutine
-/// opened it.
+/// opens it if the call comes from a call site with an end site. A window
+/// still open on this goroutine at the same or a smaller depth never
+/// reached its end (its call unwound in a panic recovered above it): it is
+/// dropped and counted, never observed (`WINDOW_END_NEXT_ENTRY`, a bench
+/// mode without end sites, observes it: that is its end). One another
+/// goroutine opened on this `g` is dropped as stale.
 #[inline(always)]
 fn caller_window_entry(ctx: &ProbeContext, h: &Hit) {
     if h.cfg.window >= MAX_WINDOWS {
@@ -305,7 +355,7 @@ fn caller_window_entry(ctx: &ProbeContext, h: &Hit) {
     let entry = WINDOWS.get_ptr_mut(gk);
     // SAFETY: map value valid during this run; copied at once.
     if let Some(open) = entry.filter(|w| is_open(*w)).map(|w| unsafe { *w }) {
-        if open.end != WINDOW_END_CALLER {
+        if open.end != h.cfg.end {
             // A call inside another kind of window: it goes on.
             return;
         }
@@ -315,10 +365,14 @@ fn caller_window_entry(ctx: &ProbeContext, h: &Hit) {
                 // A recursive call (deeper): the outer window goes on.
                 return;
             }
-            observe_window(&gk, &open, h.now);
+            if h.cfg.end == WINDOW_END_NEXT_ENTRY {
+                observe_window(&gk, &open, h.now);
+            } else {
+                count(Counter::WindowUnended);
+            }
         }
     }
-    open_window(h, gk, entry, WINDOW_END_CALLER, depth, goid);
+    open_window(h, gk, entry, h.cfg.end, depth, goid);
 }
 
 /// An end site of a `WINDOW_END_CALLER` window, in a caller after the

@@ -612,3 +612,100 @@ fn a_window_called_from_too_many_places_ends_on_its_rets() {
     assert!(site["return_offsets"].as_array().is_some_and(|r| !r.is_empty()), "{site}");
     drop(fx);
 }
+
+fn sum(agent: &Agent, labels: &str) -> f64 {
+    agent.sample_present(&format!("watchscope_window_seconds_sum{{{labels}}}"))
+}
+
+/// A window its call leaves without reaching its end, R times, each
+/// followed `GAP_MS` later by a call on the same `g` that returns: the
+/// fixture command `command` (`mapwork goexit|panic R S G`), the window on
+/// `symbol`, counted as `reason`.
+struct Unended {
+    command: &'static str,
+    symbol: &'static str,
+    reason: &'static str,
+    rounds: u64,
+}
+
+/// Ended in the caller and on the RETs: every call that returned is exactly
+/// one window, at least its 2 ms of sleep and nowhere near the 300 ms gap a
+/// wrong read would span, and the windows left behind are counted.
+fn unended_windows(t: &Toolchain, name: &str, case: Unended) -> Vec<f64> {
+    const SLEEP_US: u64 = 2_000;
+    const GAP_MS: u64 = 300;
+    let r = case.rounds;
+    let dir = tempfile::tempdir().expect("tmp");
+    let bin = build(t, dir.path(), name);
+    let args = [case.command, &r.to_string(), &SLEEP_US.to_string(), &GAP_MS.to_string()].map(String::from);
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    let mut dropped = Vec::new();
+    for (end, ends) in [("auto", "caller"), ("ret", "ret")] {
+        let window = format!("w={}", case.symbol);
+        let agent = Agent::start(&["--go-comm", name, "--window", &window, "--window-end", end]);
+        let mut fx = Fixture::start(&bin, &args);
+        let site = window_site(&agent, &bin, "window w");
+        assert_eq!(site["ends"], ends, "{site}");
+        assert_eq!(fx.run(), format!("done {r}"), "{name}, ends {end}");
+        let labels = format!("window=\"w\",comm=\"{name}\"");
+        let windows = || Buckets::parse(&agent.metrics(), "watchscope_window_seconds", &labels);
+        let counted = || agent.sample_present(&format!("watchscope_dropped_total{{reason=\"{}\"}}", case.reason));
+        wait_until(Duration::from_secs(10), || windows().count() >= r as f64 && counted() >= 1.0);
+        let w = windows();
+        let n = counted();
+        eprintln!("{name}, ends {end}: {} windows, {n} {}, sum {:.4} s", w.count(), case.reason, sum(&agent, &labels));
+        assert_eq!(w.count(), r as f64, "{name}, ends {end}: one window per call that returned");
+        assert_eq!(w.below(GAP_MS as f64 / 2e3), w.count(), "{name}, ends {end}: a window spans the gap");
+        assert_eq!(w.from_bucket_of(SLEEP_US as f64 / 1e6), w.count(), "{name}, ends {end}: {:?}", w.cumulative);
+        dropped.push(n);
+    }
+    dropped
+}
+
+/// A goroutine that ends inside a window (`runtime.Goexit`) never reaches
+/// its end, and the runtime gives its `g` to the next goroutine it starts
+/// (one P, freed `g`s reused first). That goroutine's call must neither
+/// close the dead one's window (a wrong read) nor nest in it (no window
+/// timed on that `g` again): the entry reads the goroutine id, drops the
+/// dead one's window and counts it as `window_stale`.
+fn goroutines_ending_inside_windows(t: &Toolchain, name: &str) {
+    const R: u64 = 6;
+    let case = Unended { command: "goexit", symbol: "main.exitWindow", reason: "window_stale", rounds: R };
+    for stale in unended_windows(t, name, case) {
+        // Each ended goroutine's g is reused by the next (one P); at least
+        // one reuse must have been seen for the check to have been tested.
+        assert!((1.0..=R as f64).contains(&stale), "{name}: {stale} stale windows");
+    }
+}
+
+#[test]
+fn goroutines_ending_inside_windows_leave_no_stale_window_go119() {
+    goroutines_ending_inside_windows(go119(), "wsg-exit119");
+}
+
+#[test]
+fn goroutines_ending_inside_windows_leave_no_stale_window_go127() {
+    goroutines_ending_inside_windows(go127(), "wsg-exit127");
+}
+
+/// A window whose call unwinds in a panic that a caller recovers never
+/// reaches its end (the branch after the call, or its RET). The same
+/// goroutine's next call at the same depth must neither close it nor nest
+/// in it: it is dropped and counted as `window_unended`.
+fn windows_unwound_by_a_panic(t: &Toolchain, name: &str) {
+    const R: u64 = 5;
+    let case = Unended { command: "panic", symbol: "main.panicWindow", reason: "window_unended", rounds: R };
+    for unended in unended_windows(t, name, case) {
+        assert_eq!(unended, R as f64, "{name}: one unended window per panic");
+    }
+}
+
+#[test]
+fn windows_unwound_by_a_recovered_panic_are_dropped_go119() {
+    windows_unwound_by_a_panic(go119(), "wsg-panic119");
+}
+
+#[test]
+fn windows_unwound_by_a_recovered_panic_are_dropped_go127() {
+    windows_unwound_by_a_panic(go127(), "wsg-panic127");
+}

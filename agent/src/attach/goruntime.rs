@@ -15,7 +15,9 @@
 //! handler ends at the next queue pop); otherwise the window keeps its RET
 //! probes.
 
-use agent_common::goruntime::{GoClass, GoProbeConfig, MAX_WINDOWS, SchedPoint, WINDOW_END_CALLER};
+use agent_common::goruntime::{
+    GoClass, GoProbeConfig, MAX_WINDOWS, SchedPoint, WINDOW_END_CALLER, WINDOW_END_NEXT_ENTRY,
+};
 use serde::Serialize;
 
 use super::{
@@ -405,13 +407,21 @@ fn timed(insp: &Inspection, f: &Fn<'_>, rets: &[u64], class: GoClass, window: u3
         return Err(format!("{}: no RET instruction decoded, so its calls cannot be timed", f.symbol));
     }
     let (cfg, at) = f.entry(insp, class, window)?;
+    // A window's entry checks the goroutine id (see GoProbeConfig::goid_off).
+    let cfg =
+        if class == GoClass::Window { GoProbeConfig { goid_off: goid_offset(insp).unwrap_or(0), ..cfg } } else { cfg };
     let role = format!("{class:?}");
     let mut sites = vec![go_site(role.clone(), f.symbol, "go_entry", at, cfg)];
     for &r in rets {
-        let ret = GoProbeConfig { is_ret: 1, guard: 0, site_addr: 0, ..cfg };
+        let ret = GoProbeConfig { is_ret: 1, guard: 0, site_addr: 0, goid_off: 0, ..cfg };
         sites.push(go_site(role.clone(), f.symbol, "go_ret", r, ret));
     }
     Ok(sites)
+}
+
+/// Where this binary's `runtime.g` keeps the goroutine id, when known.
+fn goid_offset(insp: &Inspection) -> Option<u32> {
+    insp.goid.and_then(|g| u32::try_from(g.offset).ok())
 }
 
 /// Most call sites a window ends at in its callers: each is a probe, and an
@@ -457,7 +467,7 @@ fn timed_window(
             // later goroutine, which may run the same loop: its next
             // call must not close the old window. The goroutine id
             // tells them apart.
-            let Some(goid) = insp.goid.and_then(|g| u32::try_from(g.offset).ok()) else {
+            let Some(goid) = goid_offset(insp) else {
                 return on_rets(format!(
                     "{why}, and the goroutine id's offset in runtime.g is not known for this Go version (an end \
                          at the loop's next call needs it)"
@@ -480,14 +490,19 @@ fn timed_window(
         }
     };
     let (entry, at) = f.entry(insp, GoClass::Window, window)?;
-    let cfg = GoProbeConfig { end: WINDOW_END_CALLER, goid_off, ..entry };
+    // The entry checks the goroutine id wherever its offset is known; a
+    // caller's end site is reached only after an entry on the goroutine,
+    // so only a loop's end checks it too.
+    let entry_goid = goid_offset(insp).unwrap_or(0);
+    let end_code = if end == WindowEnd::Entry { WINDOW_END_NEXT_ENTRY } else { WINDOW_END_CALLER };
+    let cfg = GoProbeConfig { end: end_code, goid_off: entry_goid, ..entry };
     let role = format!("{:?}", GoClass::Window);
     let mut first = go_site(role.clone(), f.symbol, "go_entry", at, cfg);
     first.window_callers = calls.iter().map(|c| c.return_address).collect();
     let mut sites = vec![first];
     if end != WindowEnd::Entry {
         for (symbol, e) in end_sites {
-            let cfg = GoProbeConfig { is_ret: 1, guard: 0, site_addr: e.address, ..cfg };
+            let cfg = GoProbeConfig { is_ret: 1, guard: 0, site_addr: e.address, goid_off, ..cfg };
             sites.push(go_site(role.clone(), symbol, "go_ret", e.file_offset, cfg));
         }
     }
