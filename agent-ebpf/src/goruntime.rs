@@ -101,6 +101,16 @@ fn mark_closed(gk: &GoroutineKey) {
     }
 }
 
+/// Goroutine `gk`'s open window if a RET-ended call opened it. A RET-ended
+/// call opens a window only where none is open (one window per goroutine
+/// at a time): inside a window that ends in its caller or at its loop's
+/// next call, it must leave that one alone, at its RET and when it is found
+/// stale or unended.
+#[inline(always)]
+fn open_ret_window(gk: &GoroutineKey) -> Option<Window> {
+    open_window_copy(gk).filter(|w| w.end == WINDOW_END_RET)
+}
+
 /// Thread (task pid) → the window goroutine it runs now. Kernel-side
 /// scheduling events carry only the thread, so this map is how a thread's
 /// off-CPU time finds its goroutine (see `gosched.rs`). It is kept by the
@@ -284,7 +294,10 @@ unsafe fn stale_call(h: &Hit, call: *mut GoCall, goid: u32) -> bool {
     if was == 0 || goid == 0 || was == goid {
         return false;
     }
-    mark_closed(&GoroutineKey { g: h.g, tgid: h.tgid, _pad: 0 });
+    let gk = GoroutineKey { g: h.g, tgid: h.tgid, _pad: 0 };
+    if open_ret_window(&gk).is_some() {
+        mark_closed(&gk);
+    }
     count(Counter::WindowStale);
     true
 }
@@ -305,7 +318,10 @@ unsafe fn unended_call(h: &Hit, call: *mut GoCall, depth: u64) -> bool {
     if was == 0 || depth == 0 || depth > was {
         return false;
     }
-    mark_closed(&GoroutineKey { g: h.g, tgid: h.tgid, _pad: 0 });
+    let gk = GoroutineKey { g: h.g, tgid: h.tgid, _pad: 0 };
+    if open_ret_window(&gk).is_some() {
+        mark_closed(&gk);
+    }
     count(Counter::WindowUnended);
     true
 }
@@ -561,7 +577,7 @@ fn sched_on() -> bool {
 
 #[inline(always)]
 fn close_window(gk: &GoroutineKey, now: u64, d: u64) {
-    let Some(w) = open_window_copy(gk) else { return };
+    let Some(w) = open_ret_window(gk) else { return };
     mark_closed(gk);
     record_window(gk, &w, now, d);
 }

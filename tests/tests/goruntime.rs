@@ -709,3 +709,38 @@ fn windows_unwound_by_a_recovered_panic_are_dropped_go119() {
 fn windows_unwound_by_a_recovered_panic_are_dropped_go127() {
     windows_unwound_by_a_panic(go127(), "wsg-panic127");
 }
+
+/// One window per goroutine at a time: a window called inside another is
+/// not timed, and whichever of the two ends on its RETs must not close the
+/// other. Both ways round: the inner window on its RETs inside the outer
+/// one ended in its caller, and the inner one ended in its caller inside
+/// the outer one on its RETs. Every outer call is one window of at least
+/// the 2 ms it sleeps after the inner call returned; the inner one is never
+/// timed.
+#[test]
+fn a_window_inside_another_leaves_the_outer_one_alone() {
+    const R: u64 = 20;
+    const SLEEP_US: u64 = 2_000;
+    let name = "wsg-nest119";
+    let dir = tempfile::tempdir().expect("tmp");
+    let bin = build(go119(), dir.path(), name);
+    let args = ["nested", &R.to_string(), &SLEEP_US.to_string()].map(String::from);
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    for (outer, inner) in [("main.nestedOuter", "main.nestedInner@ret"), ("main.nestedOuter@ret", "main.nestedInner")] {
+        let (o, i) = (format!("outer={outer}"), format!("inner={inner}"));
+        let agent = Agent::start(&["--go-comm", name, "--window", &o, "--window", &i]);
+        let mut fx = Fixture::start(&bin, &args);
+        window_site(&agent, &bin, "window inner");
+        fx.run();
+        let labels = format!("window=\"outer\",comm=\"{name}\"");
+        let windows = || Buckets::parse(&agent.metrics(), "watchscope_window_seconds", &labels);
+        wait_until(Duration::from_secs(10), || windows().count() >= R as f64);
+        let w = windows();
+        // No inner series at all (the family is the outer one's, read above).
+        let inner_n = agent.sample(&format!("watchscope_window_seconds_count{{window=\"inner\",comm=\"{name}\"}}"));
+        eprintln!("{outer} / {inner}: {} outer windows, sum {:.4} s; {inner_n} inner", w.count(), sum(&agent, &labels));
+        assert_eq!(w.count(), R as f64, "{outer} / {inner}");
+        assert_eq!(w.from_bucket_of(SLEEP_US as f64 / 1e6), w.count(), "{outer} / {inner}: {:?}", w.cumulative);
+        assert_eq!(inner_n, 0.0, "{outer} / {inner}: a window inside another is not timed");
+    }
+}
