@@ -204,10 +204,16 @@ pub fn go_entry(ctx: ProbeContext) -> u32 {
         // SAFETY: map value valid during this run.
         Some(call) => unsafe {
             let goid = goid_of(&h);
-            if (*call).depth > 0 && !stale_call(&h, call, goid) && !unended_call(&h, call, depth) {
-                // Nested call of the same class: the outermost span is timed.
-                (*call).depth += 1;
-                return 0;
+            if (*call).depth > 0 {
+                match abandoned(call, goid, depth) {
+                    // Nested call of the same class: the outermost span is timed.
+                    None => {
+                        (*call).depth += 1;
+                        return 0;
+                    }
+                    // The open call is gone: this one starts afresh.
+                    Some(why) => drop_ret_window(&h, why),
+                }
             }
             (*call).start = h.now;
             (*call).depth = 1;
@@ -279,51 +285,37 @@ fn goid_of(h: &Hit) -> u32 {
     read_u64(h.g.wrapping_add(h.cfg.goid_off as u64)).map_or(0, |id| id as u32)
 }
 
-/// Whether an open RET-ended window call on this `g` is another
-/// goroutine's, which ended inside it (its RET will never come): then its
-/// window is dropped, counted, never observed, and the call starts afresh.
-/// Without this the new goroutine's calls would only nest in it and none
-/// would be timed until the LRU evicted the entry.
+/// Why an open RET-ended window call on this `g` will never see its RET,
+/// if it will not: another goroutine opened it and ended inside it (its id
+/// differs: `WindowStale`), or this goroutine calls the window again at the
+/// same depth or shallower, so the first call unwound in a panic recovered
+/// above it (`WindowUnended`; a deeper call is a recursion). Left alone,
+/// the goroutine's calls would only nest in it and never be timed again.
 ///
 /// # Safety
 /// `call` is a value of `CALLS`, valid during this run.
 #[inline(always)]
-unsafe fn stale_call(h: &Hit, call: *mut GoCall, goid: u32) -> bool {
+unsafe fn abandoned(call: *mut GoCall, goid: u32, depth: u64) -> Option<Counter> {
     // SAFETY: per the caller.
-    let was = unsafe { (*call).goid };
-    if was == 0 || goid == 0 || was == goid {
-        return false;
+    let (was_goid, was_depth) = unsafe { ((*call).goid, (*call).frame_depth) };
+    if was_goid != 0 && goid != 0 && was_goid != goid {
+        return Some(Counter::WindowStale);
     }
-    let gk = GoroutineKey { g: h.g, tgid: h.tgid, _pad: 0 };
-    if open_ret_window(&gk).is_some() {
-        mark_closed(&gk);
+    if was_depth != 0 && depth != 0 && depth <= was_depth {
+        return Some(Counter::WindowUnended);
     }
-    count(Counter::WindowStale);
-    true
+    None
 }
 
-/// Whether an open RET-ended window call on this goroutine is gone without
-/// its RET: the goroutine calls the window again at the same depth or
-/// shallower (a deeper call is a recursion), so the first call unwound in
-/// a panic recovered above it. Its window is dropped, counted, never
-/// observed, and the call starts afresh; without this the goroutine's calls
-/// would only nest in it and never be timed again.
-///
-/// # Safety
-/// `call` is a value of `CALLS`, valid during this run.
+/// Drops the window of an abandoned RET-ended call (if it opened one),
+/// counted as `why`, never observed.
 #[inline(always)]
-unsafe fn unended_call(h: &Hit, call: *mut GoCall, depth: u64) -> bool {
-    // SAFETY: per the caller.
-    let was = unsafe { (*call).frame_depth };
-    if was == 0 || depth == 0 || depth > was {
-        return false;
-    }
+fn drop_ret_window(h: &Hit, why: Counter) {
     let gk = GoroutineKey { g: h.g, tgid: h.tgid, _pad: 0 };
     if open_ret_window(&gk).is_some() {
         mark_closed(&gk);
     }
-    count(Counter::WindowUnended);
-    true
+    count(why);
 }
 
 /// Drops an open window another goroutine on the same `g` opened (it ended
