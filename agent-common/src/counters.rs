@@ -67,8 +67,9 @@ pub enum Counter {
     /// A window still open on a goroutine `g` that a probe found running
     /// a different goroutine (its id changed: the runtime reuses `g`s):
     /// the goroutine that opened it ended inside it, so it has no end to
-    /// time. Dropped, never observed (windows that end at their loop's
-    /// next call, where the goroutine id is read).
+    /// time. Dropped, never observed (where the goroutine id is read: every
+    /// window's entry, and a loop's next call, where the binary's Go version
+    /// gives its offset).
     WindowStale = 19,
     /// A window its goroutine left without reaching its end: the
     /// goroutine called the window function again at the same depth or

@@ -66,8 +66,8 @@ static WINDOW_CALLERS: HashMap<WindowCaller, u32> = HashMap::with_max_entries(10
 /// A window function runs again and again on the same goroutine (a watch
 /// stream's dispatch loop, an informer's handler loop), and an LRU hash
 /// delete at each end and insert at each entry cost about 200 ns per
-/// window together (mapwork handler window: entry 500 -> 393 ns, end 527 ->
-/// 440 ns in BPF statistics); the LRU evicts the entries of goroutines
+/// window together (mapwork handler window: entry 500 -> 377 ns, end 527 ->
+/// 420 ns in BPF statistics); the LRU evicts the entries of goroutines
 /// gone. Read them through [`open_window_ptr`].
 #[map(name = "WS_GO_WINDOWS")]
 pub(crate) static WINDOWS: LruHashMap<GoroutineKey, Window> = LruHashMap::with_max_entries(8192, 0);
@@ -85,20 +85,19 @@ fn is_open(w: *mut Window) -> bool {
     unsafe { (*w).start != 0 }
 }
 
-/// A copy of goroutine `gk`'s open window, if it has one.
+/// A copy of a window entry.
 #[inline(always)]
-fn open_window_copy(gk: &GoroutineKey) -> Option<Window> {
-    // SAFETY: map value valid during this run; copied at once.
-    open_window_ptr(gk).map(|w| unsafe { *w })
+fn copy_of(w: *mut Window) -> Window {
+    // SAFETY: a map value, valid during this run; copied at once.
+    unsafe { *w }
 }
 
-/// Closes goroutine `gk`'s window: its entry stays, for the next one.
+/// Closes a window (found by a lookup of this run): its entry stays, for
+/// the goroutine's next one.
 #[inline(always)]
-fn mark_closed(gk: &GoroutineKey) {
-    if let Some(w) = WINDOWS.get_ptr_mut(gk) {
-        // SAFETY: map value valid during this run.
-        unsafe { (*w).start = 0 };
-    }
+fn mark_closed(w: *mut Window) {
+    // SAFETY: a map value, valid during this run.
+    unsafe { (*w).start = 0 };
 }
 
 /// Goroutine `gk`'s open window if a RET-ended call opened it. A RET-ended
@@ -107,8 +106,8 @@ fn mark_closed(gk: &GoroutineKey) {
 /// next call, it must leave that one alone, at its RET and when it is found
 /// stale or unended.
 #[inline(always)]
-fn open_ret_window(gk: &GoroutineKey) -> Option<Window> {
-    open_window_copy(gk).filter(|w| w.end == WINDOW_END_RET)
+fn open_ret_window(gk: &GoroutineKey) -> Option<*mut Window> {
+    open_window_ptr(gk).filter(|w| copy_of(*w).end == WINDOW_END_RET)
 }
 
 /// Thread (task pid) → the window goroutine it runs now. Kernel-side
@@ -312,21 +311,22 @@ unsafe fn abandoned(call: *mut GoCall, goid: u32, depth: u64) -> Option<Counter>
 #[inline(always)]
 fn drop_ret_window(h: &Hit, why: Counter) {
     let gk = GoroutineKey { g: h.g, tgid: h.tgid, _pad: 0 };
-    if open_ret_window(&gk).is_some() {
-        mark_closed(&gk);
+    if let Some(w) = open_ret_window(&gk) {
+        mark_closed(w);
     }
     count(why);
 }
 
-/// Drops an open window another goroutine on the same `g` opened (it ended
-/// inside it), counted and never observed; whether it did. Only where both
-/// ids were read (a window whose sites do not check has 0).
+/// Drops an open window (`entry`, a copy of it in `w`) another goroutine
+/// on the same `g` opened (it ended inside it), counted and never
+/// observed; whether it did. Only where both ids were read (a window whose
+/// sites do not check has 0).
 #[inline(always)]
-fn drop_if_stale(gk: &GoroutineKey, w: &Window, goid: u32) -> bool {
+fn drop_if_stale(entry: *mut Window, w: &Window, goid: u32) -> bool {
     if w.goid == 0 || goid == 0 || w.goid == goid {
         return false;
     }
-    mark_closed(gk);
+    mark_closed(entry);
     count(Counter::WindowStale);
     true
 }
@@ -361,14 +361,14 @@ fn caller_window_entry(ctx: &ProbeContext, h: &Hit) {
     seen_running(h.now);
     let goid = goid_of(h);
     let entry = WINDOWS.get_ptr_mut(gk);
-    // SAFETY: map value valid during this run; copied at once.
-    if let Some(open) = entry.filter(|w| is_open(*w)).map(|w| unsafe { *w }) {
+    if let Some(ptr) = entry.filter(|w| is_open(*w)) {
+        let open = copy_of(ptr);
         if open.end != h.cfg.end {
             // A call inside another kind of window: it goes on.
             return;
         }
         // One gone with its goroutine is dropped: this call opens afresh.
-        if !drop_if_stale(&gk, &open, goid) {
+        if !drop_if_stale(ptr, &open, goid) {
             if open.frame_depth < depth {
                 // A recursive call (deeper): the outer window goes on.
                 return;
@@ -390,7 +390,9 @@ fn caller_window_entry(ctx: &ProbeContext, h: &Hit) {
 #[inline(always)]
 fn caller_window_end(ctx: &ProbeContext, h: &Hit) {
     let gk = GoroutineKey { g: h.g, tgid: h.tgid, _pad: 0 };
-    let Some(w) = open_window_copy(&gk) else { return };
+    // One lookup: the end reads, and closes, the entry it found.
+    let Some(ptr) = open_window_ptr(&gk) else { return };
+    let w = copy_of(ptr);
     if w.end != WINDOW_END_CALLER || w.window != h.cfg.window {
         return;
     }
@@ -399,12 +401,12 @@ fn caller_window_end(ctx: &ProbeContext, h: &Hit) {
     if depth >= w.frame_depth {
         return;
     }
-    if drop_if_stale(&gk, &w, goid_of(h)) {
+    if drop_if_stale(ptr, &w, goid_of(h)) {
         return;
     }
     // Copied again if it may have been charged.
-    let w = if seen_running(h.now) { open_window_copy(&gk).unwrap_or(w) } else { w };
-    mark_closed(&gk);
+    let w = if seen_running(h.now) { copy_of(ptr) } else { w };
+    mark_closed(ptr);
     observe_window(&gk, &w, h.now);
     if sched_on() {
         let _ = THREAD_G.remove(current_tid());
@@ -569,8 +571,9 @@ fn sched_on() -> bool {
 
 #[inline(always)]
 fn close_window(gk: &GoroutineKey, now: u64, d: u64) {
-    let Some(w) = open_ret_window(gk) else { return };
-    mark_closed(gk);
+    let Some(ptr) = open_ret_window(gk) else { return };
+    let w = copy_of(ptr);
+    mark_closed(ptr);
     record_window(gk, &w, now, d);
 }
 
