@@ -121,5 +121,28 @@ const _: () = assert!(size_of::<FdState>() == 8);
 const _: () = assert!(size_of::<ThreadState>() == 24);
 const _: () = assert!(size_of::<PeerKey>() == 24);
 
+/// Where the retransmission program reads a `struct sock`'s peer and local
+/// port on the running kernel: byte offsets from the socket's start, which
+/// user space reads from the kernel's BTF (the program cannot relocate
+/// field accesses itself). All zero: not identified, the program does
+/// nothing.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+#[cfg_attr(feature = "pod", derive(bytemuck::Pod, bytemuck::Zeroable))]
+pub struct SockOffsets {
+    /// `skc_daddr`: the IPv4 peer (network byte order).
+    pub daddr: u32,
+    /// `skc_dport`: the peer's port (network byte order).
+    pub dport: u32,
+    /// `skc_num`: the local port (host byte order).
+    pub num: u32,
+    /// `skc_family`.
+    pub family: u32,
+    /// `skc_v6_daddr`: the IPv6 peer.
+    pub v6_daddr: u32,
+}
+
+const _: () = assert!(size_of::<SockOffsets>() == 20);
+
 #[cfg(feature = "user")]
-aya_pod!(FdKey, FdState, ThreadState, PeerKey);
+aya_pod!(FdKey, FdState, ThreadState, PeerKey, SockOffsets);

@@ -32,7 +32,8 @@ use agent_common::{
     Histogram,
     sidecar::{
         Direction, FdKey, FdState, MAX_SIDECAR_SLOTS, PHASE_AWAITING, PHASE_FORWARDED, PHASE_IDLE, PHASE_READING,
-        PHASE_RESPONDING, PeerKey, ROLE_DOWNSTREAM, ROLE_UPSTREAM, SidecarCount, ThreadState, count_index, hist_index,
+        PHASE_RESPONDING, PeerKey, ROLE_DOWNSTREAM, ROLE_UPSTREAM, SidecarCount, SockOffsets, ThreadState, count_index,
+        hist_index,
     },
 };
 use aya_ebpf::{
@@ -320,26 +321,59 @@ fn remember_peer(sockaddr: u64, slot: u32) {
 const AF_INET: u16 = 2;
 const AF_INET6: u16 = 10;
 
-/// tcp:tcp_retransmit_skb, from softirq or timer context (no process): a
-/// retransmission counts for a proxy when its socket's local port is one the
-/// proxy listens on, or its peer is one the proxy connected to. Ports and
-/// addresses are compared without the network namespace, so two proxies
-/// listening on the same port in different namespaces share their counts.
-#[tracepoint(category = "tcp", name = "tcp_retransmit_skb")]
-pub fn sc_tcp_retransmit(ctx: TracePointContext) -> u32 {
-    // SAFETY: reading the record at the offsets of its format file.
-    let (sport, dport, family) = unsafe {
-        (ctx.read_at::<u16>(28).unwrap_or(0), ctx.read_at::<u16>(30).unwrap_or(0), ctx.read_at::<u16>(32).unwrap_or(0))
+/// Where a `struct sock`'s peer and local port lie on this kernel, set by
+/// user space from the kernel's BTF before loading (zero: unknown).
+#[unsafe(no_mangle)]
+static SOCK_OFFSETS: SockOffsets = SockOffsets { daddr: 0, dport: 0, num: 0, family: 0, v6_daddr: 0 };
+
+/// tcp_retransmit_skb(sk, skb, ...), raw, from softirq or timer context (no
+/// process): a retransmission counts for a proxy when its socket's local
+/// port is one the proxy listens on, or its peer is one the proxy connected
+/// to. Ports and addresses are compared without the network namespace, so
+/// two proxies listening on the same port in different namespaces share
+/// their counts.
+///
+/// Why raw and not the `tcp:tcp_retransmit_skb` perf-event tracepoint (whose
+/// record would spare the struct offsets): a perf-event program is skipped
+/// whenever anything on the CPU holds `bpf_prog_active`, and a
+/// retransmission timer is a softirq that can interrupt the agent's own map
+/// syscalls, or a uprobe program, on that CPU. A CI run lost 1 of 4 that
+/// way (watchscope 3, tracefs 4). A raw tracepoint only guards against its
+/// own recursion.
+#[raw_tracepoint(tracepoint = "tcp_retransmit_skb")]
+pub fn sc_tcp_retransmit(ctx: RawTracePointContext) -> u32 {
+    // SAFETY: a global only user space writes, before load.
+    let off = unsafe { core::ptr::read_volatile(&SOCK_OFFSETS) };
+    if off.family == 0 {
+        return 0;
+    }
+    let sk: *const u8 = ctx.arg(0);
+    let field = |o: u32| sk.wrapping_add(o as usize);
+    // SAFETY: bpf_probe_read_kernel faults safely; the offsets are the
+    // kernel's own (BTF), and `sk` is the tracepoint's socket.
+    let (Ok(num), Ok(dport), Ok(family)) = (unsafe {
+        (
+            bpf_probe_read_kernel(field(off.num) as *const u16),
+            bpf_probe_read_kernel(field(off.dport) as *const u16),
+            bpf_probe_read_kernel(field(off.family) as *const u16),
+        )
+    }) else {
+        return 0;
     };
     // SAFETY: lookups of plain keys; values copied at once.
-    if let Some(slot) = unsafe { LISTEN.get(sport) }.copied() {
+    if let Some(slot) = unsafe { LISTEN.get(num) }.copied() {
         bump(slot.min(MAX_SIDECAR_SLOTS - 1), SidecarCount::Retransmits);
         return 0;
     }
-    let mut key = PeerKey { addr: [0; 16], port: dport, family, _pad: 0 };
+    let mut key = PeerKey { addr: [0; 16], port: u16::from_be(dport), family, _pad: 0 };
+    // SAFETY: as above.
     let ok = match family {
-        AF_INET => unsafe { ctx.read_at::<[u8; 4]>(38) }.map(|a| key.addr[..4].copy_from_slice(&a)).is_ok(),
-        AF_INET6 => unsafe { ctx.read_at::<[u8; 16]>(58) }.map(|a| key.addr = a).is_ok(),
+        AF_INET => unsafe { bpf_probe_read_kernel(field(off.daddr) as *const [u8; 4]) }
+            .map(|a| key.addr[..4].copy_from_slice(&a))
+            .is_ok(),
+        AF_INET6 => {
+            unsafe { bpf_probe_read_kernel(field(off.v6_daddr) as *const [u8; 16]) }.map(|a| key.addr = a).is_ok()
+        }
         _ => false,
     };
     if ok && let Some(slot) = unsafe { PEERS.get(key) }.copied() {

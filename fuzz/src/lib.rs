@@ -3,6 +3,9 @@
 //! agent (nor on its eBPF build).
 #![allow(dead_code)]
 
+/// The kernel BTF reader (struct member offsets for the kernel programs).
+#[path = "../../agent/src/host/btf.rs"]
+pub mod btf;
 /// Watch event chains, fed the records the `records` target decodes.
 #[path = "../../agent/src/collect/chains.rs"]
 pub mod chains;

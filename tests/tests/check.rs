@@ -95,6 +95,22 @@ fn missing_btf_fails_and_says_what_to_do() {
     assert!(out.contains("not ready"), "{out}");
 }
 
+/// A BTF file without the socket layout (here not BTF at all) only warns:
+/// the agent runs, and the report names the one count it loses.
+#[test]
+fn btf_without_the_socket_layout_warns_and_names_what_is_lost() {
+    let dir = tempfile::tempdir().expect("tmp");
+    fake_node(dir.path(), ALL_CAPS);
+    let (code, out) = check(Some(dir.path()));
+    assert_eq!(code, 0, "{out}");
+    let btf = line(&out, "btf");
+    assert!(btf.starts_with("warn") && btf.contains("retransmissions will not be counted"), "{btf}");
+    // This machine's own BTF has it.
+    let (_, out) = check(None);
+    let btf = line(&out, "btf");
+    assert!(btf.starts_with("ok") && btf.contains("struct sock: peer at 0, local port at 14"), "{btf}");
+}
+
 #[test]
 fn each_missing_item_is_named() {
     // (what to break, the line that must say missing)

@@ -28,6 +28,28 @@ fn the_exec_program_run_count_grows_by_at_least_the_execs() {
     assert!(agent.sample("watchscope_execs_total") >= f64::from(N));
 }
 
+/// Every kernel program loads with room to spare under the verifier's limit
+/// of 1,000,000 processed instructions. A kernel update once took two of
+/// them past it (the per-event loops, see agent-ebpf's `Callback`): the
+/// agent then refused to start, and every test failed the same way; this
+/// one names the program and its figure, and warns at a quarter of the
+/// limit. Read from the running agent, with statistics off (the figure
+/// does not need them).
+#[test]
+fn every_kernel_program_verifies_well_under_the_limit() {
+    let agent = Agent::start(&["--comm", "wsnone", "--sidecar-comm", "wsnone", "--bpf-stats=false"]);
+    let probes = watchscope_integration_tests::debug_probes(&agent);
+    let verified = probes["verified_insns"].as_object().expect("verified_insns");
+    for name in
+        watchscope::attach::UPROBE_PROGRAMS.iter().chain(&["sc_sys_exit", "sc_tcp_retransmit", "go_sched_switch"])
+    {
+        let n = verified.get(*name).and_then(|v| v.as_u64());
+        assert!(n.is_some_and(|n| n > 0), "{name} not loaded: {probes}");
+    }
+    let over: Vec<_> = verified.iter().filter(|(_, n)| n.as_u64().is_none_or(|n| n > 250_000)).collect();
+    assert!(over.is_empty(), "programs over a quarter of the verifier's limit: {over:?}");
+}
+
 #[test]
 fn bpf_stats_can_be_turned_off() {
     let agent = Agent::start(&["--comm", "wsnone", "--sidecar-comm", "wsnone", "--bpf-stats=false"]);

@@ -321,4 +321,12 @@ fn retransmits_on_the_proxys_sockets_are_counted() {
     let _ = std::fs::remove_dir(&inst);
     assert!(truth > 0, "no retransmission happened; the drop rules did not bite:\n{trace}");
     assert_eq!(counted, truth as f64, "watchscope counted {counted}, the kernel reported {truth}");
+    // The program ran for every retransmission (of any socket on the node)
+    // and the kernel skipped none: as a perf-event tracepoint it was skipped
+    // whenever the timer's softirq interrupted other BPF work on its CPU (a
+    // CI run counted 3 of 4).
+    let program = "program=\"sc_tcp_retransmit\"";
+    let runs = agent.sample_present(&format!("watchscope_program_runs_total{{{program}}}"));
+    assert!(runs >= truth as f64, "the program ran {runs} times for {truth} retransmissions");
+    assert_eq!(agent.sample_present(&format!("watchscope_program_misses_total{{{program}}}")), 0.0);
 }

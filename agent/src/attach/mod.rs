@@ -14,6 +14,7 @@ pub mod slots;
 pub mod uprobes;
 pub mod watch;
 
+use agent_common::sidecar::SockOffsets;
 use aya::{
     Ebpf, EbpfLoader,
     programs::{TracePoint, UProbe},
@@ -23,6 +24,7 @@ use tracing::{debug, info};
 
 use crate::host::{
     HostRoot,
+    btf::{Btf, BtfError, VMLINUX_BTF},
     tracefs::{Tracefs, TracefsError},
 };
 
@@ -107,6 +109,9 @@ pub struct Probes {
     /// kernel has none, or another mechanism was asked for; aya's copies
     /// are loaded then).
     pub multi: Option<multi::MultiPrograms>,
+    /// Where `struct sock`'s fields lie (set in the object), or why that is
+    /// unknown: the sidecar retransmission program needs them.
+    pub sock: Result<SockOffsets, BtfError>,
 }
 
 impl Probes {
@@ -122,7 +127,9 @@ impl Probes {
         // Record layouts come from tracefs, not from constants in the program.
         let filename_off = tracefs.field_offset("sched", "sched_process_exec", "filename")?;
         let old_pid_off = tracefs.field_offset("sched", "sched_process_exec", "old_pid")?;
+        let sock = Btf::load(&root.path(VMLINUX_BTF)).and_then(|btf| sidecar::sock_offsets(&btf));
         let mut ebpf = EbpfLoader::new()
+            .override_global("SOCK_OFFSETS", sock.as_ref().unwrap_or(&SockOffsets::default()), true)
             .override_global("EXEC_FILENAME_LOC_OFFSET", &filename_off, true)
             .override_global("EXEC_OLD_PID_OFFSET", &old_pid_off, true)
             .override_global("GO_SCHED", &u32::from(go_sched), true)
@@ -170,7 +177,7 @@ impl Probes {
             uprobes = if multi.is_some() { "uprobe_multi" } else { "one perf link per site" },
             "eBPF programs attached"
         );
-        Ok(Self { ebpf, attached, multi })
+        Ok(Self { ebpf, attached, multi, sock })
     }
 }
 

@@ -3,6 +3,7 @@
 //! while they are attached, every other process pays one map lookup per
 //! traced syscall (the programs' first action is the pid filter).
 
+use agent_common::sidecar::SockOffsets;
 use aya::{
     Ebpf,
     maps::{HashMap as BpfHashMap, MapData},
@@ -11,13 +12,22 @@ use aya::{
 use thiserror::Error;
 
 use super::TracepointSpec;
+use crate::host::btf::{Btf, BtfError};
 
 /// The proxy comms watched unless `--sidecar-comm` says otherwise.
 pub const DEFAULT_SIDECAR_COMMS: &[&str] = &["envoy", "haproxy", "nginx", "linkerd2-proxy"];
 
-/// Raw syscall tracepoints (program, tracepoint): one exit program serves
-/// every syscall the state machine follows.
-pub const SIDECAR_RAW_TRACEPOINTS: &[(&str, &str)] = &[("sc_sys_exit", "sys_exit")];
+/// Raw tracepoints (the category is only for `watchscope check`: a raw
+/// tracepoint is named without it): one syscall exit program serves every
+/// syscall the state machine follows; retransmissions come from softirqs,
+/// where a perf-event tracepoint would be skipped (see the program).
+pub const SIDECAR_RAW_TRACEPOINTS: &[TracepointSpec] =
+    &[TracepointSpec { program: "sc_sys_exit", category: "raw_syscalls", name: "sys_exit" }, RETRANSMIT];
+
+/// The retransmission program, which reads `struct sock` at the offsets
+/// [`sock_offsets`] found, and is left out when there are none.
+const RETRANSMIT: TracepointSpec =
+    TracepointSpec { program: "sc_tcp_retransmit", category: "tcp", name: "tcp_retransmit_skb" };
 
 /// Regular tracepoints of the sidecar programs (rare events: forks, exits).
 pub const SIDECAR_TRACEPOINTS: &[TracepointSpec] = &[
@@ -26,15 +36,28 @@ pub const SIDECAR_TRACEPOINTS: &[TracepointSpec] = &[
     TracepointSpec { program: "sc_close_enter", category: "syscalls", name: "sys_enter_close" },
     TracepointSpec { program: "sc_task_newtask", category: "task", name: "task_newtask" },
     TracepointSpec { program: "sc_process_exit", category: "sched", name: "sched_process_exit" },
-    TracepointSpec { program: "sc_tcp_retransmit", category: "tcp", name: "tcp_retransmit_skb" },
 ];
 
 /// Every tracepoint the sidecar programs use, for `watchscope check`.
 pub fn all_tracepoints() -> impl Iterator<Item = TracepointSpec> {
-    SIDECAR_RAW_TRACEPOINTS
-        .iter()
-        .map(|(program, name)| TracepointSpec { program, category: "raw_syscalls", name })
-        .chain(SIDECAR_TRACEPOINTS.iter().copied())
+    SIDECAR_RAW_TRACEPOINTS.iter().chain(SIDECAR_TRACEPOINTS).copied()
+}
+
+/// Where `struct sock`'s peer address, peer port, local port and family lie
+/// on this kernel, from its BTF. Every field must be there at the size the
+/// program reads: a wrong read would count other sockets' retransmissions.
+pub fn sock_offsets(btf: &Btf) -> Result<SockOffsets, BtfError> {
+    // The tracepoint hands over a `struct sock *`; its `sock_common` is
+    // `__sk_common`, at offset 0 on every kernel so far, but read anyway.
+    let common = btf.member("sock", "__sk_common")?.offset;
+    let at = |member, size| btf.member_sized("sock_common", member, size).map(|o| common + o);
+    Ok(SockOffsets {
+        daddr: at("skc_daddr", 4)?,
+        dport: at("skc_dport", 2)?,
+        num: at("skc_num", 2)?,
+        family: at("skc_family", 2)?,
+        v6_daddr: at("skc_v6_daddr", 16)?,
+    })
 }
 
 #[derive(Debug, Error)]
@@ -60,22 +83,32 @@ pub struct SidecarProbes {
     slots: BpfHashMap<MapData, u32, u32>,
     listen: BpfHashMap<MapData, u16, u32>,
     links: Vec<Link>,
+    /// Whether retransmissions are counted (the socket layout is known).
+    retransmits: bool,
 }
 
 impl SidecarProbes {
-    /// Loads (but does not attach) the sidecar programs.
+    /// Loads (but does not attach) the sidecar programs. `sock`: whether
+    /// the object's `SOCK_OFFSETS` were set from the kernel's BTF, or why
+    /// not; without them retransmissions are not counted, and the log says
+    /// why.
     pub fn load(
         ebpf: &mut Ebpf,
         slots: BpfHashMap<MapData, u32, u32>,
         listen: BpfHashMap<MapData, u16, u32>,
+        sock: Result<(), &BtfError>,
     ) -> Result<Self, SidecarError> {
+        if let Err(e) = sock {
+            tracing::warn!("proxy retransmissions are not counted: the kernel's socket layout is unknown ({e})");
+        }
+        let retransmits = sock.is_ok();
         for spec in SIDECAR_TRACEPOINTS {
             program(ebpf, spec)?.load().map_err(|e| attach_err(spec, e))?;
         }
-        for (prog, name) in SIDECAR_RAW_TRACEPOINTS {
-            raw_program(ebpf, prog)?.load().map_err(|e| raw_err(prog, name, e))?;
+        for spec in raw_specs(retransmits) {
+            raw_program(ebpf, spec.program)?.load().map_err(|e| attach_err(spec, e))?;
         }
-        Ok(Self { slots, listen, links: Vec::new() })
+        Ok(Self { slots, listen, links: Vec::new(), retransmits })
     }
 
     fn attach_all(&mut self, ebpf: &mut Ebpf) -> Result<(), SidecarError> {
@@ -83,9 +116,9 @@ impl SidecarProbes {
             let link = program(ebpf, spec)?.attach(spec.category, spec.name).map_err(|e| attach_err(spec, e))?;
             self.links.push(Link::Tp(spec.program, link));
         }
-        for (prog, name) in SIDECAR_RAW_TRACEPOINTS {
-            let link = raw_program(ebpf, prog)?.attach(name).map_err(|e| raw_err(prog, name, e))?;
-            self.links.push(Link::Raw(prog, link));
+        for spec in raw_specs(self.retransmits) {
+            let link = raw_program(ebpf, spec.program)?.attach(spec.name).map_err(|e| attach_err(spec, e))?;
+            self.links.push(Link::Raw(spec.program, link));
         }
         Ok(())
     }
@@ -162,8 +195,10 @@ fn raw_program<'a>(ebpf: &'a mut Ebpf, name: &'static str) -> Result<&'a mut Raw
         .ok_or(SidecarError::MissingProgram(name))
 }
 
-fn raw_err(program: &'static str, name: &'static str, e: aya::programs::ProgramError) -> SidecarError {
-    SidecarError::Attach { program, category: "raw_syscalls", name, source: Box::new(e) }
+/// The raw tracepoints to load and attach: all, or all but the
+/// retransmission program when the socket layout is unknown.
+fn raw_specs(retransmits: bool) -> impl Iterator<Item = &'static TracepointSpec> {
+    SIDECAR_RAW_TRACEPOINTS.iter().filter(move |s| retransmits || s.program != RETRANSMIT.program)
 }
 
 fn attach_err(spec: &TracepointSpec, e: aya::programs::ProgramError) -> SidecarError {

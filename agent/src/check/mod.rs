@@ -139,9 +139,25 @@ fn kernel_item(root: &HostRoot, items: &mut Vec<Item>) -> Option<KernelVersion> 
 }
 
 fn btf_item(root: &HostRoot, items: &mut Vec<Item>) {
-    let path = root.path("/sys/kernel/btf/vmlinux");
+    use crate::host::btf::{Btf, VMLINUX_BTF};
+    let path = root.path(VMLINUX_BTF);
     items.push(if path.is_file() {
-        Item::new("btf", Status::Ok, format!("{}", path.display()), "")
+        // The socket layout the proxy retransmission program reads; without
+        // it only that count is missing.
+        match Btf::load(&path).and_then(|b| crate::attach::sidecar::sock_offsets(&b)) {
+            Ok(o) => Item::new(
+                "btf",
+                Status::Ok,
+                format!("{} (struct sock: peer at {}, local port at {})", path.display(), o.daddr, o.num),
+                "",
+            ),
+            Err(e) => Item::new(
+                "btf",
+                Status::Warn,
+                format!("{}: {e}; proxy retransmissions will not be counted", path.display()),
+                "",
+            ),
+        }
     } else {
         Item::new(
             "btf",

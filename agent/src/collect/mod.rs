@@ -349,12 +349,15 @@ pub struct LabelledHistogram {
     pub exemplar: Option<exemplars::Exemplar>,
 }
 
-/// The kernel's run count and run time of one eBPF program.
+/// The kernel's run count and run time of one eBPF program, and the runs
+/// it skipped.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct ProgramStats {
     pub program: String,
     pub runs: u64,
     pub run_ns: u64,
+    /// `recursion_misses`: runs skipped because the CPU was already in BPF.
+    pub misses: u64,
 }
 
 /// Everything one scrape exports.

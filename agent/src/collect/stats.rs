@@ -23,34 +23,34 @@ use super::ProgramStats;
 pub struct BpfStats {
     /// Statistics stay on while this is open.
     _enabled: Option<OwnedFd>,
+    /// Whether run counts and times are being counted (by us or the sysctl).
+    on: bool,
     programs: Vec<(String, OwnedFd)>,
 }
 
 impl std::fmt::Debug for BpfStats {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("BpfStats").field("programs", &self.programs.len()).finish()
+        f.debug_struct("BpfStats").field("on", &self.on).field("programs", &self.programs.len()).finish()
     }
 }
 
 impl BpfStats {
     /// Turns statistics on (when `enable`) and remembers every loaded
-    /// program of `ebpf` and of `multi`. A kernel that refuses only loses
-    /// these metrics.
+    /// program of `ebpf` and of `multi` (their verifier figures are read
+    /// either way). A kernel that refuses only loses the run metrics.
     pub fn enable(ebpf: &Ebpf, multi: Option<&MultiPrograms>, enable: bool) -> Self {
-        if !enable {
-            return Self { _enabled: None, programs: Vec::new() };
-        }
         // BPF_ENABLE_STATS needs CAP_SYS_ADMIN; without it, the node's
         // `kernel.bpf_stats_enabled` sysctl may have them on for everyone.
-        let enabled = match aya::sys::enable_stats(aya::sys::Stats::RunTime) {
-            Ok(fd) => Some(fd),
-            Err(_) if sysctl_on() => None,
-            Err(e) => {
+        let (enabled, on) = match enable.then(|| aya::sys::enable_stats(aya::sys::Stats::RunTime)) {
+            None => (None, false),
+            Some(Ok(fd)) => (Some(fd), true),
+            Some(Err(_)) if sysctl_on() => (None, true),
+            Some(Err(e)) => {
                 warn!(
                     "cannot enable eBPF run-time statistics ({e}: it needs CAP_SYS_ADMIN, or the sysctl \
                      kernel.bpf_stats_enabled=1 on the node); watchscope_program_* will be missing"
                 );
-                return Self { _enabled: None, programs: Vec::new() };
+                (None, false)
             }
         };
         let mut programs = Vec::new();
@@ -69,29 +69,50 @@ impl BpfStats {
             }
         }
         programs.sort_by(|a, b| a.0.cmp(&b.0));
-        Self { _enabled: enabled, programs }
+        Self { _enabled: enabled, on, programs }
     }
 
-    /// Run counts and times now.
+    /// Run counts and times now (none while statistics are off).
     pub fn read(&self) -> Vec<ProgramStats> {
+        if !self.on {
+            return Vec::new();
+        }
         self.programs
             .iter()
             .filter_map(|(name, fd)| {
-                let text = std::fs::read_to_string(format!("/proc/self/fdinfo/{}", fd.as_fd().as_raw_fd())).ok()?;
-                let (runs, run_ns) = parse_fdinfo(&text)?;
-                Some(ProgramStats { program: name.clone(), runs, run_ns })
+                let (runs, run_ns, misses) = parse_fdinfo(&fdinfo(fd)?)?;
+                Some(ProgramStats { program: name.clone(), runs, run_ns, misses })
             })
             .collect()
     }
+
+    /// Instructions the verifier processed to load each program
+    /// (`verified_insns`, Linux 5.16+): how far each is from the kernel's
+    /// limit of 1,000,000, which a kernel update can move programs towards.
+    pub fn verified(&self) -> Vec<(String, u64)> {
+        self.programs
+            .iter()
+            .filter_map(|(name, fd)| Some((name.clone(), fdinfo_field(&fdinfo(fd)?, "verified_insns")?)))
+            .collect()
+    }
+}
+
+fn fdinfo(fd: &OwnedFd) -> Option<String> {
+    std::fs::read_to_string(format!("/proc/self/fdinfo/{}", fd.as_fd().as_raw_fd())).ok()
 }
 
 fn sysctl_on() -> bool {
     std::fs::read_to_string("/proc/sys/kernel/bpf_stats_enabled").is_ok_and(|v| v.trim() == "1")
 }
 
-/// `run_cnt` and `run_time_ns` out of a BPF program fd's fdinfo text.
-fn parse_fdinfo(text: &str) -> Option<(u64, u64)> {
-    Some((fdinfo_field(text, "run_cnt")?, fdinfo_field(text, "run_time_ns")?))
+/// `run_cnt`, `run_time_ns` and `recursion_misses` (Linux 5.12+; 0 before)
+/// out of a BPF program fd's fdinfo text.
+fn parse_fdinfo(text: &str) -> Option<(u64, u64, u64)> {
+    Some((
+        fdinfo_field(text, "run_cnt")?,
+        fdinfo_field(text, "run_time_ns")?,
+        fdinfo_field(text, "recursion_misses").unwrap_or(0),
+    ))
 }
 
 /// A numeric `key:\tvalue` line of a BPF object fd's fdinfo text.
@@ -107,8 +128,8 @@ mod tests {
     fn reads_the_kernel_fdinfo_fields() {
         let text = "pos:\t0\nflags:\t02000002\nmnt_id:\t16\nino:\t2077\nprog_type:\t5\nprog_jited:\t1\n\
                     prog_tag:\t0123456789abcdef\nmemlock:\t4096\nprog_id:\t93\nrun_time_ns:\t123456\nrun_cnt:\t42\n\
-                    recursion_misses:\t0\nverified_insns:\t120\n";
-        assert_eq!(parse_fdinfo(text), Some((42, 123456)));
+                    recursion_misses:\t3\nverified_insns:\t120\n";
+        assert_eq!(parse_fdinfo(text), Some((42, 123456, 3)));
         assert_eq!(parse_fdinfo("prog_id:\t1\n"), None);
     }
 }

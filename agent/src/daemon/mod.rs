@@ -172,6 +172,8 @@ impl MetricsSource for Agent {
             // Chains of watch events not judged yet (each is, at the latest,
             // when its timeout passes).
             "chains_pending": self.chains.lock().unwrap_or_else(|p| p.into_inner()).pending(),
+            // Per program, the instructions its verification took.
+            "verified_insns": self.stats.verified().into_iter().collect::<std::collections::BTreeMap<_, _>>(),
         })
     }
 }
@@ -244,6 +246,7 @@ impl Pipeline {
             labelling,
             cfg.uprobe_mode,
             probes.multi,
+            probes.sock.as_ref().map(|_| ()),
         )?;
         // Every program is loaded by now (uprobe programs are loaded at start
         // and attached per binary later).

@@ -217,6 +217,7 @@ impl Tracker {
         labelling: Labelling,
         uprobe_mode: crate::attach::uprobes::UprobeMode,
         multi: Option<crate::attach::multi::MultiPrograms>,
+        sock: Result<(), &crate::host::btf::BtfError>,
     ) -> anyhow::Result<Self> {
         use anyhow::Context as _;
         let sc_map = ebpf.take_map("WS_SIDECAR_SLOT").context("the eBPF object has no WS_SIDECAR_SLOT map")?;
@@ -225,6 +226,7 @@ impl Tracker {
             &mut ebpf,
             BpfHashMap::try_from(sc_map).context("WS_SIDECAR_SLOT")?,
             BpfHashMap::try_from(listen).context("WS_SIDECAR_LISTEN")?,
+            sock,
         )
         .context("loading the sidecar programs")?;
         let sched = SchedProbes::load(&mut ebpf).context("loading the scheduler programs")?;

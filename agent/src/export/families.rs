@@ -63,6 +63,12 @@ pub const PROGRAM_RUN_SECONDS: Family = Family {
     kind: MetricType::Counter,
     help: "Time each of the agent's eBPF programs ran in total, from the kernel's BPF statistics.",
 };
+pub const PROGRAM_MISSES: Family = Family {
+    name: "program_misses",
+    kind: MetricType::Counter,
+    help: "Runs of each of the agent's eBPF programs the kernel skipped: it runs a perf-event or \
+           uprobe program only while no other BPF program or BPF syscall holds the CPU (recursion_misses).",
+};
 pub const BPF_MAP_BYTES: Family = Family {
     name: "bpf_map_bytes",
     kind: MetricType::Gauge,
@@ -209,6 +215,7 @@ pub const FAMILIES: &[Family] = &[
     PROBES_ATTACHED,
     PROGRAM_RUNS,
     PROGRAM_RUN_SECONDS,
+    PROGRAM_MISSES,
     BPF_MAP_BYTES,
     RINGBUF_HIGH_WATER,
     RINGBUF_SIZE,
@@ -414,6 +421,8 @@ impl Collector for SnapshotCollector {
         gauge(&mut enc, &PROBES_ATTACHED, &probes.iter().map(|(l, n)| (&l[..], *n)).collect::<Vec<_>>())?;
         let runs: Vec<_> = s.programs.iter().map(|p| ([("program", p.program.as_str())], p.runs)).collect();
         counter(&mut enc, &PROGRAM_RUNS, &runs.iter().map(|(l, n)| (&l[..], *n)).collect::<Vec<_>>())?;
+        let misses: Vec<_> = s.programs.iter().map(|p| ([("program", p.program.as_str())], p.misses)).collect();
+        counter(&mut enc, &PROGRAM_MISSES, &misses.iter().map(|(l, n)| (&l[..], *n)).collect::<Vec<_>>())?;
         let mut m =
             enc.encode_descriptor(PROGRAM_RUN_SECONDS.name, PROGRAM_RUN_SECONDS.help, None, PROGRAM_RUN_SECONDS.kind)?;
         for p in &s.programs {
@@ -534,7 +543,7 @@ mod tests {
             vec![LabelledCount::new(who("etcd").pairs(&[]), 2), LabelledCount::new(who("we\"ird").pairs(&[]), 1)];
         s.series_dropped = vec![("process_execs", 4)];
         s.probes_attached = vec![("tracepoint", 1)];
-        s.programs = vec![ProgramStats { program: "sched_process_exec".into(), runs: 9, run_ns: 1_500 }];
+        s.programs = vec![ProgramStats { program: "sched_process_exec".into(), runs: 9, run_ns: 1_500, misses: 2 }];
         let mut h = agent_common::Histogram::ZERO;
         h.observe(1_500); // 1.5 µs: bucket (1.5, 1.75] µs
         h.observe(3_000_000_000);
@@ -560,6 +569,7 @@ mod tests {
         assert_eq!(sample_value(&text, "watchscope_series_dropped_total{family=\"process_execs\"}"), Some(4.0));
         assert_eq!(sample_value(&text, "watchscope_probes_attached{kind=\"tracepoint\"}"), Some(1.0));
         assert_eq!(sample_value(&text, "watchscope_program_runs_total{program=\"sched_process_exec\"}"), Some(9.0));
+        assert_eq!(sample_value(&text, "watchscope_program_misses_total{program=\"sched_process_exec\"}"), Some(2.0));
         assert_eq!(
             sample_value(&text, "watchscope_program_run_seconds_total{program=\"sched_process_exec\"}"),
             Some(0.0000015)

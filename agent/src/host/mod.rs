@@ -3,6 +3,7 @@
 //! through [`HostRoot`], so `watchscope check --root DIR` and the tests can
 //! point the agent at a fabricated tree without touching the machine.
 
+pub mod btf;
 pub mod caps;
 pub mod kernel;
 pub mod tracefs;
