@@ -132,6 +132,12 @@ struct RunArgs {
     /// `auto` (the PMU, then tracefs from its first refusal on).
     #[arg(long, env = "WATCHSCOPE_UPROBE_ATTACH", value_enum, default_value = "auto")]
     uprobe_attach: watchscope::attach::uprobes::UprobeMode,
+    /// Uprobe programs not to load (repeatable; e.g. `etcd_send`): binaries
+    /// whose probes need one are then not probed, and say so in
+    /// /debug/probes. A program this kernel's verifier refuses is left out
+    /// the same way, by itself.
+    #[arg(long = "disable-program", value_name = "PROGRAM")]
+    disable_program: Vec<String>,
     /// The classic `le` buckets of every histogram, for text scrapers and
     /// Prometheus without native histograms: `fine` (four per power of two,
     /// 0.95 µs to 64 s: 106 series per histogram) or `coarse` (one per power
@@ -193,6 +199,7 @@ fn dispatch(command: Command) -> Result<ExitCode> {
                 web: web_config(args.web_config_file.as_deref())?,
                 bpf_stats: args.bpf_stats,
                 uprobe_mode: args.uprobe_attach,
+                disabled_programs: args.disable_program,
                 classic_buckets: args.classic_buckets,
                 exemplar_window: args.exemplar_window,
             };

@@ -99,6 +99,7 @@ pub fn run(args: RecordArgs) -> Result<ExitCode> {
             web: crate::web_config(args.web_config_file.as_deref())?,
             bpf_stats: false,
             uprobe_mode: args.uprobe_attach,
+            disabled_programs: Vec::new(),
             classic_buckets: Default::default(),
             exemplar_window: watchscope::collect::exemplars::DEFAULT_WINDOW,
         },

@@ -262,3 +262,40 @@ fn a_binary_replaced_while_it_runs_keeps_its_probes(build: Build) {
     let after = put_and_count(&agent, &etcd, &watch, "/fr/c", N, server, client);
     grew_by(&before, &after, N);
 }
+
+/// A uprobe program that is not loaded (the kernel's verifier refused it;
+/// here `--disable-program`, which takes the same path) costs only the
+/// binaries that need it: etcd, whose send probe it is, is not probed and
+/// says why, while the agent runs and the watcher, on other programs, still
+/// counts every event.
+#[test]
+fn a_program_that_is_not_loaded_costs_only_the_binaries_that_need_it() {
+    const N: usize = 12;
+    let build = Build::Bookworm3423;
+    let (server, client) = (build.comm("wsf-off"), build.comm("wsfc-off"));
+    let etcd = Etcd::start_build(build, &server, &client);
+    let watch = etcd.watch("/off/");
+    let agent = Agent::start(&["--comm", &format!("{server},{client}"), "--disable-program", "etcd_send"]);
+    wait_attached(&agent, &[watch.pid()]);
+    let probes = debug_probes(&agent);
+    assert_eq!(probes["unavailable_programs"]["etcd_send"], "disabled by --disable-program", "{probes}");
+    let bins = probes["binaries"].as_array().cloned().unwrap_or_default();
+    let server_bin = bins
+        .iter()
+        .find(|b| b["processes"].as_array().is_some_and(|p| p.iter().any(|x| *x == etcd.pid())))
+        .unwrap_or_else(|| panic!("etcd not listed: {probes}"));
+    assert_eq!(server_bin["attached"], false, "{server_bin}");
+    assert!(server_bin["reason"].as_str().is_some_and(|r| r.contains("`etcd_send`")), "{server_bin}");
+
+    for i in 0..N {
+        etcd.put(&format!("/off/{i}"), "v");
+    }
+    assert_eq!(watch.wait_count(|l| l == "PUT", N, Duration::from_secs(20)), N);
+    let events = |side: &str, comm: &str| {
+        agent.sample(&format!("watchscope_watch_events_total{{side=\"{side}\",comm=\"{comm}\"}}"))
+    };
+    let counted = wait_until(Duration::from_secs(10), || events("client", &client) >= N as f64);
+    assert!(counted, "the watcher counted {} of {N}", events("client", &client));
+    assert_eq!(events("client", &client), N as f64);
+    assert_eq!(events("server", &server), 0.0);
+}

@@ -20,7 +20,7 @@ use aya::{
     programs::{TracePoint, UProbe},
 };
 use thiserror::Error;
-use tracing::{debug, info};
+use tracing::{debug, info, warn};
 
 use crate::host::{
     HostRoot,
@@ -84,6 +84,8 @@ pub enum AttachError {
     Load(#[from] Box<aya::EbpfError>),
     #[error("program `{0}` is missing from the eBPF object")]
     MissingProgram(&'static str),
+    #[error("--disable-program {0}: not a uprobe program (those are: {list})", list = UPROBE_PROGRAMS.join(", "))]
+    NotUprobeProgram(String),
     #[error("program `{program}` ({category}:{name}): {source}")]
     Program {
         program: &'static str,
@@ -92,6 +94,11 @@ pub enum AttachError {
         source: Box<aya::programs::ProgramError>,
     },
 }
+
+/// Uprobe programs that are not loaded, and why: the kernel's verifier
+/// refused them, or `--disable-program`. A binary whose plan needs one is
+/// not probed (its refusal names the program); everything else runs.
+pub type Unavailable = std::collections::BTreeMap<&'static str, String>;
 
 /// One attached probe, as `/debug/probes` and the metrics report it.
 #[derive(Clone, Debug, serde::Serialize)]
@@ -112,13 +119,31 @@ pub struct Probes {
     /// Where `struct sock`'s fields lie (set in the object), or why that is
     /// unknown: the sidecar retransmission program needs them.
     pub sock: Result<SockOffsets, BtfError>,
+    /// Uprobe programs not loaded, and why.
+    pub unavailable: Unavailable,
 }
 
 impl Probes {
     /// Loads the object and attaches every tracepoint in [`TRACEPOINTS`].
     /// `go_sched`: whether windows get scheduler probes (their off-CPU and
     /// run-queue shares are observed only then).
-    pub fn load_and_attach(root: &HostRoot, go_sched: bool, mode: uprobes::UprobeMode) -> Result<Self, AttachError> {
+    /// `disabled`: uprobe programs not to load (`--disable-program`).
+    pub fn load_and_attach(
+        root: &HostRoot,
+        go_sched: bool,
+        mode: uprobes::UprobeMode,
+        disabled: &[String],
+    ) -> Result<Self, AttachError> {
+        if let Some(bad) = disabled.iter().find(|d| !UPROBE_PROGRAMS.contains(&d.as_str())) {
+            return Err(AttachError::NotUprobeProgram(bad.clone()));
+        }
+        let mut unavailable: Unavailable = UPROBE_PROGRAMS
+            .iter()
+            .filter(|p| disabled.iter().any(|d| d == *p))
+            .map(|p| (*p, "disabled by --disable-program".to_string()))
+            .collect();
+        let to_load: Vec<&'static str> =
+            UPROBE_PROGRAMS.iter().copied().filter(|p| !unavailable.contains_key(p)).collect();
         if OBJECT.is_empty() {
             return Err(AttachError::NoObject);
         }
@@ -150,8 +175,11 @@ impl Probes {
         }
         let multi = match mode {
             uprobes::UprobeMode::Auto | uprobes::UprobeMode::Multi => {
-                match multi::MultiPrograms::load(OBJECT, &ebpf, UPROBE_PROGRAMS) {
-                    Ok(m) => Some(m),
+                match multi::MultiPrograms::load(OBJECT, &ebpf, &to_load) {
+                    Ok(m) => {
+                        unavailable.extend(m.failed().iter().map(|(k, v)| (*k, v.clone())));
+                        Some(m)
+                    }
                     Err(e) if mode == uprobes::UprobeMode::Auto => {
                         info!("no uprobe_multi links on this kernel ({e}); one perf link per uprobe site");
                         None
@@ -164,20 +192,27 @@ impl Probes {
         // With multi links, aya's copies of the programs are not loaded
         // (each load is a verifier run); they would be if a forced mode
         // ever needs them.
-        for name in UPROBE_PROGRAMS.iter().filter(|_| multi.is_none()) {
+        for &name in to_load.iter().filter(|_| multi.is_none()) {
             let prog: &mut UProbe = ebpf
                 .program_mut(name)
                 .ok_or(AttachError::MissingProgram(name))?
                 .try_into()
                 .map_err(|e| AttachError::Uprobe { program: name, source: Box::new(e) })?;
-            prog.load().map_err(|e| AttachError::Uprobe { program: name, source: Box::new(e) })?;
+            // A program the verifier refuses costs the binaries that need
+            // it, not the agent.
+            if let Err(e) = prog.load() {
+                unavailable.insert(name, AttachError::Uprobe { program: name, source: Box::new(e) }.to_string());
+            }
+        }
+        for (name, why) in &unavailable {
+            warn!(program = name, "uprobe program not loaded; binaries that need it are not probed: {why}");
         }
         info!(
             probes = attached.len(),
             uprobes = if multi.is_some() { "uprobe_multi" } else { "one perf link per site" },
             "eBPF programs attached"
         );
-        Ok(Self { ebpf, attached, multi, sock })
+        Ok(Self { ebpf, attached, multi, sock, unavailable })
     }
 }
 

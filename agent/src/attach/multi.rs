@@ -72,6 +72,8 @@ pub enum MultiError {
 /// The uprobe programs, loaded for uprobe_multi links.
 pub struct MultiPrograms {
     programs: HashMap<&'static str, OwnedFd>,
+    /// Programs this kernel refused, and why (see [`super::Unavailable`]).
+    failed: super::Unavailable,
     /// The programs' BTF (their func_info names types in it); held for
     /// their life.
     _btf: Option<OwnedFd>,
@@ -80,7 +82,8 @@ pub struct MultiPrograms {
 impl MultiPrograms {
     /// Loads `names` out of `object`, sharing the maps `ebpf` created from
     /// the same object. Fails on a kernel without uprobe_multi (it refuses
-    /// the expected attach type).
+    /// the expected attach type of every program); a program it refuses
+    /// alone (its verifier) is left out and listed in [`Self::failed`].
     pub fn load(object: &[u8], ebpf: &Ebpf, names: &[&'static str]) -> Result<Self, MultiError> {
         let mut obj = Object::parse(object).map_err(MultiError::Parse)?;
         let features = aya::features();
@@ -111,13 +114,31 @@ impl MultiPrograms {
         obj.sanitize_functions(features);
 
         let mut programs = HashMap::new();
+        let (mut failed, mut first) = (super::Unavailable::new(), None);
         for &name in names {
             let prog = obj.programs.get(name).ok_or(MultiError::MissingProgram(name))?;
             let func = obj.functions.get(&prog.function_key()).ok_or(MultiError::MissingProgram(name))?;
-            let fd = load_program(name, prog, func, btf.as_ref().map(|b| b.as_fd()))?;
-            programs.insert(name, fd);
+            match load_program(name, prog, func, btf.as_ref().map(|b| b.as_fd())) {
+                Ok(fd) => {
+                    programs.insert(name, fd);
+                }
+                Err(e) => {
+                    failed.insert(name, e.to_string());
+                    first.get_or_insert(e);
+                }
+            }
         }
-        Ok(Self { programs, _btf: btf })
+        // Every one refused: the kernel has no uprobe_multi (or nothing
+        // loads at all), which the caller answers with another mechanism.
+        if let (true, Some(e)) = (programs.is_empty(), first) {
+            return Err(e);
+        }
+        Ok(Self { programs, failed, _btf: btf })
+    }
+
+    /// The programs this kernel refused, and why.
+    pub fn failed(&self) -> &super::Unavailable {
+        &self.failed
     }
 
     /// The program `name`, loaded for multi links.

@@ -52,6 +52,8 @@ pub const MAX_GO_COOKIES: u32 = 1024;
 pub enum UprobeError {
     #[error("program `{0}` is missing from the eBPF object")]
     MissingProgram(&'static str),
+    #[error("its probes need `{program}`, which is not loaded: {why}")]
+    Unavailable { program: &'static str, why: String },
     #[error(
         "no free probe configuration slot (at most {MAX_WATCH_COOKIES} watch-path and {MAX_GO_COOKIES} Go runtime probe sites at once)"
     )]
@@ -202,6 +204,8 @@ pub struct Uprobes {
     events: Option<ProbeEvents>,
     /// The uprobe programs loaded for multi links (`Multi` mode only).
     multi: Option<MultiPrograms>,
+    /// Programs not loaded: a binary needing one is refused.
+    unavailable: super::Unavailable,
 }
 
 impl Uprobes {
@@ -212,6 +216,7 @@ impl Uprobes {
         mode: UprobeMode,
         root: HostRoot,
         multi: Option<MultiPrograms>,
+        unavailable: super::Unavailable,
     ) -> Self {
         // Multi links need the programs loaded for them: with them, that is
         // the mode; without them, `auto` starts with the PMU.
@@ -231,6 +236,7 @@ impl Uprobes {
             root,
             events: None,
             multi,
+            unavailable,
         }
     }
 
@@ -264,6 +270,11 @@ impl Uprobes {
     ) -> Result<(), UprobeError> {
         if self.by_file.contains_key(&file) {
             return Ok(());
+        }
+        if let Some((program, why)) =
+            sites.iter().find_map(|s| self.unavailable.get_key_value(s.program).map(|(p, w)| (*p, w.clone())))
+        {
+            return Err(UprobeError::Unavailable { program, why });
         }
         let mut done = Attached {
             links: Vec::new(),

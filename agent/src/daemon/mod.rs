@@ -60,6 +60,8 @@ pub struct RunConfig {
     pub bpf_stats: bool,
     /// How uprobes are made (`--uprobe-attach`).
     pub uprobe_mode: crate::attach::uprobes::UprobeMode,
+    /// Uprobe programs not to load (`--disable-program`).
+    pub disabled_programs: Vec<String>,
     /// The classic `le` layout of every histogram (`--classic-buckets`).
     pub classic_buckets: crate::export::ClassicBuckets,
     /// How long a stage series keeps its slowest event as its exemplar.
@@ -80,6 +82,8 @@ struct Agent {
     /// The maps' kernel memory, measured once they all exist.
     map_bytes: Vec<crate::collect::mapmem::MapBytes>,
     classic_buckets: crate::export::ClassicBuckets,
+    /// Uprobe programs not loaded, and why.
+    unavailable: crate::attach::Unavailable,
 }
 
 impl Agent {
@@ -172,6 +176,7 @@ impl MetricsSource for Agent {
             // Chains of watch events not judged yet (each is, at the latest,
             // when its timeout passes).
             "chains_pending": self.chains.lock().unwrap_or_else(|p| p.into_inner()).pending(),
+            "unavailable_programs": self.unavailable,
             // Per program, the instructions its verification took.
             "verified_insns": self.stats.verified().into_iter().collect::<std::collections::BTreeMap<_, _>>(),
         })
@@ -193,7 +198,7 @@ pub struct Pipeline {
 impl Pipeline {
     /// Starts everything but the HTTP server; call inside a tokio runtime.
     pub fn start(cfg: &RunConfig, chain_settings: ChainSettings) -> Result<Pipeline> {
-        let mut probes = Probes::load_and_attach(&cfg.root, cfg.go.sched, cfg.uprobe_mode)
+        let mut probes = Probes::load_and_attach(&cfg.root, cfg.go.sched, cfg.uprobe_mode, &cfg.disabled_programs)
             .context("attaching the kernel programs")?;
         let maps = KernelMaps::take(&mut probes.ebpf, cfg.exemplar_window).context("opening the kernel maps")?;
         let events = probes.ebpf.take_map("WS_EVENTS").context("the eBPF object has no WS_EVENTS map")?;
@@ -234,6 +239,7 @@ impl Pipeline {
             windows: windows.clone(),
         };
 
+        let unavailable = probes.unavailable.clone();
         let mut tracker = Tracker::new(
             cfg.root.clone(),
             cfg.filter.clone(),
@@ -246,6 +252,7 @@ impl Pipeline {
             labelling,
             cfg.uprobe_mode,
             probes.multi,
+            unavailable.clone(),
             probes.sock.as_ref().map(|_| ()),
         )?;
         // Every program is loaded by now (uprobe programs are loaded at start
@@ -264,6 +271,7 @@ impl Pipeline {
             chains: chains.clone(),
             map_bytes: crate::collect::mapmem::measured(),
             classic_buckets: cfg.classic_buckets,
+            unavailable: unavailable.clone(),
         });
         // The initial scan: processes that were running before the agent.
         tracker.reconcile();

@@ -217,6 +217,7 @@ impl Tracker {
         labelling: Labelling,
         uprobe_mode: crate::attach::uprobes::UprobeMode,
         multi: Option<crate::attach::multi::MultiPrograms>,
+        unavailable: crate::attach::Unavailable,
         sock: Result<(), &crate::host::btf::BtfError>,
     ) -> anyhow::Result<Self> {
         use anyhow::Context as _;
@@ -250,6 +251,7 @@ impl Tracker {
                 uprobe_mode,
                 root,
                 multi,
+                unavailable,
             ),
             proc_slot: BpfHashMap::try_from(proc_slot).context("WS_PROC_SLOT")?,
             slots,
