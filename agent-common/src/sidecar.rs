@@ -138,7 +138,7 @@ pub struct SockOffsets {
     pub num: u32,
     /// `skc_family`.
     pub family: u32,
-    /// `skc_v6_daddr`: the IPv6 peer.
+    /// `skc_v6_daddr`: the IPv6 peer (0: the kernel has no IPv6).
     pub v6_daddr: u32,
 }
 

@@ -378,7 +378,10 @@ fn try_enqueue(ctx: &ProbeContext) -> Option<()> {
 
 #[inline(never)]
 unsafe extern "C" fn enqueue_event(i: u64, ctx: *mut c_void) -> i64 {
-    ws_enqueue_event(ctx.cast(), i)
+    ws_enqueue_event(ctx.cast(), i);
+    // 0: go on. The verifier knows nothing of a global function's result,
+    // and a callback's must be 0 or 1.
+    0
 }
 
 /// One iteration of [`enqueue_event`]'s loop (a global function: see [`Callback`]).
@@ -550,7 +553,10 @@ pub fn etcd_send(ctx: ProbeContext) -> u32 {
 
 #[inline(never)]
 unsafe extern "C" fn send_event(i: u64, ctx: *mut c_void) -> i64 {
-    ws_send_event(ctx.cast(), i)
+    ws_send_event(ctx.cast(), i);
+    // 0: go on. The verifier knows nothing of a global function's result,
+    // and a callback's must be 0 or 1.
+    0
 }
 
 /// One iteration of [`send_event`]'s loop (a global function: see [`Callback`]).
@@ -596,7 +602,10 @@ pub fn etcd_dispatch(ctx: ProbeContext) -> u32 {
 
 #[inline(never)]
 unsafe extern "C" fn dispatch_event(i: u64, ctx: *mut c_void) -> i64 {
-    ws_dispatch_event(ctx.cast(), i)
+    ws_dispatch_event(ctx.cast(), i);
+    // 0: go on. The verifier knows nothing of a global function's result,
+    // and a callback's must be 0 or 1.
+    0
 }
 
 /// One event of [`dispatch_event`]'s loop (a global function: see [`Callback`]).
@@ -1246,7 +1255,10 @@ fn try_informer_process(ctx: &ProbeContext) -> Option<()> {
 
 #[inline(never)]
 unsafe extern "C" fn process_delta(i: u64, ctx: *mut c_void) -> i64 {
-    ws_process_delta(ctx.cast(), i)
+    ws_process_delta(ctx.cast(), i);
+    // 0: go on. The verifier knows nothing of a global function's result,
+    // and a callback's must be 0 or 1.
+    0
 }
 
 /// One iteration of [`process_delta`]'s loop (a global function: see [`Callback`]).

@@ -371,7 +371,7 @@ pub fn sc_tcp_retransmit(ctx: RawTracePointContext) -> u32 {
         AF_INET => unsafe { bpf_probe_read_kernel(field(off.daddr) as *const [u8; 4]) }
             .map(|a| key.addr[..4].copy_from_slice(&a))
             .is_ok(),
-        AF_INET6 => {
+        AF_INET6 if off.v6_daddr != 0 => {
             unsafe { bpf_probe_read_kernel(field(off.v6_daddr) as *const [u8; 16]) }.map(|a| key.addr = a).is_ok()
         }
         _ => false,

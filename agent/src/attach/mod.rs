@@ -192,6 +192,7 @@ impl Probes {
         // With multi links, aya's copies of the programs are not loaded
         // (each load is a verifier run); they would be if a forced mode
         // ever needs them.
+        let (mut loaded, mut first) = (0, None);
         for &name in to_load.iter().filter(|_| multi.is_none()) {
             let prog: &mut UProbe = ebpf
                 .program_mut(name)
@@ -200,9 +201,19 @@ impl Probes {
                 .map_err(|e| AttachError::Uprobe { program: name, source: Box::new(e) })?;
             // A program the verifier refuses costs the binaries that need
             // it, not the agent.
-            if let Err(e) = prog.load() {
-                unavailable.insert(name, AttachError::Uprobe { program: name, source: Box::new(e) }.to_string());
+            match prog.load() {
+                Ok(()) => loaded += 1,
+                Err(e) => {
+                    let e = AttachError::Uprobe { program: name, source: Box::new(e) };
+                    unavailable.insert(name, e.to_string());
+                    first.get_or_insert(e);
+                }
             }
+        }
+        // None loads at all (no capability, memlock, a kernel refusing
+        // everything): the agent would serve nothing; say so at start.
+        if let (0, Some(e)) = (loaded, first) {
+            return Err(e);
         }
         for (name, why) in &unavailable {
             warn!(program = name, "uprobe program not loaded; binaries that need it are not probed: {why}");

@@ -50,13 +50,20 @@ pub fn sock_offsets(btf: &Btf) -> Result<SockOffsets, BtfError> {
     // The tracepoint hands over a `struct sock *`; its `sock_common` is
     // `__sk_common`, at offset 0 on every kernel so far, but read anyway.
     let common = btf.member("sock", "__sk_common")?.offset;
-    let at = |member, size| btf.member_sized("sock_common", member, size).map(|o| common + o);
+    let at = |member, size| {
+        let o = btf.member_sized("sock_common", member, size)?;
+        common.checked_add(o).ok_or(BtfError::TooDeep)
+    };
     Ok(SockOffsets {
         daddr: at("skc_daddr", 4)?,
         dport: at("skc_dport", 2)?,
         num: at("skc_num", 2)?,
         family: at("skc_family", 2)?,
-        v6_daddr: at("skc_v6_daddr", 16)?,
+        // A kernel without IPv6 has no such field: IPv4 is still counted.
+        v6_daddr: match at("skc_v6_daddr", 16) {
+            Err(BtfError::NoMember { .. }) => 0,
+            other => other?,
+        },
     })
 }
 

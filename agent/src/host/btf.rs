@@ -25,6 +25,8 @@ const TYPE_LEN: usize = 12;
 /// Nesting allowed through anonymous members and type modifiers: the
 /// kernel's own structs need 3; the limit stops cycles in a crafted file.
 const MAX_DEPTH: u32 = 16;
+/// Members one lookup may visit (`struct sock_common` needs about 40).
+const MAX_VISITS: u32 = 1 << 16;
 
 #[derive(Debug, Error)]
 pub enum BtfError {
@@ -48,7 +50,7 @@ pub enum BtfError {
     NoMember { strukt: String, member: String },
     #[error("`{strukt}.{member}` is a bit field")]
     BitField { strukt: String, member: String },
-    #[error("BTF types nest deeper than {MAX_DEPTH}")]
+    #[error("BTF types nest deeper than {MAX_DEPTH}, or a lookup visits over {MAX_VISITS} members")]
     TooDeep,
     #[error("`{strukt}.{member}` is {found} bytes, expected {expected}")]
     Size { strukt: String, member: String, found: u64, expected: u64 },
@@ -146,7 +148,8 @@ impl Btf {
                     && self.name(id).is_ok_and(|n| n == strukt)
             })
             .ok_or_else(|| BtfError::NoStruct(strukt.to_string()))?;
-        match self.find_member(id, member, 0)? {
+        let mut budget = MAX_VISITS;
+        match self.find_member(id, member, 0, &mut budget)? {
             Some(Found::At(m)) => Ok(m),
             Some(Found::BitField) => Err(BtfError::BitField { strukt: strukt.to_string(), member: member.to_string() }),
             None => Err(BtfError::NoMember { strukt: strukt.to_string(), member: member.to_string() }),
@@ -168,13 +171,16 @@ impl Btf {
         Ok(m.offset)
     }
 
-    fn find_member(&self, id: u32, member: &str, depth: u32) -> Result<Option<Found>, BtfError> {
+    fn find_member(&self, id: u32, member: &str, depth: u32, budget: &mut u32) -> Result<Option<Found>, BtfError> {
         if depth > MAX_DEPTH {
             return Err(BtfError::TooDeep);
         }
         let (_, vlen) = self.kind_vlen(id)?;
         let kind_flag = u32_at(&self.data, self.at(id)? + 4)? >> 31 == 1;
         for i in 0..vlen {
+            // Anonymous members can share types: without a bound, a crafted
+            // file makes the search exponential in the depth.
+            *budget = budget.checked_sub(1).ok_or(BtfError::TooDeep)?;
             let m = self.at(id)? + TYPE_LEN + 12 * i;
             let (name_off, ty, raw_off) =
                 (u32_at(&self.data, m)?, u32_at(&self.data, m + 4)?, u32_at(&self.data, m + 8)?);
@@ -190,10 +196,13 @@ impl Btf {
             if name.is_empty() {
                 let inner = self.resolve(ty, depth + 1)?;
                 if matches!(self.kind_vlen(inner)?.0, STRUCT | UNION)
-                    && let Some(found) = self.find_member(inner, member, depth + 1)?
+                    && let Some(found) = self.find_member(inner, member, depth + 1, budget)?
                 {
                     return Ok(Some(match found {
-                        Found::At(f) => Found::At(Member { offset: f.offset + bit_off / 8, size: f.size }),
+                        Found::At(f) => Found::At(Member {
+                            offset: f.offset.checked_add(bit_off / 8).ok_or(BtfError::TooDeep)?,
+                            size: f.size,
+                        }),
                         b => b,
                     }));
                 }
@@ -334,6 +343,42 @@ mod tests {
         cyc[at + 8..at + 12].copy_from_slice(&6u32.to_ne_bytes());
         let btf = Btf::parse(cyc).expect("parse");
         assert!(matches!(btf.member("outer", "c"), Err(BtfError::TooDeep)));
+    }
+
+    /// Levels of structs whose anonymous members all share the next level's
+    /// type: a search for a missing member would visit 8^12 members; the
+    /// budget ends it.
+    #[test]
+    fn a_wide_deep_anonymous_nesting_is_cut_short() {
+        const LEVELS: u32 = 12;
+        const WIDTH: u32 = 8;
+        let strings = b"\0top\0";
+        let mut t: Vec<u32> = Vec::new();
+        for level in 0..LEVELS {
+            let name = if level == 0 { 1 } else { 0 };
+            t.extend([name, (STRUCT << 24) | WIDTH, 8]);
+            for _ in 0..WIDTH {
+                // Type ids start at 1: level `l` is id l + 1, and its
+                // members are the next level, anonymous; the last level's
+                // are named (and of the first level's type).
+                if level + 1 == LEVELS {
+                    t.extend([1, 1, 0]);
+                } else {
+                    t.extend([0, level + 2, 0]);
+                }
+            }
+        }
+        let types: Vec<u8> = t.iter().flat_map(|w| w.to_ne_bytes()).collect();
+        let mut blob = Vec::new();
+        blob.extend(MAGIC.to_ne_bytes());
+        blob.extend([1, 0]);
+        for w in [HEADER_LEN as u32, 0, types.len() as u32, types.len() as u32, strings.len() as u32] {
+            blob.extend(w.to_ne_bytes());
+        }
+        blob.extend(types);
+        blob.extend(strings);
+        let btf = Btf::parse(blob).expect("parse");
+        assert!(matches!(btf.member("top", "missing"), Err(BtfError::TooDeep)));
     }
 
     #[test]
