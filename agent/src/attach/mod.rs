@@ -24,7 +24,7 @@ use tracing::{debug, info, warn};
 
 use crate::host::{
     HostRoot,
-    btf::{Btf, BtfError, VMLINUX_BTF},
+    btf::BtfError,
     tracefs::{Tracefs, TracefsError},
 };
 
@@ -152,7 +152,7 @@ impl Probes {
         // Record layouts come from tracefs, not from constants in the program.
         let filename_off = tracefs.field_offset("sched", "sched_process_exec", "filename")?;
         let old_pid_off = tracefs.field_offset("sched", "sched_process_exec", "old_pid")?;
-        let sock = Btf::load(&root.path(VMLINUX_BTF)).and_then(|btf| sidecar::sock_offsets(&btf));
+        let sock = sidecar::sock_offsets(root);
         let mut ebpf = EbpfLoader::new()
             .override_global("SOCK_OFFSETS", sock.as_ref().unwrap_or(&SockOffsets::default()), true)
             .override_global("EXEC_FILENAME_LOC_OFFSET", &filename_off, true)

@@ -12,7 +12,10 @@ use aya::{
 use thiserror::Error;
 
 use super::TracepointSpec;
-use crate::host::btf::{Btf, BtfError};
+use crate::host::{
+    HostRoot,
+    btf::{Btf, BtfError, VMLINUX_BTF},
+};
 
 /// The proxy comms watched unless `--sidecar-comm` says otherwise.
 pub const DEFAULT_SIDECAR_COMMS: &[&str] = &["envoy", "haproxy", "nginx", "linkerd2-proxy"];
@@ -44,9 +47,14 @@ pub fn all_tracepoints() -> impl Iterator<Item = TracepointSpec> {
 }
 
 /// Where `struct sock`'s peer address, peer port, local port and family lie
-/// on this kernel, from its BTF. Every field must be there at the size the
-/// program reads: a wrong read would count other sockets' retransmissions.
-pub fn sock_offsets(btf: &Btf) -> Result<SockOffsets, BtfError> {
+/// on this kernel, from its BTF (under `root`). Every field must be there at
+/// the size the program reads: a wrong read would count other sockets'
+/// retransmissions.
+pub fn sock_offsets(root: &HostRoot) -> Result<SockOffsets, BtfError> {
+    sock_offsets_in(&Btf::load(&root.path(VMLINUX_BTF))?)
+}
+
+fn sock_offsets_in(btf: &Btf) -> Result<SockOffsets, BtfError> {
     // The tracepoint hands over a `struct sock *`; its `sock_common` is
     // `__sk_common`, at offset 0 on every kernel so far, but read anyway.
     let common = btf.member("sock", "__sk_common")?.offset;

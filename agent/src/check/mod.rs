@@ -139,12 +139,11 @@ fn kernel_item(root: &HostRoot, items: &mut Vec<Item>) -> Option<KernelVersion> 
 }
 
 fn btf_item(root: &HostRoot, items: &mut Vec<Item>) {
-    use crate::host::btf::{Btf, VMLINUX_BTF};
-    let path = root.path(VMLINUX_BTF);
+    let path = root.path(crate::host::btf::VMLINUX_BTF);
     items.push(if path.is_file() {
         // The socket layout the proxy retransmission program reads; without
         // it only that count is missing.
-        match Btf::load(&path).and_then(|b| crate::attach::sidecar::sock_offsets(&b)) {
+        match crate::attach::sidecar::sock_offsets(root) {
             Ok(o) => Item::new(
                 "btf",
                 Status::Ok,

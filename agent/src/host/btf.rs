@@ -304,7 +304,13 @@ mod tests {
         t.extend([0, info(CONST, 0, false), 5]);
         // 7: struct outer, kind_flag set for the bit field
         t.extend([s("outer"), info(STRUCT, 3, true), 24, s("a"), 1, 0, 0, 6, 32, s("bf"), 1, (3 << 24) | 160]);
-        let types: Vec<u8> = t.iter().flat_map(|w| w.to_ne_bytes()).collect();
+        blob(&t, strings)
+    }
+
+    /// A BTF file of `types` (words) and `strings`, in this machine's byte
+    /// order.
+    fn blob(types: &[u32], strings: &[u8]) -> Vec<u8> {
+        let types: Vec<u8> = types.iter().flat_map(|w| w.to_ne_bytes()).collect();
         let mut blob = Vec::new();
         blob.extend(MAGIC.to_ne_bytes());
         blob.extend([1, 0]);
@@ -368,16 +374,7 @@ mod tests {
                 }
             }
         }
-        let types: Vec<u8> = t.iter().flat_map(|w| w.to_ne_bytes()).collect();
-        let mut blob = Vec::new();
-        blob.extend(MAGIC.to_ne_bytes());
-        blob.extend([1, 0]);
-        for w in [HEADER_LEN as u32, 0, types.len() as u32, types.len() as u32, strings.len() as u32] {
-            blob.extend(w.to_ne_bytes());
-        }
-        blob.extend(types);
-        blob.extend(strings);
-        let btf = Btf::parse(blob).expect("parse");
+        let btf = Btf::parse(blob(&t, strings)).expect("parse");
         assert!(matches!(btf.member("top", "missing"), Err(BtfError::TooDeep)));
     }
 
