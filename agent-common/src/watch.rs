@@ -336,7 +336,7 @@ pub fn guard_taken(guard: u32, flags: u64) -> bool {
 
 /// (process or member, revision).
 #[repr(C)]
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 #[cfg_attr(feature = "pod", derive(bytemuck::Pod, bytemuck::Zeroable))]
 pub struct RevKey {
     /// tgid for server-local maps, member id for the cross-process map.
@@ -353,7 +353,7 @@ pub struct RevKey {
 /// with the revision in the key too, a reused address cannot match an old
 /// entry.
 #[repr(C)]
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 #[cfg_attr(feature = "pod", derive(bytemuck::Pod, bytemuck::Zeroable))]
 pub struct WatchRevKey {
     pub tgid: u64,
@@ -370,8 +370,19 @@ pub struct WatchRevKey {
 /// about 1.2 µs per commit here, most of each probe's run time. A ring
 /// entry is found by arithmetic, written in place, and aged out by the
 /// revisions that follow, which is the order etcd produces them in.
-pub const STAMP_SETS: u32 = 32768;
-pub const STAMP_WAYS: u32 = 2;
+///
+/// Why four ways: a watcher's copies of events land in sets at random (the
+/// event's address is in the hash), so a live copy is pushed out when its
+/// set already holds `STAMP_WAYS` live ones. With `n` copies waiting for
+/// their send, that is about `(n / STAMP_SETS)^2 / 2` per enqueue with two
+/// ways and `(n / STAMP_SETS)^4 / 24` with four: a backlog of 1,000 copies
+/// (clients stalled for a moment) lost one copy in 2,000 enqueues with two
+/// ways, and fewer than one in a million with four (unit test
+/// `a_backlog_of_copies_stays_in_the_ring`). The rings by revision keep
+/// `STAMP_ENTRIES` consecutive revisions either way. More ways would cost
+/// every lookup that misses (each way is one more entry read).
+pub const STAMP_SETS: u32 = 16384;
+pub const STAMP_WAYS: u32 = 4;
 /// Entries per ring.
 pub const STAMP_ENTRIES: u32 = STAMP_SETS * STAMP_WAYS;
 
@@ -401,8 +412,10 @@ pub fn mix(mut x: u64) -> u64 {
 
 /// First entry of the set that holds `(id, rev)`. Consecutive revisions
 /// of one id take consecutive sets, so an etcd never evicts its own commit
-/// time until `STAMP_SETS` revisions later, and each id starts at its own
-/// offset so that two members on one node (a kind cluster) share few sets.
+/// time until `STAMP_ENTRIES` revisions later (each set holds
+/// `STAMP_WAYS` generations, the oldest replaced first), and each id
+/// starts at its own offset so that two members on one node (a kind
+/// cluster) share few sets.
 #[inline(always)]
 pub fn rev_entry(key: &RevKey) -> u32 {
     set_entry((key.rev as u64).wrapping_add(mix(key.id)))
@@ -427,16 +440,22 @@ pub fn stamp_empty(seq: u64, ts: u64) -> bool {
     seq == 0 || ts == 0
 }
 
-/// Which way of a set a new entry replaces: an empty one, else the older.
+/// Which way of a set a new entry replaces: the first empty one, else the
+/// oldest.
 #[inline(always)]
 pub fn victim_way(ts: [u64; STAMP_WAYS as usize], seq: [u64; STAMP_WAYS as usize]) -> u32 {
-    if stamp_empty(seq[0], ts[0]) {
-        0
-    } else if stamp_empty(seq[1], ts[1]) || ts[1] < ts[0] {
-        1
-    } else {
-        0
+    let mut victim = 0;
+    let mut oldest = u64::MAX;
+    for way in 0..STAMP_WAYS as usize {
+        if stamp_empty(seq[way], ts[way]) {
+            return way as u32;
+        }
+        if ts[way] < oldest {
+            oldest = ts[way];
+            victim = way as u32;
+        }
     }
+    victim
 }
 
 /// One event's path, for `watchscope record`-style views (ring buffer; only
@@ -645,18 +664,89 @@ mod tests {
         assert!(!guard_taken(GUARD_NONE, u64::MAX));
     }
 
+    /// The kernel's ring (agent-ebpf `stamps`) without its sequence
+    /// lock: the same sets, the same victim, for counting what stays.
+    struct Ring<K> {
+        e: Vec<Stamp<K>>,
+        clock: u64,
+    }
+
+    impl<K: Copy + PartialEq + Default> Ring<K> {
+        fn new() -> Self {
+            Ring { e: vec![Stamp::default(); STAMP_ENTRIES as usize], clock: 0 }
+        }
+
+        fn find(&self, set: u32, key: &K) -> Option<usize> {
+            (set..set + STAMP_WAYS)
+                .map(|i| i as usize)
+                .find(|&i| !stamp_empty(self.e[i].seq, self.e[i].ts) && self.e[i].key == *key)
+        }
+
+        /// Stores `key`; true when a live entry was pushed out.
+        fn insert(&mut self, set: u32, key: K) -> bool {
+            self.clock += 1;
+            let ways = &self.e[set as usize..(set + STAMP_WAYS) as usize];
+            let way = victim_way(std::array::from_fn(|w| ways[w].ts), std::array::from_fn(|w| ways[w].seq));
+            let v = &mut self.e[(set + way) as usize];
+            let live = !stamp_empty(v.seq, v.ts);
+            *v = Stamp { seq: 2, ts: self.clock, key };
+            live
+        }
+    }
+
     #[test]
     fn one_etcd_keeps_a_full_ring_of_consecutive_revisions() {
-        // 32768 consecutive revisions of one process: each in its own set.
-        let mut seen = std::collections::HashSet::new();
+        // Consecutive revisions of one process take consecutive sets.
         for rev in 1_000_000..1_000_000 + i64::from(STAMP_SETS) {
             let e = rev_entry(&RevKey { id: 4242, rev });
             assert!(e < STAMP_ENTRIES && e.is_multiple_of(STAMP_WAYS));
-            assert!(seen.insert(e), "rev {rev} shares set {e}");
+            assert_eq!(
+                e,
+                rev_entry(&RevKey { id: 4242, rev: 1_000_000 }).wrapping_add(((rev - 1_000_000) as u32) * STAMP_WAYS)
+                    % STAMP_ENTRIES
+            );
         }
-        // The next revision reuses the oldest's set: that is the ageing.
-        let first = rev_entry(&RevKey { id: 4242, rev: 1_000_000 });
-        assert_eq!(rev_entry(&RevKey { id: 4242, rev: 1_000_000 + i64::from(STAMP_SETS) }), first);
+        // The ring keeps STAMP_ENTRIES of them; the next replaces the oldest.
+        let mut ring = Ring::new();
+        let key = |rev| RevKey { id: 4242, rev };
+        let revs = 1_000_000..1_000_000 + i64::from(STAMP_ENTRIES);
+        for rev in revs.clone() {
+            assert!(!ring.insert(rev_entry(&key(rev)), key(rev)), "rev {rev} pushed one out");
+        }
+        assert!(revs.clone().all(|rev| ring.find(rev_entry(&key(rev)), &key(rev)).is_some()));
+        let next = revs.end;
+        assert!(ring.insert(rev_entry(&key(next)), key(next)));
+        assert!(ring.find(rev_entry(&key(revs.start)), &key(revs.start)).is_none());
+        assert!(ring.find(rev_entry(&key(revs.start + 1)), &key(revs.start + 1)).is_some());
+    }
+
+    #[test]
+    fn a_backlog_of_copies_stays_in_the_ring() {
+        // 20 watchers, each event a copy at a new address; a backlog of
+        // 1,000 copies waiting for their send (50 puts: clients stalled
+        // for a moment; a soak on this VM keeps at most 3). Each send
+        // frees the oldest copy. Over a million enqueues, two ways (32768
+        // sets) pushed out 475 live copies; four push out none here (the
+        // estimate above gives 0.6).
+        let mut ring = Ring::new();
+        let mut waiting = std::collections::VecDeque::new();
+        let (mut pushed_out, mut sent) = (0u32, 0u32);
+        let mut addr = 0xc000_0000u64;
+        for n in 0..1_000_000u64 {
+            let key = WatchRevKey { tgid: 4242, watch_id: (n % 5) as i64, rev: (n / 20) as i64 + 1, event_addr: addr };
+            addr = mix(addr) & 0x00ff_ffff_fff8 | 0xc000_0000_0000;
+            pushed_out += u32::from(ring.insert(watch_rev_entry(&key), key));
+            waiting.push_back(key);
+            if waiting.len() > 1000
+                && let Some(k) = waiting.pop_front()
+                && let Some(i) = ring.find(watch_rev_entry(&k), &k)
+            {
+                ring.e[i].ts = 0;
+                sent += 1;
+            }
+        }
+        assert!(pushed_out <= 5, "{pushed_out} copies pushed out");
+        assert_eq!(u64::from(sent + pushed_out), 1_000_000 - 1000);
     }
 
     #[test]
@@ -683,7 +773,7 @@ mod tests {
             let key = WatchRevKey { tgid: 77, watch_id: w as i64, rev: 5, event_addr: 0xc000_1000 + 64 * w };
             *per_set.entry(watch_rev_entry(&key)).or_default() += 1;
         }
-        let crowded = per_set.values().filter(|&&n| n > 2).count();
+        let crowded = per_set.values().filter(|&&n| n > STAMP_WAYS).count();
         assert!(per_set.len() > 950 && crowded == 0, "{} sets, {crowded} crowded", per_set.len());
     }
 
@@ -706,11 +796,12 @@ mod tests {
 
     #[test]
     fn a_new_entry_takes_the_empty_way_else_the_older() {
-        assert_eq!(victim_way([0, 0], [0, 0]), 0);
-        assert_eq!(victim_way([5, 0], [2, 0]), 1);
-        assert_eq!(victim_way([5, 3], [2, 2]), 1);
-        assert_eq!(victim_way([3, 5], [2, 2]), 0);
+        assert_eq!(victim_way([0; 4], [0; 4]), 0);
+        assert_eq!(victim_way([5, 0, 0, 0], [2, 0, 0, 0]), 1);
+        assert_eq!(victim_way([5, 3, 7, 4], [2, 2, 2, 2]), 1);
+        assert_eq!(victim_way([3, 5, 7, 4], [2, 2, 2, 2]), 0);
+        assert_eq!(victim_way([6, 5, 7, 4], [2, 2, 2, 2]), 3);
         // A removed entry (ts 0) is empty whatever its sequence.
-        assert_eq!(victim_way([9, 0], [2, 4]), 1);
+        assert_eq!(victim_way([9, 8, 0, 1], [2, 2, 4, 2]), 2);
     }
 }

@@ -1,4 +1,4 @@
-//! Timestamp rings: fixed arrays of two-way sets, keyed by revision (see
+//! Timestamp rings: fixed arrays of `STAMP_WAYS`-way sets, keyed by revision (see
 //! `agent_common::watch::STAMP_SETS` for why not LRU hash maps).
 //!
 //! Writers and readers on different CPUs meet through each entry's sequence
@@ -45,21 +45,25 @@ pub fn find<K: Copy + PartialEq>(ring: &Array<Stamp<K>>, set: u32, key: &K) -> O
 }
 
 /// Stores `key` at `ts` unless it is already there (the first time wins),
-/// in the set's empty or older way.
+/// in the set's first empty way, else its oldest.
 #[inline(always)]
 pub fn insert_first<K: Copy + PartialEq>(ring: &Array<Stamp<K>>, set: u32, key: &K, ts: u64) -> Option<Inserted> {
     if find(ring, set, key).is_some() {
         return Some(Inserted::Exists);
     }
-    let a = ring.get_ptr_mut(set)?;
-    let b = ring.get_ptr_mut(set + 1)?;
-    // SAFETY: as in `find`.
-    let (e, live) = unsafe {
-        let ts = [read_volatile(&(*a).ts), read_volatile(&(*b).ts)];
-        let seq = [read_volatile(&(*a).seq), read_volatile(&(*b).seq)];
-        let way = victim_way(ts, seq);
-        if way == 0 { (a, !stamp_empty(seq[0], ts[0])) } else { (b, !stamp_empty(seq[1], ts[1])) }
-    };
+    let mut times = [0u64; STAMP_WAYS as usize];
+    let mut seqs = [0u64; STAMP_WAYS as usize];
+    for way in 0..STAMP_WAYS {
+        let e = ring.get_ptr_mut(set + way)?;
+        // SAFETY: as in `find`.
+        unsafe {
+            times[way as usize] = read_volatile(&(*e).ts);
+            seqs[way as usize] = read_volatile(&(*e).seq);
+        }
+    }
+    let way = victim_way(times, seqs);
+    let live = matches!((times.get(way as usize), seqs.get(way as usize)), (Some(&t), Some(&q)) if !stamp_empty(q, t));
+    let e = ring.get_ptr_mut(set + way)?;
     // SAFETY: as in `find`.
     write_locked(e, |e| unsafe {
         write_volatile(&mut (*e).key, *key);
