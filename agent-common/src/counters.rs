@@ -179,7 +179,7 @@ impl Ring {
         match self {
             Ring::Events => 256 * 1024,
             Ring::Watch => 1 << 20,
-            Ring::Windows => 256 * 1024,
+            Ring::Windows => 512 * 1024,
         }
     }
 }

@@ -36,12 +36,12 @@ use agent_common::{
         ARG_NONE, EarlyHandler, MAX_DELTAS_PER_POP, MAX_EVENTS_PER_RESPONSE, MAX_SLOTS, ObjKey, ObjStamp, Pending,
         REV_PENDING, REV_UNREADABLE, RV_DIGITS, RevKey, STAMP_ENTRIES, SentObj, Side, Stage, StageExemplar, Stamp,
         WatchProbeConfig, WatchRecord, WatchRevKey, events_index, guard_taken, hist_index, parse_rv, rev_entry,
-        watch_rev_entry,
+        watch_rev_slot,
     },
 };
 use aya_ebpf::{
     EbpfContext,
-    bindings::{BPF_NOEXIST, BPF_RB_NO_WAKEUP},
+    bindings::BPF_NOEXIST,
     helpers::{
         bpf_get_attach_cookie, bpf_get_current_pid_tgid, bpf_ktime_get_ns, bpf_loop, bpf_probe_read_user,
         bpf_probe_read_user_buf,
@@ -52,7 +52,7 @@ use aya_ebpf::{
 };
 
 use crate::{
-    maps::{add, count, current_slot, note_fill, observe, record_on},
+    maps::{add, count, current_slot, observe, record_on, submit_record},
     regs::{G_SLOT, arg, entry_return_address, flags, instruction_pointer, read_u64, reg},
     stamps::{self, Inserted},
 };
@@ -72,9 +72,10 @@ static NOTIFY_TS: Array<Stamp<RevKey>> = Array::with_max_entries(STAMP_ENTRIES, 
 #[map(name = "WS_COMMIT_TS")]
 static COMMIT_TS: Array<Stamp<RevKey>> = Array::with_max_entries(STAMP_ENTRIES, 0);
 
-/// Enqueue time of each watcher's copy of each event, until it is sent.
+/// Enqueue time of each watcher's copy of each event, until it is sent,
+/// by the fingerprint of its key (`watch_rev_slot`).
 #[map(name = "WS_ENQ_TS")]
-static ENQ_TS: Array<Stamp<WatchRevKey>> = Array::with_max_entries(STAMP_ENTRIES, 0);
+static ENQ_TS: Array<Stamp<u64>> = Array::with_max_entries(STAMP_ENTRIES, 0);
 
 /// Stage histograms, indexed by `hist_index(slot, stage)`.
 #[map(name = "WS_WATCH_HIST")]
@@ -188,10 +189,7 @@ fn stamp_of(ring: &Array<Stamp<RevKey>>, key: &RevKey) -> Option<u64> {
 fn emit(rec: WatchRecord) {
     if let Some(mut e) = RECORDS.reserve::<WatchRecord>(0) {
         e.write(rec);
-        // User space drains on a timer, never waits on the ring: a wakeup
-        // would only queue an irq_work (a self-IPI, a VM exit here).
-        e.submit(BPF_RB_NO_WAKEUP as u64);
-        note_fill(&RECORDS, Ring::Watch);
+        submit_record(e, &RECORDS, Ring::Watch);
     } else {
         count(Counter::EventsRingbufFull);
     }
@@ -395,7 +393,8 @@ extern "C" fn ws_enqueue_event(st: *mut EventLoop, i: u64) -> i64 {
     let key = WatchRevKey { tgid: st.tgid as u64, watch_id: st.watch_id, rev, event_addr: addr };
     // A retry of a queue-full watcher (a "victim") is the same copy: keep
     // the first time, time it once.
-    match stamps::insert_first(&ENQ_TS, watch_rev_entry(&key), &key, st.now) {
+    let (set, fp) = watch_rev_slot(&key);
+    match stamps::insert_first(&ENQ_TS, set, &fp, st.now) {
         Some(Inserted::New) => {}
         // Entries leave this ring when their copy is sent: one pushed out
         // is a copy whose send will miss. Counted here, where it happens.
@@ -577,7 +576,8 @@ extern "C" fn ws_send_event(st: *mut EventLoop, i: u64) -> i64 {
         None => count(Counter::SendCommitMiss),
     }
     let key = WatchRevKey { tgid: st.tgid as u64, watch_id: st.watch_id, rev, event_addr: addr };
-    match stamps::find(&ENQ_TS, watch_rev_entry(&key), &key) {
+    let (set, fp) = watch_rev_slot(&key);
+    match stamps::find(&ENQ_TS, set, &fp) {
         Some((idx, t)) => {
             observe_stage(st.slot, Stage::EnqueueToSend, st.now.saturating_sub(t), rev, st.watcher(), st.now);
             // Each watcher's copy is sent once: free the entry now.
@@ -732,11 +732,8 @@ fn try_kube_queue(ctx: &ProbeContext) -> Option<()> {
     // queue was full. An entry pushed out of the ring here is not counted
     // as lost: events a watcher's filter rejects never reach its result
     // channel, so their entries are left to age out.
-    let key = queue_key(c.tgid, watcher, e.rev, ev);
-    if matches!(
-        stamps::insert_first(&ENQ_TS, watch_rev_entry(&key), &key, c.now),
-        Some(Inserted::New | Inserted::Evicted)
-    ) {
+    let (set, fp) = watch_rev_slot(&queue_key(c.tgid, watcher, e.rev, ev));
+    if matches!(stamps::insert_first(&ENQ_TS, set, &fp, c.now), Some(Inserted::New | Inserted::Evicted)) {
         add(&WATCH_EVENTS, events_index(c.slot, Side::ApiserverOffered), 1);
         emit_hop(WatchRecord { watch_id: watcher as i64, ..hop(Side::ApiserverOffered, c.tgid, e.rev, 0, c.now) });
     }
@@ -858,8 +855,8 @@ fn try_kube_watcher(ctx: &ProbeContext) -> Option<()> {
         add(&WATCH_PROGRESS, events_index(c.slot, Side::ApiserverWatcher), 1);
         return Some(());
     };
-    let key = queue_key(c.tgid, watcher, rev, ev);
-    let Some((idx, _queued)) = stamps::find(&ENQ_TS, watch_rev_entry(&key), &key) else {
+    let (set, fp) = watch_rev_slot(&queue_key(c.tgid, watcher, rev, ev));
+    let Some((idx, _queued)) = stamps::find(&ENQ_TS, set, &fp) else {
         // Never offered through the cacher's dispatch: an initial event
         // replayed from the cache's history to a new watch (its commit may
         // be minutes old; that is no watch latency), or one queued before

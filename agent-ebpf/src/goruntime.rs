@@ -36,7 +36,7 @@ use aya_ebpf::{
 
 use crate::{
     gosched::{current_task, running_unseen},
-    maps::{add, count, current_slot, note_fill, observe, record_on},
+    maps::{add, count, current_slot, observe, record_on, submit_record},
     regs::{G_SLOT, flags, instruction_pointer, read_u64, reg, stack_pointer},
 };
 
@@ -614,9 +614,7 @@ fn record_window(gk: &GoroutineKey, w: &Window, now: u64, d: u64) {
                 end_ns: now,
                 inner: w.inner,
             });
-            // Drained on a timer (see etcd.rs `emit`): no wakeup.
-            e.submit(aya_ebpf::bindings::BPF_RB_NO_WAKEUP as u64);
-            note_fill(&WINDOW_RECORDS, Ring::Windows);
+            submit_record(e, &WINDOW_RECORDS, Ring::Windows);
         } else {
             count(Counter::EventsRingbufFull);
         }

@@ -3,9 +3,9 @@
 use agent_common::{Counter, counters::Ring};
 use agent_common::{Histogram, watch::MAX_SLOTS};
 use aya_ebpf::{
-    bindings::BPF_RB_AVAIL_DATA,
+    bindings::{BPF_RB_AVAIL_DATA, BPF_RB_FORCE_WAKEUP, BPF_RB_NO_WAKEUP},
     macros::map,
-    maps::{Array, HashMap, PerCpuArray, RingBuf},
+    maps::{Array, HashMap, PerCpuArray, RingBuf, ring_buf::RingBufEntry},
 };
 
 /// Self-counters, one slot per `agent_common::Counter`: shared by every
@@ -30,11 +30,31 @@ pub static EVENTS: RingBuf = RingBuf::with_byte_size(Ring::Events.bytes(), 0);
 #[map(name = "WS_RING_FILL")]
 pub static RING_FILL: PerCpuArray<u64> = PerCpuArray::with_max_entries(2 * Ring::COUNT, 0);
 
+/// Submits a record to a ring user space reads on a timer (the record
+/// rings): without a wakeup, which would queue an irq_work (a self-IPI, a
+/// VM exit here) per record, unless the ring is past half full: then its
+/// reader is woken at once, so a burst (an event to 1,000 watchers is 1,000
+/// records) is read before the ring fills. Notes the fill, as `note_fill`.
+#[inline(always)]
+pub fn submit_record<T>(e: RingBufEntry<T>, ring: &RingBuf, which: Ring) {
+    // The producer position already counts the reserved record.
+    let waiting = ring.query(BPF_RB_AVAIL_DATA as u64);
+    let flags = if waiting > u64::from(which.bytes() / 2) { BPF_RB_FORCE_WAKEUP } else { BPF_RB_NO_WAKEUP };
+    e.submit(flags as u64);
+    fill_was(waiting, which);
+}
+
 /// Notes how full `ring` is now and counts the record (call right after a
 /// submit to it).
 #[inline(always)]
 pub fn note_fill(ring: &RingBuf, which: Ring) {
-    let waiting = ring.query(BPF_RB_AVAIL_DATA as u64);
+    fill_was(ring.query(BPF_RB_AVAIL_DATA as u64), which);
+}
+
+/// Notes `waiting` bytes in ring `which` right after a submit, and counts
+/// the record.
+#[inline(always)]
+fn fill_was(waiting: u64, which: Ring) {
     if let Some(m) = RING_FILL.get_ptr_mut(which as u32) {
         // SAFETY: this CPU's value; programs do not nest on one CPU.
         unsafe {

@@ -45,20 +45,24 @@ pub fn find<K: Copy + PartialEq>(ring: &Array<Stamp<K>>, set: u32, key: &K) -> O
 }
 
 /// Stores `key` at `ts` unless it is already there (the first time wins),
-/// in the set's first empty way, else its oldest.
+/// in the set's first empty way, else its oldest. One pass over the set
+/// both looks for the key (as `find`) and picks the way.
 #[inline(always)]
 pub fn insert_first<K: Copy + PartialEq>(ring: &Array<Stamp<K>>, set: u32, key: &K, ts: u64) -> Option<Inserted> {
-    if find(ring, set, key).is_some() {
-        return Some(Inserted::Exists);
-    }
     let mut times = [0u64; STAMP_WAYS as usize];
     let mut seqs = [0u64; STAMP_WAYS as usize];
     for way in 0..STAMP_WAYS {
         let e = ring.get_ptr_mut(set + way)?;
         // SAFETY: as in `find`.
         unsafe {
-            times[way as usize] = read_volatile(&(*e).ts);
-            seqs[way as usize] = read_volatile(&(*e).seq);
+            let s1 = read_volatile(&(*e).seq);
+            let k = read_volatile(&(*e).key);
+            let t = read_volatile(&(*e).ts);
+            if s1 & 1 == 0 && read_volatile(&(*e).seq) == s1 && !stamp_empty(s1, t) && k == *key {
+                return Some(Inserted::Exists);
+            }
+            times[way as usize] = t;
+            seqs[way as usize] = s1;
         }
     }
     let way = victim_way(times, seqs);

@@ -339,6 +339,10 @@ impl Chain {
             }
         };
         let commit = (self.commit_ns != 0).then_some(self.commit_ns);
+        // (watch id, send time), sorted: a dispatch finds its watch id's
+        // latest earlier send by binary search, not a pass over every send.
+        let mut sent_at: Vec<(i64, u64)> = self.sends.iter().map(|x| (x.watch_id, x.at_ns)).collect();
+        sent_at.sort_unstable();
         for send in &self.sends {
             let enq = (send.enqueue_ns != 0).then_some(send.enqueue_ns);
             if let Some(e) = enq {
@@ -350,12 +354,12 @@ impl Chain {
             // The hop into dispatch starts at the send of the same watch id
             // that preceded it (the server's side of this copy), else at the
             // commit.
-            let sent = self
-                .sends
-                .iter()
-                .filter(|x| x.watch_id == d.watch_id && x.at_ns <= d.at_ns)
-                .map(|x| x.at_ns)
-                .max()
+            let after = sent_at.partition_point(|&x| x <= (d.watch_id, d.at_ns));
+            let sent = after
+                .checked_sub(1)
+                .and_then(|i| sent_at.get(i))
+                .filter(|(w, _)| *w == d.watch_id)
+                .map(|(_, at)| *at)
                 .or(commit);
             put(2, d.at_ns, sent.map(|p| d.at_ns.saturating_sub(p)));
             if let Some(w) = d.window {
@@ -475,7 +479,61 @@ pub struct RecordMax {
 struct Pending {
     chain: Chain,
     deadline: u64,
+    /// Who sent the event under each watch id, for pairing dispatches.
+    senders: Senders,
 }
+
+/// The one server stream that sent a chain's event under a watch id, or
+/// none once two streams did: what a dispatch pairs with. A small chain
+/// scans its sends; past `Senders::INDEX_FROM` sends the chain keeps an
+/// index, so that a chain of 1,000 watchers does not scan 1,000 sends for
+/// each of its 1,000 dispatches. (An index in every chain cost `bench
+/// etcd`'s agent 6 MB: 30,000 chains of one watcher wait at once; boxed,
+/// the field is one word in each, the size of a `HashMap` six.)
+#[derive(Default)]
+#[expect(clippy::box_collection, reason = "one word in every pending chain instead of six")]
+struct Senders(Option<Box<HashMap<i64, Option<Stream>>>>);
+
+impl Senders {
+    const INDEX_FROM: usize = 16;
+
+    /// Notes a send kept in `sends` (the send just pushed is the last).
+    fn sent(&mut self, sends: &[SendHop]) {
+        let note = |m: &mut HashMap<i64, Option<Stream>>, s: &SendHop| {
+            m.entry(s.watch_id).and_modify(|o| *o = o.filter(|o| *o == s.stream)).or_insert(Some(s.stream));
+        };
+        match &mut self.0 {
+            Some(m) => {
+                if let Some(s) = sends.last() {
+                    note(m, s);
+                }
+            }
+            None if sends.len() >= Self::INDEX_FROM => {
+                let mut m = Box::new(HashMap::new());
+                sends.iter().for_each(|s| note(&mut m, s));
+                self.0 = Some(m);
+            }
+            None => {}
+        }
+    }
+
+    /// The one stream that sent under `watch_id`, if exactly one did.
+    fn only(&self, sends: &[SendHop], watch_id: i64) -> Option<Stream> {
+        match &self.0 {
+            Some(m) => m.get(&watch_id).copied().flatten(),
+            None => {
+                let mut senders = sends.iter().filter(|s| s.watch_id == watch_id).map(|s| s.stream);
+                let first = senders.next()?;
+                senders.all(|s| s == first).then_some(first)
+            }
+        }
+    }
+}
+
+/// A dispatch waiting for its window: (dispatch time, member, rev, index
+/// in the chain's dispatches). Ordered by time first, so that a window
+/// takes the range it spans.
+type Awaiting = (u64, u64, i64, usize);
 
 pub struct Chains {
     settings: ChainSettings,
@@ -502,7 +560,7 @@ pub struct Chains {
     /// range it spans, so each record costs O(log n), not a pass over every
     /// pending chain (that pass cost the agent 38 % of a core at 2,500
     /// events/s in `cargo xtask bench etcd`).
-    awaiting_window: HashMap<Stream, BTreeSet<(u64, u64, i64)>>,
+    awaiting_window: HashMap<Stream, BTreeSet<Awaiting>>,
     /// Per informer listener goroutine, its latest handler call in a
     /// pending chain: (start, chain key). At most one per goroutine, gone
     /// when the chain is judged.
@@ -623,11 +681,12 @@ impl Chains {
                 missing: Vec::new(),
                 outcome: Outcome::Complete,
             };
-            self.pending.insert(key, Pending { chain, deadline });
+            self.pending.insert(key, Pending { chain, deadline, senders: Senders::default() });
             self.by_rev.entry(r.rev).or_insert(member);
             self.order.insert((deadline, key.0, key.1), ());
         }
         let Some(p) = self.pending.get_mut(&key) else { return };
+        let senders = &mut p.senders;
         let c = &mut p.chain;
         if c.commit_ns == 0 && r.commit_ns != 0 {
             // A later record saw the commit: show stages relative to it. The
@@ -656,6 +715,7 @@ impl Chains {
         if r.side == Side::Server as u32 {
             if c.sends.len() < MAX_HOPS {
                 c.sends.push(SendHop { stream, watch_id: r.watch_id, enqueue_ns: r.enqueue_ns, at_ns: r.at_ns });
+                senders.sent(&c.sends);
             } else {
                 self.counts.hops_dropped += 1;
             }
@@ -667,19 +727,18 @@ impl Chains {
         // cannot tell its streams apart, so none of them is ever paired:
         // pairing would expect this client's dispatches from the server's
         // other streams too, and judge their chains broken wrongly.
-        let mut senders = c.sends.iter().filter(|s| s.watch_id == r.watch_id).map(|s| s.stream);
-        if let Some(first) = senders.next()
+        if let Some(first) = senders.only(&c.sends, r.watch_id)
             && first.1 != 0
-            && senders.all(|s| s == first)
             && (self.pairs.len() < MAX_PAIRS || self.pairs.contains_key(&first))
         {
             self.pairs.insert(first, stream);
         }
         let window = find_window(&self.orphan_windows, stream, r.at_ns);
         if c.dispatches.len() < MAX_HOPS {
+            let index = c.dispatches.len();
             c.dispatches.push(DispatchHop { stream, watch_id: r.watch_id, at_ns: r.at_ns, window });
             if window.is_none() {
-                self.awaiting_window.entry(stream).or_default().insert((r.at_ns, key.0, key.1));
+                self.awaiting_window.entry(stream).or_default().insert((r.at_ns, key.0, key.1, index));
             }
         } else {
             self.counts.hops_dropped += 1;
@@ -702,20 +761,24 @@ impl Chains {
         // stamps both with one monotonic clock) contains no dispatch, and
         // must not reach `range`, which panics on an inverted range.
         let mut joined = false;
-        let inside: Vec<(u64, u64, i64)> = self
+        let inside: Vec<Awaiting> = self
             .awaiting_window
             .get(&stream)
             .filter(|_| span.start_ns <= span.end_ns)
-            .map(|set| set.range((span.start_ns, 0, i64::MIN)..=(span.end_ns, u64::MAX, i64::MAX)).copied().collect())
+            .map(|set| {
+                set.range((span.start_ns, 0, i64::MIN, 0)..=(span.end_ns, u64::MAX, i64::MAX, usize::MAX))
+                    .copied()
+                    .collect()
+            })
             .unwrap_or_default();
-        for entry @ (at, m, r) in inside {
-            if let Some(p) = self.pending.get_mut(&(m, r)) {
-                for d in p.chain.dispatches.iter_mut() {
-                    if d.window.is_none() && d.stream == stream && d.at_ns == at {
-                        d.window = Some(span);
-                        joined = true;
-                    }
-                }
+        for entry @ (at, m, r, index) in inside {
+            if let Some(d) = self.pending.get_mut(&(m, r)).and_then(|p| p.chain.dispatches.get_mut(index))
+                && d.window.is_none()
+                && d.stream == stream
+                && d.at_ns == at
+            {
+                d.window = Some(span);
+                joined = true;
             }
             self.forget_awaiting(stream, entry);
         }
@@ -774,10 +837,8 @@ impl Chains {
     /// client process still exists (a dead one's pairings are dropped and
     /// expect nothing).
     pub fn expire(&mut self, now_ns: u64, alive: &dyn Fn(u32) -> bool) {
-        // Dead clients' pairings go once per call, not once per chain (each
-        // check is a /proc lookup).
         if self.order.keys().next().is_some_and(|&(deadline, _, _)| deadline <= now_ns) {
-            self.pairs.retain(|_, client| alive(client.0));
+            self.forget_dead_clients(alive);
         }
         while let Some((&(deadline, m, r), _)) = self.order.iter().next() {
             if deadline > now_ns {
@@ -799,7 +860,7 @@ impl Chains {
     /// has all it expects (a later record could still only make it slower),
     /// and returns how many still wait for an expected dispatch.
     pub fn finish_ready(&mut self, alive: &dyn Fn(u32) -> bool) -> usize {
-        self.pairs.retain(|_, client| alive(client.0));
+        self.forget_dead_clients(alive);
         let ready: Vec<(u64, i64)> =
             self.pending.iter().filter(|(_, p)| self.missing(&p.chain).is_empty()).map(|(k, _)| *k).collect();
         for key in ready {
@@ -809,6 +870,15 @@ impl Chains {
             }
         }
         self.pending.len()
+    }
+
+    /// Drops the pairings of client processes that exited. Once per call,
+    /// not once per chain, and once per process, not per pairing: each check
+    /// is a /proc lookup, and 50 clients of 20 watches each are 1,000
+    /// pairings (the long soak's drains spent 15–25 ms here).
+    fn forget_dead_clients(&mut self, alive: &dyn Fn(u32) -> bool) {
+        let mut known: HashMap<u32, bool> = HashMap::new();
+        self.pairs.retain(|_, client| *known.entry(client.0).or_insert_with(|| alive(client.0)));
     }
 
     /// Expected dispatches that did not arrive. The pairings of dead clients
@@ -913,8 +983,8 @@ impl Chains {
     /// A chain leaves: its dispatches and handler calls no longer wait for
     /// a window.
     fn forget_windows(&mut self, c: &Chain) {
-        for d in c.dispatches.iter().filter(|d| d.window.is_none()) {
-            self.forget_awaiting(d.stream, (d.at_ns, c.member, c.rev));
+        for (index, d) in c.dispatches.iter().enumerate().filter(|(_, d)| d.window.is_none()) {
+            self.forget_awaiting(d.stream, (d.at_ns, c.member, c.rev, index));
         }
         for h in c.kube.iter().filter(|h| h.kind == KubeKind::Handler) {
             let stream = (h.tgid, h.g);
@@ -924,7 +994,7 @@ impl Chains {
         }
     }
 
-    fn forget_awaiting(&mut self, stream: Stream, entry: (u64, u64, i64)) {
+    fn forget_awaiting(&mut self, stream: Stream, entry: Awaiting) {
         if let Some(set) = self.awaiting_window.get_mut(&stream) {
             set.remove(&entry);
             if set.is_empty() {
@@ -1167,6 +1237,64 @@ mod tests {
         let w2 = k[1].dispatches[0].window.expect("joined");
         assert_eq!((w2.start_ns, w2.end_ns), (20 * MS, 21 * MS));
         assert_eq!(c.record_max().windows[&DISPATCH_WINDOW], 300 * MS + 10);
+    }
+
+    #[test]
+    fn a_large_chain_pairs_its_streams_as_a_small_one_does() {
+        // `n` watches on one server stream, watch 0 also sent by a second
+        // stream (ambiguous: it teaches nothing); the next event misses
+        // one dispatch. Scanned (4 sends) or indexed (40), the same result.
+        const SERVER2: Stream = (101, 0x1100);
+        for n in [4, 40] {
+            let mut c = Chains::new(settings());
+            for w in 0..n {
+                c.on_watch(&send(SERVER, 1, w, MS, 2 * MS, 3 * MS));
+            }
+            c.on_watch(&send(SERVER2, 1, 0, MS, 2 * MS, 3 * MS));
+            for w in 0..n {
+                c.on_watch(&dispatch(CLIENT, 1, w, MS, 4 * MS));
+            }
+            c.expire(60_000 * MS, ALIVE);
+            assert_eq!(c.pairs.get(&SERVER), Some(&CLIENT), "{n} watches");
+            assert!(!c.pairs.contains_key(&SERVER2), "{n} watches");
+            let t = 70_000 * MS;
+            for w in 0..n {
+                c.on_watch(&send(SERVER, 2, w, t, t + MS, t + 2 * MS));
+            }
+            for w in 1..n {
+                c.on_watch(&dispatch(CLIENT, 2, w, t, t + 3 * MS));
+            }
+            c.expire(80_000 * MS, ALIVE);
+            assert_eq!((c.counts().complete, c.counts().broken), (1, 1), "{n} watches");
+            let broken = c.kept().into_iter().find(|ch| ch.rev == 2).expect("judged");
+            assert_eq!((broken.missing.len(), broken.missing[0].watch_id), (1, 0), "{n} watches");
+        }
+    }
+
+    #[test]
+    fn one_window_joins_every_copy_its_response_dispatched() {
+        // A txn's three events (one revision) in one response: three
+        // dispatches at the same time on one stream, then their window;
+        // and the dispatch of a later response on the stream, which it does
+        // not span.
+        let mut c = Chains::new(settings());
+        for _ in 0..3 {
+            c.on_watch(&send(SERVER, 5, 7, MS, 2 * MS, 3 * MS));
+            c.on_watch(&dispatch(CLIENT, 5, 7, MS, 4 * MS));
+        }
+        c.on_watch(&send(SERVER, 6, 7, 5 * MS, 0, 6 * MS));
+        c.on_watch(&dispatch(CLIENT, 6, 7, 5 * MS, 9 * MS));
+        c.on_window(&window(CLIENT, 4 * MS - 10, 8 * MS));
+        c.expire(60_000 * MS, ALIVE);
+        let k = c.kept();
+        let txn = k.iter().find(|ch| ch.rev == 5).expect("judged");
+        assert_eq!(txn.dispatches.len(), 3);
+        assert!(txn.dispatches.iter().all(|d| d.window.is_some_and(|w| w.end_ns == 8 * MS)));
+        let later = k.iter().find(|ch| ch.rev == 6).expect("judged");
+        assert_eq!(later.dispatches[0].window, None);
+        // The dispatch hop starts at the send of its watch id before it.
+        assert_eq!(txn.view(c.settings())[2].hop_ns, MS);
+        assert_eq!(later.view(c.settings())[2].hop_ns, 3 * MS);
     }
 
     #[test]

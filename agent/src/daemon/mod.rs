@@ -189,8 +189,9 @@ impl MetricsSource for Agent {
 pub struct Pipeline {
     agent: Arc<Agent>,
     chains: Arc<Mutex<Chains>>,
-    stops: Vec<tokio::sync::oneshot::Sender<()>>,
+    events_stop: tokio::sync::oneshot::Sender<()>,
     events_task: tokio::task::JoinHandle<usize>,
+    records_stop: std::sync::mpsc::Sender<()>,
     records_task: tokio::task::JoinHandle<()>,
     n_tracepoints: usize,
 }
@@ -279,9 +280,11 @@ impl Pipeline {
 
         let (stop_tx, stop_rx) = tokio::sync::oneshot::channel();
         let events_task = tokio::spawn(event_loop(events, cfg.filter.clone(), user.clone(), tracker, stop_rx));
-        let (rec_tx, rec_rx) = tokio::sync::oneshot::channel();
-        let records_task = tokio::spawn(records::records_loop(records, chains.clone(), user, rec_rx));
-        Ok(Pipeline { agent, chains, stops: vec![stop_tx, rec_tx], events_task, records_task, n_tracepoints })
+        let (records_stop, rec_rx) = std::sync::mpsc::channel();
+        let rec_chains = chains.clone();
+        let records_task =
+            tokio::task::spawn_blocking(move || records::records_loop(records, rec_chains, user, rec_rx));
+        Ok(Pipeline { agent, chains, events_stop: stop_tx, records_stop, events_task, records_task, n_tracepoints })
     }
 
     pub fn source(&self) -> Arc<dyn MetricsSource> {
@@ -298,9 +301,8 @@ impl Pipeline {
 
     /// Stops the loops and detaches every probe; returns how many.
     pub async fn stop(self) -> usize {
-        for s in self.stops {
-            let _ = s.send(());
-        }
+        let _ = self.events_stop.send(());
+        let _ = self.records_stop.send(());
         if let Err(e) = self.records_task.await {
             warn!("record loop ended abnormally: {e}");
         }

@@ -5,12 +5,23 @@
 //! Cost: the kernel writes one 64-byte record per watch event (per watcher
 //! on a server, per client dispatch) and one 72-byte record per closed
 //! window — far rarer than the syscalls the other programs see — so the
-//! stream stays on while the agent runs; user space drains both rings every
-//! 50 ms. Every item is decoded by `agent_common::decode::record`, which
-//! refuses an item of the wrong length; those are counted as decode errors.
+//! stream stays on while the agent runs. Every item is decoded by
+//! `agent_common::decode::record`, which refuses an item of the wrong
+//! length; those are counted as decode errors.
+//!
+//! A thread of its own, off the runtime (where reads waited behind the
+//! tracker's attach work and the scrapes), reads both rings every 50 ms, or
+//! at once when the kernel wakes it (a ring past half full: an event to
+//! 1,000 watchers is 1,000 records at once), and joins what it read into
+//! the chains.
 
 use std::{
-    sync::{Arc, Mutex, atomic::Ordering},
+    os::fd::AsRawFd,
+    sync::{
+        Arc, Mutex,
+        atomic::Ordering,
+        mpsc::{Receiver, TryRecvError},
+    },
     time::Duration,
 };
 
@@ -26,9 +37,11 @@ use crate::collect::{
     chains::{self, Chains},
 };
 
-/// How often the rings are drained and due chains judged. A 1 MiB ring
-/// holds ~14,500 watch records (64 bytes and the ring's 8-byte header
-/// each): 50 ms overflows only past ~290,000 events/s.
+/// How often the rings are read (unless the kernel woke the reader before)
+/// and due chains judged. An event to 1,000 watchers is 1,000 dispatch
+/// windows at once: the window ring (512 KiB) holds 6,553 of them (72 bytes
+/// and the ring's 8-byte header each); at 256 KiB it overflowed in the long
+/// soak. The watch ring (1 MiB) holds ~14,500 watch records (64 + 8 bytes).
 const DRAIN_EVERY: Duration = Duration::from_millis(50);
 
 pub struct RecordRings {
@@ -54,58 +67,86 @@ impl RecordRings {
     }
 }
 
-/// Drains both rings into `chains` until stopped, judging chains as their
-/// deadlines pass.
-pub async fn records_loop(
-    mut rings: RecordRings,
-    chains: Arc<Mutex<Chains>>,
-    user: Arc<UserCounters>,
-    mut stop: tokio::sync::oneshot::Receiver<()>,
-) {
-    let mut tick = tokio::time::interval(DRAIN_EVERY);
-    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    loop {
-        tokio::select! {
-            _ = &mut stop => break,
-            _ = tick.tick() => drain(&mut rings, &chains, &user),
+/// What one read took out of both rings.
+struct Batch {
+    windows: Vec<WindowRecord>,
+    watch: Vec<WatchRecord>,
+    /// Items read per ring, decoded or not.
+    read: [(Ring, u64); 2],
+    bad: u64,
+}
+
+/// Reads both rings and joins their records into `chains`, judging chains
+/// as their deadlines pass, until `stop` says so (or its sender is gone).
+/// Wakes every `DRAIN_EVERY`, or at once when the kernel wakes a ring's
+/// readers (past half full: agent-ebpf `maps::submit_record`). The rings are
+/// registered edge-triggered, so a record submitted without a wakeup never
+/// wakes it (level-triggered, any waiting record would).
+pub fn records_loop(mut rings: RecordRings, chains: Arc<Mutex<Chains>>, user: Arc<UserCounters>, stop: Receiver<()>) {
+    let mut poll = match wakeups(&rings) {
+        Ok(p) => Some(p),
+        Err(e) => {
+            tracing::warn!("record rings: no wakeups ({e}); read every {DRAIN_EVERY:?} only");
+            None
+        }
+    };
+    let mut events = mio::Events::with_capacity(4);
+    while let Err(TryRecvError::Empty) = stop.try_recv() {
+        match poll.as_mut() {
+            // An interrupted wait (EINTR) only reads early.
+            Some(p) => drop(p.poll(&mut events, Some(DRAIN_EVERY))),
+            None => std::thread::sleep(DRAIN_EVERY),
+        }
+        let batch = read(&mut rings);
+        let mut c = chains.lock().unwrap_or_else(|p| p.into_inner());
+        feed(&mut c, &batch.watch, &batch.windows);
+        c.expire(chains::monotonic_now_ns(), &chains::process_alive);
+        drop(c);
+        for (ring, n) in batch.read {
+            user.read_from(ring, n);
+        }
+        if batch.bad > 0 {
+            user.decode_errors.fetch_add(batch.bad, Ordering::Relaxed);
         }
     }
 }
 
-fn drain(rings: &mut RecordRings, chains: &Mutex<Chains>, user: &UserCounters) {
-    // The window ring first: a window's record is written when it closes,
-    // after the records of every event inside it (on the same goroutine),
-    // so those are in the watch ring by then and this drain reads them.
-    // Read the other way round, a window that closed between the two reads
-    // would arrive before the hop it contains.
-    let mut bad = 0;
-    let windows: Vec<WindowRecord> = read_ring(&mut rings.windows, Ring::Windows, decode::record, user, &mut bad);
-    let watch: Vec<WatchRecord> = read_ring(&mut rings.watch, Ring::Watch, decode::record, user, &mut bad);
-    let mut c = chains.lock().unwrap_or_else(|p| p.into_inner());
-    feed(&mut c, &watch, &windows);
-    c.expire(chains::monotonic_now_ns(), &chains::process_alive);
-    if bad > 0 {
-        user.decode_errors.fetch_add(bad, Ordering::Relaxed);
+/// Edge-triggered readiness of both rings.
+fn wakeups(rings: &RecordRings) -> std::io::Result<mio::Poll> {
+    let poll = mio::Poll::new()?;
+    for (i, fd) in [rings.windows.as_raw_fd(), rings.watch.as_raw_fd()].into_iter().enumerate() {
+        poll.registry().register(&mut mio::unix::SourceFd(&fd), mio::Token(i), mio::Interest::READABLE)?;
     }
+    Ok(poll)
+}
+
+/// Both rings' waiting records: the window ring first. A window's record is
+/// written when it closes, after the records of every event inside it (on
+/// the same goroutine), so those are in the watch ring by then and this
+/// read takes them too. Read the other way round, a window that closed
+/// between the two reads would arrive before the hop it contains.
+fn read(rings: &mut RecordRings) -> Batch {
+    let mut bad = 0;
+    let (windows, nw) = read_ring(&mut rings.windows, Ring::Windows, decode::record, &mut bad);
+    let (watch, nr) = read_ring(&mut rings.watch, Ring::Watch, decode::record, &mut bad);
+    Batch { windows, watch, read: [(Ring::Windows, nw), (Ring::Watch, nr)], bad }
 }
 
 /// Every record waiting in `ring` that decodes as a `T` (the others are
-/// counted in `bad`); each one read is counted for `/debug/probes`.
+/// counted in `bad`), and how many items were read.
 fn read_ring<T>(
     ring: &mut RingBuf<MapData>,
     which: Ring,
     decoder: fn(&[u8]) -> Result<T, decode::LengthMismatch>,
-    user: &UserCounters,
     bad: &mut u64,
-) -> Vec<T> {
+) -> (Vec<T>, u64) {
     let mut read = 0;
     let mut out = Vec::new();
     while let Some(item) = ring.next() {
         read += 1;
         out.extend(decode_item(&item, which.name(), decoder, bad));
     }
-    user.read_from(which, read);
-    out
+    (out, read)
 }
 
 /// One ring item as a `T`, or `None` (counted in `bad`) when it is not one
