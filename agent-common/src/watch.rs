@@ -649,7 +649,7 @@ const _: () = assert!(size_of::<EarlyHandler>() == 24);
 const _: () = assert!(size_of::<RevKey>() == 16);
 const _: () = assert!(size_of::<WatchRevKey>() == 32);
 const _: () = assert!(size_of::<Stamp<RevKey>>() == 32);
-const _: () = assert!(size_of::<Stamp<WatchRevKey>>() == 48);
+const _: () = assert!(size_of::<Stamp<u64>>() == 24);
 const _: () = assert!(size_of::<WatchRecord>() == 64);
 
 #[cfg(feature = "user")]
@@ -820,7 +820,7 @@ mod tests {
     }
 
     #[test]
-    fn a_new_entry_takes_the_empty_way_else_the_older() {
+    fn a_new_entry_takes_the_first_empty_way_else_the_oldest() {
         assert_eq!(victim_way([0; 4], [0; 4]), 0);
         assert_eq!(victim_way([5, 0, 0, 0], [2, 0, 0, 0]), 1);
         assert_eq!(victim_way([5, 3, 7, 4], [2, 2, 2, 2]), 1);

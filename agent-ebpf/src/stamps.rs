@@ -14,7 +14,7 @@ use aya_ebpf::maps::Array;
 #[derive(PartialEq, Eq)]
 pub enum Inserted {
     New,
-    /// Stored over an entry still in use (both ways of its set were).
+    /// Stored over an entry still in use (every way of its set was).
     Evicted,
     /// The key was there already; its first time is kept.
     Exists,
@@ -51,6 +51,9 @@ pub fn find<K: Copy + PartialEq>(ring: &Array<Stamp<K>>, set: u32, key: &K) -> O
 pub fn insert_first<K: Copy + PartialEq>(ring: &Array<Stamp<K>>, set: u32, key: &K, ts: u64) -> Option<Inserted> {
     let mut times = [0u64; STAMP_WAYS as usize];
     let mut seqs = [0u64; STAMP_WAYS as usize];
+    // The victim is an empty way if there is one (`victim_way`): the new
+    // entry pushes a live one out only when no way was empty.
+    let mut any_empty = false;
     for way in 0..STAMP_WAYS {
         let e = ring.get_ptr_mut(set + way)?;
         // SAFETY: as in `find`.
@@ -63,17 +66,16 @@ pub fn insert_first<K: Copy + PartialEq>(ring: &Array<Stamp<K>>, set: u32, key: 
             }
             times[way as usize] = t;
             seqs[way as usize] = s1;
+            any_empty |= stamp_empty(s1, t);
         }
     }
-    let way = victim_way(times, seqs);
-    let live = matches!((times.get(way as usize), seqs.get(way as usize)), (Some(&t), Some(&q)) if !stamp_empty(q, t));
-    let e = ring.get_ptr_mut(set + way)?;
+    let e = ring.get_ptr_mut(set + victim_way(times, seqs))?;
     // SAFETY: as in `find`.
     write_locked(e, |e| unsafe {
         write_volatile(&mut (*e).key, *key);
         write_volatile(&mut (*e).ts, ts);
     });
-    Some(if live { Inserted::Evicted } else { Inserted::New })
+    Some(if any_empty { Inserted::New } else { Inserted::Evicted })
 }
 
 /// Empties entry `idx` (found by `find`).

@@ -191,7 +191,7 @@ pub struct Pipeline {
     chains: Arc<Mutex<Chains>>,
     events_stop: tokio::sync::oneshot::Sender<()>,
     events_task: tokio::task::JoinHandle<usize>,
-    records_stop: std::sync::mpsc::Sender<()>,
+    records_stop: records::RecordsStop,
     records_task: tokio::task::JoinHandle<()>,
     n_tracepoints: usize,
 }
@@ -280,10 +280,9 @@ impl Pipeline {
 
         let (stop_tx, stop_rx) = tokio::sync::oneshot::channel();
         let events_task = tokio::spawn(event_loop(events, cfg.filter.clone(), user.clone(), tracker, stop_rx));
-        let (records_stop, rec_rx) = std::sync::mpsc::channel();
+        let (records_loop, records_stop) = records::RecordsLoop::new(records);
         let rec_chains = chains.clone();
-        let records_task =
-            tokio::task::spawn_blocking(move || records::records_loop(records, rec_chains, user, rec_rx));
+        let records_task = tokio::task::spawn_blocking(move || records_loop.run(rec_chains, user));
         Ok(Pipeline { agent, chains, events_stop: stop_tx, records_stop, events_task, records_task, n_tracepoints })
     }
 
@@ -302,7 +301,7 @@ impl Pipeline {
     /// Stops the loops and detaches every probe; returns how many.
     pub async fn stop(self) -> usize {
         let _ = self.events_stop.send(());
-        let _ = self.records_stop.send(());
+        self.records_stop.stop();
         if let Err(e) = self.records_task.await {
             warn!("record loop ended abnormally: {e}");
         }

@@ -20,7 +20,7 @@ use std::{
     sync::{
         Arc, Mutex,
         atomic::Ordering,
-        mpsc::{Receiver, TryRecvError},
+        mpsc::{Receiver, Sender, TryRecvError},
     },
     time::Duration,
 };
@@ -76,48 +76,88 @@ struct Batch {
     bad: u64,
 }
 
-/// Reads both rings and joins their records into `chains`, judging chains
-/// as their deadlines pass, until `stop` says so (or its sender is gone).
-/// Wakes every `DRAIN_EVERY`, or at once when the kernel wakes a ring's
-/// readers (past half full: agent-ebpf `maps::submit_record`). The rings are
-/// registered edge-triggered, so a record submitted without a wakeup never
-/// wakes it (level-triggered, any waiting record would).
-pub fn records_loop(mut rings: RecordRings, chains: Arc<Mutex<Chains>>, user: Arc<UserCounters>, stop: Receiver<()>) {
-    let mut poll = match wakeups(&rings) {
-        Ok(p) => Some(p),
-        Err(e) => {
-            tracing::warn!("record rings: no wakeups ({e}); read every {DRAIN_EVERY:?} only");
-            None
-        }
-    };
-    let mut events = mio::Events::with_capacity(4);
-    while let Err(TryRecvError::Empty) = stop.try_recv() {
-        match poll.as_mut() {
-            // An interrupted wait (EINTR) only reads early.
-            Some(p) => drop(p.poll(&mut events, Some(DRAIN_EVERY))),
-            None => std::thread::sleep(DRAIN_EVERY),
-        }
-        let batch = read(&mut rings);
-        let mut c = chains.lock().unwrap_or_else(|p| p.into_inner());
-        feed(&mut c, &batch.watch, &batch.windows);
-        c.expire(chains::monotonic_now_ns(), &chains::process_alive);
-        drop(c);
-        for (ring, n) in batch.read {
-            user.read_from(ring, n);
-        }
-        if batch.bad > 0 {
-            user.decode_errors.fetch_add(batch.bad, Ordering::Relaxed);
+/// The record loop, ready to run on a thread of its own (`run`).
+pub struct RecordsLoop {
+    rings: RecordRings,
+    /// Both rings' wakeups and the stop's; `None` when the kernel or the
+    /// process refused an epoll instance: the loop then reads on its timer.
+    poll: Option<mio::Poll>,
+    stop: Receiver<()>,
+}
+
+/// Ends a `RecordsLoop` at once, from any thread.
+pub struct RecordsStop {
+    tx: Sender<()>,
+    waker: Option<mio::Waker>,
+}
+
+impl RecordsStop {
+    pub fn stop(&self) {
+        let _ = self.tx.send(());
+        // Without a waker the loop sees the stop within DRAIN_EVERY.
+        if let Some(w) = &self.waker {
+            let _ = w.wake();
         }
     }
 }
 
-/// Edge-triggered readiness of both rings.
-fn wakeups(rings: &RecordRings) -> std::io::Result<mio::Poll> {
+/// The stop's token; the rings take 0 and 1.
+const STOP: mio::Token = mio::Token(2);
+
+impl RecordsLoop {
+    pub fn new(rings: RecordRings) -> (Self, RecordsStop) {
+        let (tx, stop) = std::sync::mpsc::channel();
+        let (poll, waker) = match wakeups(&rings) {
+            Ok((p, w)) => (Some(p), Some(w)),
+            Err(e) => {
+                tracing::warn!("record rings: no wakeups ({e}); read every {DRAIN_EVERY:?} only");
+                (None, None)
+            }
+        };
+        (Self { rings, poll, stop }, RecordsStop { tx, waker })
+    }
+
+    /// Reads both rings and joins their records into `chains`, judging
+    /// chains as their deadlines pass, until stopped (or the stop is
+    /// dropped). Wakes every `DRAIN_EVERY`, or at once when the kernel wakes
+    /// a ring's readers (past half full: agent-ebpf `maps::submit_record`).
+    /// The rings are registered edge-triggered, so a record submitted
+    /// without a wakeup never wakes it (level-triggered, any waiting record
+    /// would).
+    pub fn run(mut self, chains: Arc<Mutex<Chains>>, user: Arc<UserCounters>) {
+        let mut events = mio::Events::with_capacity(4);
+        loop {
+            match self.poll.as_mut() {
+                // An interrupted wait (EINTR) only reads early.
+                Some(p) => drop(p.poll(&mut events, Some(DRAIN_EVERY))),
+                None => std::thread::sleep(DRAIN_EVERY),
+            }
+            if !matches!(self.stop.try_recv(), Err(TryRecvError::Empty)) {
+                break;
+            }
+            let batch = read(&mut self.rings);
+            let mut c = chains.lock().unwrap_or_else(|p| p.into_inner());
+            feed(&mut c, &batch.watch, &batch.windows);
+            c.expire(chains::monotonic_now_ns(), &chains::process_alive);
+            drop(c);
+            for (ring, n) in batch.read {
+                user.read_from(ring, n);
+            }
+            if batch.bad > 0 {
+                user.decode_errors.fetch_add(batch.bad, Ordering::Relaxed);
+            }
+        }
+    }
+}
+
+/// Edge-triggered readiness of both rings, and a waker for the stop.
+fn wakeups(rings: &RecordRings) -> std::io::Result<(mio::Poll, mio::Waker)> {
     let poll = mio::Poll::new()?;
     for (i, fd) in [rings.windows.as_raw_fd(), rings.watch.as_raw_fd()].into_iter().enumerate() {
         poll.registry().register(&mut mio::unix::SourceFd(&fd), mio::Token(i), mio::Interest::READABLE)?;
     }
-    Ok(poll)
+    let waker = mio::Waker::new(poll.registry(), STOP)?;
+    Ok((poll, waker))
 }
 
 /// Both rings' waiting records: the window ring first. A window's record is
