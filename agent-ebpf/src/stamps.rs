@@ -45,37 +45,34 @@ pub fn find<K: Copy + PartialEq>(ring: &Array<Stamp<K>>, set: u32, key: &K) -> O
 }
 
 /// Stores `key` at `ts` unless it is already there (the first time wins),
-/// in the set's first empty way, else its oldest. One pass over the set
-/// both looks for the key (as `find`) and picks the way.
+/// in the set's first empty way, else its oldest.
 #[inline(always)]
 pub fn insert_first<K: Copy + PartialEq>(ring: &Array<Stamp<K>>, set: u32, key: &K, ts: u64) -> Option<Inserted> {
+    if find(ring, set, key).is_some() {
+        return Some(Inserted::Exists);
+    }
     let mut times = [0u64; STAMP_WAYS as usize];
     let mut seqs = [0u64; STAMP_WAYS as usize];
-    // The victim is an empty way if there is one (`victim_way`): the new
-    // entry pushes a live one out only when no way was empty.
-    let mut any_empty = false;
     for way in 0..STAMP_WAYS {
         let e = ring.get_ptr_mut(set + way)?;
         // SAFETY: as in `find`.
-        unsafe {
-            let s1 = read_volatile(&(*e).seq);
-            let k = read_volatile(&(*e).key);
-            let t = read_volatile(&(*e).ts);
-            if s1 & 1 == 0 && read_volatile(&(*e).seq) == s1 && !stamp_empty(s1, t) && k == *key {
-                return Some(Inserted::Exists);
-            }
-            times[way as usize] = t;
-            seqs[way as usize] = s1;
-            any_empty |= stamp_empty(s1, t);
-        }
+        (times[way as usize], seqs[way as usize]) = unsafe { (read_volatile(&(*e).ts), read_volatile(&(*e).seq)) };
     }
-    let e = ring.get_ptr_mut(set + victim_way(times, seqs))?;
+    let way = victim_way(times, seqs);
+    // The victim is an empty way if there is one: a live entry is pushed
+    // out only when the victim is not empty. Read at the victim's index,
+    // not tracked per way in the loop (nor the key looked for there, in one
+    // pass with `find`): each branch per way doubles the paths the verifier
+    // walks, and the one-pass form took `kube_queue` from 6,000 verified
+    // instructions to 78,000 and `etcd_enqueue` from 8,500 to 25,500.
+    let live = matches!((times.get(way as usize), seqs.get(way as usize)), (Some(&t), Some(&q)) if !stamp_empty(q, t));
+    let e = ring.get_ptr_mut(set + way)?;
     // SAFETY: as in `find`.
     write_locked(e, |e| unsafe {
         write_volatile(&mut (*e).key, *key);
         write_volatile(&mut (*e).ts, ts);
     });
-    Some(if any_empty { Inserted::New } else { Inserted::Evicted })
+    Some(if live { Inserted::Evicted } else { Inserted::New })
 }
 
 /// Empties entry `idx` (found by `find`).

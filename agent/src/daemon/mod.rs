@@ -240,7 +240,7 @@ impl Pipeline {
             windows: windows.clone(),
         };
 
-        let unavailable = probes.unavailable.clone();
+        let unavailable = probes.unavailable;
         let mut tracker = Tracker::new(
             cfg.root.clone(),
             cfg.filter.clone(),
@@ -272,7 +272,7 @@ impl Pipeline {
             chains: chains.clone(),
             map_bytes: crate::collect::mapmem::measured(),
             classic_buckets: cfg.classic_buckets,
-            unavailable: unavailable.clone(),
+            unavailable,
         });
         // The initial scan: processes that were running before the agent.
         tracker.reconcile();
