@@ -371,11 +371,13 @@ pub struct WatchRevKey {
 /// entry is found by arithmetic, written in place, and aged out by the
 /// revisions that follow, which is the order etcd produces them in.
 ///
-/// Why four ways: a watcher's copies of events land in sets at random (the
-/// event's address is in the hash), so a live copy is pushed out when its
-/// set already holds `STAMP_WAYS` live ones. With `n` copies waiting for
-/// their send, that is about `(n / STAMP_SETS)^2 / 2` per enqueue with two
-/// ways and `(n / STAMP_SETS)^4 / 24` with four: a backlog of 1,000 copies
+/// Why four ways: a live copy is pushed out of the enqueue ring when its
+/// set already holds `STAMP_WAYS` live ones. Each watcher's copies run
+/// through the sets from an offset of its own (`watch_rev_slot`), so runs
+/// of different watchers meet where their offsets happen to fall, and with
+/// `n` copies waiting for their send a set overflows about as often as if
+/// copies were placed at random: `(n / STAMP_SETS)^2 / 2` per enqueue with
+/// two ways, `(n / STAMP_SETS)^4 / 24` with four. A backlog of 1,000 copies
 /// (clients stalled for a moment) lost one copy in 2,000 enqueues with two
 /// ways, and fewer than one in a million with four (unit test
 /// `a_backlog_of_copies_stays_in_the_ring`). The rings by revision keep
@@ -421,17 +423,34 @@ pub fn rev_entry(key: &RevKey) -> u32 {
     set_entry((key.rev as u64).wrapping_add(mix(key.id)))
 }
 
+/// Sets of the enqueue ring given to each revision of one watcher's
+/// stream: the events of one revision (a transaction's, a lease's keys
+/// deleted at once) take consecutive sets by their position in the
+/// response, so one revision holds 16 copies before its own push each
+/// other out, and a steady backlog of up to 4 events per revision fills
+/// each set of its run once.
+pub const ENQ_SETS_PER_REV: u64 = 4;
+
 /// Where the enqueue ring keeps a watcher's copy of an event: the first
-/// entry of its set (the revision keeps consecutive events of one watcher
-/// in consecutive sets), and the 64-bit fingerprint stored for its key in
-/// place of the key's 32 bytes, which made the ring twice as large (3 MiB,
-/// against the agent's 32 MiB bound at 96 CPUs). Both come from one hash of
-/// the key's other fields; two copies waiting in one set match by mistake
-/// with odds of about 2^-62.
+/// entry of its set, and the 64-bit fingerprint stored for its key in place
+/// of the key's 32 bytes, which made the ring twice as large (3 MiB,
+/// against the agent's 32 MiB bound at 96 CPUs). `pos`: the event's
+/// position in the response that carries it, the same at enqueue and at
+/// send (0 for the API server's one-event offers).
+///
+/// The set follows the watcher's stream (its tgid and watch id give its
+/// offset; each revision moves it `ENQ_SETS_PER_REV` sets on, its position
+/// one), not a hash of the whole key: consecutive enqueues of one watcher
+/// touch neighbouring memory. With the event's address in the set's hash,
+/// every enqueue read a cold set of the 1.5 MiB ring, a cache and TLB miss
+/// that took a third of `etcd_enqueue`'s time (perf on etcd under puts).
+/// The fingerprint hashes every field; two copies waiting in one set match
+/// by mistake with odds of about 2^-62.
 #[inline(always)]
-pub fn watch_rev_slot(key: &WatchRevKey) -> (u32, u64) {
-    let who = mix(key.tgid ^ mix(key.watch_id as u64 ^ mix(key.event_addr)));
-    (set_entry((key.rev as u64).wrapping_add(who)), mix(who ^ mix(key.rev as u64)))
+pub fn watch_rev_slot(key: &WatchRevKey, pos: u32) -> (u32, u64) {
+    let stream = mix(key.tgid ^ mix(key.watch_id as u64));
+    let at = (key.rev as u64).wrapping_mul(ENQ_SETS_PER_REV).wrapping_add(pos as u64);
+    (set_entry(stream.wrapping_add(at)), mix(stream ^ mix(key.event_addr ^ mix(key.rev as u64))))
 }
 
 #[inline(always)]
@@ -729,7 +748,7 @@ mod tests {
     fn fingerprints_tell_copies_apart_by_every_field() {
         let base = WatchRevKey { tgid: 4242, watch_id: 3, rev: 1_000_000, event_addr: 0xc000_1000 };
         let mut seen = std::collections::HashSet::new();
-        seen.insert(watch_rev_slot(&base).1);
+        seen.insert(watch_rev_slot(&base, 0).1);
         for n in 1..1000u64 {
             let i = n as i64;
             for k in [
@@ -738,19 +757,19 @@ mod tests {
                 WatchRevKey { rev: base.rev + i, ..base },
                 WatchRevKey { event_addr: base.event_addr + 8 * n, ..base },
             ] {
-                assert!(seen.insert(watch_rev_slot(&k).1), "{k:?} shares a fingerprint");
+                assert!(seen.insert(watch_rev_slot(&k, 0).1), "{k:?} shares a fingerprint");
             }
         }
     }
 
     #[test]
     fn a_backlog_of_copies_stays_in_the_ring() {
-        // 20 watchers, each event a copy at a new address; a backlog of
-        // 1,000 copies waiting for their send (50 puts: clients stalled
-        // for a moment; a soak on this VM keeps at most 3). Each send
-        // frees the oldest copy. Over a million enqueues, two ways (32768
-        // sets) pushed out 475 live copies; four push out none here (the
-        // estimate above gives 0.6).
+        // 5 watchers, 4 events per revision to each, every copy at a new
+        // address; a backlog of 1,000 copies waiting for their send (50
+        // puts: clients stalled for a moment; a soak on this VM keeps at
+        // most 3). Each send frees the oldest copy. Over a million
+        // enqueues, two ways (32768 sets, copies at random sets) pushed
+        // out 475 live copies; four push out none here.
         let mut ring = Ring::new();
         let mut waiting = std::collections::VecDeque::new();
         let (mut pushed_out, mut sent) = (0u32, 0u32);
@@ -758,12 +777,13 @@ mod tests {
         for n in 0..1_000_000u64 {
             let key = WatchRevKey { tgid: 4242, watch_id: (n % 5) as i64, rev: (n / 20) as i64 + 1, event_addr: addr };
             addr = mix(addr) & 0x00ff_ffff_fff8 | 0xc000_0000_0000;
-            let (set, fp) = watch_rev_slot(&key);
+            let pos = ((n / 5) % 4) as u32;
+            let (set, fp) = watch_rev_slot(&key, pos);
             pushed_out += u32::from(ring.insert(set, fp));
-            waiting.push_back(key);
+            waiting.push_back((key, pos));
             if waiting.len() > 1000
-                && let Some(k) = waiting.pop_front()
-                && let (set, fp) = watch_rev_slot(&k)
+                && let Some((k, pos)) = waiting.pop_front()
+                && let (set, fp) = watch_rev_slot(&k, pos)
                 && let Some(i) = ring.find(set, &fp)
             {
                 ring.e[i].ts = 0;
@@ -772,6 +792,52 @@ mod tests {
         }
         assert!(pushed_out <= 5, "{pushed_out} copies pushed out");
         assert_eq!(u64::from(sent + pushed_out), 1_000_000 - 1000);
+    }
+
+    #[test]
+    fn a_watchers_copies_take_neighbouring_sets_in_stream_order() {
+        let key = |rev, addr| WatchRevKey { tgid: 4242, watch_id: 7, rev, event_addr: addr };
+        let step = (ENQ_SETS_PER_REV as u32) * STAMP_WAYS;
+        // One event per revision: the next revision's set is the next run
+        // of sets, whatever the event's address (what keeps an enqueue's
+        // set in the cache lines and the page the last one touched).
+        for rev in 1_000..2_000i64 {
+            let (a, _) = watch_rev_slot(&key(rev, 0xc000_1000 + 48 * rev as u64), 0);
+            let (b, _) = watch_rev_slot(&key(rev + 1, mix(rev as u64) & 0xffff_fff8), 0);
+            assert_eq!(b, (a + step) % STAMP_ENTRIES);
+        }
+        // The events of one revision follow each other by position.
+        let (a, _) = watch_rev_slot(&key(5, 0xc000_1000), 0);
+        let (b, _) = watch_rev_slot(&key(5, 0xc000_1030), 1);
+        assert_eq!(b, (a + STAMP_WAYS) % STAMP_ENTRIES);
+        // Another watch of the same process starts elsewhere.
+        let (c, _) = watch_rev_slot(&WatchRevKey { watch_id: 8, ..key(5, 0xc000_1000) }, 0);
+        assert_ne!(c / STAMP_WAYS / ENQ_SETS_PER_REV as u32, a / STAMP_WAYS / ENQ_SETS_PER_REV as u32);
+    }
+
+    #[test]
+    fn a_revision_of_hundreds_of_events_stays_with_the_backlog_behind_it() {
+        // A lease that expires deletes its keys at one revision: one
+        // watcher is queued 300 events of revision 100 at once, then one
+        // event per revision for 2,000 revisions, and sends nothing yet
+        // (a stalled client). Nothing is pushed out; every copy is found.
+        let mut ring = Ring::new();
+        let mut copies = Vec::new();
+        let key = |rev, addr| WatchRevKey { tgid: 4242, watch_id: 1, rev, event_addr: addr };
+        for pos in 0..300u32 {
+            copies.push((key(100, 0xc000_0000 + 48 * u64::from(pos)), pos));
+        }
+        for rev in 101..2_101i64 {
+            copies.push((key(rev, 0xc100_0000 + 64 * rev as u64), 0));
+        }
+        for (k, pos) in &copies {
+            let (set, fp) = watch_rev_slot(k, *pos);
+            assert!(!ring.insert(set, fp), "{k:?} at {pos} pushed a copy out");
+        }
+        assert!(copies.iter().all(|(k, pos)| {
+            let (set, fp) = watch_rev_slot(k, *pos);
+            ring.find(set, &fp).is_some()
+        }));
     }
 
     #[test]
@@ -796,7 +862,7 @@ mod tests {
         let mut per_set = std::collections::HashMap::<u32, u32>::new();
         for w in 0..1000u64 {
             let key = WatchRevKey { tgid: 77, watch_id: w as i64, rev: 5, event_addr: 0xc000_1000 + 64 * w };
-            *per_set.entry(watch_rev_slot(&key).0).or_default() += 1;
+            *per_set.entry(watch_rev_slot(&key, 0).0).or_default() += 1;
         }
         let crowded = per_set.values().filter(|&&n| n > STAMP_WAYS).count();
         assert!(per_set.len() > 950 && crowded == 0, "{} sets, {crowded} crowded", per_set.len());

@@ -392,8 +392,9 @@ extern "C" fn ws_enqueue_event(st: *mut EventLoop, i: u64) -> i64 {
     st.n += 1;
     let key = WatchRevKey { tgid: st.tgid as u64, watch_id: st.watch_id, rev, event_addr: addr };
     // A retry of a queue-full watcher (a "victim") is the same copy: keep
-    // the first time, time it once.
-    let (set, fp) = watch_rev_slot(&key);
+    // the first time, time it once. `i`: the event's position in the
+    // response, as its send will see it.
+    let (set, fp) = watch_rev_slot(&key, i as u32);
     match stamps::insert_first(&ENQ_TS, set, &fp, st.now) {
         Some(Inserted::New) => {}
         // Entries leave this ring when their copy is sent: one pushed out
@@ -576,7 +577,7 @@ extern "C" fn ws_send_event(st: *mut EventLoop, i: u64) -> i64 {
         None => count(Counter::SendCommitMiss),
     }
     let key = WatchRevKey { tgid: st.tgid as u64, watch_id: st.watch_id, rev, event_addr: addr };
-    let (set, fp) = watch_rev_slot(&key);
+    let (set, fp) = watch_rev_slot(&key, i as u32);
     match stamps::find(&ENQ_TS, set, &fp) {
         Some((idx, t)) => {
             observe_stage(st.slot, Stage::EnqueueToSend, st.now.saturating_sub(t), rev, st.watcher(), st.now);
@@ -732,7 +733,7 @@ fn try_kube_queue(ctx: &ProbeContext) -> Option<()> {
     // queue was full. An entry pushed out of the ring here is not counted
     // as lost: events a watcher's filter rejects never reach its result
     // channel, so their entries are left to age out.
-    let (set, fp) = watch_rev_slot(&queue_key(c.tgid, watcher, e.rev, ev));
+    let (set, fp) = watch_rev_slot(&queue_key(c.tgid, watcher, e.rev, ev), 0);
     if matches!(stamps::insert_first(&ENQ_TS, set, &fp, c.now), Some(Inserted::New | Inserted::Evicted)) {
         add(&WATCH_EVENTS, events_index(c.slot, Side::ApiserverOffered), 1);
         emit_hop(WatchRecord { watch_id: watcher as i64, ..hop(Side::ApiserverOffered, c.tgid, e.rev, 0, c.now) });
@@ -855,7 +856,7 @@ fn try_kube_watcher(ctx: &ProbeContext) -> Option<()> {
         add(&WATCH_PROGRESS, events_index(c.slot, Side::ApiserverWatcher), 1);
         return Some(());
     };
-    let (set, fp) = watch_rev_slot(&queue_key(c.tgid, watcher, rev, ev));
+    let (set, fp) = watch_rev_slot(&queue_key(c.tgid, watcher, rev, ev), 0);
     let Some((idx, _queued)) = stamps::find(&ENQ_TS, set, &fp) else {
         // Never offered through the cacher's dispatch: an initial event
         // replayed from the cache's history to a new watch (its commit may

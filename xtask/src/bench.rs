@@ -2,6 +2,7 @@
 //! printed as ratios. Speed goals live here, never in unit tests.
 
 use std::{
+    collections::HashMap,
     path::{Path, PathBuf},
     process::{Child, Command, Stdio},
     time::{Duration, Instant},
@@ -14,6 +15,7 @@ use watchscope_integration_tests as harness;
 
 use crate::{
     setup::{self, Purpose, SetupArgs},
+    trap,
     util::{self, step},
 };
 
@@ -36,6 +38,10 @@ pub struct BenchArgs {
     /// and the agent instead of giving etcd a CPU of its own.
     #[arg(long)]
     pub no_pin: bool,
+    /// etcd: no perf sampling (the CPU inside the probes' trap is then not
+    /// measured).
+    #[arg(long)]
+    pub no_profile: bool,
 }
 
 #[derive(Clone, Copy, Debug, ValueEnum)]
@@ -261,6 +267,11 @@ struct Paired {
 impl Paired {
     fn of(with: &[f64], without: &[f64]) -> Option<Paired> {
         let d: Vec<f64> = with.iter().zip(without).map(|(w, o)| w - o).collect();
+        Self::mean(&d)
+    }
+
+    /// The mean of `d` and its 95 % interval; `None` under two values.
+    fn mean(d: &[f64]) -> Option<Paired> {
         let n = d.len();
         if n < 2 {
             return None;
@@ -271,16 +282,9 @@ impl Paired {
         Some(Paired { mean, lo: mean - half, hi: mean + half, n })
     }
 
-    /// Against an upper bound: PASS when the whole interval is under it,
-    /// FAIL when the whole interval is over it, else the rounds cannot tell.
+    /// Against an upper bound (see [`verdict`]).
     fn verdict(&self, target: f64) -> &'static str {
-        if self.hi <= target {
-            "PASS"
-        } else if self.lo > target {
-            "FAIL"
-        } else {
-            "NOT RESOLVED (the interval spans the target: more --rounds)"
-        }
+        verdict(self.lo, self.hi, target)
     }
 
     fn line(&self, unit: &str) -> String {
@@ -288,6 +292,19 @@ impl Paired {
             "{:+.1} {unit} (mean of {} paired rounds, 95% CI {:+.1} to {:+.1})",
             self.mean, self.n, self.lo, self.hi
         )
+    }
+}
+
+/// A 95 % interval against an upper bound: PASS when the whole interval
+/// is under it, FAIL when the whole interval is over it, else the
+/// measurement cannot tell.
+fn verdict(lo: f64, hi: f64, target: f64) -> &'static str {
+    if hi <= target {
+        "PASS"
+    } else if lo > target {
+        "FAIL"
+    } else {
+        "NOT RESOLVED (the interval spans the target: more --rounds)"
     }
 }
 
@@ -303,6 +320,10 @@ fn t975(df: usize) -> f64 {
         _ => 1.96 + 2.4 / df as f64,
     }
 }
+
+/// perf's sampling rate in every round: ~10,000 samples of etcd in a 5 s
+/// round, for a sampling error of about ±0.4 µs per put in one round.
+const PROFILE_HZ: u32 = 1999;
 
 fn etcd(args: &BenchArgs) -> Result<()> {
     let (agent, loadgen) = prepare_load("etcd")?;
@@ -339,33 +360,59 @@ fn etcd(args: &BenchArgs) -> Result<()> {
     }
     let _watch =
         spawn_quiet(pins.rest("etcdctl").args([&format!("--endpoints={client}"), "watch", "--prefix", "/bench/"]))?;
-    // In-kernel cost per hit needs the kernel's BPF run-time statistics.
-    let _ = std::fs::write("/proc/sys/kernel/bpf_stats_enabled", "1");
-
     step("warm-up round");
     let etcd_pid = _etcd.0.id();
     let watch_pid = _watch.0.id();
     load(&pins, &loadgen, &client, 3, etcd_pid, watch_pid)?;
 
+    // Every round, with the agent and without, is sampled by perf when it
+    // can run: the rounds with the agent give the CPU spent inside the
+    // probes' trap (trap.rs), and sampling both alike keeps the pairs fair.
+    let perf = match trap::ensure_perf() {
+        Ok(()) => !args.no_profile,
+        Err(e) => {
+            println!("    no perf: etcd's and the watcher's CPU inside the trap are not measured ({e:#})");
+            false
+        }
+    };
+    let data = dir.path().join("perf.data");
+    let round = |seconds: u64| -> Result<(Round, Option<HashMap<u32, trap::TrapShare>>)> {
+        let run = || load(&pins, &loadgen, &client, seconds, etcd_pid, watch_pid);
+        if perf {
+            let (m, shares) = trap::profile(&[etcd_pid, watch_pid], PROFILE_HZ, &data, run)?;
+            Ok((m, Some(shares)))
+        } else {
+            Ok((run()?, None))
+        }
+    };
+
+    // The agent as every round with it runs it, once it has attached to
+    // etcd and the watcher.
+    let start_agent = || -> Result<Killed> {
+        let a = spawn_quiet(
+            pins.rest(&agent).args(["run", "--listen", &format!("127.0.0.1:{aport}")]).args(&args.agent_args),
+        )?;
+        wait_attached(aport, &[etcd_pid, watch_pid])?;
+        Ok(a)
+    };
     let (mut without, mut with) = (Vec::new(), Vec::new());
+    // Per round with the agent: (etcd, watcher) CPU per put inside the trap.
+    let mut in_trap: Vec<(f64, f64)> = Vec::new();
+    let (mut samples, mut trapped) = (trap::TrapShare::default(), trap::TrapShare::default());
     let (mut agent_cpu, mut agent_wall, mut rss) = (0.0, 0.0, 0.0f64);
-    let mut costs = Vec::new();
     for r in 0..args.rounds {
         // ABBA order: drift in etcd's state (compactions, fsync) hits both alike.
         let order = if r % 2 == 0 { [false, true] } else { [true, false] };
         for with_agent in order {
             compact(&client);
             if !with_agent {
-                let m = load(&pins, &loadgen, &client, args.seconds, etcd_pid, watch_pid)?;
+                let (m, _) = round(args.seconds)?;
                 println!("    round {r} without agent: {}", m.line());
                 without.push(m);
                 continue;
             }
-            let a = spawn_quiet(
-                pins.rest(&agent).args(["run", "--listen", &format!("127.0.0.1:{aport}")]).args(&args.agent_args),
-            )?;
+            let a = start_agent()?;
             let pid = a.0.id();
-            wait_attached(aport, &[_etcd.0.id(), _watch.0.id()])?;
             let cpu0 = cpu_seconds(pid);
             let t0 = Instant::now();
             // Scrape once a second during the round, as Prometheus would.
@@ -378,17 +425,48 @@ fn etcd(args: &BenchArgs) -> Result<()> {
                     std::thread::sleep(Duration::from_secs(1));
                 }
             });
-            let m = load(&pins, &loadgen, &client, args.seconds, etcd_pid, watch_pid)?;
+            let (m, shares) = round(args.seconds)?;
             let _ = scraper.join();
             agent_cpu += cpu_seconds(pid) - cpu0;
             agent_wall += t0.elapsed().as_secs_f64();
             rss = rss.max(rss_mb(pid));
-            costs = bpf_prog_costs(|n| n.starts_with("etcd_") || n.starts_with("go_"));
-            println!("    round {r} with agent:    {}", m.line());
+            let mut line = m.line();
+            if let Some(shares) = shares {
+                let (e, w) = (shares.get(&etcd_pid).copied(), shares.get(&watch_pid).copied());
+                let (e, w) = (e.unwrap_or_default(), w.unwrap_or_default());
+                if let (Some((et, ..)), Some((wt, ..))) =
+                    (e.per_op(m.etcd_cpu_us_per_put), w.per_op(m.watcher_cpu_us_per_put))
+                {
+                    line += &format!("; inside the trap: etcd {et:.2}, watcher {wt:.2}");
+                    in_trap.push((et, wt));
+                }
+                samples.samples += e.samples;
+                samples.in_trap += e.in_trap;
+                trapped.samples += w.samples;
+                trapped.in_trap += w.in_trap;
+            }
+            println!("    round {r} with agent:    {line}");
             with.push(m);
             drop(a);
         }
     }
+
+    // The programs' run time per hit needs the kernel's run-time
+    // statistics, which read a clock twice per program run (kvm-clock
+    // here: ~5 % of the time inside the trap); a node runs without them,
+    // so the paired rounds do too, and a round of their own reads them.
+    step("a round with the agent and the kernel's BPF run-time statistics");
+    let costs = {
+        let _ = std::fs::write("/proc/sys/kernel/bpf_stats_enabled", "1");
+        compact(&client);
+        let a = start_agent()?;
+        let m = load(&pins, &loadgen, &client, args.seconds, etcd_pid, watch_pid);
+        let costs = bpf_prog_costs(|n| n.starts_with("etcd_") || n.starts_with("go_"));
+        drop(a);
+        let _ = std::fs::write("/proc/sys/kernel/bpf_stats_enabled", "0");
+        m?;
+        costs
+    };
 
     // (median with the agent, median without) of one measure.
     let medians =
@@ -425,9 +503,33 @@ fn etcd(args: &BenchArgs) -> Result<()> {
     };
     added(|m| m.etcd_cpu_us_per_put, "etcd", 4.0);
     added(|m| m.watcher_cpu_us_per_put, "watcher (etcdctl)", 5.0);
+    // The trap's CPU per put over the rounds with the agent: mean and 95 %
+    // interval across rounds (how fast this VM ran that round varies more
+    // than each round's sampling error).
+    let inside = |f: fn(&(f64, f64)) -> f64, s: trap::TrapShare, what: &str, target: f64| {
+        let v: Vec<f64> = in_trap.iter().map(f).collect();
+        match Paired::mean(&v) {
+            Some(p) => println!(
+                "    {what} CPU per put inside the probes' trap: {:.2} µs (mean of {} rounds, 95% CI {:.2} to {:.2}; \
+                 {} of {} samples) (target <= {target} µs) {}",
+                p.mean,
+                p.n,
+                p.lo,
+                p.hi,
+                s.in_trap,
+                s.samples,
+                p.verdict(target)
+            ),
+            None if v.len() == 1 => {
+                println!("    {what} CPU per put inside the probes' trap: {:.2} µs (one round: no interval)", v[0])
+            }
+            None => {}
+        }
+    };
+    inside(|t| t.0, samples, "etcd", 4.0);
+    inside(|t| t.1, trapped, "watcher (etcdctl)", 5.0);
     println!("    agent CPU: {cpu_pct:.2}% of one core, scraped every second (target < 2%) {}", verdict(cpu_pct < 2.0));
     println!("    agent peak RSS: {rss:.1} MB (target < 64 MB) {}", verdict(rss < 64.0));
-    let _ = std::fs::write("/proc/sys/kernel/bpf_stats_enabled", "0");
     for (name, ns, cnt) in costs {
         if cnt > 0 {
             println!(

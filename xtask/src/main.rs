@@ -9,6 +9,7 @@ mod fuzz;
 mod setup;
 mod soak;
 mod test;
+mod trap;
 mod util;
 
 use anyhow::Result;

@@ -87,7 +87,7 @@ fn dpkg_installed(pkg: &str) -> bool {
     util::output(Command::new("dpkg-query").args(["-W", "-f=${Status}", pkg])).contains("install ok installed")
 }
 
-fn apt_packages(packages: &[&str]) -> Result<()> {
+pub fn apt_packages(packages: &[&str]) -> Result<()> {
     step(&format!("Debian packages: {}", packages.join(" ")));
     let missing: Vec<&str> = packages.iter().copied().filter(|p| !dpkg_installed(p)).collect();
     if missing.is_empty() {
