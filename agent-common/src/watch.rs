@@ -372,14 +372,14 @@ pub struct WatchRevKey {
 /// revisions that follow, which is the order etcd produces them in.
 ///
 /// Why four ways: a live copy is pushed out of the enqueue ring when its
-/// set already holds `STAMP_WAYS` live ones. Each watcher's copies run
-/// through the sets from an offset of its own (`watch_rev_slot`), so runs
-/// of different watchers meet where their offsets happen to fall, and with
-/// `n` copies waiting for their send a set overflows about as often as if
-/// copies were placed at random: `(n / STAMP_SETS)^2 / 2` per enqueue with
-/// two ways, `(n / STAMP_SETS)^4 / 24` with four. A backlog of 1,000 copies
-/// (clients stalled for a moment) lost one copy in 2,000 enqueues with two
-/// ways, and fewer than one in a million with four (unit test
+/// set already holds `STAMP_WAYS` live ones. Copies take sets by their
+/// event's address (`watch_rev_slot`), and live copies are live objects,
+/// so a set overflows only where addresses of waiting copies meet modulo
+/// the ring: about as often as if copies were placed at random, `(n /
+/// STAMP_SETS)^2 / 2` per enqueue with two ways, `(n / STAMP_SETS)^4 / 24`
+/// with four, for `n` copies waiting for their send. A backlog of 1,000
+/// copies (clients stalled for a moment) lost one copy in 2,000 enqueues
+/// with two ways, and fewer than one in a million with four (unit test
 /// `a_backlog_of_copies_stays_in_the_ring`). The rings by revision keep
 /// `STAMP_ENTRIES` consecutive revisions either way. More ways would cost
 /// every lookup that misses (each way is one more entry read).
@@ -423,34 +423,58 @@ pub fn rev_entry(key: &RevKey) -> u32 {
     set_entry((key.rev as u64).wrapping_add(mix(key.id)))
 }
 
-/// Sets of the enqueue ring given to each revision of one watcher's
-/// stream: the events of one revision (a transaction's, a lease's keys
-/// deleted at once) take consecutive sets by their position in the
-/// response, so one revision holds 16 copies before its own push each
-/// other out, and a steady backlog of up to 4 events per revision fills
-/// each set of its run once.
-pub const ENQ_SETS_PER_REV: u64 = 4;
-
 /// Where the enqueue ring keeps a watcher's copy of an event: the first
 /// entry of its set, and the 64-bit fingerprint stored for its key in place
 /// of the key's 32 bytes, which made the ring twice as large (3 MiB,
-/// against the agent's 32 MiB bound at 96 CPUs). `pos`: the event's
-/// position in the response that carries it, the same at enqueue and at
-/// send (0 for the API server's one-event offers).
+/// against the agent's 32 MiB bound at 96 CPUs).
 ///
-/// The set follows the watcher's stream (its tgid and watch id give its
-/// offset; each revision moves it `ENQ_SETS_PER_REV` sets on, its position
-/// one), not a hash of the whole key: consecutive enqueues of one watcher
-/// touch neighbouring memory. With the event's address in the set's hash,
-/// every enqueue read a cold set of the 1.5 MiB ring, a cache and TLB miss
-/// that took a third of `etcd_enqueue`'s time (perf on etcd under puts).
-/// The fingerprint hashes every field; two copies waiting in one set match
-/// by mistake with odds of about 2^-62.
+/// The set is the event's address (in 16-byte steps, from an offset of
+/// the process's own), not a hash of it: etcd copies each event into a
+/// slice per watcher, one allocation after another, so consecutive copies
+/// take neighbouring sets, and an enqueue finds its set in the cache lines
+/// and the page the last one touched. A hash of the address read a cold
+/// set of the 1.5 MiB ring at every enqueue, a cache and TLB miss that
+/// took a third of `etcd_enqueue`'s time (perf on etcd under puts). The
+/// watch id cannot place a copy: ids are only unique per gRPC stream (50
+/// streams of 20 watches have 20 ids), and copies of one event to watches
+/// with one id would share a set. The fingerprint hashes every field; two
+/// copies waiting in one set match by mistake with odds of about 2^-61
+/// (its lowest bit is `OFFER_MARK`).
 #[inline(always)]
-pub fn watch_rev_slot(key: &WatchRevKey, pos: u32) -> (u32, u64) {
-    let stream = mix(key.tgid ^ mix(key.watch_id as u64));
-    let at = (key.rev as u64).wrapping_mul(ENQ_SETS_PER_REV).wrapping_add(pos as u64);
-    (set_entry(stream.wrapping_add(at)), mix(stream ^ mix(key.event_addr ^ mix(key.rev as u64))))
+pub fn watch_rev_slot(key: &WatchRevKey) -> (u32, u64) {
+    (set_entry((key.event_addr >> 4).wrapping_add(mix(key.tgid))), fingerprint(key) & !OFFER_MARK)
+}
+
+#[inline(always)]
+fn fingerprint(key: &WatchRevKey) -> u64 {
+    let who = mix(key.tgid ^ mix(key.watch_id as u64 ^ mix(key.event_addr)));
+    mix(who ^ mix(key.rev as u64))
+}
+
+/// The fingerprint bit that marks an API server's offer to one of its
+/// watchers (`kube_queue`) in the enqueue ring, which it shares with
+/// etcd's copies. An offer the watcher's filter rejects never reaches its
+/// result channel, so its entry is never removed and is left to age out:
+/// pushing one out loses nothing. An etcd copy always leaves at its send,
+/// so one pushed out while live is a send that will miss.
+pub const OFFER_MARK: u64 = 1;
+
+/// Where the enqueue ring keeps an API server's offer of one event to one
+/// watcher (`watch_id`: the `*cacheWatcher`), marked as an offer. The
+/// event (`*watchCacheEvent`) is one object for every watcher it is
+/// offered to, so each watcher takes the events' addresses from an offset
+/// of its own.
+#[inline(always)]
+pub fn offer_slot(key: &WatchRevKey) -> (u32, u64) {
+    let offset = mix(key.tgid ^ mix(key.watch_id as u64));
+    (set_entry((key.event_addr >> 4).wrapping_add(offset)), fingerprint(key) | OFFER_MARK)
+}
+
+/// Whether an entry pushed out of the enqueue ring while live (its
+/// fingerprint) is a loss to count (`map_full`): an etcd copy, not an offer.
+#[inline(always)]
+pub fn pushed_out_a_copy(fp: u64) -> bool {
+    fp & OFFER_MARK == 0
 }
 
 #[inline(always)]
@@ -706,15 +730,15 @@ mod tests {
                 .find(|&i| !stamp_empty(self.e[i].seq, self.e[i].ts) && self.e[i].key == *key)
         }
 
-        /// Stores `key`; true when a live entry was pushed out.
-        fn insert(&mut self, set: u32, key: K) -> bool {
+        /// Stores `key`; the key of the live entry it pushed out, if any.
+        fn insert(&mut self, set: u32, key: K) -> Option<K> {
             self.clock += 1;
             let ways = &self.e[set as usize..(set + STAMP_WAYS) as usize];
             let way = victim_way(std::array::from_fn(|w| ways[w].ts), std::array::from_fn(|w| ways[w].seq));
             let v = &mut self.e[(set + way) as usize];
-            let live = !stamp_empty(v.seq, v.ts);
+            let out = (!stamp_empty(v.seq, v.ts)).then_some(v.key);
             *v = Stamp { seq: 2, ts: self.clock, key };
-            live
+            out
         }
     }
 
@@ -735,11 +759,11 @@ mod tests {
         let key = |rev| RevKey { id: 4242, rev };
         let revs = 1_000_000..1_000_000 + i64::from(STAMP_ENTRIES);
         for rev in revs.clone() {
-            assert!(!ring.insert(rev_entry(&key(rev)), key(rev)), "rev {rev} pushed one out");
+            assert!(ring.insert(rev_entry(&key(rev)), key(rev)).is_none(), "rev {rev} pushed one out");
         }
         assert!(revs.clone().all(|rev| ring.find(rev_entry(&key(rev)), &key(rev)).is_some()));
         let next = revs.end;
-        assert!(ring.insert(rev_entry(&key(next)), key(next)));
+        assert!(ring.insert(rev_entry(&key(next)), key(next)).is_some());
         assert!(ring.find(rev_entry(&key(revs.start)), &key(revs.start)).is_none());
         assert!(ring.find(rev_entry(&key(revs.start + 1)), &key(revs.start + 1)).is_some());
     }
@@ -748,7 +772,7 @@ mod tests {
     fn fingerprints_tell_copies_apart_by_every_field() {
         let base = WatchRevKey { tgid: 4242, watch_id: 3, rev: 1_000_000, event_addr: 0xc000_1000 };
         let mut seen = std::collections::HashSet::new();
-        seen.insert(watch_rev_slot(&base, 0).1);
+        seen.insert(watch_rev_slot(&base).1);
         for n in 1..1000u64 {
             let i = n as i64;
             for k in [
@@ -757,7 +781,7 @@ mod tests {
                 WatchRevKey { rev: base.rev + i, ..base },
                 WatchRevKey { event_addr: base.event_addr + 8 * n, ..base },
             ] {
-                assert!(seen.insert(watch_rev_slot(&k, 0).1), "{k:?} shares a fingerprint");
+                assert!(seen.insert(watch_rev_slot(&k).1), "{k:?} shares a fingerprint");
             }
         }
     }
@@ -765,11 +789,11 @@ mod tests {
     #[test]
     fn a_backlog_of_copies_stays_in_the_ring() {
         // 5 watchers, 4 events per revision to each, every copy at a new
-        // address; a backlog of 1,000 copies waiting for their send (50
-        // puts: clients stalled for a moment; a soak on this VM keeps at
-        // most 3). Each send frees the oldest copy. Over a million
-        // enqueues, two ways (32768 sets, copies at random sets) pushed
-        // out 475 live copies; four push out none here.
+        // address, at random (the worst case for sets by address); a
+        // backlog of 1,000 copies waiting for their send (50 puts: clients
+        // stalled for a moment; a soak on this VM keeps at most 3). Each
+        // send frees the oldest copy. Over a million enqueues, two ways
+        // (32768 sets) pushed out 475 live copies; four push out none here.
         let mut ring = Ring::new();
         let mut waiting = std::collections::VecDeque::new();
         let (mut pushed_out, mut sent) = (0u32, 0u32);
@@ -777,13 +801,12 @@ mod tests {
         for n in 0..1_000_000u64 {
             let key = WatchRevKey { tgid: 4242, watch_id: (n % 5) as i64, rev: (n / 20) as i64 + 1, event_addr: addr };
             addr = mix(addr) & 0x00ff_ffff_fff8 | 0xc000_0000_0000;
-            let pos = ((n / 5) % 4) as u32;
-            let (set, fp) = watch_rev_slot(&key, pos);
-            pushed_out += u32::from(ring.insert(set, fp));
-            waiting.push_back((key, pos));
+            let (set, fp) = watch_rev_slot(&key);
+            pushed_out += u32::from(ring.insert(set, fp).is_some());
+            waiting.push_back(key);
             if waiting.len() > 1000
-                && let Some((k, pos)) = waiting.pop_front()
-                && let (set, fp) = watch_rev_slot(&k, pos)
+                && let Some(k) = waiting.pop_front()
+                && let (set, fp) = watch_rev_slot(&k)
                 && let Some(i) = ring.find(set, &fp)
             {
                 ring.e[i].ts = 0;
@@ -794,50 +817,119 @@ mod tests {
         assert_eq!(u64::from(sent + pushed_out), 1_000_000 - 1000);
     }
 
-    #[test]
-    fn a_watchers_copies_take_neighbouring_sets_in_stream_order() {
-        let key = |rev, addr| WatchRevKey { tgid: 4242, watch_id: 7, rev, event_addr: addr };
-        let step = (ENQ_SETS_PER_REV as u32) * STAMP_WAYS;
-        // One event per revision: the next revision's set is the next run
-        // of sets, whatever the event's address (what keeps an enqueue's
-        // set in the cache lines and the page the last one touched).
-        for rev in 1_000..2_000i64 {
-            let (a, _) = watch_rev_slot(&key(rev, 0xc000_1000 + 48 * rev as u64), 0);
-            let (b, _) = watch_rev_slot(&key(rev + 1, mix(rev as u64) & 0xffff_fff8), 0);
-            assert_eq!(b, (a + step) % STAMP_ENTRIES);
+    /// How etcd's allocator hands out the per-watcher event slices: one
+    /// after another from a span, `size` bytes apart, a new span past 8 KiB.
+    fn go_heap(start: u64, size: u64) -> impl FnMut() -> u64 {
+        let mut next = start;
+        move || {
+            let at = next;
+            next += size;
+            if next % 8192 + size > 8192 {
+                next = mix(next) & 0x3f_ffff_e000 | 0xc0_0000_0000;
+            }
+            at
         }
-        // The events of one revision follow each other by position.
-        let (a, _) = watch_rev_slot(&key(5, 0xc000_1000), 0);
-        let (b, _) = watch_rev_slot(&key(5, 0xc000_1030), 1);
-        assert_eq!(b, (a + STAMP_WAYS) % STAMP_ENTRIES);
-        // Another watch of the same process starts elsewhere.
-        let (c, _) = watch_rev_slot(&WatchRevKey { watch_id: 8, ..key(5, 0xc000_1000) }, 0);
-        assert_ne!(c / STAMP_WAYS / ENQ_SETS_PER_REV as u32, a / STAMP_WAYS / ENQ_SETS_PER_REV as u32);
+    }
+
+    #[test]
+    fn copies_allocated_one_after_another_take_neighbouring_sets() {
+        // What keeps an enqueue's set in the cache lines the last one
+        // touched: the next copy's set is the next or the one after.
+        let mut alloc = go_heap(0xc000_1000, 24);
+        let mut last = None;
+        for rev in 1_000..1_100i64 {
+            let (set, _) = watch_rev_slot(&WatchRevKey { tgid: 4242, watch_id: 0, rev, event_addr: alloc() });
+            if let Some(l) = last {
+                assert!((set + STAMP_ENTRIES - l) % STAMP_ENTRIES <= 2 * STAMP_WAYS, "{l} then {set}");
+            }
+            last = Some(set);
+        }
+        // Another process with the same addresses starts elsewhere (every
+        // Go heap starts at 0xc000000000).
+        let k = WatchRevKey { tgid: 4242, watch_id: 0, rev: 1, event_addr: 0xc000_1000 };
+        assert_ne!(watch_rev_slot(&k).0, watch_rev_slot(&WatchRevKey { tgid: 4243, ..k }).0);
+    }
+
+    #[test]
+    fn a_thousand_watches_on_fifty_streams_keep_every_copy() {
+        // The long soak's shape: 50 gRPC streams of 20 watches each, so
+        // 20 watch ids, 1,000 copies of each put, 2,000 puts, the last 3
+        // puts' copies waiting for their send. Placing copies by watch id
+        // put 50 copies in one set (2.3 million of 2.56 million pushed
+        // out); by address, none.
+        let mut ring = Ring::new();
+        let mut alloc = go_heap(0xc000_0000, 24);
+        let mut waiting = std::collections::VecDeque::new();
+        let mut pushed_out = 0;
+        for rev in 1..=2_000i64 {
+            for w in 0..1_000i64 {
+                let key = WatchRevKey { tgid: 4242, watch_id: w % 20, rev, event_addr: alloc() };
+                let (set, fp) = watch_rev_slot(&key);
+                pushed_out += u32::from(ring.insert(set, fp).is_some());
+                waiting.push_back(key);
+            }
+            while waiting.len() > 3_000 {
+                let k = waiting.pop_front().expect("waiting");
+                let (set, fp) = watch_rev_slot(&k);
+                let i = ring.find(set, &fp).expect("every waiting copy is in the ring");
+                ring.e[i].ts = 0;
+            }
+        }
+        assert_eq!(pushed_out, 0);
     }
 
     #[test]
     fn a_revision_of_hundreds_of_events_stays_with_the_backlog_behind_it() {
         // A lease that expires deletes its keys at one revision: one
-        // watcher is queued 300 events of revision 100 at once, then one
-        // event per revision for 2,000 revisions, and sends nothing yet
-        // (a stalled client). Nothing is pushed out; every copy is found.
+        // watcher is queued 300 events of revision 100 at once (one slice),
+        // then one event per revision for 2,000 revisions, and sends
+        // nothing yet (a stalled client). Nothing is pushed out; every copy
+        // is found.
         let mut ring = Ring::new();
         let mut copies = Vec::new();
         let key = |rev, addr| WatchRevKey { tgid: 4242, watch_id: 1, rev, event_addr: addr };
-        for pos in 0..300u32 {
-            copies.push((key(100, 0xc000_0000 + 48 * u64::from(pos)), pos));
+        for i in 0..300u64 {
+            copies.push(key(100, 0xc000_0000 + 24 * i));
         }
+        let mut alloc = go_heap(0xc000_4000, 24);
         for rev in 101..2_101i64 {
-            copies.push((key(rev, 0xc100_0000 + 64 * rev as u64), 0));
+            copies.push(key(rev, alloc()));
         }
-        for (k, pos) in &copies {
-            let (set, fp) = watch_rev_slot(k, *pos);
-            assert!(!ring.insert(set, fp), "{k:?} at {pos} pushed a copy out");
+        for k in &copies {
+            let (set, fp) = watch_rev_slot(k);
+            assert!(ring.insert(set, fp).is_none(), "{k:?} pushed a copy out");
         }
-        assert!(copies.iter().all(|(k, pos)| {
-            let (set, fp) = watch_rev_slot(k, *pos);
+        assert!(copies.iter().all(|k| {
+            let (set, fp) = watch_rev_slot(k);
             ring.find(set, &fp).is_some()
         }));
+    }
+
+    #[test]
+    fn an_offer_pushed_out_is_no_loss_and_an_etcd_copy_is() {
+        // An etcd on a control-plane node shares the enqueue ring with its
+        // API server, whose offers to filtering watchers are never removed.
+        // An etcd copy landing on a set full of them pushes one out: no
+        // loss. A set full of etcd copies waiting for their send: a loss.
+        let key = |addr| WatchRevKey { tgid: 4242, watch_id: 9, rev: 77, event_addr: addr };
+        let (set, copy) = watch_rev_slot(&key(0xc000_1000));
+        let offer = |addr| offer_slot(&key(addr)).1;
+        assert!(!pushed_out_a_copy(offer(0xc000_1000)) && pushed_out_a_copy(copy));
+        // Offers and copies of one event to one watch id differ by the mark
+        // alone, and both fingerprints still tell events apart.
+        assert_eq!(copy | OFFER_MARK, offer(0xc000_1000));
+        let mut ring = Ring::new();
+        for w in 0..u64::from(STAMP_WAYS) {
+            assert!(ring.insert(set, offer(0xc100_0000 + 16 * w)).is_none());
+        }
+        let out = ring.insert(set, copy).expect("the set was full");
+        assert!(!pushed_out_a_copy(out), "an offer is no loss");
+        for w in 1..u64::from(STAMP_WAYS) {
+            ring.insert(set, watch_rev_slot(&key(0xc200_0000 + 16 * w)).1);
+        }
+        let out = ring.insert(set, offer(0xc300_0000)).expect("the set was full");
+        assert!(pushed_out_a_copy(out), "an etcd copy is a loss");
+        assert_eq!(out, copy, "the oldest way goes first");
     }
 
     #[test]
@@ -862,7 +954,7 @@ mod tests {
         let mut per_set = std::collections::HashMap::<u32, u32>::new();
         for w in 0..1000u64 {
             let key = WatchRevKey { tgid: 77, watch_id: w as i64, rev: 5, event_addr: 0xc000_1000 + 64 * w };
-            *per_set.entry(watch_rev_slot(&key, 0).0).or_default() += 1;
+            *per_set.entry(watch_rev_slot(&key).0).or_default() += 1;
         }
         let crowded = per_set.values().filter(|&&n| n > STAMP_WAYS).count();
         assert!(per_set.len() > 950 && crowded == 0, "{} sets, {crowded} crowded", per_set.len());

@@ -35,8 +35,8 @@ use agent_common::{
     watch::{
         ARG_NONE, EarlyHandler, MAX_DELTAS_PER_POP, MAX_EVENTS_PER_RESPONSE, MAX_SLOTS, ObjKey, ObjStamp, Pending,
         REV_PENDING, REV_UNREADABLE, RV_DIGITS, RevKey, STAMP_ENTRIES, SentObj, Side, Stage, StageExemplar, Stamp,
-        WatchProbeConfig, WatchRecord, WatchRevKey, events_index, guard_taken, hist_index, parse_rv, rev_entry,
-        watch_rev_slot,
+        WatchProbeConfig, WatchRecord, WatchRevKey, events_index, guard_taken, hist_index, offer_slot, parse_rv,
+        pushed_out_a_copy, rev_entry, watch_rev_slot,
     },
 };
 use aya_ebpf::{
@@ -392,14 +392,19 @@ extern "C" fn ws_enqueue_event(st: *mut EventLoop, i: u64) -> i64 {
     st.n += 1;
     let key = WatchRevKey { tgid: st.tgid as u64, watch_id: st.watch_id, rev, event_addr: addr };
     // A retry of a queue-full watcher (a "victim") is the same copy: keep
-    // the first time, time it once. `i`: the event's position in the
-    // response, as its send will see it.
-    let (set, fp) = watch_rev_slot(&key, i as u32);
+    // the first time, time it once.
+    let (set, fp) = watch_rev_slot(&key);
     match stamps::insert_first(&ENQ_TS, set, &fp, st.now) {
         Some(Inserted::New) => {}
-        // Entries leave this ring when their copy is sent: one pushed out
-        // is a copy whose send will miss. Counted here, where it happens.
-        Some(Inserted::Evicted) => count(Counter::MapFull),
+        // A copy leaves this ring when it is sent: one pushed out is a copy
+        // whose send will miss, counted here, where it happens. An API
+        // server's offer pushed out may have been left to age out (see
+        // `OFFER_MARK`): no loss.
+        Some(Inserted::Evicted(out)) => {
+            if pushed_out_a_copy(out) {
+                count(Counter::MapFull)
+            }
+        }
         Some(Inserted::Exists) | None => return 0,
     }
     match stamp_of(&NOTIFY_TS, &RevKey { id: st.tgid as u64, rev }) {
@@ -577,7 +582,7 @@ extern "C" fn ws_send_event(st: *mut EventLoop, i: u64) -> i64 {
         None => count(Counter::SendCommitMiss),
     }
     let key = WatchRevKey { tgid: st.tgid as u64, watch_id: st.watch_id, rev, event_addr: addr };
-    let (set, fp) = watch_rev_slot(&key, i as u32);
+    let (set, fp) = watch_rev_slot(&key);
     match stamps::find(&ENQ_TS, set, &fp) {
         Some((idx, t)) => {
             observe_stage(st.slot, Stage::EnqueueToSend, st.now.saturating_sub(t), rev, st.watcher(), st.now);
@@ -730,11 +735,18 @@ fn try_kube_queue(ctx: &ProbeContext) -> Option<()> {
     let ev = arg(ctx, &c.cfg.args[1])?;
     let e = cache_event(c.cfg, ev)??;
     // The first offer wins: `add` offers again (and then blocks) when the
-    // queue was full. An entry pushed out of the ring here is not counted
-    // as lost: events a watcher's filter rejects never reach its result
-    // channel, so their entries are left to age out.
-    let (set, fp) = watch_rev_slot(&queue_key(c.tgid, watcher, e.rev, ev), 0);
-    if matches!(stamps::insert_first(&ENQ_TS, set, &fp, c.now), Some(Inserted::New | Inserted::Evicted)) {
+    // queue was full. Offers are marked in the ring (`OFFER_MARK`): events a
+    // watcher's filter rejects never reach its result channel, so their
+    // entries are left to age out, and pushing one out is no loss; pushing
+    // out an etcd copy (the same ring, on a control-plane node) is.
+    let (set, fp) = offer_slot(&queue_key(c.tgid, watcher, e.rev, ev));
+    let inserted = stamps::insert_first(&ENQ_TS, set, &fp, c.now);
+    if let Some(Inserted::Evicted(out)) = inserted
+        && pushed_out_a_copy(out)
+    {
+        count(Counter::MapFull);
+    }
+    if matches!(inserted, Some(Inserted::New | Inserted::Evicted(_))) {
         add(&WATCH_EVENTS, events_index(c.slot, Side::ApiserverOffered), 1);
         emit_hop(WatchRecord { watch_id: watcher as i64, ..hop(Side::ApiserverOffered, c.tgid, e.rev, 0, c.now) });
     }
@@ -856,7 +868,7 @@ fn try_kube_watcher(ctx: &ProbeContext) -> Option<()> {
         add(&WATCH_PROGRESS, events_index(c.slot, Side::ApiserverWatcher), 1);
         return Some(());
     };
-    let (set, fp) = watch_rev_slot(&queue_key(c.tgid, watcher, rev, ev), 0);
+    let (set, fp) = offer_slot(&queue_key(c.tgid, watcher, rev, ev));
     let Some((idx, _queued)) = stamps::find(&ENQ_TS, set, &fp) else {
         // Never offered through the cacher's dispatch: an initial event
         // replayed from the cache's history to a new watch (its commit may

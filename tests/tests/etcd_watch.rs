@@ -435,7 +435,7 @@ fn sigterm_stops_within_half_a_second_and_takes_every_probe_away(build: Build) {
     let comms = format!("{server},{client}");
     // With every evacuation probe too: the most runtime sites a default-cost
     // mode places.
-    let mut agent = Agent::start(&["--comm", &comms, "--go-comm", &comms, "--go-maps", "evacuation"]);
+    let mut agent = Agent::start(&["--comm", &comms, "--go-comm", &comms, "--go-maps", "evacuation", "--bpf-stats"]);
     let (first, second) = (etcd.watch("/stop/"), etcd.watch("/stop/"));
     let pids = [etcd.pid(), first.pid(), second.pid()];
     wait_attached(&agent, &pids);

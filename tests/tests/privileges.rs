@@ -203,7 +203,7 @@ fn with_cap_sys_admin_added_every_watch_event_is_timed_through_the_pmu() {
     let agent = start_with(
         FOUR,
         BPF | PERFMON | SYS_PTRACE | SYS_ADMIN,
-        &["--comm", &format!("{server},{client}"), "--uprobe-attach", "perf"],
+        &["--comm", &format!("{server},{client}"), "--uprobe-attach", "perf", "--bpf-stats"],
     );
     every_watch_event_counted(&agent, server, client, N);
     assert_eq!(debug_probes(&agent)["uprobe_mechanism"], "perf");

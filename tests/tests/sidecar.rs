@@ -219,7 +219,7 @@ fn retransmits_on_the_proxys_sockets_are_counted() {
         ),
     )
     .expect("cfg");
-    let agent = Agent::start(&["--sidecar-comm", comm]);
+    let agent = Agent::start(&["--sidecar-comm", comm, "--bpf-stats"]);
     let hap = Running(
         ns.cmd(&bin)
             .args(["-f", cfg.to_str().expect("path"), "-db"])

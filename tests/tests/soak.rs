@@ -1,6 +1,6 @@
 //! The soak's short form (`cargo xtask soak` runs the long one): etcd
 //! under puts from three writers, each put its own watched `etcdctl`
-//! process (an exec and an exit per put), 20 watches on 4 streams, and 200
+//! process (an exec and an exit per put), 20 watches on 5 streams, and 200
 //! other watched processes starting and exiting per second in a pod whose
 //! kubelet never answers.
 //! Every family is accounted for exactly against counts the agent has no
@@ -17,8 +17,10 @@ fn a_short_soak_accounts_for_every_event_and_exec_exactly() {
     require_root();
     let cfg = SoakConfig {
         seconds: 10,
-        streams: 4,
-        watches_per_stream: 5,
+        // Five streams of four: watch ids are only unique per stream, so
+        // five watches share each id, one more than a ring set's ways.
+        streams: 5,
+        watches_per_stream: 4,
         writers: 3,
         execs_per_second: 200,
         stalled_kubelet: true,

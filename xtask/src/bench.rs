@@ -825,7 +825,6 @@ fn sidecar(args: &BenchArgs) -> Result<()> {
             let a = if with_agent {
                 let a = spawn_quiet(Command::new(&agent).args([
                     "run",
-                    "--bpf-stats=false",
                     "--listen",
                     &format!("127.0.0.1:{aport}"),
                     "--sidecar-comm",
@@ -929,7 +928,7 @@ fn agent_on(agent: &Path, port: u16, bin: &Path, extra: &[&str]) -> Result<Kille
     let comm = bin.file_name().and_then(|n| n.to_str()).context("fixture name")?;
     let mut cmd = Command::new(agent);
     // The agent's own BPF statistics would add two clock reads per probe hit.
-    cmd.args(["run", "--bpf-stats=false", "--listen", &format!("127.0.0.1:{port}"), "--go-comm", comm]).args(extra);
+    cmd.args(["run", "--listen", &format!("127.0.0.1:{port}"), "--go-comm", comm]).args(extra);
     let a = spawn_quiet(&mut cmd)?;
     let probes = format!("http://127.0.0.1:{port}/debug/probes");
     let deadline = Instant::now() + Duration::from_secs(30);

@@ -55,8 +55,8 @@ pub const PROBES_ATTACHED: Family = Family {
 pub const PROGRAM_RUNS: Family = Family {
     name: "program_runs",
     kind: MetricType::Counter,
-    help: "Times each of the agent's eBPF programs ran, from the kernel's BPF statistics (off with \
-           --bpf-stats=false).",
+    help: "Times each of the agent's eBPF programs ran, from the kernel's BPF statistics (on with \
+           --bpf-stats, or the node's kernel.bpf_stats_enabled=1).",
 };
 pub const PROGRAM_RUN_SECONDS: Family = Family {
     name: "program_run_seconds",
