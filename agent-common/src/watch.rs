@@ -375,12 +375,15 @@ pub struct WatchRevKey {
 /// set already holds `STAMP_WAYS` live ones. Copies take sets by their
 /// event's address (`watch_rev_slot`), and live copies are live objects,
 /// so a set overflows only where addresses of waiting copies meet modulo
-/// the ring: about as often as if copies were placed at random, `(n /
-/// STAMP_SETS)^2 / 2` per enqueue with two ways, `(n / STAMP_SETS)^4 / 24`
-/// with four, for `n` copies waiting for their send. A backlog of 1,000
-/// copies (clients stalled for a moment) lost one copy in 2,000 enqueues
-/// with two ways, and fewer than one in a million with four (unit test
-/// `a_backlog_of_copies_stays_in_the_ring`). The rings by revision keep
+/// the ring (256 KiB). Placed at random, `n` waiting copies overflow a set
+/// `(n / STAMP_SETS)^2 / 2` times per enqueue with two ways and
+/// `(n / STAMP_SETS)^4 / 24` with four: a backlog of 1,000 copies (clients
+/// stalled for a moment) lost one copy in 2,000 enqueues with two ways, and
+/// fewer than one in a million with four (unit test
+/// `a_backlog_of_copies_stays_in_the_ring`). By address (`watch_rev_slot`),
+/// copies allocated one after another never meet each other, and a model
+/// of etcd's allocations pushes out no more than random placement does
+/// (`copies_by_address_are_pushed_out_no_more_than_at_random`). The rings by revision keep
 /// `STAMP_ENTRIES` consecutive revisions either way. More ways would cost
 /// every lookup that misses (each way is one more entry read).
 pub const STAMP_SETS: u32 = 16384;
@@ -428,11 +431,12 @@ pub fn rev_entry(key: &RevKey) -> u32 {
 /// of the key's 32 bytes, which made the ring twice as large (3 MiB,
 /// against the agent's 32 MiB bound at 96 CPUs).
 ///
-/// The set is the event's address (in 16-byte steps, from an offset of
-/// the process's own), not a hash of it: etcd copies each event into a
-/// slice per watcher, one allocation after another, so consecutive copies
-/// take neighbouring sets, and an enqueue finds its set in the cache lines
-/// and the page the last one touched. A hash of the address read a cold
+/// The set follows the event's address within its page (`by_address`),
+/// not a hash of the whole address: etcd copies each event into a slice
+/// per watcher, one allocation after another, so the copies of one put lie
+/// in few stretches of sets (enqueued in the order of a Go map, not of the
+/// allocations), and with one watcher the next put's copy is mostly in the
+/// cache lines and the page of the ring the last one touched. A hash of the address read a cold
 /// set of the 1.5 MiB ring at every enqueue, a cache and TLB miss that
 /// took a third of `etcd_enqueue`'s time (perf on etcd under puts). The
 /// watch id cannot place a copy: ids are only unique per gRPC stream (50
@@ -442,7 +446,19 @@ pub fn rev_entry(key: &RevKey) -> u32 {
 /// (its lowest bit is `OFFER_MARK`).
 #[inline(always)]
 pub fn watch_rev_slot(key: &WatchRevKey) -> (u32, u64) {
-    (set_entry((key.event_addr >> 4).wrapping_add(mix(key.tgid))), fingerprint(key) & !OFFER_MARK)
+    (set_entry(by_address(key.event_addr, key.tgid)), fingerprint(key) & !OFFER_MARK)
+}
+
+/// An address's place in a ring: its 16-byte step within its 8 KiB page
+/// (a Go span of small objects), from an offset hashed from the page and
+/// `offset`. Within a span, one allocation after another takes
+/// neighbouring sets; spans start anywhere. Unhashed, a span could only
+/// start at one of 32 places (the ring spans 256 KiB), and spans meeting
+/// there pushed out three times as many copies as random placement under a
+/// backlog of 10,000 (`copies_by_address_are_pushed_out_no_more_than_at_random`).
+#[inline(always)]
+fn by_address(addr: u64, offset: u64) -> u64 {
+    ((addr >> 4) & 511).wrapping_add(mix(offset ^ (addr >> 13)))
 }
 
 #[inline(always)]
@@ -453,10 +469,14 @@ fn fingerprint(key: &WatchRevKey) -> u64 {
 
 /// The fingerprint bit that marks an API server's offer to one of its
 /// watchers (`kube_queue`) in the enqueue ring, which it shares with
-/// etcd's copies. An offer the watcher's filter rejects never reaches its
-/// result channel, so its entry is never removed and is left to age out:
-/// pushing one out loses nothing. An etcd copy always leaves at its send,
-/// so one pushed out while live is a send that will miss.
+/// etcd's copies. Many offers are never removed: the events a watcher's
+/// filter rejects never reach its result channel, and their entries are
+/// left to age out, so an offer pushed out is not counted (if it was still
+/// live, its result-channel probe finds nothing and counts the event as
+/// replayed, untimed). An etcd copy leaves at its send, so one pushed out
+/// is counted (`map_full`): a send that will miss. (A watch that filters
+/// events or is cancelled with copies queued leaves its copies to age out
+/// too, and pushing those out is then overcounted.)
 pub const OFFER_MARK: u64 = 1;
 
 /// Where the enqueue ring keeps an API server's offer of one event to one
@@ -466,8 +486,7 @@ pub const OFFER_MARK: u64 = 1;
 /// of its own.
 #[inline(always)]
 pub fn offer_slot(key: &WatchRevKey) -> (u32, u64) {
-    let offset = mix(key.tgid ^ mix(key.watch_id as u64));
-    (set_entry((key.event_addr >> 4).wrapping_add(offset)), fingerprint(key) | OFFER_MARK)
+    (set_entry(by_address(key.event_addr, mix(key.tgid ^ mix(key.watch_id as u64)))), fingerprint(key) | OFFER_MARK)
 }
 
 /// Whether an entry pushed out of the enqueue ring while live (its
@@ -789,11 +808,11 @@ mod tests {
     #[test]
     fn a_backlog_of_copies_stays_in_the_ring() {
         // 5 watchers, 4 events per revision to each, every copy at a new
-        // address, at random (the worst case for sets by address); a
-        // backlog of 1,000 copies waiting for their send (50 puts: clients
-        // stalled for a moment; a soak on this VM keeps at most 3). Each
-        // send frees the oldest copy. Over a million enqueues, two ways
-        // (32768 sets) pushed out 475 live copies; four push out none here.
+        // address, at random (8-byte aligned: every set in use); a backlog
+        // of 1,000 copies waiting for their send (50 puts: clients stalled
+        // for a moment; a soak on this VM keeps at most 3). Each send frees
+        // the oldest copy. Over a million enqueues, two ways (32768 sets)
+        // pushed out 475 live copies; four push out none here.
         let mut ring = Ring::new();
         let mut waiting = std::collections::VecDeque::new();
         let (mut pushed_out, mut sent) = (0u32, 0u32);
@@ -850,32 +869,56 @@ mod tests {
         assert_ne!(watch_rev_slot(&k).0, watch_rev_slot(&WatchRevKey { tgid: 4243, ..k }).0);
     }
 
-    #[test]
-    fn a_thousand_watches_on_fifty_streams_keep_every_copy() {
-        // The long soak's shape: 50 gRPC streams of 20 watches each, so
-        // 20 watch ids, 1,000 copies of each put, 2,000 puts, the last 3
-        // puts' copies waiting for their send. Placing copies by watch id
-        // put 50 copies in one set (2.3 million of 2.56 million pushed
-        // out); by address, none.
+    /// Puts to 1,000 watches on 50 gRPC streams of 20 (the long soak's
+    /// shape: 20 watch ids), every fourth a txn of three events (one slice
+    /// of three per watcher, the 80-byte size class) when `txn`, with
+    /// `backlog` copies waiting for their send; the copies `place`
+    /// pushed out of a ring, and the enqueues.
+    fn soak_shape(backlog: usize, txn: bool, place: fn(&WatchRevKey) -> u32) -> (u32, u32) {
         let mut ring = Ring::new();
-        let mut alloc = go_heap(0xc000_0000, 24);
+        let (mut one, mut three) = (go_heap(0xc000_0000, 24), go_heap(0xc080_0000, 80));
         let mut waiting = std::collections::VecDeque::new();
-        let mut pushed_out = 0;
+        let (mut pushed_out, mut enqueued) = (0, 0);
         for rev in 1..=2_000i64 {
             for w in 0..1_000i64 {
-                let key = WatchRevKey { tgid: 4242, watch_id: w % 20, rev, event_addr: alloc() };
-                let (set, fp) = watch_rev_slot(&key);
-                pushed_out += u32::from(ring.insert(set, fp).is_some());
-                waiting.push_back(key);
+                let (slice, n) = if txn && rev % 4 == 0 { (three(), 3) } else { (one(), 1) };
+                for i in 0..n {
+                    let key = WatchRevKey { tgid: 4242, watch_id: w % 20, rev, event_addr: slice + 24 * i };
+                    pushed_out += u32::from(ring.insert(place(&key), watch_rev_slot(&key).1).is_some());
+                    enqueued += 1;
+                    waiting.push_back(key);
+                }
             }
-            while waiting.len() > 3_000 {
+            while waiting.len() > backlog {
                 let k = waiting.pop_front().expect("waiting");
-                let (set, fp) = watch_rev_slot(&k);
-                let i = ring.find(set, &fp).expect("every waiting copy is in the ring");
-                ring.e[i].ts = 0;
+                if let Some(i) = ring.find(place(&k), &watch_rev_slot(&k).1) {
+                    ring.e[i].ts = 0;
+                }
             }
         }
-        assert_eq!(pushed_out, 0);
+        (pushed_out, enqueued)
+    }
+
+    #[test]
+    fn a_thousand_watches_on_fifty_streams_keep_every_copy() {
+        // The last put's copies waiting: none pushed out. Placing copies by
+        // watch id put 50 copies in one set (2.3 million of 2.56 million
+        // pushed out in the long soak).
+        assert_eq!(soak_shape(1_000, true, |k| watch_rev_slot(k).0).0, 0);
+    }
+
+    #[test]
+    fn copies_by_address_are_pushed_out_no_more_than_at_random() {
+        // Backlogs of 3 and 10 puts, with and without txns. Measured (of 2
+        // or 3 million enqueues): by page offset 23, 252, 7,319, 13,805;
+        // at random 143, 445, 8,607, 15,346; by the unhashed address 0,
+        // 505, 24,617, 46,799.
+        let random: fn(&WatchRevKey) -> u32 = |k| set_entry(mix(k.event_addr ^ mix(k.tgid)));
+        for (backlog, txn) in [(3_000, false), (3_000, true), (10_000, false), (10_000, true)] {
+            let (ours, n) = soak_shape(backlog, txn, |k| watch_rev_slot(k).0);
+            let (at_random, _) = soak_shape(backlog, txn, random);
+            assert!(ours <= at_random, "backlog {backlog}, txn {txn}: {ours} of {n} pushed out, {at_random} at random");
+        }
     }
 
     #[test]

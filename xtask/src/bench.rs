@@ -322,8 +322,32 @@ fn t975(df: usize) -> f64 {
 }
 
 /// perf's sampling rate in every round: ~10,000 samples of etcd in a 5 s
-/// round, for a sampling error of about ±0.4 µs per put in one round.
+/// round, for a sampling error of about ±0.45 µs per put in one round.
 const PROFILE_HZ: u32 = 1999;
+
+/// One measured round of `bench etcd`: its puts, perf's samples per pid
+/// (when sampled), and the agent's (CPU, wall) seconds over the puts.
+type Measured = (Round, Option<HashMap<u32, trap::TrapShare>>, (f64, f64));
+
+/// `kernel.bpf_stats_enabled` on while this lives, and back to what it was
+/// after, however the round ends.
+struct BpfStatsOn(String);
+
+impl BpfStatsOn {
+    const PATH: &str = "/proc/sys/kernel/bpf_stats_enabled";
+
+    fn new() -> Self {
+        let old = std::fs::read_to_string(Self::PATH).unwrap_or_else(|_| "0".into());
+        let _ = std::fs::write(Self::PATH, "1");
+        BpfStatsOn(old.trim().to_string())
+    }
+}
+
+impl Drop for BpfStatsOn {
+    fn drop(&mut self) {
+        let _ = std::fs::write(Self::PATH, &self.0);
+    }
+}
 
 fn etcd(args: &BenchArgs) -> Result<()> {
     let (agent, loadgen) = prepare_load("etcd")?;
@@ -376,13 +400,22 @@ fn etcd(args: &BenchArgs) -> Result<()> {
         }
     };
     let data = dir.path().join("perf.data");
-    let round = |seconds: u64| -> Result<(Round, Option<HashMap<u32, trap::TrapShare>>)> {
-        let run = || load(&pins, &loadgen, &client, seconds, etcd_pid, watch_pid);
+    // One round of puts, sampled when perf runs, and the agent's CPU and
+    // wall time over the puts alone (not perf's writing and reading after).
+    let round = |agent: Option<u32>| -> Result<Measured> {
+        let run = || {
+            let cpu0 = agent.map(cpu_seconds);
+            let t0 = Instant::now();
+            let m = load(&pins, &loadgen, &client, args.seconds, etcd_pid, watch_pid)?;
+            let cpu = agent.zip(cpu0).map_or(0.0, |(pid, c0)| cpu_seconds(pid) - c0);
+            Ok((m, (cpu, t0.elapsed().as_secs_f64())))
+        };
         if perf {
-            let (m, shares) = trap::profile(&[etcd_pid, watch_pid], PROFILE_HZ, &data, run)?;
-            Ok((m, Some(shares)))
+            let ((m, used), shares) = trap::profile(pins.rest("perf"), &[etcd_pid, watch_pid], PROFILE_HZ, &data, run)?;
+            Ok((m, Some(shares), used))
         } else {
-            Ok((run()?, None))
+            let (m, used) = run()?;
+            Ok((m, None, used))
         }
     };
 
@@ -398,7 +431,10 @@ fn etcd(args: &BenchArgs) -> Result<()> {
     let (mut without, mut with) = (Vec::new(), Vec::new());
     // Per round with the agent: (etcd, watcher) CPU per put inside the trap.
     let mut in_trap: Vec<(f64, f64)> = Vec::new();
-    let (mut samples, mut trapped) = (trap::TrapShare::default(), trap::TrapShare::default());
+    // Samples of (etcd, watcher), with the agent and without (the control:
+    // no breakpoint, no sample inside a trap).
+    let (mut etcd_with, mut watcher_with) = (trap::TrapShare::default(), trap::TrapShare::default());
+    let mut control = trap::TrapShare::default();
     let (mut agent_cpu, mut agent_wall, mut rss) = (0.0, 0.0, 0.0f64);
     for r in 0..args.rounds {
         // ABBA order: drift in etcd's state (compactions, fsync) hits both alike.
@@ -406,15 +442,16 @@ fn etcd(args: &BenchArgs) -> Result<()> {
         for with_agent in order {
             compact(&client);
             if !with_agent {
-                let (m, _) = round(args.seconds)?;
+                let (m, shares, _) = round(None)?;
+                for s in shares.iter().flat_map(|s| s.values()) {
+                    control.add(*s);
+                }
                 println!("    round {r} without agent: {}", m.line());
                 without.push(m);
                 continue;
             }
             let a = start_agent()?;
             let pid = a.0.id();
-            let cpu0 = cpu_seconds(pid);
-            let t0 = Instant::now();
             // Scrape once a second during the round, as Prometheus would.
             let metrics = format!("http://127.0.0.1:{aport}/metrics");
             let scrape_for = Duration::from_secs(args.seconds + 1);
@@ -425,46 +462,49 @@ fn etcd(args: &BenchArgs) -> Result<()> {
                     std::thread::sleep(Duration::from_secs(1));
                 }
             });
-            let (m, shares) = round(args.seconds)?;
+            let (m, shares, (cpu, wall)) = round(Some(pid))?;
             let _ = scraper.join();
-            agent_cpu += cpu_seconds(pid) - cpu0;
-            agent_wall += t0.elapsed().as_secs_f64();
+            agent_cpu += cpu;
+            agent_wall += wall;
             rss = rss.max(rss_mb(pid));
             let mut line = m.line();
             if let Some(shares) = shares {
-                let (e, w) = (shares.get(&etcd_pid).copied(), shares.get(&watch_pid).copied());
-                let (e, w) = (e.unwrap_or_default(), w.unwrap_or_default());
-                if let (Some((et, ..)), Some((wt, ..))) =
-                    (e.per_op(m.etcd_cpu_us_per_put), w.per_op(m.watcher_cpu_us_per_put))
-                {
+                let e = shares.get(&etcd_pid).copied().unwrap_or_default();
+                let w = shares.get(&watch_pid).copied().unwrap_or_default();
+                if let (Some(et), Some(wt)) = (e.per_op(m.etcd_cpu_us_per_put), w.per_op(m.watcher_cpu_us_per_put)) {
                     line += &format!("; inside the trap: etcd {et:.2}, watcher {wt:.2}");
                     in_trap.push((et, wt));
                 }
-                samples.samples += e.samples;
-                samples.in_trap += e.in_trap;
-                trapped.samples += w.samples;
-                trapped.in_trap += w.in_trap;
+                etcd_with.add(e);
+                watcher_with.add(w);
             }
             println!("    round {r} with agent:    {line}");
             with.push(m);
             drop(a);
         }
     }
+    // A trap that perf never saw is a failure to see it (kernel symbols
+    // hidden, another kernel's entry name), never a cost of zero.
+    if perf && etcd_with.in_trap == 0 {
+        bail!(
+            "perf took {} samples of etcd with the agent and none inside the trap: are kernel symbols readable \
+             (kernel.kptr_restrict)?",
+            etcd_with.samples
+        );
+    }
 
     // The programs' run time per hit needs the kernel's run-time
     // statistics, which read a clock twice per program run (kvm-clock
-    // here: ~5 % of the time inside the trap); a node runs without them,
+    // here: 4 % of the time inside etcd's trap); a node runs without them,
     // so the paired rounds do too, and a round of their own reads them.
     step("a round with the agent and the kernel's BPF run-time statistics");
     let costs = {
-        let _ = std::fs::write("/proc/sys/kernel/bpf_stats_enabled", "1");
+        let _stats = BpfStatsOn::new();
         compact(&client);
         let a = start_agent()?;
-        let m = load(&pins, &loadgen, &client, args.seconds, etcd_pid, watch_pid);
+        load(&pins, &loadgen, &client, args.seconds, etcd_pid, watch_pid)?;
         let costs = bpf_prog_costs(|n| n.starts_with("etcd_") || n.starts_with("go_"));
         drop(a);
-        let _ = std::fs::write("/proc/sys/kernel/bpf_stats_enabled", "0");
-        m?;
         costs
     };
 
@@ -505,20 +545,22 @@ fn etcd(args: &BenchArgs) -> Result<()> {
     added(|m| m.watcher_cpu_us_per_put, "watcher (etcdctl)", 5.0);
     // The trap's CPU per put over the rounds with the agent: mean and 95 %
     // interval across rounds (how fast this VM ran that round varies more
-    // than each round's sampling error).
+    // than each round's sampling error). A lower bound of the added CPU
+    // (trap.rs), so it is reported against the target, not judged by it.
     let inside = |f: fn(&(f64, f64)) -> f64, s: trap::TrapShare, what: &str, target: f64| {
         let v: Vec<f64> = in_trap.iter().map(f).collect();
+        let below = |hi: f64| if hi <= target { "under" } else { "NOT under" };
         match Paired::mean(&v) {
             Some(p) => println!(
-                "    {what} CPU per put inside the probes' trap: {:.2} µs (mean of {} rounds, 95% CI {:.2} to {:.2}; \
-                 {} of {} samples) (target <= {target} µs) {}",
+                "    {what} CPU per put inside the probes' trap (a lower bound of the added CPU): {:.2} µs (mean of {} \
+                 rounds, 95% CI {:.2} to {:.2}; {} of {} samples): {} the target of {target} µs",
                 p.mean,
                 p.n,
                 p.lo,
                 p.hi,
                 s.in_trap,
                 s.samples,
-                p.verdict(target)
+                below(p.hi)
             ),
             None if v.len() == 1 => {
                 println!("    {what} CPU per put inside the probes' trap: {:.2} µs (one round: no interval)", v[0])
@@ -526,8 +568,14 @@ fn etcd(args: &BenchArgs) -> Result<()> {
             None => {}
         }
     };
-    inside(|t| t.0, samples, "etcd", 4.0);
-    inside(|t| t.1, trapped, "watcher (etcdctl)", 5.0);
+    inside(|t| t.0, etcd_with, "etcd", 4.0);
+    inside(|t| t.1, watcher_with, "watcher (etcdctl)", 5.0);
+    if perf {
+        println!(
+            "    without the agent (the control): {} of {} samples of etcd and the watcher inside a trap",
+            control.in_trap, control.samples
+        );
+    }
     println!("    agent CPU: {cpu_pct:.2}% of one core, scraped every second (target < 2%) {}", verdict(cpu_pct < 2.0));
     println!("    agent peak RSS: {rss:.1} MB (target < 64 MB) {}", verdict(rss < 64.0));
     for (name, ns, cnt) in costs {
@@ -927,7 +975,6 @@ fn mapwork_run_then<T>(
 fn agent_on(agent: &Path, port: u16, bin: &Path, extra: &[&str]) -> Result<Killed> {
     let comm = bin.file_name().and_then(|n| n.to_str()).context("fixture name")?;
     let mut cmd = Command::new(agent);
-    // The agent's own BPF statistics would add two clock reads per probe hit.
     cmd.args(["run", "--listen", &format!("127.0.0.1:{port}"), "--go-comm", comm]).args(extra);
     let a = spawn_quiet(&mut cmd)?;
     let probes = format!("http://127.0.0.1:{port}/debug/probes");

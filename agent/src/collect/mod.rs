@@ -391,7 +391,8 @@ pub struct Snapshot {
     pub decode_errors: u64,
     /// Attached programs by kind (`tracepoint`, `uprobe`).
     pub probes_attached: Vec<(&'static str, u64)>,
-    /// Per-program kernel statistics (empty with --bpf-stats=false).
+    /// Per-program kernel statistics (empty unless --bpf-stats or the
+    /// node's kernel.bpf_stats_enabled=1).
     pub programs: Vec<ProgramStats>,
     /// The agent's maps and the kernel memory each holds.
     pub map_bytes: Vec<mapmem::MapBytes>,

@@ -3,9 +3,10 @@
 //!
 //! The kernel counts both only while someone holds a
 //! `BPF_ENABLE_STATS(BPF_STATS_RUN_TIME)` file descriptor (each run then
-//! costs two more clock reads: see README, "What the agent costs"), so
-//! [`BpfStats::enable`] keeps one for the agent's life unless
-//! `--bpf-stats=false`. The values are read from `/proc/self/fdinfo/<fd>` of
+//! costs two more clock reads, for every BPF program on the node: see
+//! README, "The agent's own metrics"), so [`BpfStats::enable`] keeps one
+//! for the agent's life only with `--bpf-stats`; without it the series are
+//! there when the node's `kernel.bpf_stats_enabled` is 1. The values are read from `/proc/self/fdinfo/<fd>` of
 //! a duplicate of each program's fd (`run_cnt`, `run_time_ns`): that needs
 //! no privilege beyond owning the fd, unlike walking every program on the
 //! host by id (CAP_SYS_ADMIN), and it works after the `Ebpf` object has moved
@@ -21,16 +22,18 @@ use tracing::{debug, warn};
 use super::ProgramStats;
 
 pub struct BpfStats {
-    /// Statistics stay on while this is open.
-    _enabled: Option<OwnedFd>,
-    /// Whether run counts and times are being counted (by us or the sysctl).
-    on: bool,
+    /// Statistics stay on while this is open (`--bpf-stats`); without it
+    /// they are counted while the node's sysctl has them on.
+    enabled: Option<OwnedFd>,
     programs: Vec<(String, OwnedFd)>,
 }
 
 impl std::fmt::Debug for BpfStats {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("BpfStats").field("on", &self.on).field("programs", &self.programs.len()).finish()
+        f.debug_struct("BpfStats")
+            .field("ours", &self.enabled.is_some())
+            .field("programs", &self.programs.len())
+            .finish()
     }
 }
 
@@ -41,16 +44,17 @@ impl BpfStats {
     pub fn enable(ebpf: &Ebpf, multi: Option<&MultiPrograms>, enable: bool) -> Self {
         // BPF_ENABLE_STATS needs CAP_SYS_ADMIN; without it, the node's
         // `kernel.bpf_stats_enabled` sysctl may have them on for everyone.
-        let (enabled, on) = match enable.then(|| aya::sys::enable_stats(aya::sys::Stats::RunTime)) {
-            None => (None, false),
-            Some(Ok(fd)) => (Some(fd), true),
-            Some(Err(_)) if sysctl_on() => (None, true),
+        let enabled = match enable.then(|| aya::sys::enable_stats(aya::sys::Stats::RunTime)) {
+            None => None,
+            Some(Ok(fd)) => Some(fd),
             Some(Err(e)) => {
-                warn!(
-                    "cannot enable eBPF run-time statistics ({e}: it needs CAP_SYS_ADMIN, or the sysctl \
-                     kernel.bpf_stats_enabled=1 on the node); watchscope_program_* will be missing"
-                );
-                (None, false)
+                if !sysctl_on() {
+                    warn!(
+                        "cannot enable eBPF run-time statistics ({e}: it needs CAP_SYS_ADMIN, or the sysctl \
+                         kernel.bpf_stats_enabled=1 on the node); watchscope_program_* will be missing"
+                    );
+                }
+                None
             }
         };
         let mut programs = Vec::new();
@@ -69,12 +73,13 @@ impl BpfStats {
             }
         }
         programs.sort_by(|a, b| a.0.cmp(&b.0));
-        Self { _enabled: enabled, on, programs }
+        Self { enabled, programs }
     }
 
-    /// Run counts and times now (none while statistics are off).
+    /// Run counts and times now (none while statistics are off: the
+    /// node's sysctl is read again, as someone may turn it on or off).
     pub fn read(&self) -> Vec<ProgramStats> {
-        if !self.on {
+        if self.enabled.is_none() && !sysctl_on() {
             return Vec::new();
         }
         self.programs
