@@ -383,8 +383,8 @@ pub struct WatchRevKey {
 /// `a_backlog_of_copies_stays_in_the_ring`). By address (`watch_rev_slot`),
 /// copies allocated one after another never meet each other, and a model
 /// of etcd's allocations pushes out no more than random placement does
-/// (`copies_by_address_are_pushed_out_no_more_than_at_random`). The rings by revision keep
-/// `STAMP_ENTRIES` consecutive revisions either way. More ways would cost
+/// (`copies_by_address_are_pushed_out_no_more_than_at_random`). The rings
+/// by revision keep `STAMP_ENTRIES` consecutive revisions either way. More ways would cost
 /// every lookup that misses (each way is one more entry read).
 pub const STAMP_SETS: u32 = 16384;
 pub const STAMP_WAYS: u32 = 4;
@@ -436,9 +436,10 @@ pub fn rev_entry(key: &RevKey) -> u32 {
 /// per watcher, one allocation after another, so the copies of one put lie
 /// in few stretches of sets (enqueued in the order of a Go map, not of the
 /// allocations), and with one watcher the next put's copy is mostly in the
-/// cache lines and the page of the ring the last one touched. A hash of the address read a cold
-/// set of the 1.5 MiB ring at every enqueue, a cache and TLB miss that
-/// took a third of `etcd_enqueue`'s time (perf on etcd under puts). The
+/// cache lines and the page of the ring the last one touched. A hash of
+/// the address read a cold set of the 1.5 MiB ring at every enqueue, a
+/// cache and TLB miss that took a third of `etcd_enqueue`'s time (perf on
+/// etcd under puts). The
 /// watch id cannot place a copy: ids are only unique per gRPC stream (50
 /// streams of 20 watches have 20 ids), and copies of one event to watches
 /// with one id would share a set. The fingerprint hashes every field; two

@@ -394,24 +394,28 @@ extern "C" fn ws_enqueue_event(st: *mut EventLoop, i: u64) -> i64 {
     // A retry of a queue-full watcher (a "victim") is the same copy: keep
     // the first time, time it once.
     let (set, fp) = watch_rev_slot(&key);
-    match stamps::insert_first(&ENQ_TS, set, &fp, st.now) {
-        Some(Inserted::New) => {}
-        // A copy leaves this ring when it is sent: one pushed out is a copy
-        // whose send will miss, counted here, where it happens. An API
-        // server's offer pushed out may have been left to age out (see
-        // `OFFER_MARK`): no loss.
-        Some(Inserted::Evicted(out)) => {
-            if pushed_out_a_copy(out) {
-                count(Counter::MapFull)
-            }
-        }
-        Some(Inserted::Exists) | None => return 0,
+    let inserted = stamps::insert_first(&ENQ_TS, set, &fp, st.now);
+    count_copy_pushed_out(&inserted);
+    if !matches!(inserted, Some(Inserted::New | Inserted::Evicted(_))) {
+        return 0;
     }
     match stamp_of(&NOTIFY_TS, &RevKey { id: st.tgid as u64, rev }) {
         Some(t) => observe_stage(st.slot, Stage::CommitToEnqueue, st.now.saturating_sub(t), rev, st.watcher(), st.now),
         None => count(Counter::EnqueueCommitMiss),
     }
     0
+}
+
+/// Counts an etcd copy that an insert into the enqueue ring (etcd's or an
+/// API server's) pushed out while live: a send that will miss. An offer
+/// pushed out may have been left to age out (`OFFER_MARK`): no loss.
+#[inline(always)]
+fn count_copy_pushed_out(inserted: &Option<Inserted<u64>>) {
+    if let Some(Inserted::Evicted(out)) = inserted
+        && pushed_out_a_copy(*out)
+    {
+        count(Counter::MapFull);
+    }
 }
 
 #[inline(always)]
@@ -741,11 +745,7 @@ fn try_kube_queue(ctx: &ProbeContext) -> Option<()> {
     // out an etcd copy (the same ring, on a control-plane node) is.
     let (set, fp) = offer_slot(&queue_key(c.tgid, watcher, e.rev, ev));
     let inserted = stamps::insert_first(&ENQ_TS, set, &fp, c.now);
-    if let Some(Inserted::Evicted(out)) = inserted
-        && pushed_out_a_copy(out)
-    {
-        count(Counter::MapFull);
-    }
+    count_copy_pushed_out(&inserted);
     if matches!(inserted, Some(Inserted::New | Inserted::Evicted(_))) {
         add(&WATCH_EVENTS, events_index(c.slot, Side::ApiserverOffered), 1);
         emit_hop(WatchRecord { watch_id: watcher as i64, ..hop(Side::ApiserverOffered, c.tgid, e.rev, 0, c.now) });

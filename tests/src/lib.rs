@@ -492,6 +492,26 @@ pub fn inspect_text(bin: &std::path::Path) -> String {
     String::from_utf8_lossy(&o.stdout).to_string()
 }
 
+/// The node's `kernel.bpf_stats_enabled`, set for as long as this lives and
+/// put back as it was after, however the test or benchmark round ends.
+pub struct BpfStatsSysctl(String);
+
+impl BpfStatsSysctl {
+    const PATH: &str = "/proc/sys/kernel/bpf_stats_enabled";
+
+    pub fn set(on: bool) -> std::io::Result<Self> {
+        let old = std::fs::read_to_string(Self::PATH)?;
+        std::fs::write(Self::PATH, if on { "1" } else { "0" })?;
+        Ok(BpfStatsSysctl(old.trim().to_string()))
+    }
+}
+
+impl Drop for BpfStatsSysctl {
+    fn drop(&mut self) {
+        let _ = std::fs::write(Self::PATH, &self.0);
+    }
+}
+
 /// Waits until `f` returns true or the timeout passes; returns the last result.
 pub fn wait_until(timeout: Duration, mut f: impl FnMut() -> bool) -> bool {
     let deadline = Instant::now() + timeout;

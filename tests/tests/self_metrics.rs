@@ -3,7 +3,7 @@
 
 use std::{process::Command, time::Duration};
 
-use watchscope_integration_tests::{Agent, wait_until};
+use watchscope_integration_tests::{Agent, BpfStatsSysctl, wait_until};
 
 const EXEC_RUNS: &str = "watchscope_program_runs_total{program=\"sched_process_exec\"}";
 const EXEC_TIME: &str = "watchscope_program_run_seconds_total{program=\"sched_process_exec\"}";
@@ -66,39 +66,20 @@ fn bpf_stats_are_off_unless_asked() {
     assert!(!text.contains("watchscope_program_runs_total{"), "no series without statistics:\n{text}");
 }
 
-/// Restores `kernel.bpf_stats_enabled` when a test that set it ends.
-struct Sysctl(String);
-
-impl Sysctl {
-    const PATH: &str = "/proc/sys/kernel/bpf_stats_enabled";
-
-    fn set(v: &str) -> Self {
-        let old = std::fs::read_to_string(Self::PATH).expect("read the sysctl");
-        std::fs::write(Self::PATH, v).expect("write the sysctl");
-        Sysctl(old.trim().to_string())
-    }
-}
-
-impl Drop for Sysctl {
-    fn drop(&mut self) {
-        let _ = std::fs::write(Self::PATH, &self.0);
-    }
-}
-
 /// Without `--bpf-stats`, the node's `kernel.bpf_stats_enabled=1` gives
 /// the series (what the DaemonSet without CAP_SYS_ADMIN relies on), and
 /// they go when it is turned off again.
 #[test]
 fn the_nodes_sysctl_alone_gives_the_run_metrics_while_it_is_on() {
     let agent = Agent::start(&["--comm", "wsnone", "--sidecar-comm", "wsnone"]);
-    let on = Sysctl::set("1");
+    let on = BpfStatsSysctl::set(true).expect("turn the sysctl on");
     let before = agent.sample(EXEC_RUNS);
     for _ in 0..10 {
         assert!(Command::new("/bin/true").status().expect("run true").success());
     }
     assert!(wait_until(Duration::from_secs(5), || agent.sample(EXEC_RUNS) - before >= 10.0), "{}", agent.metrics());
     drop(on);
-    let _off = Sysctl::set("0");
+    let _off = BpfStatsSysctl::set(false).expect("turn the sysctl off");
     assert!(!agent.metrics().contains("watchscope_program_runs_total{"), "no series once it is off");
 }
 

@@ -329,26 +329,6 @@ const PROFILE_HZ: u32 = 1999;
 /// (when sampled), and the agent's (CPU, wall) seconds over the puts.
 type Measured = (Round, Option<HashMap<u32, trap::TrapShare>>, (f64, f64));
 
-/// `kernel.bpf_stats_enabled` on while this lives, and back to what it was
-/// after, however the round ends.
-struct BpfStatsOn(String);
-
-impl BpfStatsOn {
-    const PATH: &str = "/proc/sys/kernel/bpf_stats_enabled";
-
-    fn new() -> Self {
-        let old = std::fs::read_to_string(Self::PATH).unwrap_or_else(|_| "0".into());
-        let _ = std::fs::write(Self::PATH, "1");
-        BpfStatsOn(old.trim().to_string())
-    }
-}
-
-impl Drop for BpfStatsOn {
-    fn drop(&mut self) {
-        let _ = std::fs::write(Self::PATH, &self.0);
-    }
-}
-
 fn etcd(args: &BenchArgs) -> Result<()> {
     let (agent, loadgen) = prepare_load("etcd")?;
 
@@ -499,7 +479,8 @@ fn etcd(args: &BenchArgs) -> Result<()> {
     // so the paired rounds do too, and a round of their own reads them.
     step("a round with the agent and the kernel's BPF run-time statistics");
     let costs = {
-        let _stats = BpfStatsOn::new();
+        // Back to what it was however the round ends.
+        let _stats = harness::BpfStatsSysctl::set(true);
         compact(&client);
         let a = start_agent()?;
         load(&pins, &loadgen, &client, args.seconds, etcd_pid, watch_pid)?;

@@ -6,11 +6,11 @@
 //! costs two more clock reads, for every BPF program on the node: see
 //! README, "The agent's own metrics"), so [`BpfStats::enable`] keeps one
 //! for the agent's life only with `--bpf-stats`; without it the series are
-//! there when the node's `kernel.bpf_stats_enabled` is 1. The values are read from `/proc/self/fdinfo/<fd>` of
-//! a duplicate of each program's fd (`run_cnt`, `run_time_ns`): that needs
-//! no privilege beyond owning the fd, unlike walking every program on the
-//! host by id (CAP_SYS_ADMIN), and it works after the `Ebpf` object has moved
-//! to the event loop.
+//! there while the node's `kernel.bpf_stats_enabled` is 1. The values are
+//! read from `/proc/self/fdinfo/<fd>` of a duplicate of each program's fd
+//! (`run_cnt`, `run_time_ns`): that needs no privilege beyond owning the
+//! fd, unlike walking every program on the host by id (CAP_SYS_ADMIN), and
+//! it works after the `Ebpf` object has moved to the event loop.
 
 use std::os::fd::{AsFd, AsRawFd, OwnedFd};
 
