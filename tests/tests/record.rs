@@ -405,6 +405,9 @@ fn a_stopped_client_breaks_exactly_the_chains_it_did_not_dispatch(build: Build) 
     let judged = wait_until(Duration::from_secs(20), || debug_probes(&agent)["chains_pending"] == 0);
     assert!(judged, "chains still pending: {}", debug_probes(&agent));
     let text = agent.metrics();
+    // Nothing waits, so nothing is held: the chains' memory is given back.
+    assert_eq!(sample_value(&text, "watchscope_watch_chains_pending"), Some(0.0), "{text}");
+    assert_eq!(sample_value(&text, "watchscope_watch_chain_hop_bytes"), Some(0.0), "{text}");
     // SAFETY: as above.
     unsafe { libc::kill(watch.pid() as i32, libc::SIGCONT) };
     assert_eq!(got, K as f64, "{text}");

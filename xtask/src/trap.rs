@@ -11,9 +11,13 @@
 //! kernel's uprobe lookup, our programs, the probed instruction's
 //! emulation, the return to user space — and not what the probes cost
 //! the program afterwards through its caches, which only the paired
-//! rounds see. It is a lower bound of the added CPU: the CPU clock samples
-//! from a timer interrupt, and what runs with interrupts off on the way
-//! back to user space is charged to the user code the trap returns to.
+//! rounds see, and what runs with interrupts off on the way back to user
+//! space (the CPU clock samples from a timer interrupt, so that is charged
+//! to the user code the trap returns to). It is the probes' own CPU, not a
+//! bound of the whole either way: a server that has idle time blocks less
+//! often when the probes keep it busier (etcd paced at 4,000 puts/s:
+//! 5.8 µs per put inside the trap, but its CPU per put rose 1.5 to 3.3 µs,
+//! and its voluntary context switches per put fell by a quarter to a half).
 
 use std::{
     collections::HashMap,

@@ -53,7 +53,10 @@
 //! when the commit was not seen here): by then every stage that was going to
 //! happen inside the timeout has happened. Records of a judged chain that
 //! arrive later are counted as `late`, never start a second chain. Pending
-//! chains are capped (`max_pending`): past the cap the oldest is dropped
+//! chains are capped (`max_pending`), and so are the bytes of the hops they
+//! hold in all (`max_hop_bytes`: a chain holds a hop per watcher, and an
+//! event to a thousand watchers holds a thousand): past either cap the
+//! oldest chain is dropped
 //! unjudged and counted as `evicted`; so are windows waiting for their
 //! dispatch record (the two ring buffers are read one after the other, so a
 //! window can arrive before the dispatch it contains).
@@ -89,13 +92,26 @@ pub struct ChainSettings {
     /// How long after its commit an expected dispatch may arrive.
     pub timeout_ns: u64,
     pub max_pending: usize,
+    /// Most bytes of hops (40 to 96 each) held by all pending chains
+    /// together, so that the memory chains hold is bounded by this and
+    /// `max_pending` (a `Vec` holds up to twice what it uses), not by
+    /// watchers times events. The long soak holds 29 MB: 43 puts a second
+    /// to 1,000 watches, a send and a dispatch each, for 5 s.
+    pub max_hop_bytes: usize,
     /// Judged chains kept for a report (the worst ones); 0 in `run`.
     pub keep: usize,
 }
 
 impl Default for ChainSettings {
     fn default() -> Self {
-        Self { warn_ns: 100_000_000, error_ns: 1_000_000_000, timeout_ns: 5_000_000_000, max_pending: 65536, keep: 0 }
+        Self {
+            warn_ns: 100_000_000,
+            error_ns: 1_000_000_000,
+            timeout_ns: 5_000_000_000,
+            max_pending: 65536,
+            max_hop_bytes: 64 << 20,
+            keep: 0,
+        }
     }
 }
 
@@ -456,6 +472,10 @@ pub struct ChainCounts {
     /// Judged chains whose commit this node did not see (etcd runs on
     /// another node): they begin at the first stage seen here.
     pub elsewhere: u64,
+    /// Chains waiting to be judged, and the bytes of the hops they hold,
+    /// when counted.
+    pub pending: usize,
+    pub hop_bytes: usize,
 }
 
 impl ChainCounts {
@@ -530,6 +550,26 @@ impl Senders {
     }
 }
 
+/// Adds a hop to a chain's hops of its kind, unless it holds `MAX_HOPS`
+/// already (then the hop is counted in `dropped`), and adds its size to
+/// `held` (bytes); whether it was added.
+/// The first hop gets room for one, not the four a `Vec` starts with: most
+/// chains hold one hop of a kind (one watcher), and every chain waits its
+/// timeout (at 6,700 events/s, 33,000 chains at once: Vec's four were
+/// 13 MB of the agent's 74 MB).
+fn push_hop<T>(hops: &mut Vec<T>, hop: T, held: &mut usize, dropped: &mut u64) -> bool {
+    if hops.len() >= MAX_HOPS {
+        *dropped += 1;
+        return false;
+    }
+    if hops.capacity() == 0 {
+        hops.reserve_exact(1);
+    }
+    hops.push(hop);
+    *held += size_of::<T>();
+    true
+}
+
 /// A dispatch waiting for its window: (dispatch time, member, rev, index
 /// in the chain's dispatches). Ordered by time first, so that a window
 /// takes the range it spans.
@@ -537,7 +577,15 @@ type Awaiting = (u64, u64, i64, usize);
 
 pub struct Chains {
     settings: ChainSettings,
-    pending: HashMap<(u64, i64), Pending>,
+    /// Boxed: a table with inserts and removes all the time holds two to
+    /// four buckets per live entry (hashbrown grows rather than reuse its
+    /// removed slots while over half full), and a chain inline is 168
+    /// bytes: 33,000 chains waiting at 6,700 events/s took 22 MB of
+    /// buckets, and 33 MB while the table grew.
+    pending: HashMap<(u64, i64), Box<Pending>>,
+    /// Bytes of the hops the pending chains hold (at most `max_hop_bytes`,
+    /// but for the hops of the one chain a record adds to).
+    hop_bytes: usize,
     /// Pending keys by deadline (deadline, key): judged and evicted in order.
     order: BTreeMap<(u64, u64, i64), ()>,
     judged: HashSet<(u64, i64)>,
@@ -578,6 +626,7 @@ impl Chains {
         Self {
             settings,
             pending: HashMap::new(),
+            hop_bytes: 0,
             order: BTreeMap::new(),
             judged: HashSet::new(),
             judged_order: VecDeque::new(),
@@ -599,8 +648,9 @@ impl Chains {
         &self.settings
     }
 
+    /// The counts so far, with the chains and hops held now.
     pub fn counts(&self) -> ChainCounts {
-        self.counts
+        ChainCounts { pending: self.pending.len(), hop_bytes: self.hop_bytes, ..self.counts }
     }
 
     pub fn record_max(&self) -> &RecordMax {
@@ -609,6 +659,11 @@ impl Chains {
 
     pub fn pending(&self) -> usize {
         self.pending.len()
+    }
+
+    /// Bytes of the hops the pending chains hold.
+    pub fn hop_bytes(&self) -> usize {
+        self.hop_bytes
     }
 
     /// The worst judged chains, worst first.
@@ -681,10 +736,13 @@ impl Chains {
                 missing: Vec::new(),
                 outcome: Outcome::Complete,
             };
-            self.pending.insert(key, Pending { chain, deadline, senders: Senders::default() });
+            self.pending.insert(key, Box::new(Pending { chain, deadline, senders: Senders::default() }));
             self.by_rev.entry(r.rev).or_insert(member);
             self.order.insert((deadline, key.0, key.1), ());
         }
+        // Room for the hop this record adds: older chains go first, never
+        // the one it joins.
+        while self.hop_bytes >= self.settings.max_hop_bytes && self.evict_oldest_but(key) {}
         let Some(p) = self.pending.get_mut(&key) else { return };
         let senders = &mut p.senders;
         let c = &mut p.chain;
@@ -696,8 +754,8 @@ impl Chains {
         }
         let stream = (r.tgid, r.g);
         if let Some(kind) = kube {
-            if c.kube.len() < MAX_HOPS {
-                c.kube.push(KubeHop { kind, tgid: r.tgid, g: r.g, watcher: r.watch_id, at_ns: r.at_ns, window: None });
+            let hop = KubeHop { kind, tgid: r.tgid, g: r.g, watcher: r.watch_id, at_ns: r.at_ns, window: None };
+            if push_hop(&mut c.kube, hop, &mut self.hop_bytes, &mut self.counts.hops_dropped) {
                 // The latest handler call on its goroutine: a user window
                 // that starts on it from now on ran inside this call
                 // (a listener runs its handlers one after another).
@@ -707,17 +765,13 @@ impl Chains {
                 {
                     self.handler_calls.insert(stream, (r.at_ns, key));
                 }
-            } else {
-                self.counts.hops_dropped += 1;
             }
             return;
         }
         if r.side == Side::Server as u32 {
-            if c.sends.len() < MAX_HOPS {
-                c.sends.push(SendHop { stream, watch_id: r.watch_id, enqueue_ns: r.enqueue_ns, at_ns: r.at_ns });
+            let hop = SendHop { stream, watch_id: r.watch_id, enqueue_ns: r.enqueue_ns, at_ns: r.at_ns };
+            if push_hop(&mut c.sends, hop, &mut self.hop_bytes, &mut self.counts.hops_dropped) {
                 senders.sent(&c.sends);
-            } else {
-                self.counts.hops_dropped += 1;
             }
             return;
         }
@@ -734,14 +788,10 @@ impl Chains {
             self.pairs.insert(first, stream);
         }
         let window = find_window(&self.orphan_windows, stream, r.at_ns);
-        if c.dispatches.len() < MAX_HOPS {
-            let index = c.dispatches.len();
-            c.dispatches.push(DispatchHop { stream, watch_id: r.watch_id, at_ns: r.at_ns, window });
-            if window.is_none() {
-                self.awaiting_window.entry(stream).or_default().insert((r.at_ns, key.0, key.1, index));
-            }
-        } else {
-            self.counts.hops_dropped += 1;
+        let index = c.dispatches.len();
+        let hop = DispatchHop { stream, watch_id: r.watch_id, at_ns: r.at_ns, window };
+        if push_hop(&mut c.dispatches, hop, &mut self.hop_bytes, &mut self.counts.hops_dropped) && window.is_none() {
+            self.awaiting_window.entry(stream).or_default().insert((r.at_ns, key.0, key.1, index));
         }
     }
 
@@ -845,8 +895,8 @@ impl Chains {
                 break;
             }
             self.order.remove(&(deadline, m, r));
-            if let Some(p) = self.pending.remove(&(m, r)) {
-                self.judge(p);
+            if let Some(p) = self.take_pending((m, r)) {
+                self.judge(*p);
             }
         }
         // Windows older than any chain could still wait for.
@@ -864,9 +914,9 @@ impl Chains {
         let ready: Vec<(u64, i64)> =
             self.pending.iter().filter(|(_, p)| self.missing(&p.chain).is_empty()).map(|(k, _)| *k).collect();
         for key in ready {
-            if let Some(p) = self.pending.remove(&key) {
+            if let Some(p) = self.take_pending(key) {
                 self.order.remove(&(p.deadline, key.0, key.1));
-                self.judge(p);
+                self.judge(*p);
             }
         }
         self.pending.len()
@@ -964,14 +1014,42 @@ impl Chains {
     }
 
     fn evict_oldest(&mut self) {
-        if let Some((&(d, m, r), _)) = self.order.iter().next() {
-            self.order.remove(&(d, m, r));
-            if let Some(p) = self.pending.remove(&(m, r)) {
-                self.forget_windows(&p.chain);
-            }
-            self.forget_rev((m, r));
-            self.counts.evicted += 1;
+        if let Some(&(d, m, r)) = self.order.keys().next() {
+            self.evict((d, m, r));
         }
+    }
+
+    /// Evicts the oldest pending chain other than `key`'s; whether there
+    /// was one.
+    fn evict_oldest_but(&mut self, key: (u64, i64)) -> bool {
+        match self.order.keys().find(|&&(_, m, r)| (m, r) != key) {
+            Some(&oldest) => {
+                self.evict(oldest);
+                true
+            }
+            None => false,
+        }
+    }
+
+    /// Drops a pending chain unjudged, by its `order` entry.
+    fn evict(&mut self, (d, m, r): (u64, u64, i64)) {
+        self.order.remove(&(d, m, r));
+        if let Some(p) = self.take_pending((m, r)) {
+            self.forget_windows(&p.chain);
+        }
+        self.forget_rev((m, r));
+        self.counts.evicted += 1;
+    }
+
+    /// Removes a pending chain, and its hops from those held.
+    fn take_pending(&mut self, key: (u64, i64)) -> Option<Box<Pending>> {
+        let p = self.pending.remove(&key)?;
+        let c = &p.chain;
+        let bytes = c.sends.len() * size_of::<SendHop>()
+            + c.dispatches.len() * size_of::<DispatchHop>()
+            + c.kube.len() * size_of::<KubeHop>();
+        self.hop_bytes = self.hop_bytes.saturating_sub(bytes);
+        Some(p)
     }
 
     fn forget_rev(&mut self, (member, rev): (u64, i64)) {
@@ -1082,6 +1160,23 @@ mod tests {
     fn event(c: &mut Chains, rev: i64, t: u64) {
         c.on_watch(&send(SERVER, rev, 0, t, t + MS / 2, t + MS));
         c.on_watch(&dispatch(CLIENT, rev, 0, t, t + 2 * MS));
+    }
+
+    /// Every event waits its timeout in the table, so what one chain of
+    /// one watcher holds is what the agent's memory grows with the event
+    /// rate: room for one hop of each kind seen, none of the others.
+    #[test]
+    fn a_chain_of_one_watcher_holds_room_for_one_hop_of_each_kind() {
+        let mut c = Chains::new(settings());
+        event(&mut c, 1, 10 * MS);
+        let p = &c.pending[&(M, 1)];
+        let held = |len: usize, cap: usize| (len, cap);
+        assert_eq!(held(p.chain.sends.len(), p.chain.sends.capacity()), (1, 1));
+        assert_eq!(held(p.chain.dispatches.len(), p.chain.dispatches.capacity()), (1, 1));
+        assert_eq!(p.chain.kube.capacity() + p.chain.missing.capacity(), 0);
+        // A second watcher's hops still fit, at Vec's growth from there.
+        c.on_watch(&send(SERVER, 1, 1, 10 * MS, 11 * MS, 12 * MS));
+        assert_eq!(c.pending[&(M, 1)].chain.sends.len(), 2);
     }
 
     #[test]
@@ -1323,6 +1418,38 @@ mod tests {
         c.expire(u64::MAX, ALIVE);
         assert_eq!(c.counts().complete, 3);
         assert_eq!(c.kept().iter().map(|k| k.rev).min(), Some(3), "the oldest went first");
+    }
+
+    /// An event sent to many watchers holds a hop per watcher: the bytes of
+    /// hops held in all are capped, the oldest chains go first (counted), and
+    /// the chain a record joins is never the one evicted for it.
+    #[test]
+    fn the_hops_all_chains_hold_are_capped_oldest_chain_first() {
+        const SEND: usize = size_of::<SendHop>();
+        let mut c = Chains::new(ChainSettings { max_hop_bytes: 100 * SEND, ..settings() });
+        // Ten events of 30 watchers each: 300 sends.
+        for rev in 1..=10 {
+            let t = rev as u64 * MS;
+            for w in 0..30 {
+                c.on_watch(&send(SERVER, rev, w, t, t, t + MS));
+            }
+        }
+        // Three chains of 30 fit under 100; each fourth one's eleventh
+        // hop evicted the oldest: revisions 1 to 7 went.
+        assert_eq!((c.pending(), c.hop_bytes(), c.counts().evicted), (3, 90 * SEND, 7));
+        assert_eq!(c.counts().hops_dropped, 0);
+        assert!(c.pending.contains_key(&(M, 10)), "the newest chain stays");
+        assert_eq!(c.pending[&(M, 10)].chain.sends.len(), 30, "and keeps every hop");
+        c.expire(u64::MAX, ALIVE);
+        assert_eq!(c.hop_bytes(), 0);
+        assert_eq!(c.counts().complete + c.counts().evicted, 10);
+        // One chain larger than the cap alone still takes every hop (up
+        // to MAX_HOPS): there is nothing older to evict.
+        let mut c = Chains::new(ChainSettings { max_hop_bytes: 10 * SEND, ..settings() });
+        for w in 0..50 {
+            c.on_watch(&send(SERVER, 1, w, MS, MS, 2 * MS));
+        }
+        assert_eq!((c.hop_bytes(), c.counts().evicted), (50 * SEND, 0));
     }
 
     #[test]

@@ -132,6 +132,21 @@ pub const WATCH_CHAINS_ELSEWHERE: Family = Family {
            node): they begin at the first stage seen here (an API server's watch cache, a client's decode).",
 };
 
+pub const WATCH_CHAINS_PENDING: Family = Family {
+    name: "watch_chains_pending",
+    kind: MetricType::Gauge,
+    help: "Watch event chains waiting to be judged (each waits its timeout, 5 s), and so held in the agent's \
+           memory: at most 65,536, the oldest evicted past it.",
+};
+
+pub const WATCH_CHAIN_HOP_BYTES: Family = Family {
+    name: "watch_chain_hop_bytes",
+    kind: MetricType::Gauge,
+    help: "Bytes of the hops (a send, a dispatch, an API server stage: one per watcher) the pending chains \
+           hold: at most 64 MiB, the oldest chains evicted past it, so that events to thousands of watchers \
+           leave the agent's memory bounded too.",
+};
+
 pub const SIDECAR_SECONDS: Family = Family {
     name: "sidecar_seconds",
     kind: MetricType::Histogram,
@@ -206,6 +221,8 @@ pub const FAMILIES: &[Family] = &[
     WATCHERS_TERMINATED,
     WATCH_CHAINS,
     WATCH_CHAINS_ELSEWHERE,
+    WATCH_CHAINS_PENDING,
+    WATCH_CHAIN_HOP_BYTES,
     SIDECAR_SECONDS,
     SIDECAR_CROSSINGS,
     SIDECAR_UNMATCHED,
@@ -396,6 +413,9 @@ impl Collector for SnapshotCollector {
             .collect();
         counter(&mut enc, &WATCH_CHAINS, &chains.iter().map(|(l, n)| (&l[..], *n)).collect::<Vec<_>>())?;
         counter(&mut enc, &WATCH_CHAINS_ELSEWHERE, &[(&[], s.watch_chains.elsewhere)])?;
+        let held = |n: usize| i64::try_from(n).unwrap_or(i64::MAX);
+        gauge(&mut enc, &WATCH_CHAINS_PENDING, &[(&[], held(s.watch_chains.pending))])?;
+        gauge(&mut enc, &WATCH_CHAIN_HOP_BYTES, &[(&[], held(s.watch_chains.hop_bytes))])?;
         histograms(&mut enc, &GO_MAP_SECONDS, &s.go_maps)?;
         histograms(&mut enc, &GO_GC_ASSIST_SECONDS, &s.gc_assist)?;
         counts(&mut enc, &GO_MAP_GROW_EVENTS, &s.grow_events)?;

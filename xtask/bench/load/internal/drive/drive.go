@@ -6,12 +6,20 @@ package drive
 
 import (
 	"encoding/json"
+	"flag"
 	"fmt"
 	"os"
 	"sort"
 	"sync"
 	"time"
 )
+
+// rate paces the requests: at most this many per second in all, spread
+// evenly over the workers (0: each worker sends as soon as its last
+// answer came, which saturates the server). A paced server has idle time,
+// so its CPU per request is its work, not one core divided by whatever
+// throughput the machine allowed that round.
+var rate = flag.Float64("rate", 0, "requests per second in all (0: as fast as answered)")
 
 // Run calls do(worker, i) from `workers` goroutines until `duration` has
 // passed, prints {"<name>":N,"errors":E,"seconds":S,"p50_ms":..,"p99_ms":..}
@@ -22,6 +30,7 @@ func Run(name string, workers int, duration time.Duration, do func(w, i int) err
 	var lat []time.Duration
 	errors := 0
 	var wg sync.WaitGroup
+	start := time.Now()
 	for w := 0; w < workers; w++ {
 		wg.Add(1)
 		go func(w int) {
@@ -29,6 +38,17 @@ func Run(name string, workers int, duration time.Duration, do func(w, i int) err
 			var mine []time.Duration
 			bad := 0
 			for i := 0; time.Now().Before(deadline); i++ {
+				if *rate > 0 {
+					// Worker w's i-th request is due at its slot in one
+					// even schedule over all workers; a late one goes at once.
+					due := start.Add(time.Duration((float64(i*workers+w) / *rate) * float64(time.Second)))
+					if d := time.Until(due); d > 0 {
+						time.Sleep(d)
+					}
+					if !time.Now().Before(deadline) {
+						break
+					}
+				}
 				t0 := time.Now()
 				if err := do(w, i); err != nil {
 					bad++
