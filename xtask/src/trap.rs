@@ -16,8 +16,9 @@
 //! to the user code the trap returns to). It is the probes' own CPU, not a
 //! bound of the whole either way: a server that has idle time blocks less
 //! often when the probes keep it busier (etcd paced at 4,000 puts/s:
-//! 5.8 µs per put inside the trap, but its CPU per put rose 1.5 to 3.3 µs,
-//! and its voluntary context switches per put fell by a quarter to a half).
+//! 5.8 to 6.0 µs per put inside the trap, but its CPU per put rose by 1.5
+//! to 3.3 µs, and its voluntary context switches per put fell by a quarter
+//! to a half).
 
 use std::{
     collections::HashMap,
