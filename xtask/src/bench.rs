@@ -614,7 +614,11 @@ fn etcd(args: &BenchArgs) -> Result<()> {
     // #14's targets; as fast as answered for comparison only (etcd's CPU
     // per put is then one core over the throughput, so it carries the
     // throughput's noise and its loss to anything).
+    // The trap's CPU per put over the rounds with the agent: mean and 95 %
+    // interval across rounds (how fast this VM ran that round varies more
+    // than each round's sampling error), for (etcd, the watcher).
     let trap_of = |f: fn(&(f64, f64)) -> f64| Paired::mean(&in_trap.iter().map(f).collect::<Vec<_>>());
+    let (etcd_trap, watcher_trap) = (trap_of(|t| t.0), trap_of(|t| t.1));
     let added = |f: fn(&Measured) -> f64, what: &str, target: Option<f64>, trap: Option<Paired>| {
         let (mw, mo) = medians(f);
         let col = |v: &[Measured]| v.iter().map(f).collect::<Vec<_>>();
@@ -625,12 +629,12 @@ fn etcd(args: &BenchArgs) -> Result<()> {
         };
         println!("    {what} CPU per put: {mw:.1} µs with, {mo:.1} without (medians); {judged}");
     };
-    added(|m| m.paced.etcd_cpu_us_per_put, &format!("etcd at {rate:.0} puts/s"), Some(4.0), trap_of(|t| t.0));
+    added(|m| m.paced.etcd_cpu_us_per_put, &format!("etcd at {rate:.0} puts/s"), Some(4.0), etcd_trap);
     added(
         |m| m.paced.watcher_cpu_us_per_put,
         &format!("watcher (etcdctl) at {rate:.0} puts/s"),
         Some(5.0),
-        trap_of(|t| t.1),
+        watcher_trap,
     );
     let (bw, bo) = medians(|m| m.paced.etcd_blocks_per_put);
     println!(
@@ -645,15 +649,11 @@ fn etcd(args: &BenchArgs) -> Result<()> {
              is not the work per put (a smaller --pace)"
         );
     }
-    // The trap's CPU per put over the rounds with the agent: mean and 95 %
-    // interval across rounds (how fast this VM ran that round varies more
-    // than each round's sampling error). The probes' own CPU, not the
-    // whole (trap.rs), so it is reported against the target, not judged
-    // by it.
-    let inside = |f: fn(&(f64, f64)) -> f64, s: trap::TrapShare, what: &str, target: f64| {
-        let v: Vec<f64> = in_trap.iter().map(f).collect();
+    // The trap's CPU per put: the probes' own CPU, not the whole (trap.rs),
+    // so it is reported against the target, not judged by it.
+    let inside = |f: fn(&(f64, f64)) -> f64, p: Option<Paired>, s: trap::TrapShare, what: &str, target: f64| {
         let below = |hi: f64| if hi <= target { "under" } else { "NOT under" };
-        match Paired::mean(&v) {
+        match p {
             Some(p) => println!(
                 "    {what} CPU per put inside the probes' trap (their own CPU): {:.2} µs (mean of {} \
                  rounds, 95% CI {:.2} to {:.2}; {} of {} samples): {} the target of {target} µs",
@@ -665,14 +665,18 @@ fn etcd(args: &BenchArgs) -> Result<()> {
                 s.samples,
                 below(p.hi)
             ),
-            None if v.len() == 1 => {
-                println!("    {what} CPU per put inside the probes' trap: {:.2} µs (one round: no interval)", v[0])
+            None => {
+                if let [one] = in_trap.as_slice() {
+                    println!(
+                        "    {what} CPU per put inside the probes' trap: {:.2} µs (one round: no interval)",
+                        f(one)
+                    )
+                }
             }
-            None => {}
         }
     };
-    inside(|t| t.0, etcd_with, &format!("etcd at {rate:.0} puts/s"), 4.0);
-    inside(|t| t.1, watcher_with, &format!("watcher (etcdctl) at {rate:.0} puts/s"), 5.0);
+    inside(|t| t.0, etcd_trap, etcd_with, &format!("etcd at {rate:.0} puts/s"), 4.0);
+    inside(|t| t.1, watcher_trap, watcher_with, &format!("watcher (etcdctl) at {rate:.0} puts/s"), 5.0);
     if perf {
         println!(
             "    without the agent (the control): {} of {} samples of etcd and the watcher inside a trap",

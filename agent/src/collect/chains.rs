@@ -661,11 +661,6 @@ impl Chains {
         self.pending.len()
     }
 
-    /// Bytes of the hops the pending chains hold.
-    pub fn hop_bytes(&self) -> usize {
-        self.hop_bytes
-    }
-
     /// The worst judged chains, worst first.
     pub fn kept(&self) -> Vec<Chain> {
         let mut k = self.kept.clone();
@@ -1170,9 +1165,8 @@ mod tests {
         let mut c = Chains::new(settings());
         event(&mut c, 1, 10 * MS);
         let p = &c.pending[&(M, 1)];
-        let held = |len: usize, cap: usize| (len, cap);
-        assert_eq!(held(p.chain.sends.len(), p.chain.sends.capacity()), (1, 1));
-        assert_eq!(held(p.chain.dispatches.len(), p.chain.dispatches.capacity()), (1, 1));
+        assert_eq!((p.chain.sends.len(), p.chain.sends.capacity()), (1, 1));
+        assert_eq!((p.chain.dispatches.len(), p.chain.dispatches.capacity()), (1, 1));
         assert_eq!(p.chain.kube.capacity() + p.chain.missing.capacity(), 0);
         // A second watcher's hops still fit, at Vec's growth from there.
         c.on_watch(&send(SERVER, 1, 1, 10 * MS, 11 * MS, 12 * MS));
@@ -1436,12 +1430,12 @@ mod tests {
         }
         // Three chains of 30 fit under 100; each fourth one's eleventh
         // hop evicted the oldest: revisions 1 to 7 went.
-        assert_eq!((c.pending(), c.hop_bytes(), c.counts().evicted), (3, 90 * SEND, 7));
+        assert_eq!((c.pending(), c.counts().hop_bytes, c.counts().evicted), (3, 90 * SEND, 7));
         assert_eq!(c.counts().hops_dropped, 0);
         assert!(c.pending.contains_key(&(M, 10)), "the newest chain stays");
         assert_eq!(c.pending[&(M, 10)].chain.sends.len(), 30, "and keeps every hop");
         c.expire(u64::MAX, ALIVE);
-        assert_eq!(c.hop_bytes(), 0);
+        assert_eq!(c.counts().hop_bytes, 0);
         assert_eq!(c.counts().complete + c.counts().evicted, 10);
         // One chain larger than the cap alone still takes every hop (up
         // to MAX_HOPS): there is nothing older to evict.
@@ -1449,7 +1443,7 @@ mod tests {
         for w in 0..50 {
             c.on_watch(&send(SERVER, 1, w, MS, MS, 2 * MS));
         }
-        assert_eq!((c.hop_bytes(), c.counts().evicted), (50 * SEND, 0));
+        assert_eq!((c.counts().hop_bytes, c.counts().evicted), (50 * SEND, 0));
     }
 
     #[test]
