@@ -31,6 +31,7 @@ pub mod events;
 pub mod goruntime;
 pub mod hist;
 pub mod jsonscan;
+pub mod procslot;
 pub mod sidecar;
 pub mod watch;
 

@@ -295,11 +295,13 @@ pub struct WatchProbeConfig {
     pub closure_watcher_off: u32,
     pub _pad: u32,
     /// A probe that only counts when called from one function (a JSON
-    /// decode of a watch frame, not every JSON decode): the probed
-    /// instruction's address in the file's own layout, and the caller's
-    /// range there, `[caller_lo, caller_hi)`. The kernel compares the
-    /// return address less the load bias (the probe's runtime address
-    /// less `site_addr`). 0s: any caller.
+    /// decode of a watch frame, not every JSON decode), or etcd's enqueue,
+    /// which stamps a revision's commit when called from the commit fan-out
+    /// (`notify`): the probed instruction's address in the file's own
+    /// layout, and the caller's range there, `[caller_lo, caller_hi)`. The
+    /// kernel compares the return address less the load bias (the probe's
+    /// runtime address less `site_addr`). 0s: any caller, and the enqueue
+    /// stamps no commit.
     pub site_addr: u64,
     pub caller_lo: u64,
     pub caller_hi: u64,

@@ -14,7 +14,7 @@ use aya_ebpf::{
     programs::TracePointContext,
 };
 
-use crate::maps::{EVENTS, PROC_SLOT, count, note_fill};
+use crate::maps::{EVENTS, PROC_SLOT, count, note_fill, proc_slot_changed};
 
 /// Offsets into the sched_process_exec record, read from tracefs' `format`
 /// file by user space at load time (they have been stable for years, but the
@@ -82,6 +82,7 @@ pub fn sched_process_exit(_ctx: TracePointContext) -> u32 {
         return 0;
     }
     let _ = PROC_SLOT.remove(tgid);
+    proc_slot_changed();
     match EVENTS.reserve::<ExitEvent>(0) {
         Some(mut entry) => {
             entry.write(ExitEvent { kind: EVENT_EXIT, tgid, ktime_ns: unsafe { bpf_ktime_get_ns() } });

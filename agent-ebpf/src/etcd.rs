@@ -4,8 +4,11 @@
 //! function's stack-check prologue (so a `morestack` re-entry cannot fire
 //! them twice) and configured through `WS_WATCH_CONFIG[cookie]`:
 //!
-//! - `etcd_notify`   `(*watchableStore).notify(rev, evs)`: commit time per (tgid, rev);
+//! - `etcd_notify`   `(*watchableStore).notify(rev, evs)`: commit time per (tgid, rev),
+//!   with `--etcd-notify-probe` only;
 //! - `etcd_enqueue`  `(*watcher).send(wr)`: per-watcher queue time per event copy;
+//!   called from `notify` and no probe there, the first watcher's copy of a
+//!   revision stamps its commit (one trap per put fewer);
 //! - `etcd_send`     `(*watchWatchServer).Send(m)`: gRPC send, per event;
 //! - `etcd_dispatch` clientv3 `(*watchGrpcStream).dispatchEvent(pbresp)`: client side.
 //!
@@ -280,6 +283,10 @@ struct EventLoop {
     member: u64,
     watch_id: i64,
     recording: u32,
+    /// 1 on an enqueue from etcd's commit fan-out when the agent does not
+    /// probe the fan-out itself: the first watcher's enqueue of a revision
+    /// stamps its commit.
+    fanout: u32,
     /// Events processed.
     n: u64,
     /// The goroutine running the probe (for records).
@@ -358,6 +365,9 @@ fn try_enqueue(ctx: &ProbeContext) -> Option<()> {
     let watch_id = arg(ctx, &c.cfg.args[0])? as i64;
     let events = arg(ctx, &c.cfg.args[1])?;
     let len = arg(ctx, &c.cfg.args[2])?;
+    // Catch-up and retry sends (not from the fan-out) carry revisions
+    // committed earlier: they only look their commit up.
+    let fanout = c.cfg.caller_hi != 0 && called_from_caller(ctx, c.cfg).unwrap_or(false);
     let mut st = EventLoop {
         tgid: c.tgid,
         slot: c.slot,
@@ -367,6 +377,7 @@ fn try_enqueue(ctx: &ProbeContext) -> Option<()> {
         member: 0,
         watch_id,
         recording: 0,
+        fanout: u32::from(fanout),
         n: 0,
         g: 0,
     };
@@ -399,7 +410,13 @@ extern "C" fn ws_enqueue_event(st: *mut EventLoop, i: u64) -> i64 {
     if !matches!(inserted, Some(Inserted::New | Inserted::Evicted(_))) {
         return 0;
     }
-    match stamp_of(&NOTIFY_TS, &RevKey { id: st.tgid as u64, rev }) {
+    let commit = RevKey { id: st.tgid as u64, rev };
+    let first = if st.fanout != 0 {
+        stamps::first_time(&NOTIFY_TS, rev_entry(&commit), &commit, st.now)
+    } else {
+        stamp_of(&NOTIFY_TS, &commit)
+    };
+    match first {
         Some(t) => observe_stage(st.slot, Stage::CommitToEnqueue, st.now.saturating_sub(t), rev, st.watcher(), st.now),
         None => count(Counter::EnqueueCommitMiss),
     }
@@ -544,6 +561,7 @@ fn response_loop(ctx: &ProbeContext, side: Side) -> Option<(EventLoop, u64)> {
         member: r.member,
         watch_id: r.watch_id,
         recording: record_on() as u32,
+        fanout: 0,
         n: 0,
         // SAFETY: the probe's own register context. Records of a stack-ABI
         // binary carry no goroutine (0), never a scratch register's value.
@@ -984,19 +1002,26 @@ pub fn client_decode(ctx: ProbeContext) -> u32 {
     0
 }
 
+/// Whether the probed function was called from the configuration's
+/// caller range, `[caller_lo, caller_hi)` in the file's own addresses (its
+/// entry probe reads the return address at the stack pointer). None when
+/// the return address cannot be read.
+#[inline(always)]
+fn called_from_caller(ctx: &ProbeContext, cfg: &WatchProbeConfig) -> Option<bool> {
+    // SAFETY: the probe's own register context.
+    let regs = unsafe { &*ctx.regs };
+    // The file's own addresses: less the load bias the probed instruction
+    // shows.
+    let bias = instruction_pointer(regs).wrapping_sub(cfg.site_addr);
+    let from = entry_return_address(regs)?.wrapping_sub(bias);
+    Some(from >= cfg.caller_lo && from < cfg.caller_hi)
+}
+
 #[inline(always)]
 fn try_client_decode(ctx: &ProbeContext) -> Option<()> {
     let c = begin(ctx)?;
-    // SAFETY: the probe's own register context.
-    let regs = unsafe { &*ctx.regs };
-    if c.cfg.caller_hi != 0 {
-        // The file's own addresses: less the load bias the probed
-        // instruction shows.
-        let bias = instruction_pointer(regs).wrapping_sub(c.cfg.site_addr);
-        let from = entry_return_address(regs)?.wrapping_sub(bias);
-        if from < c.cfg.caller_lo || from >= c.cfg.caller_hi {
-            return None;
-        }
+    if c.cfg.caller_hi != 0 && !called_from_caller(ctx, c.cfg)? {
+        return None;
     }
     let ptr = arg(ctx, &c.cfg.args[0])?;
     let len = arg(ctx, &c.cfg.args[1])?;

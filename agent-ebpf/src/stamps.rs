@@ -51,6 +51,23 @@ pub fn insert_first<K: Copy + PartialEq>(ring: &Array<Stamp<K>>, set: u32, key: 
     if find(ring, set, key).is_some() {
         return Some(Inserted::Exists);
     }
+    insert(ring, set, key, ts)
+}
+
+/// The time stored for `key`, or else `ts`, stored for it now: the first
+/// time wins, as with `insert_first`, whose lookup this shares.
+#[inline(always)]
+pub fn first_time<K: Copy + PartialEq>(ring: &Array<Stamp<K>>, set: u32, key: &K, ts: u64) -> Option<u64> {
+    if let Some((_, first)) = find(ring, set, key) {
+        return Some(first);
+    }
+    insert(ring, set, key, ts).map(|_| ts)
+}
+
+/// Stores `key` at `ts`, known not to be in the set, in its first empty
+/// way, else its oldest.
+#[inline(always)]
+fn insert<K: Copy + PartialEq>(ring: &Array<Stamp<K>>, set: u32, key: &K, ts: u64) -> Option<Inserted<K>> {
     let mut times = [0u64; STAMP_WAYS as usize];
     let mut seqs = [0u64; STAMP_WAYS as usize];
     for way in 0..STAMP_WAYS {

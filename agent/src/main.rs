@@ -87,6 +87,14 @@ struct RunArgs {
     #[arg(long, env = "WATCHSCOPE_GO_SCHED", default_value_t = false, action = clap::ArgAction::Set,
           num_args = 0..=1, require_equals = true, default_missing_value = "true")]
     go_sched: bool,
+    /// Also probe etcd's commit fan-out (`notify`): each event's commit is
+    /// then stamped where the fan-out starts, rather than where it hands
+    /// the event to its first watcher. One more trap per put (1.6 µs of
+    /// etcd's CPU per put in `cargo xtask bench etcd`), for the first
+    /// watcher's share of `commit_to_enqueue`.
+    #[arg(long, env = "WATCHSCOPE_ETCD_NOTIFY_PROBE", default_value_t = false, action = clap::ArgAction::Set,
+          num_args = 0..=1, require_equals = true, default_missing_value = "true")]
+    etcd_notify_probe: bool,
     /// `cargo xtask bench gomap` only: an empty program at every Go runtime
     /// probe site (the floor any uprobe there costs).
     #[arg(long, hide = true)]
@@ -194,6 +202,7 @@ fn dispatch(command: Command) -> Result<ExitCode> {
                     comms: args.go_comms,
                     pids: args.go_pids,
                 },
+                watch: watchscope::attach::watch::WatchOptions { notify_probe: args.etcd_notify_probe },
                 max_series: args.max_series as usize,
                 root: HostRoot::default(),
                 label_pid: args.label_pid,

@@ -33,6 +33,7 @@ on_builds!(
     etcd_restart_and_upgrade_are_picked_up_and_counts_stay_exact,
     sigkill_leaves_no_probe_behind_and_etcd_keeps_serving,
     sigkill_with_tracefs_uprobes_leaves_nothing_attached_and_the_next_agent_cleans_up,
+    a_watch_from_an_old_revision_is_timed_from_its_commit_or_counted_as_missed,
 ]);
 
 // The Go runtime probes need the register ABI (Go 1.17+): not 3.3.25.
@@ -94,6 +95,66 @@ fn counts_are_exact_for_puts_and_a_txn(build: Build) {
         "events_over_cap",
     ] {
         assert_eq!(dropped(&text, reason), 0.0, "{reason}: {text}");
+    }
+}
+
+/// Without the fan-out probe, a revision's commit is stamped when etcd's
+/// fan-out hands it to its first watcher. A watch from an old revision gets
+/// events committed while nobody watched, sent by etcd's catch-up loop,
+/// not the fan-out: taking them as committed then would be a wrong read, so
+/// they count as commit misses (the enqueue probe tells the callers apart
+/// by its return address). With `--etcd-notify-probe` every commit is
+/// stamped, and the same events are timed from their commit, a known pause
+/// before the watch began. Live events are timed either way.
+fn a_watch_from_an_old_revision_is_timed_from_its_commit_or_counted_as_missed(build: Build) {
+    const OLD: usize = 6;
+    const LIVE: usize = 4;
+    const PAUSE: Duration = Duration::from_millis(600);
+    for notify_probe in [false, true] {
+        let tag = if notify_probe { "n" } else { "f" };
+        let (server, client) = (build.comm(&format!("wse-old{tag}")), build.comm(&format!("wsc-old{tag}")));
+        let comms = format!("{server},{client}");
+        let mut args = vec!["--comm", comms.as_str()];
+        if notify_probe {
+            args.push("--etcd-notify-probe");
+        }
+        let agent = Agent::start(&args);
+        let etcd = Etcd::start_build(build, &server, &client);
+        wait_attached(&agent, &[etcd.pid()]);
+        let from = etcd.revision() + 1;
+        for i in 0..OLD {
+            etcd.put(&format!("/old/{i}"), "v");
+        }
+        // The known age of the old events when the watch asks for them.
+        std::thread::sleep(PAUSE);
+        let watch = etcd.watch_with("/old/", &[&format!("--rev={from}")]);
+        assert_eq!(watch.wait_count(|l| l == "PUT", OLD, Duration::from_secs(10)), OLD, "the catch-up");
+        etcd.wait_watchers(1, Duration::from_secs(10));
+        for i in 0..LIVE {
+            etcd.put(&format!("/old/live{i}"), "v");
+        }
+        let want = (OLD + LIVE) as f64;
+        assert_eq!(watch.wait_count(|l| l == "PUT", OLD + LIVE, Duration::from_secs(10)), OLD + LIVE);
+        wait_until(Duration::from_secs(5), || events(&agent, "server", &server) >= want);
+        let text = agent.metrics();
+        assert_eq!(events(&agent, "server", &server), want, "{text}");
+        let stage = |name: &str| Buckets::parse(&text, FAMILY, &stage_labels(name, &server));
+        // Queue time is the watcher's own, for every copy.
+        assert_eq!(stage("enqueue_to_send").count(), want, "{text}");
+        assert_eq!(dropped(&text, "send_enqueue_miss"), 0.0, "{text}");
+        for name in ["commit_to_enqueue", "commit_to_send"] {
+            let b = stage(name);
+            if notify_probe {
+                assert_eq!(b.count(), want, "{name} with the fan-out probed: {text}");
+                assert!(b.from_bucket_of(PAUSE.as_secs_f64()) >= OLD as f64, "{name}: the old events' age: {text}");
+            } else {
+                assert_eq!(b.count(), LIVE as f64, "{name}: only the live events: {text}");
+                assert_eq!(b.from_bucket_of(PAUSE.as_secs_f64()), 0.0, "{name}: a catch-up taken as a commit: {text}");
+            }
+        }
+        let missed = if notify_probe { 0.0 } else { OLD as f64 };
+        assert_eq!(dropped(&text, "enqueue_commit_miss"), missed, "{text}");
+        assert_eq!(dropped(&text, "send_commit_miss"), missed, "{text}");
     }
 }
 
@@ -311,7 +372,9 @@ fn sigkill_leaves_no_probe_behind(build: Build, mechanism: &str, server: &str, c
     assert_eq!(debug_probes(&agent)["uprobe_mechanism"], mechanism);
     let pid = agent.pid();
     let (progs, links) = our_programs_and_links();
-    assert!(progs >= 5 && links >= 5, "expected our programs and links while running: {progs} programs, {links} links");
+    // Links: at least etcd's enqueue and send, and the two process
+    // tracepoints (the fan-out is probed only with --etcd-notify-probe).
+    assert!(progs >= 5 && links >= 4, "expected our programs and links while running: {progs} programs, {links} links");
     let status = agent.stop_with(libc::SIGKILL, Duration::from_secs(5));
     assert!(!status.success());
     // The kernel closes a dead process's fds asynchronously, and frees a
@@ -459,7 +522,7 @@ fn sigterm_stops_within_half_a_second_and_takes_every_probe_away(build: Build) {
     assert_eq!(events(&agent, "server", server), (2 * N) as f64, "{}", agent.metrics());
     assert_eq!(events(&agent, "client", client), (2 * N) as f64, "{}", agent.metrics());
     // The programs loaded for multi links are the ones whose runs are counted.
-    let runs = agent.sample("watchscope_program_runs_total{program=\"etcd_notify\"}");
+    let runs = agent.sample("watchscope_program_runs_total{program=\"etcd_enqueue\"}");
     assert!(runs >= N as f64, "{}", agent.metrics());
 
     // The client's dispatch window ends in its caller: no RET probe.

@@ -209,5 +209,5 @@ fn with_cap_sys_admin_added_every_watch_event_is_timed_through_the_pmu() {
     assert_eq!(debug_probes(&agent)["uprobe_mechanism"], "perf");
     assert!(uprobe_events_of(agent.pid()).is_empty());
     // BPF_ENABLE_STATS works with CAP_SYS_ADMIN: the probes' runs are counted.
-    assert!(agent.sample("watchscope_program_runs_total{program=\"etcd_notify\"}") >= N as f64, "{}", agent.metrics());
+    assert!(agent.sample("watchscope_program_runs_total{program=\"etcd_enqueue\"}") >= N as f64, "{}", agent.metrics());
 }

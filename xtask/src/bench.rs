@@ -184,10 +184,11 @@ fn median(mut v: Vec<f64>) -> f64 {
     }
 }
 
-/// Voluntary context switches of all of a process's threads so far.
-fn voluntary_switches(pid: u32) -> u64 {
-    let Ok(tasks) = std::fs::read_dir(format!("/proc/{pid}/task")) else { return 0 };
-    tasks
+/// Voluntary context switches of all of a process's threads so far; None
+/// when /proc does not say (the figure is then unknown, not 0).
+fn voluntary_switches(pid: u32) -> Option<u64> {
+    let tasks = std::fs::read_dir(format!("/proc/{pid}/task")).ok()?;
+    let counts: Vec<u64> = tasks
         .flatten()
         .filter_map(|t| std::fs::read_to_string(t.path().join("status")).ok())
         .filter_map(|st| {
@@ -195,7 +196,8 @@ fn voluntary_switches(pid: u32) -> u64 {
                 .find_map(|l| l.strip_prefix("voluntary_ctxt_switches:"))
                 .and_then(|v| v.trim().parse::<u64>().ok())
         })
-        .sum()
+        .collect();
+    (!counts.is_empty()).then(|| counts.iter().sum())
 }
 
 /// utime + stime of a process, in seconds.
@@ -255,13 +257,16 @@ fn load(t: &Target, seconds: u64, rate: Option<f64>) -> Result<Round> {
     let num = |k: &str| v[k].as_f64().unwrap_or(f64::NAN);
     let cpu = cpu_seconds(etcd_pid) - cpu0;
     let wcpu = cpu_seconds(watcher_pid) - wcpu0;
-    let blocks = voluntary_switches(etcd_pid).saturating_sub(blocks0);
+    let blocks = match (blocks0, voluntary_switches(etcd_pid)) {
+        (Some(b0), Some(b1)) => b1.saturating_sub(b0) as f64,
+        _ => f64::NAN,
+    };
     Ok(Round {
         puts_per_s: num("puts") / seconds as f64,
         p99_ms: num("p99_ms"),
         etcd_cpu_us_per_put: cpu * 1e6 / num("puts"),
         watcher_cpu_us_per_put: wcpu * 1e6 / num("puts"),
-        etcd_blocks_per_put: blocks as f64 / num("puts"),
+        etcd_blocks_per_put: blocks / num("puts"),
     })
 }
 
@@ -637,10 +642,14 @@ fn etcd(args: &BenchArgs) -> Result<()> {
         watcher_trap,
     );
     let (bw, bo) = medians(|m| m.paced.etcd_blocks_per_put);
-    println!(
-        "    etcd at {rate:.0} puts/s: {bw:.2} voluntary context switches per put with the agent, {bo:.2} without \
-         (medians; fewer: it went idle less often)"
-    );
+    if with.iter().chain(without.iter()).any(|m| m.paced.etcd_blocks_per_put.is_nan()) {
+        println!("    etcd's voluntary context switches: not readable from /proc/<pid>/task/*/status");
+    } else {
+        println!(
+            "    etcd at {rate:.0} puts/s: {bw:.2} voluntary context switches per put with the agent, {bo:.2} \
+             without (medians; fewer: it went idle less often)"
+        );
+    }
     added(|m| m.closed.etcd_cpu_us_per_put, "etcd as fast as answered (one core over the throughput)", None, None);
     added(|m| m.closed.watcher_cpu_us_per_put, "watcher as fast as answered", None, None);
     if behind > 0 {

@@ -187,6 +187,46 @@ impl Slots {
     }
 }
 
+/// The kernel's process → slot map (`WS_PROC_SLOT`) and the count of user
+/// space's changes to it (`WS_SLOT_EPOCH[0]`), bumped after each change:
+/// the programs keep their last lookup per CPU until a count moves
+/// (`agent_common::procslot`). The tracker is the only user-space writer.
+pub struct ProcSlotMap {
+    map: aya::maps::HashMap<aya::maps::MapData, u32, u32>,
+    epoch: aya::maps::Array<aya::maps::MapData, u64>,
+    changes: u64,
+}
+
+impl ProcSlotMap {
+    pub fn new(
+        map: aya::maps::HashMap<aya::maps::MapData, u32, u32>,
+        epoch: aya::maps::Array<aya::maps::MapData, u64>,
+    ) -> Self {
+        Self { map, epoch, changes: 0 }
+    }
+
+    /// Watches process `tgid` under `slot` (or moves it there).
+    pub fn insert(&mut self, tgid: u32, slot: u32) -> Result<(), aya::maps::MapError> {
+        let r = self.map.insert(tgid, slot, 0);
+        self.changed();
+        r
+    }
+
+    /// Stops watching process `tgid`.
+    pub fn remove(&mut self, tgid: u32) {
+        let _ = self.map.remove(&tgid);
+        self.changed();
+    }
+
+    fn changed(&mut self) {
+        self.changes += 1;
+        if let Err(e) = self.epoch.set(0, self.changes, 0) {
+            // The programs would keep a stale lookup: say so loudly.
+            tracing::error!("cannot count a change of WS_PROC_SLOT for the probes' caches: {e}");
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -69,6 +69,19 @@ pub struct SiteStatus {
     pub reason: Option<String>,
 }
 
+/// How the watch path is probed (`--etcd-notify-probe`).
+#[derive(Clone, Copy, Debug, Default)]
+pub struct WatchOptions {
+    /// Also probe etcd's commit fan-out (`notify`), so that an event's
+    /// commit is stamped where the fan-out starts. Without it the commit is
+    /// stamped when the fan-out hands the event to its first watcher (the
+    /// enqueue probe, told apart from catch-up and retry sends by its return
+    /// address): one trap per put fewer, 1.6 µs of etcd's CPU per put here
+    /// (`cargo xtask bench etcd`), for the first watcher's share of the
+    /// fan-out (building the batch of watchers the event goes to).
+    pub notify_probe: bool,
+}
+
 #[derive(Clone, Debug, Default)]
 pub struct WatchPlan {
     pub sites: Vec<Site>,
@@ -118,7 +131,7 @@ impl WatchPlan {
 }
 
 /// Plans the watch-path probes of one inspected binary.
-pub fn plan(insp: &Inspection) -> WatchPlan {
+pub fn plan(insp: &Inspection, opts: WatchOptions) -> WatchPlan {
     let mut plan = WatchPlan::default();
     let found: Vec<Option<&Probe>> = ROLES.iter().map(|(role, _, _)| insp.probes_for(*role).next()).collect();
     let kube_found = KUBE_ROLES.iter().any(|(role, _)| insp.probes_for(*role).next().is_some());
@@ -151,8 +164,39 @@ pub fn plan(insp: &Inspection) -> WatchPlan {
     // commit fan-out a binary is no etcd server, so its server roles would
     // never fire: they are left out, not refused.
     let is_server = found.first().is_some_and(Option::is_some);
-    for ((role, program, server), probe) in ROLES.iter().zip(found) {
-        let probe = if *server && !is_server { None } else { probe };
+    // Each role's probe (none for a server role of a binary that is no
+    // server) and its site, or why it has none.
+    let planned: Vec<(Option<&Probe>, Result<Site, String>)> = ROLES
+        .iter()
+        .zip(found)
+        .map(|((role, program, server), probe)| {
+            let probe = if *server && !is_server { None } else { probe };
+            let result = match (probe, &refusal) {
+                (None, _) if *server && !is_server => Err("not an etcd server (no commit fan-out)".to_string()),
+                (None, _) => Err("not in this binary".to_string()),
+                (Some(_), Some(why)) => Err(why.clone()),
+                (Some(p), None) => match &insp.etcd_layout {
+                    Some(layout) => site(insp, layout, p, *role, program),
+                    None => Err("no etcd layout was identified for this binary".to_string()),
+                },
+            };
+            (probe, result)
+        })
+        .collect();
+    // Where the commit is stamped: at the fan-out's entry (a probe on
+    // `notify`), or when it hands the event to its first watcher (the
+    // enqueue probe, counting only calls from `notify`'s code: catch-up
+    // and retry sends carry older revisions). Only where the enqueue probe
+    // is placed; the return address is read at the stack pointer: amd64 only.
+    let of = |role: Role| ROLES.iter().zip(&planned).find(|((r, _, _), _)| *r == role).map(|(_, p)| p);
+    let enqueue_placed = of(Role::EtcdServerWatcherSend).is_some_and(|(_, r)| r.is_ok());
+    let fanout = match of(Role::EtcdServerNotify) {
+        Some((Some(n), Ok(_))) if enqueue_placed && !opts.notify_probe && insp.arch == Arch::X86_64 && n.size > 0 => {
+            Some((n.address, n.address + n.size))
+        }
+        _ => None,
+    };
+    for ((role, _, _), (probe, result)) in ROLES.iter().zip(planned) {
         let mut status = SiteStatus {
             role: *role,
             symbol: probe.map(|p| p.symbol.clone()),
@@ -160,14 +204,27 @@ pub fn plan(insp: &Inspection) -> WatchPlan {
             planned: false,
             reason: None,
         };
-        let result = match (probe, &refusal) {
-            (None, _) if *server && !is_server => Err("not an etcd server (no commit fan-out)".to_string()),
-            (None, _) => Err("not in this binary".to_string()),
-            (Some(_), Some(why)) => Err(why.clone()),
-            (Some(p), None) => match &insp.etcd_layout {
-                Some(layout) => site(insp, layout, p, *role, program),
-                None => Err("no etcd layout was identified for this binary".to_string()),
-            },
+        let result = match result {
+            Ok(_) if *role == Role::EtcdServerNotify && fanout.is_some() => {
+                // Placeable, and left unprobed: its code range serves the
+                // enqueue probe.
+                status.reason = Some(
+                    "not probed: commits are stamped at the first watcher's enqueue from here \
+                     (--etcd-notify-probe probes it)"
+                        .into(),
+                );
+                plan.statuses.push(status);
+                continue;
+            }
+            Ok(mut s) if *role == Role::EtcdServerWatcherSend => {
+                if let (Some((lo, hi)), Some(p), SiteConfig::Watch(c)) = (fanout, probe, &mut s.config) {
+                    c.site_addr = p.address + (s.file_offset - p.file_offset);
+                    c.caller_lo = lo;
+                    c.caller_hi = hi;
+                }
+                Ok(s)
+            }
+            r => r,
         };
         match result {
             Ok(s) => {

@@ -48,6 +48,8 @@ pub struct RunConfig {
     pub filter: ProcessFilter,
     pub sidecar: SidecarFilter,
     pub go: GoSettings,
+    /// How etcd's watch path is probed (`--etcd-notify-probe`).
+    pub watch: crate::attach::watch::WatchOptions,
     pub max_series: usize,
     pub root: HostRoot,
     /// Append a `pid` label to every per-process series (`--label-pid`).
@@ -246,6 +248,7 @@ impl Pipeline {
             cfg.filter.clone(),
             cfg.sidecar.clone(),
             cfg.go.clone(),
+            cfg.watch,
             probes.ebpf,
             slots.clone(),
             sidecar_slots.clone(),

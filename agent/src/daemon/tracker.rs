@@ -16,10 +16,7 @@ use std::{
     },
 };
 
-use aya::{
-    Ebpf,
-    maps::{HashMap as BpfHashMap, MapData},
-};
+use aya::{Ebpf, maps::HashMap as BpfHashMap};
 use serde::Serialize;
 use tracing::{debug, info, warn};
 
@@ -125,7 +122,7 @@ pub struct Tracker {
     sched: SchedProbes,
     ebpf: Ebpf,
     uprobes: Uprobes,
-    proc_slot: BpfHashMap<MapData, u32, u32>,
+    proc_slot: crate::attach::slots::ProcSlotMap,
     slots: Arc<Mutex<Slots>>,
     cache: inspect::Cache,
     procs: HashMap<u32, Tracked>,
@@ -135,6 +132,7 @@ pub struct Tracker {
     /// Verdicts per executable file (see `plan_for`).
     plans: HashMap<(FileIdent, bool), Verdict>,
     go: GoSettings,
+    watch_options: watch::WatchOptions,
     /// Attached files with scheduler probes (the sched programs stay while
     /// any of them is attached).
     sched_files: HashSet<FileIdent>,
@@ -210,6 +208,7 @@ impl Tracker {
         filter: ProcessFilter,
         sidecar_filter: SidecarFilter,
         go: GoSettings,
+        watch_options: watch::WatchOptions,
         mut ebpf: Ebpf,
         slots: Arc<Mutex<Slots>>,
         sidecar_slots: Arc<Mutex<Slots>>,
@@ -236,6 +235,7 @@ impl Tracker {
             ebpf.take_map("WS_GO_WINDOW_CALLERS").context("the eBPF object has no WS_GO_WINDOW_CALLERS map")?;
         let config = ebpf.take_map("WS_WATCH_CONFIG").context("the eBPF object has no WS_WATCH_CONFIG map")?;
         let proc_slot = ebpf.take_map("WS_PROC_SLOT").context("the eBPF object has no WS_PROC_SLOT map")?;
+        let slot_epoch = ebpf.take_map("WS_SLOT_EPOCH").context("the eBPF object has no WS_SLOT_EPOCH map")?;
         Ok(Self {
             root: root.clone(),
             filter,
@@ -253,7 +253,10 @@ impl Tracker {
                 multi,
                 unavailable,
             ),
-            proc_slot: BpfHashMap::try_from(proc_slot).context("WS_PROC_SLOT")?,
+            proc_slot: crate::attach::slots::ProcSlotMap::new(
+                BpfHashMap::try_from(proc_slot).context("WS_PROC_SLOT")?,
+                aya::maps::Array::try_from(slot_epoch).context("WS_SLOT_EPOCH")?,
+            ),
             slots,
             cache: inspect::Cache::default(),
             procs: HashMap::new(),
@@ -261,6 +264,7 @@ impl Tracker {
             reported: HashSet::new(),
             plans: HashMap::new(),
             go,
+            watch_options,
             sched_files: HashSet::new(),
             pending_generation: labelling.resolver.generation(),
             labelling,
@@ -302,7 +306,7 @@ impl Tracker {
         for (tgid, old, labels) in moved {
             let slot = slots.acquire(&labels);
             slots.release(old);
-            if let Err(e) = self.proc_slot.insert(tgid, slot, 0) {
+            if let Err(e) = self.proc_slot.insert(tgid, slot) {
                 warn!(pid = tgid, "cannot move the process to its pod's label slot: {e}");
             }
             if let Some(t) = self.procs.get_mut(&tgid) {
@@ -385,7 +389,7 @@ impl Tracker {
 
     fn forget(&mut self, tgid: u32) {
         let Some(t) = self.procs.remove(&tgid) else { return };
-        let _ = self.proc_slot.remove(&tgid);
+        self.proc_slot.remove(tgid);
         if let Ok(mut slots) = self.slots.lock() {
             slots.release(t.slot);
         }
@@ -449,7 +453,7 @@ impl Tracker {
                 self.recycle_slots();
             }
             let slot = self.slots.lock().map(|mut s| s.acquire(&resolved.labels)).unwrap_or(0);
-            if let Err(e) = self.proc_slot.insert(p.tgid, slot, 0) {
+            if let Err(e) = self.proc_slot.insert(p.tgid, slot) {
                 warn!(pid = p.tgid, "cannot register the process with the kernel programs: {e}");
             }
             let tracked = Tracked { file: p.exe, slot, labels: resolved.labels, pending: resolved.pending };
@@ -505,7 +509,7 @@ impl Tracker {
             // Not a Go binary, or not one we can read: common and uninteresting.
             Err(_) => None,
             Ok(insp) => {
-                let watch = watch::plan(&insp);
+                let watch = watch::plan(&insp, self.watch_options);
                 let related = !watch.is_unrelated() || watch.refusal.is_some();
                 // Go runtime timing for the watch path's programs the
                 // catalog recognised (not for a refused, unknown build: the
@@ -518,7 +522,7 @@ impl Tracker {
                 // custom-resource update (`cargo xtask bench k8s`: 0.57 of
                 // its throughput). Their watch-path stages are timed anyway;
                 // the clients' handler windows are where the incident is.
-                let server = watch.sites.iter().any(|s| s.program == "etcd_notify" || s.program == "kube_cache");
+                let server = watch.sites.iter().any(|s| s.program == "etcd_enqueue" || s.program == "kube_cache");
                 let plan = if !related && !go_named {
                     // A Go program without any watch-path role, not named by --go-*.
                     None

@@ -143,7 +143,7 @@ pub const WATCH_CHAIN_HOP_BYTES: Family = Family {
     name: "watch_chain_hop_bytes",
     kind: MetricType::Gauge,
     help: "Bytes of the hops (a send, a dispatch, an API server stage: one per watcher) the pending chains \
-           hold: at most 64 MiB, the oldest chains evicted past it, so that events to thousands of watchers \
+           hold, their vectors' grown room included: at most 64 MiB, the oldest chains evicted past it, so that events to thousands of watchers \
            leave the agent's memory bounded too.",
 };
 
