@@ -10,9 +10,10 @@
 //! The word: bit 63 set when valid, bits 55..63 the slot (`NOT_WATCHED` for
 //! a process that is not watched), bits 33..55 the tgid (Linux caps pids
 //! below 2^22), bits 0..33 the sum of both change counts of `WS_PROC_SLOT`
-//! (`WS_SLOT_EPOCH`) when the lookup was made. Both counts only grow, so a
-//! change of either changes the sum; an entry is taken only at the sum it
-//! was made at, which recurs only after 2^33 changes.
+//! (user space's and the exit program's) when the lookup was made. Both
+//! counts only grow, so a change of either changes the sum; an entry is
+//! taken only at the sum it was made at, which recurs only after 2^33
+//! changes.
 
 use crate::watch::MAX_SLOTS;
 

@@ -5,10 +5,11 @@
 //! them twice) and configured through `WS_WATCH_CONFIG[cookie]`:
 //!
 //! - `etcd_notify`   `(*watchableStore).notify(rev, evs)`: commit time per (tgid, rev),
-//!   with `--etcd-notify-probe` only;
+//!   unless `--etcd-notify-probe=false`;
 //! - `etcd_enqueue`  `(*watcher).send(wr)`: per-watcher queue time per event copy;
 //!   called from `notify` and no probe there, the first watcher's copy of a
-//!   revision stamps its commit (one trap per put fewer);
+//!   revision stamps its commit (one trap per put fewer; a revision that no
+//!   watcher received at its commit then has no stamp);
 //! - `etcd_send`     `(*watchWatchServer).Send(m)`: gRPC send, per event;
 //! - `etcd_dispatch` clientv3 `(*watchGrpcStream).dispatchEvent(pbresp)`: client side.
 //!

@@ -1,7 +1,10 @@
 //! Maps shared by every program in the object.
 
+#[cfg(bpf_target_arch = "x86_64")]
+use agent_common::procslot;
 use agent_common::{Counter, counters::Ring};
-use agent_common::{Histogram, procslot, watch::MAX_SLOTS};
+use agent_common::{Histogram, watch::MAX_SLOTS};
+#[cfg(bpf_target_arch = "x86_64")]
 use core::ptr::{read_volatile, write_volatile};
 
 use aya_ebpf::{
@@ -85,41 +88,50 @@ pub const MAX_PROCS: u32 = 4096;
 #[map(name = "WS_PROC_SLOT")]
 pub static PROC_SLOT: HashMap<u32, u32> = HashMap::with_max_entries(MAX_PROCS, 0);
 
-/// How often `WS_PROC_SLOT` changed: at 0, by user space (each process it
-/// adds, moves or forgets; it alone writes there); at 1, by the exit
-/// program (atomic adds). Each writer bumps its count after the change, and
-/// a program reads both before its lookup, so a cached lookup is used only
-/// while neither changed since.
+/// How often the exit program changed `WS_PROC_SLOT` (atomic adds, after
+/// each removal).
 #[map(name = "WS_SLOT_EPOCH")]
-pub static SLOT_EPOCH: Array<u64> = Array::with_max_entries(2, 0);
+pub static SLOT_EPOCH: Array<u64> = Array::with_max_entries(1, 0);
 
-/// The last `WS_PROC_SLOT` lookup on this CPU, packed with the epochs it
-/// was made at (`agent_common::procslot`). A hash lookup read three cold
-/// cache lines (the table, a bucket, an element) at every probe hit: 0.2 to
-/// 0.28 µs of each program's run on this VM, at a put rate where etcd's own
-/// work evicts them between hits. Probe hits on one CPU come in runs from
-/// one process.
+/// Per CPU: at 0, the last `WS_PROC_SLOT` lookup on this CPU, packed with
+/// the change counts it was made at (`agent_common::procslot`); at 1, user
+/// space's count of its own changes to `WS_PROC_SLOT` (it alone adds, moves
+/// and forgets processes there), which it writes to every CPU's value after
+/// each change, zeroing the lookup. The kernel copies a per-CPU value from
+/// user space a word at a time, so a program reads the old count or the
+/// new one, never a mix (a plain array's value is copied with `memcpy`).
+/// Both counts are read before the lookup, and each writer counts after
+/// its change: a cached lookup is used only while neither moved since.
+///
+/// A hash lookup read three cold cache lines (the table, a bucket, an
+/// element) at every probe hit: 0.2 to 0.28 µs of each program's run on
+/// this VM, at a put rate where etcd's own work evicts them between hits.
+/// Probe hits on one CPU come in runs from one process. amd64 only: the
+/// order of those reads and writes rests on its ordered loads and locked
+/// adds.
 #[map(name = "WS_SLOT_CACHE")]
-static SLOT_CACHE: PerCpuArray<u64> = PerCpuArray::with_max_entries(1, 0);
+static SLOT_CACHE: PerCpuArray<[u64; 2]> = PerCpuArray::with_max_entries(1, 0);
 
 /// Slot of the current process, if it is watched.
+#[cfg(bpf_target_arch = "x86_64")]
 #[inline(always)]
 pub fn current_slot(tgid: u32) -> Option<u32> {
-    // SAFETY (both reads): values of the map, valid for the program's run;
-    // volatile: read before the lookup, as the writers bump after a change.
-    let count = |i| SLOT_EPOCH.get_ptr(i).map(|e| unsafe { read_volatile(e) }).unwrap_or(0);
-    let epoch = procslot::epoch(count(0), count(1));
-    let cache = SLOT_CACHE.get_ptr_mut(0);
-    // SAFETY: this CPU's value; one aligned load (see procslot).
-    let word = cache.map(|c| unsafe { read_volatile(c) }).unwrap_or(0);
+    let cache = SLOT_CACHE.get_ptr_mut(0)?;
+    // SAFETY: values of the maps, valid for the program's run; volatile:
+    // read before the lookup (see SLOT_CACHE). This CPU's words are written
+    // whole, by one store or by the kernel's word copy.
+    let (word, user, kernel) = unsafe {
+        let kernel = SLOT_EPOCH.get_ptr(0).map(|e| read_volatile(e)).unwrap_or(0);
+        (read_volatile(&(*cache)[0]), read_volatile(&(*cache)[1]), kernel)
+    };
+    let epoch = procslot::epoch(user, kernel);
     let slot = match procslot::cached(word, tgid, epoch) {
         Some(slot) => slot,
         None => {
-            // SAFETY: lookup of a plain key; the value is copied out at once.
-            let slot = unsafe { PROC_SLOT.get(tgid) }.copied().unwrap_or(procslot::NOT_WATCHED);
-            if let (Some(c), Some(w)) = (cache, procslot::pack(tgid, slot, epoch)) {
+            let slot = lookup_slot(tgid).unwrap_or(procslot::NOT_WATCHED);
+            if let Some(w) = procslot::pack(tgid, slot, epoch) {
                 // SAFETY: this CPU's value; one aligned store.
-                unsafe { write_volatile(c, w) };
+                unsafe { write_volatile(&raw mut (*cache)[0], w) };
             }
             slot
         }
@@ -131,10 +143,25 @@ pub fn current_slot(tgid: u32) -> Option<u32> {
     if slot < MAX_SLOTS { Some(slot) } else { Some(0) }
 }
 
+/// Slot of the current process, if it is watched.
+#[cfg(not(bpf_target_arch = "x86_64"))]
+#[inline(always)]
+pub fn current_slot(tgid: u32) -> Option<u32> {
+    let slot = lookup_slot(tgid)?;
+    // Keep every index derived from a slot in bounds for the verifier.
+    if slot < MAX_SLOTS { Some(slot) } else { Some(0) }
+}
+
+#[inline(always)]
+fn lookup_slot(tgid: u32) -> Option<u32> {
+    // SAFETY: lookup of a plain key; the value is copied out at once.
+    unsafe { PROC_SLOT.get(tgid) }.copied()
+}
+
 /// Counts a change the kernel made to `WS_PROC_SLOT` (see `SLOT_EPOCH`).
 #[inline(always)]
 pub fn proc_slot_changed() {
-    add(&SLOT_EPOCH, 1, 1);
+    add(&SLOT_EPOCH, 0, 1);
 }
 
 /// Adds one duration to histogram `idx` of `hists`.

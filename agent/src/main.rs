@@ -87,12 +87,16 @@ struct RunArgs {
     #[arg(long, env = "WATCHSCOPE_GO_SCHED", default_value_t = false, action = clap::ArgAction::Set,
           num_args = 0..=1, require_equals = true, default_missing_value = "true")]
     go_sched: bool,
-    /// Also probe etcd's commit fan-out (`notify`): each event's commit is
-    /// then stamped where the fan-out starts, rather than where it hands
-    /// the event to its first watcher. One more trap per put (1.6 µs of
-    /// etcd's CPU per put in `cargo xtask bench etcd`), for the first
-    /// watcher's share of `commit_to_enqueue`.
-    #[arg(long, env = "WATCHSCOPE_ETCD_NOTIFY_PROBE", default_value_t = false, action = clap::ArgAction::Set,
+    /// Probe etcd's commit fan-out (`notify`), which runs at every commit:
+    /// every revision's commit is stamped, so a watcher's backlog is timed
+    /// from its commits. `=false` stamps a commit where the fan-out hands it
+    /// to its first watcher instead: one trap per put fewer (0.7 µs of
+    /// etcd's CPU per put in `cargo xtask bench etcd`), but a revision that
+    /// reached no watcher at its commit is never stamped, and its events
+    /// count as commit misses: a watch catching up from an older revision,
+    /// and the backlog of a watcher etcd took out of the fan-out because its
+    /// queue was full, when no other watcher has its keys.
+    #[arg(long, env = "WATCHSCOPE_ETCD_NOTIFY_PROBE", default_value_t = true, action = clap::ArgAction::Set,
           num_args = 0..=1, require_equals = true, default_missing_value = "true")]
     etcd_notify_probe: bool,
     /// `cargo xtask bench gomap` only: an empty program at every Go runtime

@@ -91,8 +91,7 @@ pub fn run(args: RecordArgs) -> Result<ExitCode> {
                 comms: args.go_comms,
                 pids: Vec::new(),
             },
-            // ... and it stamps each commit where etcd's fan-out starts.
-            watch: watchscope::attach::watch::WatchOptions { notify_probe: true },
+            watch: watchscope::attach::watch::WatchOptions::default(),
             max_series: 2000,
             root: HostRoot::default(),
             // The report names processes by comm; pod labels are for /metrics.

@@ -98,13 +98,13 @@ fn counts_are_exact_for_puts_and_a_txn(build: Build) {
     }
 }
 
-/// Without the fan-out probe, a revision's commit is stamped when etcd's
-/// fan-out hands it to its first watcher. A watch from an old revision gets
+/// With `--etcd-notify-probe=false`, a revision's commit is stamped when
+/// etcd's fan-out hands it to its first watcher. A watch from an old revision gets
 /// events committed while nobody watched, sent by etcd's catch-up loop,
 /// not the fan-out: taking them as committed then would be a wrong read, so
 /// they count as commit misses (the enqueue probe tells the callers apart
-/// by its return address). With `--etcd-notify-probe` every commit is
-/// stamped, and the same events are timed from their commit, a known pause
+/// by its return address). Probing the fan-out (the default) stamps every
+/// commit, and the same events are timed from their commit, a known pause
 /// before the watch began. Live events are timed either way.
 fn a_watch_from_an_old_revision_is_timed_from_its_commit_or_counted_as_missed(build: Build) {
     const OLD: usize = 6;
@@ -114,10 +114,8 @@ fn a_watch_from_an_old_revision_is_timed_from_its_commit_or_counted_as_missed(bu
         let tag = if notify_probe { "n" } else { "f" };
         let (server, client) = (build.comm(&format!("wse-old{tag}")), build.comm(&format!("wsc-old{tag}")));
         let comms = format!("{server},{client}");
-        let mut args = vec!["--comm", comms.as_str()];
-        if notify_probe {
-            args.push("--etcd-notify-probe");
-        }
+        let mode = format!("--etcd-notify-probe={notify_probe}");
+        let args = ["--comm", comms.as_str(), mode.as_str()];
         let agent = Agent::start(&args);
         let etcd = Etcd::start_build(build, &server, &client);
         wait_attached(&agent, &[etcd.pid()]);
@@ -373,7 +371,7 @@ fn sigkill_leaves_no_probe_behind(build: Build, mechanism: &str, server: &str, c
     let pid = agent.pid();
     let (progs, links) = our_programs_and_links();
     // Links: at least etcd's enqueue and send, and the two process
-    // tracepoints (the fan-out is probed only with --etcd-notify-probe).
+    // tracepoints (the fan-out is not probed with --etcd-notify-probe=false).
     assert!(progs >= 5 && links >= 4, "expected our programs and links while running: {progs} programs, {links} links");
     let status = agent.stop_with(libc::SIGKILL, Duration::from_secs(5));
     assert!(!status.success());

@@ -188,21 +188,25 @@ impl Slots {
 }
 
 /// The kernel's process → slot map (`WS_PROC_SLOT`) and the count of user
-/// space's changes to it (`WS_SLOT_EPOCH[0]`), bumped after each change:
-/// the programs keep their last lookup per CPU until a count moves
-/// (`agent_common::procslot`). The tracker is the only user-space writer.
+/// space's changes to it, which the programs' per-CPU caches of their last
+/// lookup keep beside it (`WS_SLOT_CACHE[1]` on every CPU): written after
+/// each change, with the cached lookup zeroed, so a cache that held the
+/// old state misses (`agent_common::procslot`). The tracker is the only
+/// user-space writer.
 pub struct ProcSlotMap {
     map: aya::maps::HashMap<aya::maps::MapData, u32, u32>,
-    epoch: aya::maps::Array<aya::maps::MapData, u64>,
+    cache: aya::maps::PerCpuArray<aya::maps::MapData, [u64; 2]>,
+    cpus: usize,
     changes: u64,
 }
 
 impl ProcSlotMap {
     pub fn new(
         map: aya::maps::HashMap<aya::maps::MapData, u32, u32>,
-        epoch: aya::maps::Array<aya::maps::MapData, u64>,
-    ) -> Self {
-        Self { map, epoch, changes: 0 }
+        cache: aya::maps::PerCpuArray<aya::maps::MapData, [u64; 2]>,
+    ) -> Result<Self, std::io::Error> {
+        let cpus = aya::util::nr_cpus().map_err(|(what, e)| std::io::Error::new(e.kind(), format!("{what}: {e}")))?;
+        Ok(Self { map, cache, cpus, changes: 0 })
     }
 
     /// Watches process `tgid` under `slot` (or moves it there).
@@ -220,7 +224,11 @@ impl ProcSlotMap {
 
     fn changed(&mut self) {
         self.changes += 1;
-        if let Err(e) = self.epoch.set(0, self.changes, 0) {
+        let set = match aya::maps::PerCpuValues::try_from(vec![[0, self.changes]; self.cpus]) {
+            Ok(v) => self.cache.set(0, v, 0).map_err(|e| e.to_string()),
+            Err(e) => Err(e.to_string()),
+        };
+        if let Err(e) = set {
             // The programs would keep a stale lookup: say so loudly.
             tracing::error!("cannot count a change of WS_PROC_SLOT for the probes' caches: {e}");
         }

@@ -70,16 +70,24 @@ pub struct SiteStatus {
 }
 
 /// How the watch path is probed (`--etcd-notify-probe`).
-#[derive(Clone, Copy, Debug, Default)]
+#[derive(Clone, Copy, Debug)]
 pub struct WatchOptions {
-    /// Also probe etcd's commit fan-out (`notify`), so that an event's
-    /// commit is stamped where the fan-out starts. Without it the commit is
-    /// stamped when the fan-out hands the event to its first watcher (the
-    /// enqueue probe, told apart from catch-up and retry sends by its return
-    /// address): one trap per put fewer, 1.6 µs of etcd's CPU per put here
-    /// (`cargo xtask bench etcd`), for the first watcher's share of the
-    /// fan-out (building the batch of watchers the event goes to).
+    /// Probe etcd's commit fan-out (`notify`), which runs at every commit,
+    /// to stamp every revision's commit. Without it a commit is stamped when
+    /// the fan-out hands the revision to its first watcher (the enqueue
+    /// probe, told apart from catch-up and retry sends by its return
+    /// address): one trap per put fewer, 0.7 µs of etcd's CPU per put here
+    /// (`cargo xtask bench etcd`, paced), but a revision no synced watcher
+    /// received is never stamped: a catch-up from an older revision, and a
+    /// lone slow watcher's backlog (etcd takes a watcher whose queue is full
+    /// out of the fan-out until it caught up), count as commit misses.
     pub notify_probe: bool,
+}
+
+impl Default for WatchOptions {
+    fn default() -> Self {
+        Self { notify_probe: true }
+    }
 }
 
 #[derive(Clone, Debug, Default)]
@@ -209,8 +217,8 @@ pub fn plan(insp: &Inspection, opts: WatchOptions) -> WatchPlan {
                 // Placeable, and left unprobed: its code range serves the
                 // enqueue probe.
                 status.reason = Some(
-                    "not probed: commits are stamped at the first watcher's enqueue from here \
-                     (--etcd-notify-probe probes it)"
+                    "not probed (--etcd-notify-probe=false): commits are stamped at the first \
+                     watcher's enqueue from here"
                         .into(),
                 );
                 plan.statuses.push(status);

@@ -235,7 +235,7 @@ impl Tracker {
             ebpf.take_map("WS_GO_WINDOW_CALLERS").context("the eBPF object has no WS_GO_WINDOW_CALLERS map")?;
         let config = ebpf.take_map("WS_WATCH_CONFIG").context("the eBPF object has no WS_WATCH_CONFIG map")?;
         let proc_slot = ebpf.take_map("WS_PROC_SLOT").context("the eBPF object has no WS_PROC_SLOT map")?;
-        let slot_epoch = ebpf.take_map("WS_SLOT_EPOCH").context("the eBPF object has no WS_SLOT_EPOCH map")?;
+        let slot_cache = ebpf.take_map("WS_SLOT_CACHE").context("the eBPF object has no WS_SLOT_CACHE map")?;
         Ok(Self {
             root: root.clone(),
             filter,
@@ -255,8 +255,9 @@ impl Tracker {
             ),
             proc_slot: crate::attach::slots::ProcSlotMap::new(
                 BpfHashMap::try_from(proc_slot).context("WS_PROC_SLOT")?,
-                aya::maps::Array::try_from(slot_epoch).context("WS_SLOT_EPOCH")?,
-            ),
+                aya::maps::PerCpuArray::try_from(slot_cache).context("WS_SLOT_CACHE")?,
+            )
+            .context("counting the possible CPUs")?,
             slots,
             cache: inspect::Cache::default(),
             procs: HashMap::new(),
@@ -522,7 +523,8 @@ impl Tracker {
                 // custom-resource update (`cargo xtask bench k8s`: 0.57 of
                 // its throughput). Their watch-path stages are timed anyway;
                 // the clients' handler windows are where the incident is.
-                let server = watch.sites.iter().any(|s| s.program == "etcd_enqueue" || s.program == "kube_cache");
+                let server =
+                    watch.sites.iter().any(|s| matches!(s.program, "etcd_notify" | "etcd_enqueue" | "kube_cache"));
                 let plan = if !related && !go_named {
                     // A Go program without any watch-path role, not named by --go-*.
                     None
