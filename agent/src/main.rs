@@ -90,8 +90,9 @@ struct RunArgs {
     /// Probe etcd's commit fan-out (`notify`), which runs at every commit:
     /// every revision's commit is stamped, so a watcher's backlog is timed
     /// from its commits. `=false` stamps a commit where the fan-out hands it
-    /// to its first watcher instead: one trap per put fewer (0.7 µs of
-    /// etcd's CPU per put in `cargo xtask bench etcd`), but a revision that
+    /// to its first watcher instead: one trap per put fewer (etcd's CPU per
+    /// put inside the probes' trap 5.12 µs against 5.33 in `cargo xtask
+    /// bench etcd`, within the runs' noise), but a revision that
     /// reached no watcher at its commit is never stamped, and its events
     /// count as commit misses: a watch catching up from an older revision,
     /// and the backlog of a watcher etcd took out of the fan-out because its

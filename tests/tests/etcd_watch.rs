@@ -41,6 +41,12 @@ on_builds!([stop_3_4_23, Bookworm3423], [stop_3_5_16, Trixie3516], [stop_3_5_30,
     sigterm_stops_within_half_a_second_and_takes_every_probe_away,
 ]);
 
+// etcd 3.3 queues 1,024 responses per watch stream before it takes a
+// watcher out of its fan-out; 3.4.23 and 3.5 queue 128.
+on_builds!([lone_3_4_23, Bookworm3423], [lone_3_5_16, Trixie3516], [lone_3_5_30, Sid3530]: [
+    a_lone_slow_watchers_backlog_is_timed_from_its_commits,
+]);
+
 // Progress requests arrived in etcd 3.4 (3.3's etcdctl has no `progress`).
 on_builds!([progress_3_4_23, Bookworm3423], [progress_3_5_16, Trixie3516], [progress_3_5_30, Sid3530]: [
     progress_notifications_are_counted_apart_from_events,
@@ -153,6 +159,72 @@ fn a_watch_from_an_old_revision_is_timed_from_its_commit_or_counted_as_missed(bu
         let missed = if notify_probe { 0.0 } else { OLD as f64 };
         assert_eq!(dropped(&text, "enqueue_commit_miss"), missed, "{text}");
         assert_eq!(dropped(&text, "send_commit_miss"), missed, "{text}");
+    }
+}
+
+/// A slow watcher alone on its keys. Once its stream blocks, etcd's queue
+/// for it fills (128 responses), etcd takes it out of the fan-out, and once
+/// it reads again sends it what it missed from its catch-up loop. Probing
+/// the fan-out (the default), every event of that backlog is timed from its
+/// commit: the ones committed before the known pause waited through it.
+/// With `--etcd-notify-probe=false` no watcher received the revisions
+/// committed while it was out of the fan-out, so they have no commit time
+/// and count as misses, never timed from the catch-up.
+fn a_lone_slow_watchers_backlog_is_timed_from_its_commits(build: Build) {
+    const D: f64 = 2.0;
+    const MAX_LARGE: usize = 200;
+    // Small puts once its stream is blocked: past etcd's queue of 128.
+    const MORE: usize = 200;
+    for notify_probe in [true, false] {
+        let tag = if notify_probe { "n" } else { "f" };
+        let (server, client) = (build.comm(&format!("wse-lone{tag}")), build.comm(&format!("wsc-lone{tag}")));
+        let etcd = Etcd::start_build(build, &server, &client);
+        let mut slow = etcd.slow_watcher("/lone/");
+        let (comms, mode) = (format!("{server},{client}"), format!("--etcd-notify-probe={notify_probe}"));
+        let agent = Agent::start(&["--comm", &comms, &mode]);
+        wait_attached(&agent, &[etcd.pid()]);
+        etcd.wait_watchers(1, Duration::from_secs(10));
+        slow.send("pause");
+        assert!(slow.wait_for(|l| l.starts_with("paused"), Duration::from_secs(5)));
+        let mut stuck = 0.0;
+        let large = etcd.put_large_until("/lone/large", 300_000, MAX_LARGE, || {
+            stuck = unsent(&agent.metrics(), &server);
+            stuck >= 3.0
+        });
+        assert!(stuck >= 3.0, "after {large} puts only {stuck} events wait for their send:\n{}", agent.metrics());
+        for i in 0..MORE {
+            etcd.put(&format!("/lone/small{i}"), "v");
+        }
+        // The known pause: every event so far was committed before it.
+        std::thread::sleep(Duration::from_secs_f64(D));
+        slow.send("resume");
+        let total = large + MORE;
+        assert_eq!(
+            slow.wait_count(|l| l.starts_with("event "), total, Duration::from_secs(60)),
+            total,
+            "{:?}",
+            slow.lines()
+        );
+        let want = total as f64;
+        wait_until(Duration::from_secs(5), || events(&agent, "server", &server) >= want);
+        let text = agent.metrics();
+        assert_eq!(events(&agent, "server", &server), want, "{text}");
+        let sent = Buckets::parse(&text, FAMILY, &stage_labels("commit_to_send", &server));
+        let (send_miss, enqueue_miss) = (dropped(&text, "send_commit_miss"), dropped(&text, "enqueue_commit_miss"));
+        assert_eq!(sent.count() + send_miss, want, "every send is timed or counted: {text}");
+        println!(
+            "--etcd-notify-probe={notify_probe}: {large} large and {MORE} small puts; {} sends timed ({} through \
+             the pause), {send_miss} commit misses",
+            sent.count(),
+            sent.from_bucket_of(D)
+        );
+        if notify_probe {
+            assert_eq!((send_miss, enqueue_miss), (0.0, 0.0), "{text}");
+            assert!(sent.from_bucket_of(D) >= MORE as f64, "the backlog waited through the pause: {text}");
+        } else {
+            assert!(send_miss >= 20.0, "revisions committed while it was out of the fan-out: {send_miss}\n{text}");
+            assert_eq!(enqueue_miss, send_miss, "a catch-up copy found no commit at its enqueue either: {text}");
+        }
     }
 }
 

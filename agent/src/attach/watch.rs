@@ -76,8 +76,9 @@ pub struct WatchOptions {
     /// to stamp every revision's commit. Without it a commit is stamped when
     /// the fan-out hands the revision to its first watcher (the enqueue
     /// probe, told apart from catch-up and retry sends by its return
-    /// address): one trap per put fewer, 0.7 µs of etcd's CPU per put here
-    /// (`cargo xtask bench etcd`, paced), but a revision no synced watcher
+    /// address): one trap per put fewer (5.12 µs of etcd's CPU per put
+    /// inside the probes' trap against 5.33 in `cargo xtask bench etcd`,
+    /// paced), but a revision no synced watcher
     /// received is never stamped: a catch-up from an older revision, and a
     /// lone slow watcher's backlog (etcd takes a watcher whose queue is full
     /// out of the fan-out until it caught up), count as commit misses.
