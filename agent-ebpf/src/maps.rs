@@ -113,9 +113,17 @@ pub static SLOT_EPOCH: Array<u64> = Array::with_max_entries(1, 0);
 static SLOT_CACHE: PerCpuArray<[u64; 2]> = PerCpuArray::with_max_entries(1, 0);
 
 /// Slot of the current process, if it is watched.
-#[cfg(bpf_target_arch = "x86_64")]
 #[inline(always)]
 pub fn current_slot(tgid: u32) -> Option<u32> {
+    let slot = watched_slot(tgid)?;
+    // Keep every index derived from a slot in bounds for the verifier.
+    if slot < MAX_SLOTS { Some(slot) } else { Some(0) }
+}
+
+/// The current process's slot, through this CPU's last lookup.
+#[cfg(bpf_target_arch = "x86_64")]
+#[inline(always)]
+fn watched_slot(tgid: u32) -> Option<u32> {
     let cache = SLOT_CACHE.get_ptr_mut(0)?;
     // SAFETY: values of the maps, valid for the program's run; volatile:
     // read before the lookup (see SLOT_CACHE). This CPU's words are written
@@ -136,20 +144,13 @@ pub fn current_slot(tgid: u32) -> Option<u32> {
             slot
         }
     };
-    if slot == procslot::NOT_WATCHED {
-        return None;
-    }
-    // Keep every index derived from a slot in bounds for the verifier.
-    if slot < MAX_SLOTS { Some(slot) } else { Some(0) }
+    (slot != procslot::NOT_WATCHED).then_some(slot)
 }
 
-/// Slot of the current process, if it is watched.
 #[cfg(not(bpf_target_arch = "x86_64"))]
 #[inline(always)]
-pub fn current_slot(tgid: u32) -> Option<u32> {
-    let slot = lookup_slot(tgid)?;
-    // Keep every index derived from a slot in bounds for the verifier.
-    if slot < MAX_SLOTS { Some(slot) } else { Some(0) }
+fn watched_slot(tgid: u32) -> Option<u32> {
+    lookup_slot(tgid)
 }
 
 #[inline(always)]

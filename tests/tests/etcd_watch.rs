@@ -8,7 +8,7 @@ use std::{process::Command, time::Duration};
 
 use watchscope_integration_tests::{
     Agent, Buckets, debug_probes,
-    etcd::{Build, Etcd, unsent},
+    etcd::{Build, Etcd, LineReader, unsent},
     on_builds, sample_value, uprobe_events_of, wait_attached, wait_until,
 };
 
@@ -162,6 +162,26 @@ fn a_watch_from_an_old_revision_is_timed_from_its_commit_or_counted_as_missed(bu
     }
 }
 
+/// Pauses the slow watcher and puts large values under `prefix` until its
+/// stream blocks: they fill the gateway's HTTP stream, the sockets and the
+/// HTTP/2 windows, then etcd's gRPC send for that stream blocks. How many
+/// puts that takes depends on the machine: put until the agent itself sees
+/// events queued to a watcher and not sent. The puts made.
+fn block_stream(agent: &Agent, etcd: &Etcd, slow: &mut LineReader, server: &str, prefix: &str) -> usize {
+    // Events the agent must see queued but not sent before the block counts.
+    const STUCK: f64 = 3.0;
+    const MAX_PUTS: usize = 200;
+    slow.send("pause");
+    assert!(slow.wait_for(|l| l.starts_with("paused"), Duration::from_secs(5)));
+    let mut stuck = 0.0;
+    let puts = etcd.put_large_until(prefix, 300_000, MAX_PUTS, || {
+        stuck = unsent(&agent.metrics(), server);
+        stuck >= STUCK
+    });
+    assert!(stuck >= STUCK, "after {puts} puts only {stuck} events wait for their send:\n{}", agent.metrics());
+    puts
+}
+
 /// A slow watcher alone on its keys. Once its stream blocks, etcd's queue
 /// for it fills (128 responses), etcd takes it out of the fan-out, and once
 /// it reads again sends it what it missed from its catch-up loop. Probing
@@ -172,7 +192,6 @@ fn a_watch_from_an_old_revision_is_timed_from_its_commit_or_counted_as_missed(bu
 /// and count as misses, never timed from the catch-up.
 fn a_lone_slow_watchers_backlog_is_timed_from_its_commits(build: Build) {
     const D: f64 = 2.0;
-    const MAX_LARGE: usize = 200;
     // Small puts once its stream is blocked: past etcd's queue of 128.
     const MORE: usize = 200;
     for notify_probe in [true, false] {
@@ -184,14 +203,7 @@ fn a_lone_slow_watchers_backlog_is_timed_from_its_commits(build: Build) {
         let agent = Agent::start(&["--comm", &comms, &mode]);
         wait_attached(&agent, &[etcd.pid()]);
         etcd.wait_watchers(1, Duration::from_secs(10));
-        slow.send("pause");
-        assert!(slow.wait_for(|l| l.starts_with("paused"), Duration::from_secs(5)));
-        let mut stuck = 0.0;
-        let large = etcd.put_large_until("/lone/large", 300_000, MAX_LARGE, || {
-            stuck = unsent(&agent.metrics(), &server);
-            stuck >= 3.0
-        });
-        assert!(stuck >= 3.0, "after {large} puts only {stuck} events wait for their send:\n{}", agent.metrics());
+        let large = block_stream(&agent, &etcd, &mut slow, &server, "/lone/large");
         for i in 0..MORE {
             etcd.put(&format!("/lone/small{i}"), "v");
         }
@@ -285,9 +297,6 @@ fn a_slow_watcher_shows_in_its_send_stages_and_not_in_the_fast_client(build: Bui
     // The known delay: how long the slow watcher's stream stays blocked
     // once the agent sees it blocked.
     const D: f64 = 4.0;
-    // Events the agent must see queued but not sent before the block counts.
-    const STUCK: f64 = 3.0;
-    const MAX_PUTS: usize = 200;
     let (server, client) = (build.comm("wse-slow"), build.comm("wsc-slow"));
     let (server, client) = (server.as_str(), client.as_str());
     // etcd and the watchers start before the agent: found by the /proc scan.
@@ -297,18 +306,7 @@ fn a_slow_watcher_shows_in_its_send_stages_and_not_in_the_fast_client(build: Bui
     let agent = Agent::start(&["--comm", &format!("{server},{client}")]);
     wait_attached(&agent, &[etcd.pid(), fast.pid()]);
 
-    // Large values fill the gateway's HTTP stream, the sockets and the
-    // HTTP/2 windows, then etcd's gRPC send for that stream blocks. How
-    // many puts that takes depends on the machine: put until the agent
-    // itself sees events queued to a watcher and not sent.
-    slow.send("pause");
-    assert!(slow.wait_for(|l| l.starts_with("paused"), Duration::from_secs(5)));
-    let mut stuck = 0.0;
-    let puts = etcd.put_large_until("/slow/", 300_000, MAX_PUTS, || {
-        stuck = unsent(&agent.metrics(), server);
-        stuck >= STUCK
-    });
-    assert!(stuck >= STUCK, "after {puts} puts only {stuck} events wait for their send:\n{}", agent.metrics());
+    let puts = block_stream(&agent, &etcd, &mut slow, server, "/slow/");
     // Every event still unsent now was committed before this point and
     // waits at least D more.
     std::thread::sleep(Duration::from_secs_f64(D));

@@ -226,8 +226,7 @@ pub fn plan(insp: &Inspection, opts: WatchOptions) -> WatchPlan {
                 continue;
             }
             Ok(mut s) if *role == Role::EtcdServerWatcherSend => {
-                if let (Some((lo, hi)), Some(p), SiteConfig::Watch(c)) = (fanout, probe, &mut s.config) {
-                    c.site_addr = p.address + (s.file_offset - p.file_offset);
+                if let (Some((lo, hi)), SiteConfig::Watch(c)) = (fanout, &mut s.config) {
                     c.caller_lo = lo;
                     c.caller_hi = hi;
                 }
@@ -459,10 +458,8 @@ fn watch_decode_site(insp: &Inspection, p: &Probe) -> Result<Site, String> {
     let caller = insp.function(STREAMING_DECODE).ok_or_else(|| {
         format!("{STREAMING_DECODE} is not in this binary: watch frames cannot be told from other JSON")
     })?;
-    let at = entry_site(insp, &p.symbol, p.address, p.file_offset, p.size)?;
     let mut cfg = WatchProbeConfig {
         g_in_reg: u32::from(insp.g_register.is_some()),
-        site_addr: p.address + at.offset,
         caller_lo: caller.address,
         caller_hi: caller.address + caller.size,
         ..WatchProbeConfig::default()
@@ -697,6 +694,9 @@ fn entry_watch_site(
 ) -> Result<Site, String> {
     let at = entry_site(insp, &p.symbol, p.address, p.file_offset, p.size)?;
     cfg.guard = at.guard;
+    // The probed instruction in the file's own layout: a caller check
+    // (`caller_lo..caller_hi`) takes the load bias from it.
+    cfg.site_addr = p.address + at.offset;
     Ok(Site {
         role: role.to_string(),
         symbol: p.symbol.clone(),
