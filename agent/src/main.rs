@@ -100,8 +100,9 @@ struct RunArgs {
     #[arg(long, env = "WATCHSCOPE_ETCD_NOTIFY_PROBE", default_value_t = true, action = clap::ArgAction::Set,
           num_args = 0..=1, require_equals = true, default_missing_value = "true")]
     etcd_notify_probe: bool,
-    /// `cargo xtask bench gomap` only: an empty program at every Go runtime
-    /// probe site (the floor any uprobe there costs).
+    /// `cargo xtask bench gomap` and `bench etcd` only: an empty program at
+    /// every Go runtime and watch-path probe site (the floor any uprobe
+    /// there costs).
     #[arg(long, hide = true)]
     bench_empty_probes: bool,
     /// Also time the Go runtime in these programs (by command name).

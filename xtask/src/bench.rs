@@ -46,6 +46,12 @@ pub struct BenchArgs {
     /// warm-up round's throughput (the CPU per put is measured there).
     #[arg(long, default_value_t = 0.6)]
     pub pace: f64,
+    /// etcd: each round also runs the agent with an empty program at every
+    /// site it probes (`--bench-empty-probes`), and the results split the
+    /// CPU inside the trap into the uprobe mechanism's floor and what the
+    /// programs add to it, round by round.
+    #[arg(long)]
+    pub floor: bool,
 }
 
 #[derive(Clone, Copy, Debug, ValueEnum)]
@@ -369,6 +375,25 @@ fn whole_verdict(whole: Paired, target: f64, trap: Option<Paired>) -> String {
     }
 }
 
+/// `--floor`: the trap's CPU per put with empty programs at the same sites
+/// (the uprobe mechanism: the breakpoint's exception, finding the probe,
+/// running a program, emulating the instruction), and what the programs
+/// add to it, paired round by round; for (etcd, the watcher).
+fn floor_lines(with: &[(f64, f64)], floor: &[(f64, f64)]) {
+    for (what, f) in [("etcd", (|t: &(f64, f64)| t.0) as fn(&(f64, f64)) -> f64), ("watcher", |t| t.1)] {
+        let fl: Vec<f64> = floor.iter().map(f).collect();
+        let ours: Vec<f64> = with.iter().map(f).collect();
+        match (Paired::mean(&fl), Paired::of(&ours, &fl)) {
+            (Some(m), Some(p)) => println!(
+                "    {what} inside the trap, empty programs at the same sites (the floor): {:.2} µs per put (95% CI \
+                 {:.2} to {:.2}); the programs add {:.2} µs (CI {:.2} to {:.2}, {} paired rounds)",
+                m.mean, m.lo, m.hi, p.mean, p.lo, p.hi, p.n
+            ),
+            _ => println!("    {what}: under two rounds with a floor and the agent sampled: no interval"),
+        }
+    }
+}
+
 /// Student's t, two-sided 95 %, for `df` degrees of freedom.
 fn t975(df: usize) -> f64 {
     const T: [f64; 30] = [
@@ -500,18 +525,33 @@ fn etcd(args: &BenchArgs) -> Result<()> {
         )
     };
 
-    // The agent as every round with it runs it, once it has attached to
-    // etcd and the watcher.
-    let start_agent = || -> Result<Killed> {
+    // The agent as every round with it runs it (with `extra` arguments),
+    // once it has attached to etcd and the watcher.
+    let start_agent = |extra: &[&str]| -> Result<Killed> {
         let a = spawn_quiet(
-            pins.rest(&agent).args(["run", "--listen", &format!("127.0.0.1:{aport}")]).args(&args.agent_args),
+            pins.rest(&agent)
+                .args(["run", "--listen", &format!("127.0.0.1:{aport}")])
+                .args(&args.agent_args)
+                .args(extra),
         )?;
         wait_attached(aport, &[etcd_pid, watch_pid])?;
         Ok(a)
     };
+    // (etcd, watcher) CPU per put inside the trap in one round, when perf
+    // sampled it.
+    let trap_per_put = |m: &Measured| -> Option<(f64, f64, trap::TrapShare, trap::TrapShare)> {
+        let shares = m.shares.as_ref()?;
+        let e = shares.get(&etcd_pid).copied().unwrap_or_default();
+        let w = shares.get(&watch_pid).copied().unwrap_or_default();
+        let et = e.per_op(m.paced.etcd_cpu_us_per_put)?;
+        let wt = w.per_op(m.paced.watcher_cpu_us_per_put)?;
+        Some((et, wt, e, w))
+    };
     let (mut without, mut with) = (Vec::new(), Vec::new());
-    // Per round with the agent: (etcd, watcher) CPU per put inside the trap.
+    // Per round with the agent: (etcd, watcher) CPU per put inside the trap;
+    // with `--floor`, the same with empty programs, per round.
     let mut in_trap: Vec<(f64, f64)> = Vec::new();
+    let mut floor_trap: Vec<(f64, f64)> = Vec::new();
     // Samples of (etcd, watcher), with the agent and without (the control:
     // no breakpoint, no sample inside a trap).
     let (mut etcd_with, mut watcher_with) = (trap::TrapShare::default(), trap::TrapShare::default());
@@ -531,7 +571,23 @@ fn etcd(args: &BenchArgs) -> Result<()> {
                 without.push(m);
                 continue;
             }
-            let a = start_agent()?;
+            if args.floor {
+                // The floor first, then the agent, so both follow the
+                // round without it in one order or the other alike.
+                compact(&client);
+                let a = start_agent(&["--bench-empty-probes"])?;
+                let m = round(None);
+                drop(a);
+                let m = m?;
+                let mut text = line(&m);
+                if let Some((et, wt, _, _)) = trap_per_put(&m) {
+                    text += &format!("; inside the trap: etcd {et:.2}, watcher {wt:.2}");
+                    floor_trap.push((et, wt));
+                }
+                println!("    round {r} floor:         {text}");
+                compact(&client);
+            }
+            let a = start_agent(&[])?;
             let pid = a.0.id();
             // Scrape once a second for the whole round (both segments), as
             // Prometheus would.
@@ -552,15 +608,9 @@ fn etcd(args: &BenchArgs) -> Result<()> {
             agent_wall += m.used.1;
             rss = rss.max(rss_mb(pid));
             let mut text = line(&m);
-            if let Some(shares) = &m.shares {
-                let e = shares.get(&etcd_pid).copied().unwrap_or_default();
-                let w = shares.get(&watch_pid).copied().unwrap_or_default();
-                if let (Some(et), Some(wt)) =
-                    (e.per_op(m.paced.etcd_cpu_us_per_put), w.per_op(m.paced.watcher_cpu_us_per_put))
-                {
-                    text += &format!("; inside the trap: etcd {et:.2}, watcher {wt:.2}");
-                    in_trap.push((et, wt));
-                }
+            if let Some((et, wt, e, w)) = trap_per_put(&m) {
+                text += &format!("; inside the trap: etcd {et:.2}, watcher {wt:.2}");
+                in_trap.push((et, wt));
                 etcd_with.add(e);
                 watcher_with.add(w);
             }
@@ -588,7 +638,7 @@ fn etcd(args: &BenchArgs) -> Result<()> {
         // Back to what it was however the round ends.
         let _stats = harness::BpfStatsSysctl::set(true);
         compact(&client);
-        let a = start_agent()?;
+        let a = start_agent(&[])?;
         load(&target, args.seconds, Some(rate))?;
         let costs = bpf_prog_costs(|n| n.starts_with("etcd_") || n.starts_with("go_"));
         drop(a);
@@ -686,6 +736,9 @@ fn etcd(args: &BenchArgs) -> Result<()> {
     };
     inside(|t| t.0, etcd_trap, etcd_with, &format!("etcd at {rate:.0} puts/s"), 4.0);
     inside(|t| t.1, watcher_trap, watcher_with, &format!("watcher (etcdctl) at {rate:.0} puts/s"), 5.0);
+    if args.floor {
+        floor_lines(&in_trap, &floor_trap);
+    }
     if perf {
         println!(
             "    without the agent (the control): {} of {} samples of etcd and the watcher inside a trap",

@@ -185,7 +185,8 @@ pub struct GoSettings {
     /// Scheduler probes in binaries with windows (off-CPU and run-queue
     /// time inside windows).
     pub sched: bool,
-    /// Benchmarks only: attach an empty program at every Go runtime site.
+    /// Benchmarks only: attach an empty program at every Go runtime and
+    /// watch-path site (the floor any uprobe there costs).
     pub empty_probes: bool,
     pub windows: goruntime::WindowTable,
     pub comms: Vec<String>,
@@ -510,7 +511,7 @@ impl Tracker {
             // Not a Go binary, or not one we can read: common and uninteresting.
             Err(_) => None,
             Ok(insp) => {
-                let watch = watch::plan(&insp, self.watch_options);
+                let mut watch = watch::plan(&insp, self.watch_options);
                 let related = !watch.is_unrelated() || watch.refusal.is_some();
                 // Go runtime timing for the watch path's programs the
                 // catalog recognised (not for a refused, unknown build: the
@@ -536,6 +537,7 @@ impl Tracker {
                     };
                     if self.go.empty_probes {
                         go.sites.iter_mut().for_each(|s| s.program = "go_empty");
+                        watch.sites.iter_mut().for_each(|s| s.program = "go_empty");
                     }
                     Some(Arc::new(BinaryPlan { watch, go }))
                 };
