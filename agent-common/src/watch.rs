@@ -234,7 +234,7 @@ pub enum Reg {
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 #[cfg_attr(feature = "pod", derive(bytemuck::Pod, bytemuck::Zeroable))]
 pub struct WatchProbeConfig {
-    pub args: [ArgLoc; 3],
+    pub args: [ArgLoc; 4],
     /// etcdserverpb.WatchResponse: offset of `Header *ResponseHeader`.
     pub resp_header_off: u32,
     /// ResponseHeader.MemberId and .Revision.
@@ -293,7 +293,14 @@ pub struct WatchProbeConfig {
     /// so the record names the watcher. Only set when the binary's code was
     /// seen to load it from there.
     pub closure_watcher_off: u32,
-    pub _pad: u32,
+    /// etcd's enqueue (`watcher.send`, its receiver in `args[3]`): where
+    /// the `mvcc.watcher` holds the length of its filters (`fcs`), from the
+    /// binary's type descriptor; 0 when not known, and every watcher is
+    /// then taken as unfiltered. A watcher with filters queues a new slice
+    /// of the events it keeps, so its copies are told apart by the event's
+    /// `Kv` pointer, which the filter copies along, not by the event's
+    /// address (`agent_common::watch::filtered_copy_slot`).
+    pub watcher_fcs_len_off: u32,
     /// A probe that only counts when called from one function (a JSON
     /// decode of a watch frame, not every JSON decode), or etcd's enqueue,
     /// which stamps a revision's commit when called from the commit fan-out
@@ -477,9 +484,11 @@ fn fingerprint(key: &WatchRevKey) -> u64 {
 /// left to age out, so an offer pushed out is not counted (if it was still
 /// live, its result-channel probe finds nothing and counts the event as
 /// replayed, untimed). An etcd copy leaves at its send, so one pushed out
-/// is counted (`map_full`): a send that will miss. (A watch that filters
-/// events or is cancelled with copies queued leaves its copies to age out
-/// too, and pushing those out is then overcounted.)
+/// is counted (`map_full`): a send that will miss. An etcd watcher with
+/// filters (`filtered_copy_slot`) is marked the same way: the copies its
+/// filters drop are never sent. (A watch cancelled with copies queued
+/// leaves its copies to age out too, and pushing those out is then
+/// overcounted.)
 pub const OFFER_MARK: u64 = 1;
 
 /// Where the enqueue ring keeps an API server's offer of one event to one
@@ -492,8 +501,22 @@ pub fn offer_slot(key: &WatchRevKey) -> (u32, u64) {
     (set_entry(by_address(key.event_addr, mix(key.tgid ^ mix(key.watch_id as u64)))), fingerprint(key) | OFFER_MARK)
 }
 
+/// Where the enqueue ring keeps an etcd watcher's copy of an event when
+/// the watcher has filters (`key.event_addr` holds the event's `Kv`
+/// pointer). etcd's `watcher.send` copies the events its filters keep into
+/// a new slice before queueing them, so the address the gRPC send
+/// transmits is not the one the enqueue saw; the `Kv` pointer is copied
+/// along. One event's copies to every watcher share that pointer, so each
+/// watcher takes it from an offset of its own, as an offer does; marked,
+/// as an offer is: the copies the filters drop are left to age out.
+#[inline(always)]
+pub fn filtered_copy_slot(key: &WatchRevKey) -> (u32, u64) {
+    offer_slot(key)
+}
+
 /// Whether an entry pushed out of the enqueue ring while live (its
-/// fingerprint) is a loss to count (`map_full`): an etcd copy, not an offer.
+/// fingerprint) is a loss to count (`map_full`): an etcd copy, not an offer
+/// nor a filtered watcher's copy.
 #[inline(always)]
 pub fn pushed_out_a_copy(fp: u64) -> bool {
     fp & OFFER_MARK == 0
@@ -708,7 +731,7 @@ pub fn events_index(slot: u32, side: Side) -> u32 {
 }
 
 const _: () = assert!(size_of::<ArgLoc>() == 8);
-const _: () = assert!(size_of::<WatchProbeConfig>() == 144);
+const _: () = assert!(size_of::<WatchProbeConfig>() == 152);
 const _: () = assert!(size_of::<SentObj>() == 16);
 const _: () = assert!(size_of::<EarlyHandler>() == 24);
 const _: () = assert!(size_of::<RevKey>() == 16);
@@ -976,6 +999,23 @@ mod tests {
         let out = ring.insert(set, offer(0xc300_0000)).expect("the set was full");
         assert!(pushed_out_a_copy(out), "an etcd copy is a loss");
         assert_eq!(out, copy, "the oldest way goes first");
+    }
+
+    /// A filtered etcd watcher's copies (keyed by the event's `Kv` pointer,
+    /// which every watcher's copy of one event shares) take a set per
+    /// watcher, and are marked: the ones its filters drop age out
+    /// uncounted. An unfiltered copy of the same event is found elsewhere.
+    #[test]
+    fn a_filtered_watchers_copies_are_marked_and_placed_per_watcher() {
+        let key = |watch_id: i64, addr: u64| WatchRevKey { tgid: 42, watch_id, rev: 7, event_addr: addr };
+        let (set_a, fp_a) = filtered_copy_slot(&key(1, 0xc000_2000));
+        let (set_b, fp_b) = filtered_copy_slot(&key(2, 0xc000_2000));
+        assert!(!pushed_out_a_copy(fp_a) && !pushed_out_a_copy(fp_b));
+        assert_ne!(fp_a, fp_b);
+        assert_ne!(set_a, set_b, "two watchers' copies of one event share a set");
+        let (_, plain) = watch_rev_slot(&key(1, 0xc000_2000));
+        assert!(pushed_out_a_copy(plain));
+        assert_ne!(plain, fp_a);
     }
 
     #[test]

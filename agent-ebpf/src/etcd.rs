@@ -39,8 +39,8 @@ use agent_common::{
     watch::{
         ARG_NONE, EarlyHandler, MAX_DELTAS_PER_POP, MAX_EVENTS_PER_RESPONSE, MAX_SLOTS, ObjKey, ObjStamp, Pending,
         REV_PENDING, REV_UNREADABLE, RV_DIGITS, RevKey, STAMP_ENTRIES, SentObj, Side, Stage, StageExemplar, Stamp,
-        WatchProbeConfig, WatchRecord, WatchRevKey, events_index, guard_taken, hist_index, offer_slot, parse_rv,
-        pushed_out_a_copy, rev_entry, watch_rev_slot,
+        WatchProbeConfig, WatchRecord, WatchRevKey, events_index, filtered_copy_slot, guard_taken, hist_index,
+        offer_slot, parse_rv, pushed_out_a_copy, rev_entry, watch_rev_slot,
     },
 };
 use aya_ebpf::{
@@ -217,20 +217,39 @@ fn hop(side: Side, tgid: u32, rev: i64, commit_ns: u64, at_ns: u64) -> WatchReco
     WatchRecord { side: side as u32, tgid, rev, commit_ns, at_ns, ..WatchRecord::default() }
 }
 
-/// Address of event `i` of a slice, and the event's `kv.ModRevision`.
+/// Event `i` of a slice: its address, its `Kv` pointer and its
+/// `kv.ModRevision`.
 #[inline(always)]
-fn event_at(l: &EventLayout, base: u64, i: u32) -> Option<(u64, i64)> {
+fn event_at(l: &EventLayout, base: u64, i: u32) -> Option<EventAt> {
     let mut ev = base.wrapping_add(i as u64 * l.stride as u64);
     if l.indirect != 0 {
         ev = read_u64(ev)?;
     }
     let kv = read_u64(ev.wrapping_add(l.kv_off as u64))?;
     let rev = read_u64(kv.wrapping_add(l.mod_rev_off as u64))? as i64;
-    Some((ev, rev))
+    Some(EventAt { addr: ev, kv, rev })
+}
+
+struct EventAt {
+    addr: u64,
+    kv: u64,
+    rev: i64,
+}
+
+/// Where the enqueue ring keeps a watcher's copy of an event: by the
+/// event's address, or by its `Kv` pointer for a watcher with filters
+/// (whose queued slice is a new one: see `filtered_copy_slot`).
+#[inline(always)]
+fn copy_slot(tgid: u32, watch_id: i64, e: &EventAt, filtered: bool) -> (u32, u64) {
+    if filtered {
+        filtered_copy_slot(&WatchRevKey { tgid: tgid as u64, watch_id, rev: e.rev, event_addr: e.kv })
+    } else {
+        watch_rev_slot(&WatchRevKey { tgid: tgid as u64, watch_id, rev: e.rev, event_addr: e.addr })
+    }
 }
 
 /// What the per-event callbacks read of an attachment's configuration:
-/// 20 bytes of its 144, so the loop state leaves stack for the rest (the
+/// 20 bytes of its 152, so the loop state leaves stack for the rest (the
 /// verifier allows 512 bytes for a probe and its callback together).
 #[repr(C)]
 #[derive(Clone, Copy)]
@@ -288,6 +307,8 @@ struct EventLoop {
     /// probe the fan-out itself: the first watcher's enqueue of a revision
     /// stamps its commit.
     fanout: u32,
+    /// 1 on an enqueue to a watcher with filters (see `copy_slot`).
+    filtered: u32,
     /// Events processed.
     n: u64,
     /// The goroutine running the probe (for records).
@@ -369,6 +390,7 @@ fn try_enqueue(ctx: &ProbeContext) -> Option<()> {
     // Catch-up and retry sends (not from the fan-out) carry revisions
     // committed earlier: they only look their commit up.
     let fanout = c.cfg.caller_hi != 0 && called_from_caller(ctx, c.cfg).unwrap_or(false);
+    let filtered = has_filters(ctx, c.cfg);
     let mut st = EventLoop {
         tgid: c.tgid,
         slot: c.slot,
@@ -379,11 +401,24 @@ fn try_enqueue(ctx: &ProbeContext) -> Option<()> {
         watch_id,
         recording: 0,
         fanout: u32::from(fanout),
+        filtered: u32::from(filtered),
         n: 0,
         g: 0,
     };
     for_each_event(&mut st, len, enqueue_event, None);
     Some(())
+}
+
+/// Whether the watcher (`args[3]`) has filters (`len(w.fcs) != 0`). Not
+/// known (no offset for this binary, a failed read): taken as none, and
+/// the copies of a filtered watcher then miss at their send, counted.
+#[inline(always)]
+fn has_filters(ctx: &ProbeContext, cfg: &WatchProbeConfig) -> bool {
+    if cfg.watcher_fcs_len_off == 0 {
+        return false;
+    }
+    let Some(w) = arg(ctx, &cfg.args[3]) else { return false };
+    read_u64(w.wrapping_add(cfg.watcher_fcs_len_off as u64)).is_some_and(|n| n != 0)
 }
 
 #[inline(never)]
@@ -400,12 +435,12 @@ unsafe extern "C" fn enqueue_event(i: u64, ctx: *mut c_void) -> i64 {
 extern "C" fn ws_enqueue_event(st: *mut EventLoop, i: u64) -> i64 {
     // SAFETY: see Callback.
     let Some(st) = (unsafe { st.as_mut() }) else { return 0 };
-    let Some((addr, rev)) = event_at(&st.layout, st.events, i as u32) else { return 0 };
+    let Some(e) = event_at(&st.layout, st.events, i as u32) else { return 0 };
+    let rev = e.rev;
     st.n += 1;
-    let key = WatchRevKey { tgid: st.tgid as u64, watch_id: st.watch_id, rev, event_addr: addr };
     // A retry of a queue-full watcher (a "victim") is the same copy: keep
     // the first time, time it once.
-    let (set, fp) = watch_rev_slot(&key);
+    let (set, fp) = copy_slot(st.tgid, st.watch_id, &e, st.filtered != 0);
     let inserted = stamps::insert_first(&ENQ_TS, set, &fp, st.now);
     count_copy_pushed_out(&inserted);
     if !matches!(inserted, Some(Inserted::New | Inserted::Evicted(_))) {
@@ -417,6 +452,11 @@ extern "C" fn ws_enqueue_event(st: *mut EventLoop, i: u64) -> i64 {
     } else {
         stamp_of(&NOTIFY_TS, &commit)
     };
+    if st.filtered != 0 {
+        // Its filters may drop this copy: its wait is timed at its send,
+        // if it is sent, so the stage counts what the watcher got.
+        return 0;
+    }
     match first {
         Some(t) => observe_stage(st.slot, Stage::CommitToEnqueue, st.now.saturating_sub(t), rev, st.watcher(), st.now),
         None => count(Counter::EnqueueCommitMiss),
@@ -563,6 +603,7 @@ fn response_loop(ctx: &ProbeContext, side: Side) -> Option<(EventLoop, u64)> {
         watch_id: r.watch_id,
         recording: record_on() as u32,
         fanout: 0,
+        filtered: 0,
         n: 0,
         // SAFETY: the probe's own register context. Records of a stack-ABI
         // binary carry no goroutine (0), never a scratch register's value.
@@ -593,9 +634,11 @@ unsafe extern "C" fn send_event(i: u64, ctx: *mut c_void) -> i64 {
 extern "C" fn ws_send_event(st: *mut EventLoop, i: u64) -> i64 {
     // SAFETY: see Callback.
     let Some(st) = (unsafe { st.as_mut() }) else { return 0 };
-    let Some((addr, rev)) = event_at(&st.layout, st.events, i as u32) else { return 0 };
+    let Some(e) = event_at(&st.layout, st.events, i as u32) else { return 0 };
+    let rev = e.rev;
     let mut rec = st.next_record(Side::Server, rev);
-    match stamp_of(&NOTIFY_TS, &RevKey { id: st.tgid as u64, rev }) {
+    let commit = stamp_of(&NOTIFY_TS, &RevKey { id: st.tgid as u64, rev });
+    match commit {
         Some(t) => {
             observe_stage(st.slot, Stage::CommitToSend, st.now.saturating_sub(t), rev, st.watcher(), st.now);
             // Publish the commit time for clients on this node.
@@ -604,14 +647,32 @@ extern "C" fn ws_send_event(st: *mut EventLoop, i: u64) -> i64 {
         }
         None => count(Counter::SendCommitMiss),
     }
-    let key = WatchRevKey { tgid: st.tgid as u64, watch_id: st.watch_id, rev, event_addr: addr };
-    let (set, fp) = watch_rev_slot(&key);
-    match stamps::find(&ENQ_TS, set, &fp) {
+    // The send does not know whether the watcher had filters: the copy
+    // is looked for as an unfiltered one, then as a filtered one.
+    let (set, fp) = copy_slot(st.tgid, st.watch_id, &e, false);
+    let (found, filtered) = match stamps::find(&ENQ_TS, set, &fp) {
+        Some(f) => (Some(f), false),
+        None => {
+            let (set, fp) = copy_slot(st.tgid, st.watch_id, &e, true);
+            (stamps::find(&ENQ_TS, set, &fp), true)
+        }
+    };
+    match found {
         Some((idx, t)) => {
             observe_stage(st.slot, Stage::EnqueueToSend, st.now.saturating_sub(t), rev, st.watcher(), st.now);
             // Each watcher's copy is sent once: free the entry now.
             stamps::remove(&ENQ_TS, idx);
             rec.enqueue_ns = t;
+            if filtered {
+                // A filtered watcher's wait for its queue, timed now that
+                // its filters kept the copy (see ws_enqueue_event).
+                match commit {
+                    Some(c) => {
+                        observe_stage(st.slot, Stage::CommitToEnqueue, t.saturating_sub(c), rev, st.watcher(), t)
+                    }
+                    None => count(Counter::EnqueueCommitMiss),
+                }
+            }
         }
         None => count(Counter::SendEnqueueMiss),
     }
@@ -643,7 +704,7 @@ unsafe extern "C" fn dispatch_event(i: u64, ctx: *mut c_void) -> i64 {
 extern "C" fn ws_dispatch_event(st: *mut EventLoop, i: u64) -> i64 {
     // SAFETY: see Callback.
     let Some(st) = (unsafe { st.as_mut() }) else { return 0 };
-    let Some((_, rev)) = event_at(&st.layout, st.events, i as u32) else { return 0 };
+    let Some(EventAt { rev, .. }) = event_at(&st.layout, st.events, i as u32) else { return 0 };
     let mut rec = st.next_record(Side::Client, rev);
     match stamp_of(&COMMIT_TS, &RevKey { id: st.member, rev }) {
         Some(t) => {

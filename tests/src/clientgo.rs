@@ -80,6 +80,14 @@ pub fn apiserver() -> &'static Path {
     B.get_or_init(|| build("apiserver", "wsk-apiserver"))
 }
 
+/// `tests/fixtures/go-k8s/src/etcdwatch`: a watch through etcd's Go client
+/// with one of etcd's own watch filters, built stripped as
+/// `wsc-etcdwatch`.
+pub fn etcd_watch() -> &'static Path {
+    static B: OnceLock<PathBuf> = OnceLock::new();
+    B.get_or_init(|| build("etcdwatch", "wsc-etcdwatch"))
+}
+
 fn fixture_gopath() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("fixtures/go-k8s")
 }

@@ -4,10 +4,13 @@
 //! upgrades, SIGKILL of the agent; and binaries whose layout or names are
 //! not known, refused.
 
-use std::{process::Command, time::Duration};
+use std::{
+    process::{Command, Stdio},
+    time::Duration,
+};
 
 use watchscope_integration_tests::{
-    Agent, Buckets, debug_probes,
+    Agent, Buckets, clientgo, debug_probes,
     etcd::{Build, Etcd, LineReader, unsent},
     on_builds, sample_value, uprobe_events_of, wait_attached, wait_until,
 };
@@ -34,6 +37,7 @@ on_builds!(
     sigkill_leaves_no_probe_behind_and_etcd_keeps_serving,
     sigkill_with_tracefs_uprobes_leaves_nothing_attached_and_the_next_agent_cleans_up,
     a_watch_from_an_old_revision_is_timed_from_its_commit_or_counted_as_missed,
+    a_filtered_watch_is_timed_from_enqueue_to_send_like_any_other,
 ]);
 
 // The Go runtime probes need the register ABI (Go 1.17+): not 3.3.25.
@@ -159,6 +163,62 @@ fn a_watch_from_an_old_revision_is_timed_from_its_commit_or_counted_as_missed(bu
         let missed = if notify_probe { 0.0 } else { OLD as f64 };
         assert_eq!(dropped(&text, "enqueue_commit_miss"), missed, "{text}");
         assert_eq!(dropped(&text, "send_commit_miss"), missed, "{text}");
+    }
+}
+
+/// etcd applies a watch's own filters (NOPUT, NODELETE: etcd's Go client
+/// asks for them, etcdctl cannot) on the server, where `watcher.send`
+/// copies the events the watcher keeps into a new slice before it queues
+/// them: the gRPC send then transmits addresses the enqueue never saw. The
+/// agent reads the watcher's filters at the enqueue and joins such a
+/// watcher's copies by their `Kv` pointer, which the filter copies along.
+/// A watch without deletes and an unfiltered one on the same keys: every
+/// event either gets is timed at every stage once, the deletes the filter
+/// dropped at none, and nothing is counted missing or pushed out.
+fn a_filtered_watch_is_timed_from_enqueue_to_send_like_any_other(build: Build) {
+    const N: usize = 12;
+    const M: usize = 5;
+    let (server, client) = (build.comm("wse-filt"), build.comm("wsc-filt"));
+    let agent = Agent::start(&["--comm", &format!("{server},{client}")]);
+    let etcd = Etcd::start_build(build, &server, &client);
+    let all = etcd.watch("/filt/");
+    let puts = LineReader::new(
+        Command::new(clientgo::etcd_watch())
+            .args([&format!("-endpoint={}", etcd.endpoint()), "-prefix=/filt/", "-filter=delete"])
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("etcdwatch"),
+    );
+    assert!(puts.wait_for(|l| l == "CREATED", Duration::from_secs(20)), "the filtered watch started");
+    wait_attached(&agent, &[etcd.pid(), all.pid()]);
+    etcd.wait_watchers(2, Duration::from_secs(10));
+    for i in 0..N {
+        let key = format!("/filt/{i}");
+        etcd.put(&key, "v");
+        if i < M {
+            let out = etcd.ctl_command().args(["del", &key]).output().expect("etcdctl del");
+            assert!(out.status.success(), "del {key}");
+        }
+    }
+    assert_eq!(puts.wait_count(|l| l.starts_with("PUT "), N, Duration::from_secs(10)), N, "the filtered watch");
+    assert_eq!(all.wait_count(|l| l == "PUT", N, Duration::from_secs(10)), N);
+    assert_eq!(all.wait_count(|l| l == "DELETE", M, Duration::from_secs(10)), M);
+    assert_eq!(puts.count(|l| l.starts_with("DELETE ")), 0, "etcd filtered the deletes out");
+    // Sent: each put twice, each delete once.
+    let want = (2 * N + M) as f64;
+    wait_until(Duration::from_secs(5), || events(&agent, "server", &server) >= want);
+    let text = agent.metrics();
+    assert_eq!(events(&agent, "server", &server), want, "{text}");
+    for stage in ["commit_to_enqueue", "enqueue_to_send", "commit_to_send"] {
+        let b = Buckets::parse(&text, FAMILY, &stage_labels(stage, &server));
+        assert_eq!(b.count(), want, "{stage}: {text}");
+        assert_eq!(b.below(1.0), want, "{stage} on an idle loopback: {text}");
+    }
+    assert_eq!(unsent(&text, &server), 0.0, "{text}");
+    for reason in ["enqueue_commit_miss", "send_commit_miss", "send_enqueue_miss", "map_full", "read_error"] {
+        assert_eq!(dropped(&text, reason), 0.0, "{reason}: {text}");
     }
 }
 

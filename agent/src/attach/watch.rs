@@ -656,6 +656,12 @@ fn site(insp: &Inspection, layout: &EtcdLayout, p: &Probe, role: Role, program: 
             cfg.args[1] = direct(get("events_ptr")?)?;
             cfg.args[2] = direct(get("events")?)?;
             cfg.event_stride = fact(Fact::EventSize)?;
+            // Whether a watcher has filters: without the receiver or its
+            // type descriptor, every watcher is taken as unfiltered.
+            if let (Ok(w), Some(off)) = (get("watcher").and_then(direct), watcher_filters_len(insp)) {
+                cfg.args[3] = w;
+                cfg.watcher_fcs_len_off = off;
+            }
         }
         _ => {
             // Send(m) and dispatchEvent(pbresp): everything hangs off the
@@ -677,6 +683,20 @@ fn site(insp: &Inspection, layout: &EtcdLayout, p: &Probe, role: Role, program: 
         }
     }
     entry_watch_site(insp, p, role, program, cfg)
+}
+
+/// Where an etcd `mvcc.watcher` holds the length of its filters (`fcs
+/// []FilterFunc`): from the binary's type descriptor (3.5.30 added a field
+/// before it), checked to be a slice.
+fn watcher_filters_len(insp: &Inspection) -> Option<u32> {
+    let l = insp.struct_layout("mvcc.watcher").ok()?;
+    let f = l.field("fcs")?;
+    if f.size != 24 || !f.type_name.starts_with("[]") {
+        return None;
+    }
+    // The slice's length word, after its pointer: never at offset 0, which
+    // the kernel reads as "not known".
+    narrow(f.offset + 8).ok()
 }
 
 /// The catalog's read `name` of a probed function.

@@ -307,8 +307,13 @@ static WATCHER_SEND: Signature = Signature {
         // The queued []mvccpb.Event's backing array: &Events[i] is the pointer
         // the gRPC send later transmits (seen equal in the same tracefs run).
         read_v("events_ptr", "wr.Events.ptr", &[], TRACEFS_344),
+        // The receiver: its filters (`fcs`) decide how its copies are told
+        // apart (`agent_common::watch::filtered_copy_slot`).
+        read_v("watcher", "w", &[], FILTERED_WATCH),
     ],
 };
+const FILTERED_WATCH: &str = "etcd 3.3.25/go1.15 (stack ABI), 3.4.23/go1.19, 3.5.16/go1.24 and 3.5.30/go1.26 amd64: a \
+     watch with a filter and one without, every event of each timed enqueue to send (tests/tests/etcd_watch.rs)";
 
 /// `func (x *watchWatchServer) Send(m *WatchResponse) error`. The
 /// generated `WatchResponse` starts `Header *ResponseHeader; WatchId int64`
