@@ -652,10 +652,7 @@ extern "C" fn ws_send_event(st: *mut EventLoop, i: u64) -> i64 {
     let (set, fp) = copy_slot(st.tgid, st.watch_id, &e, false);
     let (found, filtered) = match stamps::find(&ENQ_TS, set, &fp) {
         Some(f) => (Some(f), false),
-        None => {
-            let (set, fp) = copy_slot(st.tgid, st.watch_id, &e, true);
-            (stamps::find(&ENQ_TS, set, &fp), true)
-        }
+        None => (find_filtered_copy(st.tgid, st.watch_id, e.kv, rev), true),
     };
     match found {
         Some((idx, t)) => {
@@ -680,6 +677,15 @@ extern "C" fn ws_send_event(st: *mut EventLoop, i: u64) -> i64 {
         emit(rec);
     }
     0
+}
+
+/// A filtered watcher's copy of an event (see `copy_slot`): the index of
+/// its entry and its time. Out of line: only a send that found no
+/// unfiltered copy runs it.
+#[inline(never)]
+fn find_filtered_copy(tgid: u32, watch_id: i64, kv: u64, rev: i64) -> Option<(u32, u64)> {
+    let (set, fp) = copy_slot(tgid, watch_id, &EventAt { addr: 0, kv, rev }, true);
+    stamps::find(&ENQ_TS, set, &fp)
 }
 
 #[uprobe]

@@ -100,6 +100,15 @@ struct RunArgs {
     #[arg(long, env = "WATCHSCOPE_ETCD_NOTIFY_PROBE", default_value_t = true, action = clap::ArgAction::Set,
           num_args = 0..=1, require_equals = true, default_missing_value = "true")]
     etcd_notify_probe: bool,
+    /// Time watches that use etcd's own filters (`NOPUT`, `NODELETE`:
+    /// clientv3's `WithFilterPut`/`WithFilterDelete`) from enqueue to send:
+    /// the enqueue probe then reads each watcher's filters, which cost
+    /// 0.1 µs per enqueue in `cargo xtask bench etcd`. Off, such a watch's
+    /// events are timed from commit to send, and each counts as a
+    /// `send_enqueue_miss`.
+    #[arg(long, env = "WATCHSCOPE_ETCD_FILTERED_WATCHES", default_value_t = false, action = clap::ArgAction::Set,
+          num_args = 0..=1, require_equals = true, default_missing_value = "true")]
+    etcd_filtered_watches: bool,
     /// `cargo xtask bench gomap` and `bench etcd` only: an empty program at
     /// every Go runtime and watch-path probe site (the floor any uprobe
     /// there costs).
@@ -208,7 +217,10 @@ fn dispatch(command: Command) -> Result<ExitCode> {
                     comms: args.go_comms,
                     pids: args.go_pids,
                 },
-                watch: watchscope::attach::watch::WatchOptions { notify_probe: args.etcd_notify_probe },
+                watch: watchscope::attach::watch::WatchOptions {
+                    notify_probe: args.etcd_notify_probe,
+                    filtered_watches: args.etcd_filtered_watches,
+                },
                 max_series: args.max_series as usize,
                 root: HostRoot::default(),
                 label_pid: args.label_pid,

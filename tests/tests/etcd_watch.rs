@@ -169,56 +169,73 @@ fn a_watch_from_an_old_revision_is_timed_from_its_commit_or_counted_as_missed(bu
 /// etcd applies a watch's own filters (NOPUT, NODELETE: etcd's Go client
 /// asks for them, etcdctl cannot) on the server, where `watcher.send`
 /// copies the events the watcher keeps into a new slice before it queues
-/// them: the gRPC send then transmits addresses the enqueue never saw. The
-/// agent reads the watcher's filters at the enqueue and joins such a
-/// watcher's copies by their `Kv` pointer, which the filter copies along.
-/// A watch without deletes and an unfiltered one on the same keys: every
-/// event either gets is timed at every stage once, the deletes the filter
-/// dropped at none, and nothing is counted missing or pushed out.
+/// them: the gRPC send then transmits addresses the enqueue never saw.
+/// With `--etcd-filtered-watches` the agent reads the watcher's filters at
+/// the enqueue and joins such a watcher's copies by their `Kv` pointer,
+/// which the filter copies along. A watch without deletes and an
+/// unfiltered one on the same keys: with the flag, every event either gets
+/// is timed at every stage once, the deletes the filter dropped at none,
+/// and nothing is counted missing; without it (the default), the filtered
+/// watch's events are timed from commit to send and each is counted as a
+/// `send_enqueue_miss`, never joined wrongly.
 fn a_filtered_watch_is_timed_from_enqueue_to_send_like_any_other(build: Build) {
     const N: usize = 12;
     const M: usize = 5;
-    let (server, client) = (build.comm("wse-filt"), build.comm("wsc-filt"));
-    let agent = Agent::start(&["--comm", &format!("{server},{client}")]);
-    let etcd = Etcd::start_build(build, &server, &client);
-    let all = etcd.watch("/filt/");
-    let puts = LineReader::new(
-        Command::new(clientgo::etcd_watch())
-            .args([&format!("-endpoint={}", etcd.endpoint()), "-prefix=/filt/", "-filter=delete"])
-            .stdin(Stdio::null())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::null())
-            .spawn()
-            .expect("etcdwatch"),
-    );
-    assert!(puts.wait_for(|l| l == "CREATED", Duration::from_secs(20)), "the filtered watch started");
-    wait_attached(&agent, &[etcd.pid(), all.pid()]);
-    etcd.wait_watchers(2, Duration::from_secs(10));
-    for i in 0..N {
-        let key = format!("/filt/{i}");
-        etcd.put(&key, "v");
-        if i < M {
-            let out = etcd.ctl_command().args(["del", &key]).output().expect("etcdctl del");
-            assert!(out.status.success(), "del {key}");
+    for on in [true, false] {
+        let tag = if on { "y" } else { "n" };
+        let (server, client) = (build.comm(&format!("wse-filt{tag}")), build.comm(&format!("wsc-filt{tag}")));
+        let comms = format!("{server},{client}");
+        let mode = format!("--etcd-filtered-watches={on}");
+        let agent = Agent::start(&["--comm", comms.as_str(), mode.as_str()]);
+        let etcd = Etcd::start_build(build, &server, &client);
+        let all = etcd.watch("/filt/");
+        let puts = LineReader::new(
+            Command::new(clientgo::etcd_watch())
+                .args([&format!("-endpoint={}", etcd.endpoint()), "-prefix=/filt/", "-filter=delete"])
+                .stdin(Stdio::null())
+                .stdout(Stdio::piped())
+                .stderr(Stdio::null())
+                .spawn()
+                .expect("etcdwatch"),
+        );
+        assert!(puts.wait_for(|l| l == "CREATED", Duration::from_secs(20)), "the filtered watch started");
+        wait_attached(&agent, &[etcd.pid(), all.pid()]);
+        etcd.wait_watchers(2, Duration::from_secs(10));
+        for i in 0..N {
+            let key = format!("/filt/{i}");
+            etcd.put(&key, "v");
+            if i < M {
+                let out = etcd.ctl_command().args(["del", &key]).output().expect("etcdctl del");
+                assert!(out.status.success(), "del {key}");
+            }
         }
-    }
-    assert_eq!(puts.wait_count(|l| l.starts_with("PUT "), N, Duration::from_secs(10)), N, "the filtered watch");
-    assert_eq!(all.wait_count(|l| l == "PUT", N, Duration::from_secs(10)), N);
-    assert_eq!(all.wait_count(|l| l == "DELETE", M, Duration::from_secs(10)), M);
-    assert_eq!(puts.count(|l| l.starts_with("DELETE ")), 0, "etcd filtered the deletes out");
-    // Sent: each put twice, each delete once.
-    let want = (2 * N + M) as f64;
-    wait_until(Duration::from_secs(5), || events(&agent, "server", &server) >= want);
-    let text = agent.metrics();
-    assert_eq!(events(&agent, "server", &server), want, "{text}");
-    for stage in ["commit_to_enqueue", "enqueue_to_send", "commit_to_send"] {
-        let b = Buckets::parse(&text, FAMILY, &stage_labels(stage, &server));
-        assert_eq!(b.count(), want, "{stage}: {text}");
-        assert_eq!(b.below(1.0), want, "{stage} on an idle loopback: {text}");
-    }
-    assert_eq!(unsent(&text, &server), 0.0, "{text}");
-    for reason in ["enqueue_commit_miss", "send_commit_miss", "send_enqueue_miss", "map_full", "read_error"] {
-        assert_eq!(dropped(&text, reason), 0.0, "{reason}: {text}");
+        assert_eq!(puts.wait_count(|l| l.starts_with("PUT "), N, Duration::from_secs(10)), N, "the filtered watch");
+        assert_eq!(all.wait_count(|l| l == "PUT", N, Duration::from_secs(10)), N);
+        assert_eq!(all.wait_count(|l| l == "DELETE", M, Duration::from_secs(10)), M);
+        assert_eq!(puts.count(|l| l.starts_with("DELETE ")), 0, "etcd filtered the deletes out");
+        // Sent: each put twice, each delete once.
+        let want = (2 * N + M) as f64;
+        wait_until(Duration::from_secs(5), || events(&agent, "server", &server) >= want);
+        let text = agent.metrics();
+        assert_eq!(events(&agent, "server", &server), want, "{text}");
+        let stage = |name: &str| Buckets::parse(&text, FAMILY, &stage_labels(name, &server));
+        assert_eq!(stage("commit_to_send").count(), want, "{text}");
+        assert_eq!(stage("commit_to_send").below(1.0), want, "on an idle loopback: {text}");
+        for reason in ["enqueue_commit_miss", "send_commit_miss", "map_full", "read_error"] {
+            assert_eq!(dropped(&text, reason), 0.0, "{reason}: {text}");
+        }
+        if on {
+            for name in ["commit_to_enqueue", "enqueue_to_send"] {
+                assert_eq!(stage(name).count(), want, "{name}: {text}");
+                assert_eq!(stage(name).below(1.0), want, "{name} on an idle loopback: {text}");
+            }
+            assert_eq!(unsent(&text, &server), 0.0, "{text}");
+            assert_eq!(dropped(&text, "send_enqueue_miss"), 0.0, "{text}");
+        } else {
+            // etcdctl's copies only; the filtered watch's sends are misses.
+            assert_eq!(stage("enqueue_to_send").count(), (N + M) as f64, "{text}");
+            assert_eq!(dropped(&text, "send_enqueue_miss"), N as f64, "{text}");
+        }
     }
 }
 

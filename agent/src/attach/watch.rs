@@ -83,11 +83,17 @@ pub struct WatchOptions {
     /// lone slow watcher's backlog (etcd takes a watcher whose queue is full
     /// out of the fan-out until it caught up), count as commit misses.
     pub notify_probe: bool,
+    /// Read each watcher's filters at the enqueue (`--etcd-filtered-watches`),
+    /// so that a watch with etcd's own filters is timed from enqueue to send
+    /// (see `agent_common::watch::filtered_copy_slot`). Off by default: the
+    /// read is one more access to etcd's memory at every enqueue, for a
+    /// feature etcd's main client, the Kubernetes API server, does not use.
+    pub filtered_watches: bool,
 }
 
 impl Default for WatchOptions {
     fn default() -> Self {
-        Self { notify_probe: true }
+        Self { notify_probe: true, filtered_watches: false }
     }
 }
 
@@ -226,9 +232,14 @@ pub fn plan(insp: &Inspection, opts: WatchOptions) -> WatchPlan {
                 continue;
             }
             Ok(mut s) if *role == Role::EtcdServerWatcherSend => {
-                if let (Some((lo, hi)), SiteConfig::Watch(c)) = (fanout, &mut s.config) {
-                    c.caller_lo = lo;
-                    c.caller_hi = hi;
+                if let SiteConfig::Watch(c) = &mut s.config {
+                    if let Some((lo, hi)) = fanout {
+                        c.caller_lo = lo;
+                        c.caller_hi = hi;
+                    }
+                    if !opts.filtered_watches {
+                        c.watcher_fcs_len_off = 0;
+                    }
                 }
                 Ok(s)
             }
