@@ -449,12 +449,15 @@ extern "C" fn ws_enqueue_event(st: *mut EventLoop, i: u64) -> i64 {
     let commit = RevKey { id: st.tgid as u64, rev };
     let first = if st.fanout != 0 {
         stamps::first_time(&NOTIFY_TS, rev_entry(&commit), &commit, st.now)
+    } else if st.filtered != 0 {
+        None
     } else {
         stamp_of(&NOTIFY_TS, &commit)
     };
     if st.filtered != 0 {
         // Its filters may drop this copy: its wait is timed at its send,
-        // if it is sent, so the stage counts what the watcher got.
+        // if it is sent, so the stage counts what the watcher got (the
+        // fan-out's first enqueue still stamps the commit, above).
         return 0;
     }
     match first {
@@ -684,7 +687,7 @@ extern "C" fn ws_send_event(st: *mut EventLoop, i: u64) -> i64 {
 /// unfiltered copy runs it.
 #[inline(never)]
 fn find_filtered_copy(tgid: u32, watch_id: i64, kv: u64, rev: i64) -> Option<(u32, u64)> {
-    let (set, fp) = copy_slot(tgid, watch_id, &EventAt { addr: 0, kv, rev }, true);
+    let (set, fp) = filtered_copy_slot(&WatchRevKey { tgid: tgid as u64, watch_id, rev, event_addr: kv });
     stamps::find(&ENQ_TS, set, &fp)
 }
 

@@ -25,6 +25,15 @@ fn events(agent: &Agent, side: &str, comm: &str) -> f64 {
     agent.sample(&format!("watchscope_watch_events_total{{side=\"{side}\",comm=\"{comm}\"}}"))
 }
 
+/// For a test that runs two ways: the server's and the client's comm
+/// names in one of them (`base` and a one-letter `tag`), and the agent's
+/// `--comm` list naming both.
+fn mode_comms(build: Build, base: &str, tag: &str) -> (String, String, String) {
+    let (server, client) = (build.comm(&format!("wse-{base}{tag}")), build.comm(&format!("wsc-{base}{tag}")));
+    let comms = format!("{server},{client}");
+    (server, client, comms)
+}
+
 fn dropped(text: &str, reason: &str) -> f64 {
     watchscope_integration_tests::present(text, &format!("watchscope_dropped_total{{reason=\"{reason}\"}}"))
 }
@@ -122,8 +131,7 @@ fn a_watch_from_an_old_revision_is_timed_from_its_commit_or_counted_as_missed(bu
     const PAUSE: Duration = Duration::from_millis(600);
     for notify_probe in [false, true] {
         let tag = if notify_probe { "n" } else { "f" };
-        let (server, client) = (build.comm(&format!("wse-old{tag}")), build.comm(&format!("wsc-old{tag}")));
-        let comms = format!("{server},{client}");
+        let (server, client, comms) = mode_comms(build, "old", tag);
         let mode = format!("--etcd-notify-probe={notify_probe}");
         let args = ["--comm", comms.as_str(), mode.as_str()];
         let agent = Agent::start(&args);
@@ -183,8 +191,7 @@ fn a_filtered_watch_is_timed_from_enqueue_to_send_like_any_other(build: Build) {
     const M: usize = 5;
     for on in [true, false] {
         let tag = if on { "y" } else { "n" };
-        let (server, client) = (build.comm(&format!("wse-filt{tag}")), build.comm(&format!("wsc-filt{tag}")));
-        let comms = format!("{server},{client}");
+        let (server, client, comms) = mode_comms(build, "filt", tag);
         let mode = format!("--etcd-filtered-watches={on}");
         let agent = Agent::start(&["--comm", comms.as_str(), mode.as_str()]);
         let etcd = Etcd::start_build(build, &server, &client);
@@ -273,10 +280,10 @@ fn a_lone_slow_watchers_backlog_is_timed_from_its_commits(build: Build) {
     const MORE: usize = 200;
     for notify_probe in [true, false] {
         let tag = if notify_probe { "n" } else { "f" };
-        let (server, client) = (build.comm(&format!("wse-lone{tag}")), build.comm(&format!("wsc-lone{tag}")));
+        let (server, client, comms) = mode_comms(build, "lone", tag);
         let etcd = Etcd::start_build(build, &server, &client);
         let mut slow = etcd.slow_watcher("/lone/");
-        let (comms, mode) = (format!("{server},{client}"), format!("--etcd-notify-probe={notify_probe}"));
+        let mode = format!("--etcd-notify-probe={notify_probe}");
         let agent = Agent::start(&["--comm", &comms, &mode]);
         wait_attached(&agent, &[etcd.pid()]);
         etcd.wait_watchers(1, Duration::from_secs(10));

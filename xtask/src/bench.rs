@@ -379,10 +379,15 @@ fn whole_verdict(whole: Paired, target: f64, trap: Option<Paired>) -> String {
 /// (the uprobe mechanism: the breakpoint's exception, finding the probe,
 /// running a program, emulating the instruction), and what the programs
 /// add to it, paired round by round; for (etcd, the watcher).
-fn floor_lines(with: &[(f64, f64)], floor: &[(f64, f64)]) {
-    for (what, f) in [("etcd", (|t: &(f64, f64)| t.0) as fn(&(f64, f64)) -> f64), ("watcher", |t| t.1)] {
-        let fl: Vec<f64> = floor.iter().map(f).collect();
-        let ours: Vec<f64> = with.iter().map(f).collect();
+/// (etcd, the watcher) CPU per put inside the trap in one round.
+type TrapPerPut = (f64, f64);
+
+/// `pairs`: (with the agent, the floor) of each round where perf sampled
+/// both.
+fn floor_lines(pairs: &[(TrapPerPut, TrapPerPut)]) {
+    for (what, f) in [("etcd", (|t: &TrapPerPut| t.0) as fn(&TrapPerPut) -> f64), ("watcher", |t| t.1)] {
+        let fl: Vec<f64> = pairs.iter().map(|(_, fl)| f(fl)).collect();
+        let ours: Vec<f64> = pairs.iter().map(|(with, _)| f(with)).collect();
         match (Paired::mean(&fl), Paired::of(&ours, &fl)) {
             (Some(m), Some(p)) => println!(
                 "    {what} inside the trap, empty programs at the same sites (the floor): {:.2} µs per put (95% CI \
@@ -549,9 +554,10 @@ fn etcd(args: &BenchArgs) -> Result<()> {
     };
     let (mut without, mut with) = (Vec::new(), Vec::new());
     // Per round with the agent: (etcd, watcher) CPU per put inside the trap;
-    // with `--floor`, the same with empty programs, per round.
+    // with `--floor`, paired with the same for empty programs, for each
+    // round where perf sampled both.
     let mut in_trap: Vec<(f64, f64)> = Vec::new();
-    let mut floor_trap: Vec<(f64, f64)> = Vec::new();
+    let mut floor_pairs: Vec<(TrapPerPut, TrapPerPut)> = Vec::new();
     // Samples of (etcd, watcher), with the agent and without (the control:
     // no breakpoint, no sample inside a trap).
     let (mut etcd_with, mut watcher_with) = (trap::TrapShare::default(), trap::TrapShare::default());
@@ -571,6 +577,7 @@ fn etcd(args: &BenchArgs) -> Result<()> {
                 without.push(m);
                 continue;
             }
+            let mut floor = None;
             if args.floor {
                 // The floor first, then the agent, so both follow the
                 // round without it in one order or the other alike.
@@ -582,7 +589,7 @@ fn etcd(args: &BenchArgs) -> Result<()> {
                 let mut text = line(&m);
                 if let Some((et, wt, _, _)) = trap_per_put(&m) {
                     text += &format!("; inside the trap: etcd {et:.2}, watcher {wt:.2}");
-                    floor_trap.push((et, wt));
+                    floor = Some((et, wt));
                 }
                 println!("    round {r} floor:         {text}");
                 compact(&client);
@@ -611,6 +618,9 @@ fn etcd(args: &BenchArgs) -> Result<()> {
             if let Some((et, wt, e, w)) = trap_per_put(&m) {
                 text += &format!("; inside the trap: etcd {et:.2}, watcher {wt:.2}");
                 in_trap.push((et, wt));
+                if let Some(fl) = floor {
+                    floor_pairs.push(((et, wt), fl));
+                }
                 etcd_with.add(e);
                 watcher_with.add(w);
             }
@@ -737,7 +747,7 @@ fn etcd(args: &BenchArgs) -> Result<()> {
     inside(|t| t.0, etcd_trap, etcd_with, &format!("etcd at {rate:.0} puts/s"), 4.0);
     inside(|t| t.1, watcher_trap, watcher_with, &format!("watcher (etcdctl) at {rate:.0} puts/s"), 5.0);
     if args.floor {
-        floor_lines(&in_trap, &floor_trap);
+        floor_lines(&floor_pairs);
     }
     if perf {
         println!(

@@ -237,8 +237,15 @@ pub fn plan(insp: &Inspection, opts: WatchOptions) -> WatchPlan {
                         c.caller_lo = lo;
                         c.caller_hi = hi;
                     }
-                    if !opts.filtered_watches {
-                        c.watcher_fcs_len_off = 0;
+                    // Whether a watcher has filters: without the receiver or
+                    // its type descriptor, every watcher is taken as
+                    // unfiltered. Looked up only when asked for.
+                    if let (true, Some(p)) = (opts.filtered_watches, probe)
+                        && let (Ok(w), Some(off)) =
+                            (catalog_read(p, "watcher").and_then(direct), watcher_filters_len(insp))
+                    {
+                        c.args[3] = w;
+                        c.watcher_fcs_len_off = off;
                     }
                 }
                 Ok(s)
@@ -667,12 +674,6 @@ fn site(insp: &Inspection, layout: &EtcdLayout, p: &Probe, role: Role, program: 
             cfg.args[1] = direct(get("events_ptr")?)?;
             cfg.args[2] = direct(get("events")?)?;
             cfg.event_stride = fact(Fact::EventSize)?;
-            // Whether a watcher has filters: without the receiver or its
-            // type descriptor, every watcher is taken as unfiltered.
-            if let (Ok(w), Some(off)) = (get("watcher").and_then(direct), watcher_filters_len(insp)) {
-                cfg.args[3] = w;
-                cfg.watcher_fcs_len_off = off;
-            }
         }
         _ => {
             // Send(m) and dispatchEvent(pbresp): everything hangs off the
