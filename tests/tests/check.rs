@@ -193,3 +193,43 @@ fn json_report_parses() {
     let items = v["items"].as_array().expect("items");
     assert!(items.iter().any(|i| i["name"] == "btf" && i["status"] == "ok"));
 }
+
+/// `check` prices a uprobe hit on this node with an empty program on two
+/// functions of its own binary, and leaves no probe behind.
+#[test]
+fn a_uprobe_hit_is_priced_on_this_node_and_nothing_is_left_attached() {
+    let stats = || std::fs::read_to_string("/proc/sys/kernel/bpf_stats_enabled").expect("bpf_stats_enabled");
+    let stats_before = stats();
+    let out = Command::new(watchscope_bin()).args(["check", "--json"]).output().expect("run");
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).expect("JSON");
+    let item = v["items"].as_array().expect("items").iter().find(|i| i["name"] == "uprobe cost").expect("uprobe cost");
+    // ok: the kernel counted the probe's runs, one per call, before the
+    // calls were timed (a miscount is a warning naming it).
+    assert_eq!(item["status"], "ok", "{item}");
+    let detail = item["detail"].as_str().expect("detail");
+    // "... 0.71 µs on an emulated jump ..., 4.72 µs on a single-stepped instruction ..."
+    let costs: Vec<f64> = detail
+        .split_whitespace()
+        .zip(detail.split_whitespace().skip(1))
+        .filter(|(_, unit)| *unit == "µs")
+        .map(|(n, _)| n.parse().expect("a cost"))
+        .collect();
+    assert_eq!(costs.len(), 2, "{detail}");
+    assert!(costs.iter().all(|c| *c > 0.0), "{detail}");
+    // The statistics it counted with are off again (they cost every
+    // program on the node while on).
+    assert_eq!(stats(), stats_before);
+    // The test program is gone with `check` (its link is released with
+    // the process; the kernel may free both a moment after the exit).
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    loop {
+        let progs = Command::new("bpftool").args(["prog", "show", "--json"]).output().expect("bpftool");
+        let progs: serde_json::Value = serde_json::from_slice(&progs.stdout).expect("bpftool JSON");
+        let left = progs.as_array().expect("programs").iter().any(|p| p["name"] == "ws_trap_cost");
+        if !left {
+            break;
+        }
+        assert!(std::time::Instant::now() < deadline, "ws_trap_cost still loaded after check exited");
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+}

@@ -12,7 +12,7 @@
 //! fd, unlike walking every program on the host by id (CAP_SYS_ADMIN), and
 //! it works after the `Ebpf` object has moved to the event loop.
 
-use std::os::fd::{AsFd, AsRawFd, OwnedFd};
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd};
 
 use aya::Ebpf;
 
@@ -103,7 +103,16 @@ impl BpfStats {
 }
 
 fn fdinfo(fd: &OwnedFd) -> Option<String> {
-    std::fs::read_to_string(format!("/proc/self/fdinfo/{}", fd.as_fd().as_raw_fd())).ok()
+    fdinfo_of(fd.as_fd())
+}
+
+fn fdinfo_of(fd: BorrowedFd<'_>) -> Option<String> {
+    std::fs::read_to_string(format!("/proc/self/fdinfo/{}", fd.as_raw_fd())).ok()
+}
+
+/// How many times a program ran while statistics were on (`run_cnt`).
+pub fn run_count(prog: BorrowedFd<'_>) -> Option<u64> {
+    fdinfo_field(&fdinfo_of(prog)?, "run_cnt")
 }
 
 fn sysctl_on() -> bool {
