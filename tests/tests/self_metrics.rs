@@ -121,3 +121,26 @@ fn the_map_memory_reported_is_what_check_projects_and_stays_bounded() {
     let at96 = defs.iter().map(|d| mapmem::projected(d, 96)).sum::<u64>();
     assert!(at96 <= mapmem::BOUND_AT_96_CPUS, "{at96} bytes at 96 CPUs");
 }
+
+/// The agent prices a uprobe hit on its node at start (an empty program on
+/// two functions of its own binary, its runs counted once per call before
+/// the calls are timed: see `check`) and exports both costs; the kernel's
+/// statistics it counted with are as they were before.
+#[test]
+fn what_a_uprobe_hit_costs_here_is_measured_at_start_and_exported() {
+    let sysctl = || std::fs::read_to_string("/proc/sys/kernel/bpf_stats_enabled").expect("bpf_stats_enabled");
+    let before = sysctl();
+    let agent = Agent::start(&["--comm", "wsnone", "--sidecar-comm", "wsnone"]);
+    let text = agent.metrics();
+    let cost = |instruction: &str| {
+        let series = format!("watchscope_uprobe_hit_cost_seconds{{instruction=\"{instruction}\"}} ");
+        text.lines().find_map(|l| l.strip_prefix(series.as_str())?.trim().parse::<f64>().ok())
+    };
+    for instruction in ["emulated", "single_step"] {
+        let c = cost(instruction).unwrap_or_else(|| panic!("no {instruction} cost:\n{text}"));
+        // A trap or two: neither nothing (a probe that never fired is not
+        // priced at all) nor a stall.
+        assert!((1e-8..1e-3).contains(&c), "{instruction}: {c} s per hit");
+    }
+    assert_eq!(sysctl(), before, "the statistics are as they were");
+}

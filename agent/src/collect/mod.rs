@@ -396,6 +396,9 @@ pub struct Snapshot {
     pub programs: Vec<ProgramStats>,
     /// The agent's maps and the kernel memory each holds.
     pub map_bytes: Vec<mapmem::MapBytes>,
+    /// Seconds per uprobe hit with an empty program, by the kind of
+    /// instruction probed (`emulated`, `single_step`); empty when not measured.
+    pub uprobe_hit_cost: Vec<(&'static str, f64)>,
     /// Each ring buffer's high-water mark in bytes.
     pub ring_fill: Vec<(Ring, u64)>,
     /// Watch event chains judged so far (`chains::Chains`).

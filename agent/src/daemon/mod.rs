@@ -83,6 +83,8 @@ struct Agent {
     chains: Arc<Mutex<Chains>>,
     /// The maps' kernel memory, measured once they all exist.
     map_bytes: Vec<crate::collect::mapmem::MapBytes>,
+    /// What a uprobe hit costs on this node, measured at start.
+    uprobe_hit_cost: Vec<(&'static str, f64)>,
     classic_buckets: crate::export::ClassicBuckets,
     /// Uprobe programs not loaded, and why.
     unavailable: crate::attach::Unavailable,
@@ -134,6 +136,7 @@ impl MetricsSource for Agent {
         ];
         snap.programs = self.stats.read();
         snap.map_bytes = self.map_bytes.clone();
+        snap.uprobe_hit_cost = self.uprobe_hit_cost.clone();
         snap.watch_chains = self.chains.lock().unwrap_or_else(|p| p.into_inner()).counts();
         snap
     }
@@ -220,6 +223,22 @@ impl Pipeline {
         };
         info!(ret_sites = %ret_sites, "how RET probes return");
         *status.ret_sites.lock().unwrap_or_else(|p| p.into_inner()) = ret_sites;
+        // Nodes differ most in what a trap costs (a VM's may go through its
+        // hypervisor): priced once, before anything is probed.
+        let uprobe_hit_cost = match crate::attach::features::trap_cost(crate::collect::stats::run_count) {
+            Ok(c) => {
+                info!(
+                    emulated_us = c.emulated_ns / 1000.0,
+                    single_step_us = c.single_step_ns / 1000.0,
+                    "what a uprobe hit costs here (an empty program, in a tight loop)"
+                );
+                vec![("emulated", c.emulated_ns * 1e-9), ("single_step", c.single_step_ns * 1e-9)]
+            }
+            Err(e) => {
+                warn!("what a uprobe hit costs here is not measured: {e}");
+                Vec::new()
+            }
+        };
         let tracepoints = probes.attached.clone();
         let n_tracepoints = tracepoints.len();
         let windows = cfg.go.windows.names().to_vec();
@@ -274,6 +293,7 @@ impl Pipeline {
             status,
             chains: chains.clone(),
             map_bytes: crate::collect::mapmem::measured(),
+            uprobe_hit_cost,
             classic_buckets: cfg.classic_buckets,
             unavailable,
         });
