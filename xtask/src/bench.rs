@@ -375,15 +375,14 @@ fn whole_verdict(whole: Paired, target: f64, trap: Option<Paired>) -> String {
     }
 }
 
-/// `--floor`: the trap's CPU per put with empty programs at the same sites
-/// (the uprobe mechanism: the breakpoint's exception, finding the probe,
-/// running a program, emulating the instruction), and what the programs
-/// add to it, paired round by round; for (etcd, the watcher).
 /// (etcd, the watcher) CPU per put inside the trap in one round.
 type TrapPerPut = (f64, f64);
 
-/// `pairs`: (with the agent, the floor) of each round where perf sampled
-/// both.
+/// `--floor`: the trap's CPU per put with empty programs at the same sites
+/// (the uprobe mechanism: the breakpoint's exception, finding the probe,
+/// running a program, emulating the instruction), and what the programs
+/// add to it, paired round by round; for (etcd, the watcher). `pairs`:
+/// (with the agent, the floor) of each round where perf sampled both.
 fn floor_lines(pairs: &[(TrapPerPut, TrapPerPut)]) {
     for (what, f) in [("etcd", (|t: &TrapPerPut| t.0) as fn(&TrapPerPut) -> f64), ("watcher", |t| t.1)] {
         let fl: Vec<f64> = pairs.iter().map(|(_, fl)| f(fl)).collect();
@@ -556,7 +555,7 @@ fn etcd(args: &BenchArgs) -> Result<()> {
     // Per round with the agent: (etcd, watcher) CPU per put inside the trap;
     // with `--floor`, paired with the same for empty programs, for each
     // round where perf sampled both.
-    let mut in_trap: Vec<(f64, f64)> = Vec::new();
+    let mut in_trap: Vec<TrapPerPut> = Vec::new();
     let mut floor_pairs: Vec<(TrapPerPut, TrapPerPut)> = Vec::new();
     // Samples of (etcd, watcher), with the agent and without (the control:
     // no breakpoint, no sample inside a trap).

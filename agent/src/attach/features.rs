@@ -201,7 +201,7 @@ pub struct TrapCost {
 /// Calls per timing: enough that the traps (about 1 µs each in a VM, a
 /// few hundred ns on bare metal) dwarf the clock's resolution, few enough
 /// that `check` stays well under a second with single-steps at 5 µs.
-const TRAP_CALLS: u32 = 10_000;
+const TRAP_CALLS: u64 = 10_000;
 
 /// Calls that check the probe fires once per call before it is timed.
 const TRAP_CHECK_CALLS: u64 = 1_000;
@@ -238,9 +238,7 @@ pub fn trap_cost(runs: impl Fn(BorrowedFd<'_>) -> Option<u64>) -> Result<TrapCos
             let _stats = aya::sys::enable_stats(aya::sys::Stats::RunTime)
                 .map_err(|e| format!("cannot count the test probe's hits: {e}"))?;
             let before = runs(prog.as_fd());
-            for _ in 0..TRAP_CHECK_CALLS {
-                std::hint::black_box(target)();
-            }
+            call(target, TRAP_CHECK_CALLS);
             runs(prog.as_fd()).zip(before).map(|(after, before)| after.saturating_sub(before))
         };
         match fired {
@@ -250,7 +248,7 @@ pub fn trap_cost(runs: impl Fn(BorrowedFd<'_>) -> Option<u64>) -> Result<TrapCos
         }
         let probed = fastest_of_three(target);
         drop(link);
-        *cost = probed.saturating_sub(plain).as_nanos() as f64 / f64::from(TRAP_CALLS);
+        *cost = probed.saturating_sub(plain).as_nanos() as f64 / TRAP_CALLS as f64;
     }
     Ok(TrapCost { emulated_ns: per_hit[0], single_step_ns: per_hit[1] })
 }
@@ -259,13 +257,18 @@ fn fastest_of_three(target: extern "C" fn()) -> std::time::Duration {
     (0..3)
         .map(|_| {
             let start = std::time::Instant::now();
-            for _ in 0..TRAP_CALLS {
-                std::hint::black_box(target)();
-            }
+            call(target, TRAP_CALLS);
             start.elapsed()
         })
         .min()
         .unwrap_or_default()
+}
+
+/// Calls `target` `n` times, through an opaque pointer (never inlined).
+fn call(target: extern "C" fn(), n: u64) {
+    for _ in 0..n {
+        std::hint::black_box(target)();
+    }
 }
 
 /// Where `addr` lies in the file mapped executable there, from

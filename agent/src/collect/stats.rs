@@ -85,7 +85,7 @@ impl BpfStats {
         self.programs
             .iter()
             .filter_map(|(name, fd)| {
-                let (runs, run_ns, misses) = parse_fdinfo(&fdinfo(fd)?)?;
+                let (runs, run_ns, misses) = parse_fdinfo(&fdinfo(fd.as_fd())?)?;
                 Some(ProgramStats { program: name.clone(), runs, run_ns, misses })
             })
             .collect()
@@ -97,22 +97,18 @@ impl BpfStats {
     pub fn verified(&self) -> Vec<(String, u64)> {
         self.programs
             .iter()
-            .filter_map(|(name, fd)| Some((name.clone(), fdinfo_field(&fdinfo(fd)?, "verified_insns")?)))
+            .filter_map(|(name, fd)| Some((name.clone(), fdinfo_field(&fdinfo(fd.as_fd())?, "verified_insns")?)))
             .collect()
     }
 }
 
-fn fdinfo(fd: &OwnedFd) -> Option<String> {
-    fdinfo_of(fd.as_fd())
-}
-
-fn fdinfo_of(fd: BorrowedFd<'_>) -> Option<String> {
+fn fdinfo(fd: BorrowedFd<'_>) -> Option<String> {
     std::fs::read_to_string(format!("/proc/self/fdinfo/{}", fd.as_raw_fd())).ok()
 }
 
 /// How many times a program ran while statistics were on (`run_cnt`).
 pub fn run_count(prog: BorrowedFd<'_>) -> Option<u64> {
-    fdinfo_field(&fdinfo_of(prog)?, "run_cnt")
+    fdinfo_field(&fdinfo(prog)?, "run_cnt")
 }
 
 fn sysctl_on() -> bool {
